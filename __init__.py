@@ -1,0 +1,8 @@
+"""iqa: no-reference image quality assessment on foundation backbones.
+
+Two stages: `iqa.extract` runs a backbone once over a dataset and stores pooled embeddings in
+the Zarr cache (`iqa.cache`); `iqa.heads` trains the paper's MLP heads from that cache, many
+at once, and the same head code serves end-to-end fine-tuning.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The embedding cache: where prepared manifests and per-backbone Zarr stores live."""

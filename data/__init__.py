@@ -1,0 +1,1 @@
+"""Datasets: one adapter per benchmark, all writing one common manifest."""

@@ -1,0 +1,126 @@
+"""The manifest: one row per image, the contract between `iqa data` and every later stage.
+
+A manifest is written once by a dataset adapter to `<cache>/<dataset>/manifest.json` and read
+by the extractor and the trainers. Targets are always in [0, 1] with higher meaning better, so
+every later stage can ignore how each dataset happened to publish its scores.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iqa.cache.location import dataset_dir
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    image_root: str  # absolute folder that `paths` are relative to
+    paths: list[str]  # relative image paths, unique, the row order of every embedding store
+    scores: np.ndarray  # raw score as released
+    targets: np.ndarray  # in [0, 1], higher is better
+    score_scale: str  # how raw scores became targets, e.g. "MOS 1-5, target = y/5"
+    groups: list[str] | None = None  # content group (e.g. KADID-10k reference image)
+    extras: dict[str, list] = field(default_factory=dict)  # adapter-specific columns
+    sources: dict[str, str] = field(default_factory=dict)  # label file name -> sha256
+
+    def __post_init__(self):
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        self.targets = np.asarray(self.targets, dtype=np.float64)
+        n = len(self.paths)
+        columns = {"scores": len(self.scores), "targets": len(self.targets)}
+        if self.groups is not None:
+            columns["groups"] = len(self.groups)
+        columns.update({f"extras[{k}]": len(v) for k, v in self.extras.items()})
+        wrong = {k: v for k, v in columns.items() if v != n}
+        if wrong:
+            raise ValueError(f"manifest columns must all have {n} rows, got {wrong}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "dataset": self.dataset,
+                "image_root": self.image_root,
+                "score_scale": self.score_scale,
+                "sources": self.sources,
+                "paths": self.paths,
+                "scores": self.scores.tolist(),
+                "targets": self.targets.tolist(),
+                "groups": self.groups,
+                "extras": self.extras,
+            },
+            indent=None,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        raw = json.loads(text)
+        if raw.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format {raw.get('format')!r}")
+        return cls(
+            dataset=raw["dataset"],
+            image_root=raw["image_root"],
+            paths=raw["paths"],
+            scores=np.array(raw["scores"]),
+            targets=np.array(raw["targets"]),
+            score_scale=raw["score_scale"],
+            groups=raw["groups"],
+            extras=raw["extras"],
+            sources=raw["sources"],
+        )
+
+
+def manifest_path(cache: Path, dataset: str) -> Path:
+    return dataset_dir(cache, dataset) / MANIFEST_FILE
+
+
+def write_manifest(manifest: Manifest, cache: Path) -> Path:
+    """Write atomically: a crash or a failed prepare leaves any earlier manifest intact."""
+    target = manifest_path(cache, manifest.dataset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return target
+
+
+def read_manifest(cache: Path, dataset: str) -> Manifest:
+    path = manifest_path(cache, dataset)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no manifest for dataset {dataset!r} at {path}; run `iqa data prepare {dataset} --root DIR` first"
+        )
+    return Manifest.from_json(path.read_text())
+
+
+def manifest_checksum(cache: Path, dataset: str) -> str:
+    """sha256 of the manifest file: embedding stores record it to know when they are stale."""
+    return hashlib.sha256(manifest_path(cache, dataset).read_bytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,57 @@
+"""Train/test splits: 80/20 per seed, the paper's protocol (seeds 8, 19, 25).
+
+The algorithm is defined here, not borrowed from a random number generator whose stream may
+change between library versions, so a split is the same on every machine and every release:
+
+- `random`: each image's key is sha256("<seed>:<relative path>"); the images are ordered by key
+  and the first round(0.8 * N) are train, the rest test. The split of an image depends only on
+  its path and the seed, never on row order.
+- `group`: the same key is computed for each content group's name; groups are taken in key
+  order into train until train holds at least round(0.8 * N) images, and the remaining groups
+  are test. No group appears on both sides (for KADID-10k: no reference image is shared).
+"""
+
+import hashlib
+from typing import Literal
+
+import numpy as np
+
+PAPER_SEEDS = (8, 19, 25)
+TRAIN_FRACTION = 0.8
+SplitBy = Literal["random", "group"]
+
+
+def _order(seed: int, names: list[str]) -> np.ndarray:
+    keys = [hashlib.sha256(f"{seed}:{name}".encode()).digest() for name in names]
+    return np.array(sorted(range(len(names)), key=keys.__getitem__), dtype=np.int64)
+
+
+def split_indices(
+    paths: list[str],
+    seed: int,
+    by: SplitBy = "random",
+    groups: list[str] | None = None,
+    train_fraction: float = TRAIN_FRACTION,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices of (train, test) for one seed."""
+    n = len(paths)
+    n_train = round(train_fraction * n)
+    if by == "random":
+        order = _order(seed, paths)
+        train, test = order[:n_train], order[n_train:]
+    elif by == "group":
+        if groups is None:
+            raise ValueError("--split-by group needs a dataset with content groups")
+        names = sorted(set(groups))
+        rows_of = {name: [] for name in names}
+        for row, name in enumerate(groups):
+            rows_of[name].append(row)
+        train_rows: list[int] = []
+        test_rows: list[int] = []
+        for g in _order(seed, names):
+            side = train_rows if len(train_rows) < n_train else test_rows
+            side.extend(rows_of[names[g]])
+        train, test = np.array(train_rows, dtype=np.int64), np.array(test_rows, dtype=np.int64)
+    else:
+        raise ValueError(f"unknown split rule {by!r}; use 'random' or 'group'")
+    return np.sort(train), np.sort(test)

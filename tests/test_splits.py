@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from iqa.data.splits import split_indices
+
+
+def test_random_split_is_80_20_disjoint_and_order_free():
+    paths = [f"img_{i:04d}.jpg" for i in range(1001)]
+    train, test = split_indices(paths, seed=8)
+    assert len(train) == round(0.8 * 1001) and len(train) + len(test) == 1001
+    assert not set(train) & set(test)
+    # Shuffling the rows moves no image to the other side.
+    perm = np.random.default_rng(0).permutation(len(paths))
+    shuffled = [paths[i] for i in perm]
+    train_s, _ = split_indices(shuffled, seed=8)
+    assert {shuffled[i] for i in train_s} == {paths[i] for i in train}
+
+
+def test_seeds_give_different_splits():
+    paths = [f"{i}.png" for i in range(200)]
+    a, _ = split_indices(paths, seed=8)
+    b, _ = split_indices(paths, seed=19)
+    assert set(a) != set(b)
+
+
+def test_group_split_keeps_each_group_on_one_side():
+    groups = [f"ref{i % 37}" for i in range(740)]
+    paths = [f"d{i}.png" for i in range(740)]
+    train, test = split_indices(paths, seed=25, by="group", groups=groups)
+    assert not {groups[i] for i in train} & {groups[i] for i in test}
+    assert len(train) >= 592 and len(train) + len(test) == 740
+
+
+def test_group_split_without_groups_is_an_error():
+    with pytest.raises(ValueError, match="content groups"):
+        split_indices(["a", "b"], seed=8, by="group")

@@ -23,6 +23,11 @@ def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:SHOWN]) + more
 
 
+def _as_flags(options) -> str:
+    """Adapter options as the command line spells them: image_col -> --image-col."""
+    return ", ".join("--" + option.replace("_", "-") for option in sorted(options)) or "no options"
+
+
 def drop_known_duplicates(manifest: Manifest, known: frozenset[str]) -> tuple[Manifest, list[str]]:
     """Keep the first row of each name the release is known to repeat by mistake; warn about each."""
     rows_of: dict[str, list[int]] = {}
@@ -82,7 +87,7 @@ def count_warnings(manifest: Manifest, release_count: int | None) -> list[str]:
     ]
 
 
-def prepare_dataset(name: str, root: Path, cache: Path, **adapter_options) -> tuple[Manifest, Path, list[str]]:
+def prepare_dataset(name: str, root: Path, cache: Path, /, **adapter_options) -> tuple[Manifest, Path, list[str]]:
     """Read dataset `name` under `root`, check it, write its manifest; returns (manifest, path, warnings)."""
     if name not in ADAPTERS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(ADAPTERS)}")
@@ -90,7 +95,7 @@ def prepare_dataset(name: str, root: Path, cache: Path, **adapter_options) -> tu
     accepted = set(inspect.signature(adapter.load).parameters) - {"root"}
     unknown = sorted(set(adapter_options) - accepted)
     if unknown:
-        raise DatasetError(f"{name} takes no option(s) {unknown}; it takes {sorted(accepted)}")
+        raise DatasetError(f"{name} does not take {_as_flags(unknown)}; it takes {_as_flags(accepted)}")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root is not a folder: {root}")

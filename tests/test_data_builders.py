@@ -36,9 +36,10 @@ def real_release(root: Path, shared_name: str, release_name: str) -> Path:
 
 def touch_images(folder: Path, names: list[str]) -> None:
     """Empty placeholder files: prepare only checks that each listed image exists."""
-    for name in names:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in names]
+    for parent in {path.parent for path in paths}:
+        parent.mkdir(parents=True, exist_ok=True)
+    for path in paths:
         path.touch()
 
 

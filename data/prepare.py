@@ -6,6 +6,7 @@ leaves an earlier manifest of the same dataset byte-identical.
 
 import inspect
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +68,9 @@ def check_manifest(manifest: Manifest) -> None:
     if len(outside):
         found = [f"{paths[i]}={scores[i]:g}" for i in outside]
         raise DatasetError(f"{len(outside)} score(s) outside the scale [{manifest.score_scale}]: {_listing(found)}")
-    seen: set[str] = set()
-    duplicates = [p for p in paths if p in seen or seen.add(p)]
+    duplicates = sorted(path for path, times in Counter(paths).items() if times > 1)
     if duplicates:
-        raise DatasetError(f"{len(duplicates)} duplicate image name(s): {_listing(sorted(set(duplicates)))}")
+        raise DatasetError(f"{len(duplicates)} image name(s) listed more than once: {_listing(duplicates)}")
     root = manifest.image_root
     missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
     if missing:

@@ -80,7 +80,7 @@ def test_duplicate_names(tmp_path):
     rows = kadid_rows()
     rows[4][0] = rows[1][0]
     kadid_release(tmp_path, rows)
-    prepare_fails("kadid10k", tmp_path, tmp_path / "cache", rf"1 duplicate image name\(s\): '{rows[1][0]}'")
+    prepare_fails("kadid10k", tmp_path, tmp_path / "cache", rf"1 image name\(s\) listed more than once: '{rows[1][0]}'")
 
 
 def test_missing_images_are_counted_and_the_first_few_named(tmp_path):

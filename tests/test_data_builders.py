@@ -4,6 +4,7 @@ Imported by the other test_data_* files (pytest puts tests/ on sys.path); holds 
 """
 
 import csv
+import os
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def touch_images(folder: Path, names: list[str]) -> None:
     for parent in {path.parent for path in paths}:
         parent.mkdir(parents=True, exist_ok=True)
     for path in paths:
-        path.touch()
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

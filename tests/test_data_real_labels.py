@@ -10,6 +10,7 @@ import numpy as np
 import openpyxl
 import pytest
 
+from iqa.data import flive
 from iqa.data.manifest import file_sha256, read_manifest
 from iqa.data.prepare import prepare_dataset
 from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images
@@ -53,23 +54,36 @@ def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):
     assert manifest.image_root.endswith("file")
 
 
-def test_flive_names_keep_their_sub_folders_and_missing_images_are_reported(tmp_path):
+def test_flive_all_rows_parse_with_their_sub_folders(tmp_path):
     root = real_release(tmp_path / "flive", "flive_labels_image.csv", "labels_image.csv")
     rows = csv_rows("flive_labels_image.csv")
-    touch_images(root, [r["name"] for r in rows])
-    manifest, _, warnings = prepare_dataset("flive", root, tmp_path / "cache")
-    assert warnings == [] and len(manifest) == 39_810
+    manifest = flive.load(root)  # the parser alone: 39,810 placeholder files would dominate the suite
+    assert len(manifest) == 39_810 == flive.RELEASE_COUNT
     assert manifest.paths == [r["name"] for r in rows]
     assert {p.split("/")[0] for p in manifest.paths} == {"voc_emotic_ava", "blur_dataset", "EE371R"}
     np.testing.assert_allclose(manifest.targets, [float(r["mos"]) / 100 for r in rows])
+    assert manifest.image_root == str(root.resolve())  # names carry their folder; no database/ here
 
-    before = (tmp_path / "cache" / "flive" / "manifest.json").read_bytes()
-    for r in rows[-3:]:
-        (root / r["name"]).unlink()
-    with pytest.raises(ValueError, match=r"3 of 39810 listed images are missing") as error:
+
+def test_flive_prepare_on_the_released_format_reports_missing_images(tmp_path):
+    # The real file's first rows, byte for byte (CRLF line ends included), as a smaller release.
+    lines = (SHARED_LABELS / "flive_labels_image.csv").read_bytes().splitlines(keepends=True)[:2_001]
+    root = tmp_path / "flive"
+    (root / "database").mkdir(parents=True)
+    (root / "labels_image.csv").write_bytes(b"".join(lines))
+    names = [line.decode().split(",")[0] for line in lines[1:]]
+    touch_images(root / "database", names)
+    manifest, path, warnings = prepare_dataset("flive", root, tmp_path / "cache")
+    assert manifest.paths == names and manifest.image_root.endswith("database")
+    assert warnings == ["flive: 2,000 images, the release has 39,810 (37,810 fewer)"]
+
+    before = path.read_bytes()
+    for name in names[-3:]:
+        (root / "database" / name).unlink()
+    with pytest.raises(ValueError, match=r"3 of 2000 listed images are missing") as error:
         prepare_dataset("flive", root, tmp_path / "cache")
-    assert ", ".join(repr(r["name"]) for r in rows[-3:]) in str(error.value)
-    assert (tmp_path / "cache" / "flive" / "manifest.json").read_bytes() == before
+    assert ", ".join(repr(n) for n in names[-3:]) in str(error.value)
+    assert path.read_bytes() == before
 
 
 def test_agiqa1k_keeps_the_first_of_its_duplicated_row_and_warns(tmp_path):

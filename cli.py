@@ -52,8 +52,9 @@ def data_prepare(
     """Read a dataset's label files as released and write its manifest into the cache."""
     given = dict(images=images, labels=labels, image_col=image_col, score_col=score_col, score_range=score_range,
                  lower_better=lower_better or None, group_col=group_col, name=save_as)
+    options = {option: value for option, value in given.items() if value is not None}
     try:
-        manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **{k: v for k, v in given.items() if v is not None})
+        manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **options)
     except DatasetError as e:
         fail(str(e))
     for warning in warnings:

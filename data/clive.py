@@ -27,7 +27,8 @@ def _variable(path: Path, name: str) -> np.ndarray:
     except Exception as e:  # scipy raises several types for a damaged or non-MATLAB file
         raise DatasetError(f"{path.name}: unreadable MATLAB file ({type(e).__name__}: {e})") from None
     if name not in contents:
-        raise DatasetError(f"{path.name}: no variable {name!r}; it has {sorted(k for k in contents if not k.startswith('__'))}")
+        found = sorted(k for k in contents if not k.startswith("__"))
+        raise DatasetError(f"{path.name}: no variable {name!r}; it has {found}")
     return contents[name]
 
 
@@ -39,7 +40,9 @@ def load(root: Path, images: str | None = None) -> Manifest:
     if len(names) != len(scores):
         raise DatasetError(f"{names_file.name} lists {len(names)} images but {mos_file.name} has {len(scores)} scores")
     if len(names) <= TRAINING_IMAGES:
-        raise DatasetError(f"{names_file.name} lists only {len(names)} images; the release starts with {TRAINING_IMAGES} training images")
+        raise DatasetError(
+            f"{names_file.name} lists only {len(names)} images; the release starts with {TRAINING_IMAGES} training images"
+        )
     names, scores = names[TRAINING_IMAGES:], scores[TRAINING_IMAGES:]
     return Manifest(
         dataset="clive",

@@ -34,7 +34,8 @@ def test_koniq10k_sets_variant_is_read_on_its_0_100_scale(tmp_path):
     assert "0-100" in manifest.score_scale and "koniq10k_distributions_sets.csv" in manifest.score_scale
     assert manifest.extras["set"] == [r["set"] for r in rows]
     assert manifest.image_root == str((root / "1024x768").resolve())
-    assert manifest.sources == {"koniq10k_distributions_sets.csv": file_sha256(SHARED_LABELS / "koniq10k_distributions_sets.csv")}
+    labels_sha256 = file_sha256(SHARED_LABELS / "koniq10k_distributions_sets.csv")
+    assert manifest.sources == {"koniq10k_distributions_sets.csv": labels_sha256}
     # What was written is what is read back.
     again = read_manifest(tmp_path / "cache", "koniq10k")
     assert again.paths == manifest.paths and np.array_equal(again.targets, manifest.targets)

@@ -27,5 +27,71 @@ def main() -> None:
     """No-reference IQA on foundation backbones: extract once, train heads fast."""
 
 
+# ---- datasets ----
+import json  # noqa: E402
+from iqa.data.manifest import read_manifest  # noqa: E402
+from iqa.data.prepare import dataset_summary, prepare_dataset  # noqa: E402
+from iqa.data.readers import DatasetError  # noqa: E402
+from iqa.data.splits import PAPER_SEEDS  # noqa: E402
+
+
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="koniq10k, clive, kadid10k, flive, spaq, agiqa1k, agiqa3k or csv.")],
+    root: Annotated[Path, typer.Option("--root", help="Folder holding the dataset as released.")],
+    cache: CacheOption = None,
+    images: Annotated[Optional[str], typer.Option(help="Image folder under --root, if not the release's.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="csv: label file (relative to --root or absolute).")] = None,
+    image_col: Annotated[Optional[str], typer.Option(help="csv: column of image paths.")] = None,
+    score_col: Annotated[Optional[str], typer.Option(help="csv: column of scores.")] = None,
+    score_range: Annotated[Optional[str], typer.Option(help="csv: the score scale as LO,HI, e.g. 0,100.")] = None,
+    lower_better: Annotated[bool, typer.Option(help="csv: lower scores are better (e.g. DMOS).")] = False,
+    group_col: Annotated[Optional[str], typer.Option(help="csv: column of content groups.")] = None,
+    save_as: Annotated[Optional[str], typer.Option("--name", help="csv: dataset name in the cache [default: csv].")] = None,
+) -> None:
+    """Read a dataset's label files as released and write its manifest into the cache."""
+    given = dict(images=images, labels=labels, image_col=image_col, score_col=score_col, score_range=score_range,
+                 lower_better=lower_better or None, group_col=group_col, name=save_as)
+    options = {option: value for option, value in given.items() if value is not None}
+    try:
+        manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **options)
+    except DatasetError as e:
+        fail(str(e))
+    for warning in warnings:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(f"{manifest.dataset}: {len(manifest):,} images, {manifest.score_scale} -> {path}")
+
+
+@data_app.command("show")
+def data_show(
+    name: Annotated[str, typer.Argument(help="Dataset name in the cache.")],
+    cache: CacheOption = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = ",".join(map(str, PAPER_SEEDS)),
+    split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Counts, score range and the train/test split of each seed."""
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if split_by not in ("random", "group"):
+        fail(f"--split-by must be random or group, got {split_by!r}")
+    try:
+        summary = dataset_summary(read_manifest(cache_root(cache), name), seed_list, split_by)
+    except (FileNotFoundError, DatasetError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    groups = f", {summary['groups']:,} content groups" if summary["groups"] is not None else ""
+    typer.echo(f"{summary['dataset']}: {summary['count']:,} images in {summary['image_root']}{groups}")
+    typer.echo(f"scale: {summary['score_scale']}")
+    typer.echo(f"scores {summary['score_min']:g} .. {summary['score_max']:g}, "
+               f"targets {summary['target_min']:.4f} .. {summary['target_max']:.4f} (mean {summary['target_mean']:.4f})")
+    for seed, sizes in summary["splits"].items():
+        typer.echo(f"split ({split_by}) seed {seed}: {sizes['train']:,} train / {sizes['test']:,} test")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,108 @@
+"""The adapters on the real released label files (../shared/labels), with placeholder images.
+
+Expected values are read straight from the files with the csv module / openpyxl, independently
+of the adapters, and compared row by row.
+"""
+
+import csv
+
+import numpy as np
+import openpyxl
+import pytest
+
+from iqa.data import flive
+from iqa.data.manifest import file_sha256, read_manifest
+from iqa.data.prepare import prepare_dataset
+from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images
+
+pytestmark = needs_shared_labels
+
+
+def csv_rows(name: str) -> list[dict]:
+    with open(SHARED_LABELS / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_koniq10k_sets_variant_is_read_on_its_0_100_scale(tmp_path):
+    root = real_release(tmp_path / "koniq", "koniq10k_distributions_sets.csv", "koniq10k_distributions_sets.csv")
+    rows = csv_rows("koniq10k_distributions_sets.csv")
+    touch_images(root / "1024x768", [r["image_name"] for r in rows])
+    manifest, path, warnings = prepare_dataset("koniq10k", root, tmp_path / "cache")
+    assert warnings == [] and len(manifest) == 10_073
+    assert manifest.paths == [r["image_name"] for r in rows]
+    np.testing.assert_allclose(manifest.targets, [float(r["MOS"]) / 100 for r in rows])
+    assert "0-100" in manifest.score_scale and "koniq10k_distributions_sets.csv" in manifest.score_scale
+    assert manifest.extras["set"] == [r["set"] for r in rows]
+    assert manifest.image_root == str((root / "1024x768").resolve())
+    labels_sha256 = file_sha256(SHARED_LABELS / "koniq10k_distributions_sets.csv")
+    assert manifest.sources == {"koniq10k_distributions_sets.csv": labels_sha256}
+    # What was written is what is read back.
+    again = read_manifest(tmp_path / "cache", "koniq10k")
+    assert again.paths == manifest.paths and np.array_equal(again.targets, manifest.targets)
+    assert path == tmp_path / "cache" / "koniq10k" / "manifest.json"
+
+
+def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):
+    root = real_release(tmp_path / "agiqa3k", "agiqa3k_data.csv", "data.csv")
+    rows = csv_rows("agiqa3k_data.csv")
+    touch_images(root / "file", [r["name"] for r in rows])
+    manifest, _, warnings = prepare_dataset("agiqa3k", root, tmp_path / "cache")
+    assert warnings == [] and len(manifest) == 2_982
+    np.testing.assert_allclose(manifest.targets, [float(r["mos_quality"]) / 5 for r in rows])
+    np.testing.assert_allclose(manifest.extras["mos_align"], [float(r["mos_align"]) for r in rows])
+    np.testing.assert_allclose(manifest.extras["std_align"], [float(r["std_align"]) for r in rows])
+    assert manifest.extras["prompt"] == [r["prompt"] for r in rows]
+    assert manifest.image_root.endswith("file")
+
+
+def test_flive_all_rows_parse_with_their_sub_folders(tmp_path):
+    root = real_release(tmp_path / "flive", "flive_labels_image.csv", "labels_image.csv")
+    rows = csv_rows("flive_labels_image.csv")
+    manifest = flive.load(root)  # the parser alone: 39,810 placeholder files would dominate the suite
+    assert len(manifest) == 39_810 == flive.RELEASE_COUNT
+    assert manifest.paths == [r["name"] for r in rows]
+    assert {p.split("/")[0] for p in manifest.paths} == {"voc_emotic_ava", "blur_dataset", "EE371R"}
+    np.testing.assert_allclose(manifest.targets, [float(r["mos"]) / 100 for r in rows])
+    assert manifest.image_root == str(root.resolve())  # names carry their folder; no database/ here
+
+
+def test_flive_prepare_on_the_released_format_reports_missing_images(tmp_path):
+    # The real file's first rows, byte for byte (CRLF line ends included), as a smaller release.
+    lines = (SHARED_LABELS / "flive_labels_image.csv").read_bytes().splitlines(keepends=True)[:2_001]
+    root = tmp_path / "flive"
+    (root / "database").mkdir(parents=True)
+    (root / "labels_image.csv").write_bytes(b"".join(lines))
+    names = [line.decode().split(",")[0] for line in lines[1:]]
+    touch_images(root / "database", names)
+    manifest, path, warnings = prepare_dataset("flive", root, tmp_path / "cache")
+    assert manifest.paths == names and manifest.image_root.endswith("database")
+    assert warnings == ["flive: 2,000 images, the release has 39,810 (37,810 fewer)"]
+
+    before = path.read_bytes()
+    for name in names[-3:]:
+        (root / "database" / name).unlink()
+    with pytest.raises(ValueError, match=r"3 of 2000 listed images are missing") as error:
+        prepare_dataset("flive", root, tmp_path / "cache")
+    assert ", ".join(repr(n) for n in names[-3:]) in str(error.value)
+    assert path.read_bytes() == before
+
+
+def test_agiqa1k_keeps_the_first_of_its_duplicated_row_and_warns(tmp_path):
+    root = real_release(tmp_path / "agiqa1k", "agiqa1k_AIGC_MOS_Zscore.xlsx", "AIGC_MOS_Zscore.xlsx")
+    workbook = openpyxl.load_workbook(SHARED_LABELS / "agiqa1k_AIGC_MOS_Zscore.xlsx", read_only=True)
+    rows = list(workbook.worksheets[0].iter_rows(values_only=True))[1:]
+    workbook.close()
+    assert len(rows) == 1_080
+    touch_images(root / "file", [r[0] for r in rows])
+    manifest, _, warnings = prepare_dataset("agiqa1k", root, tmp_path / "cache")
+    # The release lists dreamStudio_8_9_1_1.jpg twice: the first row stays, the count warns.
+    first = {}
+    for name, prompt, mos in rows:
+        first.setdefault(name, (prompt, mos))
+    assert len(manifest) == len(first) == 1_079
+    assert manifest.paths == list(first)
+    np.testing.assert_allclose(manifest.targets, [mos / 5 for _, mos in first.values()])
+    assert manifest.extras["Prompt"] == [prompt for prompt, _ in first.values()]
+    assert len(warnings) == 2
+    assert "dreamStudio_8_9_1_1.jpg" in warnings[0] and "kept the first" in warnings[0]
+    assert "1,079 images, the release has 1,080 (1 fewer)" in warnings[1]

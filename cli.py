@@ -27,5 +27,23 @@ def main() -> None:
     """No-reference IQA on foundation backbones: extract once, train heads fast."""
 
 
+# ---- demo set ----
+@data_app.command("make-demo")
+def make_demo_command(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: <cache>/demo-src].")] = None,
+    cache: CacheOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild and replace an existing folder.")] = False,
+) -> None:
+    """Build the offline demo set: scikit-image's photos, 7 distortions x 5 levels, SSIM-based scores."""
+    from iqa.data.demo import DEMO_DIR, make_demo  # here, not at the top: scikit-image is slow to import
+
+    out = out if out is not None else cache_root(cache) / DEMO_DIR
+    try:
+        labels = make_demo(out, force=force)
+    except FileExistsError:
+        fail(f"{out} already exists; pass --force to rebuild it")
+    typer.echo(f"demo set: {labels}")
+
+
 if __name__ == "__main__":
     app()

@@ -10,7 +10,7 @@ from pathlib import Path
 from iqa.data.demo import load_photo, make_demo
 from iqa.extract.nss import nss_features
 
-image = load_photo("coffee", short_side=384).resize((512, 384))
+image = load_photo("coffee", short_side=384)[0].resize((512, 384))
 nss_features(image)
 repeats = 20
 start = time.perf_counter()

@@ -9,7 +9,14 @@ from typer.testing import CliRunner
 
 from iqa.cli import app
 from iqa.data import demo
-from iqa.data.demo import COLUMNS, DISTORTIONS, LABELS_FILE, PHOTOS, colour_ssim, load_photo, make_demo
+from iqa.data.demo import COLUMNS, COLOUR_ONLY, DISTORTIONS, LABELS_FILE, PHOTOS, colour_ssim, load_photo, make_demo
+from iqa.data.splits import PAPER_SEEDS, split_indices
+
+GREY_PHOTOS = {"camera", "moon", "coins", "grass", "gravel", "brick", "cell"}
+
+
+def distortions_of(photo):
+    return [d for d in DISTORTIONS if photo not in GREY_PHOTOS or d not in COLOUR_ONLY]
 
 
 def read_rows(labels: Path) -> list[dict]:
@@ -27,17 +34,25 @@ def full_set(tmp_path_factory) -> Path:
 
 def test_full_set_layout_and_groups(full_set):
     rows = read_rows(full_set)
-    assert len(rows) == len(PHOTOS) * (1 + 5 * len(DISTORTIONS))
-    assert {r["ref"] for r in rows} == set(PHOTOS)
+    assert len(rows) == 505 == sum(1 + 5 * len(distortions_of(p)) for p in PHOTOS)
+    assert {r["ref"] for r in rows} == set(PHOTOS) and GREY_PHOTOS < set(PHOTOS)
     for r in rows:
         assert (full_set.parent / r["image"]).is_file()
         assert r["image"].startswith(f"images/{r['ref']}")
         assert 0 <= float(r["score"]) <= 1
-    # Every photo is one content group with its pristine image and all 35 distorted versions.
+    # Every photo is one content group with its pristine image and all its distorted versions;
+    # grey photos are stored as RGB and skip saturation.
     for photo in PHOTOS:
         group = [r for r in rows if r["ref"] == photo]
         assert [(r["distortion"], r["level"]) for r in group if r["level"] == "0"] == [("pristine", "0")]
-        assert len(group) == 1 + 5 * len(DISTORTIONS)
+        assert {r["distortion"] for r in group} == {"pristine", *distortions_of(photo)}
+        with Image.open(full_set.parent / group[0]["image"]) as pristine:
+            assert pristine.mode == "RGB" and min(pristine.size) == 256
+    # The content-held-out split tests on whole photos never seen in training.
+    for seed in PAPER_SEEDS:
+        train, test = split_indices([r["image"] for r in rows], seed, by="group", groups=[r["ref"] for r in rows])
+        assert not {rows[i]["ref"] for i in train} & {rows[i]["ref"] for i in test}
+        assert len({rows[i]["ref"] for i in test}) >= 2
 
 
 def test_scores_fall_strictly_with_level_and_pristine_is_best(full_set):
@@ -47,7 +62,7 @@ def test_scores_fall_strictly_with_level_and_pristine_is_best(full_set):
         pristine = [float(r["score"]) for r in group if r["distortion"] == "pristine"]
         assert pristine == [1.0]
         assert max(float(r["score"]) for r in group if r["distortion"] != "pristine") < 1.0
-        for distortion in DISTORTIONS:
+        for distortion in distortions_of(photo):
             levels = sorted((int(r["level"]), float(r["score"])) for r in group if r["distortion"] == distortion)
             assert [lv for lv, _ in levels] == [1, 2, 3, 4, 5]
             scores = [s for _, s in levels]
@@ -55,7 +70,8 @@ def test_scores_fall_strictly_with_level_and_pristine_is_best(full_set):
 
 
 def test_score_is_weighted_ycbcr_ssim():
-    photo = load_photo("coffee", short_side=64)
+    photo, colour = load_photo("coffee", short_side=64)
+    assert colour and load_photo("camera", short_side=64)[1] is False
     grey = photo.convert("L").convert("RGB")
     dark = ImageEnhance.Brightness(grey).enhance(0.6)
     # Grey images have flat chroma (SSIM 1), so the score is (6 * SSIM(Y) + 2) / 8 with Y = the grey level.
@@ -74,14 +90,14 @@ def test_score_is_weighted_ycbcr_ssim():
 
 
 def small_build(out: Path) -> Path:
-    return make_demo(out, photos=("chelsea", "rocket"), distortions=("noise", "jpeg", "saturation"), short_side=48)
+    return make_demo(out, photos=("chelsea", "coins"), distortions=("noise", "jpeg", "saturation"), short_side=48)
 
 
 def test_two_builds_are_byte_identical(tmp_path):
     a, b = small_build(tmp_path / "a"), small_build(tmp_path / "b")
     assert a.read_bytes() == b.read_bytes()
     names = [r["image"] for r in read_rows(a)]
-    assert len(names) == 2 * (1 + 3 * 5)
+    assert len(names) == (1 + 3 * 5) + (1 + 2 * 5)  # the grey photo skips saturation
     for name in names:
         assert (a.parent / name).read_bytes() == (b.parent / name).read_bytes()
     with Image.open(a.parent / names[0]) as first:

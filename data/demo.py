@@ -179,6 +179,7 @@ def make_demo(
 
     `photos`, `distortions` and `short_side` default to all of PHOTOS, all of DISTORTIONS and
     SHORT_SIDE; smaller choices make a reduced set (for tests).
+
     The set is built in a temporary sibling folder and renamed into place, so a crash leaves
     nothing half-made. An existing `out_dir` is an error unless `force`, which replaces it.
     """

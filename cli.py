@@ -1,11 +1,16 @@
 """The `iqa` command. Each command is a few lines over library functions that tests call directly."""
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from iqa.cache.location import cache_root
+from iqa.data.manifest import read_manifest
+from iqa.data.prepare import dataset_summary, prepare_dataset
+from iqa.data.readers import DatasetError
+from iqa.data.splits import PAPER_SEEDS
 
 app = typer.Typer(help="No-reference IQA on foundation backbones: extract once, train heads fast.", no_args_is_help=True)
 data_app = typer.Typer(help="Prepare and inspect datasets (one manifest per dataset).", no_args_is_help=True)
@@ -28,11 +33,6 @@ def main() -> None:
 
 
 # ---- datasets ----
-import json  # noqa: E402
-from iqa.data.manifest import read_manifest  # noqa: E402
-from iqa.data.prepare import dataset_summary, prepare_dataset  # noqa: E402
-from iqa.data.readers import DatasetError  # noqa: E402
-from iqa.data.splits import PAPER_SEEDS  # noqa: E402
 
 
 @data_app.command("prepare")
@@ -91,6 +91,24 @@ def data_show(
                f"targets {summary['target_min']:.4f} .. {summary['target_max']:.4f} (mean {summary['target_mean']:.4f})")
     for seed, sizes in summary["splits"].items():
         typer.echo(f"split ({split_by}) seed {seed}: {sizes['train']:,} train / {sizes['test']:,} test")
+
+
+# ---- demo set ----
+@data_app.command("make-demo")
+def make_demo_command(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: <cache>/demo-src].")] = None,
+    cache: CacheOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild and replace an existing folder.")] = False,
+) -> None:
+    """Build the offline demo set: scikit-image's photos, 7 distortions x 5 levels, SSIM-based scores."""
+    from iqa.data.demo import DEMO_DIR, make_demo  # here, not at the top: scikit-image is slow to import
+
+    out = out if out is not None else cache_root(cache) / DEMO_DIR
+    try:
+        labels = make_demo(out, force=force)
+    except FileExistsError:
+        fail(f"{out} already exists; pass --force to rebuild it")
+    typer.echo(f"demo set: {labels}")
 
 
 if __name__ == "__main__":

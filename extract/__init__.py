@@ -1,0 +1,1 @@
+"""Embedding extraction: backbones run once per dataset, pooled embeddings stored in the cache."""

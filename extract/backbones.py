@@ -9,6 +9,7 @@ features computed in the decode workers.
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from iqa.extract.registry import PERCEPTION_TAP_BLOCK, BackboneSpec
 
 INIT_SEED = 0
+_INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
 
 
 class BackboneLoadError(RuntimeError):
@@ -67,7 +69,7 @@ def load_backbone(
     sdpa = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
     if tiny or random_init:
         config = cls.config_class(**(spec.tiny_config if tiny else spec.config))
-        with torch.random.fork_rng(devices=[]):
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             model = cls._from_config(config, **sdpa)
         label = "tiny" if tiny else "random-init"

@@ -55,11 +55,13 @@ def extract(
     from iqa.extract.backbones import BackboneLoadError
     from iqa.extract.run import extract_dataset
 
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     try:
-        index, count = (int(part) for part in shard.split("/"))
         summary = extract_dataset(
             cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, device=device,
-            dtype=dtype, batch_size=batch_size, num_workers=workers, shard=(index, count), skip_bad=skip_bad,
+            dtype=dtype, batch_size=batch_size, num_workers=workers, shard=(int(index), int(count)), skip_bad=skip_bad,
             overwrite=overwrite, tag=tag, store_dtype=store_dtype,
         )
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, KeyError, ValueError) as err:

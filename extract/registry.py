@@ -54,6 +54,8 @@ class BackboneSpec:
 
     def as_tiny(self) -> "BackboneSpec":
         """The same class at test size: tiny config, TINY_RESOLUTION input, no weights source."""
+        if self.features_in_worker is not None:  # weight-free already
+            return self
         return replace(self, config=self.tiny_config, resolution=TINY_RESOLUTION, hf_id=None)
 
 

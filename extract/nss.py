@@ -41,6 +41,8 @@ from scipy.ndimage import correlate1d
 from scipy.special import gammaln
 
 NSS_DIM = 36
+# Bumped whenever the feature definition changes, so cached NSS stores are seen as stale.
+NSS_REVISION = "brisque-v1"
 MSCN_C = 1.0
 WINDOW = 7
 WINDOW_SIGMA = 7 / 6

@@ -1,0 +1,115 @@
+"""Extraction throughput: a naive per-image loop against `iqa extract`, on the same random-init model.
+
+naive:     for each image: PIL open -> the model's Hugging Face image processor -> model, batch 1, fp32.
+extractor: `extract_dataset` (batched, decoding in worker processes, chunked Zarr writes).
+On a GPU it also times the model's pure forward pass on random input: the limit for both.
+
+Images are KonIQ-sized (1024 x 768) JPEGs made here. The last line of output is one JSON object.
+
+    python benchmarks/extract_throughput.py --quick
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BitImageProcessorPil
+
+from iqa.cache.store import load_cached
+from iqa.data.manifest import Manifest, write_manifest
+from iqa.extract.backbones import load_backbone
+from iqa.extract.registry import get_spec
+from iqa.extract.run import compute_dtype_for, extract_dataset
+
+
+def make_images(cache: Path, n: int) -> list[Path]:
+    """Smooth random photographs-to-be: low-frequency noise upsampled, so JPEG decoding costs what it does on photos."""
+    root = cache / "images"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        small.resize((1024, 768), Image.Resampling.BICUBIC).save(root / f"{i:04d}.jpg", quality=90)
+    paths = sorted(p.name for p in root.iterdir())
+    write_manifest(Manifest("bench", str(root), paths, np.zeros(n), np.zeros(n), "none"), cache)
+    return [root / p for p in paths]
+
+
+def naive_loop(files: list[Path], spec, model, device: str) -> tuple[float, np.ndarray]:
+    # DINOv3's own processor class needs torchvision; this PIL one does the same steps with its settings.
+    processor = BitImageProcessorPil(
+        size={"height": spec.resolution, "width": spec.resolution}, resample=Image.Resampling.BICUBIC,
+        do_center_crop=False, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
+    )
+    outputs = []
+    with torch.inference_mode():
+        model(processor(images=Image.open(files[0]), return_tensors="pt")["pixel_values"].to(device))  # warm-up
+        start = time.perf_counter()
+        for path in files:
+            pixels = processor(images=Image.open(path), return_tensors="pt")["pixel_values"].to(device)
+            outputs.append(model(pixels).float().cpu().numpy()[0])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return len(files) / (time.perf_counter() - start), np.stack(outputs)
+
+
+def forward_limit(spec, model, device: str, dtype: str, batch_size: int) -> float:
+    x = torch.randn(batch_size, 3, spec.resolution, spec.resolution, device=device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=compute_dtype_for(device, dtype)):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            model(x)
+        torch.cuda.synchronize()
+    return 10 * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="dinov3-s", help="registry key (random-init weights)")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="16 images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    n = 16 if args.quick else args.images
+    spec = get_spec(args.backbone)
+    model = load_backbone(spec, random_init=True).to(args.device).eval()
+    print(f"{spec.key} (random init) at {spec.resolution}px on {args.device}, {n} images of 1024x768, "
+          f"{torch.get_num_threads()} torch threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        files = make_images(cache, n)
+        naive, naive_out = naive_loop(files, spec, model, args.device)
+        print(f"naive loop (processor + model per image, fp32): {naive:.2f} images/s")
+        summary = extract_dataset(
+            cache, "bench", spec.key, random_init=True, device=args.device, dtype=args.dtype,
+            batch_size=args.batch_size, num_workers=args.workers, chunk_rows=args.batch_size,
+        )
+        stored = load_cached(cache, "bench", spec.key).embeddings
+    agreement = float(np.abs(stored - naive_out).max() / np.abs(naive_out).max())
+    figures = {
+        "backbone": spec.key, "device": args.device, "images": n, "resolution": spec.resolution,
+        "naive_images_per_s": round(naive, 3), "extract_images_per_s": round(summary.images_per_s, 3),
+        "ratio": round(summary.images_per_s / naive, 2), "max_rel_difference": round(agreement, 4),
+    }
+    print(f"iqa extract (batch {args.batch_size}, {args.workers} decode workers, dtype {args.dtype}): "
+          f"{summary.images_per_s:.2f} images/s, {figures['ratio']}x the naive loop; "
+          f"embeddings agree to {agreement:.1e} (relative, float16 store)")
+    if args.device.startswith("cuda"):
+        figures["forward_images_per_s"] = round(forward_limit(spec, model, args.device, args.dtype, args.batch_size), 1)
+        print(f"pure forward pass (random input, batch {args.batch_size}): {figures['forward_images_per_s']} images/s")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

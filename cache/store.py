@@ -1,0 +1,268 @@
+"""Embedding stores: one Zarr v3 group per (dataset, backbone, optional tag).
+
+Layout of `<cache>/<dataset>/<backbone>.zarr` (`<backbone>@<tag>.zarr` with a tag), the
+contract other tools read:
+- `embeddings` (N, D) float16 or float32, row i = manifest row i, chunks of `chunk_rows` rows;
+  rows not (yet) computed or invalid hold NaN.
+- `keys` (N,) the manifest's relative image paths.
+- `status` (N,) uint8: 0 pending, 1 done, 2 invalid; `reasons` (N,) why a row is invalid.
+- `chunk_done` (N_chunks,) uint8, one element per Zarr chunk, set only after a whole row block
+  (embeddings, status, reasons) is written: a set flag is the record of done work.
+- attributes: `fingerprint` (what produced the numbers), `fingerprint_id`, `chunk_rows`.
+
+Writers only ever write whole chunk-aligned row blocks (Zarr v3 loses rows when two writers
+share a chunk), and Zarr's local store writes each chunk file atomically, so any number of
+processes may fill disjoint chunks of one store and a killed one leaves no half-written chunk.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import zarr
+
+from iqa.cache.location import dataset_dir
+from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
+from iqa.data.splits import SplitBy, split_indices
+
+STORE_FORMAT = 1
+DEFAULT_CHUNK_ROWS = 256
+PENDING, DONE, INVALID = 0, 1, 2
+
+
+class FingerprintMismatch(ValueError):
+    """The store was built by something else; the message names the differing fields."""
+
+
+def store_path(cache: Path, dataset: str, backbone: str, tag: str | None = None) -> Path:
+    name = backbone if tag is None else f"{backbone}@{tag}"
+    return dataset_dir(cache, dataset) / f"{name}.zarr"
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def fingerprint_difference(stored: dict, current: dict) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: store has {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+class EmbeddingStore:
+    """An open store; `write_block` is the only way rows get written."""
+
+    def __init__(self, path: Path, mode: str = "r"):
+        self.path = path
+        self.group = zarr.open_group(str(path), mode=mode)
+        if self.group.attrs.get("format") != STORE_FORMAT:
+            raise ValueError(f"{path} is not an iqa embedding store (format {self.group.attrs.get('format')!r})")
+        self.fingerprint: dict = self.group.attrs["fingerprint"]
+        self.chunk_rows: int = self.group.attrs["chunk_rows"]
+        self.embeddings = self.group["embeddings"]
+        self.n_rows, self.dim = self.embeddings.shape
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+
+    def rows_of_chunk(self, chunk: int) -> range:
+        return range(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_rows))
+
+    def done_chunks(self) -> np.ndarray:
+        return self.group["chunk_done"][:].astype(bool)
+
+    def keys(self) -> list[str]:
+        return self.group["keys"][:].tolist()
+
+    def status(self) -> np.ndarray:
+        return self.group["status"][:]
+
+    def invalid_rows(self) -> list[tuple[str, str]]:
+        rows = np.flatnonzero(self.status() == INVALID)
+        keys, reasons = self.group["keys"][:], self.group["reasons"][:]
+        return [(str(keys[i]), str(reasons[i])) for i in rows]
+
+    def write_block(self, chunk: int, embeddings: np.ndarray, reasons: list[str]) -> None:
+        """One whole chunk: rows with a reason are invalid (their embedding is ignored, stored as NaN)."""
+        rows = self.rows_of_chunk(chunk)
+        bad = np.array([bool(r) for r in reasons])
+        if embeddings.shape != (len(rows), self.dim) or len(reasons) != len(rows):
+            raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {self.dim}, got {embeddings.shape}")
+        block = np.where(bad[:, None], np.nan, embeddings)
+        self.embeddings[rows.start : rows.stop] = block.astype(self.embeddings.dtype)
+        self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
+        self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
+        self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
+
+
+def _create(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int) -> None:
+    n = len(keys)
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=np.nan)
+    group.create_array("keys", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(keys, dtype=str)
+    group.create_array("status", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=PENDING)
+    group.create_array("reasons", shape=(n,), dtype=str, chunks=(chunk_rows,), fill_value="")
+    n_chunks = -(-n // chunk_rows)
+    group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
+    group.attrs.update(
+        {"format": STORE_FORMAT, "chunk_rows": chunk_rows, "fingerprint": fingerprint,
+         "fingerprint_id": fingerprint_id(fingerprint)}
+    )
+
+
+def open_for_writing(
+    path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False,
+) -> EmbeddingStore:
+    """Create the store once (atomically: built aside, then renamed) or reopen it to append.
+
+    Several shard processes may call this at once: exactly one rename wins, the others reopen the
+    winner's store. Reopening checks the fingerprint; a store built differently is refused.
+    `chunk_rows` applies only to a new store; an existing one keeps its own.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and path.exists():
+        trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another shard created it first
+            shutil.rmtree(tmp)
+    store = EmbeddingStore(path, mode="r+")
+    different = fingerprint_difference(store.fingerprint, fingerprint)
+    if different:
+        raise FingerprintMismatch(
+            f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
+        )
+    return store
+
+
+@dataclass
+class CachedEmbeddings:
+    embeddings: np.ndarray  # (N, D) float32, NaN where not valid
+    valid: np.ndarray  # (N,) bool: computed from a readable image
+    manifest: Manifest
+    fingerprint: dict
+    fingerprint_id: str
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.manifest.targets
+
+    def split(self, seed: int, by: SplitBy = "random") -> tuple[np.ndarray, np.ndarray]:
+        """(train, test) row indices of the paper's 80/20 split for this seed, over all rows."""
+        return split_indices(self.manifest.paths, seed, by=by, groups=self.manifest.groups)
+
+
+def load_cached(cache: Path, dataset: str, backbone: str, tag: str | None = None) -> CachedEmbeddings:
+    """Embeddings, validity, manifest (targets, groups) and fingerprint of one store, in one call."""
+    path = store_path(cache, dataset, backbone, tag)
+    if not path.exists():
+        tagged = f" --tag {tag}" if tag else ""
+        raise FileNotFoundError(
+            f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset}{tagged}` first"
+        )
+    store = EmbeddingStore(path)
+    if store.fingerprint.get("manifest_sha256") != manifest_checksum(cache, dataset):
+        raise ValueError(f"{path} is stale: the {dataset} manifest changed since extraction; re-run with --overwrite")
+    return CachedEmbeddings(
+        embeddings=store.embeddings[:].astype(np.float32),
+        valid=store.status() == DONE,
+        manifest=read_manifest(cache, dataset),
+        fingerprint=store.fingerprint,
+        fingerprint_id=fingerprint_id(store.fingerprint),
+    )
+
+
+@dataclass
+class StoreInfo:
+    path: Path
+    dataset: str
+    backbone: str
+    tag: str | None
+    rows: int
+    dim: int
+    dtype: str
+    chunks_done: int
+    chunks_total: int
+    invalid: list[tuple[str, str]]  # (image key, reason)
+    fingerprint_id: str
+
+
+def describe_store(path: Path) -> StoreInfo:
+    store = EmbeddingStore(path)
+    backbone, _, tag = path.name.removesuffix(".zarr").partition("@")
+    return StoreInfo(
+        path=path, dataset=path.parent.name, backbone=backbone, tag=tag or None,
+        rows=store.n_rows, dim=store.dim, dtype=str(store.embeddings.dtype),
+        chunks_done=int(store.done_chunks().sum()), chunks_total=store.n_chunks,
+        invalid=store.invalid_rows(), fingerprint_id=fingerprint_id(store.fingerprint),
+    )
+
+
+def list_stores(cache: Path) -> list[StoreInfo]:
+    return [describe_store(p) for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
+
+
+def verify_store(path: Path) -> list[str]:
+    """Problems that make a store unusable or unfinished; empty when it is complete and sound.
+
+    Invalid rows (unreadable images, recorded with their reason) are not problems of the store.
+    """
+    try:
+        store = EmbeddingStore(path)
+    except (OSError, ValueError, KeyError) as err:
+        return [f"cannot open as an embedding store: {err}"]
+    problems = []
+    manifest_file = manifest_path(path.parent.parent, path.parent.name)
+    if not manifest_file.exists():
+        problems.append(f"no manifest at {manifest_file}")
+    elif manifest_checksum(path.parent.parent, path.parent.name) != store.fingerprint.get("manifest_sha256"):
+        problems.append("stale: the manifest changed since extraction")
+    done = store.done_chunks()
+    if not done.all():
+        problems.append(f"incomplete: {int((~done).sum())} of {store.n_chunks} chunks not written")
+    status = store.status()
+    rows_done = np.zeros(store.n_rows, dtype=bool)
+    for chunk in np.flatnonzero(done):
+        rows = store.rows_of_chunk(int(chunk))
+        rows_done[rows.start : rows.stop] = True
+    if (status[rows_done] == PENDING).any():
+        problems.append(f"damaged: {int((status[rows_done] == PENDING).sum())} rows of finished chunks have no status")
+    embeddings = store.embeddings[:]
+    bad_numbers = (status == DONE) & ~np.isfinite(embeddings).all(axis=1)
+    if bad_numbers.any():
+        first = store.keys()[int(np.flatnonzero(bad_numbers)[0])]
+        problems.append(f"damaged: {int(bad_numbers.sum())} done rows hold NaN/inf (first: {first})")
+    return problems
+
+
+def export_h5(store_dir: Path, path: Path) -> Path:
+    """The store as one HDF5 file (same arrays and names, fingerprint as a JSON attribute), written atomically."""
+    store = EmbeddingStore(store_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
+            f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
+            f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("status", data=store.status())
+            reasons = store.group["reasons"][:].astype(object)
+            f.create_dataset("reasons", data=reasons, dtype=h5py.string_dtype())
+            f.attrs["fingerprint"] = json.dumps(store.fingerprint, sort_keys=True)
+            f.attrs["fingerprint_id"] = fingerprint_id(store.fingerprint)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

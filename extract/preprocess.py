@@ -1,0 +1,73 @@
+"""Decoding and preprocessing, with PIL and numpy only (no torchvision).
+
+Every image becomes 8-bit RGB the same way: EXIF orientation applied; 16-bit greyscale scaled
+to 8 bits (not clipped); transparency composited on white (what a viewer sees); CMYK, palette
+and grey converted by PIL. Then the whole image is resized to `resolution` x `resolution` with
+PIL's bicubic filter (antialiased when shrinking, no crop), and the batch is scaled to [0, 1]
+and normalised with the encoder's mean and std.
+
+A file that cannot be decoded yields a reason instead of an exception, so one bad image never
+stops a run: missing, not an image, truncated or corrupt, or a decompression bomb (more pixels
+than PIL's MAX_IMAGE_PIXELS; PIL's warning is treated as an error).
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def decode_image(path: Path) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason)."""
+    if not path.is_file():
+        return None, "missing file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image)), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, f"decompression bomb: {err}"
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for truncated and corrupt data
+        return None, f"truncated or corrupt: {err}"
+
+
+def resize_uint8(image: Image.Image, resolution: int) -> torch.Tensor:
+    """[3, R, R] uint8: the whole image, bicubic, no crop."""
+    resized = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalise(batch: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1], minus mean, over std (per channel)."""
+    mean_t = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean_t) / std_t
+
+
+def recipe(resolution: int | None, mean: tuple, std: tuple) -> str:
+    """What was done to each image, in words: stored in every store's fingerprint."""
+    decode = "PIL decode, EXIF transpose, 16-bit/grey/CMYK/palette to RGB, alpha on white"
+    if resolution is None:
+        return f"{decode}; features computed in the decode worker at native size"
+    return f"{decode}; resize {resolution}x{resolution} bicubic, no crop; /255; mean {mean} std {std}"

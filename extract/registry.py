@@ -1,0 +1,160 @@
+"""The backbone table: one `BackboneSpec` per backbone; adding a backbone is adding one entry.
+
+A neural entry names the Hugging Face checkpoint, the transformers class that loads only the
+vision tower, how its output is pooled to one vector, the input resolution and normalisation,
+the LoRA target modules, and two configs: the full-size architecture (so `--random-init` needs
+no download) and a tiny one of the same class (tests, the demo's random control).
+
+A worker entry computes its features on the CPU in the decode workers from the decoded image
+(`features_in_worker`); its model is the identity, so it flows through the same loop, store and
+fingerprint. Such an entry is one line, e.g.
+`BackboneSpec("nss", dim=36, pooling="worker", features_in_worker=nss_features, revision="v1")`.
+
+Resolution: the paper resizes images to 512 and then applies each encoder's native recipe. We
+resize the whole image to `resolution` x `resolution` (PIL bicubic, no crop) and normalise with
+the encoder's mean/std. 512 where the architecture takes any size (SigLIP2-512 natively, DINOv3,
+ResNet); 518 (= 37 x 14, the nearest patch multiple) for DINOv2; the checkpoint's fixed size
+where position embeddings are fixed (CLIP 224, Perception 336).
+"""
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from iqa.extract.nss import NSS_DIM, NSS_REVISION, nss_features
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+TINY_RESOLUTION = 32
+
+# Attention query/key projections under both transformers namings (DINOv2 renamed them in 5.18).
+QK_PROJ = r"\.(q_proj|k_proj)$"
+QK_LEGACY = r"\.attention\.(query|key)$"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    key: str
+    dim: int  # length of the pooled embedding
+    pooling: str  # "pooler_output" | "image_embeds" | "mean_patch" | "timm_tap" | "worker"
+    hf_id: str | None = None  # default weights source (HF id); `--model` replaces it
+    model_class: str | None = None  # transformers class loading only the vision tower
+    resolution: int | None = None  # square input side; None: worker features see the decoded image
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    lora_targets: tuple[str, ...] = ()  # regex alternatives over module names, first that matches wins
+    config: dict = field(default_factory=dict)  # full-size architecture, for offline --random-init
+    tiny_config: dict = field(default_factory=dict)  # same class, a few thousand parameters
+    features_in_worker: Callable[[Image.Image], np.ndarray] | None = None
+    revision: str | None = None  # version tag of a worker feature definition
+
+    def as_tiny(self) -> "BackboneSpec":
+        """The same class at test size: tiny config, TINY_RESOLUTION input, no weights source."""
+        if self.features_in_worker is not None:  # weight-free already
+            return self
+        return replace(self, config=self.tiny_config, resolution=TINY_RESOLUTION, hf_id=None)
+
+
+_VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+
+_DINOV3_SIZES = {  # (hidden, mlp, layers, heads, gated mlp) of the published LVD-1689M checkpoints
+    "dinov3-s": ("vits16", 384, 1536, 12, 6, False),
+    "dinov3-b": ("vitb16", 768, 3072, 12, 12, False),
+    "dinov3-l": ("vitl16", 1024, 4096, 24, 16, False),
+    "dinov3": ("vith16plus", 1280, 5120, 32, 20, True),
+}
+
+
+def _dinov3(key: str) -> BackboneSpec:
+    name, hidden, mlp, layers, heads, gated = _DINOV3_SIZES[key]
+    return BackboneSpec(
+        key=key,
+        dim=hidden,
+        pooling="mean_patch",
+        hf_id=f"facebook/dinov3-{name}-pretrain-lvd1689m",
+        model_class="DINOv3ViTModel",
+        resolution=512,
+        lora_targets=(QK_PROJ,),
+        config=dict(
+            hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+            patch_size=16, num_register_tokens=4, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu",
+            layerscale_value=1.0, rope_theta=100.0, key_bias=False, layer_norm_eps=1e-5,
+        ),
+        tiny_config=dict(_VIT_TINY, num_register_tokens=4),
+    )
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.key: spec
+    for spec in [
+        BackboneSpec(
+            key="siglip2", dim=1152, pooling="pooler_output",
+            hf_id="google/siglip2-so400m-patch16-512", model_class="SiglipVisionModel",
+            resolution=512, mean=HALF, std=HALF, lora_targets=(QK_PROJ,),
+            config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                        image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+            tiny_config=dict(_VIT_TINY, image_size=32),
+        ),
+        BackboneSpec(
+            key="clip", dim=768, pooling="image_embeds",
+            hf_id="openai/clip-vit-large-patch14", model_class="CLIPVisionModelWithProjection",
+            resolution=224, mean=CLIP_MEAN, std=CLIP_STD, lora_targets=(QK_PROJ,),
+            config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+            tiny_config=dict(_VIT_TINY, image_size=32, projection_dim=16),
+        ),
+        BackboneSpec(
+            key="dinov2", dim=1024, pooling="mean_patch",
+            hf_id="facebook/dinov2-large", model_class="Dinov2Model",
+            resolution=518, lora_targets=(QK_PROJ, QK_LEGACY),
+            config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                        image_size=518, patch_size=14, layerscale_value=1.0),
+            tiny_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                             image_size=32, patch_size=8),
+        ),
+        *(_dinov3(key) for key in _DINOV3_SIZES),
+        # Perception Encoder through timm: "layer 20" of the paper is the output of the 20th of the
+        # 24 transformer blocks counted from 1 (HF hidden_states[20]; timm block index 19), then the
+        # model's own final norm, attention pooling and projection.
+        BackboneSpec(
+            key="perception", dim=1024, pooling="timm_tap",
+            hf_id="timm/vit_pe_core_large_patch14_336.fb", resolution=336, mean=CLIP_MEAN, std=CLIP_STD,
+            lora_targets=(r"\.attn\.qkv$",),
+        ),
+        # BRISQUE natural-scene statistics (extract/nss.py): weight-free, computed in the decode
+        # workers; the classical baseline row of Table 5 and the offline demo's backbone.
+        BackboneSpec("nss", dim=NSS_DIM, pooling="worker", features_in_worker=nss_features, revision=NSS_REVISION),
+        BackboneSpec(
+            key="resnet152", dim=2048, pooling="pooler_output",
+            hf_id="microsoft/resnet-152", model_class="ResNetModel", resolution=512,
+            # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
+            lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
+            config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 8, 36, 3],
+                        layer_type="bottleneck"),
+            tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+        ),
+    ]
+}
+
+PERCEPTION_TAP_BLOCK = 19  # timm block index (0-based) of the paper's "layer 20"
+
+
+def get_spec(key: str) -> BackboneSpec:
+    if key not in BACKBONES:
+        raise KeyError(f"unknown backbone {key!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[key]
+
+
+def lora_target_modules(spec: BackboneSpec, module_names: list[str]) -> list[str]:
+    """Full names of the modules LoRA wraps, under whichever naming this model version uses."""
+    for pattern in spec.lora_targets:
+        found = [name for name in module_names if re.search(pattern, name)]
+        if found:
+            return found
+    raise ValueError(f"no module of {spec.key} matches the LoRA targets {spec.lora_targets}")

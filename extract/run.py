@@ -1,0 +1,202 @@
+"""The extraction loop: every image of a prepared dataset through one backbone, into its store.
+
+Decoding and resizing run in DataLoader worker processes while the main process runs the model.
+Work is organised by store chunk: the batches of a chunk are gathered and written as one whole
+row block, and only chunks not yet marked done are visited, so a killed run (SIGKILL included)
+resumes where it stopped and ends with exactly the numbers an uninterrupted run gives (a chunk
+is always split into the same batches). `shard=(i, n)` takes chunks i, i+n, i+2n, ... so n
+processes can fill one store. Unreadable images never stop the run: their rows are marked
+invalid with the reason.
+"""
+
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, store_path
+from iqa.data.manifest import manifest_checksum, read_manifest
+from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
+from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
+from iqa.extract.registry import BackboneSpec, get_spec
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACKAGES = ("torch", "transformers", "numpy", "pillow", "zarr")
+
+
+class ImageRows(Dataset):
+    """Row i of the manifest -> (i, input tensor, reason); the reason is "" for a readable image."""
+
+    def __init__(self, image_root: Path, paths: list[str], spec: BackboneSpec):
+        self.image_root, self.paths, self.spec = image_root, paths, spec
+        in_worker = spec.features_in_worker is not None
+        self.blank = torch.zeros(spec.dim) if in_worker else torch.zeros(3, spec.resolution, spec.resolution, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        image, reason = decode_image(self.image_root / self.paths[row])
+        if image is None:
+            return row, self.blank, reason
+        if self.spec.features_in_worker is None:
+            return row, resize_uint8(image, self.spec.resolution), ""
+        try:
+            features = np.asarray(self.spec.features_in_worker(image), dtype=np.float32)
+        except Exception as err:  # a feature definition failing on one image is that image's problem
+            return row, self.blank, f"features failed: {type(err).__name__}: {err}"
+        return row, torch.from_numpy(features), ""
+
+
+@dataclass
+class ExtractSummary:
+    store: Path
+    rows: int  # rows in the store
+    rows_computed: int  # rows this run computed
+    chunks_written: int  # by this run
+    chunks_missing: int  # store-wide, after this run (other shards' included)
+    invalid: list[tuple[str, str]]  # store-wide (image key, reason)
+    seconds: float
+    fingerprint_id: str
+    skip_bad: bool
+
+    @property
+    def ok(self) -> bool:
+        """The exit status of `iqa extract`: unreadable images fail the run unless skipped."""
+        return self.skip_bad or not self.invalid
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
+    return COMPUTE_DTYPES[dtype]
+
+
+def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, dim: int, compute_dtype: torch.dtype,
+                     store_dtype: str, manifest_sha256: str) -> dict:
+    return {
+        "backbone": spec.key,
+        "model_id": model.source,
+        "revision": model.revision,
+        "weights_sha256": weights_sha256(model),
+        "pooling": spec.pooling,
+        "dim": dim,
+        "resolution": spec.resolution,
+        "preprocessing": recipe(spec.resolution, spec.mean, spec.std),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "store_dtype": store_dtype,
+        "manifest_sha256": manifest_sha256,
+        "packages": {name: version(name) for name in PACKAGES},
+    }
+
+
+def chunk_batches(store: EmbeddingStore, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Each chunk's rows in batches of at most batch_size; no batch spans two chunks."""
+    batches = []
+    for chunk in chunks:
+        rows = list(store.rows_of_chunk(chunk))
+        batches.extend(rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    return batches
+
+
+def extract_dataset(
+    cache: Path,
+    dataset: str,
+    backbone: str,
+    source: str | None = None,
+    random_init: bool = False,
+    tiny: bool = False,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    shard: tuple[int, int] = (0, 1),
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    tag: str | None = None,
+    store_dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = True,
+) -> ExtractSummary:
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    spec = get_spec(backbone)
+    spec = spec.as_tiny() if tiny else spec
+    manifest = read_manifest(cache, dataset)
+    compute_dtype = compute_dtype_for(device, dtype)
+    model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    fingerprint_model = model  # hashed on the CPU, before it moves
+    model = model.to(device).eval()
+
+    def embed(inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(device, non_blocking=True)
+        if spec.features_in_worker is None:
+            inputs = normalise(inputs, spec.mean, spec.std)
+        with torch.inference_mode(), torch.autocast(
+            device_type=torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32
+        ):
+            return model(inputs).float()
+
+    probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
+    dim = embed(probe).shape[1]
+    if not tiny and dim != spec.dim:
+        raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
+    fingerprint = make_fingerprint(
+        spec, fingerprint_model, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset)
+    )
+    store = open_for_writing(
+        store_path(cache, dataset, backbone, tag), fingerprint, manifest.paths, dim,
+        dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
+    )
+    done = store.done_chunks()
+    todo = [c for c in range(index, store.n_chunks, count) if not done[c]]
+    batches = chunk_batches(store, todo, batch_size)
+    loader = DataLoader(
+        ImageRows(Path(manifest.image_root), manifest.paths, spec),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+    )
+    start = time.perf_counter()
+    rows_computed, chunks_written = 0, 0
+    block_rows: list[np.ndarray] = []
+    block_reasons: list[str] = []
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{store.path.name}", disable=not progress)
+    for rows, inputs, reasons in loader:
+        readable = torch.tensor([not r for r in reasons])
+        out = np.full((len(rows), dim), np.nan, dtype=np.float32)
+        if readable.any():
+            out[readable.numpy()] = embed(inputs[readable]).cpu().numpy()
+        block_rows.append(out)
+        block_reasons.extend(reasons)
+        chunk = int(rows[0]) // store.chunk_rows
+        if len(block_reasons) == len(store.rows_of_chunk(chunk)):
+            store.write_block(chunk, np.concatenate(block_rows), block_reasons)
+            block_rows, block_reasons = [], []
+            chunks_written += 1
+        rows_computed += len(rows)
+        bar.update(len(rows))
+    bar.close()
+    return ExtractSummary(
+        store=store.path,
+        rows=store.n_rows,
+        rows_computed=rows_computed,
+        chunks_written=chunks_written,
+        chunks_missing=int((~store.done_chunks()).sum()),
+        invalid=store.invalid_rows(),
+        seconds=time.perf_counter() - start,
+        fingerprint_id=fingerprint_id(fingerprint),
+        skip_bad=skip_bad,
+    )

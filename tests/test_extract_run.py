@@ -1,0 +1,159 @@
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from iqa.cache.store import EmbeddingStore, load_cached, verify_store
+from iqa.cli import app
+from iqa.data.manifest import Manifest, write_manifest
+from iqa.extract.backbones import load_backbone
+from iqa.extract.registry import BACKBONES, BackboneSpec, get_spec
+from iqa.extract.run import extract_dataset
+
+QUIET = dict(progress=False, num_workers=0)
+
+
+def make_dataset(cache: Path, n: int = 12, extra: dict | None = None) -> list[str]:
+    """n random RGB images of varied sizes, plus `extra` {name: writer(path)} files, as dataset "toy"."""
+    root = cache / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (20 + 3 * i, 40 - i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"im{i:02d}.png")
+        paths.append(f"im{i:02d}.png")
+    for name, write in (extra or {}).items():
+        write(root / name)
+        paths.append(name)
+    write_manifest(Manifest("toy", str(root), paths, np.arange(len(paths)), np.zeros(len(paths)), "test"), cache)
+    return paths
+
+
+def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
+    """Each image alone: PIL decode, bicubic resize, numpy normalisation, the model, the pooling rule."""
+    rows = []
+    for path in paths:
+        image = Image.open(root / path).convert("RGB").resize((spec.resolution,) * 2, Image.Resampling.BICUBIC)
+        x = (np.asarray(image, np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+        with torch.no_grad():
+            rows.append(backbone(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0].numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("key", ["siglip2", "clip", "dinov2", "dinov3", "resnet152"])
+def test_extraction_matches_per_image_computation(tmp_path, key):
+    paths = make_dataset(tmp_path, n=5)
+    summary = extract_dataset(tmp_path, "toy", key, tiny=True, store_dtype="float32", chunk_rows=2, batch_size=2, **QUIET)
+    assert summary.ok and summary.rows_computed == 5 and summary.chunks_written == 3 and summary.chunks_missing == 0
+    spec = get_spec(key).as_tiny()
+    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    cached = load_cached(tmp_path, "toy", key)
+    assert cached.valid.all() and cached.fingerprint["model_id"] == f"tiny:{spec.model_class}"
+    np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
+    def truncated(path):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path.with_suffix(".tmp.jpg"))
+        data = path.with_suffix(".tmp.jpg").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    def bomb(path):  # a grey 1-bit image far over PIL's pixel limit, small on disk
+        Image.new("1", (12_000, 12_000)).save(path)
+
+    extra = {"gone.png": lambda p: None, "cut.jpg": truncated, "notes.png": lambda p: p.write_text("hi"), "bomb.png": bomb}
+    paths = make_dataset(tmp_path, n=4, extra=extra)
+    summary = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=3, num_workers=2, progress=False)
+    reasons = dict(summary.invalid)
+    assert set(reasons) == set(extra) and not summary.ok
+    assert reasons["gone.png"] == "missing file" and reasons["notes.png"] == "not an image"
+    assert reasons["cut.jpg"].startswith("truncated") and reasons["bomb.png"].startswith("decompression bomb")
+    cached = load_cached(tmp_path, "toy", "dinov3")
+    assert cached.valid.tolist() == [p not in extra for p in paths]
+    assert np.isfinite(cached.embeddings[cached.valid]).all() and verify_store(summary.store) == []
+    again = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, skip_bad=True, **QUIET)
+    assert again.ok and again.rows_computed == 0 and len(again.invalid) == 4
+
+    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)])
+    assert result.exit_code == 1 and "4 images could not be read" in result.output
+    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--skip-bad",
+                                      "--cache", str(tmp_path)])
+    assert result.exit_code == 0
+
+
+def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
+    make_dataset(tmp_path, n=11)
+    common = dict(tiny=True, chunk_rows=2, batch_size=2, **QUIET)
+    reference = extract_dataset(tmp_path, "toy", "dinov2", tag="one", **common)
+    first = extract_dataset(tmp_path, "toy", "dinov2", shard=(0, 3), **common)
+    assert first.chunks_written == 2 and first.chunks_missing == 4
+    assert verify_store(first.store) == ["incomplete: 4 of 6 chunks not written"]
+    assert CliRunner().invoke(app, ["cache", "verify", "--cache", str(tmp_path)]).exit_code == 1
+    threads = [threading.Thread(target=extract_dataset, args=(tmp_path, "toy", "dinov2"), kwargs=dict(shard=(i, 3), **common))
+               for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert verify_store(first.store) == []
+    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov2").embeddings,
+                                  load_cached(tmp_path, "toy", "dinov2", tag="one").embeddings)
+    assert reference.fingerprint_id == first.fingerprint_id
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+import iqa.extract.run as run
+decode = run.decode_image
+def slow_decode(path):  # slows the run down so the test can kill it mid-way
+    time.sleep(0.08)
+    return decode(path)
+run.decode_image = slow_decode
+run.extract_dataset(Path(sys.argv[1]), "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, num_workers=1, progress=False)
+"""
+
+
+def test_sigkill_then_rerun_finishes_without_recomputing_and_matches(tmp_path):
+    make_dataset(tmp_path, n=24)
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    markers = tmp_path / "toy" / "dinov3.zarr" / "chunk_done" / "c"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not markers.is_dir() or len(os.listdir(markers)) < 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = int(EmbeddingStore(tmp_path / "toy" / "dinov3.zarr").done_chunks().sum())
+    assert 3 <= done_before < 12, "the run was not interrupted mid-way"
+    resumed = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, **QUIET)
+    assert resumed.rows_computed == 24 - 2 * done_before and resumed.chunks_missing == 0
+    extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, tag="whole", **QUIET)
+    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov3").embeddings,
+                                  load_cached(tmp_path, "toy", "dinov3", tag="whole").embeddings)
+
+
+def mean_colour(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, np.float32).reshape(-1, 3).mean(axis=0)
+
+
+def test_worker_feature_entry_is_one_table_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKBONES, "colour", BackboneSpec("colour", dim=3, pooling="worker",
+                                                          features_in_worker=mean_colour, revision="1"))
+    paths = make_dataset(tmp_path, n=5, extra={"gone.png": lambda p: None})
+    summary = extract_dataset(tmp_path, "toy", "colour", store_dtype="float32", num_workers=2, progress=False)
+    cached = load_cached(tmp_path, "toy", "colour")
+    expected = [mean_colour(Image.open(tmp_path / "images" / p).convert("RGB")) for p in paths[:5]]
+    np.testing.assert_allclose(cached.embeddings[:5], np.stack(expected), rtol=1e-6)
+    assert summary.invalid == [("gone.png", "missing file")]
+    assert cached.fingerprint["model_id"].endswith("mean_colour") and cached.fingerprint["resolution"] is None

@@ -134,6 +134,9 @@ def extract_dataset(
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     spec = get_spec(backbone)
     spec = spec.as_tiny() if tiny else spec
+    if tag is None and (tiny or random_init):
+        # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
+        tag = "tiny" if tiny else "random-init"
     manifest = read_manifest(cache, dataset)
     compute_dtype = compute_dtype_for(device, dtype)
     model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)

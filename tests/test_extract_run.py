@@ -56,7 +56,7 @@ def test_extraction_matches_per_image_computation(tmp_path, key):
     assert summary.ok and summary.rows_computed == 5 and summary.chunks_written == 3 and summary.chunks_missing == 0
     spec = get_spec(key).as_tiny()
     expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
-    cached = load_cached(tmp_path, "toy", key)
+    cached = load_cached(tmp_path, "toy", key, tag="tiny")
     assert cached.valid.all() and cached.fingerprint["model_id"] == f"tiny:{spec.model_class}"
     np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
     assert set(reasons) == set(extra) and not summary.ok
     assert reasons["gone.png"] == "missing file" and reasons["notes.png"] == "not an image"
     assert reasons["cut.jpg"].startswith("truncated") and reasons["bomb.png"].startswith("decompression bomb")
-    cached = load_cached(tmp_path, "toy", "dinov3")
+    cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
     assert cached.valid.tolist() == [p not in extra for p in paths]
     assert np.isfinite(cached.embeddings[cached.valid]).all() and verify_store(summary.store) == []
     again = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, skip_bad=True, **QUIET)
@@ -105,7 +105,7 @@ def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     for t in threads:
         t.join()
     assert verify_store(first.store) == []
-    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov2").embeddings,
+    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings,
                                   load_cached(tmp_path, "toy", "dinov2", tag="one").embeddings)
     assert reference.fingerprint_id == first.fingerprint_id
 
@@ -128,18 +128,18 @@ def test_sigkill_then_rerun_finishes_without_recomputing_and_matches(tmp_path):
     script = tmp_path / "killable.py"
     script.write_text(KILLABLE)
     process = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
-    markers = tmp_path / "toy" / "dinov3.zarr" / "chunk_done" / "c"
+    markers = tmp_path / "toy" / "dinov3@tiny.zarr" / "chunk_done" / "c"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not markers.is_dir() or len(os.listdir(markers)) < 3):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before = int(EmbeddingStore(tmp_path / "toy" / "dinov3.zarr").done_chunks().sum())
+    done_before = int(EmbeddingStore(tmp_path / "toy" / "dinov3@tiny.zarr").done_chunks().sum())
     assert 3 <= done_before < 12, "the run was not interrupted mid-way"
     resumed = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, **QUIET)
     assert resumed.rows_computed == 24 - 2 * done_before and resumed.chunks_missing == 0
     extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, tag="whole", **QUIET)
-    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov3").embeddings,
+    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov3", tag="tiny").embeddings,
                                   load_cached(tmp_path, "toy", "dinov3", tag="whole").embeddings)
 
 

@@ -22,7 +22,7 @@ LAYOUTS = {  # name -> (fields that lead the row label, field whose levels get �
     "masking": (("head", "mask_k"), "mask_k"),
     "dropout": (("head", "dropout", "keep"), "keep"),
 }
-NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed"}
+NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed", "act1", "act2"}  # the head name spells act1/act2
 OUTCOME_FIELDS = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc",
                   "last_plcc", "diverged_epoch", "curves", "gates", "finished_at"}
 
@@ -175,7 +175,8 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
                 if header.startswith("Δ"):
                     values.append(("delta", delta(row, kind, metric)))
                 else:
-                    values.append(("cell", summaries[row].get(kind, {}).get(metric)))
+                    summary = summaries[row].get(kind)
+                    values.append(("cell", summary[metric]) if summary else ("missing", None))
         table.append((row, values))
     return _render(fields, columns, table, fmt, which)
 
@@ -190,6 +191,8 @@ def _render(fields, columns, table, fmt, which) -> str:
             for kind, v in values:
                 if kind == "delta":
                     out.append("" if v is None else f"{v:.4f}")
+                elif kind == "missing":
+                    out += ["", ""]
                 else:
                     out += ["", ""] if v is None else [f"{v[0]:.4f}", f"{v[1]:.4f}"]
             lines.append(",".join(out))
@@ -197,7 +200,7 @@ def _render(fields, columns, table, fmt, which) -> str:
 
     def show(kind, v, latex):
         if v is None:
-            return "—" if kind == "cell" else ""
+            return "—" if kind == "cell" else ""  # a dash for diverged runs, blank where nothing ran
         if kind == "delta":
             return f"{v:+.3f}"
         text = f"{v[0]:.3f} ± {v[1]:.3f}"

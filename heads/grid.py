@@ -1,0 +1,156 @@
+"""Ablation grids: expand options into run configs, train them in stacks, skip finished runs.
+
+A grid is every combination of (train, test) dataset pairs, heads, mask k, dropout keep and seeds.
+Runs that can share a stack (same datasets, architecture, epochs and row counts) are trained
+together, `stack_size` at a time; each finished stack is committed to the results database at
+once, so a killed grid loses at most the stacks in flight and a re-run trains only what is missing.
+"""
+
+from dataclasses import asdict, dataclass
+from itertools import groupby, product
+from typing import Callable, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from iqa.data.manifest import Manifest
+from iqa.data.splits import split_indices
+from iqa.heads.mlp import HEADS
+from iqa.heads.results import ResultsDB, run_key
+from iqa.heads.train import Member, StackData, lr_milestones, train_stack
+
+STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
+
+
+class Cached(Protocol):
+    """What a loader returns for one dataset (iqa.cache.store.CachedEmbeddings has these fields)."""
+
+    embeddings: np.ndarray  # [N, D]
+    valid: np.ndarray  # [N] bool, False where the image failed
+    manifest: Manifest
+    fingerprint_id: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    train_dataset: str
+    test_dataset: str
+    backbone: str
+    head: str
+    act1: str
+    act2: str
+    seed: int
+    mask_k: float = 100.0
+    dropout: str | None = None
+    keep: float = 1.0
+    epochs: int = 30
+    lr: float = 1e-4
+    batch_size: int = 12
+    micro_batch: int | None = 2
+    split_by: str = "random"
+    regime: str = "frozen"
+    tag: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(name, act1, act2) for named variants and explicit activation pairs ("sigmoid+gelu")."""
+    unknown = [a for a in acts if a not in HEADS]
+    if unknown:
+        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join(HEADS)}")
+    return [(a, *HEADS[a]) for a in acts] + [(f"{a1}+{a2}", a1, a2) for a1, a2 in act_pairs]
+
+
+def expand_grid(
+    pairs: list[tuple[str, str]],
+    backbone: str,
+    heads: list[tuple[str, str, str]],
+    seeds: list[int],
+    mask_ks: list[float] = (100.0,),
+    dropout: str | None = None,
+    keeps: list[float] = (1.0,),
+    **shared,
+) -> list[RunConfig]:
+    """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, ... for all runs."""
+    return [
+        RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), **shared)
+        for (train, test), (name, act1, act2), k, p, seed in product(pairs, heads, mask_ks, keeps, seeds)
+    ]
+
+
+def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test rows of one run: the seed's 80/20 split, or all of the test set across datasets.
+
+    Rows whose image failed in the cache are left out.
+    """
+    m = train.manifest
+    train_rows, test_rows = split_indices(m.paths, config.seed, by=config.split_by, groups=m.groups)
+    if config.test_dataset != config.train_dataset:
+        test_rows = np.arange(len(test.manifest))
+    return train_rows[train.valid[train_rows]], test_rows[test.valid[test_rows]]
+
+
+def _stack_key(config: RunConfig) -> tuple:
+    """Runs that can train in one stack agree on everything but seed, mask k, keep and lr."""
+    d = config.as_dict()
+    return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep", "lr"))
+
+
+def run_grid(
+    configs: list[RunConfig],
+    load: Callable[[str], Cached],
+    db: ResultsDB,
+    device: str = "cpu",
+    stack_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train every config not already in `db`; return each config's stored record, in config order."""
+    loaded: dict[str, Cached] = {}
+
+    def cached(name: str) -> Cached:
+        if name not in loaded:
+            loaded[name] = load(name)
+        return loaded[name]
+
+    def fingerprint(c: RunConfig) -> str:
+        train, test = cached(c.train_dataset), cached(c.test_dataset)
+        return train.fingerprint_id if c.train_dataset == c.test_dataset else f"{train.fingerprint_id}+{test.fingerprint_id}"
+
+    keys = [run_key(c.as_dict(), fingerprint(c)) for c in configs]
+    finished = db.finished_keys()
+    pending = [(c, k) for c, k in zip(configs, keys) if k not in finished]
+    rows = {k: run_rows(c, cached(c.train_dataset), cached(c.test_dataset)) for c, k in pending}
+    # group by architecture and row counts (a stack needs rectangular rows), then cut into stacks
+    by_shape = sorted(pending, key=lambda ck: (_stack_key(ck[0]), *map(len, rows[ck[1]])))
+    size = stack_size or STACK_SIZE.get(str(device).split(":")[0], 1)
+    stacks = []
+    for _, group in groupby(by_shape, key=lambda ck: (_stack_key(ck[0]), *map(len, rows[ck[1]]))):
+        group = list(group)
+        stacks += [group[i : i + size] for i in range(0, len(group), size)]
+
+    total = sum(c.epochs for c, _ in pending)
+    with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
+        done = 0
+        for stack in stacks:
+            first = stack[0][0]
+            train, test = cached(first.train_dataset), cached(first.test_dataset)
+            data = StackData(
+                train.embeddings,
+                train.manifest.targets,
+                np.stack([rows[k][0] for _, k in stack]),
+                train.embeddings if test is train else test.embeddings,
+                test.manifest.targets,
+                np.stack([rows[k][1] for _, k in stack]),
+            )
+            members = [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c, _ in stack]
+            results = train_stack(
+                data, members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
+                first.micro_batch, device, on_epoch=lambda _: bar.update(len(stack)),
+            )
+            db.record([(c.as_dict(), fingerprint(c), r) for (c, _), r in zip(stack, results)])
+            done += len(stack)
+            bar.set_description(f"runs {done}/{len(pending)}")
+    stored = {r["key"]: r for r in db.runs()}
+    return [stored[k] for k in keys]

@@ -1,0 +1,142 @@
+"""StackedMLP: M independent heads d -> 512 -> 512 -> 1 evaluated with one batched matmul per layer.
+
+Every member is its own set of leaf tensors (so an optimizer can give each its own learning rate)
+and the forward stacks them into [M, in, out] for `torch.baddbmm`. A member draws its weights and
+its dropout masks from its own seed, so its training does not depend on its stack-mates.
+M = 1 is the head that end-to-end fine-tuning uses: input [1, batch, d].
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from iqa.heads.activations import activation_member_parameters, make_activation
+
+HIDDEN = 512
+HEADS = {"baseline": ("lrelu", "lrelu"), "sig": ("sigmoid", "lrelu"), "gated": ("gated", "gated")}
+DROPOUT_MODES = ("input", "layers")
+
+
+def member_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed per (run seed, purpose) so init, data order and dropout do not share a stream."""
+    return int(np.random.SeedSequence([seed, *purpose.encode()]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def topk_mask(x: torch.Tensor, keep_percent: torch.Tensor) -> torch.Tensor:
+    """Zero every feature outside the top-k percent by |value| of its own sample (Table 4).
+
+    x is [M, B, D], keep_percent is [M]; a sample keeps ceil(k/100 * D) features (ties at the
+    threshold are all kept). k = 100 keeps everything.
+    """
+    d = x.shape[-1]
+    count = torch.ceil(keep_percent * d / 100).long().clamp(1, d)
+    magnitude = x.abs()
+    ranked = magnitude.sort(dim=-1, descending=True).values
+    threshold = ranked.gather(-1, (count - 1)[:, None, None].expand(*x.shape[:2], 1))
+    return x * (magnitude >= threshold)
+
+
+class StackedLinear(nn.Module):
+    """M linear layers; member m's weight [in, out] and bias [out], PyTorch's nn.Linear init from its own generator."""
+
+    def __init__(self, generators: list[torch.Generator], in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)
+        self.weight = nn.ParameterList(
+            nn.Parameter(torch.empty(in_dim, out_dim).uniform_(-bound, bound, generator=g)) for g in generators
+        )
+        self.bias = nn.ParameterList(
+            nn.Parameter(torch.empty(out_dim).uniform_(-bound, bound, generator=g)) for g in generators
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = torch.stack(list(self.weight)), torch.stack(list(self.bias))
+        return torch.baddbmm(bias[:, None, :].to(x.dtype), x, weight.to(x.dtype))
+
+    def member_parameters(self, m: int) -> list[nn.Parameter]:
+        return [self.weight[m], self.bias[m]]
+
+
+class StackedMLP(nn.Module):
+    """M heads sharing one architecture (act1, act2, dropout placement); they differ in seed, mask k and keep."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        seeds: list[int],
+        act1: str = "lrelu",
+        act2: str = "lrelu",
+        mask_k: list[float] | None = None,
+        dropout: str | None = None,
+        keep: list[float] | None = None,
+        hidden: int = HIDDEN,
+    ):
+        super().__init__()
+        members = len(seeds)
+        if dropout is not None and dropout not in DROPOUT_MODES:
+            raise ValueError(f"unknown dropout mode {dropout!r}; use 'input' or 'layers'")
+        self.seeds, self.act_names, self.dropout = list(seeds), (act1, act2), dropout
+        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
+        keep = [1.0] * members if keep is None else [float(p) for p in keep]
+        if len(mask_k) != members or len(keep) != members:
+            raise ValueError("mask_k and keep need one value per member")
+        if any(not 0 < k <= 100 for k in mask_k) or any(not 0 < p <= 1 for p in keep):
+            raise ValueError("mask k must be in (0, 100] and keep in (0, 1]")
+        self.register_buffer("mask_k", torch.tensor(mask_k))
+        self.masking = any(k < 100 for k in mask_k)  # a Python flag: no device sync per step
+        self.keep = keep
+
+        init = [torch.Generator().manual_seed(member_seed(s, "init")) for s in seeds]
+        self.layer1 = StackedLinear(init, in_dim, hidden)
+        self.act1 = make_activation(act1, members, hidden)
+        self.layer2 = StackedLinear(init, hidden, hidden)
+        self.act2 = make_activation(act2, members, hidden)
+        self.layer3 = StackedLinear(init, hidden, 1)
+        self._dropout_generators: list[torch.Generator] | None = None
+
+    @property
+    def members(self) -> int:
+        return len(self.seeds)
+
+    def member_parameters(self, m: int) -> list[nn.Parameter]:
+        params = []
+        for layer, act in ((self.layer1, self.act1), (self.layer2, self.act2), (self.layer3, None)):
+            params += layer.member_parameters(m) + (activation_member_parameters(act, m) if act else [])
+        return params
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        """Dropout with rate 1 - keep, each member's mask from its own generator."""
+        if not self.training or all(p == 1 for p in self.keep):
+            return h
+        if self._dropout_generators is None or self._dropout_generators[0].device.type != h.device.type:
+            self._dropout_generators = [
+                torch.Generator(h.device).manual_seed(member_seed(s, "dropout")) for s in self.seeds
+            ]
+        scales = []
+        for p, g in zip(self.keep, self._dropout_generators):
+            if p == 1:
+                scales.append(torch.ones(h.shape[1:], device=h.device, dtype=h.dtype))
+            else:
+                kept = torch.rand(h.shape[1:], generator=g, device=h.device) < p
+                scales.append(kept.to(h.dtype) / p)
+        return h * torch.stack(scales)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features before the output layer, [M, B, hidden] (for t-SNE)."""
+        if self.masking:
+            x = topk_mask(x, self.mask_k)
+        if self.dropout == "input":
+            x = self._drop(x)
+        h = self.act1(self.layer1(x))
+        if self.dropout == "layers":
+            h = self._drop(h)
+        h = self.act2(self.layer2(h))
+        if self.dropout == "layers":
+            h = self._drop(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, B, in_dim] -> predicted quality [M, B]."""
+        return self.layer3(self.features(x)).squeeze(-1)

@@ -1,0 +1,211 @@
+"""Train a stack of M heads on arrays: the fast path behind `iqa head --cached`.
+
+Each member is one run: its own seed (initialisation, data order, dropout), its own train/test rows,
+mask k, dropout keep and learning-rate schedule. Adam is elementwise and every member has its own
+leaf tensors, so summing the member losses before one backward pass trains each member exactly as
+if it were alone; only the matmul kernels differ, at float rounding. Members in one stack share the
+architecture (act1, act2, dropout placement), the number of epochs and the batch layout.
+
+Batches: each epoch a member visits its train rows in a fresh order from its own generator, in
+floor(n_train / batch) full batches (the remainder of the epoch's order is left out; the next epoch
+reshuffles). Test SRCC/PLCC are computed after every epoch; the result reports the best epoch (the
+paper's "mean best SRCC"; PLCC is taken at that same epoch) and the last epoch.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from iqa.heads.activations import GATE_INIT, GatedActivation
+from iqa.heads.loss import iqa_loss
+from iqa.heads.metrics import plcc, srcc
+from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed
+
+LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
+LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
+LR_DECAY = 0.2
+EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
+
+
+def lr_milestones(train_dataset: str) -> tuple[int, ...]:
+    """Large sets decay x0.2 at epochs 15 and 25; small sets keep a constant lr."""
+    return LARGE_MILESTONES if train_dataset in LARGE_DATASETS else ()
+
+
+@dataclass(frozen=True)
+class Member:
+    seed: int
+    mask_k: float = 100.0
+    keep: float = 1.0
+    lr: float = 1e-4
+    milestones: tuple[int, ...] = ()
+
+    def learning_rate(self, epoch: int) -> float:
+        """lr for 0-based `epoch`, as torch's MultiStepLR stepped once per epoch gives it."""
+        return self.lr * LR_DECAY ** sum(epoch >= m for m in self.milestones)
+
+
+@dataclass
+class StackData:
+    """Pools of embeddings and targets plus each member's rows into them.
+
+    For a within-dataset run x_train and x_test are the same array; rows are [M, n] int64.
+    """
+
+    x_train: np.ndarray | torch.Tensor  # [N, D]
+    y_train: np.ndarray | torch.Tensor  # [N]
+    train_rows: np.ndarray  # [M, n_train]
+    x_test: np.ndarray | torch.Tensor
+    y_test: np.ndarray | torch.Tensor
+    test_rows: np.ndarray  # [M, n_test]
+
+
+@dataclass
+class RunResult:
+    status: str  # "done" or "diverged" (the paper's "—")
+    best_epoch: int | None  # 1-based epoch of the best test SRCC
+    best_srcc: float | None
+    best_plcc: float | None  # PLCC at best_epoch
+    last_srcc: float | None  # after the final epoch
+    last_plcc: float | None
+    curves: dict[str, list[float]] = field(default_factory=dict)  # per epoch: train_loss, srcc, plcc, lr
+    gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
+    diverged_epoch: int | None = None
+
+
+def _optimizer(model: StackedMLP, members: list[Member]) -> tuple[torch.optim.Adam, list[int]]:
+    """Adam with one parameter group per distinct (lr, milestones) schedule; returns the group of each member."""
+    schedules = sorted({(m.lr, m.milestones) for m in members})
+    group_of = [schedules.index((m.lr, m.milestones)) for m in members]
+    groups = [{"params": [], "lr": lr} for lr, _ in schedules]
+    for i, g in enumerate(group_of):
+        groups[g]["params"] += model.member_parameters(i)
+    device = model.layer1.weight[0].device
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(groups, fused=fused, foreach=None if fused else True), group_of
+
+
+def _epoch_order(rngs: list[np.random.Generator], train_rows: np.ndarray, batch: int) -> np.ndarray:
+    """[steps, M, batch] rows: each member's own permutation of its train rows."""
+    steps = train_rows.shape[1] // batch
+    order = np.stack([rows[rng.permutation(len(rows))[: steps * batch]] for rng, rows in zip(rngs, train_rows)])
+    return order.reshape(len(rngs), steps, batch).transpose(1, 0, 2)
+
+
+@torch.no_grad()
+def predict(model: StackedMLP, x: torch.Tensor, rows: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """Predictions [M, n] of each member on its own rows of x, without masks from dropout."""
+    was_training = model.training
+    model.eval()
+    pred = torch.cat([model(x[rows[:, i : i + chunk]]) for i in range(0, rows.shape[1], chunk)], dim=1)
+    model.train(was_training)
+    return pred
+
+
+def gate_parameters(model: StackedMLP, m: int) -> dict | None:
+    gates = {
+        name: {p: getattr(act, p)[m].detach().cpu().tolist() for p in GATE_INIT}
+        for name, act in (("act1", model.act1), ("act2", model.act2))
+        if isinstance(act, GatedActivation)
+    }
+    return gates or None
+
+
+def train_stack(
+    data: StackData,
+    members: list[Member],
+    act1: str = "lrelu",
+    act2: str = "lrelu",
+    dropout: str | None = None,
+    epochs: int = 30,
+    batch_size: int = 12,
+    micro_batch: int | None = 2,
+    device: str | torch.device = "cpu",
+    hidden: int = HIDDEN,
+    on_epoch: Callable[[int], None] | None = None,
+) -> list[RunResult]:
+    """Train len(members) heads at once; one RunResult per member, in order."""
+    device = torch.device(device)
+    n_members = len(members)
+    train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
+    if train_rows.shape[0] != n_members or test_rows.shape[0] != n_members:
+        raise ValueError("train_rows and test_rows need one row list per member")
+    if train_rows.shape[1] < batch_size:
+        raise ValueError(f"{train_rows.shape[1]} training rows cannot fill one batch of {batch_size}")
+
+    def to_device(a):
+        return torch.as_tensor(a).to(device=device, dtype=torch.float32)
+
+    x_train, y_train = to_device(data.x_train), to_device(data.y_train)
+    same_pool = data.x_test is data.x_train
+    x_test = x_train if same_pool else to_device(data.x_test)
+    y_test_rows = to_device(data.y_test)[torch.as_tensor(test_rows, device=device)]
+    test_rows_t = torch.as_tensor(test_rows, device=device)
+
+    model = StackedMLP(
+        x_train.shape[1],
+        [m.seed for m in members],
+        act1,
+        act2,
+        mask_k=[m.mask_k for m in members],
+        dropout=dropout,
+        keep=[m.keep for m in members],
+        hidden=hidden,
+    ).to(device)
+    optimizer, group_of = _optimizer(model, members)
+    rngs = [np.random.default_rng(member_seed(m.seed, "order")) for m in members]
+
+    alive = torch.ones(n_members, dtype=torch.bool, device=device)
+    curves = [{"train_loss": [], "srcc": [], "plcc": [], "lr": []} for _ in members]
+    diverged_epoch: list[int | None] = [None] * n_members
+    for epoch in range(epochs):
+        lrs = [m.learning_rate(epoch) for m in members]
+        for i, g in enumerate(group_of):
+            optimizer.param_groups[g]["lr"] = lrs[i]  # members of a group share their schedule
+        order = torch.as_tensor(_epoch_order(rngs, train_rows, batch_size), device=device)
+        loss_sum = torch.zeros(n_members, device=device)
+        model.train()
+        for rows in order:
+            loss = iqa_loss(model(x_train[rows]), y_train[rows], micro_batch)
+            alive &= torch.isfinite(loss)  # stays on the device: no sync per step
+            kept = torch.where(alive, loss, torch.zeros_like(loss))
+            optimizer.zero_grad(set_to_none=True)
+            kept.sum().backward()
+            optimizer.step()
+            loss_sum += kept.detach()
+
+        pred = predict(model, x_test, test_rows_t)
+        alive &= torch.isfinite(pred).all(-1)
+        epoch_srcc, epoch_plcc = srcc(pred, y_test_rows).tolist(), plcc(pred, y_test_rows).tolist()
+        epoch_loss = (loss_sum / len(order)).tolist()
+        for i, is_alive in enumerate(alive.tolist()):
+            if diverged_epoch[i] is not None:
+                continue
+            if not is_alive:
+                diverged_epoch[i] = epoch + 1
+                _freeze(optimizer, model.member_parameters(i))
+                continue
+            for key, value in (("train_loss", epoch_loss[i]), ("srcc", epoch_srcc[i]), ("plcc", epoch_plcc[i]), ("lr", lrs[i])):
+                curves[i][key].append(value)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return [_result(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
+
+
+def _freeze(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """A diverged member stops: its parameters leave the optimizer; its stack-mates go on."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+
+
+def _result(curve: dict[str, list[float]], diverged_epoch: int | None, gates: dict | None) -> RunResult:
+    if diverged_epoch is not None:
+        return RunResult("diverged", None, None, None, None, None, curve, gates, diverged_epoch)
+    scores = np.nan_to_num(np.array(curve["srcc"]), nan=-np.inf)
+    best = int(np.argmax(scores))
+    return RunResult(
+        "done", best + 1, curve["srcc"][best], curve["plcc"][best], curve["srcc"][-1], curve["plcc"][-1], curve, gates
+    )

@@ -1,0 +1,143 @@
+"""Grids: expansion, stacking, skipping finished runs, resuming after a kill; the results tables."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import iqa.heads.grid as grid
+from iqa.data.manifest import Manifest
+from iqa.data.splits import split_indices
+from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
+from iqa.heads.results import ResultsDB, results_table, run_key
+
+
+def fake_cache(name, n=120, d=16, fingerprint="fp1"):
+    rng = np.random.default_rng(len(name))
+    x = rng.normal(size=(n, d)).astype(np.float16)
+    y = 1 / (1 + np.exp(-x.astype(float) @ rng.normal(size=d) / 3))
+    manifest = Manifest(name, "/img", [f"{i}.png" for i in range(n)], y, y, "synthetic")
+    valid = np.ones(n, dtype=bool)
+    valid[5] = False  # one image failed: it must never be trained or tested on
+    return SimpleNamespace(embeddings=x, valid=valid, manifest=manifest, fingerprint_id=fingerprint)
+
+
+def small_grid(**kw):
+    heads = head_choices(["baseline", "sig"], [("sigmoid", "gelu")])
+    return expand_grid([("clive", "clive")], "siglip2", heads, [8, 19], mask_ks=[100, 50], epochs=2, **kw)
+
+
+def test_expand_grid_every_combination():
+    configs = small_grid()
+    assert len(configs) == 3 * 2 * 2
+    assert {c.head for c in configs} == {"baseline", "sig", "sigmoid+gelu"}
+    assert {(c.act1, c.act2) for c in configs if c.head == "sigmoid+gelu"} == {("sigmoid", "gelu")}
+    assert all(c.regime == "frozen" for c in configs)
+    with pytest.raises(ValueError, match="unknown head"):
+        head_choices(["fancy"], [])
+
+
+def test_rows_follow_the_split_drop_failed_images_and_cross_dataset_tests_on_everything():
+    train, test = fake_cache("koniq10k"), fake_cache("clive", n=50)
+    (config,) = expand_grid([("koniq10k", "clive")], "clip", head_choices(["baseline"], []), [8])
+    train_rows, test_rows = run_rows(config, train, test)
+    split_train, _ = split_indices(train.manifest.paths, 8)
+    assert list(train_rows) == [i for i in split_train if i != 5]
+    assert list(test_rows) == [i for i in range(50) if i != 5]
+
+
+def test_grid_trains_in_stacks_records_results_and_skips_finished_runs(tmp_path, monkeypatch):
+    db = ResultsDB(tmp_path / "results.sqlite")
+    loads = []
+    caches = {"clive": fake_cache("clive")}
+    load = lambda name: loads.append(name) or caches[name]
+    configs = small_grid()
+    calls = []
+    real_train = grid.train_stack
+    monkeypatch.setattr(grid, "train_stack", lambda data, members, *a, **k: calls.append(len(members)) or real_train(data, members, *a, hidden=32, **{**k}))
+    records = run_grid(configs, load, db, stack_size=3, progress=False)
+    assert loads == ["clive"]
+    assert sorted(calls) == [1, 1, 1, 3, 3, 3]  # 3 heads x (4 runs = one stack of 3 + one of 1)
+    assert [r["seed"] for r in records] == [c.seed for c in configs]
+    assert all(r["status"] == "done" and 1 <= r["best_epoch"] <= 2 and len(r["curves"]["srcc"]) == 2 for r in records)
+    gated_free = records[0]
+    assert gated_free["gates"] is None
+
+    calls.clear()
+    again = run_grid(configs, load, db, stack_size=3, progress=False)
+    assert calls == [] and [r["key"] for r in again] == [r["key"] for r in records]
+
+    caches["clive"] = fake_cache("clive", fingerprint="fp2")  # a re-extracted cache trains afresh
+    run_grid(configs[:2], load, db, stack_size=3, progress=False)
+    assert calls == [2]
+
+
+def test_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
+    db = ResultsDB(tmp_path / "results.sqlite")
+    load = lambda name: fake_cache(name)
+    configs = small_grid()
+    real_train = grid.train_stack
+    finished_stacks = []
+
+    def dies_on_third_stack(data, members, *a, **k):
+        if len(finished_stacks) == 2:
+            raise KeyboardInterrupt
+        finished_stacks.append(len(members))
+        return real_train(data, members, *a, hidden=32, **k)
+
+    monkeypatch.setattr(grid, "train_stack", dies_on_third_stack)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(configs, load, db, stack_size=4, progress=False)
+    assert len(db.finished_keys()) == 8  # two whole stacks were committed, nothing of the third
+
+    trained = []
+    monkeypatch.setattr(grid, "train_stack", lambda data, members, *a, **k: trained.append(len(members)) or real_train(data, members, *a, hidden=32, **k))
+    records = run_grid(configs, load, db, stack_size=4, progress=False)
+    assert trained == [4] and len(records) == 12 and len(db.finished_keys()) == 12
+
+
+def fake_run(dataset, head, k, seed, srcc, plcc, status="done", backbone="siglip2"):
+    config = dict(train_dataset=dataset, test_dataset=dataset, backbone=backbone, head=head, mask_k=k, seed=seed, regime="frozen")
+    result = SimpleNamespace(status=status, best_epoch=3, best_srcc=srcc, best_plcc=plcc, last_srcc=srcc - 0.1,
+                             last_plcc=plcc - 0.1, diverged_epoch=None, curves={}, gates=None)
+    return config, "fp", result
+
+
+def test_results_tables_mean_std_delta_and_diverged(tmp_path):
+    db = ResultsDB(tmp_path / "r.sqlite")
+    runs = []
+    for dataset, base in (("agiqa1k", 0.8), ("kadid10k", 0.9), ("clive", 0.7), ("koniq10k", 0.85)):
+        for k, drop in ((100.0, 0.0), (50.0, 0.1)):
+            for seed, noise in ((8, 0.0), (19, 0.02)):
+                runs.append(fake_run(dataset, "baseline", k, seed, base - drop + noise, base - drop))
+    runs.append(fake_run("clive", "sig", 100.0, 8, 0.9, 0.9, status="diverged"))
+    runs.append(fake_run("clive", "sig", 100.0, 19, 0.9, 0.9))
+    db.record(runs)
+    assert len(db.finished_keys()) == len(runs)
+
+    md = results_table(db.runs(), layout="masking", fmt="md")
+    lines = md.splitlines()
+    assert lines[1].startswith("| head | mask_k | agiqa1k SRCC | agiqa1k PLCC | kadid10k SRCC")
+    assert "Δ Group 1 SRCC" in lines[1] and "Δ Group 2 SRCC" in lines[1]
+    base_row = next(l for l in lines if l.startswith("| baseline | 100.0 |"))
+    assert f"{0.81:.3f} ± {np.std([0.8, 0.82], ddof=1):.3f}" in base_row
+    half_row = next(l for l in lines if l.startswith("| baseline | 50.0 |"))
+    assert half_row.count("-0.100") == 4  # Δ SRCC and PLCC of both groups: every dataset dropped 0.1
+    sig_row = next(l for l in lines if l.startswith("| sig | 100.0 |"))
+    assert "—" in sig_row  # one seed diverged: the paper's dash
+
+    csv = results_table(db.runs(), layout="backbones", fmt="csv", which="last").splitlines()
+    assert csv[0].startswith("backbone,head,mask_k,agiqa1k SRCC mean,agiqa1k SRCC std")
+    row = next(l.split(",") for l in csv if l.startswith("siglip2,baseline,100.0"))
+    assert float(row[3]) == pytest.approx(0.71)  # last epoch = best - 0.1 in the fake runs
+
+    latex = results_table(db.runs(), layout="variants", fmt="latex")
+    assert "\\begin{tabular}" in latex and "\\pm" in latex and "---" in latex
+
+
+def test_run_key_includes_regime_and_fingerprint():
+    config = {"seed": 8, "regime": "frozen"}
+    assert run_key(config, "a") != run_key(config, "b")
+    assert run_key(config, "a") != run_key({"seed": 8, "regime": "lora"}, "a")
+    with pytest.raises(ValueError, match="regime"):
+        run_key({"seed": 8}, "a")

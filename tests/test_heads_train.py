@@ -1,0 +1,82 @@
+"""The stacked trainer: members train as if alone, reproducibly, and a diverging member stops alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from iqa.heads.train import LARGE_MILESTONES, Member, StackData, lr_milestones, train_stack
+
+
+def learnable_set(n=300, d=32, seed=0):
+    """Targets a smooth function of the embedding, so a head can learn them."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = 1 / (1 + np.exp(-x @ rng.normal(size=d) / 4))
+    return x, y
+
+
+def data_for(x, y, members, n_train=240):
+    train = np.stack([np.arange(n_train)] * members)
+    test = np.stack([np.arange(n_train, len(x))] * members)
+    return StackData(x, y, train, x, y, test)
+
+
+def test_member_trained_alone_matches_member_inside_a_stack_over_100_steps():
+    x, y = learnable_set()  # 240 train rows / batch 12 = 20 steps per epoch, 5 epochs = 100 steps
+    mates = [Member(19, mask_k=50), Member(8), Member(25, keep=0.5, lr=3e-4)]
+    for act, dropout in (("lrelu", None), ("gated", "layers")):
+        alone = train_stack(data_for(x, y, 1), [Member(8)], act, act, dropout, hidden=64, epochs=5)[0]
+        stacked = train_stack(data_for(x, y, 3), mates, act, act, dropout, hidden=64, epochs=5)[1]
+        assert stacked.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-5)
+        assert stacked.last_srcc == pytest.approx(alone.last_srcc, abs=1e-5)
+        assert stacked.last_plcc == pytest.approx(alone.last_plcc, abs=1e-5)
+        if act == "gated":
+            np.testing.assert_allclose(stacked.gates["act1"]["g"], alone.gates["act1"]["g"], atol=1e-6)
+            assert alone.gates["act1"]["g"] != [0.0] * 64  # the gate did learn
+
+
+def test_same_seed_same_result_other_seed_differs():
+    x, y = learnable_set()
+    runs = [train_stack(data_for(x, y, 1), [Member(s)], "sigmoid", "lrelu", hidden=64, epochs=2)[0] for s in (8, 8, 19)]
+    assert runs[0].curves == runs[1].curves
+    assert runs[0].curves["train_loss"] != runs[2].curves["train_loss"]
+
+
+def test_training_learns_and_reports_best_and_last_epoch():
+    x, y = learnable_set()
+    result = train_stack(data_for(x, y, 1), [Member(8, lr=3e-3)], hidden=64, epochs=4)[0]
+    assert result.status == "done"
+    assert len(result.curves["srcc"]) == 4
+    assert result.best_srcc == max(result.curves["srcc"]) > 0.8
+    assert result.best_epoch == 1 + result.curves["srcc"].index(result.best_srcc)
+    assert result.best_plcc == result.curves["plcc"][result.best_epoch - 1]
+    assert (result.last_srcc, result.last_plcc) == (result.curves["srcc"][-1], result.curves["plcc"][-1])
+    assert result.curves["train_loss"][-1] < result.curves["train_loss"][0]
+
+
+def test_diverging_member_stops_alone_and_the_others_go_on():
+    x, y = learnable_set()
+    healthy_alone = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
+    healthy, exploding = train_stack(data_for(x, y, 2), [Member(8), Member(19, lr=1e12)], hidden=64, epochs=2)
+    assert exploding.status == "diverged" and exploding.diverged_epoch == 1
+    assert exploding.best_srcc is None and exploding.last_srcc is None
+    assert healthy.status == "done"
+    assert healthy.curves["train_loss"] == pytest.approx(healthy_alone.curves["train_loss"], rel=1e-5)
+
+
+def test_multistep_schedule_for_large_sets_and_constant_for_small():
+    assert lr_milestones("koniq10k") == LARGE_MILESTONES and lr_milestones("clive") == ()
+    member = Member(8, lr=1e-4, milestones=(2, 3))
+    assert [member.learning_rate(e) for e in range(4)] == pytest.approx([1e-4, 1e-4, 2e-5, 4e-6])
+    x, y = learnable_set()
+    results = train_stack(data_for(x, y, 2), [member, Member(8, lr=1e-4)], hidden=64, epochs=4)
+    assert results[0].curves["lr"] == pytest.approx([1e-4, 1e-4, 2e-5, 4e-6])
+    assert results[1].curves["lr"] == pytest.approx([1e-4] * 4)
+    assert results[0].curves["train_loss"][:2] == pytest.approx(results[1].curves["train_loss"][:2], rel=1e-5)
+    assert results[0].curves["train_loss"][2] != pytest.approx(results[1].curves["train_loss"][2], rel=1e-5)
+
+
+def test_rows_must_match_members():
+    x, y = learnable_set()
+    with pytest.raises(ValueError, match="one row list per member"):
+        train_stack(data_for(x, y, 1), [Member(8), Member(19)], hidden=64, epochs=1)

@@ -98,6 +98,21 @@ def _stack_key(config: RunConfig) -> tuple:
     return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep", "lr"))
 
 
+def stack_inputs(
+    configs: list[RunConfig], rows: list[tuple[np.ndarray, np.ndarray]], train: Cached, test: Cached
+) -> tuple[StackData, list[Member]]:
+    """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each."""
+    data = StackData(
+        train.embeddings,
+        train.manifest.targets,
+        np.stack([train_rows for train_rows, _ in rows]),
+        train.embeddings if test is train else test.embeddings,
+        test.manifest.targets,
+        np.stack([test_rows for _, test_rows in rows]),
+    )
+    return data, [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c in configs]
+
+
 def run_grid(
     configs: list[RunConfig],
     load: Callable[[str], Cached],
@@ -136,15 +151,7 @@ def run_grid(
         for stack in stacks:
             first = stack[0][0]
             train, test = cached(first.train_dataset), cached(first.test_dataset)
-            data = StackData(
-                train.embeddings,
-                train.manifest.targets,
-                np.stack([rows[k][0] for _, k in stack]),
-                train.embeddings if test is train else test.embeddings,
-                test.manifest.targets,
-                np.stack([rows[k][1] for _, k in stack]),
-            )
-            members = [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c, _ in stack]
+            data, members = stack_inputs([c for c, _ in stack], [rows[k] for _, k in stack], train, test)
             results = train_stack(
                 data, members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
                 first.micro_batch, device, on_epoch=lambda _: bar.update(len(stack)),

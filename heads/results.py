@@ -7,8 +7,10 @@ through the `regime` field.
 """
 
 import hashlib
+import html
 import json
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,13 +18,27 @@ import numpy as np
 
 RESULTS_FILE = "results.sqlite"
 GROUPS = {"Group 1": ("agiqa1k", "kadid10k"), "Group 2": ("clive", "koniq10k")}  # Table 4 / S3
-LAYOUTS = {  # name -> (fields that lead the row label, field whose levels get Δ columns or None)
-    "backbones": (("backbone",), None),
-    "variants": (("head",), None),
-    "masking": (("head", "mask_k"), "mask_k"),
-    "dropout": (("head", "dropout", "keep"), "keep"),
+
+
+@dataclass(frozen=True)
+class Layout:
+    lead: tuple[str, ...]  # fields that lead the row label
+    level: str | None = None  # field whose levels get Δ group columns against its reference level
+    hidden: tuple[str, ...] = ("act1", "act2")  # never row fields: the head name spells act1/act2
+    runs: str = "all"  # "all", or "cross" for train != test runs only
+
+
+LAYOUTS = {
+    "backbones": Layout(("backbone",)),  # Tables 1, 2
+    "variants": Layout(("head",)),
+    "masking": Layout(("head", "mask_k"), "mask_k"),  # Table 4
+    "dropout": Layout(("head", "dropout", "keep"), "keep"),  # Table S3
+    "cross": Layout(("backbone", "head"), runs="cross"),  # Table 3: columns are train->test
+    "activations": Layout(("act1", "act2"), hidden=("head",)),  # Table 6
+    "regimes": Layout(("head", "regime")),  # Table S1
 }
-NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed", "act1", "act2"}  # the head name spells act1/act2
+REFERENCE_LEVEL = {"mask_k": 100.0, "keep": 1.0}
+NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed"}
 OUTCOME_FIELDS = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc",
                   "last_plcc", "diverged_epoch", "curves", "gates", "finished_at"}
 
@@ -99,27 +115,34 @@ class ResultsDB:
             return out
 
 
-def _column(run: dict) -> str:
+def dataset_column(run: dict) -> str:
     train, test = run["train_dataset"], run["test_dataset"]
     return train if train == test else f"{train}->{test}"
 
 
-def _row_fields(runs: list[dict], lead: tuple[str, ...]) -> list[str]:
+def _row_fields(runs: list[dict], layout: Layout) -> list[str]:
     """The lead fields, then every other config field that varies, so no cell mixes two configs."""
-    config_fields = [k for k in runs[0] if k not in OUTCOME_FIELDS and k not in NOT_ROW_FIELDS]
+    hidden = NOT_ROW_FIELDS | set(layout.hidden)
+    config_fields = [k for k in runs[0] if k not in OUTCOME_FIELDS and k not in hidden]
     varying = [k for k in config_fields if len({json.dumps(r.get(k)) for r in runs}) > 1]
-    return list(lead) + [k for k in varying if k not in lead]
+    return list(layout.lead) + [k for k in varying if k not in layout.lead]
 
 
-def _summary(runs: list[dict], which: str) -> dict[str, tuple[float, float] | None]:
-    """{"srcc": (mean, std), "plcc": ...} over seeds; None when any seed diverged (the paper's "—")."""
+@dataclass
+class Cell:
+    kind: str  # "value", "delta", or why it is empty: "not run", "diverged", "incomplete" (a Δ missing inputs)
+    mean: float | None = None
+    std: float | None = None  # sample std over seeds (0 for one seed); None for a Δ
+    seeds: int = 0
+    best: bool = False  # the best value of its column
+
+
+def _summary(runs: list[dict], which: str, metric: str) -> Cell:
+    """Mean ± std over seeds; "diverged" when any seed diverged (the paper's "—")."""
     if any(r["status"] != "done" for r in runs):
-        return {"srcc": None, "plcc": None}
-    out = {}
-    for metric in ("srcc", "plcc"):
-        values = np.array([r[f"{which}_{metric}"] for r in runs], dtype=float)
-        out[metric] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
-    return out
+        return Cell("diverged", seeds=len(runs))
+    values = np.array([r[f"{which}_{metric}"] for r in runs], dtype=float)
+    return Cell("value", values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0, len(values))
 
 
 def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", which: str = "best") -> str:
@@ -127,99 +150,135 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
 
     `which` is "best" (best epoch per run, the paper's protocol) or "last" (final epoch). The
     masking and dropout layouts add Table 4's Δ columns per dataset group against level 100 / 1.0.
+    The best value of each column is marked (bold; `*` in the CSV's best column); empty cells say
+    why: "not run" or "diverged" (any seed). Cells averaging fewer seeds than the table's most say so.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if which not in ("best", "last"):
         raise ValueError("which must be 'best' or 'last'")
+    spec = LAYOUTS[layout]
+    if spec.runs == "cross":
+        runs = [r for r in runs if r["train_dataset"] != r["test_dataset"]]
     if not runs:
-        raise ValueError("no runs in the results database")
-    lead, level_field = LAYOUTS[layout]
-    fields = _row_fields(runs, lead)
-    cells: dict[tuple, dict[str, list[dict]]] = {}
+        raise ValueError(f"no runs for the {layout} table in the results database")
+    fields = _row_fields(runs, spec)
+    groups: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
         row = tuple(run.get(f) for f in fields)
-        cells.setdefault(row, {}).setdefault(_column(run), []).append(run)
-    datasets = sorted({_column(r) for r in runs})
-    rows = sorted(cells, key=lambda r: [(v is None, -v if isinstance(v, (int, float)) else str(v)) for v in r])
-    summaries = {row: {col: _summary(cells[row][col], which) for col in cells[row]} for row in rows}
+        groups.setdefault(row, {}).setdefault(dataset_column(run), []).append(run)
+    datasets = sorted({dataset_column(r) for r in runs})
+    rows = sorted(groups, key=lambda r: [(v is None, -v if isinstance(v, (int, float)) else str(v)) for v in r])
 
-    columns: list[tuple[str, str]] = []  # (header, kind) kind = dataset name or "Δ <group>"
-    if level_field is None:
+    def summary(row: tuple, dataset: str, metric: str) -> Cell:
+        dataset_runs = groups.get(row, {}).get(dataset)
+        return _summary(dataset_runs, which, metric) if dataset_runs else Cell("not run")
+
+    columns: list[tuple[str, str]] = []  # (header, kind) kind = dataset name or a group name for Δ
+    if spec.level is None:
         columns = [(d, d) for d in datasets]
     else:
         for group, members in GROUPS.items():
             present = [d for d in members if d in datasets]
             columns += [(d, d) for d in present] + ([(f"Δ {group}", group)] if present else [])
         columns += [(d, d) for d in datasets if not any(d in m for m in GROUPS.values())]
-    reference_level = 100.0 if level_field == "mask_k" else 1.0
 
-    def delta(row: tuple, group: str, metric: str) -> float | None:
-        i = fields.index(level_field)
-        base = summaries.get(row[:i] + (reference_level,) + row[i + 1 :])
-        if base is None:
-            return None
-        diffs = []
-        for d in GROUPS[group]:
-            here, there = summaries[row].get(d, {}).get(metric), base.get(d, {}).get(metric)
-            if here is None or there is None:
-                return None
-            diffs.append(here[0] - there[0])
-        return float(np.mean(diffs))
+    def delta(row: tuple, group: str, metric: str) -> Cell:
+        """Mean over the group's datasets of (this level - the reference level)."""
+        i = fields.index(spec.level)
+        base = row[:i] + (REFERENCE_LEVEL[spec.level],) + row[i + 1 :]
+        pairs = [(summary(row, d, metric), summary(base, d, metric)) for d in GROUPS[group]]
+        if any(c.kind != "value" for pair in pairs for c in pair):
+            return Cell("incomplete")
+        return Cell("delta", float(np.mean([here.mean - there.mean for here, there in pairs])))
 
-    table = []
-    for row in rows:
-        values = []
-        for header, kind in columns:
-            for metric in ("srcc", "plcc"):
-                if header.startswith("Δ"):
-                    values.append(("delta", delta(row, kind, metric)))
-                else:
-                    summary = summaries[row].get(kind)
-                    values.append(("cell", summary[metric]) if summary else ("missing", None))
-        table.append((row, values))
-    return _render(fields, columns, table, fmt, which)
+    table = [
+        [
+            delta(row, kind, metric) if header.startswith("Δ") else summary(row, kind, metric)
+            for header, kind in columns
+            for metric in ("srcc", "plcc")
+        ]
+        for row in rows
+    ]
+    _mark_best(table)
+    return _render(fields, rows, columns, table, fmt, which)
 
 
-def _render(fields, columns, table, fmt, which) -> str:
+def _mark_best(table: list[list[Cell]]) -> None:
+    """Mark the highest value of each column (as displayed, 3 decimals; ties all), where 2+ rows have one."""
+    for j in range(len(table[0]) if table else 0):
+        column = [row[j] for row in table if row[j].kind in ("value", "delta")]
+        if len(column) < 2:
+            continue
+        top = max(round(c.mean, 3) for c in column)
+        for c in column:
+            c.best = round(c.mean, 3) == top
+
+
+def _render(fields, rows, columns, table, fmt, which) -> str:
     metric_headers = [f"{h} {m}" for h, _ in columns for m in ("SRCC", "PLCC")]
+    most_seeds = max((c.seeds for row in table for c in row), default=0)
+    note = f"{which} epoch per run; mean ± std over seeds (n = seeds where fewer than {most_seeds}); best per column in bold"
+
+    def text(c: Cell, latex: bool = False) -> str:
+        if c.kind == "delta":
+            shown = f"{c.mean:+.3f}"
+        elif c.kind == "value":
+            pm = " \\pm " if latex else " ± "
+            shown = f"{c.mean:.3f}{pm}{c.std:.3f}"
+        else:
+            return {"diverged": "— (diverged)", "not run": "not run", "incomplete": "incomplete"}[c.kind]
+        if latex:
+            shown = f"\\mathbf{{{shown}}}" if c.best else shown
+            shown = f"${shown}$"
+        elif c.best:
+            shown = f"**{shown}**" if fmt == "md" else f"<b>{shown}</b>"
+        if c.kind == "value" and c.seeds < most_seeds:
+            shown += f" (n={c.seeds})"
+        return shown
+
     if fmt == "csv":
-        head = fields + [f"{h} {s}" for h in metric_headers for s in (("mean", "std") if not h.startswith("Δ") else ("",))]
-        lines = [",".join(x.strip() for x in head)]
-        for row, values in table:
+        head = list(fields)
+        for header in metric_headers:
+            head += [f"{header}"] if header.startswith("Δ") else [f"{header} {s}" for s in ("mean", "std")]
+            head.append(f"{header} best")
+        head += [f"{h} seeds" for h, _ in columns if not h.startswith("Δ")]
+        lines = [",".join(head)]
+        for row, cells in zip(rows, table):
             out = [str(v) for v in row]
-            for kind, v in values:
-                if kind == "delta":
-                    out.append("" if v is None else f"{v:.4f}")
-                elif kind == "missing":
-                    out += ["", ""]
-                else:
-                    out += ["", ""] if v is None else [f"{v[0]:.4f}", f"{v[1]:.4f}"]
+            for c in cells:
+                if c.kind == "value":
+                    out += [f"{c.mean:.4f}", f"{c.std:.4f}"]
+                elif c.kind == "delta":
+                    out.append(f"{c.mean:.4f}")
+                else:  # the reason in the value field, the std (if any) left blank
+                    out += [c.kind] + ([] if c.kind == "incomplete" else [""])
+                out.append("*" if c.best else "")
+            out += [str(cells[2 * j].seeds) for j, (h, _) in enumerate(columns) if not h.startswith("Δ")]
             lines.append(",".join(out))
         return "\n".join(lines) + "\n"
-
-    def show(kind, v, latex):
-        if v is None:
-            return "—" if kind == "cell" else ""  # a dash for diverged runs, blank where nothing ran
-        if kind == "delta":
-            return f"{v:+.3f}"
-        text = f"{v[0]:.3f} ± {v[1]:.3f}"
-        return f"${v[0]:.3f} \\pm {v[1]:.3f}$" if latex else text
-
-    note = f"{which} epoch per run; mean ± std over seeds; — = diverged"
     if fmt == "md":
         lines = [f"<!-- {note} -->", "| " + " | ".join(fields + metric_headers) + " |"]
         lines.append("|" + "---|" * (len(fields) + len(metric_headers)))
-        for row, values in table:
-            lines.append("| " + " | ".join([str(v) for v in row] + [show(k, v, False) for k, v in values]) + " |")
+        for row, cells in zip(rows, table):
+            lines.append("| " + " | ".join([str(v) for v in row] + [text(c) for c in cells]) + " |")
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         lines = [f"% {note}", "\\begin{tabular}{" + "l" * len(fields) + "c" * len(metric_headers) + "}", "\\toprule"]
-        lines.append(" & ".join(fields + [h.replace("Δ", "$\\Delta$").replace("_", "\\_") for h in metric_headers]) + " \\\\")
+        headers = [h.replace("Δ", "$\\Delta$").replace("->", "$\\to$") for h in metric_headers]
+        lines.append(" & ".join(fields + headers).replace("_", "\\_") + " \\\\")
         lines.append("\\midrule")
-        for row, values in table:
-            cells = [str(v).replace("_", "\\_") for v in row] + [show(k, v, True) for k, v in values]
-            lines.append(" & ".join(cells).replace("—", "---") + " \\\\")
+        for row, cells in zip(rows, table):
+            line = " & ".join([str(v).replace("_", "\\_") for v in row] + [text(c, latex=True) for c in cells])
+            lines.append(line.replace("—", "---") + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
-    raise ValueError(f"unknown format {fmt!r}; use md, csv or latex")
+    if fmt == "html":
+        esc = html.escape
+        lines = [f"<table><caption>{esc(note)}</caption>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in fields + metric_headers) + "</tr>"]
+        for row, cells in zip(rows, table):
+            tds = [f"<td>{esc(str(v))}</td>" for v in row]
+            tds += [f'<td class="{c.kind.replace(" ", "-")}">{text(c)}</td>' for c in cells]
+            lines.append("<tr>" + "".join(tds) + "</tr>")
+        return "\n".join(lines + ["</table>"]) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; use md, csv, latex or html")

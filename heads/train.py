@@ -70,7 +70,8 @@ class RunResult:
     best_plcc: float | None  # PLCC at best_epoch
     last_srcc: float | None  # after the final epoch
     last_plcc: float | None
-    curves: dict[str, list[float]] = field(default_factory=dict)  # per epoch: train_loss, srcc, plcc, lr
+    # per epoch: train_loss, srcc, plcc, lr; gated heads add g_act1 / g_act2, the gate vector g per epoch
+    curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
 
@@ -113,7 +114,12 @@ def gate_parameters(model: StackedMLP, m: int) -> dict | None:
     return gates or None
 
 
-def train_stack(
+def train_stack(data: StackData, members: list[Member], *args, **kwargs) -> list[RunResult]:
+    """Train len(members) heads at once; one RunResult per member, in order (see `train_stack_model`)."""
+    return train_stack_model(data, members, *args, **kwargs)[1]
+
+
+def train_stack_model(
     data: StackData,
     members: list[Member],
     act1: str = "lrelu",
@@ -125,8 +131,8 @@ def train_stack(
     device: str | torch.device = "cpu",
     hidden: int = HIDDEN,
     on_epoch: Callable[[int], None] | None = None,
-) -> list[RunResult]:
-    """Train len(members) heads at once; one RunResult per member, in order."""
+) -> tuple[StackedMLP, list[RunResult]]:
+    """Train len(members) heads at once: the trained stack and one RunResult per member, in order."""
     device = torch.device(device)
     n_members = len(members)
     train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
@@ -158,7 +164,8 @@ def train_stack(
     rngs = [np.random.default_rng(member_seed(m.seed, "order")) for m in members]
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
-    curves = [{"train_loss": [], "srcc": [], "plcc": [], "lr": []} for _ in members]
+    gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
+    curves = [{"train_loss": [], "srcc": [], "plcc": [], "lr": [], **{f"g_{n}": [] for n in gated}} for _ in members]
     diverged_epoch: list[int | None] = [None] * n_members
     for epoch in range(epochs):
         lrs = [m.learning_rate(epoch) for m in members]
@@ -180,6 +187,8 @@ def train_stack(
         alive &= torch.isfinite(pred).all(-1)
         epoch_srcc, epoch_plcc = srcc(pred, y_test_rows).tolist(), plcc(pred, y_test_rows).tolist()
         epoch_loss = (loss_sum / len(order)).tolist()
+        # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
+        epoch_g = {n: getattr(model, n).stacked("g").detach().cpu().numpy().round(4).tolist() for n in gated}
         for i, is_alive in enumerate(alive.tolist()):
             if diverged_epoch[i] is not None:
                 continue
@@ -189,9 +198,11 @@ def train_stack(
                 continue
             for key, value in (("train_loss", epoch_loss[i]), ("srcc", epoch_srcc[i]), ("plcc", epoch_plcc[i]), ("lr", lrs[i])):
                 curves[i][key].append(value)
+            for n in gated:
+                curves[i][f"g_{n}"].append(epoch_g[n][i])
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return [_result(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
+    return model, [_result(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
 
 
 def _freeze(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -201,7 +212,7 @@ def _freeze(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) 
         group["params"] = [p for p in group["params"] if id(p) not in ids]
 
 
-def _result(curve: dict[str, list[float]], diverged_epoch: int | None, gates: dict | None) -> RunResult:
+def _result(curve: dict[str, list], diverged_epoch: int | None, gates: dict | None) -> RunResult:
     if diverged_epoch is not None:
         return RunResult("diverged", None, None, None, None, None, curve, gates, diverged_epoch)
     scores = np.nan_to_num(np.array(curve["srcc"]), nan=-np.inf)

@@ -1,0 +1,219 @@
+"""The report's figures from stored runs (matplotlib, Agg): each function returns figures, `save` writes them.
+
+- `ablation_figure`: test SRCC against k for the masking or dropout ablation, one panel per dataset
+  group (Table 4's groups; other datasets each their own), one line per head variant.
+- `gate_figures`: the gate weight s(g) across channels per epoch (Fig. S7) and at the final epoch (Fig. 2).
+- `learning_curve_figures`: train loss and test SRCC per epoch, mean over seeds, one figure per run group.
+- `tsne_figure`: 2-D maps of head features coloured by quality bucket, test left and train right (Fig. 4).
+"""
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iqa.heads.results import GROUPS, OUTCOME_FIELDS, dataset_column  # noqa: E402
+
+QUALITY_BUCKETS = 5  # equal-width bins of the target in [0, 1], as in the paper's t-SNE colouring
+NOT_LINE_FIELDS = OUTCOME_FIELDS | {"seed", "act1", "act2"}  # the head name spells act1/act2
+
+
+def stem(*parts) -> str:
+    """A file-name-safe stem: "koniq10k->clive" -> "koniq10k_to_clive"."""
+    text = "_".join(str(p).replace("->", "_to_") for p in parts)
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "-", text)
+
+
+def save(fig, folder: Path, name: str) -> list[Path]:
+    """Write the figure as PNG and PDF; return both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _label(run: dict, fields: list[str]) -> str:
+    return ", ".join(f"{run.get(f)}" if f == "head" else f"{f}={run.get(f)}" for f in fields)
+
+
+def _varying(runs: list[dict], exclude: set[str]) -> list[str]:
+    """Config fields (head first) whose value differs between runs: what tells lines apart."""
+    fields = [k for k in runs[0] if k not in NOT_LINE_FIELDS | exclude]
+    varying = [k for k in fields if len({str(r.get(k)) for r in runs}) > 1]
+    return sorted(varying, key=lambda k: k != "head")
+
+
+def dataset_panels(datasets: list[str]) -> list[tuple[str, list[str]]]:
+    """(title, datasets): Table 4's groups with what is present of them, then every other dataset alone."""
+    panels = []
+    for group, members in GROUPS.items():
+        present = [d for d in members if d in datasets]
+        if present:
+            panels.append((f"{group}: {', '.join(present)}", present))
+    grouped = {d for members in GROUPS.values() for d in members}
+    return panels + [(d, [d]) for d in sorted(datasets) if d not in grouped]
+
+
+def ablation_figure(runs: list[dict], ablation: str):
+    """SRCC against k; `ablation` is "masking" (k = mask_k) or "dropout" (k = keep x 100).
+
+    A point is the mean over the panel's datasets of each dataset's mean best SRCC over seeds,
+    drawn only where every dataset of the panel has a finished (not diverged) result for that line.
+    Error bars: the mean over those datasets of the std over seeds.
+    """
+    x_field = {"masking": "mask_k", "dropout": "keep"}[ablation]
+    scale = 100.0 if ablation == "dropout" else 1.0
+    line_fields = _varying(runs, {x_field, "train_dataset", "test_dataset", "mask_k" if ablation == "dropout" else ""})
+    panels = dataset_panels(sorted({r["train_dataset"] for r in runs}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, datasets) in zip(axes[0], panels):
+        lines: dict[str, dict[float, dict[str, list[dict]]]] = {}
+        for run in runs:
+            if run["train_dataset"] in datasets:
+                line = lines.setdefault(_label(run, line_fields) or run["head"], {})
+                line.setdefault(float(run[x_field]) * scale, {}).setdefault(run["train_dataset"], []).append(run)
+        for label, points in sorted(lines.items()):
+            xs, ys, errs = [], [], []
+            for x, by_dataset in sorted(points.items()):
+                if set(by_dataset) != set(datasets) or any(r["status"] != "done" for rs in by_dataset.values() for r in rs):
+                    continue
+                srcc = [np.array([r["best_srcc"] for r in rs]) for rs in by_dataset.values()]
+                xs.append(x)
+                ys.append(np.mean([s.mean() for s in srcc]))
+                errs.append(np.mean([s.std(ddof=1) if len(s) > 1 else 0.0 for s in srcc]))
+            if xs:
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("k: kept features (percentile)" if ablation == "masking" else "k: keep probability x 100")
+        ax.set_ylabel("test SRCC (best epoch, mean over seeds)")
+        ax.invert_xaxis()  # from k = 100 (everything kept) down, as in Table 4
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"SRCC against k: {ablation}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _sigmoid(g) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(g, dtype=float)))
+
+
+def gated_layers(run: dict) -> list[str]:
+    return [layer for layer in ("act1", "act2") if run.get(layer) == "gated"]
+
+
+def gate_figures(runs: list[dict]) -> list[tuple[str, object]]:
+    """Fig. S7 per run group (backbone, dataset, regime, head): s(g) per epoch, channels of all seeds pooled.
+
+    Then Fig. 2: the final epoch's s(g) of every group, one histogram per dataset, a panel per layer.
+    Runs stored before the trainer kept per-epoch gates contribute their final gates to Fig. 2 only.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if gated_layers(run) and run.get("gates"):
+            groups.setdefault((run["backbone"], dataset_column(run), run["regime"], run["head"]), []).append(run)
+    figures = []
+    for (backbone, dataset, regime, head), members in sorted(groups.items()):
+        layers = [layer for layer in gated_layers(members[0]) if members[0]["curves"].get(f"g_{layer}")]
+        if not layers:
+            continue
+        fig, axes = plt.subplots(len(layers), 1, figsize=(max(6.0, 0.3 * len(members[0]["curves"]["srcc"]) + 2), 3 * len(layers)), squeeze=False)
+        for ax, layer in zip(axes[:, 0], layers):
+            epochs = max(len(r["curves"][f"g_{layer}"]) for r in members)
+            per_epoch = [
+                np.concatenate([_sigmoid(r["curves"][f"g_{layer}"][e]) for r in members if e < len(r["curves"][f"g_{layer}"])])
+                for e in range(epochs)
+            ]
+            ax.boxplot(per_epoch, positions=range(1, epochs + 1), showfliers=False, widths=0.6)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{layer}: s(g) per channel")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=15))
+        fig.suptitle(f"gate weight s(g) per epoch: {backbone}, {dataset}, {regime}, {head} ({len(members)} seeds pooled)", fontsize=10)
+        fig.tight_layout()
+        figures.append((stem("gates_epochs", backbone, dataset, regime, head), fig))
+
+    if groups:
+        layers = sorted({layer for members in groups.values() for layer in gated_layers(members[0])})
+        fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            for (backbone, dataset, regime, head), members in sorted(groups.items()):
+                final = np.concatenate([_sigmoid(r["gates"][layer]["g"]) for r in members if layer in r["gates"]])
+                ax.hist(final, bins=40, alpha=0.5, label=f"{dataset} ({backbone}, {regime}, {head})")
+            ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(f"{layer}: s(g) at the final epoch")
+            ax.set_ylabel("channels (all seeds)")
+            ax.legend(fontsize=7)
+        fig.suptitle("gate weight s(g): larger leans on the sigmoid branch, smaller on LeakyReLU", fontsize=10)
+        fig.tight_layout()
+        figures.append(("gates_final", fig))
+    return figures
+
+
+def learning_curve_figures(runs: list[dict]) -> list[tuple[str, object]]:
+    """One figure per (backbone, train->test, regime): train loss and test SRCC per epoch, a line per config."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["backbone"], dataset_column(run), run["regime"]), []).append(run)
+    figures = []
+    for (backbone, dataset, regime), members in sorted(groups.items()):
+        line_fields = _varying(members, {"train_dataset", "test_dataset"})
+        lines: dict[str, list[dict]] = {}
+        for run in members:
+            lines.setdefault(_label(run, line_fields) or run["head"], []).append(run)
+        fig, (loss_ax, srcc_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+        colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
+        for i, (label, line_runs) in enumerate(sorted(lines.items())):
+            for ax, key in ((loss_ax, "train_loss"), (srcc_ax, "srcc")):
+                mean = _mean_curve([r["curves"].get(key, []) for r in line_runs])
+                if len(mean):
+                    ax.plot(range(1, len(mean) + 1), mean, color=colours(i % colours.N), label=label)
+        loss_ax.set_ylabel("train loss (MSE + margin)")
+        loss_ax.set_yscale("log")
+        srcc_ax.set_ylabel("test SRCC")
+        for ax in (loss_ax, srcc_ax):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        if srcc_ax.lines:
+            srcc_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        seeds = sorted({r["seed"] for r in members})
+        fig.suptitle(f"learning curves: {backbone}, {dataset}, {regime} (mean over seeds {seeds})", fontsize=10)
+        fig.tight_layout()
+        figures.append((stem("curves", backbone, dataset, regime), fig))
+    return figures
+
+
+def _mean_curve(curves: list[list[float]]) -> np.ndarray:
+    """Mean per epoch over the seeds that reached it (a diverged seed stops early)."""
+    length = max((len(c) for c in curves), default=0)
+    return np.array([np.mean([c[e] for c in curves if e < len(c)]) for e in range(length)])
+
+
+def quality_bucket(targets: np.ndarray) -> np.ndarray:
+    """Bucket 0 .. QUALITY_BUCKETS-1 of each target in [0, 1], equal-width."""
+    return np.clip((np.asarray(targets) * QUALITY_BUCKETS).astype(int), 0, QUALITY_BUCKETS - 1)
+
+
+def tsne_figure(title: str, panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+    """panels: (label, test 2-D points, test targets, train 2-D points, train targets); one row each."""
+    fig, axes = plt.subplots(len(panels), 2, figsize=(8.5, 3.6 * len(panels)), squeeze=False)
+    colours = plt.get_cmap("viridis", QUALITY_BUCKETS)
+    for (label, test_xy, test_y, train_xy, train_y), row in zip(panels, axes):
+        for ax, xy, y, side in ((row[0], test_xy, test_y, "test"), (row[1], train_xy, train_y, "train")):
+            points = ax.scatter(xy[:, 0], xy[:, 1], c=quality_bucket(y), cmap=colours, vmin=-0.5,
+                                vmax=QUALITY_BUCKETS - 0.5, s=6, alpha=0.8, linewidths=0)
+            ax.set_title(f"{label}: {side} ({len(xy)} images)", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    bar = fig.colorbar(points, ax=axes.ravel().tolist(), ticks=range(QUALITY_BUCKETS), shrink=0.6)
+    bar.set_ticklabels([f"{i / QUALITY_BUCKETS:.1f}-{(i + 1) / QUALITY_BUCKETS:.1f}" for i in range(QUALITY_BUCKETS)])
+    bar.set_label("quality bucket (target)")
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -297,5 +297,36 @@ def results_command(
         fail(str(error))
 
 
+# ---- report ----
+@app.command("report")
+def report_command(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder [default: <cache>/report].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip [default: those in the runs].")] = None,
+    no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Skip t-SNE (it retrains each shown run).")] = False,
+    device: Annotated[str, typer.Option(help="Device for t-SNE retraining and peak memory.")] = "cpu",
+    cache: CacheOption = None,
+) -> None:
+    """Tables, figures, compute profile and index.html from the results database."""
+    from iqa.cache.store import load_cached
+    from iqa.heads.report import default_profile, write_report
+    from iqa.heads.results import ResultsDB, default_db
+
+    root = cache_root(cache)
+    path = db or default_db(root)
+    if not path.exists():
+        fail(f"no results database at {path}; train with `iqa head --cached` first")
+    runs = ResultsDB(path).runs()
+    backbones = _csv([profile]) if profile is not None else default_profile(runs)
+    try:
+        summary = write_report(runs, out or root / "report", lambda d, b, t: load_cached(root, d, b, t), backbones, device,
+                               tsne=not no_tsne)
+    except ValueError as error:
+        fail(str(error))
+    for note in summary.notes:
+        typer.echo(f"  left out: {note}")
+    typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")
+
+
 if __name__ == "__main__":
     app()

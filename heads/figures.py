@@ -135,8 +135,9 @@ def gate_figures(runs: list[dict]) -> list[tuple[str, object]]:
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{layer}: s(g) per channel")
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=15))
-        fig.suptitle(f"gate weight s(g) per epoch: {backbone}, {dataset}, {regime}, {head} ({len(members)} seeds pooled)", fontsize=10)
+            ticks = list(range(1, epochs + 1, max(1, epochs // 15)))
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+        fig.suptitle(f"gate weight s(g) per epoch: {backbone}, {dataset}, {regime}, {head} ({len(members)} seeds pooled; box: quartiles, whiskers: 1.5 IQR)", fontsize=10)
         fig.tight_layout()
         figures.append((stem("gates_epochs", backbone, dataset, regime, head), fig))
 
@@ -144,9 +145,14 @@ def gate_figures(runs: list[dict]) -> list[tuple[str, object]]:
         layers = sorted({layer for members in groups.values() for layer in gated_layers(members[0])})
         fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False)
         for ax, layer in zip(axes[0], layers):
-            for (backbone, dataset, regime, head), members in sorted(groups.items()):
-                final = np.concatenate([_sigmoid(r["gates"][layer]["g"]) for r in members if layer in r["gates"]])
-                ax.hist(final, bins=40, alpha=0.5, label=f"{dataset} ({backbone}, {regime}, {head})")
+            final = {
+                key: np.concatenate([_sigmoid(r["gates"][layer]["g"]) for r in members if layer in r["gates"]])
+                for key, members in sorted(groups.items())
+                if any(layer in r["gates"] for r in members)
+            }
+            bins = np.histogram_bin_edges(np.concatenate(list(final.values())), bins=40)
+            for (backbone, dataset, regime, head), values in final.items():  # outlines: they overlap
+                ax.hist(values, bins=bins, histtype="step", lw=1.5, label=f"{dataset} ({backbone}, {regime}, {head})")
             ax.axvline(0.5, color="grey", lw=0.8, ls="--")
             ax.set_xlabel(f"{layer}: s(g) at the final epoch")
             ax.set_ylabel("channels (all seeds)")
@@ -180,6 +186,7 @@ def learning_curve_figures(runs: list[dict]) -> list[tuple[str, object]]:
         srcc_ax.set_ylabel("test SRCC")
         for ax in (loss_ax, srcc_ax):
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         if srcc_ax.lines:
             srcc_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -203,15 +210,16 @@ def quality_bucket(targets: np.ndarray) -> np.ndarray:
 
 def tsne_figure(title: str, panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
     """panels: (label, test 2-D points, test targets, train 2-D points, train targets); one row each."""
-    fig, axes = plt.subplots(len(panels), 2, figsize=(8.5, 3.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(8.5, 3.4 * len(panels)), squeeze=False, layout="constrained")
     colours = plt.get_cmap("viridis", QUALITY_BUCKETS)
     for (label, test_xy, test_y, train_xy, train_y), row in zip(panels, axes):
         for ax, xy, y, side in ((row[0], test_xy, test_y, "test"), (row[1], train_xy, train_y, "train")):
             points = ax.scatter(xy[:, 0], xy[:, 1], c=quality_bucket(y), cmap=colours, vmin=-0.5,
-                                vmax=QUALITY_BUCKETS - 0.5, s=6, alpha=0.8, linewidths=0)
-            ax.set_title(f"{label}: {side} ({len(xy)} images)", fontsize=9)
+                                vmax=QUALITY_BUCKETS - 0.5, s=8, alpha=0.8, linewidths=0)
+            ax.set_title(f"{side} ({len(xy)} images)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
+        row[0].set_ylabel(label.replace(" (", "\n("), fontsize=9)
     bar = fig.colorbar(points, ax=axes.ravel().tolist(), ticks=range(QUALITY_BUCKETS), shrink=0.6)
     bar.set_ticklabels([f"{i / QUALITY_BUCKETS:.1f}-{(i + 1) / QUALITY_BUCKETS:.1f}" for i in range(QUALITY_BUCKETS)])
     bar.set_label("quality bucket (target)")

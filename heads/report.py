@@ -1,0 +1,246 @@
+"""`iqa report`: the paper's tables, figures and compute profile from the results database, in one folder.
+
+Layout of the report folder (default <cache>/report):
+- `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
+- `figures/<name>.png|.pdf`: SRCC against k, gate weights, learning curves, t-SNE;
+- `profile.md|.csv`: Table S5 for the profiled backbones;
+- `index.html`: all of it on one static page (relative links; opens from disk).
+A table or figure with no runs behind it is left out and the page says why. The report is built in
+a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
+"""
+
+import html
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from iqa.extract.registry import BACKBONES
+from iqa.heads import figures
+from iqa.heads.grid import Cached
+from iqa.heads.mlp import HEADS
+from iqa.heads.profile import profile_backbone, profile_table
+from iqa.heads.results import results_table
+from iqa.heads.tsne import retrained_features, tsne_2d
+
+MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
+Loader = Callable[[str, str, str | None], Cached]  # (dataset, backbone, tag) -> cached embeddings
+
+
+def within(run: dict) -> bool:
+    return run["train_dataset"] == run["test_dataset"]
+
+
+def plain(run: dict) -> bool:
+    """No ablation: every feature kept, no dropout."""
+    return float(run.get("mask_k", 100.0)) == 100.0 and run.get("dropout") is None
+
+
+# (file name, title, layout, the runs it reads, what must be among them, the note when it is not)
+TABLES = [
+    ("table1-2_backbones", "Tables 1, 2: backbone x dataset", "backbones",
+     lambda r: within(r) and plain(r), None, "no within-dataset runs without ablation"),
+    ("table3_cross", "Table 3: cross-dataset (train->test)", "cross",
+     lambda r: not within(r) and plain(r), None, "no cross-dataset runs (iqa head --train A --test B)"),
+    ("table4_masking", "Table 4: top-k feature masking, Δ against k = 100 per group", "masking",
+     lambda r: within(r) and r.get("dropout") is None, lambda r: float(r.get("mask_k", 100)) < 100,
+     "no masking runs (--mask-k below 100)"),
+    ("table6_activations", "Table 6: activation pairs (Act1, Act2)", "activations",
+     lambda r: within(r) and plain(r), None, "no within-dataset runs without ablation"),
+    ("tableS1_regimes", "Table S1: regimes (frozen, lora, full)", "regimes",
+     lambda r: within(r) and plain(r), None, "no within-dataset runs without ablation"),
+    ("tableS3_dropout", "Table S3: dropout, Δ against keep = 1.0 per group", "dropout",
+     lambda r: within(r) and r.get("dropout") is not None and float(r.get("mask_k", 100)) == 100.0, None,
+     "no dropout runs (--dropout input|layers)"),
+]
+
+
+@dataclass
+class ReportSummary:
+    out: Path
+    tables: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
+
+
+@dataclass
+class _Page:
+    """What index.html shows, section by section, as (title, html) parts."""
+
+    tables: list[tuple[str, str]] = field(default_factory=list)
+    figures: list[tuple[str, str]] = field(default_factory=list)
+    profile: str = ""
+
+
+def write_report(
+    runs: list[dict],
+    out: Path,
+    load: Loader | None = None,
+    profile: list[str] = (),
+    device: str = "cpu",
+    tsne: bool = True,
+    progress: bool = True,
+) -> ReportSummary:
+    """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE."""
+    out = Path(out)
+    if not runs:
+        raise ValueError("no runs in the results database")
+    unknown = [b for b in profile if b not in BACKBONES]
+    if unknown:
+        raise ValueError(f"unknown backbone(s) to profile: {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    summary, page = ReportSummary(out), _Page()
+    try:
+        _tables(runs, building, summary, page)
+        _figures(runs, building, summary, page, load if tsne else None, device, progress)
+        if load is None or not tsne:
+            summary.notes.append("t-SNE: skipped (--no-tsne)" if load is not None else "t-SNE: no embedding cache given")
+        _profile(runs, profile, building, device, summary, page)
+        (building / "index.html").write_text(_index_html(runs, page, summary.notes))
+        _swap_in(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    summary.tables = [out / p.relative_to(building) for p in summary.tables]
+    summary.figures = [out / p.relative_to(building) for p in summary.figures]
+    return summary
+
+
+def _swap_in(building: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(building, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tables(runs, folder: Path, summary: ReportSummary, page: _Page) -> None:
+    (folder / "tables").mkdir(parents=True)
+    for name, title, layout, select, needs, missing in TABLES:
+        chosen = [r for r in runs if select(r)]
+        if not chosen or (needs is not None and not any(needs(r) for r in chosen)):
+            summary.notes.append(f"{title}: not written ({missing})")
+            continue
+        for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex")):
+            path = folder / "tables" / f"{name}.{suffix}"
+            path.write_text(results_table(chosen, layout, fmt))
+            summary.tables.append(path)
+        links = " ".join(f'<a href="tables/{name}.{s}">{s}</a>' for s in ("md", "csv", "tex"))
+        page.tables.append((f"{title} ({links})", results_table(chosen, layout, "html")))
+
+
+def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, device: str, progress: bool) -> None:
+    named: list[tuple[str, str, object]] = []  # (title, file name, figure)
+    masking = [r for r in runs if within(r) and r.get("dropout") is None]
+    if any(float(r.get("mask_k", 100)) < 100 for r in masking):
+        named.append(("SRCC against k: masking (Table 4)", "srcc_vs_k_masking", figures.ablation_figure(masking, "masking")))
+    else:
+        summary.notes.append("SRCC against k (masking): no masking runs")
+    dropout = [r for r in runs if within(r) and r.get("dropout") is not None and float(r.get("mask_k", 100)) == 100]
+    if dropout:
+        named.append(("SRCC against k: dropout (Table S3)", "srcc_vs_k_dropout", figures.ablation_figure(dropout, "dropout")))
+    else:
+        summary.notes.append("SRCC against k (dropout): no dropout runs")
+    gates = figures.gate_figures([r for r in runs if plain(r)])
+    named += [(f"Gate weight s(g): {n}", n, fig) for n, fig in gates]
+    if not gates:
+        summary.notes.append("gate weights (Fig. 2, S7): no gated runs without ablation")
+    named += [(f"Learning curves: {n}", n, fig) for n, fig in figures.learning_curve_figures(runs)]
+    for title, name, fig in named:
+        _add_figure(fig, folder, name, title, summary, page)
+    if load is not None:
+        _tsne_figures(runs, load, folder, device, progress, summary, page)
+
+
+def _add_figure(fig, folder: Path, name: str, title: str, summary: ReportSummary, page: _Page) -> None:
+    png, pdf = figures.save(fig, folder / "figures", name)
+    summary.figures += [png, pdf]
+    page.figures.append((title, f'<a href="figures/{pdf.name}"><img src="figures/{png.name}" alt="{html.escape(title)}"></a>'))
+
+
+def _head_order(head: str) -> tuple:
+    named = list(HEADS)
+    return (named.index(head), "") if head in named else (len(named), head)
+
+
+def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool, summary: ReportSummary, page: _Page) -> None:
+    """Per (backbone, tag, dataset) of frozen runs without ablation: encoder, then each head, first seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if within(run) and plain(run) and run["regime"] == "frozen" and run["status"] == "done":
+            groups.setdefault((run["backbone"], run.get("tag"), run["train_dataset"]), []).append(run)
+    if not groups:
+        summary.notes.append("t-SNE: no finished frozen-backbone runs without ablation")
+    for (backbone, tag, dataset), members in tqdm(sorted(groups.items(), key=str), desc="t-SNE", disable=not progress):
+        seed = min(r["seed"] for r in members)
+        chosen = sorted((r for r in members if r["seed"] == seed), key=lambda r: _head_order(r["head"]))
+        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}, seed {seed}"
+        if len(chosen) > MAX_TSNE_HEADS:
+            summary.notes.append(f"t-SNE {label}: showing {MAX_TSNE_HEADS} of {len(chosen)} heads")
+            chosen = chosen[:MAX_TSNE_HEADS]
+        try:
+            cached = load(dataset, backbone, tag)
+            features = [retrained_features(run, cached, cached, device) for run in chosen]
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            summary.notes.append(f"t-SNE {label}: skipped ({str(error).strip(chr(39))})")
+            continue
+        raw_train, _, train_y = features[0]["train"]
+        raw_test, _, test_y = features[0]["test"]
+        panels = [("encoder only", tsne_2d(raw_test, seed), test_y, tsne_2d(raw_train, seed), train_y)]
+        for run, f in zip(chosen, features):
+            name = f"{run['head']} head (SRCC {f['retrained_srcc']:.3f} retrained, {run['best_srcc']:.3f} stored)"
+            panels.append((name, tsne_2d(f["test"][1], seed), test_y, tsne_2d(f["train"][1], seed), train_y))
+        title = f"t-SNE of the last hidden features: {label}"
+        _add_figure(figures.tsne_figure(title, panels), folder, figures.stem("tsne", backbone, tag or "", dataset),
+                    title, summary, page)
+
+
+def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page) -> None:
+    if not backbones:
+        summary.notes.append("compute profile: no backbone named (--profile siglip2,...)")
+        return
+    rows = []
+    for backbone in backbones:
+        heads = sorted({r["head"] for r in runs if r["backbone"] == backbone}, key=_head_order) or list(HEADS)
+        rows += profile_backbone(backbone, heads, device)
+    (folder / "profile.md").write_text(profile_table(rows, "md"))
+    (folder / "profile.csv").write_text(profile_table(rows, "csv"))
+    page.profile = profile_table(rows, "html")
+
+
+def default_profile(runs: list[dict]) -> list[str]:
+    """The registry backbones the runs used."""
+    return sorted({r["backbone"] for r in runs if r["backbone"] in BACKBONES})
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0 1.5em;
+font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}
+td.not-run,td.incomplete{color:#999}td.diverged{color:#b00}img{max-width:100%;border:1px solid #eee}
+caption{caption-side:bottom;font-size:12px;color:#666;text-align:left}"""
+
+
+def _index_html(runs: list[dict], page: _Page, notes: list[str]) -> str:
+    regimes = sorted({r["regime"] for r in runs})
+    parts = [
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>iqa report</title>',
+        f"<style>{STYLE}</style></head><body>", "<h1>iqa report</h1>",
+        f"<p>{len(runs)} runs ({sum(r['status'] == 'done' for r in runs)} finished, "
+        f"{sum(r['status'] != 'done' for r in runs)} diverged); regimes: {', '.join(regimes)}.</p>",
+        "<h2>Tables</h2>",
+    ]
+    for title, table in page.tables:
+        parts += [f"<h3>{title}</h3>", table]
+    parts.append("<h2>Figures</h2>")
+    for title, img in page.figures:
+        parts += [f"<h3>{html.escape(title)}</h3>", f"<p>{img}</p>"]
+    if page.profile:
+        parts += ["<h2>Compute profile (Table S5)</h2>",
+                  '<p>Batch 1; MACs counted with torch FlopCounterMode (FLOPs / 2) <a href="profile.md">md</a> '
+                  '<a href="profile.csv">csv</a></p>', page.profile]
+    if notes:
+        parts += ["<h2>Not in this report</h2>", "<ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
+    return "\n".join(parts + ["</body></html>"]) + "\n"

@@ -1,0 +1,59 @@
+"""t-SNE of a head's last hidden features (Fig. 4, S1, S2), by training the run again from its config.
+
+The results database keeps each run's config, not its weights. A frozen-backbone run is a function
+of its config and the cached embeddings (the seed decides split, initialisation, data order and
+dropout), and a member of a stack trains as if alone up to float rounding, so the run is trained
+again alone and its best SRCC is reported beside the stored one: the figure says how close it came.
+LoRA and full fine-tuning runs change the backbone, which the cache does not hold: they are skipped.
+"""
+
+from dataclasses import fields
+
+import numpy as np
+import torch
+from sklearn.manifold import TSNE
+
+from iqa.heads.grid import Cached, RunConfig, run_rows, stack_inputs
+from iqa.heads.train import train_stack_model
+
+MAX_POINTS = 1000  # per side (train, test): t-SNE cost grows fast beyond that
+EXACT_BELOW = 500
+
+
+def run_config(run: dict) -> RunConfig:
+    """The RunConfig a stored run was trained from (KeyError when the record lacks a field)."""
+    return RunConfig(**{f.name: run[f.name] for f in fields(RunConfig)})
+
+
+def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cpu") -> dict:
+    """Train the run again; return its retrained best SRCC and the raw embeddings and head features of
+    (at most MAX_POINTS of) its train and test rows, with their targets."""
+    config = run_config(run)
+    if config.regime != "frozen":
+        raise ValueError(f"a {config.regime} run changed its backbone; only frozen runs retrain from the cache")
+    rows = run_rows(config, train, test)
+    data, members = stack_inputs([config], [rows], train, test)
+    model, (result,) = train_stack_model(
+        data, members, config.act1, config.act2, config.dropout, config.epochs, config.batch_size,
+        config.micro_batch, device,
+    )
+    rng = np.random.default_rng(config.seed)
+    out = {"retrained_srcc": result.best_srcc}
+    model.eval()
+    for side, pool, side_rows in (("train", train, rows[0]), ("test", test, rows[1])):
+        side_rows = np.sort(rng.choice(side_rows, min(MAX_POINTS, len(side_rows)), replace=False))
+        x = torch.as_tensor(pool.embeddings[side_rows], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            out[side] = (pool.embeddings[side_rows], model.features(x[None])[0].cpu().numpy(), pool.manifest.targets[side_rows])
+    return out
+
+
+def tsne_2d(points: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE (PCA init, perplexity 30 or less for small sets), reproducible for a seed.
+
+    Exact gradients below EXACT_BELOW points: faster than Barnes-Hut there, and exact.
+    """
+    perplexity = min(30.0, (len(points) - 1) / 3)
+    method = "exact" if len(points) < EXACT_BELOW else "barnes_hut"
+    tsne = TSNE(2, perplexity=perplexity, init="pca", method=method, random_state=seed)
+    return tsne.fit_transform(np.asarray(points, dtype=np.float32))

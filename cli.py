@@ -229,6 +229,7 @@ def head_command(
     dropout: Annotated[Optional[str], typer.Option(help="Dropout placement: input or layers (with --keep).")] = None,
     keep: Annotated[str, typer.Option(help="Dropout keep probabilities (rate = 1 - keep).")] = "1.0",
     seeds: Annotated[str, typer.Option(help="Seeds: split, init, data order, dropout.")] = "8,19,25",
+    split_by: Annotated[str, typer.Option(help="random, or group (content groups held out whole).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
     device: str = "cpu",
@@ -239,8 +240,6 @@ def head_command(
     cache: CacheOption = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    import json
-
     from iqa.heads.grid import expand_grid, head_choices, run_grid
     from iqa.heads.results import ResultsDB, default_db, results_table
 
@@ -258,7 +257,7 @@ def head_command(
         heads = head_choices(_csv([act]) if act else [], pair_acts)
         configs = expand_grid(
             pairs, backbone, heads, [int(s) for s in _csv([seeds])], [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag,
+            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
         )
         from iqa.cache.store import load_cached
 
@@ -295,6 +294,24 @@ def results_command(
         typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
     except ValueError as error:
         fail(str(error))
+
+
+# ---- demo ----
+@app.command()
+def demo(
+    seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = ",".join(map(str, PAPER_SEEDS)),
+    epochs: int = 30,
+    device: str = "cpu",
+    cache: CacheOption = None,
+) -> None:
+    """Offline end to end: build the demo set, extract nss and a random ViT control, train the heads."""
+    from iqa.demo import run_demo
+
+    root = cache_root(cache)
+    typer.echo(f"iqa demo: everything goes under {root}")
+    result = run_demo(root, tuple(int(s) for s in _csv([seeds])), epochs=epochs, device=device)
+    typer.echo(result.table, nl=False)
+    typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class ImageRows(Dataset):
 
 @dataclass
 class ExtractSummary:
-    store: Path
+    store: Path | str  # a URL string for a remote store
     rows: int  # rows in the store
     rows_computed: int  # rows this run computed
     chunks_written: int  # by this run
@@ -190,8 +190,13 @@ def open_extraction(
     tag: str | None = None,
     store_dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    stores: Path | str | None = None,
 ) -> Extraction:
-    """Load the backbone, fingerprint it, and create or reopen its store (refusing a different fingerprint)."""
+    """Load the backbone, fingerprint it, and create or reopen its store (refusing a different fingerprint).
+
+    The manifest is read from the local `cache`; the store goes under `stores` (a path or an fsspec
+    URL, see iqa.cache.location), by default the cache itself.
+    """
     spec = get_spec(backbone)
     spec = spec.as_tiny() if tiny else spec
     if tag is None and (tiny or random_init):
@@ -207,7 +212,7 @@ def open_extraction(
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
     fingerprint = make_fingerprint(spec, model, weights, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset))
     store = open_for_writing(
-        store_path(cache, dataset, backbone, tag), fingerprint, manifest.paths, dim,
+        store_path(cache if stores is None else stores, dataset, backbone, tag), fingerprint, manifest.paths, dim,
         dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
     )
     return Extraction(spec, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim)
@@ -231,13 +236,14 @@ def extract_dataset(
     store_dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
+    stores: Path | str | None = None,
 ) -> ExtractSummary:
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     job = open_extraction(
         cache, dataset, backbone, source, random_init, tiny, device, compute_dtype_for(device, dtype),
-        overwrite, tag, store_dtype, chunk_rows,
+        overwrite, tag, store_dtype, chunk_rows, stores,
     )
     store = job.store
     batches = chunk_batches(store, job.todo(shard), batch_size)
@@ -251,7 +257,7 @@ def extract_dataset(
     rows_computed, chunks_written = 0, 0
     block_rows: list[np.ndarray] = []
     block_reasons: list[str] = []
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{store.path.name}", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{backbone}", disable=not progress)
     for rows, inputs, reasons in loader:
         block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
         block_reasons.extend(reasons)

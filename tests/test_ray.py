@@ -54,29 +54,30 @@ def assert_same_store(a, b):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
 
 
-def test_ray_store_equals_local_store_bit_for_bit(cluster, toy):
-    summary = extract_with_ray(toy, "toy", BACKBONE, actors=1, **SAME)
+def test_ray_store_on_an_fsspec_url_equals_local_store_bit_for_bit(cluster, toy):
+    url = "memory://iqa-test/stores"  # fsspec's in-memory filesystem: the driver is the store's only writer
+    summary = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
+    assert summary.store == f"{url}/toy/{BACKBONE}@tiny.zarr"
     assert summary.rows_computed == 11 and summary.chunks_written == 4 and summary.chunks_missing == 0
     assert summary.invalid == [("gone.png", "missing file")]
     assert_same_store(summary.store, store_path(toy, "toy", BACKBONE, "local"))
-    again = extract_with_ray(toy, "toy", BACKBONE, actors=1, **SAME)
+    again = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
     assert again.rows_computed == 0 and again.chunks_written == 0
+    assert extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **SAME).rows_computed == 0
+    cached = load_cached(toy, "toy", BACKBONE, "tiny", stores=url)
+    np.testing.assert_array_equal(cached.embeddings, load_cached(toy, "toy", BACKBONE, "local").embeddings)
+    with pytest.raises(ValueError, match="built differently"):
+        extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **{**SAME, "store_dtype": "float16"})
 
 
-def test_killed_actor_is_retried_without_lost_or_doubled_rows(cluster, toy):
-    (cluster / "chunk-1").touch()  # the actor embedding chunk 1 exits once, mid-run
-    summary = extract_with_ray(toy, "toy", BACKBONE, tag="killed", actors=1, **SAME)
-    assert not (cluster / "chunk-1").exists(), "the actor was never killed"
-    assert summary.rows_computed == 11 and summary.chunks_written == 4 and verify_store(summary.store) == []
-    assert_same_store(summary.store, store_path(toy, "toy", BACKBONE, "local"))
-
-
-def test_killed_driver_then_rerun_reads_only_unfinished_chunks(cluster, toy, tmp_path, monkeypatch):
+def test_killed_actor_is_retried_and_a_killed_driver_resumes_reading_only_unfinished_chunks(cluster, toy, tmp_path,
+                                                                                             monkeypatch):
     cache = tmp_path / "cache"
     shutil.copytree(toy, cache, ignore=shutil.ignore_patterns("*.zarr"))  # the images and the manifest
+    (cluster / "chunk-1").touch()  # the actor embedding chunk 1 exits once: Ray restarts it and retries
     write_block = EmbeddingStore.write_block
 
-    def die_after_two(store, chunk, *args):  # the driver dies after writing two chunks
+    def die_after_two(store, chunk, *args):  # then the driver dies after writing two chunks
         if int(store.done_chunks().sum()) == 2:
             raise KeyboardInterrupt
         write_block(store, chunk, *args)
@@ -85,31 +86,19 @@ def test_killed_driver_then_rerun_reads_only_unfinished_chunks(cluster, toy, tmp
     with pytest.raises(KeyboardInterrupt):
         extract_with_ray(cache, "toy", BACKBONE, actors=1, **SAME)
     monkeypatch.undo()
-    store = store_path(cache, "toy", BACKBONE, "tiny")
-    done = EmbeddingStore(store).done_chunks()
-    assert done.sum() == 2
-    for chunk in np.flatnonzero(done):  # images of finished chunks are gone: reading one would mark it invalid
-        for row in EmbeddingStore(store).rows_of_chunk(int(chunk)):
-            (cache / "images" / EmbeddingStore(store).keys()[row]).unlink(missing_ok=True)
+    assert not (cluster / "chunk-1").exists(), "the actor was never killed"
+    store = EmbeddingStore(store_path(cache, "toy", BACKBONE, "tiny"))
+    assert store.done_chunks().sum() == 2
+    for chunk in np.flatnonzero(store.done_chunks()):  # reading a finished chunk's image now would mark it invalid
+        for row in store.rows_of_chunk(int(chunk)):
+            (cache / "images" / store.keys()[row]).unlink(missing_ok=True)
     args = ["extract", "--engine", "ray", "--backbone", BACKBONE, "--dataset", "toy", "--tiny", "--dtype", "float32",
             "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"{11 - 3 * 2} images" in result.output and "0 chunks still missing" in result.output
-    assert_same_store(store, store_path(toy, "toy", BACKBONE, "local"))
-
-
-def test_remote_store_through_fsspec(cluster, toy):
-    url = "memory://iqa-test/stores"
-    summary = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
-    assert summary.store == f"{url}/toy/{BACKBONE}@tiny.zarr" and summary.chunks_missing == 0
-    assert_same_store(summary.store, store_path(toy, "toy", BACKBONE, "local"))
-    again = extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **SAME)  # the local engine resumes it
-    assert again.rows_computed == 0
-    cached = load_cached(toy, "toy", BACKBONE, "tiny", stores=url)
-    np.testing.assert_array_equal(cached.embeddings, load_cached(toy, "toy", BACKBONE, "local").embeddings)
-    with pytest.raises(ValueError, match="built differently"):
-        extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **{**SAME, "store_dtype": "float16"})
+    assert verify_store(store.path) == []
+    assert_same_store(store.path, store_path(toy, "toy", BACKBONE, "local"))
 
 
 def test_distributed_grid_records_every_run_exactly_once(cluster, tmp_path):

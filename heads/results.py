@@ -215,6 +215,11 @@ def _mark_best(table: list[list[Cell]]) -> None:
             c.best = round(c.mean, 3) == top
 
 
+def _label(value) -> str:
+    """A row label: an unset field (no tag, no dropout) is blank, not "None"."""
+    return "" if value is None else str(value)
+
+
 def _render(fields, rows, columns, table, fmt, which) -> str:
     metric_headers = [f"{h} {m}" for h, _ in columns for m in ("SRCC", "PLCC")]
     most_seeds = max((c.seeds for row in table for c in row), default=0)
@@ -245,7 +250,7 @@ def _render(fields, rows, columns, table, fmt, which) -> str:
         head += [f"{h} seeds" for h, _ in columns if not h.startswith("Δ")]
         lines = [",".join(head)]
         for row, cells in zip(rows, table):
-            out = [str(v) for v in row]
+            out = [_label(v) for v in row]
             for c in cells:
                 if c.kind == "value":
                     out += [f"{c.mean:.4f}", f"{c.std:.4f}"]
@@ -261,7 +266,7 @@ def _render(fields, rows, columns, table, fmt, which) -> str:
         lines = [f"<!-- {note} -->", "| " + " | ".join(fields + metric_headers) + " |"]
         lines.append("|" + "---|" * (len(fields) + len(metric_headers)))
         for row, cells in zip(rows, table):
-            lines.append("| " + " | ".join([str(v) for v in row] + [text(c) for c in cells]) + " |")
+            lines.append("| " + " | ".join([_label(v) for v in row] + [text(c) for c in cells]) + " |")
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         lines = [f"% {note}", "\\begin{tabular}{" + "l" * len(fields) + "c" * len(metric_headers) + "}", "\\toprule"]
@@ -269,7 +274,7 @@ def _render(fields, rows, columns, table, fmt, which) -> str:
         lines.append(" & ".join(fields + headers).replace("_", "\\_") + " \\\\")
         lines.append("\\midrule")
         for row, cells in zip(rows, table):
-            line = " & ".join([str(v).replace("_", "\\_") for v in row] + [text(c, latex=True) for c in cells])
+            line = " & ".join([_label(v).replace("_", "\\_") for v in row] + [text(c, latex=True) for c in cells])
             lines.append(line.replace("—", "---") + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
@@ -277,7 +282,7 @@ def _render(fields, rows, columns, table, fmt, which) -> str:
         esc = html.escape
         lines = [f"<table><caption>{esc(note)}</caption>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in fields + metric_headers) + "</tr>"]
         for row, cells in zip(rows, table):
-            tds = [f"<td>{esc(str(v))}</td>" for v in row]
+            tds = [f"<td>{esc(_label(v))}</td>" for v in row]
             tds += [f'<td class="{c.kind.replace(" ", "-")}">{text(c)}</td>' for c in cells]
             lines.append("<tr>" + "".join(tds) + "</tr>")
         return "\n".join(lines + ["</table>"]) + "\n"

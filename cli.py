@@ -1,6 +1,7 @@
 """The `iqa` command. Each command is a few lines over library functions that tests call directly."""
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -303,7 +304,7 @@ def head_command(
 @app.command("results")
 def results_command(
     format: Annotated[str, typer.Option("--format", help="md, csv or latex.")] = "md",
-    layout: Annotated[str, typer.Option(help="backbones, variants, masking or dropout.")] = "backbones",
+    layout: Annotated[str, typer.Option(help="backbones, variants, masking, dropout, cross, activations or regimes.")] = "backbones",
     which: Annotated[str, typer.Option(help="best (best epoch per run, the paper's) or last epoch.")] = "best",
     regime: Annotated[Optional[str], typer.Option(help="Only runs of this regime: frozen, lora or full.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
@@ -328,22 +329,18 @@ def demo(
     seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = ",".join(map(str, PAPER_SEEDS)),
     epochs: int = 30,
     device: str = "cpu",
+    no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Leave t-SNE out of the report (it retrains runs).")] = False,
     cache: CacheOption = None,
 ) -> None:
-    """Offline end to end: build the demo set, extract nss and a random ViT control, train the heads."""
+    """Offline end to end: build the demo set, extract nss and a random ViT control, train the heads, report."""
     from iqa.demo import run_demo
 
     root = cache_root(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
-    result = run_demo(root, tuple(int(s) for s in _csv([seeds])), epochs=epochs, device=device)
+    result = run_demo(root, tuple(int(s) for s in _csv([seeds])), epochs=epochs, device=device, tsne=not no_tsne)
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
-    from iqa.cache.store import load_cached
-    from iqa.heads.report import default_profile, write_report
-
-    report = write_report(result.records, root / "report", lambda d, b, t: load_cached(root, d, b, t),
-                          default_profile(result.records), device)
-    typer.echo(f"report: {report.out / 'index.html'} (`iqa report --cache {root}` writes it again)")
+    typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")
 
 
 # ---- report ----
@@ -368,8 +365,7 @@ def report_command(
     runs = ResultsDB(path).runs()
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
-        summary = write_report(runs, out or root / "report", lambda d, b, t: load_cached(root, d, b, t), backbones, device,
-                               tsne=not no_tsne)
+        summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne)
     except ValueError as error:
         fail(str(error))
     for note in summary.notes:

@@ -7,6 +7,7 @@
    margin over it is what real image statistics buy.
 4. Train the baseline / sig / gated heads over the paper's seeds from the cache, on the
    content-held-out split (test photos are never seen in training), and lay out the results.
+5. Write the report of those runs (tables, figures, index.html) to <cache>/report.
 
 Every stage writes under the cache and resumes: running the demo again reuses the set, the
 stores and every finished run in the results database.
@@ -30,6 +31,7 @@ class DemoResult:
     records: list[dict]  # one per run, as stored in the results database
     cache: Path
     db: Path
+    report: Path  # folder holding index.html
 
 
 def run_demo(
@@ -37,6 +39,7 @@ def run_demo(
     seeds: tuple[int, ...] = PAPER_SEEDS,
     epochs: int = 30,
     device: str = "cpu",
+    tsne: bool = True,
     progress: bool = True,
 ) -> DemoResult:
     # Imported here: scikit-image and the model code are slow to import for `iqa --help`.
@@ -45,6 +48,7 @@ def run_demo(
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.run import extract_dataset
     from iqa.heads.grid import expand_grid, head_choices, run_grid
+    from iqa.heads.report import default_profile, write_report
     from iqa.heads.results import ResultsDB, default_db, results_table
 
     source = cache / DEMO_DIR
@@ -67,4 +71,7 @@ def run_demo(
         )
         load = partial(load_cached, cache, backbone=backbone, tag=tag)
         records += run_grid(configs, load, db, device=device, progress=progress)
-    return DemoResult(results_table(records, layout="backbones"), records, cache, db.path)
+    report = write_report(
+        records, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne, progress=progress
+    )
+    return DemoResult(results_table(records, layout="backbones"), records, cache, db.path, report.out)

@@ -8,11 +8,12 @@ from iqa.cli import app
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
-    args = ["demo", "--cache", str(tmp_path), "--seeds", "8", "--epochs", "5"]
+    args = ["demo", "--cache", str(tmp_path), "--seeds", "8", "--epochs", "5", "--no-tsne"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "manifest.json").exists()
     assert (tmp_path / "demo" / "nss.zarr").exists() and (tmp_path / "demo" / "dinov2@tiny.zarr").exists()
+    assert (tmp_path / "report" / "index.html").stat().st_size > 0
 
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         runs = db.execute("SELECT config, status, best_srcc FROM runs").fetchall()

@@ -84,7 +84,8 @@ def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
 
 
 def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, dim: int, compute_dtype: torch.dtype,
-                     store_dtype: str, manifest_sha256: str) -> dict:
+                     store_dtype: str, manifest_sha256: str, tuned: dict | None = None) -> dict:
+    """What produced a store's numbers; `tuned` (the fine-tuning run applied, if any) only where there is one."""
     return {
         "backbone": spec.key,
         "model_id": model.source,
@@ -98,6 +99,7 @@ def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, dim: int, comput
         "store_dtype": store_dtype,
         "manifest_sha256": manifest_sha256,
         "packages": {name: version(name) for name in PACKAGES},
+        **({"tuned": tuned} if tuned else {}),
     }
 
 
@@ -128,18 +130,27 @@ def extract_dataset(
     store_dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
+    adapter: Path | None = None,
 ) -> ExtractSummary:
+    """`adapter`: a fine-tuning run folder whose tuned backbone (LoRA merged, or full weights) is used."""
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     spec = get_spec(backbone)
     spec = spec.as_tiny() if tiny else spec
+    if adapter is not None:
+        from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
+
+        tag = tag or run_tag(adapter, dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
     if tag is None and (tiny or random_init):
         # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
         tag = "tiny" if tiny else "random-init"
     manifest = read_manifest(cache, dataset)
     compute_dtype = compute_dtype_for(device, dtype)
     model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    tuned = None
+    if adapter is not None:
+        model, tuned = apply_run(model, spec, adapter)
     fingerprint_model = model  # hashed on the CPU, before it moves
     model = model.to(device).eval()
 
@@ -157,7 +168,7 @@ def extract_dataset(
     if not tiny and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
     fingerprint = make_fingerprint(
-        spec, fingerprint_model, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset)
+        spec, fingerprint_model, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset), tuned
     )
     store = open_for_writing(
         store_path(cache, dataset, backbone, tag), fingerprint, manifest.paths, dim,

@@ -19,6 +19,7 @@ GROUPS = {"Group 1": ("agiqa1k", "kadid10k"), "Group 2": ("clive", "koniq10k")} 
 LAYOUTS = {  # name -> (fields that lead the row label, field whose levels get Δ columns or None)
     "backbones": (("backbone",), None),
     "variants": (("head",), None),
+    "regimes": (("backbone", "regime", "head"), None),  # Table S1: frozen vs LoRA vs full
     "masking": (("head", "mask_k"), "mask_k"),
     "dropout": (("head", "dropout", "keep"), "keep"),
 }
@@ -105,8 +106,12 @@ def _column(run: dict) -> str:
 
 
 def _row_fields(runs: list[dict], lead: tuple[str, ...]) -> list[str]:
-    """The lead fields, then every other config field that varies, so no cell mixes two configs."""
-    config_fields = [k for k in runs[0] if k not in OUTCOME_FIELDS and k not in NOT_ROW_FIELDS]
+    """The lead fields, then every other config field that varies, so no cell mixes two configs.
+
+    Fields are gathered over all runs: fine-tuning runs carry fields (lora_rank, ...) cached runs lack.
+    """
+    every_field = dict.fromkeys(k for run in runs for k in run)
+    config_fields = [k for k in every_field if k not in OUTCOME_FIELDS and k not in NOT_ROW_FIELDS]
     varying = [k for k in config_fields if len({json.dumps(r.get(k)) for r in runs}) > 1]
     return list(lead) + [k for k in varying if k not in lead]
 

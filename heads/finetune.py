@@ -22,9 +22,10 @@ BatchNorm layers (ResNet) keep their running statistics in every regime: a batch
 estimate them.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -231,40 +232,24 @@ def finetune(
         images = ImageRows(Path(manifest.image_root), manifest.paths, spec)
 
         def batches(rows: list[list[int]]):
-            """(rows, normalised images on the device); an unreadable image stops the run with its name."""
+            """(targets, normalised images) on the device; an unreadable image stops the run with its name."""
             loader = DataLoader(images, batch_sampler=rows, num_workers=num_workers, pin_memory=bool(cuda))
             for row_ids, pixels, reasons in loader:
                 bad = [f"{manifest.paths[r]}: {why}" for r, why in zip(row_ids.tolist(), reasons) if why]
                 if bad:
                     raise ValueError(f"cannot read {bad[0]}; fix or remove it and prepare the dataset again")
-                yield row_ids, normalise(pixels.to(device, non_blocking=True), spec.mean, spec.std)
+                pixels = normalise(pixels.to(device, non_blocking=True), spec.mean, spec.std)
+                yield targets[row_ids].to(device, non_blocking=True), pixels
 
+        test_batches = [chunk.tolist() for chunk in np.array_split(test_rows, -(-len(test_rows) // EVAL_BATCH))]
         diverged_epoch = None
         bar = tqdm(total=(epochs - start) * steps, unit="step", desc=f"{dataset}/{run_dir.name}", disable=not progress)
         for epoch in range(start, epochs):
             order = epoch_order(train_rows, seed, epoch)[: steps * per_step].reshape(-1, batch_size)
-            model.train()
-            loss_sum = 0.0
-            for i, (rows, pixels) in enumerate(batches(order.tolist())):
-                with torch.autocast(**cast):
-                    pred = model(pixels)
-                loss = iqa_loss(pred[None], targets[rows].to(device)[None], MICRO_BATCH)[0] / accumulate
-                if not torch.isfinite(loss):
-                    diverged_epoch = epoch + 1
-                    break
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-                if (i + 1) % accumulate == 0:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    bar.update()
-            if diverged_epoch is None:
-                test_batches = [chunk.tolist() for chunk in np.array_split(test_rows, -(-len(test_rows) // EVAL_BATCH))]
-                pred = predict(model, batches(test_batches), cast)
-                if not torch.isfinite(pred).all():
-                    diverged_epoch = epoch + 1
-            if diverged_epoch is not None:
+            loss_sum = train_epoch(model, optimizer, scaler, batches(order.tolist()), accumulate, cast, bar.update)
+            pred = None if loss_sum is None else predict(model, batches(test_batches), cast)
+            if pred is None or not torch.isfinite(pred).all():
+                diverged_epoch = epoch + 1
                 break  # the last good checkpoint stays as it is
             y_test = targets[test_rows][None]
             epoch_lr = optimizer.param_groups[-1]["lr"]  # the head's
@@ -288,6 +273,35 @@ def finetune(
     db.record([(config, fp_id, result)])
     trained = (diverged_epoch or epochs + 1) - 1 - start
     return FinetuneRun(run_dir, key, fp_id, config, result, trained)
+
+
+def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accumulate: int, cast: dict,
+                on_step: Callable[[], None] | None = None) -> float | None:
+    """Physical batches (targets, images) with an optimiser step after every `accumulate` of them.
+
+    Returns the summed loss of the effective batches, or None when one goes NaN/inf: that step is
+    not taken. Loss values are read once per optimiser step (one device sync per step).
+    """
+    model.train()
+    loss_sum, step_loss = 0.0, 0.0
+    for i, (target, pixels) in enumerate(batches):
+        with torch.autocast(**cast):
+            pred = model(pixels)
+        loss = iqa_loss(pred[None], target[None], MICRO_BATCH)[0] / accumulate
+        scaler.scale(loss).backward()
+        step_loss = step_loss + loss.detach()
+        if (i + 1) % accumulate == 0:
+            step_loss = step_loss.item()
+            if not math.isfinite(step_loss):
+                return None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, step_loss = loss_sum + step_loss, 0.0
+            if on_step is not None:
+                on_step()
+    return loss_sum
 
 
 @torch.no_grad()

@@ -139,6 +139,8 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
         assert 4.5e-6 < max(moves) < 5.3e-6  # float32 rounds a 5e-6 step on a weight near 1 by up to 2.4e-7
         running = {k: v for k, v in before.state_dict().items() if "running" in k}  # BatchNorm statistics
         assert all(torch.equal(state["backbone"][k], v) for k, v in running.items())
+        tuned, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir)  # what `extract --adapter` uses
+        assert info["regime"] == "full" and all(torch.equal(v, state["backbone"][k]) for k, v in tuned.state_dict().items())
     else:
         assert 0.9e-4 < max(t.abs().max().item() for k, t in state["backbone"].items() if "lora_B" in k) <= 1.0001e-4
 

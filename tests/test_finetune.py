@@ -9,7 +9,7 @@ from PIL import Image
 
 from iqa.cache.store import load_cached
 from iqa.data.manifest import Manifest, write_manifest
-from iqa.extract.backbones import load_backbone
+from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
 from iqa.extract.run import extract_dataset
@@ -110,6 +110,11 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
     assert info["regime"] == "lora" and info["epoch"] == 1
     if key != "siglip2":
         return
+    other = load_backbone(spec, tiny=True)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(BackboneLoadError, match="started from other siglip2 weights"):
+        apply_run(other, spec, trained.run_dir)
     # tuned embeddings back into the cache, tagged with the run
     summary = extract_dataset(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, store_dtype="float32",
                               progress=False, num_workers=0)

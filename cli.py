@@ -19,6 +19,10 @@ app.add_typer(data_app, name="data")
 CacheOption = Annotated[
     Optional[Path], typer.Option("--cache", help="Cache directory [default: $IQA_CACHE or ./iqa-cache].")
 ]
+StoresOption = Annotated[
+    Optional[str], typer.Option("--stores", help="Embedding stores under this folder or fsspec URL (s3://...) "
+                                                 "[default: the cache; manifests stay in the cache].")
+]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -134,9 +138,13 @@ def extract(
     store_dtype: Annotated[str, typer.Option("--store-dtype", help="float16 or float32.")] = "float16",
     adapter: Annotated[Optional[Path], typer.Option(
         "--adapter", help="A fine-tuning run folder: embed with its tuned backbone (store tagged with the run).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data on a cluster; pip install 'iqa[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
     """Run a backbone over every image of a dataset once; resumable, shardable."""
+    from iqa.cache.location import store_root
     from iqa.cache.store import FingerprintMismatch
     from iqa.extract.backbones import BackboneLoadError
     from iqa.extract.run import extract_dataset
@@ -144,13 +152,21 @@ def extract(
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
+    if adapter is not None and engine != "local":
+        fail("--adapter works with --engine local")
+    options = dict(source=model, random_init=random_init, tiny=tiny, dtype=dtype, batch_size=batch_size, skip_bad=skip_bad,
+                   overwrite=overwrite, tag=tag, store_dtype=store_dtype, stores=store_root(stores) if stores else None)
     try:
-        summary = extract_dataset(
-            cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, device=device,
-            dtype=dtype, batch_size=batch_size, num_workers=workers, shard=(int(index), int(count)), skip_bad=skip_bad,
-            overwrite=overwrite, tag=tag, store_dtype=store_dtype, adapter=adapter,
-        )
-    except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, KeyError, ValueError) as err:
+        if engine == "ray":
+            from iqa.extract.ray_engine import extract_with_ray
+
+            summary = extract_with_ray(cache_root(cache), dataset, backbone, address=address, **options)
+        else:
+            summary = extract_dataset(cache_root(cache), dataset, backbone, device=device, num_workers=workers,
+                                      shard=(int(index), int(count)), adapter=adapter, **options)
+    except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
     typer.echo(
         f"{summary.store}: {summary.rows_computed} images in {summary.seconds:.1f} s ({summary.images_per_s:.1f}/s), "
@@ -231,6 +247,7 @@ def head_command(
     dropout: Annotated[Optional[str], typer.Option(help="Dropout placement: input or layers (with --keep).")] = None,
     keep: Annotated[str, typer.Option(help="Dropout keep probabilities (rate = 1 - keep).")] = "1.0",
     seeds: Annotated[str, typer.Option(help="Seeds: split, init, data order, dropout.")] = "8,19,25",
+    split_by: Annotated[str, typer.Option(help="random, or group (content groups held out whole).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
     device: str = "cpu",
@@ -238,11 +255,12 @@ def head_command(
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per run.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (each stack a Ray task).")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    import json
-
     from iqa.heads.grid import expand_grid, head_choices, run_grid
     from iqa.heads.results import ResultsDB, default_db, results_table
 
@@ -260,13 +278,22 @@ def head_command(
         heads = head_choices(_csv([act]) if act else [], pair_acts)
         configs = expand_grid(
             pairs, backbone, heads, [int(s) for s in _csv([seeds])], [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag,
+            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
         )
+        from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 
-        root = cache_root(cache)
-        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag), ResultsDB(db or default_db(root)), device, stack_size)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+        if engine not in ("local", "ray"):
+            fail(f"--engine must be local or ray, got {engine!r}")
+        run_stacks = None
+        if engine == "ray":
+            from iqa.heads.ray_grid import train_on_ray
+
+            run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
+        root, where = cache_root(cache), store_root(stores) if stores else None
+        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where), ResultsDB(db or default_db(root)),
+                           device, stack_size, engine=run_stacks)
+    except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
         fail(str(error).strip("'\""))
     if json_lines:
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
@@ -297,6 +324,24 @@ def results_command(
         typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
     except ValueError as error:
         fail(str(error))
+
+
+# ---- demo ----
+@app.command()
+def demo(
+    seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = ",".join(map(str, PAPER_SEEDS)),
+    epochs: int = 30,
+    device: str = "cpu",
+    cache: CacheOption = None,
+) -> None:
+    """Offline end to end: build the demo set, extract nss and a random ViT control, train the heads."""
+    from iqa.demo import run_demo
+
+    root = cache_root(cache)
+    typer.echo(f"iqa demo: everything goes under {root}")
+    result = run_demo(root, tuple(int(s) for s in _csv([seeds])), epochs=epochs, device=device)
+    typer.echo(result.table, nl=False)
+    typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
 
 
 # ---- fine-tuning ----

@@ -1,4 +1,9 @@
-"""Where the cache lives: `--cache`, else the IQA_CACHE variable, else ./iqa-cache."""
+"""Where the cache lives: `--cache`, else the IQA_CACHE variable, else ./iqa-cache.
+
+Embedding stores may live elsewhere, under an fsspec URL (`s3://bucket/iqa`, `gs://...`,
+`memory://...`): a location is then a string, and `dataset_dir` joins it with "/". Manifests and the
+results database always stay in the local cache.
+"""
 
 import os
 from pathlib import Path
@@ -12,6 +17,18 @@ def cache_root(path: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-def dataset_dir(root: Path, dataset: str) -> Path:
-    """The folder of one dataset inside the cache: its manifest and its embedding stores."""
-    return root / dataset
+def store_root(location: str | os.PathLike) -> Path | str:
+    """Where embedding stores live: a local path (`file://` URLs included) or another fsspec URL, kept as text."""
+    text = str(location)
+    if is_url(text) and not text.startswith("file://"):
+        return text.rstrip("/")
+    return Path(text.removeprefix("file://")).expanduser().resolve()
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return isinstance(location, str) and "://" in location
+
+
+def dataset_dir(root: Path | str, dataset: str) -> Path | str:
+    """The folder of one dataset inside the cache (or a store root URL): its manifest and its embedding stores."""
+    return f"{root}/{dataset}" if is_url(root) else Path(root) / dataset

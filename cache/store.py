@@ -13,6 +13,10 @@ contract other tools read:
 Writers only ever write whole chunk-aligned row blocks (Zarr v3 loses rows when two writers
 share a chunk), and Zarr's local store writes each chunk file atomically, so any number of
 processes may fill disjoint chunks of one store and a killed one leaves no half-written chunk.
+
+A store may also live under an fsspec URL (Zarr's FsspecStore; see cache/location.py): the same
+fingerprint and resume rules apply. Object stores put each chunk object whole; they have no
+atomic rename, so there a new store is built aside and moved by one process (the Ray driver).
 """
 
 import hashlib
@@ -23,11 +27,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import h5py
 import numpy as np
 import zarr
 
-from iqa.cache.location import dataset_dir
+from iqa.cache.location import dataset_dir, is_url
 from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 from iqa.data.splits import SplitBy, split_indices
 
@@ -40,9 +45,17 @@ class FingerprintMismatch(ValueError):
     """The store was built by something else; the message names the differing fields."""
 
 
-def store_path(cache: Path, dataset: str, backbone: str, tag: str | None = None) -> Path:
+def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = None) -> Path | str:
+    """The store's location under a cache (or store root URL): a Path, or a URL string."""
     name = backbone if tag is None else f"{backbone}@{tag}"
-    return dataset_dir(cache, dataset) / f"{name}.zarr"
+    return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
+
+
+def store_exists(path: Path | str) -> bool:
+    if is_url(path):
+        fs, where = fsspec.core.url_to_fs(path)
+        return fs.exists(where)
+    return Path(path).exists()
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -57,7 +70,7 @@ def fingerprint_difference(stored: dict, current: dict) -> list[str]:
 class EmbeddingStore:
     """An open store; `write_block` is the only way rows get written."""
 
-    def __init__(self, path: Path, mode: str = "r"):
+    def __init__(self, path: Path | str, mode: str = "r"):
         self.path = path
         self.group = zarr.open_group(str(path), mode=mode)
         if self.group.attrs.get("format") != STORE_FORMAT:
@@ -98,7 +111,7 @@ class EmbeddingStore:
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
 
 
-def _create(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int) -> None:
+def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int) -> None:
     n = len(keys)
     group = zarr.open_group(str(path), mode="w")
     group.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=np.nan)
@@ -114,7 +127,7 @@ def _create(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str
 
 
 def open_for_writing(
-    path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str = "float16",
+    path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False,
 ) -> EmbeddingStore:
     """Create the store once (atomically: built aside, then renamed) or reopen it to append.
@@ -125,6 +138,21 @@ def open_for_writing(
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
+    if is_url(path):
+        _create_remote(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite)
+    else:
+        _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite)
+    store = EmbeddingStore(path, mode="r+")
+    different = fingerprint_difference(store.fingerprint, fingerprint)
+    if different:
+        raise FingerprintMismatch(
+            f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
+        )
+    return store
+
+
+def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
+                  overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and path.exists():
         trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
@@ -137,13 +165,18 @@ def open_for_writing(
             os.rename(tmp, path)
         except OSError:  # another shard created it first
             shutil.rmtree(tmp)
-    store = EmbeddingStore(path, mode="r+")
-    different = fingerprint_difference(store.fingerprint, fingerprint)
-    if different:
-        raise FingerprintMismatch(
-            f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
-        )
-    return store
+
+
+def _create_remote(url: str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
+                   overwrite: bool) -> None:
+    fs, where = fsspec.core.url_to_fs(url)
+    if overwrite and fs.exists(where):
+        fs.rm(where, recursive=True)
+    if not fs.exists(where):
+        name = where.rstrip("/").rsplit("/", 1)[-1]
+        tmp = f"{url.rsplit('/', 1)[0]}/.{name}.tmp-{uuid.uuid4().hex}"
+        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
+        fs.mv(fsspec.core.url_to_fs(tmp)[1], where, recursive=True)
 
 
 @dataclass
@@ -163,10 +196,15 @@ class CachedEmbeddings:
         return split_indices(self.manifest.paths, seed, by=by, groups=self.manifest.groups)
 
 
-def load_cached(cache: Path, dataset: str, backbone: str, tag: str | None = None) -> CachedEmbeddings:
-    """Embeddings, validity, manifest (targets, groups) and fingerprint of one store, in one call."""
-    path = store_path(cache, dataset, backbone, tag)
-    if not path.exists():
+def load_cached(
+    cache: Path, dataset: str, backbone: str, tag: str | None = None, stores: Path | str | None = None
+) -> CachedEmbeddings:
+    """Embeddings, validity, manifest (targets, groups) and fingerprint of one store, in one call.
+
+    The manifest comes from the local `cache`; the store from `stores` (a path or fsspec URL), default the cache.
+    """
+    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
+    if not store_exists(path):
         tagged = f" --tag {tag}" if tag else ""
         raise FileNotFoundError(
             f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset}{tagged}` first"

@@ -55,7 +55,7 @@ class ImageRows(Dataset):
 
 @dataclass
 class ExtractSummary:
-    store: Path
+    store: Path | str  # a URL string for a remote store
     rows: int  # rows in the store
     rows_computed: int  # rows this run computed
     chunks_written: int  # by this run
@@ -83,14 +83,14 @@ def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
     return COMPUTE_DTYPES[dtype]
 
 
-def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, dim: int, compute_dtype: torch.dtype,
+def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, dim: int, compute_dtype: torch.dtype,
                      store_dtype: str, manifest_sha256: str, tuned: dict | None = None) -> dict:
     """What produced a store's numbers; `tuned` (the fine-tuning run applied, if any) only where there is one."""
     return {
         "backbone": spec.key,
         "model_id": model.source,
         "revision": model.revision,
-        "weights_sha256": weights_sha256(model),
+        "weights_sha256": weights,
         "pooling": spec.pooling,
         "dim": dim,
         "resolution": spec.resolution,
@@ -112,6 +112,125 @@ def chunk_batches(store: EmbeddingStore, chunks: list[int], batch_size: int) -> 
     return batches
 
 
+class Embedder:
+    """A backbone on its device at its compute dtype: decoded inputs -> float32 embeddings.
+
+    Both engines (this module's loop and the Ray actors) embed through this class, in the same
+    batches of a chunk, so they give the same numbers.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: PooledBackbone, device: str, compute_dtype: torch.dtype):
+        self.spec, self.device, self.compute_dtype = spec, device, compute_dtype
+        self.model = model.to(device).eval()
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.spec.features_in_worker is None:
+            inputs = normalise(inputs, self.spec.mean, self.spec.std)
+        with torch.inference_mode(), torch.autocast(
+            device_type=torch.device(self.device).type, dtype=self.compute_dtype,
+            enabled=self.compute_dtype != torch.float32,
+        ):
+            return self.model(inputs).float()
+
+    def batch(self, inputs: torch.Tensor, reasons: list[str], dim: int) -> np.ndarray:
+        """One batch; rows with a reason (unreadable images) come back as NaN and never reach the model."""
+        readable = torch.tensor([not r for r in reasons])
+        out = np.full((len(reasons), dim), np.nan, dtype=np.float32)
+        if readable.any():
+            out[readable.numpy()] = self(inputs[readable]).cpu().numpy()
+        return out
+
+    def chunk(self, inputs: torch.Tensor, reasons: list[str], dim: int, batch_size: int) -> np.ndarray:
+        """A whole chunk's rows, cut into the batches `chunk_batches` gives the local loop."""
+        starts = range(0, len(reasons), batch_size)
+        return np.concatenate([self.batch(inputs[i : i + batch_size], reasons[i : i + batch_size], dim) for i in starts])
+
+
+@dataclass
+class Extraction:
+    """Everything an engine needs once the store is open: what to decode, how to embed, where to write."""
+
+    spec: BackboneSpec
+    image_root: Path
+    paths: list[str]
+    embedder: Embedder
+    store: EmbeddingStore
+    fingerprint: dict
+    dim: int
+
+    def todo(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
+        """This shard's chunks not yet marked done."""
+        index, count = shard
+        done = self.store.done_chunks()
+        return [c for c in range(index, self.store.n_chunks, count) if not done[c]]
+
+    def summary(self, rows_computed: int, chunks_written: int, seconds: float, skip_bad: bool) -> ExtractSummary:
+        return ExtractSummary(
+            store=self.store.path,
+            rows=self.store.n_rows,
+            rows_computed=rows_computed,
+            chunks_written=chunks_written,
+            chunks_missing=int((~self.store.done_chunks()).sum()),
+            invalid=self.store.invalid_rows(),
+            seconds=seconds,
+            fingerprint_id=fingerprint_id(self.fingerprint),
+            skip_bad=skip_bad,
+        )
+
+
+def open_extraction(
+    cache: Path,
+    dataset: str,
+    backbone: str,
+    source: str | None = None,
+    random_init: bool = False,
+    tiny: bool = False,
+    device: str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    tag: str | None = None,
+    store_dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    stores: Path | str | None = None,
+    adapter: Path | None = None,
+) -> Extraction:
+    """Load the backbone, fingerprint it, and create or reopen its store (refusing a different fingerprint).
+
+    The manifest is read from the local `cache`; the store goes under `stores` (a path or an fsspec
+    URL, see iqa.cache.location), by default the cache itself. `adapter`: a fine-tuning run folder
+    whose tuned backbone (LoRA merged, or full weights) is used.
+    """
+    spec = get_spec(backbone)
+    spec = spec.as_tiny() if tiny else spec
+    if adapter is not None:
+        from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
+
+        tag = tag or run_tag(adapter, dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
+    if tag is None and (tiny or random_init):
+        # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
+        tag = "tiny" if tiny else "random-init"
+    manifest = read_manifest(cache, dataset)
+    model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    tuned = None
+    if adapter is not None:
+        model, tuned = apply_run(model, spec, adapter)
+    weights = weights_sha256(model)  # hashed on the CPU, before it moves
+    embedder = Embedder(spec, model, device, compute_dtype)
+    probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
+    dim = embedder(probe).shape[1]
+    if not tiny and dim != spec.dim:
+        raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
+    fingerprint = make_fingerprint(
+        spec, model, weights, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset), tuned
+    )
+    store = open_for_writing(
+        store_path(cache if stores is None else stores, dataset, backbone, tag), fingerprint, manifest.paths, dim,
+        dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
+    )
+    return Extraction(spec, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim)
+
+
 def extract_dataset(
     cache: Path,
     dataset: str,
@@ -130,55 +249,20 @@ def extract_dataset(
     store_dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
+    stores: Path | str | None = None,
     adapter: Path | None = None,
 ) -> ExtractSummary:
-    """`adapter`: a fine-tuning run folder whose tuned backbone (LoRA merged, or full weights) is used."""
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
-    spec = get_spec(backbone)
-    spec = spec.as_tiny() if tiny else spec
-    if adapter is not None:
-        from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
-
-        tag = tag or run_tag(adapter, dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
-    if tag is None and (tiny or random_init):
-        # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
-        tag = "tiny" if tiny else "random-init"
-    manifest = read_manifest(cache, dataset)
-    compute_dtype = compute_dtype_for(device, dtype)
-    model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
-    tuned = None
-    if adapter is not None:
-        model, tuned = apply_run(model, spec, adapter)
-    fingerprint_model = model  # hashed on the CPU, before it moves
-    model = model.to(device).eval()
-
-    def embed(inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.to(device, non_blocking=True)
-        if spec.features_in_worker is None:
-            inputs = normalise(inputs, spec.mean, spec.std)
-        with torch.inference_mode(), torch.autocast(
-            device_type=torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32
-        ):
-            return model(inputs).float()
-
-    probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
-    dim = embed(probe).shape[1]
-    if not tiny and dim != spec.dim:
-        raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
-    fingerprint = make_fingerprint(
-        spec, fingerprint_model, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset), tuned
+    job = open_extraction(
+        cache, dataset, backbone, source, random_init, tiny, device, compute_dtype_for(device, dtype),
+        overwrite, tag, store_dtype, chunk_rows, stores, adapter,
     )
-    store = open_for_writing(
-        store_path(cache, dataset, backbone, tag), fingerprint, manifest.paths, dim,
-        dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
-    )
-    done = store.done_chunks()
-    todo = [c for c in range(index, store.n_chunks, count) if not done[c]]
-    batches = chunk_batches(store, todo, batch_size)
+    store = job.store
+    batches = chunk_batches(store, job.todo(shard), batch_size)
     loader = DataLoader(
-        ImageRows(Path(manifest.image_root), manifest.paths, spec),
+        ImageRows(job.image_root, job.paths, job.spec),
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.startswith("cuda"),
@@ -187,13 +271,9 @@ def extract_dataset(
     rows_computed, chunks_written = 0, 0
     block_rows: list[np.ndarray] = []
     block_reasons: list[str] = []
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{store.path.name}", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{backbone}", disable=not progress)
     for rows, inputs, reasons in loader:
-        readable = torch.tensor([not r for r in reasons])
-        out = np.full((len(rows), dim), np.nan, dtype=np.float32)
-        if readable.any():
-            out[readable.numpy()] = embed(inputs[readable]).cpu().numpy()
-        block_rows.append(out)
+        block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
         block_reasons.extend(reasons)
         chunk = int(rows[0]) // store.chunk_rows
         if len(block_reasons) == len(store.rows_of_chunk(chunk)):
@@ -203,14 +283,4 @@ def extract_dataset(
         rows_computed += len(rows)
         bar.update(len(rows))
     bar.close()
-    return ExtractSummary(
-        store=store.path,
-        rows=store.n_rows,
-        rows_computed=rows_computed,
-        chunks_written=chunks_written,
-        chunks_missing=int((~store.done_chunks()).sum()),
-        invalid=store.invalid_rows(),
-        seconds=time.perf_counter() - start,
-        fingerprint_id=fingerprint_id(fingerprint),
-        skip_bad=skip_bad,
-    )
+    return job.summary(rows_computed, chunks_written, time.perf_counter() - start, skip_bad)

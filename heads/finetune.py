@@ -37,7 +37,7 @@ from tqdm import tqdm
 from iqa.cache.store import fingerprint_id
 from iqa.data.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
-from iqa.extract.backbones import PooledBackbone, load_backbone
+from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
 from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
@@ -198,7 +198,7 @@ def finetune(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config)
     db = db if db is not None else ResultsDB(default_db(cache))
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
-    fingerprint = make_fingerprint(spec, base, embedding_dim(base, spec), compute_dtype, "live",
+    fingerprint = make_fingerprint(spec, base, weights_sha256(base), embedding_dim(base, spec), compute_dtype, "live",
                                    manifest_checksum(cache, dataset))
     fp_id = fingerprint_id(fingerprint)
     key = run_key(config, fp_id)

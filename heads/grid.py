@@ -8,7 +8,7 @@ once, so a killed grid loses at most the stacks in flight and a re-run trains on
 
 from dataclasses import asdict, dataclass
 from itertools import groupby, product
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +17,7 @@ from iqa.data.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.mlp import HEADS
 from iqa.heads.results import ResultsDB, run_key
-from iqa.heads.train import Member, StackData, lr_milestones, train_stack
+from iqa.heads.train import Member, RunResult, StackData, lr_milestones, train_stack
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 
@@ -105,8 +105,13 @@ def run_grid(
     device: str = "cpu",
     stack_size: int | None = None,
     progress: bool = True,
+    engine: "Engine | None" = None,
 ) -> list[dict]:
-    """Train every config not already in `db`; return each config's stored record, in config order."""
+    """Train every config not already in `db`; return each config's stored record, in config order.
+
+    `engine` trains the stacks (default `train_here`; `iqa.heads.ray_grid.train_on_ray` spreads them
+    over a Ray cluster) and yields each finished one; its results are recorded here, by the caller.
+    """
     loaded: dict[str, Cached] = {}
 
     def cached(name: str) -> Cached:
@@ -130,27 +135,59 @@ def run_grid(
         group = list(group)
         stacks += [group[i : i + size] for i in range(0, len(group), size)]
 
+    jobs = [
+        StackJob([(c, fingerprint(c)) for c, _ in stack], _stack_data(stack, rows, cached),
+                 [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c, _ in stack])
+        for stack in stacks
+    ]
     total = sum(c.epochs for c, _ in pending)
     with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
         done = 0
-        for stack in stacks:
-            first = stack[0][0]
-            train, test = cached(first.train_dataset), cached(first.test_dataset)
-            data = StackData(
-                train.embeddings,
-                train.manifest.targets,
-                np.stack([rows[k][0] for _, k in stack]),
-                train.embeddings if test is train else test.embeddings,
-                test.manifest.targets,
-                np.stack([rows[k][1] for _, k in stack]),
-            )
-            members = [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c, _ in stack]
-            results = train_stack(
-                data, members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
-                first.micro_batch, device, on_epoch=lambda _: bar.update(len(stack)),
-            )
-            db.record([(c.as_dict(), fingerprint(c), r) for (c, _), r in zip(stack, results)])
-            done += len(stack)
+        for job, results in (engine or train_here)(jobs, device, bar):
+            db.record([(c.as_dict(), fp, r) for (c, fp), r in zip(job.runs, results)])  # here only: one writer
+            done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
     stored = {r["key"]: r for r in db.runs()}
     return [stored[k] for k in keys]
+
+
+def _stack_data(stack: list[tuple[RunConfig, str]], rows: dict, cached: Callable[[str], Cached]) -> StackData:
+    first = stack[0][0]
+    train, test = cached(first.train_dataset), cached(first.test_dataset)
+    return StackData(
+        train.embeddings,
+        train.manifest.targets,
+        np.stack([rows[k][0] for _, k in stack]),
+        train.embeddings if test is train else test.embeddings,
+        test.manifest.targets,
+        np.stack([rows[k][1] for _, k in stack]),
+    )
+
+
+@dataclass
+class StackJob:
+    """One stack ready to train anywhere: its runs (config, cache fingerprint id), data and members."""
+
+    runs: list[tuple[RunConfig, str]]
+    data: StackData
+    members: list[Member]
+
+    @property
+    def model_epochs(self) -> int:
+        return len(self.runs) * self.runs[0][0].epochs
+
+    def train(self, device: str, on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
+        first = self.runs[0][0]
+        return train_stack(
+            self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
+            first.micro_batch, device, on_epoch=on_epoch,
+        )
+
+
+Engine = Callable[[list[StackJob], str, tqdm], Iterator[tuple[StackJob, list[RunResult]]]]
+
+
+def train_here(jobs: list[StackJob], device: str, bar: tqdm) -> Iterator[tuple[StackJob, list[RunResult]]]:
+    """The local engine: one stack after another in this process, yielding each as it finishes."""
+    for job in jobs:
+        yield job, job.train(device, on_epoch=lambda _: bar.update(len(job.runs)))

@@ -186,13 +186,18 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
     return _render(fields, columns, table, fmt, which)
 
 
+def _label(value) -> str:
+    """A row label: an unset field (no tag, no dropout) is blank, not "None"."""
+    return "" if value is None else str(value)
+
+
 def _render(fields, columns, table, fmt, which) -> str:
     metric_headers = [f"{h} {m}" for h, _ in columns for m in ("SRCC", "PLCC")]
     if fmt == "csv":
         head = fields + [f"{h} {s}" for h in metric_headers for s in (("mean", "std") if not h.startswith("Δ") else ("",))]
         lines = [",".join(x.strip() for x in head)]
         for row, values in table:
-            out = [str(v) for v in row]
+            out = [_label(v) for v in row]
             for kind, v in values:
                 if kind == "delta":
                     out.append("" if v is None else f"{v:.4f}")
@@ -216,14 +221,14 @@ def _render(fields, columns, table, fmt, which) -> str:
         lines = [f"<!-- {note} -->", "| " + " | ".join(fields + metric_headers) + " |"]
         lines.append("|" + "---|" * (len(fields) + len(metric_headers)))
         for row, values in table:
-            lines.append("| " + " | ".join([str(v) for v in row] + [show(k, v, False) for k, v in values]) + " |")
+            lines.append("| " + " | ".join([_label(v) for v in row] + [show(k, v, False) for k, v in values]) + " |")
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         lines = [f"% {note}", "\\begin{tabular}{" + "l" * len(fields) + "c" * len(metric_headers) + "}", "\\toprule"]
         lines.append(" & ".join(fields + [h.replace("Δ", "$\\Delta$").replace("_", "\\_") for h in metric_headers]) + " \\\\")
         lines.append("\\midrule")
         for row, values in table:
-            cells = [str(v).replace("_", "\\_") for v in row] + [show(k, v, True) for k, v in values]
+            cells = [_label(v).replace("_", "\\_") for v in row] + [show(k, v, True) for k, v in values]
             lines.append(" & ".join(cells).replace("—", "---") + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,154 @@
+"""`iqa extract --engine ray`: the local engine's store, filled by a Ray cluster.
+
+Ray Data runs the pipeline. Its items are the store's unfinished chunks, each carrying its row
+indices and image paths (rows of finished chunks are never read); CPU tasks decode a chunk into
+one block of model inputs; an actor pool embeds (one GPU share per actor when the cluster has GPUs,
+else CPU actors), and the driver writes each whole chunk with `EmbeddingStore.write_block`. The
+driver is the only writer, so the store's rules hold unchanged: a chunk is marked done only after
+its block is written; an actor that dies is restarted by Ray and its chunk retried (Ray Data's
+defaults for actor pools: restart and retry without limit; tasks are retried too); a killed
+driver loses only chunks in flight, which the next run computes. Actors embed through the same
+`Embedder`, in the same batches of a chunk as the local loop, so the numbers are the local ones.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from iqa.cache.store import DEFAULT_CHUNK_ROWS
+from iqa.extract.backbones import load_backbone, weights_sha256
+from iqa.extract.registry import get_spec
+from iqa.extract.run import COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, compute_dtype_for, open_extraction
+
+FAIL_ONCE_ENV = "IQA_RAY_FAIL_ONCE"  # fault injection for tests: a folder of chunk-<i> marker files
+
+
+def connect(address: str | None = None, **init_options):
+    """Join the cluster at `address` ("auto" for the running one), or start a local one; returns ray."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("the Ray engine needs Ray: pip install 'iqa[ray]'") from err
+    if not ray.is_initialized():
+        ray.init(address=address, **init_options)
+    return ray
+
+
+def decode_chunk(item: dict, backbone: str, tiny: bool, image_root: str) -> dict:
+    """A CPU task: one chunk's images -> its stacked model inputs and per-row reasons (JSON)."""
+    spec = get_spec(backbone)
+    images = ImageRows(Path(image_root), list(item["paths"]), spec.as_tiny() if tiny else spec)
+    decoded = [images[i] for i in range(len(images))]
+    return {
+        "chunk": item["chunk"],
+        "inputs": torch.stack([inputs for _, inputs, _ in decoded]).numpy(),
+        "reasons": json.dumps([reason for _, _, reason in decoded]),
+    }
+
+
+class EmbedChunks:
+    """An actor holding one copy of the backbone; refuses weights other than the driver's fingerprint."""
+
+    def __init__(self, backbone: str, source: str | None, random_init: bool, tiny: bool, device: str,
+                 compute_dtype: str, weights: str, dim: int, batch_size: int):
+        spec = get_spec(backbone)
+        spec = spec.as_tiny() if tiny else spec
+        model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+        if weights_sha256(model) != weights:
+            raise RuntimeError(f"this worker loaded other {backbone} weights than the driver fingerprinted")
+        self.embedder = Embedder(spec, model, device, COMPUTE_DTYPES[compute_dtype])
+        self.dim, self.batch_size = dim, batch_size
+
+    def __call__(self, item: dict) -> dict:
+        fail_if_asked(int(item["chunk"]))
+        reasons = json.loads(item["reasons"])
+        inputs = torch.from_numpy(np.array(item["inputs"]))  # a writable copy
+        embeddings = self.embedder.chunk(inputs, reasons, self.dim, self.batch_size)
+        return {"chunk": item["chunk"], "embeddings": embeddings, "reasons": item["reasons"]}
+
+
+def fail_if_asked(chunk: int) -> None:
+    """Kill this worker process once for a chunk whose marker file exists (tests of Ray's retries)."""
+    folder = os.environ.get(FAIL_ONCE_ENV)
+    marker = Path(folder) / f"chunk-{chunk}" if folder else None
+    if marker is not None and marker.exists():
+        marker.unlink()
+        os._exit(1)
+
+
+def actor_pool(cluster: dict, gpus_per_actor: float) -> tuple[int, dict]:
+    """(number of actors, resources of each): one per GPU share, else one per CPU.
+
+    GPU actors leave the CPUs to the decode tasks; on a CPU-only cluster Ray fuses the decode into
+    the CPU actors (same resources), so each actor decodes and embeds its chunk.
+    """
+    gpus = cluster.get("GPU", 0)
+    if gpus:
+        return max(1, int(gpus // gpus_per_actor)), {"num_gpus": gpus_per_actor}
+    return max(1, int(cluster.get("CPU", 1))), {"num_cpus": 1}
+
+
+def extract_with_ray(
+    cache: Path,
+    dataset: str,
+    backbone: str,
+    address: str | None = None,
+    source: str | None = None,
+    random_init: bool = False,
+    tiny: bool = False,
+    dtype: str = "auto",
+    batch_size: int = 32,
+    actors: int | None = None,
+    gpus_per_actor: float = 1.0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    tag: str | None = None,
+    store_dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: bool = True,
+    stores: Path | str | None = None,
+) -> ExtractSummary:
+    """Fill (or finish) the store `extract_dataset` would fill, with Ray Data on the cluster at `address`."""
+    ray = connect(address)
+    pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
+    device = "cuda" if "num_gpus" in resources else "cpu"
+    compute_dtype = compute_dtype_for(device, dtype)
+    # The driver fingerprints on its CPU at the actors' compute dtype; it never embeds a real image.
+    job = open_extraction(
+        cache, dataset, backbone, source, random_init, tiny, "cpu", compute_dtype, overwrite, tag, store_dtype, chunk_rows,
+        stores,
+    )
+    store = job.store
+    todo = job.todo()
+    items = [
+        {"chunk": c, "rows": list(store.rows_of_chunk(c)), "paths": [job.paths[r] for r in store.rows_of_chunk(c)]}
+        for c in todo
+    ]
+    start = time.perf_counter()
+    rows_computed, chunks_written = 0, 0
+    if items:
+        data = ray.data.from_items(items, override_num_blocks=len(items))  # one block per chunk
+        data = data.map(decode_chunk, fn_kwargs=dict(backbone=backbone, tiny=tiny, image_root=str(job.image_root)), num_cpus=1)
+        data = data.map(
+            EmbedChunks,
+            fn_constructor_kwargs=dict(
+                backbone=backbone, source=source, random_init=random_init, tiny=tiny, device=device,
+                compute_dtype=str(compute_dtype).removeprefix("torch."), weights=job.fingerprint["weights_sha256"],
+                dim=job.dim, batch_size=batch_size,
+            ),
+            compute=ray.data.ActorPoolStrategy(size=actors or pool_size),
+            **resources,
+        )
+        with tqdm(total=sum(len(i["rows"]) for i in items), unit="img", desc=f"{dataset} (ray)", disable=not progress) as bar:
+            for done in data.iter_rows():
+                reasons = json.loads(done["reasons"])
+                store.write_block(int(done["chunk"]), np.asarray(done["embeddings"]), reasons)
+                rows_computed += len(reasons)
+                chunks_written += 1
+                bar.update(len(reasons))
+    return job.summary(rows_computed, chunks_written, time.perf_counter() - start, skip_bad)

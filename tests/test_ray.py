@@ -1,0 +1,121 @@
+"""The Ray engine: stores equal to the local engine's bit for bit, retries after a killed actor, resume
+after a killed driver, remote (fsspec) stores, and distributed grids that record every run once."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'iqa[ray]')")
+
+from test_extract_run import make_dataset  # noqa: E402
+from test_heads_grid import fake_cache, small_grid  # noqa: E402
+
+from iqa.cache.store import EmbeddingStore, load_cached, store_path, verify_store  # noqa: E402
+from iqa.cli import app  # noqa: E402
+from iqa.extract.ray_engine import FAIL_ONCE_ENV, actor_pool, extract_with_ray  # noqa: E402
+from iqa.extract.run import extract_dataset  # noqa: E402
+from iqa.heads.grid import run_grid  # noqa: E402
+from iqa.heads.ray_grid import train_on_ray  # noqa: E402
+from iqa.heads.results import ResultsDB  # noqa: E402
+
+SAME = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=3, batch_size=2, progress=False)
+BACKBONE = "dinov2"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A small local Ray (2 CPUs, 200 MB object store); its workers see the fault-injection folder."""
+    faults = tmp_path_factory.mktemp("faults")
+    os.environ[FAIL_ONCE_ENV] = str(faults)  # inherited by the workers ray.init starts
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, logging_level="warning")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield faults
+    ray.shutdown()
+    del os.environ[FAIL_ONCE_ENV]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy set of 10 images and one missing file, and the local engine's store of it (tag "local")."""
+    cache = tmp_path_factory.mktemp("cache")
+    make_dataset(cache, n=10, extra={"gone.png": lambda path: None})
+    extract_dataset(cache, "toy", BACKBONE, tag="local", num_workers=0, skip_bad=True, **SAME)
+    return cache
+
+
+def assert_same_store(a, b):
+    """Every array of two stores equal, NaN rows included, and the same fingerprint."""
+    a, b = EmbeddingStore(a), EmbeddingStore(b)
+    assert a.fingerprint == b.fingerprint
+    for name in ("embeddings", "status", "reasons", "chunk_done", "keys"):
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
+
+
+def test_ray_store_on_an_fsspec_url_equals_local_store_bit_for_bit(cluster, toy):
+    url = "memory://iqa-test/stores"  # fsspec's in-memory filesystem: the driver is the store's only writer
+    summary = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
+    assert summary.store == f"{url}/toy/{BACKBONE}@tiny.zarr"
+    assert summary.rows_computed == 11 and summary.chunks_written == 4 and summary.chunks_missing == 0
+    assert summary.invalid == [("gone.png", "missing file")]
+    assert_same_store(summary.store, store_path(toy, "toy", BACKBONE, "local"))
+    again = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
+    assert again.rows_computed == 0 and again.chunks_written == 0
+    assert extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **SAME).rows_computed == 0
+    cached = load_cached(toy, "toy", BACKBONE, "tiny", stores=url)
+    np.testing.assert_array_equal(cached.embeddings, load_cached(toy, "toy", BACKBONE, "local").embeddings)
+    with pytest.raises(ValueError, match="built differently"):
+        extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **{**SAME, "store_dtype": "float16"})
+
+
+def test_killed_actor_is_retried_and_a_killed_driver_resumes_reading_only_unfinished_chunks(cluster, toy, tmp_path,
+                                                                                             monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(toy, cache, ignore=shutil.ignore_patterns("*.zarr"))  # the images and the manifest
+    (cluster / "chunk-1").touch()  # the actor embedding chunk 1 exits once: Ray restarts it and retries
+    write_block = EmbeddingStore.write_block
+
+    def die_after_two(store, chunk, *args):  # then the driver dies after writing two chunks
+        if int(store.done_chunks().sum()) == 2:
+            raise KeyboardInterrupt
+        write_block(store, chunk, *args)
+
+    monkeypatch.setattr(EmbeddingStore, "write_block", die_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract_with_ray(cache, "toy", BACKBONE, actors=1, **SAME)
+    monkeypatch.undo()
+    assert not (cluster / "chunk-1").exists(), "the actor was never killed"
+    store = EmbeddingStore(store_path(cache, "toy", BACKBONE, "tiny"))
+    assert store.done_chunks().sum() == 2
+    for chunk in np.flatnonzero(store.done_chunks()):  # reading a finished chunk's image now would mark it invalid
+        for row in store.rows_of_chunk(int(chunk)):
+            (cache / "images" / store.keys()[row]).unlink(missing_ok=True)
+    args = ["extract", "--engine", "ray", "--backbone", BACKBONE, "--dataset", "toy", "--tiny", "--dtype", "float32",
+            "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"{11 - 3 * 2} images" in result.output and "0 chunks still missing" in result.output
+    assert verify_store(store.path) == []
+    assert_same_store(store.path, store_path(toy, "toy", BACKBONE, "local"))
+
+
+def test_distributed_grid_records_every_run_exactly_once(cluster, tmp_path):
+    db = ResultsDB(tmp_path / "results.sqlite")
+    load = {"clive": fake_cache("clive")}.__getitem__
+    configs = small_grid()  # 12 runs in 6 stacks of at most 2
+    run_grid(configs[:3], load, db, stack_size=2, progress=False)  # some runs finished before
+    first_three = [r["key"] for r in db.runs()]
+    records = run_grid(configs, load, db, stack_size=2, progress=False, engine=train_on_ray())
+    keys = [r["key"] for r in db.runs()]
+    assert len(keys) == len(set(keys)) == len(configs) == len(records)
+    assert keys[:3] == first_three  # not trained again (a re-recorded run would move to the end)
+    assert all(r["status"] == "done" and len(r["curves"]["srcc"]) == 2 for r in records)
+    run_grid(configs, load, db, stack_size=2, progress=False, engine=train_on_ray())
+    assert [r["key"] for r in db.runs()] == keys
+
+
+def test_actor_pool_takes_every_gpu_share_or_every_cpu():
+    assert actor_pool({"CPU": 8.0}, 1.0) == (8, {"num_cpus": 1})
+    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, 0.5) == (8, {"num_gpus": 0.5})

@@ -137,6 +137,8 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild the store from scratch.")] = False,
     tag: Annotated[Optional[str], typer.Option("--tag", help="Store as <backbone>@<tag>.zarr.")] = None,
     store_dtype: Annotated[str, typer.Option("--store-dtype", help="float16 or float32.")] = "float16",
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="A fine-tuning run folder: embed with its tuned backbone (store tagged with the run).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data on a cluster; pip install 'iqa[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
     stores: StoresOption = None,
@@ -153,6 +155,8 @@ def extract(
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
+    if adapter is not None and engine != "local":
+        fail("--adapter works with --engine local")
     options = dict(source=model, random_init=random_init, tiny=tiny, dtype=dtype, batch_size=batch_size, skip_bad=skip_bad,
                    overwrite=overwrite, tag=tag, store_dtype=store_dtype, stores=store_root(stores) if stores else None)
     try:
@@ -162,7 +166,7 @@ def extract(
             summary = extract_with_ray(cache_root(cache), dataset, backbone, address=address, **options)
         else:
             summary = extract_dataset(cache_root(cache), dataset, backbone, device=device, num_workers=workers,
-                                      shard=(int(index), int(count)), **options)
+                                      shard=(int(index), int(count)), adapter=adapter, **options)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
     typer.echo(
@@ -304,7 +308,7 @@ def head_command(
 @app.command("results")
 def results_command(
     format: Annotated[str, typer.Option("--format", help="md, csv or latex.")] = "md",
-    layout: Annotated[str, typer.Option(help="backbones, variants, masking, dropout, cross, activations or regimes.")] = "backbones",
+    layout: Annotated[str, typer.Option(help="backbones, variants, masking, dropout, cross, activations or regimes (Table S1).")] = "backbones",
     which: Annotated[str, typer.Option(help="best (best epoch per run, the paper's) or last epoch.")] = "best",
     regime: Annotated[Optional[str], typer.Option(help="Only runs of this regime: frozen, lora or full.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
@@ -371,6 +375,53 @@ def report_command(
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
     typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")
+
+
+# ---- fine-tuning ----
+@app.command("finetune")
+def finetune_command(
+    backbone: Annotated[str, typer.Option(help="Registry key, e.g. siglip2, dinov3, resnet152.")],
+    dataset: Annotated[str, typer.Option(help="A prepared dataset (see `iqa data`).")],
+    head: Annotated[str, typer.Option(help="baseline, sig or gated.")] = "sig",
+    mode: Annotated[str, typer.Option(help="lora, full (every weight) or frozen (head only, live features).")] = "lora",
+    seed: Annotated[int, typer.Option(help="Split, head init, LoRA init and data order.")] = 8,
+    epochs: int = 30,
+    batch_size: Annotated[int, typer.Option(help="Physical batch (a multiple of 2).")] = 2,
+    accumulate: Annotated[int, typer.Option(help="Physical batches per optimiser step.")] = 6,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 4,
+    lr: Annotated[float, typer.Option(help="Head (and LoRA adapter) learning rate.")] = 1e-4,
+    backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU), float32, bfloat16, float16 (grad scaler).")] = "auto",
+    model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
+    split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: <cache>/runs/<dataset>/...].")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    cache: CacheOption = None,
+) -> None:
+    """Tune a backbone and a head end to end on images; resumes from the run folder's last checkpoint."""
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.finetune import finetune
+    from iqa.heads.results import ResultsDB
+
+    root = cache_root(cache)
+    try:
+        run = finetune(
+            root, dataset, backbone, head=head, mode=mode, seed=seed, epochs=epochs, batch_size=batch_size,
+            accumulate=accumulate, lora_rank=lora_rank, lr=lr, backbone_lr=backbone_lr, device=device, dtype=dtype,
+            source=model, tiny=tiny, random_init=random_init, split_by=split_by, run_dir=run_dir,
+            db=ResultsDB(db) if db else None, num_workers=workers,
+        )
+    except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    r = run.result
+    if r.status == "diverged":
+        fail(f"{run.run_dir}: diverged in epoch {r.diverged_epoch}; its last good checkpoint is kept and the run is recorded")
+    typer.echo(f"{run.run_dir}: best SRCC {r.best_srcc:.4f} PLCC {r.best_plcc:.4f} (epoch {r.best_epoch}), "
+               f"last SRCC {r.last_srcc:.4f} PLCC {r.last_plcc:.4f}")
 
 
 if __name__ == "__main__":

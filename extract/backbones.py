@@ -122,8 +122,13 @@ def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool) -> Poo
 
 def weights_sha256(module: nn.Module) -> str:
     """Checksum of every parameter and buffer, by name: the same weights give the same sum from any source."""
+    return state_sha256(module.state_dict())
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Checksum of named tensors (a state dict), in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -84,7 +84,8 @@ def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
 
 
 def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, dim: int, compute_dtype: torch.dtype,
-                     store_dtype: str, manifest_sha256: str) -> dict:
+                     store_dtype: str, manifest_sha256: str, tuned: dict | None = None) -> dict:
+    """What produced a store's numbers; `tuned` (the fine-tuning run applied, if any) only where there is one."""
     return {
         "backbone": spec.key,
         "model_id": model.source,
@@ -98,6 +99,7 @@ def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, di
         "store_dtype": store_dtype,
         "manifest_sha256": manifest_sha256,
         "packages": {name: version(name) for name in PACKAGES},
+        **({"tuned": tuned} if tuned else {}),
     }
 
 
@@ -191,26 +193,37 @@ def open_extraction(
     store_dtype: str = "float16",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     stores: Path | str | None = None,
+    adapter: Path | None = None,
 ) -> Extraction:
     """Load the backbone, fingerprint it, and create or reopen its store (refusing a different fingerprint).
 
     The manifest is read from the local `cache`; the store goes under `stores` (a path or an fsspec
-    URL, see iqa.cache.location), by default the cache itself.
+    URL, see iqa.cache.location), by default the cache itself. `adapter`: a fine-tuning run folder
+    whose tuned backbone (LoRA merged, or full weights) is used.
     """
     spec = get_spec(backbone)
     spec = spec.as_tiny() if tiny else spec
+    if adapter is not None:
+        from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
+
+        tag = tag or run_tag(adapter, dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
     if tag is None and (tiny or random_init):
         # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
         tag = "tiny" if tiny else "random-init"
     manifest = read_manifest(cache, dataset)
     model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    tuned = None
+    if adapter is not None:
+        model, tuned = apply_run(model, spec, adapter)
     weights = weights_sha256(model)  # hashed on the CPU, before it moves
     embedder = Embedder(spec, model, device, compute_dtype)
     probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
     dim = embedder(probe).shape[1]
     if not tiny and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
-    fingerprint = make_fingerprint(spec, model, weights, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset))
+    fingerprint = make_fingerprint(
+        spec, model, weights, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset), tuned
+    )
     store = open_for_writing(
         store_path(cache if stores is None else stores, dataset, backbone, tag), fingerprint, manifest.paths, dim,
         dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
@@ -237,13 +250,14 @@ def extract_dataset(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: bool = True,
     stores: Path | str | None = None,
+    adapter: Path | None = None,
 ) -> ExtractSummary:
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     job = open_extraction(
         cache, dataset, backbone, source, random_init, tiny, device, compute_dtype_for(device, dtype),
-        overwrite, tag, store_dtype, chunk_rows, stores,
+        overwrite, tag, store_dtype, chunk_rows, stores, adapter,
     )
     store = job.store
     batches = chunk_batches(store, job.todo(shard), batch_size)

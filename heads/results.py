@@ -35,7 +35,7 @@ LAYOUTS = {
     "dropout": Layout(("head", "dropout", "keep"), "keep"),  # Table S3
     "cross": Layout(("backbone", "head"), runs="cross"),  # Table 3: columns are train->test
     "activations": Layout(("act1", "act2"), hidden=("head",)),  # Table 6
-    "regimes": Layout(("head", "regime")),  # Table S1
+    "regimes": Layout(("backbone", "regime", "head")),  # Table S1: frozen vs LoRA vs full
 }
 REFERENCE_LEVEL = {"mask_k": 100.0, "keep": 1.0}
 NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed"}
@@ -121,9 +121,13 @@ def dataset_column(run: dict) -> str:
 
 
 def _row_fields(runs: list[dict], layout: Layout) -> list[str]:
-    """The lead fields, then every other config field that varies, so no cell mixes two configs."""
+    """The lead fields, then every other config field that varies, so no cell mixes two configs.
+
+    Fields are gathered over all runs: fine-tuning runs carry fields (lora_rank, ...) cached runs lack.
+    """
     hidden = NOT_ROW_FIELDS | set(layout.hidden)
-    config_fields = [k for k in runs[0] if k not in OUTCOME_FIELDS and k not in hidden]
+    every_field = dict.fromkeys(k for run in runs for k in run)
+    config_fields = [k for k in every_field if k not in OUTCOME_FIELDS and k not in hidden]
     varying = [k for k in config_fields if len({json.dumps(r.get(k)) for r in runs}) > 1]
     return list(layout.lead) + [k for k in varying if k not in layout.lead]
 

@@ -202,7 +202,7 @@ def train_stack_model(
                 curves[i][f"g_{n}"].append(epoch_g[n][i])
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return model, [_result(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
+    return model, [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
 
 
 def _freeze(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -212,7 +212,8 @@ def _freeze(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) 
         group["params"] = [p for p in group["params"] if id(p) not in ids]
 
 
-def _result(curve: dict[str, list], diverged_epoch: int | None, gates: dict | None) -> RunResult:
+def result_from_curves(curve: dict[str, list], diverged_epoch: int | None, gates: dict | None) -> RunResult:
+    """A run's record from its per-epoch curves: the best epoch by test SRCC (PLCC at that epoch) and the last."""
     if diverged_epoch is not None:
         return RunResult("diverged", None, None, None, None, None, curve, gates, diverged_epoch)
     scores = np.nan_to_num(np.array(curve["srcc"]), nan=-np.inf)

@@ -76,8 +76,9 @@ def test_cross_activation_and_regime_layouts(known_db):
     assert acts[1].startswith("| act1 | act2 | regime | clive SRCC")  # the head name is not repeated
     assert any(line.startswith("| sigmoid | gelu | frozen | **0.910") for line in acts)
     regimes = results_table(within, "regimes", "md").splitlines()
-    assert any(line.startswith("| baseline | lora | 0.850 ± 0.000 (n=1) |") for line in regimes)
-    assert any(line.startswith("| sig | frozen | 0.870 ± 0.010 |") for line in regimes)
+    assert regimes[1].startswith("| backbone | regime | head | clive SRCC")
+    assert any(line.startswith("| siglip2 | lora | baseline | 0.850 ± 0.000 (n=1) |") for line in regimes)
+    assert any(line.startswith("| siglip2 | frozen | sig | 0.870 ± 0.010 |") for line in regimes)
 
 
 def test_trainer_stores_the_gate_vector_every_epoch():

@@ -1,0 +1,70 @@
+"""Tuned backbones: LoRA on the registry's target modules, and a fine-tuning run's weights read back.
+
+`add_lora` wraps a loaded backbone with PEFT LoRA (rank r, alpha 2r, dropout 0.05: the paper's
+rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
+convolutions inside ResNet's residual blocks. Only the adapter weights train.
+
+`apply_run` gives the backbone a fine-tuning run left in its folder (heads/finetune.py): the LoRA
+adapter merged into the weights, or the full weights. The run must have started from the same
+base weights; `tuned_info` is what the embedding store's fingerprint records about it.
+"""
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+from iqa.extract.backbones import BackboneLoadError, PooledBackbone, state_sha256, weights_sha256
+from iqa.extract.registry import BackboneSpec, lora_target_modules
+from iqa.heads.checkpoint import checkpoint_path, load_checkpoint
+
+LORA_DROPOUT = 0.05
+
+
+def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int, dropout: float = LORA_DROPOUT) -> PeftModel:
+    targets = lora_target_modules(spec, [name for name, _ in backbone.named_modules()])
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets)
+    return get_peft_model(backbone, config)
+
+
+def _read_run(run_dir: Path) -> dict:
+    state = load_checkpoint(run_dir)
+    if state is None:
+        raise BackboneLoadError(f"no fine-tuning checkpoint at {checkpoint_path(run_dir)}")
+    if state["config"]["regime"] == "frozen":
+        raise BackboneLoadError(f"{run_dir} is a frozen-backbone run: its backbone is the base one, use no --adapter")
+    return state
+
+
+def run_tag(run_dir: Path, dataset: str) -> str:
+    """Store tag of a run's tuned embeddings: lora-r4-sig-s8 (tiny-... for a tiny model, ...-from-<set> across sets)."""
+    config = _read_run(run_dir)["config"]
+    mode = f"lora-r{config['lora_rank']}" if config["regime"] == "lora" else config["regime"]
+    tag = f"{mode}-{config['head']}-s{config['seed']}"
+    if config["tag"]:
+        tag = f"{config['tag']}-{tag}"
+    if config["train_dataset"] != dataset:
+        tag += f"-from-{config['train_dataset']}"
+    return tag
+
+
+def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path) -> tuple[PooledBackbone, dict]:
+    """(tuned backbone, what the store fingerprint records about the run)."""
+    state = _read_run(run_dir)
+    config, trained = state["config"], state["backbone"]
+    if config["backbone"] != spec.key:
+        raise BackboneLoadError(f"{run_dir} tuned {config['backbone']}, not {spec.key}")
+    base_sha = state["fingerprint"]["weights_sha256"]
+    if weights_sha256(backbone) != base_sha:
+        raise BackboneLoadError(
+            f"{run_dir} started from other {spec.key} weights ({state['fingerprint']['model_id']}); "
+            f"pass the same --model / --tiny / --random-init as the run"
+        )
+    if config["regime"] == "lora":
+        wrapped = add_lora(backbone, spec, config["lora_rank"])
+        set_peft_model_state_dict(wrapped, trained)
+        backbone = wrapped.merge_and_unload()
+    else:
+        backbone.load_state_dict(trained)
+    info = {"run": str(Path(run_dir).resolve()), "regime": config["regime"], "epoch": state["epoch"],
+            "base_weights_sha256": base_sha, "trained_sha256": state_sha256(trained)}
+    return backbone.eval(), info

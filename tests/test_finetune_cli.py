@@ -1,0 +1,51 @@
+import pytest
+from typer.testing import CliRunner
+
+from iqa.cache.store import load_cached
+from iqa.cli import app
+from test_finetune import bright_dataset, one_thread  # noqa: F401 (the autouse fixture applies here too)
+
+runner = CliRunner()
+
+
+def iqa(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
+    bright_dataset(tmp_path)
+    common = ["--dataset", "bright", "--tiny", "--workers", "0", "--cache", tmp_path]
+    tuned = iqa("finetune", "--backbone", "siglip2", "--epochs", "2", *common)
+    assert tuned.exit_code == 0, tuned.output
+    run_dir = tmp_path / "runs" / "bright" / "siglip2@tiny-lora-r4-sig-s8"
+    assert tuned.stdout.startswith(f"{run_dir}: best SRCC") and (run_dir / "checkpoint.pt").exists()
+
+    extracted = iqa("extract", "--backbone", "siglip2", "--adapter", run_dir, *common)
+    assert extracted.exit_code == 0, extracted.output
+    cached = load_cached(tmp_path, "bright", "siglip2", tag="tiny-lora-r4-sig-s8")
+    assert cached.valid.all() and cached.fingerprint["tuned"]["run"] == str(run_dir) and cached.fingerprint["tuned"]["epoch"] == 2
+
+    wrong = iqa("extract", "--backbone", "clip", "--adapter", run_dir, *common)
+    assert wrong.exit_code == 1 and "tuned siglip2, not clip" in wrong.stderr
+
+    assert iqa("finetune", "--backbone", "siglip2", "--mode", "full", "--epochs", "1", *common).exit_code == 0
+    table = iqa("results", "--layout", "regimes", "--cache", tmp_path)
+    assert table.exit_code == 0 and "| siglip2 | full | sig |" in table.stdout and "| siglip2 | lora | sig |" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "partial"], "--mode must be one of lora, full, frozen"),
+    (["--batch-size", "3"], "--batch-size must be a multiple of 2"),
+    (["--head", "wide"], "unknown head 'wide'"),
+    (["--backbone", "nss"], "nss has no transformers vision tower"),
+    (["--dataset", "missing"], "no manifest for dataset 'missing'"),
+    (["--accumulate", "9"], "12 training images cannot fill one batch of 18"),
+])
+def test_bad_input_fails_in_one_line(tmp_path, args, message):
+    bright_dataset(tmp_path)
+    options = {"--backbone": "dinov2", "--dataset": "bright", "--tiny": None, "--workers": "0", "--cache": tmp_path}
+    for flag, value in zip(args[::2], args[1::2]):
+        options[flag] = value
+    result = iqa("finetune", *[a for flag, value in options.items() for a in ((flag,) if value is None else (flag, value))])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -17,22 +17,17 @@ GATE_INIT = {"alpha": 1.0, "beta": 0.0, "gamma": 2.0, "a": 0.25, "g": 0.0}
 class GatedActivation(nn.Module):
     """y = s(g) * gamma * sigmoid(alpha * x + beta) + (1 - s(g)) * LeakyReLU_a(x), per channel.
 
-    Each of the five parameters is [M, C]; member m is stored as its own leaf tensor (row m of the
-    stacked view) so an optimizer can give each member its own learning rate. The parameters and the
-    arithmetic stay float32 under autocast and after `.half()`/`.to(bfloat16)` (Suppl. B.1).
+    Each of the five parameters is one [M, C] tensor, row m belonging to member m. The parameters
+    and the arithmetic stay float32 under autocast and after `.half()`/`.to(bfloat16)` (Suppl. B.1).
     """
 
     def __init__(self, members: int, channels: int):
         super().__init__()
         for name, value in GATE_INIT.items():
-            rows = [nn.Parameter(torch.full((channels,), value)) for _ in range(members)]
-            setattr(self, name, nn.ParameterList(rows))
+            setattr(self, name, nn.Parameter(torch.full((members, channels), value)))
 
-    def stacked(self, name: str) -> torch.Tensor:
-        """One parameter for all members, [M, C]."""
-        return torch.stack(list(getattr(self, name)))
-
-    def member_parameters(self, m: int) -> list[nn.Parameter]:
+    def member_tensors(self, m: int) -> list[torch.Tensor]:
+        """Member m's alpha, beta, gamma, a, g (views into the stacked parameters)."""
         return [getattr(self, name)[m] for name in GATE_INIT]
 
     def _apply(self, fn, recurse=True):
@@ -44,7 +39,7 @@ class GatedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            alpha, beta, gamma, a, g = (self.stacked(name)[:, None, :] for name in GATE_INIT)
+            alpha, beta, gamma, a, g = (getattr(self, name)[:, None, :] for name in GATE_INIT)
             x32 = x.float()
             mix = torch.sigmoid(g)
             leaky = torch.where(x32 >= 0, x32, a * x32)
@@ -61,6 +56,6 @@ def make_activation(name: str, members: int, channels: int) -> nn.Module:
     return plain[name]
 
 
-def activation_member_parameters(act: nn.Module, m: int) -> list[nn.Parameter]:
+def activation_member_tensors(act: nn.Module, m: int) -> list[torch.Tensor]:
     """The learnable parameters of member m (none for the plain activations)."""
-    return act.member_parameters(m) if isinstance(act, GatedActivation) else []
+    return act.member_tensors(m) if isinstance(act, GatedActivation) else []

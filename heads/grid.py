@@ -93,9 +93,9 @@ def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray
 
 
 def _stack_key(config: RunConfig) -> tuple:
-    """Runs that can train in one stack agree on everything but seed, mask k, keep and lr."""
+    """Runs that can train in one stack agree on everything but seed, mask k and keep."""
     d = config.as_dict()
-    return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep", "lr"))
+    return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep"))
 
 
 def run_grid(

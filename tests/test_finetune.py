@@ -134,7 +134,7 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
     state = load_checkpoint(trained.run_dir)
     spec = get_spec(key).as_tiny()
     before = load_backbone(spec, tiny=True)
-    head = StackedMLP(state["head"]["layer1.weight.0"].shape[0], [8], *HEADS["sig"]).state_dict()
+    head = StackedMLP(state["head"]["layer1.weight"].shape[1], [8], *HEADS["sig"]).state_dict()
     head_moves = max((state["head"][k] - head[k]).abs().max().item() for k in head)
     assert 0.9e-4 < head_moves <= 1.0001e-4  # Adam's first step moves a weight by lr * |g| / (|g| + eps)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == ([5e-6, 1e-4] if mode == "full" else [1e-4, 1e-4])

@@ -16,8 +16,8 @@ from iqa.heads.mlp import HEADS, StackedMLP, topk_mask
 def test_gated_activation_is_eq3_per_member_and_channel():
     torch.manual_seed(0)
     gate = GatedActivation(members=2, channels=3)
-    assert gate.stacked("alpha").shape == (2, 3)
-    assert [gate.stacked(n)[0, 0].item() for n in ("alpha", "beta", "gamma", "a", "g")] == [1, 0, 2, 0.25, 0]
+    assert gate.alpha.shape == (2, 3)
+    assert [getattr(gate, n)[0, 0].item() for n in ("alpha", "beta", "gamma", "a", "g")] == [1, 0, 2, 0.25, 0]
     with torch.no_grad():
         for name in ("alpha", "beta", "gamma", "a", "g"):
             for p in getattr(gate, name):
@@ -73,12 +73,12 @@ def test_stacked_mlp_member_equals_reference_mlp_and_is_seed_determined():
     torch.manual_seed(0)
     stack = StackedMLP(6, [8, 19], "sigmoid", "lrelu", mask_k=[100, 50], hidden=16)
     alone = StackedMLP(6, [19], "sigmoid", "lrelu", mask_k=[50], hidden=16)
-    for a, b in zip(stack.member_parameters(1), alone.member_parameters(0)):
+    for a, b in zip(stack.member_tensors(1), alone.member_tensors(0)):
         assert torch.equal(a, b)  # initialisation comes from the member's own seed
     x = torch.randn(2, 4, 6)
     out = stack(x)
     for m in range(2):
-        w1, b1, w2, b2, w3, b3 = stack.member_parameters(m)
+        w1, b1, w2, b2, w3, b3 = stack.member_tensors(m)
         xm = topk_mask(x[m : m + 1], stack.mask_k[m : m + 1])[0]
         h = torch.sigmoid(xm @ w1 + b1)
         h = torch.nn.functional.leaky_relu(h @ w2 + b2)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from iqa.heads.train import LARGE_MILESTONES, Member, StackData, lr_milestones, train_stack
+from iqa.heads.mlp import StackedMLP
+from iqa.heads.train import LARGE_MILESTONES, MaskedPools, Member, StackData, lr_milestones, train_stack
 
 
 def learnable_set(n=300, d=32, seed=0):
@@ -23,7 +24,7 @@ def data_for(x, y, members, n_train=240):
 
 def test_member_trained_alone_matches_member_inside_a_stack_over_100_steps():
     x, y = learnable_set()  # 240 train rows / batch 12 = 20 steps per epoch, 5 epochs = 100 steps
-    mates = [Member(19, mask_k=50), Member(8), Member(25, keep=0.5, lr=3e-4)]
+    mates = [Member(19, mask_k=50), Member(8), Member(25, keep=0.5)]
     for act, dropout in (("lrelu", None), ("gated", "layers")):
         alone = train_stack(data_for(x, y, 1), [Member(8)], act, act, dropout, hidden=64, epochs=5)[0]
         stacked = train_stack(data_for(x, y, 3), mates, act, act, dropout, hidden=64, epochs=5)[1]
@@ -57,7 +58,12 @@ def test_training_learns_and_reports_best_and_last_epoch():
 def test_diverging_member_stops_alone_and_the_others_go_on():
     x, y = learnable_set()
     healthy_alone = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
-    healthy, exploding = train_stack(data_for(x, y, 2), [Member(8), Member(19, lr=1e12)], hidden=64, epochs=2)
+    # The second member's training rows include an embedding of infinities: its loss is NaN at once.
+    poisoned = np.concatenate([x, np.full((1, x.shape[1]), np.inf, dtype=x.dtype)])
+    data = data_for(poisoned, np.append(y, 0.5), 2)
+    data.train_rows[1, 0] = len(x)
+    data.test_rows = data.test_rows[:, :-1]  # both test on the finite rows
+    healthy, exploding = train_stack(data, [Member(8), Member(19)], hidden=64, epochs=2)
     assert exploding.status == "diverged" and exploding.diverged_epoch == 1
     assert exploding.best_srcc is None and exploding.last_srcc is None
     assert healthy.status == "done"
@@ -69,14 +75,27 @@ def test_multistep_schedule_for_large_sets_and_constant_for_small():
     member = Member(8, lr=1e-4, milestones=(2, 3))
     assert [member.learning_rate(e) for e in range(4)] == pytest.approx([1e-4, 1e-4, 2e-5, 4e-6])
     x, y = learnable_set()
-    results = train_stack(data_for(x, y, 2), [member, Member(8, lr=1e-4)], hidden=64, epochs=4)
-    assert results[0].curves["lr"] == pytest.approx([1e-4, 1e-4, 2e-5, 4e-6])
-    assert results[1].curves["lr"] == pytest.approx([1e-4] * 4)
-    assert results[0].curves["train_loss"][:2] == pytest.approx(results[1].curves["train_loss"][:2], rel=1e-5)
-    assert results[0].curves["train_loss"][2] != pytest.approx(results[1].curves["train_loss"][2], rel=1e-5)
+    decayed, constant = (train_stack(data_for(x, y, 1), [m], hidden=64, epochs=4)[0] for m in (member, Member(8, lr=1e-4)))
+    assert decayed.curves["lr"] == pytest.approx([1e-4, 1e-4, 2e-5, 4e-6])
+    assert constant.curves["lr"] == pytest.approx([1e-4] * 4)
+    assert decayed.curves["train_loss"][:2] == pytest.approx(constant.curves["train_loss"][:2], rel=1e-5)
+    assert decayed.curves["train_loss"][2] != pytest.approx(constant.curves["train_loss"][2], rel=1e-5)
+    with pytest.raises(ValueError, match="one learning-rate schedule"):
+        train_stack(data_for(x, y, 2), [member, Member(8, lr=1e-4)], hidden=64, epochs=1)
 
 
 def test_rows_must_match_members():
     x, y = learnable_set()
     with pytest.raises(ValueError, match="one row list per member"):
         train_stack(data_for(x, y, 1), [Member(8), Member(19)], hidden=64, epochs=1)
+
+
+def test_pools_masked_once_give_the_inputs_per_step_masking_gives():
+    x = torch.randn(50, 40)
+    model = StackedMLP(40, [8, 19, 25], mask_k=[30, 100, 30], hidden=8)
+    pools = MaskedPools(model, x, chunk=16)  # chunks smaller than the pool
+    assert pools.pools.shape == (2, 50, 40)  # one pool per distinct k
+    rows = torch.randint(0, 50, (3, 12))
+    torch.testing.assert_close(pools.rows(rows), model.mask_inputs(x[rows]), rtol=0, atol=0)
+    unmasked = MaskedPools(StackedMLP(40, [8, 19], hidden=8), x)
+    assert torch.equal(unmasked.rows(rows[:2]), x[rows[:2]])

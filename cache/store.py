@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import zarr
 
+from iqa.cache.atomic import atomic_path
 from iqa.cache.location import dataset_dir, is_url
 from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 from iqa.data.splits import SplitBy, split_indices
@@ -287,20 +288,13 @@ def verify_store(path: Path) -> list[str]:
 def export_h5(store_dir: Path, path: Path) -> Path:
     """The store as one HDF5 file (same arrays and names, fingerprint as a JSON attribute), written atomically."""
     store = EmbeddingStore(store_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
-            f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
-            f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("status", data=store.status())
-            reasons = store.group["reasons"][:].astype(object)
-            f.create_dataset("reasons", data=reasons, dtype=h5py.string_dtype())
-            f.attrs["fingerprint"] = json.dumps(store.fingerprint, sort_keys=True)
-            f.attrs["fingerprint_id"] = fingerprint_id(store.fingerprint)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
+        f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
+        f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("status", data=store.status())
+        reasons = store.group["reasons"][:].astype(object)
+        f.create_dataset("reasons", data=reasons, dtype=h5py.string_dtype())
+        f.attrs["fingerprint"] = json.dumps(store.fingerprint, sort_keys=True)
+        f.attrs["fingerprint_id"] = fingerprint_id(store.fingerprint)
     return path

@@ -7,13 +7,12 @@ every later stage can ignore how each dataset happened to publish its scores.
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from iqa.cache.atomic import atomic_path
 from iqa.cache.location import dataset_dir
 
 MANIFEST_FILE = "manifest.json"
@@ -90,17 +89,8 @@ def manifest_path(cache: Path, dataset: str) -> Path:
 def write_manifest(manifest: Manifest, cache: Path) -> Path:
     """Write atomically: a crash or a failed prepare leaves any earlier manifest intact."""
     target = manifest_path(cache, manifest.dataset)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(target) as tmp:
+        tmp.write_text(manifest.to_json())
     return target
 
 

@@ -11,14 +11,14 @@ A checkpoint is written to a temporary file beside the old one, flushed to disk 
 it, so a run killed while saving keeps its previous checkpoint.
 """
 
-import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from iqa.cache.atomic import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -29,17 +29,8 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
     target = checkpoint_path(run_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(target) as tmp:
+        torch.save(state, tmp)
     return target
 
 

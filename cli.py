@@ -130,7 +130,7 @@ def extract(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
     device: Annotated[str, typer.Option("--device")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU), float32, bfloat16, float16.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="[default: 4 on CPU, 32 on GPU]")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
     shard: Annotated[str, typer.Option("--shard", help="i/n: this process takes every n-th chunk from i.")] = "0/1",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Unreadable images warn instead of failing.")] = False,

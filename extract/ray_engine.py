@@ -23,7 +23,7 @@ from tqdm import tqdm
 from iqa.cache.store import DEFAULT_CHUNK_ROWS
 from iqa.extract.backbones import load_backbone, weights_sha256
 from iqa.extract.registry import get_spec
-from iqa.extract.run import COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, compute_dtype_for, open_extraction
+from iqa.extract.run import COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, compute_dtype_for, default_batch_size, open_extraction
 
 FAIL_ONCE_ENV = "IQA_RAY_FAIL_ONCE"  # fault injection for tests: a folder of chunk-<i> marker files
 
@@ -102,7 +102,7 @@ def extract_with_ray(
     random_init: bool = False,
     tiny: bool = False,
     dtype: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     actors: int | None = None,
     gpus_per_actor: float = 1.0,
     skip_bad: bool = False,
@@ -117,6 +117,7 @@ def extract_with_ray(
     ray = connect(address)
     pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
     device = "cuda" if "num_gpus" in resources else "cpu"
+    batch_size = batch_size or default_batch_size(device)
     compute_dtype = compute_dtype_for(device, dtype)
     # The driver fingerprints on its CPU at the actors' compute dtype; it never embeds a real image.
     job = open_extraction(

@@ -103,6 +103,12 @@ def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, di
     }
 
 
+def default_batch_size(device: str) -> int:
+    """Images per forward pass: small on a CPU, where a large batch's activations fall out of cache
+    (DINOv3-S at 512: batch 16 ran 17% slower per image than batch 4), large on a GPU."""
+    return 4 if torch.device(device).type == "cpu" else 32
+
+
 def chunk_batches(store: EmbeddingStore, chunks: list[int], batch_size: int) -> list[list[int]]:
     """Each chunk's rows in batches of at most batch_size; no batch spans two chunks."""
     batches = []
@@ -240,7 +246,7 @@ def extract_dataset(
     tiny: bool = False,
     device: str = "cpu",
     dtype: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 2,
     shard: tuple[int, int] = (0, 1),
     skip_bad: bool = False,
@@ -260,7 +266,7 @@ def extract_dataset(
         overwrite, tag, store_dtype, chunk_rows, stores, adapter,
     )
     store = job.store
-    batches = chunk_batches(store, job.todo(shard), batch_size)
+    batches = chunk_batches(store, job.todo(shard), batch_size or default_batch_size(device))
     loader = DataLoader(
         ImageRows(job.image_root, job.paths, job.spec),
         batch_sampler=batches,

@@ -127,11 +127,14 @@ def run_grid(
     finished = db.finished_keys()
     pending = [(c, k) for c, k in zip(configs, keys) if k not in finished]
     rows = {k: run_rows(c, cached(c.train_dataset), cached(c.test_dataset)) for c, k in pending}
-    # group by architecture and row counts (a stack needs rectangular rows), then cut into stacks
-    by_shape = sorted(pending, key=lambda ck: (_stack_key(ck[0]), *map(len, rows[ck[1]])))
+    def shape(pending_run: tuple[RunConfig, str]) -> tuple:
+        """Architecture and row counts: runs that agree on them can share a stack (rows must be rectangular)."""
+        config, key = pending_run
+        return (_stack_key(config), *map(len, rows[key]))
+
     size = stack_size or STACK_SIZE.get(str(device).split(":")[0], 1)
     stacks = []
-    for _, group in groupby(by_shape, key=lambda ck: (_stack_key(ck[0]), *map(len, rows[ck[1]]))):
+    for _, group in groupby(sorted(pending, key=shape), key=shape):
         group = list(group)
         stacks += [group[i : i + size] for i in range(0, len(group), size)]
 

@@ -3,7 +3,7 @@
 Both train the same random-init model (backbone + the sig head) with physical batch 2 and an
 optimiser step every `accumulate` batches, on the same random images already on the device:
 - plain:  fp32, no autocast, torch.optim.Adam with its defaults, a device sync per batch (.item()).
-- iqa:    `train_epoch` of heads/finetune.py: autocast (bf16 on GPU unless --dtype), fused Adam,
+- iqa:    `train_epoch` of heads/finetune.py: autocast (`--dtype auto`: bf16 on GPUs and bf16 CPUs), fused Adam,
           one device sync per optimiser step.
 for LoRA (rank 4 on q/k) and full fine-tuning. On a GPU it also reports peak memory, and for
 SigLIP2-SO400M at 512 (random init) the peak of one forward pass at batch 1 and of a LoRA step,
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="dinov3-b", help="registry key (random-init weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 autocast where the hardware has it), float32, bfloat16, float16")
     parser.add_argument("--resolution", type=int, default=None, help="input side [default: the registry's, 128 with --quick]")
     parser.add_argument("--steps", type=int, default=5, help="optimiser steps timed per variant")
     parser.add_argument("--accumulate", type=int, default=6)

@@ -10,11 +10,11 @@ The loss is the cached trainer's: physical batches of 2, gradients accumulated o
 micro-batch of 2 scored alone (its own MSE and margin) and the micro-batch losses averaged, i.e.
 `iqa_loss(pred, target, micro_batch=2) / accumulate` per physical batch. An epoch is
 floor(n_train / 12) optimiser steps over the seed's 80% train split, in an order drawn from
-(seed, epoch) alone; Adam; the SPEC's schedule (x0.2 at epochs 15 and 25 on large sets). On a
-GPU the forward runs under autocast (bf16, or fp16 with a grad scaler); the weights stay float32
-and the gated activation computes in float32 whatever the autocast dtype. SRCC/PLCC on the test
-split after every epoch; a checkpoint after every epoch (heads/checkpoint.py), from which a killed
-run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
+(seed, epoch) alone; Adam; the SPEC's schedule (x0.2 at epochs 15 and 25 on large sets). Where
+the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
+(bf16, or fp16 with a grad scaler); the weights stay float32 and the gated activation computes in
+float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epoch; a checkpoint
+after every epoch (heads/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
 checkpoint stays and it is recorded as diverged. The finished run goes to the results database
 with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
 

@@ -52,13 +52,30 @@ def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
 @pytest.mark.parametrize("key", ["siglip2", "clip", "dinov2", "dinov3", "resnet152"])
 def test_extraction_matches_per_image_computation(tmp_path, key):
     paths = make_dataset(tmp_path, n=5)
-    summary = extract_dataset(tmp_path, "toy", key, tiny=True, store_dtype="float32", chunk_rows=2, batch_size=2, **QUIET)
+    summary = extract_dataset(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
+                              batch_size=2, **QUIET)
     assert summary.ok and summary.rows_computed == 5 and summary.chunks_written == 3 and summary.chunks_missing == 0
     spec = get_spec(key).as_tiny()
     expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
     cached = load_cached(tmp_path, "toy", key, tag="tiny")
     assert cached.valid.all() and cached.fingerprint["model_id"] == f"tiny:{spec.model_class}"
     np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_stays_close_to_float32(tmp_path, monkeypatch):
+    paths = make_dataset(tmp_path, n=4)
+    spec = get_spec("dinov3").as_tiny()
+    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    for has_bf16, dtype in [(False, "float32"), (True, "bfloat16")]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": has_bf16, "amx_bf16": False})
+        extract_dataset(tmp_path, "toy", "dinov3", tiny=True, store_dtype="float32", overwrite=True, **QUIET)
+        cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
+        assert cached.fingerprint["compute_dtype"] == dtype
+        relative = np.abs(cached.embeddings - expected).max() / np.abs(expected).max()
+        if dtype == "float32":
+            assert relative < 1e-5
+        else:  # bf16 really ran (it rounds), and stayed close
+            assert 1e-4 < relative < 2e-2
 
 
 def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):

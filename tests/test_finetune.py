@@ -47,7 +47,8 @@ def bright_dataset(cache: Path, n: int = 15) -> np.ndarray:
 
 
 def run(cache: Path, backbone: str = "dinov2", **options):
-    options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, **options}
+    # float32 unless a test asks: `auto` means bf16 on some CPUs, and tests must mean the same everywhere
+    options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
     return finetune(cache, "bright", backbone, **options)
 
 
@@ -116,8 +117,8 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
     with pytest.raises(BackboneLoadError, match="started from other siglip2 weights"):
         apply_run(other, spec, trained.run_dir)
     # tuned embeddings back into the cache, tagged with the run
-    summary = extract_dataset(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, store_dtype="float32",
-                              progress=False, num_workers=0)
+    summary = extract_dataset(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, dtype="float32",
+                              store_dtype="float32", progress=False, num_workers=0)
     assert summary.store.name == "siglip2@tiny-lora-r4-sig-s8.zarr"
     cached = load_cached(tmp_path, "bright", key, tag="tiny-lora-r4-sig-s8")
     assert cached.fingerprint["tuned"]["trained_sha256"] == info["trained_sha256"]

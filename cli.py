@@ -158,7 +158,8 @@ def extract(
     if adapter is not None and engine != "local":
         fail("--adapter works with --engine local")
     options = dict(source=model, random_init=random_init, tiny=tiny, dtype=dtype, batch_size=batch_size, skip_bad=skip_bad,
-                   overwrite=overwrite, tag=tag, store_dtype=store_dtype, stores=store_root(stores) if stores else None)
+                   overwrite=overwrite, tag=tag, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
+                   shard=(int(index), int(count)))
     try:
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
@@ -166,7 +167,7 @@ def extract(
             summary = extract_with_ray(cache_root(cache), dataset, backbone, address=address, **options)
         else:
             summary = extract_dataset(cache_root(cache), dataset, backbone, device=device, num_workers=workers,
-                                      shard=(int(index), int(count)), adapter=adapter, **options)
+                                      adapter=adapter, **options)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
     typer.echo(

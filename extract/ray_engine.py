@@ -23,7 +23,9 @@ from tqdm import tqdm
 from iqa.cache.store import DEFAULT_CHUNK_ROWS
 from iqa.extract.backbones import load_backbone, weights_sha256
 from iqa.extract.registry import get_spec
-from iqa.extract.run import COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, compute_dtype_for, default_batch_size, open_extraction
+from iqa.extract.run import (
+    COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, check_shard, compute_dtype_for, default_batch_size, open_extraction,
+)
 
 FAIL_ONCE_ENV = "IQA_RAY_FAIL_ONCE"  # fault injection for tests: a folder of chunk-<i> marker files
 
@@ -105,6 +107,7 @@ def extract_with_ray(
     batch_size: int | None = None,
     actors: int | None = None,
     gpus_per_actor: float = 1.0,
+    shard: tuple[int, int] = (0, 1),
     skip_bad: bool = False,
     overwrite: bool = False,
     tag: str | None = None,
@@ -113,7 +116,12 @@ def extract_with_ray(
     progress: bool = True,
     stores: Path | str | None = None,
 ) -> ExtractSummary:
-    """Fill (or finish) the store `extract_dataset` would fill, with Ray Data on the cluster at `address`."""
+    """Fill (or finish) the store `extract_dataset` would fill, with Ray Data on the cluster at `address`.
+
+    `shard=(i, n)` takes the chunks the local engine's shard i/n takes, so several drivers (or both
+    engines) can fill one store on a shared filesystem.
+    """
+    check_shard(shard)
     ray = connect(address)
     pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
     device = "cuda" if "num_gpus" in resources else "cpu"
@@ -125,7 +133,7 @@ def extract_with_ray(
         stores,
     )
     store = job.store
-    todo = job.todo()
+    todo = job.todo(shard)
     items = [
         {"chunk": c, "rows": list(store.rows_of_chunk(c)), "paths": [job.paths[r] for r in store.rows_of_chunk(c)]}
         for c in todo

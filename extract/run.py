@@ -122,6 +122,12 @@ def default_batch_size(device: str) -> int:
     return 4 if torch.device(device).type == "cpu" else 32
 
 
+def check_shard(shard: tuple[int, int]) -> None:
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+
+
 def chunk_batches(store: EmbeddingStore, chunks: list[int], batch_size: int) -> list[list[int]]:
     """Each chunk's rows in batches of at most batch_size; no batch spans two chunks."""
     batches = []
@@ -271,9 +277,7 @@ def extract_dataset(
     stores: Path | str | None = None,
     adapter: Path | None = None,
 ) -> ExtractSummary:
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+    check_shard(shard)
     job = open_extraction(
         cache, dataset, backbone, source, random_init, tiny, device, compute_dtype_for(device, dtype),
         overwrite, tag, store_dtype, chunk_rows, stores, adapter,

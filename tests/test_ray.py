@@ -1,8 +1,13 @@
-"""The Ray engine: stores equal to the local engine's bit for bit, retries after a killed actor, resume
-after a killed driver, remote (fsspec) stores, and distributed grids that record every run once."""
+"""The Ray engine: stores equal to the local engine's bit for bit, retries after a killed actor, shards,
+resume after a SIGKILLed driver process, remote (fsspec) stores, and distributed grids that record
+every run once."""
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -70,35 +75,71 @@ def test_ray_store_on_an_fsspec_url_equals_local_store_bit_for_bit(cluster, toy)
         extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **{**SAME, "store_dtype": "float16"})
 
 
-def test_killed_actor_is_retried_and_a_killed_driver_resumes_reading_only_unfinished_chunks(cluster, toy, tmp_path,
-                                                                                             monkeypatch):
-    cache = tmp_path / "cache"
+def copy_images(toy, cache):
     shutil.copytree(toy, cache, ignore=shutil.ignore_patterns("*.zarr"))  # the images and the manifest
-    (cluster / "chunk-1").touch()  # the actor embedding chunk 1 exits once: Ray restarts it and retries
-    write_block = EmbeddingStore.write_block
 
-    def die_after_two(store, chunk, *args):  # then the driver dies after writing two chunks
-        if int(store.done_chunks().sum()) == 2:
-            raise KeyboardInterrupt
-        write_block(store, chunk, *args)
 
-    monkeypatch.setattr(EmbeddingStore, "write_block", die_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        extract_with_ray(cache, "toy", BACKBONE, actors=1, **SAME)
-    monkeypatch.undo()
-    assert not (cluster / "chunk-1").exists(), "the actor was never killed"
-    store = EmbeddingStore(store_path(cache, "toy", BACKBONE, "tiny"))
-    assert store.done_chunks().sum() == 2
-    for chunk in np.flatnonzero(store.done_chunks()):  # reading a finished chunk's image now would mark it invalid
+def test_killed_actor_is_retried_and_two_ray_shards_fill_one_store(cluster, toy, tmp_path):
+    cache = tmp_path / "cache"
+    copy_images(toy, cache)
+    (cluster / "chunk-2").touch()  # the actor embedding chunk 2 exits once: Ray restarts it and retries
+    first = extract_with_ray(cache, "toy", BACKBONE, actors=1, shard=(0, 2), **SAME)
+    assert not (cluster / "chunk-2").exists(), "the actor was never killed"
+    assert (first.chunks_written, first.chunks_missing) == (2, 2)  # chunks 0 and 2 of 4
+    args = ["extract", "--engine", "ray", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--tiny",
+            "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "0 chunks still missing" in result.output
+    assert_same_store(first.store, store_path(toy, "toy", BACKBONE, "local"))
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        extract_with_ray(cache, "toy", BACKBONE, shard=(2, 2), **SAME)
+
+
+KILLABLE_DRIVER = """
+import sys, time
+from pathlib import Path
+import ray
+from iqa.cache.store import EmbeddingStore
+from iqa.extract.ray_engine import extract_with_ray
+write_block = EmbeddingStore.write_block
+def slow_write(store, *args):  # each written chunk leaves the test time to kill the driver before the next
+    write_block(store, *args)
+    time.sleep(1.5)
+EmbeddingStore.write_block = slow_write
+ray.init(address=sys.argv[2], logging_level="warning")
+ray.data.DataContext.get_current().enable_progress_bars = False
+extract_with_ray(Path(sys.argv[1]), "toy", "%s", actors=1, **%r)
+""" % (BACKBONE, SAME)
+
+
+def test_sigkilled_driver_process_resumes_reading_only_unfinished_chunks(cluster, toy, tmp_path):
+    cache = tmp_path / "cache"
+    copy_images(toy, cache)
+    script = tmp_path / "driver.py"
+    script.write_text(KILLABLE_DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), str(cache), ray.get_runtime_context().gcs_address])
+    path = store_path(cache, "toy", BACKBONE, "tiny")
+    markers = path / "chunk_done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None and (not markers.is_dir() or len(os.listdir(markers)) < 2):
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    store = EmbeddingStore(path)
+    done = np.flatnonzero(store.done_chunks())
+    assert len(done) == 2, "the driver was not killed mid-run"
+    for chunk in done:  # reading a finished chunk's image now would mark it invalid
         for row in store.rows_of_chunk(int(chunk)):
             (cache / "images" / store.keys()[row]).unlink(missing_ok=True)
     args = ["extract", "--engine", "ray", "--backbone", BACKBONE, "--dataset", "toy", "--tiny", "--dtype", "float32",
             "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert f"{11 - 3 * 2} images" in result.output and "0 chunks still missing" in result.output
-    assert verify_store(store.path) == []
-    assert_same_store(store.path, store_path(toy, "toy", BACKBONE, "local"))
+    unfinished = 11 - sum(len(store.rows_of_chunk(int(c))) for c in done)
+    assert f"{unfinished} images" in result.output and "0 chunks still missing" in result.output
+    assert verify_store(path) == []
+    assert_same_store(path, store_path(toy, "toy", BACKBONE, "local"))
 
 
 def test_distributed_grid_records_every_run_exactly_once(cluster, tmp_path):

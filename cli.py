@@ -148,26 +148,25 @@ def extract(
     from iqa.cache.location import store_root
     from iqa.cache.store import FingerprintMismatch
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.extract.run import extract_dataset
+    from iqa.extract.run import ExtractRequest, extract_dataset
 
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
-    if adapter is not None and engine != "local":
-        fail("--adapter works with --engine local")
-    options = dict(source=model, random_init=random_init, tiny=tiny, dtype=dtype, batch_size=batch_size, skip_bad=skip_bad,
-                   overwrite=overwrite, tag=tag, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
-                   shard=(int(index), int(count)))
     try:
+        request = ExtractRequest(
+            cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
+            tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
+            overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
+        )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
 
-            summary = extract_with_ray(cache_root(cache), dataset, backbone, address=address, **options)
+            summary = extract_with_ray(request, address=address)
         else:
-            summary = extract_dataset(cache_root(cache), dataset, backbone, device=device, num_workers=workers,
-                                      adapter=adapter, **options)
+            summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
     typer.echo(

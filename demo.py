@@ -46,7 +46,7 @@ def run_demo(
     from iqa.cache.store import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
-    from iqa.extract.run import extract_dataset
+    from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.grid import expand_grid, head_choices, run_grid
     from iqa.heads.report import default_profile, write_report
     from iqa.heads.results import ResultsDB, default_db, results_table
@@ -61,7 +61,7 @@ def run_demo(
     db = ResultsDB(default_db(cache))
     records = []
     for backbone, tiny in BACKBONES:
-        summary = extract_dataset(cache, DATASET, backbone, tiny=tiny, device=device, progress=progress)
+        summary = extract_dataset(ExtractRequest(cache, DATASET, backbone, tiny=tiny, progress=progress), device=device)
         if not summary.ok:
             raise RuntimeError(f"extraction of {backbone} over the demo set failed: {summary}")
         tag = "tiny" if tiny else None

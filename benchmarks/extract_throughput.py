@@ -27,7 +27,7 @@ from iqa.cache.store import load_cached
 from iqa.data.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.extract.run import compute_dtype_for, default_batch_size, extract_dataset
+from iqa.extract.run import ExtractRequest, compute_dtype_for, default_batch_size, extract_dataset
 
 
 def make_images(cache: Path, n: int) -> list[Path]:
@@ -100,10 +100,9 @@ def main() -> None:
         files = make_images(cache, n)
         naive, naive_out = naive_loop(files, spec, model, args.device)
         print(f"naive loop (processor + model per image, fp32): {naive:.2f} images/s")
-        summary = extract_dataset(
-            cache, "bench", spec.key, random_init=True, device=args.device, dtype=args.dtype,
-            batch_size=args.batch_size, num_workers=args.workers, chunk_rows=args.batch_size,
-        )
+        request = ExtractRequest(cache, "bench", spec.key, random_init=True, dtype=args.dtype, batch_size=args.batch_size,
+                                 chunk_rows=args.batch_size)
+        summary = extract_dataset(request, device=args.device, num_workers=args.workers)
         stored = load_cached(cache, "bench", spec.key, "random-init").embeddings
     agreement = float(np.abs(stored - naive_out).max() / np.abs(naive_out).max())
     figures = {

@@ -129,7 +129,6 @@ def main() -> None:
             if peak is not None:
                 figures[f"{mode}_{name}_peak_mib"] = round(peak)
             print(f"{mode:4s} {name:5s}: {images_per_run / seconds:8.2f} images/s" + (f", peak {peak:.0f} MiB" if peak else ""))
-            del model
         figures[f"{mode}_speedup"] = round(figures[f"{mode}_iqa_images_per_s"] / figures[f"{mode}_plain_images_per_s"], 2)
     if args.device.startswith("cuda"):
         figures.update(siglip2_memory(args.device, args.dtype), table_s5_mib=TABLE_S5_MIB)

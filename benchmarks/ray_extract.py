@@ -22,7 +22,7 @@ from extract_throughput import make_images  # noqa: E402 (benchmarks/ is the scr
 
 from iqa.cache.store import load_cached
 from iqa.extract.ray_engine import extract_with_ray
-from iqa.extract.run import extract_dataset
+from iqa.extract.run import ExtractRequest, extract_dataset
 
 
 def main() -> None:
@@ -42,11 +42,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         make_images(cache, n)
-        local = extract_dataset(cache, "bench", args.backbone, device=device, num_workers=min(4, os.cpu_count()),
-                                tag="local", **model)
+        local = extract_dataset(ExtractRequest(cache, "bench", args.backbone, tag="local", **model), device=device,
+                                num_workers=min(4, os.cpu_count()))
         ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, logging_level="warning")
         ray.data.DataContext.get_current().enable_progress_bars = False
-        distributed = extract_with_ray(cache, "bench", args.backbone, tag="ray", **model)
+        distributed = extract_with_ray(ExtractRequest(cache, "bench", args.backbone, tag="ray", **model))
         ray_seconds = distributed.seconds
         ray.shutdown()
         same = np.array_equal(load_cached(cache, "bench", args.backbone, "local").embeddings,

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from iqa.cache.store import DEFAULT_CHUNK_ROWS
 from iqa.extract.backbones import load_backbone, weights_sha256
 from iqa.extract.registry import get_spec
 from iqa.extract.run import (
-    COMPUTE_DTYPES, Embedder, ExtractSummary, ImageRows, check_shard, compute_dtype_for, default_batch_size, open_extraction,
+    COMPUTE_DTYPES, Embedder, ExtractRequest, ExtractSummary, ImageRows, compute_dtype_for, default_batch_size, open_extraction,
 )
 
 FAIL_ONCE_ENV = "IQA_RAY_FAIL_ONCE"  # fault injection for tests: a folder of chunk-<i> marker files
@@ -96,44 +95,24 @@ def actor_pool(cluster: dict, gpus_per_actor: float) -> tuple[int, dict]:
 
 
 def extract_with_ray(
-    cache: Path,
-    dataset: str,
-    backbone: str,
-    address: str | None = None,
-    source: str | None = None,
-    random_init: bool = False,
-    tiny: bool = False,
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    actors: int | None = None,
-    gpus_per_actor: float = 1.0,
-    shard: tuple[int, int] = (0, 1),
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    tag: str | None = None,
-    store_dtype: str = "float16",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    progress: bool = True,
-    stores: Path | str | None = None,
+    request: ExtractRequest, address: str | None = None, actors: int | None = None, gpus_per_actor: float = 1.0
 ) -> ExtractSummary:
-    """Fill (or finish) the store `extract_dataset` would fill, with Ray Data on the cluster at `address`.
+    """Fill (or finish) the store `extract_dataset(request)` would fill, with Ray Data on the cluster at
+    `address` (or a local one), with `actors` embedding actors (default: one per GPU share, else per CPU).
 
-    `shard=(i, n)` takes the chunks the local engine's shard i/n takes, so several drivers (or both
+    The request's shard takes the chunks the local engine's shard takes, so several drivers (or both
     engines) can fill one store on a shared filesystem.
     """
-    check_shard(shard)
+    if request.adapter is not None:
+        raise ValueError("tuned backbones (adapter runs) are extracted by the local engine")
     ray = connect(address)
     pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
     device = "cuda" if "num_gpus" in resources else "cpu"
-    batch_size = batch_size or default_batch_size(device)
-    compute_dtype = compute_dtype_for(device, dtype)
+    compute_dtype = compute_dtype_for(device, request.dtype)
     # The driver fingerprints on its CPU at the actors' compute dtype; it never embeds a real image.
-    job = open_extraction(
-        cache, dataset, backbone, source, random_init, tiny, "cpu", compute_dtype, overwrite, tag, store_dtype, chunk_rows,
-        stores,
-    )
+    job = open_extraction(request, "cpu", compute_dtype)
     store = job.store
-    todo = job.todo(shard)
+    todo = job.todo()
     items = [
         {"chunk": c, "rows": list(store.rows_of_chunk(c)), "paths": [job.paths[r] for r in store.rows_of_chunk(c)]}
         for c in todo
@@ -142,22 +121,24 @@ def extract_with_ray(
     rows_computed, chunks_written = 0, 0
     if items:
         data = ray.data.from_items(items, override_num_blocks=len(items))  # one block per chunk
-        data = data.map(decode_chunk, fn_kwargs=dict(backbone=backbone, tiny=tiny, image_root=str(job.image_root)), num_cpus=1)
+        r = request
+        data = data.map(decode_chunk, fn_kwargs=dict(backbone=r.backbone, tiny=r.tiny, image_root=str(job.image_root)),
+                        num_cpus=1)
         data = data.map(
             EmbedChunks,
             fn_constructor_kwargs=dict(
-                backbone=backbone, source=source, random_init=random_init, tiny=tiny, device=device,
+                backbone=r.backbone, source=r.source, random_init=r.random_init, tiny=r.tiny, device=device,
                 compute_dtype=str(compute_dtype).removeprefix("torch."), weights=job.fingerprint["weights_sha256"],
-                dim=job.dim, batch_size=batch_size,
+                dim=job.dim, batch_size=r.batch_size or default_batch_size(device),
             ),
             compute=ray.data.ActorPoolStrategy(size=actors or pool_size),
             **resources,
         )
-        with tqdm(total=sum(len(i["rows"]) for i in items), unit="img", desc=f"{dataset} (ray)", disable=not progress) as bar:
+        with tqdm(total=sum(len(i["rows"]) for i in items), unit="img", desc=f"{r.dataset} (ray)", disable=not r.progress) as bar:
             for done in data.iter_rows():
                 reasons = json.loads(done["reasons"])
                 store.write_block(int(done["chunk"]), np.asarray(done["embeddings"]), reasons)
                 rows_computed += len(reasons)
                 chunks_written += 1
                 bar.update(len(reasons))
-    return job.summary(rows_computed, chunks_written, time.perf_counter() - start, skip_bad)
+    return job.summary(rows_computed, chunks_written, time.perf_counter() - start)

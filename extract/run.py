@@ -122,12 +122,6 @@ def default_batch_size(device: str) -> int:
     return 4 if torch.device(device).type == "cpu" else 32
 
 
-def check_shard(shard: tuple[int, int]) -> None:
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
-
-
 def chunk_batches(store: EmbeddingStore, chunks: list[int], batch_size: int) -> list[list[int]]:
     """Each chunk's rows in batches of at most batch_size; no batch spans two chunks."""
     batches = []
@@ -172,11 +166,53 @@ class Embedder:
         return np.concatenate([self.batch(inputs[i : i + batch_size], reasons[i : i + batch_size], dim) for i in starts])
 
 
+@dataclass(frozen=True)
+class ExtractRequest:
+    """One extraction job as either engine takes it: which store, filled by which model, and how.
+
+    `source` replaces the registry's weights (a Hugging Face id or a local folder); `random_init`
+    and `tiny` build the architecture with random weights; `adapter` is a fine-tuning run folder
+    whose tuned backbone is used (LoRA merged, or full weights). `tag` names the store
+    `<backbone>@<tag>.zarr` (tiny, random-init and tuned models get one by default); `stores` puts
+    stores under another path or an fsspec URL (manifests stay in `cache`). `dtype` is the compute
+    dtype (`compute_dtype_for`), `store_dtype` the stored one. `shard=(i, n)` takes chunks i, i+n, ...;
+    unreadable images fail the run unless `skip_bad`. `batch_size` defaults per device.
+    """
+
+    cache: Path
+    dataset: str
+    backbone: str
+    source: str | None = None
+    random_init: bool = False
+    tiny: bool = False
+    adapter: Path | None = None
+    tag: str | None = None
+    dtype: str = "auto"
+    store_dtype: str = "float16"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    stores: Path | str | None = None
+    overwrite: bool = False
+    batch_size: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    skip_bad: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        index, count = self.shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+
+    @property
+    def spec(self) -> BackboneSpec:
+        spec = get_spec(self.backbone)
+        return spec.as_tiny() if self.tiny else spec
+
+
 @dataclass
 class Extraction:
     """Everything an engine needs once the store is open: what to decode, how to embed, where to write."""
 
-    spec: BackboneSpec
+    request: ExtractRequest
     image_root: Path
     paths: list[str]
     embedder: Embedder
@@ -184,13 +220,13 @@ class Extraction:
     fingerprint: dict
     dim: int
 
-    def todo(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
-        """This shard's chunks not yet marked done."""
-        index, count = shard
+    def todo(self) -> list[int]:
+        """The request's shard's chunks not yet marked done."""
+        index, count = self.request.shard
         done = self.store.done_chunks()
         return [c for c in range(index, self.store.n_chunks, count) if not done[c]]
 
-    def summary(self, rows_computed: int, chunks_written: int, seconds: float, skip_bad: bool) -> ExtractSummary:
+    def summary(self, rows_computed: int, chunks_written: int, seconds: float) -> ExtractSummary:
         return ExtractSummary(
             store=self.store.path,
             rows=self.store.n_rows,
@@ -200,92 +236,50 @@ class Extraction:
             invalid=self.store.invalid_rows(),
             seconds=seconds,
             fingerprint_id=fingerprint_id(self.fingerprint),
-            skip_bad=skip_bad,
+            skip_bad=self.request.skip_bad,
         )
 
 
-def open_extraction(
-    cache: Path,
-    dataset: str,
-    backbone: str,
-    source: str | None = None,
-    random_init: bool = False,
-    tiny: bool = False,
-    device: str = "cpu",
-    compute_dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
-    tag: str | None = None,
-    store_dtype: str = "float16",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    stores: Path | str | None = None,
-    adapter: Path | None = None,
-) -> Extraction:
-    """Load the backbone, fingerprint it, and create or reopen its store (refusing a different fingerprint).
-
-    The manifest is read from the local `cache`; the store goes under `stores` (a path or an fsspec
-    URL, see iqa.cache.location), by default the cache itself. `adapter`: a fine-tuning run folder
-    whose tuned backbone (LoRA merged, or full weights) is used.
-    """
-    spec = get_spec(backbone)
-    spec = spec.as_tiny() if tiny else spec
-    if adapter is not None:
+def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.dtype) -> Extraction:
+    """Load the backbone on `device`, fingerprint it, and create or reopen its store (refusing a
+    different fingerprint)."""
+    r = request
+    spec, tag = r.spec, r.tag
+    if r.adapter is not None:
         from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
 
-        tag = tag or run_tag(adapter, dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
-    if tag is None and (tiny or random_init):
+        tag = tag or run_tag(r.adapter, r.dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
+    if tag is None and (r.tiny or r.random_init):
         # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
-        tag = "tiny" if tiny else "random-init"
-    manifest = read_manifest(cache, dataset)
-    model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+        tag = "tiny" if r.tiny else "random-init"
+    manifest = read_manifest(r.cache, r.dataset)
+    model = load_backbone(spec, source=r.source, random_init=r.random_init, tiny=r.tiny)
     tuned = None
-    if adapter is not None:
-        model, tuned = apply_run(model, spec, adapter)
+    if r.adapter is not None:
+        model, tuned = apply_run(model, spec, r.adapter)
     weights = weights_sha256(model)  # hashed on the CPU, before it moves
     embedder = Embedder(spec, model, device, compute_dtype)
     probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
     dim = embedder(probe).shape[1]
-    if not tiny and dim != spec.dim:
+    if not r.tiny and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
     fingerprint = make_fingerprint(
-        spec, model, weights, dim, compute_dtype, store_dtype, manifest_checksum(cache, dataset), tuned
+        spec, model, weights, dim, compute_dtype, r.store_dtype, manifest_checksum(r.cache, r.dataset), tuned
     )
     store = open_for_writing(
-        store_path(cache if stores is None else stores, dataset, backbone, tag), fingerprint, manifest.paths, dim,
-        dtype=store_dtype, chunk_rows=chunk_rows, overwrite=overwrite,
+        store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
+        dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite,
     )
-    return Extraction(spec, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim)
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim)
 
 
-def extract_dataset(
-    cache: Path,
-    dataset: str,
-    backbone: str,
-    source: str | None = None,
-    random_init: bool = False,
-    tiny: bool = False,
-    device: str = "cpu",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int = 2,
-    shard: tuple[int, int] = (0, 1),
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    tag: str | None = None,
-    store_dtype: str = "float16",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    progress: bool = True,
-    stores: Path | str | None = None,
-    adapter: Path | None = None,
-) -> ExtractSummary:
-    check_shard(shard)
-    job = open_extraction(
-        cache, dataset, backbone, source, random_init, tiny, device, compute_dtype_for(device, dtype),
-        overwrite, tag, store_dtype, chunk_rows, stores, adapter,
-    )
+def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: int = 2) -> ExtractSummary:
+    """The local engine: fill (or finish) the request's store on `device`, decoding in `num_workers` processes."""
+    job = open_extraction(request, device, compute_dtype_for(device, request.dtype))
     store = job.store
-    batches = chunk_batches(store, job.todo(shard), batch_size or default_batch_size(device))
+    batches = chunk_batches(store, job.todo(), request.batch_size or default_batch_size(device))
     loader = DataLoader(
-        ImageRows(job.image_root, job.paths, job.spec),
+        ImageRows(job.image_root, job.paths, request.spec),
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.startswith("cuda"),
@@ -294,7 +288,8 @@ def extract_dataset(
     rows_computed, chunks_written = 0, 0
     block_rows: list[np.ndarray] = []
     block_reasons: list[str] = []
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{dataset}/{backbone}", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{request.dataset}/{request.backbone}",
+               disable=not request.progress)
     for rows, inputs, reasons in loader:
         block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
         block_reasons.extend(reasons)
@@ -306,4 +301,4 @@ def extract_dataset(
         rows_computed += len(rows)
         bar.update(len(rows))
     bar.close()
-    return job.summary(rows_computed, chunks_written, time.perf_counter() - start, skip_bad)
+    return job.summary(rows_computed, chunks_written, time.perf_counter() - start)

@@ -5,7 +5,6 @@
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = ("lrelu", "sigmoid", "gelu", "tanh", "relu", "gated")

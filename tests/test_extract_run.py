@@ -17,9 +17,9 @@ from iqa.cli import app
 from iqa.data.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import BACKBONES, BackboneSpec, get_spec
-from iqa.extract.run import extract_dataset
+from iqa.extract.run import ExtractRequest, extract_dataset
 
-QUIET = dict(progress=False, num_workers=0)
+QUIET = dict(progress=False)
 
 
 def make_dataset(cache: Path, n: int = 12, extra: dict | None = None) -> list[str]:
@@ -52,8 +52,9 @@ def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
 @pytest.mark.parametrize("key", ["siglip2", "clip", "dinov2", "dinov3", "resnet152"])
 def test_extraction_matches_per_image_computation(tmp_path, key):
     paths = make_dataset(tmp_path, n=5)
-    summary = extract_dataset(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
-                              batch_size=2, **QUIET)
+    request = ExtractRequest(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
+                             batch_size=2, **QUIET)
+    summary = extract_dataset(request, num_workers=0)
     assert summary.ok and summary.rows_computed == 5 and summary.chunks_written == 3 and summary.chunks_missing == 0
     spec = get_spec(key).as_tiny()
     expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
@@ -68,7 +69,8 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_stays_close_to_float32
     expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
     for has_bf16, dtype in [(False, "float32"), (True, "bfloat16")]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": has_bf16, "amx_bf16": False})
-        extract_dataset(tmp_path, "toy", "dinov3", tiny=True, store_dtype="float32", overwrite=True, **QUIET)
+        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, store_dtype="float32", overwrite=True, **QUIET),
+                        num_workers=0)
         cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
         assert cached.fingerprint["compute_dtype"] == dtype
         relative = np.abs(cached.embeddings - expected).max() / np.abs(expected).max()
@@ -89,7 +91,7 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
 
     extra = {"gone.png": lambda p: None, "cut.jpg": truncated, "notes.png": lambda p: p.write_text("hi"), "bomb.png": bomb}
     paths = make_dataset(tmp_path, n=4, extra=extra)
-    summary = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=3, num_workers=2, progress=False)
+    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=3, **QUIET), num_workers=2)
     reasons = dict(summary.invalid)
     assert set(reasons) == set(extra) and not summary.ok
     assert reasons["gone.png"] == "missing file" and reasons["notes.png"] == "not an image"
@@ -97,7 +99,7 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
     cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
     assert cached.valid.tolist() == [p not in extra for p in paths]
     assert np.isfinite(cached.embeddings[cached.valid]).all() and verify_store(summary.store) == []
-    again = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, skip_bad=True, **QUIET)
+    again = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, skip_bad=True, **QUIET), num_workers=0)
     assert again.ok and again.rows_computed == 0 and len(again.invalid) == 4
 
     result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)])
@@ -110,13 +112,13 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
 def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     make_dataset(tmp_path, n=11)
     common = dict(tiny=True, chunk_rows=2, batch_size=2, **QUIET)
-    reference = extract_dataset(tmp_path, "toy", "dinov2", tag="one", **common)
-    first = extract_dataset(tmp_path, "toy", "dinov2", shard=(0, 3), **common)
+    reference = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tag="one", **common), num_workers=0)
+    first = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", shard=(0, 3), **common), num_workers=0)
     assert first.chunks_written == 2 and first.chunks_missing == 4
     assert verify_store(first.store) == ["incomplete: 4 of 6 chunks not written"]
     assert CliRunner().invoke(app, ["cache", "verify", "--cache", str(tmp_path)]).exit_code == 1
-    threads = [threading.Thread(target=extract_dataset, args=(tmp_path, "toy", "dinov2"), kwargs=dict(shard=(i, 3), **common))
-               for i in (1, 2)]
+    threads = [threading.Thread(target=extract_dataset, args=(ExtractRequest(tmp_path, "toy", "dinov2", shard=(i, 3), **common),),
+                                kwargs=dict(num_workers=0)) for i in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -136,7 +138,8 @@ def slow_decode(path):  # slows the run down so the test can kill it mid-way
     time.sleep(0.08)
     return decode(path)
 run.decode_image = slow_decode
-run.extract_dataset(Path(sys.argv[1]), "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, num_workers=1, progress=False)
+request = run.ExtractRequest(Path(sys.argv[1]), "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, progress=False)
+run.extract_dataset(request, num_workers=1)
 """
 
 
@@ -153,9 +156,11 @@ def test_sigkill_then_rerun_finishes_without_recomputing_and_matches(tmp_path):
     process.wait()
     done_before = int(EmbeddingStore(tmp_path / "toy" / "dinov3@tiny.zarr").done_chunks().sum())
     assert 3 <= done_before < 12, "the run was not interrupted mid-way"
-    resumed = extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, **QUIET)
+    resumed = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, **QUIET),
+                              num_workers=0)
     assert resumed.rows_computed == 24 - 2 * done_before and resumed.chunks_missing == 0
-    extract_dataset(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, tag="whole", **QUIET)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, tag="whole", **QUIET),
+                    num_workers=0)
     np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov3", tag="tiny").embeddings,
                                   load_cached(tmp_path, "toy", "dinov3", tag="whole").embeddings)
 
@@ -168,7 +173,7 @@ def test_worker_feature_entry_is_one_table_line(tmp_path, monkeypatch):
     monkeypatch.setitem(BACKBONES, "colour", BackboneSpec("colour", dim=3, pooling="worker",
                                                           features_in_worker=mean_colour, revision="1"))
     paths = make_dataset(tmp_path, n=5, extra={"gone.png": lambda p: None})
-    summary = extract_dataset(tmp_path, "toy", "colour", store_dtype="float32", num_workers=2, progress=False)
+    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "colour", store_dtype="float32", **QUIET), num_workers=2)
     cached = load_cached(tmp_path, "toy", "colour")
     expected = [mean_colour(Image.open(tmp_path / "images" / p).convert("RGB")) for p in paths[:5]]
     np.testing.assert_allclose(cached.embeddings[:5], np.stack(expected), rtol=1e-6)

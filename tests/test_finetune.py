@@ -12,7 +12,7 @@ from iqa.data.manifest import Manifest, write_manifest
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
-from iqa.extract.run import extract_dataset
+from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.extract.tuning import add_lora, apply_run
 from iqa.heads import finetune as finetune_module
 from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
@@ -117,8 +117,9 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
     with pytest.raises(BackboneLoadError, match="started from other siglip2 weights"):
         apply_run(other, spec, trained.run_dir)
     # tuned embeddings back into the cache, tagged with the run
-    summary = extract_dataset(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, dtype="float32",
-                              store_dtype="float32", progress=False, num_workers=0)
+    request = ExtractRequest(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, dtype="float32",
+                             store_dtype="float32", progress=False)
+    summary = extract_dataset(request, num_workers=0)
     assert summary.store.name == "siglip2@tiny-lora-r4-sig-s8.zarr"
     cached = load_cached(tmp_path, "bright", key, tag="tiny-lora-r4-sig-s8")
     assert cached.fingerprint["tuned"]["trained_sha256"] == info["trained_sha256"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from test_heads_grid import fake_cache, small_grid  # noqa: E402
 from iqa.cache.store import EmbeddingStore, load_cached, store_path, verify_store  # noqa: E402
 from iqa.cli import app  # noqa: E402
 from iqa.extract.ray_engine import FAIL_ONCE_ENV, actor_pool, extract_with_ray  # noqa: E402
-from iqa.extract.run import extract_dataset  # noqa: E402
+from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
 from iqa.heads.grid import run_grid  # noqa: E402
 from iqa.heads.ray_grid import train_on_ray  # noqa: E402
 from iqa.heads.results import ResultsDB  # noqa: E402
@@ -47,7 +48,7 @@ def toy(tmp_path_factory):
     """A toy set of 10 images and one missing file, and the local engine's store of it (tag "local")."""
     cache = tmp_path_factory.mktemp("cache")
     make_dataset(cache, n=10, extra={"gone.png": lambda path: None})
-    extract_dataset(cache, "toy", BACKBONE, tag="local", num_workers=0, skip_bad=True, **SAME)
+    extract_dataset(ExtractRequest(cache, "toy", BACKBONE, tag="local", skip_bad=True, **SAME), num_workers=0)
     return cache
 
 
@@ -61,18 +62,19 @@ def assert_same_store(a, b):
 
 def test_ray_store_on_an_fsspec_url_equals_local_store_bit_for_bit(cluster, toy):
     url = "memory://iqa-test/stores"  # fsspec's in-memory filesystem: the driver is the store's only writer
-    summary = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
+    request = ExtractRequest(toy, "toy", BACKBONE, stores=url, **SAME)
+    summary = extract_with_ray(request, actors=1)
     assert summary.store == f"{url}/toy/{BACKBONE}@tiny.zarr"
     assert summary.rows_computed == 11 and summary.chunks_written == 4 and summary.chunks_missing == 0
     assert summary.invalid == [("gone.png", "missing file")]
     assert_same_store(summary.store, store_path(toy, "toy", BACKBONE, "local"))
-    again = extract_with_ray(toy, "toy", BACKBONE, actors=1, stores=url, **SAME)
+    again = extract_with_ray(request, actors=1)
     assert again.rows_computed == 0 and again.chunks_written == 0
-    assert extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **SAME).rows_computed == 0
+    assert extract_dataset(request, num_workers=0).rows_computed == 0
     cached = load_cached(toy, "toy", BACKBONE, "tiny", stores=url)
     np.testing.assert_array_equal(cached.embeddings, load_cached(toy, "toy", BACKBONE, "local").embeddings)
     with pytest.raises(ValueError, match="built differently"):
-        extract_dataset(toy, "toy", BACKBONE, num_workers=0, stores=url, **{**SAME, "store_dtype": "float16"})
+        extract_dataset(replace(request, store_dtype="float16"), num_workers=0)
 
 
 def copy_images(toy, cache):
@@ -83,7 +85,7 @@ def test_killed_actor_is_retried_and_two_ray_shards_fill_one_store(cluster, toy,
     cache = tmp_path / "cache"
     copy_images(toy, cache)
     (cluster / "chunk-2").touch()  # the actor embedding chunk 2 exits once: Ray restarts it and retries
-    first = extract_with_ray(cache, "toy", BACKBONE, actors=1, shard=(0, 2), **SAME)
+    first = extract_with_ray(ExtractRequest(cache, "toy", BACKBONE, shard=(0, 2), **SAME), actors=1)
     assert not (cluster / "chunk-2").exists(), "the actor was never killed"
     assert (first.chunks_written, first.chunks_missing) == (2, 2)  # chunks 0 and 2 of 4
     args = ["extract", "--engine", "ray", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--tiny",
@@ -93,7 +95,7 @@ def test_killed_actor_is_retried_and_two_ray_shards_fill_one_store(cluster, toy,
     assert "0 chunks still missing" in result.output
     assert_same_store(first.store, store_path(toy, "toy", BACKBONE, "local"))
     with pytest.raises(ValueError, match="0 <= i < n"):
-        extract_with_ray(cache, "toy", BACKBONE, shard=(2, 2), **SAME)
+        ExtractRequest(cache, "toy", BACKBONE, shard=(2, 2), **SAME)
 
 
 KILLABLE_DRIVER = """
@@ -102,6 +104,7 @@ from pathlib import Path
 import ray
 from iqa.cache.store import EmbeddingStore
 from iqa.extract.ray_engine import extract_with_ray
+from iqa.extract.run import ExtractRequest
 write_block = EmbeddingStore.write_block
 def slow_write(store, *args):  # each written chunk leaves the test time to kill the driver before the next
     write_block(store, *args)
@@ -109,7 +112,7 @@ def slow_write(store, *args):  # each written chunk leaves the test time to kill
 EmbeddingStore.write_block = slow_write
 ray.init(address=sys.argv[2], logging_level="warning")
 ray.data.DataContext.get_current().enable_progress_bars = False
-extract_with_ray(Path(sys.argv[1]), "toy", "%s", actors=1, **%r)
+extract_with_ray(ExtractRequest(Path(sys.argv[1]), "toy", "%s", **%r), actors=1)
 """ % (BACKBONE, SAME)
 
 

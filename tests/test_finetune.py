@@ -200,6 +200,25 @@ def test_gated_parameters_stay_float32_under_bf16_autocast(tmp_path):
     assert all(v.dtype == torch.float32 for k, v in load_checkpoint(trained.run_dir)["head"].items() if "act" in k)
 
 
+def test_float16_trains_through_a_grad_scaler_whose_state_resumes(tmp_path):
+    bright_dataset(tmp_path, n=20)
+    options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, dtype="float16", db=ResultsDB(tmp_path / "a.sqlite"))
+    straight = run(tmp_path, "dinov3", run_dir=tmp_path / "straight", **options)
+    scaler = load_checkpoint(tmp_path / "straight")["scaler"]
+    assert straight.config["compute_dtype"] == "float16" and straight.result.status == "done"
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # the scaler was on and stepped
+
+    def kill_after_first(epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
+    resumed = run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", **options)
+    assert resumed.epochs_trained == 1 and resumed.result == straight.result
+    assert load_checkpoint(tmp_path / "resumed")["scaler"] == scaler
+
+
 def test_divergence_stops_keeps_the_last_good_checkpoint_and_is_recorded(tmp_path, monkeypatch):
     bright_dataset(tmp_path)
     real_loss, calls = finetune_module.iqa_loss, []

@@ -26,6 +26,21 @@ StoresOption = Annotated[
 ]
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is the GPU when torch sees one, else the CPU. Other names pass as given: with
+    `--engine ray` the device is the workers', which the driver may not have."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DeviceOption = Annotated[
+    str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
+]
+
+
 def fail(message: str, code: int = 1) -> None:
     """One clear line on stderr and a non-zero exit, instead of a traceback."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -128,7 +143,7 @@ def extract(
     model: Annotated[Optional[str], typer.Option("--model", help="Weights: HF id or local directory.")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="[default: 4 on CPU, 32 on GPU]")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
@@ -251,7 +266,7 @@ def head_command(
     split_by: Annotated[str, typer.Option(help="random, or group (content groups held out whole).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
-    device: str = "cpu",
+    device: DeviceOption = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
@@ -332,7 +347,7 @@ def results_command(
 def demo(
     seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = ",".join(map(str, PAPER_SEEDS)),
     epochs: int = 30,
-    device: str = "cpu",
+    device: DeviceOption = "auto",
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Leave t-SNE out of the report (it retrains runs).")] = False,
     cache: CacheOption = None,
 ) -> None:
@@ -354,7 +369,7 @@ def report_command(
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip [default: those in the runs].")] = None,
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Skip t-SNE (it retrains each shown run).")] = False,
-    device: Annotated[str, typer.Option(help="Device for t-SNE retraining and peak memory.")] = "cpu",
+    device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
     """Tables, figures, compute profile and index.html from the results database."""
@@ -391,7 +406,7 @@ def finetune_command(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 4,
     lr: Annotated[float, typer.Option(help="Head (and LoRA adapter) learning rate.")] = 1e-4,
     backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,

@@ -136,7 +136,7 @@ def _row_fields(runs: list[dict], layout: Layout) -> list[str]:
 class Cell:
     kind: str  # "value", "delta", or why it is empty: "not run", "diverged", "incomplete" (a Δ missing inputs)
     mean: float | None = None
-    std: float | None = None  # sample std over seeds (0 for one seed); None for a Δ
+    std: float | None = None  # sample std over seeds (NaN for one seed: no spread); None for a Δ
     seeds: int = 0
     best: bool = False  # the best value of its column
 
@@ -146,7 +146,7 @@ def _summary(runs: list[dict], which: str, metric: str) -> Cell:
     if any(r["status"] != "done" for r in runs):
         return Cell("diverged", seeds=len(runs))
     values = np.array([r[f"{which}_{metric}"] for r in runs], dtype=float)
-    return Cell("value", values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0, len(values))
+    return Cell("value", values.mean(), values.std(ddof=1) if len(values) > 1 else float("nan"), len(values))
 
 
 def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", which: str = "best") -> str:
@@ -227,11 +227,14 @@ def _label(value) -> str:
 def _render(fields, rows, columns, table, fmt, which) -> str:
     metric_headers = [f"{h} {m}" for h, _ in columns for m in ("SRCC", "PLCC")]
     most_seeds = max((c.seeds for row in table for c in row), default=0)
-    note = f"{which} epoch per run; mean ± std over seeds (n = seeds where fewer than {most_seeds}); best per column in bold"
+    spread = "one seed each" if most_seeds == 1 else f"mean ± std over {most_seeds} seeds, (n=...) where fewer"
+    note = f"{which} epoch per run; {spread}; best per column in bold"
 
     def text(c: Cell, latex: bool = False) -> str:
         if c.kind == "delta":
             shown = f"{c.mean:+.3f}"
+        elif c.kind == "value" and c.seeds == 1:  # one value has no spread: no "± 0.000"
+            shown = f"{c.mean:.3f}"
         elif c.kind == "value":
             pm = " \\pm " if latex else " ± "
             shown = f"{c.mean:.3f}{pm}{c.std:.3f}"
@@ -257,7 +260,7 @@ def _render(fields, rows, columns, table, fmt, which) -> str:
             out = [_label(v) for v in row]
             for c in cells:
                 if c.kind == "value":
-                    out += [f"{c.mean:.4f}", f"{c.std:.4f}"]
+                    out += [f"{c.mean:.4f}", f"{c.std:.4f}" if c.seeds > 1 else ""]
                 elif c.kind == "delta":
                     out.append(f"{c.mean:.4f}")
                 else:  # the reason in the value field, the std (if any) left blank

@@ -1,7 +1,8 @@
 """The report's figures from stored runs (matplotlib, Agg): each function returns figures, `save` writes them.
 
-- `ablation_figure`: test SRCC against k for the masking or dropout ablation, one panel per dataset
-  group (Table 4's groups; other datasets each their own), one line per head variant.
+- `ablation_figure`: test SRCC against k for the masking or dropout ablation, or against the LoRA
+  rank (Fig. S4), one panel per dataset group (Table 4's groups; other datasets each their own),
+  one line per head variant.
 - `gate_figures`: the gate weight s(g) across channels per epoch (Fig. S7) and at the final epoch (Fig. 2).
 - `learning_curve_figures`: train loss and test SRCC per epoch, mean over seeds, one figure per run group.
 - `tsne_figure`: 2-D maps of head features coloured by quality bucket, test left and train right (Fig. 4).
@@ -60,15 +61,23 @@ def dataset_panels(datasets: list[str]) -> list[tuple[str, list[str]]]:
     return panels + [(d, [d]) for d in sorted(datasets) if d not in grouped]
 
 
+# ablation -> (x field, scale, x label, x axis: "descending" from k = 100 down as in Table 4, or "log2")
+ABLATION_AXES = {
+    "masking": ("mask_k", 1.0, "k: kept features (percentile)", "descending"),
+    "dropout": ("keep", 100.0, "k: keep probability x 100", "descending"),
+    "lora_rank": ("lora_rank", 1.0, "LoRA rank r", "log2"),
+}
+
+
 def ablation_figure(runs: list[dict], ablation: str):
-    """SRCC against k; `ablation` is "masking" (k = mask_k) or "dropout" (k = keep x 100).
+    """SRCC against k; `ablation` is "masking" (k = mask_k), "dropout" (k = keep x 100) or
+    "lora_rank" (k = the rank of LoRA fine-tuning runs).
 
     A point is the mean over the panel's datasets of each dataset's mean best SRCC over seeds,
     drawn only where every dataset of the panel has a finished (not diverged) result for that line.
     Error bars: the mean over those datasets of the std over seeds.
     """
-    x_field = {"masking": "mask_k", "dropout": "keep"}[ablation]
-    scale = 100.0 if ablation == "dropout" else 1.0
+    x_field, scale, x_label, x_axis = ABLATION_AXES[ablation]
     line_fields = _varying(runs, {x_field, "train_dataset", "test_dataset", "mask_k" if ablation == "dropout" else ""})
     panels = dataset_panels(sorted({r["train_dataset"] for r in runs}))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
@@ -90,13 +99,17 @@ def ablation_figure(runs: list[dict], ablation: str):
             if xs:
                 ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("k: kept features (percentile)" if ablation == "masking" else "k: keep probability x 100")
+        ax.set_xlabel(x_label)
         ax.set_ylabel("test SRCC (best epoch, mean over seeds)")
-        ax.invert_xaxis()  # from k = 100 (everything kept) down, as in Table 4
+        if x_axis == "descending":
+            ax.invert_xaxis()
+        else:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle(f"SRCC against k: {ablation}", fontsize=11)
+    fig.suptitle("SRCC against the LoRA rank" if ablation == "lora_rank" else f"SRCC against k: {ablation}", fontsize=11)
     fig.tight_layout()
     return fig
 

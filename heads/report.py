@@ -2,7 +2,7 @@
 
 Layout of the report folder (default <cache>/report):
 - `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
-- `figures/<name>.png|.pdf`: SRCC against k, gate weights, learning curves, t-SNE;
+- `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
 - `profile.md|.csv`: Table S5 for the profiled backbones;
 - `index.html`: all of it on one static page (relative links; opens from disk).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
@@ -145,6 +145,11 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
         named.append(("SRCC against k: dropout (Table S3)", "srcc_vs_k_dropout", figures.ablation_figure(dropout, "dropout")))
     else:
         summary.notes.append("SRCC against k (dropout): no dropout runs")
+    lora = [r for r in runs if within(r) and plain(r) and r.get("regime") == "lora"]
+    if len({r.get("lora_rank") for r in lora}) > 1:
+        named.append(("SRCC against the LoRA rank (Fig. S4)", "srcc_vs_lora_rank", figures.ablation_figure(lora, "lora_rank")))
+    else:
+        summary.notes.append("SRCC against the LoRA rank: LoRA runs of fewer than two ranks (iqa finetune --lora-rank)")
     gates = figures.gate_figures([r for r in runs if plain(r)])
     named += [(f"Gate weight s(g): {n}", n, fig) for n, fig in gates]
     if not gates:

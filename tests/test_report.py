@@ -10,6 +10,7 @@ from torch import nn
 
 from iqa.data.manifest import Manifest
 from iqa.heads.mlp import HEADS
+from iqa.heads import figures
 from iqa.heads.grid import expand_grid, head_choices, run_grid
 from iqa.heads.profile import count_macs, head_profile, profile_backbone, profile_table
 from iqa.heads.report import write_report
@@ -80,6 +81,27 @@ def test_cross_activation_and_regime_layouts(known_db):
     assert regimes[1].startswith("| backbone | regime | head | clive SRCC")
     assert any(line.startswith("| siglip2 | lora | baseline | 0.850 (n=1) |") for line in regimes)
     assert any(line.startswith("| siglip2 | frozen | sig | 0.870 ± 0.010 |") for line in regimes)
+
+
+def test_lora_rank_sweep_figure_plots_the_mean_srcc_per_rank(tmp_path):
+    db = ResultsDB(tmp_path / "r.sqlite")
+    srcc = {(1, 8): 0.80, (1, 19): 0.82, (4, 8): 0.86, (4, 19): 0.90, (16, 8): 0.85}  # rank 16: one seed
+    for (rank, seed), value in srcc.items():
+        config, fp, result = record("clive", "sig", seed, value, regime="lora")
+        db.record([(dict(config, lora_rank=rank), fp, result)])
+    config, fp, result = record("clive", "sig", 8, 0.99)  # a frozen run: not on the rank axis
+    db.record([(dict(config, lora_rank=None), fp, result)])
+    summary = write_report(db.runs(), tmp_path / "report", None, [], progress=False)
+    assert {"srcc_vs_lora_rank.png", "srcc_vs_lora_rank.pdf"} <= {p.name for p in summary.figures}
+    lora = [r for r in db.runs() if r["regime"] == "lora"]
+    (line,) = [line for line in figures.ablation_figure(lora, "lora_rank").axes[0].lines if line.get_marker() == "o"]
+    np.testing.assert_allclose(np.asarray(line.get_xdata(), float), [1, 4, 16])
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), [0.81, 0.88, 0.85])
+
+    one_rank = ResultsDB(tmp_path / "one.sqlite")
+    one_rank.record([(dict(config, regime="lora", lora_rank=4), fp, result)])
+    summary = write_report(one_rank.runs(), tmp_path / "report", None, [], progress=False)
+    assert any("fewer than two ranks" in note for note in summary.notes)
 
 
 def test_trainer_stores_the_gate_vector_every_epoch():

@@ -156,6 +156,10 @@ def extract(
         "--adapter", help="A fine-tuning run folder: embed with its tuned backbone (store tagged with the run).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data on a cluster; pip install 'iqa[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    actors: Annotated[Optional[int], typer.Option(
+        "--actors", min=1, help="ray: embedding actors [default: one per GPU share, else one per CPU].")] = None,
+    gpus_per_actor: Annotated[float, typer.Option(
+        "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -170,6 +174,8 @@ def extract(
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
+        fail("--actors and --gpus-per-actor are for --engine ray")
     try:
         request = ExtractRequest(
             cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
@@ -179,7 +185,7 @@ def extract(
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
 
-            summary = extract_with_ray(request, address=address)
+            summary = extract_with_ray(request, address=address, actors=actors, gpus_per_actor=gpus_per_actor)
         else:
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:

@@ -179,3 +179,19 @@ def test_worker_feature_entry_is_one_table_line(tmp_path, monkeypatch):
     np.testing.assert_allclose(cached.embeddings[:5], np.stack(expected), rtol=1e-6)
     assert summary.invalid == [("gone.png", "missing file")]
     assert cached.fingerprint["model_id"].endswith("mean_colour") and cached.fingerprint["resolution"] is None
+
+
+def test_extract_cli_refuses_bad_options_in_one_line(tmp_path):
+    make_dataset(tmp_path, n=2)
+    base = ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)]
+    for extra, message in [
+        (["--shard", "1-2"], "--shard must look like i/n"),
+        (["--shard", "2/2"], "shard must be i/n with 0 <= i < n"),
+        (["--engine", "spark"], "--engine must be local or ray"),
+        (["--actors", "2"], "--actors and --gpus-per-actor are for --engine ray"),
+        (["--dtype", "int8"], "--dtype must be auto"),
+    ]:
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 1 and message in result.output, (extra, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "toy" / "dinov3@tiny.zarr").exists()  # nothing was written

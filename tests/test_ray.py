@@ -88,7 +88,7 @@ def test_killed_actor_is_retried_and_two_ray_shards_fill_one_store(cluster, toy,
     first = extract_with_ray(ExtractRequest(cache, "toy", BACKBONE, shard=(0, 2), **SAME), actors=1)
     assert not (cluster / "chunk-2").exists(), "the actor was never killed"
     assert (first.chunks_written, first.chunks_missing) == (2, 2)  # chunks 0 and 2 of 4
-    args = ["extract", "--engine", "ray", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--tiny",
+    args = ["extract", "--engine", "ray", "--actors", "1", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--tiny",
             "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -42,8 +42,7 @@ def connect(address: str | None = None, **init_options):
 
 def decode_chunk(item: dict, backbone: str, tiny: bool, image_root: str) -> dict:
     """A CPU task: one chunk's images -> its stacked model inputs and per-row reasons (JSON)."""
-    spec = get_spec(backbone)
-    images = ImageRows(Path(image_root), list(item["paths"]), spec.as_tiny() if tiny else spec)
+    images = ImageRows(Path(image_root), list(item["paths"]), get_spec(backbone, tiny))
     decoded = [images[i] for i in range(len(images))]
     return {
         "chunk": item["chunk"],
@@ -57,8 +56,7 @@ class EmbedChunks:
 
     def __init__(self, backbone: str, source: str | None, random_init: bool, tiny: bool, device: str,
                  compute_dtype: str, weights: str, dim: int, batch_size: int):
-        spec = get_spec(backbone)
-        spec = spec.as_tiny() if tiny else spec
+        spec = get_spec(backbone, tiny)
         model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
         if weights_sha256(model) != weights:
             raise RuntimeError(f"this worker loaded other {backbone} weights than the driver fingerprinted")

@@ -145,10 +145,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 PERCEPTION_TAP_BLOCK = 19  # timm block index (0-based) of the paper's "layer 20"
 
 
-def get_spec(key: str) -> BackboneSpec:
+def get_spec(key: str, tiny: bool = False) -> BackboneSpec:
+    """The registry entry of `key`; with `tiny`, its test-size twin (`BackboneSpec.as_tiny`)."""
     if key not in BACKBONES:
         raise KeyError(f"unknown backbone {key!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[key]
+    return BACKBONES[key].as_tiny() if tiny else BACKBONES[key]
 
 
 def lora_target_modules(spec: BackboneSpec, module_names: list[str]) -> list[str]:

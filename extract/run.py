@@ -204,8 +204,7 @@ class ExtractRequest:
 
     @property
     def spec(self) -> BackboneSpec:
-        spec = get_spec(self.backbone)
-        return spec.as_tiny() if self.tiny else spec
+        return get_spec(self.backbone, self.tiny)
 
 
 @dataclass

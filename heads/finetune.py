@@ -173,10 +173,9 @@ def finetune(
         raise ValueError(f"--batch-size must be a multiple of {MICRO_BATCH} (the loss scores pairs), got {batch_size}")
     if accumulate < 1 or epochs < 1 or lora_rank < 1:
         raise ValueError("--accumulate, --epochs and --lora-rank must be at least 1")
-    spec = get_spec(backbone)
+    spec = get_spec(backbone, tiny)
     if spec.model_class is None:
         raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
-    spec = spec.as_tiny() if tiny else spec
     manifest = read_manifest(cache, dataset)
     train_rows, test_rows = split_indices(manifest.paths, seed, by=split_by, groups=manifest.groups)
     per_step = batch_size * accumulate

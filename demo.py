@@ -46,6 +46,7 @@ def run_demo(
     from iqa.cache.store import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
+    from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.grid import expand_grid, head_choices, run_grid
     from iqa.heads.report import default_profile, write_report
@@ -64,7 +65,7 @@ def run_demo(
         summary = extract_dataset(ExtractRequest(cache, DATASET, backbone, tiny=tiny, progress=progress), device=device)
         if not summary.ok:
             raise RuntimeError(f"extraction of {backbone} over the demo set failed: {summary}")
-        tag = "tiny" if tiny else None
+        tag = model_tag(tiny, random_init=False)
         configs = expand_grid(
             [(DATASET, DATASET)], backbone, head_choices(list(HEADS), []), list(seeds),
             epochs=epochs, tag=tag, split_by="group",

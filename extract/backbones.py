@@ -57,6 +57,12 @@ class PooledBackbone(nn.Module):
         return pool(self.model(pixel_values=pixel_values), self.pooling, self.prefix_tokens)
 
 
+def model_tag(tiny: bool, random_init: bool) -> str | None:
+    """The label of an untrained model, and its store's tag: a store's name must say that it holds
+    no pretrained features (dinov2@tiny.zarr, never dinov2.zarr)."""
+    return "tiny" if tiny else "random-init" if random_init else None
+
+
 def load_backbone(
     spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False
 ) -> PooledBackbone:
@@ -72,8 +78,7 @@ def load_backbone(
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             model = cls._from_config(config, **sdpa)
-        label = "tiny" if tiny else "random-init"
-        return PooledBackbone(model.eval(), spec, f"{label}:{spec.model_class}", None)
+        return PooledBackbone(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None)
     source = source or spec.hf_id
     offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     try:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, store_path
 from iqa.data.manifest import manifest_checksum, read_manifest
-from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
+from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
 from iqa.extract.registry import BackboneSpec, get_spec
 
@@ -156,7 +156,9 @@ class Embedder:
         """One batch; rows with a reason (unreadable images) come back as NaN and never reach the model."""
         readable = torch.tensor([not r for r in reasons])
         out = np.full((len(reasons), dim), np.nan, dtype=np.float32)
-        if readable.any():
+        if readable.all():  # the usual batch: no boolean-index copy, so pinned memory stays pinned
+            out[:] = self(inputs).cpu().numpy()
+        elif readable.any():
             out[readable.numpy()] = self(inputs[readable]).cpu().numpy()
         return out
 
@@ -243,19 +245,16 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     """Load the backbone on `device`, fingerprint it, and create or reopen its store (refusing a
     different fingerprint)."""
     r = request
-    spec, tag = r.spec, r.tag
-    if r.adapter is not None:
-        from iqa.extract.tuning import apply_run, run_tag  # imports peft (~2 s): only when an adapter is used
-
-        tag = tag or run_tag(r.adapter, r.dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
-    if tag is None and (r.tiny or r.random_init):
-        # A store's name must say that it holds no pretrained features: dinov2@tiny.zarr, never dinov2.zarr.
-        tag = "tiny" if r.tiny else "random-init"
+    spec = r.spec
     manifest = read_manifest(r.cache, r.dataset)
     model = load_backbone(spec, source=r.source, random_init=r.random_init, tiny=r.tiny)
-    tuned = None
+    tag, tuned = r.tag or model_tag(r.tiny, r.random_init), None
     if r.adapter is not None:
-        model, tuned = apply_run(model, spec, r.adapter)
+        from iqa.extract.tuning import apply_run, read_run, run_tag  # imports peft (~2 s): only with an adapter
+
+        run = read_run(r.adapter)
+        tag = r.tag or run_tag(run, r.dataset)  # siglip2@lora-r4-sig-s8.zarr: never the base model's store
+        model, tuned = apply_run(model, spec, r.adapter, run)
     weights = weights_sha256(model)  # hashed on the CPU, before it moves
     embedder = Embedder(spec, model, device, compute_dtype)
     probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)

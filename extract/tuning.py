@@ -4,9 +4,10 @@
 rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
 convolutions inside ResNet's residual blocks. Only the adapter weights train.
 
-`apply_run` gives the backbone a fine-tuning run left in its folder (heads/finetune.py): the LoRA
-adapter merged into the weights, or the full weights. The run must have started from the same
-base weights; `tuned_info` is what the embedding store's fingerprint records about it.
+`read_run` loads a fine-tuning run left in its folder (heads/finetune.py) once; `run_tag` names
+its store and `apply_run` gives the backbone its tuning: the LoRA adapter merged into the weights,
+or the full weights. The run must have started from the same base weights; the info `apply_run`
+returns is what the embedding store's fingerprint records about it.
 """
 
 from pathlib import Path
@@ -15,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 
 from iqa.extract.backbones import BackboneLoadError, PooledBackbone, state_sha256, weights_sha256
 from iqa.extract.registry import BackboneSpec, lora_target_modules
-from iqa.heads.checkpoint import checkpoint_path, load_checkpoint
+from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, run_name
 
 LORA_DROPOUT = 0.05
 
@@ -26,7 +27,8 @@ def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int, dropout: f
     return get_peft_model(backbone, config)
 
 
-def _read_run(run_dir: Path) -> dict:
+def read_run(run_dir: Path) -> dict:
+    """The run's last checkpoint (config, fingerprint, trained weights); a frozen run is refused."""
     state = load_checkpoint(run_dir)
     if state is None:
         raise BackboneLoadError(f"no fine-tuning checkpoint at {checkpoint_path(run_dir)}")
@@ -35,11 +37,10 @@ def _read_run(run_dir: Path) -> dict:
     return state
 
 
-def run_tag(run_dir: Path, dataset: str) -> str:
+def run_tag(state: dict, dataset: str) -> str:
     """Store tag of a run's tuned embeddings: lora-r4-sig-s8 (tiny-... for a tiny model, ...-from-<set> across sets)."""
-    config = _read_run(run_dir)["config"]
-    mode = f"lora-r{config['lora_rank']}" if config["regime"] == "lora" else config["regime"]
-    tag = f"{mode}-{config['head']}-s{config['seed']}"
+    config = state["config"]
+    tag = run_name(config)
     if config["tag"]:
         tag = f"{config['tag']}-{tag}"
     if config["train_dataset"] != dataset:
@@ -47,9 +48,8 @@ def run_tag(run_dir: Path, dataset: str) -> str:
     return tag
 
 
-def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path) -> tuple[PooledBackbone, dict]:
-    """(tuned backbone, what the store fingerprint records about the run)."""
-    state = _read_run(run_dir)
+def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path, state: dict) -> tuple[PooledBackbone, dict]:
+    """(tuned backbone, what the store fingerprint records about the run); `state` is `read_run(run_dir)`."""
     config, trained = state["config"], state["backbone"]
     if config["backbone"] != spec.key:
         raise BackboneLoadError(f"{run_dir} tuned {config['backbone']}, not {spec.key}")

@@ -23,6 +23,12 @@ from iqa.cache.atomic import atomic_path
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
+def run_name(config: dict) -> str:
+    """A run's short name, <regime>[-r<rank>]-<head>-s<seed>: its folder's and its tuned store's."""
+    mode = config["regime"] + (f"-r{config['lora_rank']}" if config["regime"] == "lora" else "")
+    return f"{mode}-{config['head']}-s{config['seed']}"
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_FILE
 

@@ -37,13 +37,13 @@ from tqdm import tqdm
 from iqa.cache.store import fingerprint_id
 from iqa.data.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
-from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
+from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
 from iqa.heads.checkpoint import (
-    load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, save_checkpoint, scheduler_state,
+    load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
 from iqa.heads.grid import RunConfig
 from iqa.heads.loss import iqa_loss
@@ -125,8 +125,7 @@ def load_trained_backbone_state(model: FinetuneModel, state: dict[str, torch.Ten
 def default_run_dir(cache: Path, config: dict) -> Path:
     """<cache>/runs/<dataset>/<backbone>[@tag]-<mode>[-r<rank>]-<head>-s<seed>."""
     name = config["backbone"] + (f"@{config['tag']}" if config["tag"] else "")
-    mode = config["regime"] + (f"-r{config['lora_rank']}" if config["regime"] == "lora" else "")
-    return Path(cache) / "runs" / config["train_dataset"] / f"{name}-{mode}-{config['head']}-s{config['seed']}"
+    return Path(cache) / "runs" / config["train_dataset"] / f"{name}-{run_name(config)}"
 
 
 @dataclass
@@ -189,7 +188,7 @@ def finetune(
     config = RunConfig(
         dataset, dataset, backbone, head, *HEADS[head], seed, epochs=epochs, lr=lr,
         batch_size=per_step, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
-        tag="tiny" if tiny else "random-init" if random_init else None,
+        tag=model_tag(tiny, random_init),
     ).as_dict() | {
         "physical_batch": batch_size, "accumulate": accumulate, "lora_rank": lora_rank if mode == "lora" else None,
         "backbone_lr": backbone_lr if mode == "full" else None, "compute_dtype": str(compute_dtype).removeprefix("torch."),

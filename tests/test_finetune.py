@@ -14,7 +14,7 @@ from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
 from iqa.extract.run import ExtractRequest, extract_dataset
-from iqa.extract.tuning import add_lora, apply_run
+from iqa.extract.tuning import add_lora, apply_run, read_run
 from iqa.heads import finetune as finetune_module
 from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from iqa.heads.finetune import build_model, finetune, make_optimizer
@@ -102,7 +102,7 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
             if "lora_B" in name:
                 p.normal_(0, 0.3, generator=g)
     save_checkpoint(trained.run_dir, dict(state, backbone=get_peft_model_state_dict(unmerged)))
-    merged, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir)
+    merged, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir, read_run(trained.run_dir))
     assert not any("lora" in name for name, _ in merged.named_modules())
     x = torch.randn(3, 3, 32, 32, generator=g)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
     with pytest.raises(BackboneLoadError, match="started from other siglip2 weights"):
-        apply_run(other, spec, trained.run_dir)
+        apply_run(other, spec, trained.run_dir, read_run(trained.run_dir))
     # tuned embeddings back into the cache, tagged with the run
     request = ExtractRequest(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, dtype="float32",
                              store_dtype="float32", progress=False)
@@ -147,7 +147,7 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
         assert 4.5e-6 < max(moves) < 5.3e-6  # float32 rounds a 5e-6 step on a weight near 1 by up to 2.4e-7
         running = {k: v for k, v in before.state_dict().items() if "running" in k}  # BatchNorm statistics
         assert all(torch.equal(state["backbone"][k], v) for k, v in running.items())
-        tuned, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir)  # what `extract --adapter` uses
+        tuned, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir, read_run(trained.run_dir))  # as extract --adapter
         assert info["regime"] == "full" and all(torch.equal(v, state["backbone"][k]) for k, v in tuned.state_dict().items())
     else:
         assert 0.9e-4 < max(t.abs().max().item() for k, t in state["backbone"].items() if "lora_B" in k) <= 1.0001e-4

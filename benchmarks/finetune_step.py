@@ -23,7 +23,7 @@ import torch
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import compute_dtype_for
-from iqa.heads.finetune import MICRO_BATCH, build_model, make_optimizer, train_epoch
+from iqa.heads.finetune import MICRO_BATCH, build_model, embedding_dim, make_optimizer, train_epoch
 from iqa.heads.loss import iqa_loss
 from iqa.heads.mlp import member_seed
 
@@ -38,7 +38,8 @@ def random_batches(n: int, batch: int, resolution: int, device: str) -> list[tup
 
 def fresh_model(spec, mode: str, device: str):
     torch.manual_seed(member_seed(8, "torch"))
-    return build_model(load_backbone(spec, random_init=True), spec, mode, "sig", seed=8, lora_rank=4).to(device)
+    base = load_backbone(spec, random_init=True)
+    return build_model(base, spec, mode, "sig", seed=8, lora_rank=4, dim=embedding_dim(base, spec)).to(device)
 
 
 def plain_loop(model, batches, accumulate: int) -> None:
@@ -117,14 +118,11 @@ def main() -> None:
     warm = batches[: args.accumulate]
     figures = {"backbone": spec.key, "device": args.device, "resolution": spec.resolution, "images": images_per_run}
     for mode in ("lora", "full"):
-        for name, loop in (("plain", lambda m: plain_loop(m, batches, args.accumulate)),
-                           ("iqa", lambda m: iqa_loop(m, batches, args.accumulate, mode, args.device, args.dtype))):
+        for name, loop in (("plain", lambda m, data: plain_loop(m, data, args.accumulate)),
+                           ("iqa", lambda m, data: iqa_loop(m, data, args.accumulate, mode, args.device, args.dtype))):
             model = fresh_model(spec, mode, args.device)
-            if name == "plain":
-                plain_loop(model, warm, args.accumulate)
-            else:
-                iqa_loop(model, warm, args.accumulate, mode, args.device, args.dtype)
-            seconds, peak = timed(lambda: loop(model), args.device)
+            loop(model, warm)
+            seconds, peak = timed(lambda: loop(model, batches), args.device)
             figures[f"{mode}_{name}_images_per_s"] = round(images_per_run / seconds, 3)
             if peak is not None:
                 figures[f"{mode}_{name}_peak_mib"] = round(peak)

@@ -82,9 +82,9 @@ def embedding_dim(backbone: PooledBackbone, spec) -> int:
         return backbone(torch.zeros(1, 3, spec.resolution, spec.resolution)).shape[1]
 
 
-def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int, lora_rank: int) -> FinetuneModel:
-    """The model of one run; LoRA's initial A matrices come from torch's global RNG (seed it first)."""
-    dim = embedding_dim(backbone, spec)
+def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int, lora_rank: int, dim: int) -> FinetuneModel:
+    """The model of one run on a backbone of `dim`-wide embeddings (`embedding_dim`); LoRA's initial A
+    matrices come from torch's global RNG (seed it first)."""
     if mode == "lora":
         backbone = add_lora(backbone, spec, lora_rank)
     else:
@@ -196,14 +196,15 @@ def finetune(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config)
     db = db if db is not None else ResultsDB(default_db(cache))
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
-    fingerprint = make_fingerprint(spec, base, weights_sha256(base), embedding_dim(base, spec), compute_dtype, "live",
+    dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once
+    fingerprint = make_fingerprint(spec, base, weights_sha256(base), dim, compute_dtype, "live",
                                    manifest_checksum(cache, dataset))
     fp_id = fingerprint_id(fingerprint)
     key = run_key(config, fp_id)
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the caller's RNG is left as it was
         torch.manual_seed(member_seed(seed, "torch"))  # LoRA init and dropout
-        model = build_model(base, spec, mode, head, seed, lora_rank).to(device)
+        model = build_model(base, spec, mode, head, seed, lora_rank, dim).to(device)
         optimizer = make_optimizer(model, mode, lr, backbone_lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(lr_milestones(dataset)), LR_DECAY)
         scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)

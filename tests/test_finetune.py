@@ -17,7 +17,7 @@ from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.extract.tuning import add_lora, apply_run, read_run
 from iqa.heads import finetune as finetune_module
 from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from iqa.heads.finetune import build_model, finetune, make_optimizer
+from iqa.heads.finetune import build_model, embedding_dim, finetune, make_optimizer
 from iqa.heads.mlp import HEADS, StackedMLP
 from iqa.heads.results import ResultsDB, results_table
 
@@ -69,7 +69,7 @@ def test_lora_trains_only_the_adapter_and_the_head(key):
         dim = base(torch.zeros(1, 3, 32, 32)).shape[1]
     head_count = sum(p.numel() for p in StackedMLP(dim, [8], *HEADS["sig"]).parameters())
 
-    model = build_model(base, spec, "lora", "sig", seed=8, lora_rank=3)
+    model = build_model(base, spec, "lora", "sig", seed=8, lora_rank=3, dim=dim)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in name or name.startswith("head.") for name in trainable)
     assert sum(p.numel() for name, p in trainable.items() if "lora_" in name) == expected
@@ -187,7 +187,8 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
 
 def test_gated_parameters_stay_float32_under_bf16_autocast(tmp_path):
     spec = get_spec("siglip2").as_tiny()
-    model = build_model(load_backbone(spec, tiny=True), spec, "lora", "gated", seed=8, lora_rank=4)
+    base = load_backbone(spec, tiny=True)
+    model = build_model(base, spec, "lora", "gated", seed=8, lora_rank=4, dim=embedding_dim(base, spec))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pred = model(torch.randn(2, 3, 32, 32))
     pred.float().sum().backward()

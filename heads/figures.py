@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iqa.heads.results import GROUPS, OUTCOME_FIELDS, dataset_column  # noqa: E402
+from iqa.heads.results import OUTCOME_FIELDS, dataset_column, grouped  # noqa: E402
 
 QUALITY_BUCKETS = 5  # equal-width bins of the target in [0, 1], as in the paper's t-SNE colouring
 NOT_LINE_FIELDS = OUTCOME_FIELDS | {"seed", "act1", "act2"}  # the head name spells act1/act2
@@ -52,13 +52,7 @@ def _varying(runs: list[dict], exclude: set[str]) -> list[str]:
 
 def dataset_panels(datasets: list[str]) -> list[tuple[str, list[str]]]:
     """(title, datasets): Table 4's groups with what is present of them, then every other dataset alone."""
-    panels = []
-    for group, members in GROUPS.items():
-        present = [d for d in members if d in datasets]
-        if present:
-            panels.append((f"{group}: {', '.join(present)}", present))
-    grouped = {d for members in GROUPS.values() for d in members}
-    return panels + [(d, [d]) for d in sorted(datasets) if d not in grouped]
+    return [(f"{group}: {', '.join(present)}" if group else present[0], present) for group, present in grouped(sorted(datasets))]
 
 
 # ablation -> (x field, scale, x label, x axis: "descending" from k = 100 down as in Table 4, or "log2")

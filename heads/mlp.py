@@ -79,7 +79,7 @@ class StackedMLP(nn.Module):
         members = len(seeds)
         if dropout is not None and dropout not in DROPOUT_MODES:
             raise ValueError(f"unknown dropout mode {dropout!r}; use 'input' or 'layers'")
-        self.seeds, self.act_names, self.dropout = list(seeds), (act1, act2), dropout
+        self.seeds, self.dropout = list(seeds), dropout
         mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
         keep = [1.0] * members if keep is None else [float(p) for p in keep]
         if len(mask_k) != members or len(keep) != members:
@@ -97,10 +97,6 @@ class StackedMLP(nn.Module):
         self.act2 = make_activation(act2, members, hidden)
         self.layer3 = StackedLinear(init, hidden, 1)
         self._dropout_generators: list[torch.Generator] | None = None
-
-    @property
-    def members(self) -> int:
-        return len(self.seeds)
 
     def member_tensors(self, m: int) -> list[torch.Tensor]:
         """Member m's weights, biases and gate parameters, in layer order (views into the stack)."""

@@ -40,6 +40,20 @@ def plain(run: dict) -> bool:
     return float(run.get("mask_k", 100.0)) == 100.0 and run.get("dropout") is None
 
 
+def masking_grid(run: dict) -> bool:
+    """A run of the masking ablation's grid (k = 100 included): within one dataset, no dropout."""
+    return within(run) and run.get("dropout") is None
+
+
+def masked(run: dict) -> bool:
+    return float(run.get("mask_k", 100)) < 100
+
+
+def dropout_grid(run: dict) -> bool:
+    """A run of the dropout ablation's grid: within one dataset, dropout on, every feature kept."""
+    return within(run) and run.get("dropout") is not None and float(run.get("mask_k", 100)) == 100.0
+
+
 # (file name, title, layout, the runs it reads, what must be among them, the note when it is not)
 TABLES = [
     ("table1-2_backbones", "Tables 1, 2: backbone x dataset", "backbones",
@@ -47,15 +61,13 @@ TABLES = [
     ("table3_cross", "Table 3: cross-dataset (train->test)", "cross",
      lambda r: not within(r) and plain(r), None, "no cross-dataset runs (iqa head --train A --test B)"),
     ("table4_masking", "Table 4: top-k feature masking, Δ against k = 100 per group", "masking",
-     lambda r: within(r) and r.get("dropout") is None, lambda r: float(r.get("mask_k", 100)) < 100,
-     "no masking runs (--mask-k below 100)"),
+     masking_grid, masked, "no masking runs (--mask-k below 100)"),
     ("table6_activations", "Table 6: activation pairs (Act1, Act2)", "activations",
      lambda r: within(r) and plain(r), None, "no within-dataset runs without ablation"),
     ("tableS1_regimes", "Table S1: regimes (frozen, lora, full)", "regimes",
      lambda r: within(r) and plain(r), None, "no within-dataset runs without ablation"),
     ("tableS3_dropout", "Table S3: dropout, Δ against keep = 1.0 per group", "dropout",
-     lambda r: within(r) and r.get("dropout") is not None and float(r.get("mask_k", 100)) == 100.0, None,
-     "no dropout runs (--dropout input|layers)"),
+     dropout_grid, None, "no dropout runs (--dropout input|layers)"),
 ]
 
 
@@ -135,12 +147,12 @@ def _tables(runs, folder: Path, summary: ReportSummary, page: _Page) -> None:
 
 def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, device: str, progress: bool) -> None:
     named: list[tuple[str, str, object]] = []  # (title, file name, figure)
-    masking = [r for r in runs if within(r) and r.get("dropout") is None]
-    if any(float(r.get("mask_k", 100)) < 100 for r in masking):
+    masking = [r for r in runs if masking_grid(r)]
+    if any(masked(r) for r in masking):
         named.append(("SRCC against k: masking (Table 4)", "srcc_vs_k_masking", figures.ablation_figure(masking, "masking")))
     else:
         summary.notes.append("SRCC against k (masking): no masking runs")
-    dropout = [r for r in runs if within(r) and r.get("dropout") is not None and float(r.get("mask_k", 100)) == 100]
+    dropout = [r for r in runs if dropout_grid(r)]
     if dropout:
         named.append(("SRCC against k: dropout (Table S3)", "srcc_vs_k_dropout", figures.ablation_figure(dropout, "dropout")))
     else:

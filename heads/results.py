@@ -20,6 +20,14 @@ RESULTS_FILE = "results.sqlite"
 GROUPS = {"Group 1": ("agiqa1k", "kadid10k"), "Group 2": ("clive", "koniq10k")}  # Table 4 / S3
 
 
+def grouped(datasets: list[str]) -> list[tuple[str | None, list[str]]]:
+    """(group, its datasets present) for each group of Table 4 with any present, then (None, [d])
+    for every other dataset, in the order given."""
+    groups = [(group, [d for d in members if d in datasets]) for group, members in GROUPS.items()]
+    in_groups = {d for members in GROUPS.values() for d in members}
+    return [(g, present) for g, present in groups if present] + [(None, [d]) for d in datasets if d not in in_groups]
+
+
 @dataclass(frozen=True)
 class Layout:
     lead: tuple[str, ...]  # fields that lead the row label
@@ -182,10 +190,8 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
     if spec.level is None:
         columns = [(d, d) for d in datasets]
     else:
-        for group, members in GROUPS.items():
-            present = [d for d in members if d in datasets]
-            columns += [(d, d) for d in present] + ([(f"Δ {group}", group)] if present else [])
-        columns += [(d, d) for d in datasets if not any(d in m for m in GROUPS.values())]
+        for group, present in grouped(datasets):
+            columns += [(d, d) for d in present] + ([(f"Δ {group}", group)] if group else [])
 
     def delta(row: tuple, group: str, metric: str) -> Cell:
         """Mean over the group's datasets of (this level - the reference level)."""

@@ -132,7 +132,7 @@ def predict(model: StackedMLP, pools: MaskedPools, rows: torch.Tensor, chunk: in
 
 def gate_parameters(model: StackedMLP, m: int) -> dict | None:
     gates = {
-        name: {p: getattr(act, p)[m].detach().cpu().tolist() for p in GATE_INIT}
+        name: {p: t.detach().cpu().tolist() for p, t in zip(GATE_INIT, act.member_tensors(m))}
         for name, act in (("act1", model.act1), ("act2", model.act2))
         if isinstance(act, GatedActivation)
     }
@@ -172,8 +172,8 @@ def train_stack_model(
     x_train, y_train = to_device(data.x_train), to_device(data.y_train)
     same_pool = data.x_test is data.x_train
     x_test = x_train if same_pool else to_device(data.x_test)
-    y_test_rows = to_device(data.y_test)[torch.as_tensor(test_rows, device=device)]
     test_rows_t = torch.as_tensor(test_rows, device=device)
+    y_test_rows = to_device(data.y_test)[test_rows_t]
 
     model = StackedMLP(
         x_train.shape[1],
@@ -200,10 +200,10 @@ def train_stack_model(
         order = torch.as_tensor(_epoch_order(rngs, train_rows, batch_size), device=device)
         loss_sum = torch.zeros(n_members, device=device)
         model.train()
-        for rows in order:
-            loss = iqa_loss(model(train_pools.rows(rows), inputs_masked=True), y_train[rows], micro_batch)
+        for rows, targets in zip(order, y_train[order]):  # the epoch's targets gathered at once
+            loss = iqa_loss(model(train_pools.rows(rows), inputs_masked=True), targets, micro_batch)
             alive &= torch.isfinite(loss)  # stays on the device: no sync per step
-            kept = torch.where(alive, loss, torch.zeros_like(loss))
+            kept = torch.where(alive, loss, 0.0)
             optimizer.zero_grad(set_to_none=True)
             kept.sum().backward()
             optimizer.step()

@@ -47,6 +47,28 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def parse_seeds(seeds: str) -> list[int]:
+    try:
+        return [int(s) for s in seeds.split(",")]
+    except ValueError:
+        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ("local", "ray"):
+        fail(f"--engine must be local or ray, got {engine!r}")
+
+
+def existing_db(db: Path | None, root: Path) -> Path:
+    """The results database named, else the cache's; a missing one ends the command in one line."""
+    from iqa.heads.results import default_db
+
+    path = db or default_db(root)
+    if not path.exists():
+        fail(f"no results database at {path}; train with `iqa head --cached` first")
+    return path
+
+
 @app.callback()
 def main() -> None:
     """No-reference IQA on foundation backbones: extract once, train heads fast."""
@@ -91,10 +113,7 @@ def data_show(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Counts, score range and the train/test split of each seed."""
-    try:
-        seed_list = [int(s) for s in seeds.split(",")]
-    except ValueError:
-        fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    seed_list = parse_seeds(seeds)
     if split_by not in ("random", "group"):
         fail(f"--split-by must be random or group, got {split_by!r}")
     try:
@@ -172,8 +191,7 @@ def extract(
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
-    if engine not in ("local", "ray"):
-        fail(f"--engine must be local or ray, got {engine!r}")
+    check_engine(engine)
     if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
         fail("--actors and --gpus-per-actor are for --engine ray")
     try:
@@ -299,14 +317,13 @@ def head_command(
             fail("--act-pair takes two activations, e.g. sigmoid,gelu")
         heads = head_choices(_csv([act]) if act else [], pair_acts)
         configs = expand_grid(
-            pairs, backbone, heads, [int(s) for s in _csv([seeds])], [float(k) for k in _csv([mask_k])],
+            pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
         )
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 
-        if engine not in ("local", "ray"):
-            fail(f"--engine must be local or ray, got {engine!r}")
+        check_engine(engine)
         run_stacks = None
         if engine == "ray":
             from iqa.heads.ray_grid import train_on_ray
@@ -336,12 +353,9 @@ def results_command(
     cache: CacheOption = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
-    from iqa.heads.results import ResultsDB, default_db, results_table
+    from iqa.heads.results import ResultsDB, results_table
 
-    path = db or default_db(cache_root(cache))
-    if not path.exists():
-        fail(f"no results database at {path}; train with `iqa head --cached` first")
-    runs = [r for r in ResultsDB(path).runs() if regime is None or r["regime"] == regime]
+    runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
     try:
         typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
     except ValueError as error:
@@ -362,7 +376,7 @@ def demo(
 
     root = cache_root(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
-    result = run_demo(root, tuple(int(s) for s in _csv([seeds])), epochs=epochs, device=device, tsne=not no_tsne)
+    result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
     typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")
@@ -381,13 +395,10 @@ def report_command(
     """Tables, figures, compute profile and index.html from the results database."""
     from iqa.cache.store import load_cached
     from iqa.heads.report import default_profile, write_report
-    from iqa.heads.results import ResultsDB, default_db
+    from iqa.heads.results import ResultsDB
 
     root = cache_root(cache)
-    path = db or default_db(root)
-    if not path.exists():
-        fail(f"no results database at {path}; train with `iqa head --cached` first")
-    runs = ResultsDB(path).runs()
+    runs = ResultsDB(existing_db(db, root)).runs()
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne)

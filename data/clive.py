@@ -11,7 +11,6 @@ does (entries 7:1169), leaving 1,162 rows. Target = MOS / 100.
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from iqa.data.manifest import Manifest, file_sha256
 from iqa.data.readers import DatasetError, image_folder, require_file
@@ -22,6 +21,8 @@ TRAINING_IMAGES = 7  # leading entries of the release lists that only trained th
 
 def _variable(path: Path, name: str) -> np.ndarray:
     require_file(path)
+    import scipy.io  # here, not at the top: it costs `iqa --help` 0.2 s
+
     try:
         contents = scipy.io.loadmat(path)
     except Exception as e:  # scipy raises several types for a damaged or non-MATLAB file

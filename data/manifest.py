@@ -105,7 +105,7 @@ def read_manifest(cache: Path, dataset: str) -> Manifest:
 
 def manifest_checksum(cache: Path, dataset: str) -> str:
     """sha256 of the manifest file: embedding stores record it to know when they are stale."""
-    return hashlib.sha256(manifest_path(cache, dataset).read_bytes()).hexdigest()
+    return file_sha256(manifest_path(cache, dataset))
 
 
 def file_sha256(path: Path) -> str:

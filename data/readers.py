@@ -9,7 +9,6 @@ import csv
 import math
 from pathlib import Path
 
-import openpyxl
 
 
 class DatasetError(ValueError):
@@ -49,6 +48,8 @@ def read_csv_columns(path: Path, columns: list[str]) -> dict[str, list[str]]:
 def read_xlsx_columns(path: Path, columns: list[str]) -> dict[str, list]:
     """The named columns of the first sheet of an .xlsx file with a header row (empty rows skipped)."""
     require_file(path)
+    import openpyxl  # here, not at the top: it costs `iqa --help` 0.1 s
+
     try:
         workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as e:  # openpyxl raises zip, XML and key errors for a damaged file

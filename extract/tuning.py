@@ -21,9 +21,9 @@ from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, run_name
 LORA_DROPOUT = 0.05
 
 
-def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int, dropout: float = LORA_DROPOUT) -> PeftModel:
+def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int) -> PeftModel:
     targets = lora_target_modules(spec, [name for name, _ in backbone.named_modules()])
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=LORA_DROPOUT, target_modules=targets)
     return get_peft_model(backbone, config)
 
 

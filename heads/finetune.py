@@ -242,6 +242,7 @@ def finetune(
 
         test_batches = [chunk.tolist() for chunk in np.array_split(test_rows, -(-len(test_rows) // EVAL_BATCH))]
         diverged_epoch = None
+        y_test = targets[test_rows][None]
         bar = tqdm(total=(epochs - start) * steps, unit="step", desc=f"{dataset}/{run_dir.name}", disable=not progress)
         for epoch in range(start, epochs):
             order = epoch_order(train_rows, seed, epoch)[: steps * per_step].reshape(-1, batch_size)
@@ -250,7 +251,6 @@ def finetune(
             if pred is None or not torch.isfinite(pred).all():
                 diverged_epoch = epoch + 1
                 break  # the last good checkpoint stays as it is
-            y_test = targets[test_rows][None]
             epoch_lr = optimizer.param_groups[-1]["lr"]  # the head's
             for name, value in (("train_loss", loss_sum / steps), ("srcc", srcc(pred[None], y_test).item()),
                                 ("plcc", plcc(pred[None], y_test).item()), ("lr", epoch_lr)):

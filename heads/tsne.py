@@ -41,9 +41,10 @@ def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cp
     model.eval()
     for side, pool, side_rows in (("train", train, rows[0]), ("test", test, rows[1])):
         side_rows = np.sort(rng.choice(side_rows, min(MAX_POINTS, len(side_rows)), replace=False))
-        x = torch.as_tensor(pool.embeddings[side_rows], dtype=torch.float32, device=device)
+        embeddings = pool.embeddings[side_rows]
+        x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
         with torch.no_grad():
-            out[side] = (pool.embeddings[side_rows], model.features(x[None])[0].cpu().numpy(), pool.manifest.targets[side_rows])
+            out[side] = (embeddings, model.features(x[None])[0].cpu().numpy(), pool.manifest.targets[side_rows])
     return out
 
 

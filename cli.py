@@ -436,17 +436,14 @@ def finetune_command(
 ) -> None:
     """Tune a backbone and a head end to end on images; resumes from the run folder's last checkpoint."""
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.finetune import finetune
+    from iqa.heads.finetune import finetune, finetune_config
     from iqa.heads.results import ResultsDB
 
     root = cache_root(cache)
     try:
-        run = finetune(
-            root, dataset, backbone, head=head, mode=mode, seed=seed, epochs=epochs, batch_size=batch_size,
-            accumulate=accumulate, lora_rank=lora_rank, lr=lr, backbone_lr=backbone_lr, device=device, dtype=dtype,
-            source=model, tiny=tiny, random_init=random_init, split_by=split_by, run_dir=run_dir,
-            db=ResultsDB(db) if db else None, num_workers=workers,
-        )
+        config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
+                                 backbone_lr, split_by, tiny, random_init)
+        run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
     r = run.result

@@ -9,8 +9,10 @@ Regimes (Suppl. A.3, B.1; Table S1):
 The loss is the cached trainer's: physical batches of 2, gradients accumulated over 6, each
 micro-batch of 2 scored alone (its own MSE and margin) and the micro-batch losses averaged, i.e.
 `iqa_loss(pred, target, micro_batch=2) / accumulate` per physical batch. An epoch is
-floor(n_train / 12) optimiser steps over the seed's 80% train split, in an order drawn from
-(seed, epoch) alone; Adam; the SPEC's schedule (x0.2 at epochs 15 and 25 on large sets). Where
+floor(n_train / 12) optimiser steps over the seed's 80% train split, in the cached trainer's order
+(heads/train.py `epoch_order`, drawn from (seed, epoch) alone: a frozen run sees the batches a
+cached-head run of the same seed sees); Adam; the same schedule (`make_scheduler`: x0.2 at epochs
+15 and 25 on large sets). Where
 the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
 (bf16, or fp16 with a grad scaler); the weights stay float32 and the gated activation computes in
 float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epoch; a checkpoint
@@ -23,7 +25,7 @@ estimate them.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,12 +47,13 @@ from iqa.extract.tuning import add_lora
 from iqa.heads.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
-from iqa.heads.grid import RunConfig
 from iqa.heads.loss import iqa_loss
-from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HEADS, StackedMLP, member_seed
-from iqa.heads.results import ResultsDB, default_db, run_key
-from iqa.heads.train import LR_DECAY, RunResult, gate_parameters, lr_milestones, result_from_curves
+from iqa.heads.results import ResultsDB, default_db
+from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from iqa.heads.train import (
+    RunResult, epoch_metrics, epoch_order, gate_parameters, make_scheduler, new_curves, record_epoch, result_from_curves,
+)
 
 MODES = ("lora", "full", "frozen")
 MICRO_BATCH = 2  # the paper's physical batch: the unit the loss scores alone
@@ -102,12 +105,6 @@ def make_optimizer(model: FinetuneModel, mode: str, lr: float, backbone_lr: floa
     return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))
 
 
-def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """The train rows in the order of one epoch, drawn from (seed, epoch) alone: a resumed run sees the same order."""
-    rng = np.random.default_rng([member_seed(seed, "order"), epoch])
-    return train_rows[rng.permutation(len(train_rows))]
-
-
 def trained_backbone_state(model: FinetuneModel) -> dict[str, torch.Tensor]:
     """What the run changed in the backbone: the LoRA adapter, every weight (full), or nothing (frozen)."""
     if isinstance(model.backbone, PeftModel):
@@ -138,8 +135,7 @@ class FinetuneRun:
     epochs_trained: int  # by this call (0 when the checkpoint had already finished)
 
 
-def finetune(
-    cache: Path,
+def finetune_config(
     dataset: str,
     backbone: str,
     head: str = "sig",
@@ -151,19 +147,11 @@ def finetune(
     lora_rank: int = 4,
     lr: float = 1e-4,
     backbone_lr: float = 5e-6,
-    device: str = "cpu",
-    dtype: str = "auto",
-    source: str | None = None,
+    split_by: str = "random",
     tiny: bool = False,
     random_init: bool = False,
-    split_by: str = "random",
-    run_dir: Path | None = None,
-    db: ResultsDB | None = None,
-    num_workers: int = 2,
-    progress: bool = True,
-    on_epoch: Callable[[int], None] | None = None,
-) -> FinetuneRun:
-    """Train (or resume) one run; `on_epoch(epoch)` is called after each epoch's checkpoint."""
+) -> RunConfig:
+    """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch."""
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if head not in HEADS:
@@ -172,49 +160,67 @@ def finetune(
         raise ValueError(f"--batch-size must be a multiple of {MICRO_BATCH} (the loss scores pairs), got {batch_size}")
     if accumulate < 1 or epochs < 1 or lora_rank < 1:
         raise ValueError("--accumulate, --epochs and --lora-rank must be at least 1")
+    return RunConfig(
+        dataset, dataset, backbone, head, *HEADS[head], seed, epochs=epochs, lr=lr,
+        batch_size=batch_size * accumulate, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
+        tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
+        lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
+    )
+
+
+def finetune(
+    cache: Path,
+    config: RunConfig,
+    device: str = "cpu",
+    dtype: str = "auto",
+    source: str | None = None,
+    run_dir: Path | None = None,
+    db: ResultsDB | None = None,
+    num_workers: int = 2,
+    progress: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
+) -> FinetuneRun:
+    """Train (or resume) the run of `config` (`finetune_config`); `on_epoch(epoch)` is called after
+    each epoch's checkpoint. `source` overrides where the base weights come from (HF id or folder)."""
+    dataset, backbone, seed, mode = config.train_dataset, config.backbone, config.seed, config.regime
+    tiny, random_init = config.tag == model_tag(True, False), config.tag == model_tag(False, True)
     spec = get_spec(backbone, tiny)
     if spec.model_class is None:
         raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
     manifest = read_manifest(cache, dataset)
-    train_rows, test_rows = split_indices(manifest.paths, seed, by=split_by, groups=manifest.groups)
-    per_step = batch_size * accumulate
+    train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups)
+    per_step, batch_size, accumulate, epochs = config.batch_size, config.physical_batch, config.accumulate, config.epochs
     steps = len(train_rows) // per_step
     if steps == 0:
         raise ValueError(f"{len(train_rows)} training images cannot fill one batch of {per_step}")
     compute_dtype = compute_dtype_for(device, dtype)
     cast = dict(device_type=torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
 
     base = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
-    config = RunConfig(
-        dataset, dataset, backbone, head, *HEADS[head], seed, epochs=epochs, lr=lr,
-        batch_size=per_step, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
-        tag=model_tag(tiny, random_init),
-    ).as_dict() | {
-        "physical_batch": batch_size, "accumulate": accumulate, "lora_rank": lora_rank if mode == "lora" else None,
-        "backbone_lr": backbone_lr if mode == "full" else None, "compute_dtype": str(compute_dtype).removeprefix("torch."),
-    }
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict())
     db = db if db is not None else ResultsDB(default_db(cache))
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
     dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once
     fingerprint = make_fingerprint(spec, base, weights_sha256(base), dim, compute_dtype, "live",
                                    manifest_checksum(cache, dataset))
     fp_id = fingerprint_id(fingerprint)
-    key = run_key(config, fp_id)
+    key = run_key(config, fp_id, rows_digest(train_rows, test_rows))
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the caller's RNG is left as it was
         torch.manual_seed(member_seed(seed, "torch"))  # LoRA init and dropout
-        model = build_model(base, spec, mode, head, seed, lora_rank, dim).to(device)
-        optimizer = make_optimizer(model, mode, lr, backbone_lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(lr_milestones(dataset)), LR_DECAY)
+        model = build_model(base, spec, mode, config.head, seed, config.lora_rank, dim).to(device)
+        optimizer = make_optimizer(model, mode, config.lr, config.backbone_lr)
+        scheduler = make_scheduler(optimizer, config.milestones)
         scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)
-        curves: dict[str, list[float]] = {"train_loss": [], "srcc": [], "plcc": [], "lr": []}
+        curves = new_curves()
 
         start = 0
         state = load_checkpoint(run_dir)
         if state is not None:
             if state["key"] != key:
-                differ = sorted(k for k in config | state["config"] if config.get(k) != state["config"].get(k))
+                mine = config.as_dict()
+                differ = sorted(k for k in mine | state["config"] if mine.get(k) != state["config"].get(k))
                 raise ValueError(
                     f"{run_dir} holds another run (differs in {', '.join(differ) or 'base weights or manifest'}); "
                     f"pass another --run-dir or delete it"
@@ -251,13 +257,12 @@ def finetune(
             if pred is None or not torch.isfinite(pred).all():
                 diverged_epoch = epoch + 1
                 break  # the last good checkpoint stays as it is
-            epoch_lr = optimizer.param_groups[-1]["lr"]  # the head's
-            for name, value in (("train_loss", loss_sum / steps), ("srcc", srcc(pred[None], y_test).item()),
-                                ("plcc", plcc(pred[None], y_test).item()), ("lr", epoch_lr)):
-                curves[name].append(value)
+            (epoch_srcc,), (epoch_plcc,) = epoch_metrics(pred[None], y_test)
+            record_epoch(curves, train_loss=loss_sum / steps, srcc=epoch_srcc, plcc=epoch_plcc,
+                         lr=optimizer.param_groups[-1]["lr"])  # the head's lr
             scheduler.step()
             save_checkpoint(run_dir, {
-                "key": key, "config": config, "fingerprint": fingerprint, "epoch": epoch + 1,
+                "key": key, "config": config.as_dict(), "fingerprint": fingerprint, "epoch": epoch + 1,
                 "backbone": trained_backbone_state(model), "head": model.head.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
                 "scaler": scaler.state_dict(), "rng": rng_states(), "curves": curves,
@@ -269,9 +274,9 @@ def finetune(
 
     gates = gate_parameters(model.head, 0) if diverged_epoch is None else None
     result = result_from_curves(curves, diverged_epoch, gates)
-    db.record([(config, fp_id, result)])
+    db.record([(key, config.as_dict(), fp_id, result)])
     trained = (diverged_epoch or epochs + 1) - 1 - start
-    return FinetuneRun(run_dir, key, fp_id, config, result, trained)
+    return FinetuneRun(run_dir, key, fp_id, config.as_dict(), result, trained)
 
 
 def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -6,7 +6,7 @@ together, `stack_size` at a time; each finished stack is committed to the result
 once, so a killed grid loses at most the stacks in flight and a re-run trains only what is missing.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import groupby, product
 from typing import Callable, Iterator, Protocol
 
@@ -16,8 +16,9 @@ from tqdm import tqdm
 from iqa.data.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.mlp import HEADS
-from iqa.heads.results import ResultsDB, run_key
-from iqa.heads.train import Member, RunResult, StackData, lr_milestones, train_stack
+from iqa.heads.results import ResultsDB
+from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from iqa.heads.train import Member, RunResult, StackData, train_stack
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 
@@ -29,30 +30,6 @@ class Cached(Protocol):
     valid: np.ndarray  # [N] bool, False where the image failed
     manifest: Manifest
     fingerprint_id: str
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    train_dataset: str
-    test_dataset: str
-    backbone: str
-    head: str
-    act1: str
-    act2: str
-    seed: int
-    mask_k: float = 100.0
-    dropout: str | None = None
-    keep: float = 1.0
-    epochs: int = 30
-    lr: float = 1e-4
-    batch_size: int = 12
-    micro_batch: int | None = 2
-    split_by: str = "random"
-    regime: str = "frozen"
-    tag: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
@@ -123,10 +100,11 @@ def run_grid(
         train, test = cached(c.train_dataset), cached(c.test_dataset)
         return train.fingerprint_id if c.train_dataset == c.test_dataset else f"{train.fingerprint_id}+{test.fingerprint_id}"
 
-    keys = [run_key(c.as_dict(), fingerprint(c)) for c in configs]
+    rows_of = [run_rows(c, cached(c.train_dataset), cached(c.test_dataset)) for c in configs]
+    keys = [run_key(c, fingerprint(c), rows_digest(*r)) for c, r in zip(configs, rows_of)]
+    rows = dict(zip(keys, rows_of))
     finished = db.finished_keys()
-    pending = [(c, k) for c, k in zip(configs, keys) if k not in finished]
-    rows = {k: run_rows(c, cached(c.train_dataset), cached(c.test_dataset)) for c, k in pending}
+    pending = list(dict.fromkeys((c, k) for c, k in zip(configs, keys) if k not in finished))
     def shape(pending_run: tuple[RunConfig, str]) -> tuple:
         """Architecture and row counts: runs that agree on them can share a stack (rows must be rectangular)."""
         config, key = pending_run
@@ -143,12 +121,12 @@ def run_grid(
         first = stack[0][0]
         train, test = cached(first.train_dataset), cached(first.test_dataset)
         data, members = stack_inputs([c for c, _ in stack], [rows[k] for _, k in stack], train, test)
-        jobs.append(StackJob([(c, fingerprint(c)) for c, _ in stack], data, members))
+        jobs.append(StackJob([(c, fingerprint(c), k) for c, k in stack], data, members))
     total = sum(c.epochs for c, _ in pending)
     with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
         done = 0
         for job, results in (engine or train_here)(jobs, device, bar):
-            db.record([(c.as_dict(), fp, r) for (c, fp), r in zip(job.runs, results)])  # here only: one writer
+            db.record([(k, c.as_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer
             done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
     stored = {r["key"]: r for r in db.runs()}
@@ -167,14 +145,14 @@ def stack_inputs(
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
     )
-    return data, [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c in configs]
+    return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
 
 
 @dataclass
 class StackJob:
-    """One stack ready to train anywhere: its runs (config, cache fingerprint id), data and members."""
+    """One stack ready to train anywhere: its runs (config, cache fingerprint id, run key), data and members."""
 
-    runs: list[tuple[RunConfig, str]]
+    runs: list[tuple[RunConfig, str, str]]
     data: StackData
     members: list[Member]
 

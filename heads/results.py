@@ -1,12 +1,11 @@
 """The results database (SQLite, default <cache>/results.sqlite) and the paper-style tables.
 
-A run is keyed by its full config (regime, backbone, datasets, head, mask k, dropout, seed, epochs,
-lr, ...) and the fingerprint of the cache it trained on, so a grid re-run skips what is finished
-and a changed cache trains afresh. Frozen-head, LoRA and full fine-tuning runs share the table
+A run is stored under its key (iqa.heads.run_config.run_key: config, recipe, trainer version, data
+fingerprint and rows), so a grid re-run skips what is finished and anything that could change a
+result trains afresh. Frozen-head, LoRA and full fine-tuning runs share the table
 through the `regime` field.
 """
 
-import hashlib
 import html
 import json
 import sqlite3
@@ -50,6 +49,9 @@ NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed"}
 OUTCOME_FIELDS = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc",
                   "last_plcc", "diverged_epoch", "curves", "gates", "finished_at"}
 
+SCHEMA_VERSION = 1  # PRAGMA user_version; 0: before versioning (keys without the recipe)
+COLUMNS = ("key", "fingerprint_id", "regime", "config", "status", "best_epoch", "best_srcc", "best_plcc",
+           "last_srcc", "last_plcc", "diverged_epoch", "curves", "gates", "finished_at")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY,
@@ -70,23 +72,35 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+class ResultsDBError(ValueError):
+    """A results database this version cannot read safely."""
+
+
 def default_db(cache: Path) -> Path:
     return Path(cache) / RESULTS_FILE
 
 
-def run_key(config: dict, fingerprint_id: str) -> str:
-    if "regime" not in config:
-        raise ValueError("a run config needs its regime (frozen, lora or full)")
-    canonical = json.dumps({"config": config, "fingerprint_id": fingerprint_id}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
 class ResultsDB:
+    """Runs by key (iqa.heads.run_config.run_key). A database of an older schema is migrated on open
+    (version 0's rows keep their old keys, which no current config produces, so they stay readable in
+    tables but are never re-served as finished); a newer one is refused."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ResultsDBError(
+                    f"{self.path} has schema version {version}, newer than this iqa's {SCHEMA_VERSION}; "
+                    f"upgrade iqa or pass another --db"
+                )
             db.execute(SCHEMA)
+            missing = [c for c in COLUMNS if c not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}]
+            if missing:
+                raise ResultsDBError(f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -95,26 +109,28 @@ class ResultsDB:
         with self._connect() as db:
             return {key for (key,) in db.execute("SELECT key FROM runs")}
 
-    def record(self, runs: list[tuple[dict, str, object]]) -> None:
-        """Store (config, fingerprint_id, RunResult) rows in one transaction: all or none."""
+    def record(self, runs: list[tuple[str, dict, str, object]]) -> None:
+        """Store (key, config, fingerprint_id, RunResult) rows in one transaction: all or none."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows = [
             (
-                run_key(config, fp), fp, config["regime"], json.dumps(config, sort_keys=True), r.status,
+                key, fp, config["regime"], json.dumps(config, sort_keys=True), r.status,
                 r.best_epoch, r.best_srcc, r.best_plcc, r.last_srcc, r.last_plcc, r.diverged_epoch,
                 json.dumps(r.curves), json.dumps(r.gates) if r.gates is not None else None, now,
             )
-            for config, fp, r in runs
+            for key, config, fp, r in runs
         ]
         with self._connect() as db:
-            db.executemany(f"INSERT OR REPLACE INTO runs VALUES ({','.join('?' * 14)})", rows)
+            db.executemany(
+                f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+            )
 
     def runs(self) -> list[dict]:
         """Every stored run as its config merged with its outcome (curves and gates decoded)."""
         with self._connect() as db:
             db.row_factory = sqlite3.Row
             out = []
-            for row in db.execute("SELECT * FROM runs ORDER BY rowid"):
+            for row in db.execute(f"SELECT {', '.join(COLUMNS)} FROM runs ORDER BY rowid"):
                 run = dict(row)
                 config = json.loads(run.pop("config"))
                 run["curves"] = json.loads(run["curves"])

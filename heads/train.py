@@ -10,10 +10,13 @@ the batch layout.
 A member whose loss or predictions turn NaN/inf is recorded as diverged at that epoch and its
 results stop there; its rows of the stack may go on holding NaN, which stays in those rows.
 
-Batches: each epoch a member visits its train rows in a fresh order from its own generator, in
-floor(n_train / batch) full batches (the remainder of the epoch's order is left out; the next epoch
-reshuffles). Test SRCC/PLCC are computed after every epoch; the result reports the best epoch (the
-paper's "mean best SRCC"; PLCC is taken at that same epoch) and the last epoch.
+This module is the training core that fine-tuning (heads/finetune.py) shares: the data order
+(`epoch_order`: each epoch a member visits its train rows in an order drawn from (seed, epoch) alone,
+in floor(n_train / batch) full batches; the remainder is left out and the next epoch reshuffles),
+the learning-rate schedule (`make_scheduler`, torch's MultiStepLR stepped once per epoch), the
+evaluation (`epoch_metrics`) and the curve record (`new_curves`, `record_epoch`, `result_from_curves`).
+Test SRCC/PLCC are computed after every epoch; the result reports the best epoch (the paper's "mean
+best SRCC"; PLCC is taken at that same epoch) and the last epoch.
 """
 
 from dataclasses import dataclass, field
@@ -26,16 +29,9 @@ from iqa.heads.activations import GATE_INIT, GatedActivation
 from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
+from iqa.heads.run_config import LR_DECAY
 
-LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
-LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
-LR_DECAY = 0.2
 EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
-
-
-def lr_milestones(train_dataset: str) -> tuple[int, ...]:
-    """Large sets decay x0.2 at epochs 15 and 25; small sets keep a constant lr."""
-    return LARGE_MILESTONES if train_dataset in LARGE_DATASETS else ()
 
 
 @dataclass(frozen=True)
@@ -46,9 +42,32 @@ class Member:
     lr: float = 1e-4
     milestones: tuple[int, ...] = ()
 
-    def learning_rate(self, epoch: int) -> float:
-        """lr for 0-based `epoch`, as torch's MultiStepLR stepped once per epoch gives it."""
-        return self.lr * LR_DECAY ** sum(epoch >= m for m in self.milestones)
+
+def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The train rows in the order of one epoch, drawn from (seed, epoch) alone: every path that trains
+    a run of this seed (a stack member, a fine-tuning run, a resumed one) sees the same order."""
+    rng = np.random.default_rng([member_seed(seed, "order"), epoch])
+    return train_rows[rng.permutation(len(train_rows))]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, milestones: tuple[int, ...]) -> torch.optim.lr_scheduler.MultiStepLR:
+    """x LR_DECAY at each milestone epoch; step it once after every epoch."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), LR_DECAY)
+
+
+def epoch_metrics(pred: torch.Tensor, target: torch.Tensor) -> tuple[list[float], list[float]]:
+    """SRCC and PLCC per member of predictions and targets [M, n]."""
+    return srcc(pred, target).tolist(), plcc(pred, target).tolist()
+
+
+def new_curves(gated: list[str] = ()) -> dict[str, list]:
+    """An empty per-epoch record: train_loss, srcc, plcc, lr, and g_<act> for each gated activation."""
+    return {"train_loss": [], "srcc": [], "plcc": [], "lr": [], **{f"g_{n}": [] for n in gated}}
+
+
+def record_epoch(curve: dict[str, list], **values) -> None:
+    for name, value in values.items():
+        curve[name].append(value)
 
 
 @dataclass
@@ -89,11 +108,11 @@ def _optimizer(model: StackedMLP, members: list[Member]) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=members[0].lr, fused=fused, foreach=None if fused else True)
 
 
-def _epoch_order(rngs: list[np.random.Generator], train_rows: np.ndarray, batch: int) -> np.ndarray:
-    """[steps, M, batch] rows: each member's own permutation of its train rows."""
+def _stack_order(members: list[Member], train_rows: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+    """[steps, M, batch] rows: each member's `epoch_order` in full batches."""
     steps = train_rows.shape[1] // batch
-    order = np.stack([rows[rng.permutation(len(rows))[: steps * batch]] for rng, rows in zip(rngs, train_rows)])
-    return order.reshape(len(rngs), steps, batch).transpose(1, 0, 2)
+    order = np.stack([epoch_order(rows, m.seed, epoch)[: steps * batch] for m, rows in zip(members, train_rows)])
+    return order.reshape(len(members), steps, batch).transpose(1, 0, 2)
 
 
 class MaskedPools:
@@ -186,18 +205,17 @@ def train_stack_model(
         hidden=hidden,
     ).to(device)
     optimizer = _optimizer(model, members)
+    scheduler = make_scheduler(optimizer, members[0].milestones)
     train_pools = MaskedPools(model, x_train)
     test_pools = train_pools if same_pool else MaskedPools(model, x_test)
-    rngs = [np.random.default_rng(member_seed(m.seed, "order")) for m in members]
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
     gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
-    curves = [{"train_loss": [], "srcc": [], "plcc": [], "lr": [], **{f"g_{n}": [] for n in gated}} for _ in members]
+    curves = [new_curves(gated) for _ in members]
     diverged_epoch: list[int | None] = [None] * n_members
     for epoch in range(epochs):
-        lr = members[0].learning_rate(epoch)
-        optimizer.param_groups[0]["lr"] = lr
-        order = torch.as_tensor(_epoch_order(rngs, train_rows, batch_size), device=device)
+        lr = optimizer.param_groups[0]["lr"]
+        order = torch.as_tensor(_stack_order(members, train_rows, epoch, batch_size), device=device)
         loss_sum = torch.zeros(n_members, device=device)
         model.train()
         for rows, targets in zip(order, y_train[order]):  # the epoch's targets gathered at once
@@ -211,7 +229,7 @@ def train_stack_model(
 
         pred = predict(model, test_pools, test_rows_t)
         alive &= torch.isfinite(pred).all(-1)
-        epoch_srcc, epoch_plcc = srcc(pred, y_test_rows).tolist(), plcc(pred, y_test_rows).tolist()
+        epoch_srcc, epoch_plcc = epoch_metrics(pred, y_test_rows)
         epoch_loss = (loss_sum / len(order)).tolist()
         # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
         epoch_g = {n: getattr(model, n).g.detach().cpu().numpy().round(4).tolist() for n in gated}
@@ -221,10 +239,9 @@ def train_stack_model(
             if not is_alive:
                 diverged_epoch[i] = epoch + 1
                 continue
-            for key, value in (("train_loss", epoch_loss[i]), ("srcc", epoch_srcc[i]), ("plcc", epoch_plcc[i]), ("lr", lr)):
-                curves[i][key].append(value)
-            for n in gated:
-                curves[i][f"g_{n}"].append(epoch_g[n][i])
+            record_epoch(curves[i], train_loss=epoch_loss[i], srcc=epoch_srcc[i], plcc=epoch_plcc[i], lr=lr,
+                         **{f"g_{n}": epoch_g[n][i] for n in gated})
+        scheduler.step()
         if on_epoch is not None:
             on_epoch(epoch + 1)
     return model, [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]

@@ -13,15 +13,16 @@ import numpy as np
 import torch
 from sklearn.manifold import TSNE
 
-from iqa.heads.grid import Cached, RunConfig, run_rows, stack_inputs
+from iqa.heads.grid import Cached, run_rows, stack_inputs
+from iqa.heads.run_config import RunConfig
 from iqa.heads.train import train_stack_model
 
 MAX_POINTS = 1000  # per side (train, test): t-SNE cost grows fast beyond that
 
 
 def run_config(run: dict) -> RunConfig:
-    """The RunConfig a stored run was trained from (KeyError when the record lacks a field)."""
-    return RunConfig(**{f.name: run[f.name] for f in fields(RunConfig)})
+    """The RunConfig a stored run was trained from (fields the record lacks keep their defaults)."""
+    return RunConfig(**{f.name: run[f.name] for f in fields(RunConfig) if f.name in run})
 
 
 def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cpu") -> dict:

@@ -17,7 +17,9 @@ from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.extract.tuning import add_lora, apply_run, read_run
 from iqa.heads import finetune as finetune_module
 from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from iqa.heads.finetune import build_model, embedding_dim, finetune, make_optimizer
+from iqa.heads.grid import run_grid
+from iqa.heads.run_config import RunConfig
+from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, make_optimizer
 from iqa.heads.mlp import HEADS, StackedMLP
 from iqa.heads.results import ResultsDB, results_table
 
@@ -47,10 +49,14 @@ def bright_dataset(cache: Path, n: int = 15) -> np.ndarray:
     return targets
 
 
+RUNTIME = {"device", "dtype", "source", "run_dir", "db", "num_workers", "progress", "on_epoch"}
+
+
 def run(cache: Path, backbone: str = "dinov2", **options):
     # float32 unless a test asks: `auto` means bf16 on some CPUs, and tests must mean the same everywhere
     options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
-    return finetune(cache, "bright", backbone, **options)
+    config = finetune_config("bright", backbone, **{k: v for k, v in options.items() if k not in RUNTIME})
+    return finetune(cache, config, **{k: v for k, v in options.items() if k in RUNTIME})
 
 
 @pytest.mark.parametrize("key", CLASSES)
@@ -256,3 +262,19 @@ def test_runs_land_in_the_results_table_by_regime(tmp_path):
     table = results_table(runs, layout="regimes")
     lines = [line for line in table.splitlines() if line.startswith("| resnet152")]
     assert len(lines) == 3 and all(re.search(r"\| \**-?\d\.\d{3}\** \|", line) for line in lines)  # a value each
+
+
+def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path):
+    """One training core: a frozen fine-tuning run on live features and a cached-head run on the
+    stored features of the same seed see the same batches, schedule and loss, so their curves agree."""
+    bright_dataset(tmp_path, n=40)
+    request = ExtractRequest(tmp_path, "bright", "dinov2", tiny=True, dtype="float32", store_dtype="float32", progress=False)
+    extract_dataset(request, num_workers=0)
+    cached = load_cached(tmp_path, "bright", "dinov2", tag="tiny")
+    config = RunConfig("bright", "bright", "dinov2", "baseline", *HEADS["baseline"], 19, epochs=3, lr=1e-3)
+    (cached_run,) = run_grid([config], lambda _: cached, ResultsDB(tmp_path / "cached.sqlite"), progress=False)
+    live = run(tmp_path, head="baseline", mode="frozen", seed=19, epochs=3, lr=1e-3, batch_size=2, accumulate=6,
+               db=ResultsDB(tmp_path / "live.sqlite"))
+    for curve in ("train_loss", "srcc", "plcc", "lr"):
+        assert live.result.curves[curve] == pytest.approx(cached_run["curves"][curve], rel=1e-4, abs=1e-5), curve
+    assert live.result.curves["train_loss"][0] != pytest.approx(live.result.curves["train_loss"][-1], rel=1e-3)

@@ -1,5 +1,6 @@
 """Grids: expansion, stacking, skipping finished runs, resuming after a kill; the results tables."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +10,10 @@ import iqa.heads.grid as grid
 from iqa.data.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
-from iqa.heads.results import ResultsDB, results_table, run_key
+from iqa.heads import run_config
+from iqa.heads.results import SCHEMA, SCHEMA_VERSION, ResultsDB, ResultsDBError, results_table
+from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from conftest import db_row
 
 
 def fake_cache(name, n=120, d=16, fingerprint="fp1"):
@@ -100,7 +104,7 @@ def fake_run(dataset, head, k, seed, srcc, plcc, status="done", backbone="siglip
     config = dict(train_dataset=dataset, test_dataset=dataset, backbone=backbone, head=head, mask_k=k, seed=seed, regime="frozen")
     result = SimpleNamespace(status=status, best_epoch=3, best_srcc=srcc, best_plcc=plcc, last_srcc=srcc - 0.1,
                              last_plcc=plcc - 0.1, diverged_epoch=None, curves={}, gates=None)
-    return config, "fp", result
+    return db_row(config, "fp", result)
 
 
 def test_results_tables_mean_std_delta_and_diverged(tmp_path):
@@ -135,9 +139,54 @@ def test_results_tables_mean_std_delta_and_diverged(tmp_path):
     assert "\\begin{tabular}" in latex and "\\pm" in latex and "---" in latex
 
 
-def test_run_key_includes_regime_and_fingerprint():
-    config = {"seed": 8, "regime": "frozen"}
-    assert run_key(config, "a") != run_key(config, "b")
-    assert run_key(config, "a") != run_key({"seed": 8, "regime": "lora"}, "a")
-    with pytest.raises(ValueError, match="regime"):
-        run_key({"seed": 8}, "a")
+def test_run_key_changes_with_config_data_rows_recipe_and_trainer_version(monkeypatch):
+    config = RunConfig("clive", "clive", "siglip2", "sig", "sigmoid", "lrelu", 8)
+    key = run_key(config, "a", "rows")
+    assert key != run_key(config, "b", "rows") and key != run_key(config, "a", "other rows")
+    assert key != run_key(replace(config, regime="lora"), "a", "rows")
+    assert key != run_key(replace(config, train_dataset="koniq10k", test_dataset="koniq10k"), "a", "rows") != key
+    # what the code decides: a fixed trainer or another recipe constant makes every old result stale
+    monkeypatch.setattr(run_config, "TRAINER_VERSION", run_config.TRAINER_VERSION + 1)
+    assert run_key(config, "a", "rows") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(run_config, "MARGIN_SCALE", 0.5)
+    assert run_key(config, "a", "rows") != key
+    monkeypatch.undo()
+    assert run_key(config, "a", "rows") == key
+    assert rows_digest(np.arange(4), np.arange(4, 6)) != rows_digest(np.arange(3), np.arange(4, 6))
+
+
+def test_a_run_on_a_store_with_rows_missing_is_not_served_for_the_complete_store(tmp_path):
+    """A store whose extraction was cut short trains on fewer rows; once complete, the run trains afresh."""
+    db = ResultsDB(tmp_path / "results.sqlite")
+    partial, complete = fake_cache("clive"), fake_cache("clive")
+    partial.valid[60:] = False  # rows an interrupted extraction never wrote
+    (config,) = expand_grid([("clive", "clive")], "siglip2", head_choices(["baseline"], []), [8], epochs=2)
+    (on_partial,) = run_grid([config], lambda _: partial, db, progress=False)
+    (on_complete,) = run_grid([config], lambda _: complete, db, progress=False)
+    assert on_partial["key"] != on_complete["key"] and len(db.finished_keys()) == 2
+    assert on_partial["best_srcc"] != on_complete["best_srcc"]
+    (again,) = run_grid([config], lambda _: complete, db, progress=False)
+    assert again["finished_at"] == on_complete["finished_at"] and len(db.finished_keys()) == 2
+
+
+def test_results_database_schema_is_versioned(tmp_path):
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as db:  # a database from before versioning, one run in it
+        db.execute(SCHEMA)
+        db.execute("INSERT INTO runs VALUES ('k', 'fp', 'frozen', '{\"seed\": 8, \"regime\": \"frozen\"}', 'done', 1, 0.5, "
+                   "0.5, 0.5, 0.5, NULL, '{}', NULL, 'now')")
+    runs = ResultsDB(old).runs()
+    assert [r["key"] for r in runs] == ["k"] and runs[0]["seed"] == 8
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ResultsDBError, match="newer than this iqa"):
+        ResultsDB(old)
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE runs (key TEXT, score REAL)")
+    with pytest.raises(ResultsDBError, match="not an iqa results database"):
+        ResultsDB(other)

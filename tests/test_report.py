@@ -17,6 +17,7 @@ from iqa.heads.report import write_report
 from iqa.heads.results import ResultsDB, results_table
 from iqa.heads.train import Member, StackData, train_stack
 from iqa.heads.tsne import retrained_features
+from conftest import db_row
 
 
 def record(dataset, head, seed, srcc, status="done", test=None, regime="frozen", k=100.0):
@@ -25,7 +26,7 @@ def record(dataset, head, seed, srcc, status="done", test=None, regime="frozen",
                   act2=act2, mask_k=k, dropout=None, keep=1.0, seed=seed, regime=regime)
     result = SimpleNamespace(status=status, best_epoch=2, best_srcc=srcc, best_plcc=srcc - 0.05, last_srcc=srcc,
                              last_plcc=srcc, diverged_epoch=None, curves={}, gates=None)
-    return config, "fp", result
+    return db_row(config, "fp", result)
 
 
 @pytest.fixture
@@ -87,10 +88,10 @@ def test_lora_rank_sweep_figure_plots_the_mean_srcc_per_rank(tmp_path):
     db = ResultsDB(tmp_path / "r.sqlite")
     srcc = {(1, 8): 0.80, (1, 19): 0.82, (4, 8): 0.86, (4, 19): 0.90, (16, 8): 0.85}  # rank 16: one seed
     for (rank, seed), value in srcc.items():
-        config, fp, result = record("clive", "sig", seed, value, regime="lora")
-        db.record([(dict(config, lora_rank=rank), fp, result)])
-    config, fp, result = record("clive", "sig", 8, 0.99)  # a frozen run: not on the rank axis
-    db.record([(dict(config, lora_rank=None), fp, result)])
+        _, config, fp, result = record("clive", "sig", seed, value, regime="lora")
+        db.record([db_row(dict(config, lora_rank=rank), fp, result)])
+    _, config, fp, result = record("clive", "sig", 8, 0.99)  # a frozen run: not on the rank axis
+    db.record([db_row(dict(config, lora_rank=None), fp, result)])
     summary = write_report(db.runs(), tmp_path / "report", None, [], progress=False)
     assert {"srcc_vs_lora_rank.png", "srcc_vs_lora_rank.pdf"} <= {p.name for p in summary.figures}
     lora = [r for r in db.runs() if r["regime"] == "lora"]
@@ -99,7 +100,7 @@ def test_lora_rank_sweep_figure_plots_the_mean_srcc_per_rank(tmp_path):
     np.testing.assert_allclose(np.asarray(line.get_ydata(), float), [0.81, 0.88, 0.85])
 
     one_rank = ResultsDB(tmp_path / "one.sqlite")
-    one_rank.record([(dict(config, regime="lora", lora_rank=4), fp, result)])
+    one_rank.record([db_row(dict(config, regime="lora", lora_rank=4), fp, result)])
     summary = write_report(one_rank.runs(), tmp_path / "report", None, [], progress=False)
     assert any("fewer than two ranks" in note for note in summary.notes)
 
@@ -128,7 +129,13 @@ def test_mac_count_matches_a_hand_count():
     assert head_profile(8, "gated")[0] == params + 5 * 512 * 2  # alpha, beta, gamma, a, g per channel, two layers
     (row,) = profile_backbone("resnet152", ["baseline"])  # full-size config on the meta device: shapes only
     assert row.backbone_params == pytest.approx(58.1e6, rel=0.01) and row.backbone_macs > 1e10
-    assert row.peak_memory == ("n/a (no GPU)" if not torch.cuda.is_available() else row.peak_memory)
+    assert row.peak_memory == "n/a (no GPU)"  # asked for the CPU: not measured, on any host
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory needs a GPU")
+def test_peak_memory_is_measured_on_a_gpu():
+    (row,) = profile_backbone("dinov2", ["baseline"], device="cuda")
+    assert row.peak_memory.endswith("(bf16 autocast, fp32 weights)") and float(row.peak_memory.split()[0]) > 0
     assert "resnet152 | baseline | 512x512" in profile_table([row])
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from iqa.data.splits import split_indices
+from iqa.heads.mlp import member_seed
 
 
 def test_random_split_is_80_20_disjoint_and_order_free():
@@ -34,3 +35,15 @@ def test_group_split_keeps_each_group_on_one_side():
 def test_group_split_without_groups_is_an_error():
     with pytest.raises(ValueError, match="content groups"):
         split_indices(["a", "b"], seed=8, by="group")
+
+
+def test_splits_and_member_seeds_are_pinned():
+    """The README promises the same split on every machine and library version: these are fixed values."""
+    paths = [f"img_{i:02d}.jpg" for i in range(20)]
+    tests = {seed: split_indices(paths, seed)[1].tolist() for seed in (8, 19, 25)}
+    assert tests == {8: [2, 8, 14, 15], 19: [1, 9, 11, 16], 25: [3, 12, 13, 14]}
+    groups = [f"r{i % 4}" for i in range(8)]
+    assert split_indices([f"d{i}.png" for i in range(8)], 25, by="group", groups=groups)[1].tolist() == [1, 5]
+    assert member_seed(8, "order") == 8159973449159769457
+    assert member_seed(19, "init") == 713091851431809872
+    assert member_seed(25, "torch") == 2601398551658057986

@@ -1,0 +1,99 @@
+"""One run's config, the recipe the code trains it with, and the key its result is stored under.
+
+A `RunConfig` is what a user chooses for one run, cached head or fine-tuning alike (the fields only
+fine-tuning has stay None for cached runs). The key of a result hashes three things, so it changes
+whenever the result could:
+- the config;
+- the recipe: the numbers the code decides rather than the user (learning-rate milestones and decay,
+  loss and its margin, hidden width, batch layout, selection rule) and `TRAINER_VERSION`, bumped
+  whenever a change to the training code changes the numbers a config gives;
+- the data: the fingerprint of the embedding store (or, for fine-tuning, of the base weights and the
+  manifest) and a digest of the exact train and test rows, so a run on a store with rows missing
+  never stands in for the run on the complete store.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from iqa.heads.loss import MARGIN_SCALE
+from iqa.heads.mlp import HIDDEN
+
+# 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
+TRAINER_VERSION = 2
+LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
+LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
+LR_DECAY = 0.2
+SELECTION = "best test SRCC"  # the paper's "mean best SRCC"; PLCC at the same epoch
+
+
+def lr_milestones(train_dataset: str) -> tuple[int, ...]:
+    """Large sets decay x0.2 at epochs 15 and 25; small sets keep a constant lr."""
+    return LARGE_MILESTONES if train_dataset in LARGE_DATASETS else ()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    train_dataset: str
+    test_dataset: str
+    backbone: str
+    head: str
+    act1: str
+    act2: str
+    seed: int
+    mask_k: float = 100.0
+    dropout: str | None = None
+    keep: float = 1.0
+    epochs: int = 30
+    lr: float = 1e-4
+    batch_size: int = 12  # rows per optimiser step
+    micro_batch: int | None = 2  # rows the loss scores alone
+    split_by: str = "random"
+    regime: str = "frozen"  # frozen (cached or live features), lora or full
+    tag: str | None = None  # tiny / random-init models, fine-tuned stores
+    # fine-tuning only
+    physical_batch: int | None = None
+    accumulate: int | None = None
+    lora_rank: int | None = None
+    backbone_lr: float | None = None
+    compute_dtype: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        return lr_milestones(self.train_dataset)
+
+    def recipe(self) -> dict:
+        """What the code decides for this config; part of the key."""
+        return {
+            "trainer_version": TRAINER_VERSION,
+            "milestones": list(self.milestones),
+            "lr_decay": LR_DECAY,
+            "loss": "mse+margin",
+            "margin_scale": MARGIN_SCALE,
+            "hidden": HIDDEN,
+            "batches": "floor(n_train / batch_size) full batches per epoch, order from (seed, epoch)",
+            "selection": SELECTION,
+        }
+
+
+def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray) -> str:
+    """A short digest of the exact rows a run trains and tests on."""
+    h = hashlib.sha256()
+    for rows in (train_rows, test_rows):
+        h.update(np.asarray(rows, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def run_key(config: RunConfig, fingerprint_id: str, rows: str) -> str:
+    """The results database key of `config` trained on data `fingerprint_id`, rows `rows` (`rows_digest`)."""
+    canonical = json.dumps(
+        {"config": config.as_dict(), "recipe": config.recipe(), "fingerprint_id": fingerprint_id, "rows": rows},
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -4,7 +4,8 @@
 rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
 convolutions inside ResNet's residual blocks. Only the adapter weights train.
 
-`read_run` loads a fine-tuning run left in its folder (heads/finetune.py) once; `run_tag` names
+`read_run` loads a fine-tuning run left in its folder (heads/finetune.py, checkpoint format in
+extract/checkpoint.py) once; `run_tag` names
 its store and `apply_run` gives the backbone its tuning: the LoRA adapter merged into the weights,
 or the full weights. The run must have started from the same base weights; the info `apply_run`
 returns is what the embedding store's fingerprint records about it.
@@ -16,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 
 from iqa.extract.backbones import BackboneLoadError, PooledBackbone, state_sha256, weights_sha256
 from iqa.extract.registry import BackboneSpec, lora_target_modules
-from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, run_name
+from iqa.extract.checkpoint import checkpoint_path, load_checkpoint, run_name
 
 LORA_DROPOUT = 0.05
 

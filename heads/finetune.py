@@ -16,7 +16,7 @@ cached-head run of the same seed sees); Adam; the same schedule (`make_scheduler
 the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
 (bf16, or fp16 with a grad scaler); the weights stay float32 and the gated activation computes in
 float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epoch; a checkpoint
-after every epoch (heads/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
+after every epoch (extract/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
 checkpoint stays and it is recorded as diverged. The finished run goes to the results database
 with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
 
@@ -44,7 +44,7 @@ from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
-from iqa.heads.checkpoint import (
+from iqa.extract.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
 from iqa.heads.loss import iqa_loss

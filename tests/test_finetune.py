@@ -16,7 +16,7 @@ from iqa.extract.registry import get_spec, lora_target_modules
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.extract.tuning import add_lora, apply_run, read_run
 from iqa.heads import finetune as finetune_module
-from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from iqa.extract.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from iqa.heads.grid import run_grid
 from iqa.heads.run_config import RunConfig
 from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, make_optimizer

@@ -2,9 +2,21 @@
 
 import hashlib
 import json
+from pathlib import Path
+
+import pytest
 
 
 def db_row(config: dict, fingerprint_id: str, result) -> tuple:
     """A (key, config, fingerprint_id, result) row for ResultsDB.record, keyed by the config itself."""
     key = hashlib.sha256(json.dumps([config, fingerprint_id], sort_keys=True).encode()).hexdigest()
     return key, config, fingerprint_id, result
+
+
+@pytest.fixture(scope="session")
+def demo_labels(tmp_path_factory) -> Path:
+    """The real default demo set (all photos, distortions and levels), built once per test session;
+    its labels CSV. Tests that change files copy the folder first."""
+    from iqa.data.demo import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("demo") / "demo-src")

@@ -1,13 +1,16 @@
 """A shortened `iqa demo` end to end: set, manifest, both stores, heads, table, resume."""
 
+import shutil
 import sqlite3
 
 from typer.testing import CliRunner
 
 from iqa.cli import app
+from iqa.data.demo import DEMO_DIR
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, demo_labels):
+    shutil.copytree(demo_labels.parent, tmp_path / DEMO_DIR)  # the session's build: the set is tested in test_demo_set
     args = ["demo", "--cache", str(tmp_path), "--seeds", "8", "--epochs", "5", "--no-tsne"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -26,10 +26,10 @@ def read_rows(labels: Path) -> list[dict]:
         return list(reader)
 
 
-@pytest.fixture(scope="module")
-def full_set(tmp_path_factory) -> Path:
-    """The real default build (all photos, distortions and levels), made once for this module."""
-    return make_demo(tmp_path_factory.mktemp("demo") / "demo-src")
+@pytest.fixture
+def full_set(demo_labels) -> Path:
+    """The real default build (all photos, distortions and levels), made once per session."""
+    return demo_labels
 
 
 def test_full_set_layout_and_groups(full_set):

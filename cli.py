@@ -36,6 +36,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, or l1 (SMART-IQA's).")]
+OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw (SMART-IQA's).")]
+WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
 ]
@@ -290,6 +293,9 @@ def head_command(
     split_by: Annotated[str, typer.Option(help="random, or group (content groups held out whole).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
+    loss: LossOption = "mse+margin",
+    optimizer: OptimizerOption = "adam",
+    weight_decay: WeightDecayOption = 0.0,
     device: DeviceOption = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
@@ -319,6 +325,7 @@ def head_command(
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
+            loss=loss, optimizer=optimizer, weight_decay=weight_decay,
         )
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
@@ -423,6 +430,9 @@ def finetune_command(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 4,
     lr: Annotated[float, typer.Option(help="Head (and LoRA adapter) learning rate.")] = 1e-4,
     backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
+    loss: LossOption = "mse+margin",
+    optimizer: OptimizerOption = "adam",
+    weight_decay: WeightDecayOption = 0.0,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
@@ -442,7 +452,7 @@ def finetune_command(
     root = cache_root(cache)
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
-                                 backbone_lr, split_by, tiny, random_init)
+                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay)
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))

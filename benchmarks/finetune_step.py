@@ -23,7 +23,7 @@ import torch
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import compute_dtype_for
-from iqa.heads.finetune import MICRO_BATCH, build_model, embedding_dim, make_optimizer, train_epoch
+from iqa.heads.finetune import MICRO_BATCH, build_model, embedding_dim, finetune_config, finetune_optimizer, train_epoch
 from iqa.heads.loss import iqa_loss
 from iqa.heads.mlp import member_seed
 
@@ -59,7 +59,8 @@ def iqa_loop(model, batches, accumulate: int, mode: str, device: str, dtype: str
     compute_dtype = compute_dtype_for(device, dtype)
     cast = dict(device_type=torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)
-    if train_epoch(model, make_optimizer(model, mode, 1e-4, 5e-6), scaler, batches, accumulate, cast) is None:
+    optimizer = finetune_optimizer(model, finetune_config("benchmark", "benchmark", mode=mode))
+    if train_epoch(model, optimizer, scaler, batches, accumulate, cast) is None:
         raise RuntimeError("the benchmark's loss went NaN/inf")
 
 

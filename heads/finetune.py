@@ -52,7 +52,8 @@ from iqa.heads.mlp import HEADS, StackedMLP, member_seed
 from iqa.heads.results import ResultsDB, default_db
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.train import (
-    RunResult, epoch_metrics, epoch_order, gate_parameters, make_scheduler, new_curves, record_epoch, result_from_curves,
+    RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,
+    result_from_curves,
 )
 
 MODES = ("lora", "full", "frozen")
@@ -95,14 +96,15 @@ def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int,
     return FinetuneModel(backbone, StackedMLP(dim, [seed], *HEADS[head]), frozen_backbone=mode == "frozen")
 
 
-def make_optimizer(model: FinetuneModel, mode: str, lr: float, backbone_lr: float) -> torch.optim.Adam:
-    """Adam with a backbone group (the adapter at `lr`, or every weight at `backbone_lr`) and a head group at `lr`."""
+def finetune_optimizer(model: FinetuneModel, config: RunConfig) -> torch.optim.Optimizer:
+    """The run's optimizer with a backbone group (the adapter at `lr`, or every weight at `backbone_lr`)
+    and a head group at `lr`."""
     trained = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+    groups = [{"params": list(model.head.parameters()), "lr": config.lr, "name": "head"}]
     if trained:
-        groups.insert(0, {"params": trained, "lr": backbone_lr if mode == "full" else lr, "name": "backbone"})
-    device = next(model.head.parameters()).device
-    return torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))
+        lr = config.backbone_lr if config.regime == "full" else config.lr
+        groups.insert(0, {"params": trained, "lr": lr, "name": "backbone"})
+    return make_optimizer(groups, config.optimizer, config.weight_decay)
 
 
 def trained_backbone_state(model: FinetuneModel) -> dict[str, torch.Tensor]:
@@ -150,6 +152,9 @@ def finetune_config(
     split_by: str = "random",
     tiny: bool = False,
     random_init: bool = False,
+    loss: str = "mse+margin",
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
 ) -> RunConfig:
     """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch."""
     if mode not in MODES:
@@ -165,6 +170,7 @@ def finetune_config(
         batch_size=batch_size * accumulate, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
         tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
         lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
+        loss=loss, optimizer=optimizer, weight_decay=weight_decay,
     )
 
 
@@ -210,7 +216,7 @@ def finetune(
     with torch.random.fork_rng(devices=cuda):  # the caller's RNG is left as it was
         torch.manual_seed(member_seed(seed, "torch"))  # LoRA init and dropout
         model = build_model(base, spec, mode, config.head, seed, config.lora_rank, dim).to(device)
-        optimizer = make_optimizer(model, mode, config.lr, config.backbone_lr)
+        optimizer = finetune_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config.milestones)
         scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)
         curves = new_curves()
@@ -252,7 +258,8 @@ def finetune(
         bar = tqdm(total=(epochs - start) * steps, unit="step", desc=f"{dataset}/{run_dir.name}", disable=not progress)
         for epoch in range(start, epochs):
             order = epoch_order(train_rows, seed, epoch)[: steps * per_step].reshape(-1, batch_size)
-            loss_sum = train_epoch(model, optimizer, scaler, batches(order.tolist()), accumulate, cast, bar.update)
+            loss_sum = train_epoch(model, optimizer, scaler, batches(order.tolist()), accumulate, cast, bar.update,
+                                   config.loss)
             pred = None if loss_sum is None else predict(model, batches(test_batches), cast)
             if pred is None or not torch.isfinite(pred).all():
                 diverged_epoch = epoch + 1
@@ -281,7 +288,7 @@ def finetune(
 
 def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accumulate: int, cast: dict,
-                on_step: Callable[[], None] | None = None) -> float | None:
+                on_step: Callable[[], None] | None = None, loss_name: str = "mse+margin") -> float | None:
     """Physical batches (targets, images) with an optimiser step after every `accumulate` of them.
 
     Returns the summed loss of the effective batches, or None when one goes NaN/inf: that step is
@@ -292,7 +299,7 @@ def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: 
     for i, (target, pixels) in enumerate(batches):
         with torch.autocast(**cast):
             pred = model(pixels)
-        loss = iqa_loss(pred[None], target[None], MICRO_BATCH)[0] / accumulate
+        loss = iqa_loss(pred[None], target[None], MICRO_BATCH, loss_name)[0] / accumulate
         scaler.scale(loss).backward()
         step_loss = step_loss + loss.detach()
         if (i + 1) % accumulate == 0:

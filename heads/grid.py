@@ -164,7 +164,7 @@ class StackJob:
         first = self.runs[0][0]
         return train_stack(
             self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
-            first.micro_batch, device, on_epoch=on_epoch,
+            first.micro_batch, device, on_epoch=on_epoch, **first.trainer_options(),
         )
 
 

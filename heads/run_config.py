@@ -17,12 +17,14 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
-from iqa.heads.loss import MARGIN_SCALE
+from iqa.heads.loss import LOSSES, MARGIN_SCALE
 from iqa.heads.mlp import HIDDEN
 
 # 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
 TRAINER_VERSION = 2
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
 LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
 LR_DECAY = 0.2
@@ -53,6 +55,9 @@ class RunConfig:
     split_by: str = "random"
     regime: str = "frozen"  # frozen (cached or live features), lora or full
     tag: str | None = None  # tiny / random-init models, fine-tuned stores
+    loss: str = "mse+margin"  # heads/loss.py LOSSES
+    optimizer: str = "adam"  # adam (the paper's) or adamw (SMART-IQA's)
+    weight_decay: float = 0.0
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -60,8 +65,20 @@ class RunConfig:
     backbone_lr: float | None = None
     compute_dtype: str | None = None
 
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def trainer_options(self) -> dict:
+        """The trainer's keyword options this config sets (train_stack_model's loss, optimizer, weight_decay)."""
+        return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay}
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -73,7 +90,6 @@ class RunConfig:
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,
-            "loss": "mse+margin",
             "margin_scale": MARGIN_SCALE,
             "hidden": HIDDEN,
             "batches": "floor(n_train / batch_size) full batches per epoch, order from (seed, epoch)",

@@ -29,7 +29,7 @@ from iqa.heads.activations import GATE_INIT, GatedActivation
 from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
-from iqa.heads.run_config import LR_DECAY
+from iqa.heads.run_config import LR_DECAY, OPTIMIZERS
 
 EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
 
@@ -99,13 +99,21 @@ class RunResult:
     diverged_epoch: int | None = None
 
 
-def _optimizer(model: StackedMLP, members: list[Member]) -> torch.optim.Adam:
-    """Fused Adam over the stacked parameters; the members must share one learning-rate schedule."""
+def make_optimizer(groups: list[dict], name: str = "adam", weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam or AdamW (OPTIMIZERS) over parameter groups that each carry their lr; fused on CPU and CUDA.
+
+    Both update each parameter element from its own gradient and state, so stacked members stay independent.
+    """
+    fused = groups[0]["params"][0].device.type in ("cpu", "cuda")
+    return OPTIMIZERS[name](groups, fused=fused, foreach=None if fused else True, weight_decay=weight_decay)
+
+
+def _stack_optimizer(model: StackedMLP, members: list[Member], name: str, weight_decay: float) -> torch.optim.Optimizer:
+    """One optimizer over the stacked parameters; the members must share one learning-rate schedule."""
     schedules = {(m.lr, m.milestones) for m in members}
     if len(schedules) > 1:
         raise ValueError(f"a stack trains with one learning-rate schedule, got {sorted(schedules)}")
-    fused = model.layer1.weight.device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=members[0].lr, fused=fused, foreach=None if fused else True)
+    return make_optimizer([{"params": list(model.parameters()), "lr": members[0].lr}], name, weight_decay)
 
 
 def _stack_order(members: list[Member], train_rows: np.ndarray, epoch: int, batch: int) -> np.ndarray:
@@ -175,6 +183,9 @@ def train_stack_model(
     device: str | torch.device = "cpu",
     hidden: int = HIDDEN,
     on_epoch: Callable[[int], None] | None = None,
+    loss: str = "mse+margin",
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order."""
     device = torch.device(device)
@@ -204,7 +215,8 @@ def train_stack_model(
         keep=[m.keep for m in members],
         hidden=hidden,
     ).to(device)
-    optimizer = _optimizer(model, members)
+    loss_name = loss
+    optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
     train_pools = MaskedPools(model, x_train)
     test_pools = train_pools if same_pool else MaskedPools(model, x_test)
@@ -219,7 +231,7 @@ def train_stack_model(
         loss_sum = torch.zeros(n_members, device=device)
         model.train()
         for rows, targets in zip(order, y_train[order]):  # the epoch's targets gathered at once
-            loss = iqa_loss(model(train_pools.rows(rows), inputs_masked=True), targets, micro_batch)
+            loss = iqa_loss(model(train_pools.rows(rows), inputs_masked=True), targets, micro_batch, loss_name)
             alive &= torch.isfinite(loss)  # stays on the device: no sync per step
             kept = torch.where(alive, loss, 0.0)
             optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from iqa.heads import finetune as finetune_module
 from iqa.extract.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from iqa.heads.grid import run_grid
 from iqa.heads.run_config import RunConfig
-from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, make_optimizer
+from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, finetune_optimizer
 from iqa.heads.mlp import HEADS, StackedMLP
 from iqa.heads.results import ResultsDB, results_table
 
@@ -80,7 +80,8 @@ def test_lora_trains_only_the_adapter_and_the_head(key):
     assert all("lora_" in name or name.startswith("head.") for name in trainable)
     assert sum(p.numel() for name, p in trainable.items() if "lora_" in name) == expected
     assert sum(p.numel() for p in trainable.values()) == expected + head_count
-    optimised = {id(p) for group in make_optimizer(model, "lora", 1e-4, 5e-6).param_groups for p in group["params"]}
+    optimizer = finetune_optimizer(model, finetune_config("bright", key, mode="lora"))
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainable.values()}
 
 
@@ -231,9 +232,9 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_is_recorded(tmp_pat
     bright_dataset(tmp_path)
     real_loss, calls = finetune_module.iqa_loss, []
 
-    def loss_that_blows_up_in_epoch_two(pred, target, micro_batch):
+    def loss_that_blows_up_in_epoch_two(pred, target, micro_batch, loss_name):
         calls.append(1)
-        loss = real_loss(pred, target, micro_batch)
+        loss = real_loss(pred, target, micro_batch, loss_name)
         return loss * math.inf if len(calls) > 6 else loss  # epoch 1 is 6 physical batches
 
     monkeypatch.setattr(finetune_module, "iqa_loss", loss_that_blows_up_in_epoch_two)

@@ -6,7 +6,8 @@ import torch
 
 from iqa.heads.mlp import StackedMLP
 from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones
-from iqa.heads.train import MaskedPools, Member, StackData, epoch_order, make_scheduler, train_stack
+from iqa.heads.loss import iqa_loss
+from iqa.heads.train import MaskedPools, Member, StackData, epoch_order, train_stack
 
 
 def learnable_set(n=300, d=32, seed=0):
@@ -99,3 +100,28 @@ def test_pools_masked_once_give_the_inputs_per_step_masking_gives():
     torch.testing.assert_close(pools.rows(rows), model.mask_inputs(x[rows]), rtol=0, atol=0)
     unmasked = MaskedPools(StackedMLP(40, [8, 19], hidden=8), x)
     assert torch.equal(unmasked.rows(rows[:2]), x[rows[:2]])
+
+
+def test_loss_choices_are_what_they_say():
+    pred, target = torch.tensor([[0.1, 0.5, 0.2, 0.9]]), torch.tensor([[0.3, 0.4, 0.6, 0.8]])
+    assert iqa_loss(pred, target, 2, "l1").item() == pytest.approx((pred - target).abs().mean().item())
+    assert iqa_loss(pred, target, 2, "mse").item() == pytest.approx((pred - target).pow(2).mean().item())
+    # the ranking term: pair (0.1, 0.5) is ordered like its targets (0.3 < 0.4): hinge max(0, -0.4 + m);
+    # pair (0.2, 0.9) likewise; m = 0.25 * std of each pair's targets
+    margins = [0.25 * abs(0.3 - 0.4) / np.sqrt(2), 0.25 * abs(0.6 - 0.8) / np.sqrt(2)]
+    ranking = np.mean([max(0, -0.4 + margins[0]), max(0, -0.7 + margins[1])])
+    assert iqa_loss(pred, target, 2).item() == pytest.approx((pred - target).pow(2).mean().item() + ranking)
+    with pytest.raises(ValueError, match="unknown loss"):
+        iqa_loss(pred, target, 2, "huber")
+
+
+def test_a_stack_member_trains_alone_under_each_loss_and_adamw():
+    """Loss and optimizer options keep members independent: alone and in a stack agree."""
+    x, y = learnable_set()
+    for options in ({"loss": "l1"}, {"loss": "mse"}, {"optimizer": "adamw", "weight_decay": 0.05}):
+        alone = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2, **options)[0]
+        _, inside = train_stack(data_for(x, y, 2), [Member(19), Member(8)], hidden=64, epochs=2, **options)
+        assert inside.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-4), options
+    paper = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
+    decayed = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2, optimizer="adamw", weight_decay=0.05)[0]
+    assert decayed.curves["train_loss"][1] != pytest.approx(paper.curves["train_loss"][1], rel=1e-6)

@@ -296,6 +296,7 @@ def head_command(
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
+    standardize: Annotated[bool, typer.Option("--standardize", help="Z-score features with each run's train rows.")] = False,
     device: DeviceOption = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
@@ -325,7 +326,7 @@ def head_command(
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
-            loss=loss, optimizer=optimizer, weight_decay=weight_decay,
+            loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize,
         )
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached

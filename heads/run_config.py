@@ -58,6 +58,7 @@ class RunConfig:
     loss: str = "mse+margin"  # heads/loss.py LOSSES
     optimizer: str = "adam"  # adam (the paper's) or adamw (SMART-IQA's)
     weight_decay: float = 0.0
+    standardize: bool = False  # z-score features with the run's own train rows' mean and std
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -77,8 +78,9 @@ class RunConfig:
         return asdict(self)
 
     def trainer_options(self) -> dict:
-        """The trainer's keyword options this config sets (train_stack_model's loss, optimizer, weight_decay)."""
-        return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay}
+        """The keyword options of train_stack_model this config sets."""
+        return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "standardize": self.standardize}
 
     @property
     def milestones(self) -> tuple[int, ...]:

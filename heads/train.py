@@ -123,23 +123,42 @@ def _stack_order(members: list[Member], train_rows: np.ndarray, epoch: int, batc
     return order.reshape(len(members), steps, batch).transpose(1, 0, 2)
 
 
+def train_statistics(x: torch.Tensor, train_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per member, the mean and std [M, D] of its own train rows (`--standardize`); a constant feature gets std 1."""
+    rows = torch.as_tensor(train_rows, device=x.device)
+    mean = torch.stack([x[r].mean(0) for r in rows])
+    std = torch.stack([x[r].std(0, correction=0) for r in rows])
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
+
+
 class MaskedPools:
     """Every embedding masked once per distinct mask k of the stack, instead of at every step.
 
     A sample's top-k mask depends only on its own values, so masking the whole pool up front gives
     exactly the inputs per-step masking would (it cost a third of a step on the CPU). `rows(r)`
-    gathers member m's rows r[m] from the pool of its k: [M, B] -> [M, B, D].
+    gathers member m's rows r[m] from the pool of its k: [M, B] -> [M, B, D]. With `standardize`
+    (each member's train mean and std, `train_statistics`) every member gets its own pool,
+    z-scored and then masked.
     """
 
-    def __init__(self, model: StackedMLP, x: torch.Tensor, chunk: int = EVAL_CHUNK):
+    def __init__(self, model: StackedMLP, x: torch.Tensor, chunk: int = EVAL_CHUNK,
+                 standardize: tuple[torch.Tensor, torch.Tensor] | None = None):
         ks = model.mask_k.tolist()
-        distinct = sorted(set(ks))
-        self.pool_of = torch.tensor([distinct.index(k) for k in ks], device=x.device)[:, None]
-        k_of_pool = torch.tensor(distinct, device=x.device)
+        if standardize is not None:
+            mean, std = standardize
+            self.pool_of = torch.arange(len(ks), device=x.device)[:, None]
+            sources = [((x - mean[m]) / std[m], m) for m in range(len(ks))]
+        else:
+            distinct = sorted(set(ks))
+            self.pool_of = torch.tensor([distinct.index(k) for k in ks], device=x.device)[:, None]
+            sources = [(x, ks.index(k)) for k in distinct]
+        if not model.masking:
+            self.pools = x[None] if standardize is None else torch.stack([source for source, _ in sources])
+            return
         self.pools = torch.stack([
-            torch.cat([topk_mask(x[None, i : i + chunk], k_of_pool[p : p + 1])[0] for i in range(0, len(x), chunk)])
-            for p in range(len(distinct))
-        ]) if model.masking else x[None]
+            torch.cat([topk_mask(source[None, i : i + chunk], model.mask_k[m : m + 1])[0] for i in range(0, len(source), chunk)])
+            for source, m in sources
+        ])
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.pools[self.pool_of, rows]
@@ -186,6 +205,7 @@ def train_stack_model(
     loss: str = "mse+margin",
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    standardize: bool = False,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order."""
     device = torch.device(device)
@@ -218,8 +238,9 @@ def train_stack_model(
     loss_name = loss
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
-    train_pools = MaskedPools(model, x_train)
-    test_pools = train_pools if same_pool else MaskedPools(model, x_test)
+    stats = train_statistics(x_train, train_rows) if standardize else None
+    train_pools = MaskedPools(model, x_train, standardize=stats)
+    test_pools = train_pools if same_pool else MaskedPools(model, x_test, standardize=stats)
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
     gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]

@@ -7,7 +7,7 @@ import torch
 from iqa.heads.mlp import StackedMLP
 from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones
 from iqa.heads.loss import iqa_loss
-from iqa.heads.train import MaskedPools, Member, StackData, epoch_order, train_stack
+from iqa.heads.train import MaskedPools, Member, StackData, epoch_order, train_stack, train_statistics
 
 
 def learnable_set(n=300, d=32, seed=0):
@@ -125,3 +125,23 @@ def test_a_stack_member_trains_alone_under_each_loss_and_adamw():
     paper = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
     decayed = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2, optimizer="adamw", weight_decay=0.05)[0]
     assert decayed.curves["train_loss"][1] != pytest.approx(paper.curves["train_loss"][1], rel=1e-6)
+
+
+def test_standardize_uses_each_members_own_train_rows_only():
+    x, y = learnable_set()
+    x = x * np.linspace(0.01, 10, x.shape[1], dtype=np.float32) + 3  # features of mixed scale
+    data = data_for(x, y, 2)
+    data.train_rows[1] = np.arange(60, 300)  # member 1 trains on other rows (and tests on rows it trained on: no matter here)
+    stats = train_statistics(torch.as_tensor(x), data.train_rows)
+    np.testing.assert_allclose(stats[0][0].numpy(), x[:240].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats[1][1].numpy(), x[60:300].std(0), rtol=1e-4)
+    # changing rows no member trains on changes nothing: test rows never enter the statistics
+    shifted = x.copy()
+    shifted[240:] += 100.0
+    again = train_statistics(torch.as_tensor(shifted), data.train_rows[:1])
+    np.testing.assert_allclose(again[0][0].numpy(), stats[0][0].numpy())
+    alone = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2, standardize=True)[0]
+    _, inside = train_stack(data_for(x, y, 2), [Member(19, mask_k=50), Member(8)], hidden=64, epochs=2, standardize=True)
+    assert inside.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-4)
+    raw = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
+    assert alone.curves["train_loss"][0] != pytest.approx(raw.curves["train_loss"][0], rel=1e-3)

@@ -53,6 +53,15 @@ def test_a_misshapen_values_file_is_refused(tmp_path):
         load_paper(bad)
 
 
+def record(match: dict, dataset: str, seed: int, srcc: float, plcc: float):
+    act1, act2 = HEADS[match["head"]]
+    config = dict(train_dataset=dataset, test_dataset=dataset, act1=act1, act2=act2, mask_k=100.0, dropout=None,
+                  keep=1.0, seed=seed, **match)
+    result = SimpleNamespace(status="done", best_epoch=1, best_srcc=srcc, best_plcc=plcc, last_srcc=0, last_plcc=0,
+                             diverged_epoch=None, curves={}, gates=None)
+    return config, "fp", result
+
+
 def paper_db(tmp_path, shift_sd: float = 0.0):
     """Three seeds per Table 1/S1 cell whose mean is the printed value (plus shift_sd paper sds on SigLIP2 CLIVE)."""
     tables = load_paper()
@@ -67,13 +76,8 @@ def paper_db(tmp_path, shift_sd: float = 0.0):
                 plcc = printed_value(cell(tables, tid, row["label"], dataset, "plcc"))
                 if row["match"] == {"backbone": "siglip2", "head": "baseline", "regime": "lora"} and dataset == "clive":
                     srcc += shift_sd * 0.0103  # Table S2: SigLIP2 CLIVE SRCC sd
-                head = row["match"]["head"]
                 for seed, wobble in ((8, -0.001), (19, 0.0), (25, 0.001)):
-                    config = dict(train_dataset=dataset, test_dataset=dataset, act1=HEADS[head][0],
-                                  act2=HEADS[head][1], mask_k=100.0, dropout=None, keep=1.0, seed=seed, **row["match"])
-                    result = SimpleNamespace(status="done", best_epoch=1, best_srcc=srcc + wobble, best_plcc=plcc - wobble,
-                                             last_srcc=0, last_plcc=0, diverged_epoch=None, curves={}, gates=None)
-                    records.append((config, "fp", result))
+                    records.append(record(row["match"], dataset, seed, srcc + wobble, plcc - wobble))
     db = ResultsDB(tmp_path / "r.sqlite")
     db.record(records)
     return db.runs()
@@ -103,12 +107,8 @@ def test_a_cell_three_sd_off_is_marked_off(tmp_path):
 
 
 def test_classical_runs_sit_beside_the_published_brisque_row(tmp_path):
-    config = dict(train_dataset="clive", test_dataset="clive", backbone="nss", head="baseline", act1="lrelu",
-                  act2="lrelu", mask_k=100.0, dropout=None, keep=1.0, seed=8, regime="frozen")
-    result = SimpleNamespace(status="done", best_epoch=1, best_srcc=0.60, best_plcc=0.62, last_srcc=0, last_plcc=0,
-                             diverged_epoch=None, curves={}, gates=None)
     db = ResultsDB(tmp_path / "r.sqlite")
-    db.record([(config, "fp", result)])
+    db.record([record({"backbone": "nss", "head": "baseline", "regime": "frozen"}, "clive", 8, 0.60, 0.62)])
     t5 = next(t for t in compare(db.runs()) if t.tid == "5a")
     labels = [label for label, _ in t5.rows]
     nss = labels.index("iqa nss (BRISQUE's 36 features) + MLP head; the paper's BRISQUE used an SVR: baseline, frozen")
@@ -119,3 +119,25 @@ def test_classical_runs_sit_beside_the_published_brisque_row(tmp_path):
     csv = render([t5], "csv").splitlines()
     assert csv[0] == "table,row,column,published,measured,seeds,diff,paper_sd,verdict"
     assert any(",clive SRCC,0.629,0.6000,1,-0.0290,,different protocol" in line for line in csv)
+
+
+def test_cli_results_and_report_with_paper(tmp_path):
+    from typer.testing import CliRunner
+
+    from iqa.cli import app
+
+    db = str(tmp_path / "r.sqlite")
+    ResultsDB(db).record([record({"backbone": "siglip2", "head": "baseline", "regime": "lora"}, "clive", seed, 0.875 + d, 0.905)
+                          for seed, d in ((8, -0.002), (19, 0.0), (25, 0.002))])
+    out = CliRunner().invoke(app, ["results", "--paper", "--format", "csv", "--db", db])
+    assert out.exit_code == 0, out.output
+    assert "1,SigLIP2,clive SRCC,.875,0.8750,3,+0.0000,0.0103,reproduced" in out.output.splitlines()
+    bad = CliRunner().invoke(app, ["results", "--paper", "--format", "latex", "--db", db])
+    assert bad.exit_code != 0 and bad.output.startswith("error:") and "Traceback" not in bad.output
+    report = CliRunner().invoke(app, ["report", "--paper", "--no-tsne", "--profile", "", "--db", db,
+                                      "--out", str(tmp_path / "report"), "--cache", str(tmp_path)])
+    assert report.exit_code == 0, report.output
+    assert "beside the paper: Table 1: backbones, baseline head and +Sig (LoRA rank 4): 2 cells compared, 2 reproduced" in report.output
+    page = (tmp_path / "report" / "paper.html").read_text()
+    assert page.count("<table>") == 9 and 'class="reproduced"' in page
+    assert 'href="paper.html"' in (tmp_path / "report" / "index.html").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa.heads.results import GROUPS
+from iqa.heads.results import GROUPS, OUTCOME_FIELDS
 
 PAPER_FILE = Path(__file__).with_name("paper_values.json")
 COMPARED = ("1", "2", "3", "4", "5a", "5b", "6", "S1", "S3")  # the tables with measured cells beside them
@@ -25,7 +25,7 @@ SD_TABLES = ("S2", "S4")
 REFERENCE = {"mask_k": 100.0, "keep": 1.0}  # Δ columns of Tables 4 and S3 are against this level
 # iqa's classical baselines, shown beside a published row they resemble, under their own protocol
 CLASSICAL = {"nss": ("5a", "BRISQUE [21]", "iqa nss (BRISQUE's 36 features) + MLP head; the paper's BRISQUE used an SVR")}
-VERDICTS = ("reproduced", "off", "no published sd", "different protocol", "not run", "diverged", "unreadable",
+VERDICTS = ("reproduced", "off", "no published sd", "different protocol", "not run", "diverged", "several configs", "unreadable",
             "no published value", "published only")
 
 
@@ -106,6 +106,8 @@ def _measure(runs: list[dict], match: dict, column: str, metric: str) -> tuple[s
     chosen = _select(runs, match, column)
     if not chosen:
         return "not run", None, 0
+    if len({json.dumps({k: v for k, v in r.items() if k not in OUTCOME_FIELDS | {"seed"}}, sort_keys=True) for r in chosen}) > 1:
+        return "several configs", None, len(chosen)  # e.g. frozen and LoRA runs of a table that names no regime
     if any(r["status"] != "done" for r in chosen):
         return "diverged", None, len(chosen)
     return None, float(np.mean([r[f"best_{metric}"] for r in chosen])), len(chosen)
@@ -262,7 +264,7 @@ def comparison_csv(comparisons: list[TableComparison]) -> str:
 PAGE_STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12px}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}th{background:#f3f3f3}td.label{text-align:left}
 td.reproduced{background:#dff3df}td.off{background:#f8d7d7}td.not-run,td.published-only,td.no-published-value{color:#888}
-td.unreadable{background:#eee;color:#a60}td.different-protocol,td.no-published-sd{background:#fff6d6}td.diverged{color:#b00}
+td.unreadable,td.several-configs{background:#eee;color:#a60}td.different-protocol,td.no-published-sd{background:#fff6d6}td.diverged{color:#b00}
 p.summary{font-weight:bold}"""
 
 

@@ -94,6 +94,8 @@ def test_cells_equal_to_the_paper_are_reproduced(tmp_path):
     # its own columns' mean (.844 printed, .850 computed): averages have no published sd, so not judged
     assert s1["off"] == 0 and s1["reproduced"] == 6 * 14 and s1["no published sd"] == 6 * 2
     assert by_table["2"].counts()["not run"] == 7 * 16
+    # Table 4 names no regime: its k = 100 rows match both the frozen and the LoRA runs, which are not averaged
+    assert by_table["4"].rows[0][1][0].verdict == "several configs"
     assert "0 off" in by_table["1"].summary() and "168 reproduced" in by_table["1"].summary()
 
 

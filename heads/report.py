@@ -4,7 +4,8 @@ Layout of the report folder (default <cache>/report):
 - `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
 - `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
 - `profile.md|.csv`: Table S5 for the profiled backbones;
-- `index.html`: all of it on one static page (relative links; opens from disk).
+- `index.html`: all of it on one static page (relative links; opens from disk);
+- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/paper.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
 """

@@ -357,15 +357,18 @@ def results_command(
     layout: Annotated[str, typer.Option(help="backbones, variants, masking, dropout, cross, activations or regimes (Table S1).")] = "backbones",
     which: Annotated[str, typer.Option(help="best (best epoch per run, the paper's) or last epoch.")] = "best",
     regime: Annotated[Optional[str], typer.Option(help="Only runs of this regime: frozen, lora or full.")] = None,
+    paper: Annotated[bool, typer.Option("--paper", help="Every table of the paper, published beside measured (md, csv or html).")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
+    from iqa.heads.paper import compare, render
     from iqa.heads.results import ResultsDB, results_table
 
     runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
     try:
-        typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
+        table = render(compare(runs), format) if paper else results_table(runs, layout=layout, fmt=format, which=which)
+        typer.echo(table, nl=False)
     except ValueError as error:
         fail(str(error))
 
@@ -397,6 +400,7 @@ def report_command(
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip [default: those in the runs].")] = None,
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Skip t-SNE (it retrains each shown run).")] = False,
+    paper: Annotated[bool, typer.Option("--paper", help="Add paper.html: the published numbers beside the measured.")] = False,
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -409,11 +413,14 @@ def report_command(
     runs = ResultsDB(existing_db(db, root)).runs()
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
-        summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne)
+        summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
+                               paper=paper)
     except ValueError as error:
         fail(str(error))
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
+    for line in summary.paper:
+        typer.echo(f"  beside the paper: {line}")
     typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")
 
 

@@ -4,7 +4,8 @@ Layout of the report folder (default <cache>/report):
 - `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
 - `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
 - `profile.md|.csv`: Table S5 for the profiled backbones;
-- `index.html`: all of it on one static page (relative links; opens from disk).
+- `index.html`: all of it on one static page (relative links; opens from disk);
+- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/paper.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
 """
@@ -23,6 +24,7 @@ from iqa.extract.registry import BACKBONES
 from iqa.heads import figures
 from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
+from iqa.heads.paper import compare, render
 from iqa.heads.profile import profile_backbone, profile_table
 from iqa.heads.results import results_table
 from iqa.heads.tsne import retrained_features, tsne_2d
@@ -77,6 +79,7 @@ class ReportSummary:
     tables: list[Path] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was left out, and why
+    paper: list[str] = field(default_factory=list)  # with `paper`: one summary line per table beside the paper
 
 
 @dataclass
@@ -86,6 +89,7 @@ class _Page:
     tables: list[tuple[str, str]] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)
     profile: str = ""
+    paper: list[str] = field(default_factory=list)  # one summary line per table compared with the paper
 
 
 def write_report(
@@ -96,8 +100,10 @@ def write_report(
     device: str = "cpu",
     tsne: bool = True,
     progress: bool = True,
+    paper: bool = False,
 ) -> ReportSummary:
-    """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE."""
+    """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE;
+    `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/paper.py)."""
     out = Path(out)
     if not runs:
         raise ValueError("no runs in the results database")
@@ -113,6 +119,8 @@ def write_report(
         if load is None or not tsne:
             summary.notes.append("t-SNE: skipped (--no-tsne)" if load is not None else "t-SNE: no embedding cache given")
         _profile(runs, profile, building, device, summary, page)
+        if paper:
+            page.paper = summary.paper = _paper(runs, building, summary)
         (building / "index.html").write_text(_index_html(runs, page, summary.notes))
         _swap_in(building, out)
     finally:
@@ -120,6 +128,15 @@ def write_report(
     summary.tables = [out / p.relative_to(building) for p in summary.tables]
     summary.figures = [out / p.relative_to(building) for p in summary.figures]
     return summary
+
+
+def _paper(runs, folder: Path, summary: ReportSummary) -> list[str]:
+    comparisons = compare(runs)
+    for fmt in ("html", "md", "csv"):
+        path = folder / f"paper.{fmt}"
+        path.write_text(render(comparisons, fmt))
+        summary.tables.append(path)
+    return [t.summary() for t in comparisons]
 
 
 def _swap_in(building: Path, out: Path) -> None:
@@ -247,8 +264,12 @@ def _index_html(runs: list[dict], page: _Page, notes: list[str]) -> str:
         f"<style>{STYLE}</style></head><body>", "<h1>iqa report</h1>",
         f"<p>{len(runs)} runs ({sum(r['status'] == 'done' for r in runs)} finished, "
         f"{sum(r['status'] != 'done' for r in runs)} diverged); regimes: {', '.join(regimes)}.</p>",
-        "<h2>Tables</h2>",
     ]
+    if page.paper:
+        parts += ['<h2>Beside the paper</h2><p><a href="paper.html">paper.html</a>: every published cell beside '
+                  'the measured one (<a href="paper.md">md</a> <a href="paper.csv">csv</a>)</p>', "<ul>",
+                  *(f"<li>{html.escape(line)}</li>" for line in page.paper), "</ul>"]
+    parts.append("<h2>Tables</h2>")
     for title, table in page.tables:
         parts += [f"<h3>{title}</h3>", table]
     parts.append("<h2>Figures</h2>")

@@ -9,6 +9,7 @@ import pytest
 from iqa.heads.mlp import HEADS
 from iqa.heads.paper import PAPER_FILE, compare, load_paper, printed_value, render
 from iqa.heads.results import ResultsDB
+from conftest import db_row
 
 SHAPES = {  # table: (rows, columns, metrics) as the paper prints them
     "1": (14, 8, 2), "2": (7, 8, 2), "3": (10, 5, 1), "4": (12, 6, 2), "5a": (18, 8, 2), "5b": (5, 8, 2),
@@ -59,7 +60,7 @@ def record(match: dict, dataset: str, seed: int, srcc: float, plcc: float):
                   keep=1.0, seed=seed, **match)
     result = SimpleNamespace(status="done", best_epoch=1, best_srcc=srcc, best_plcc=plcc, last_srcc=0, last_plcc=0,
                              diverged_epoch=None, curves={}, gates=None)
-    return config, "fp", result
+    return db_row(config, "fp", result)
 
 
 def paper_db(tmp_path, shift_sd: float = 0.0):

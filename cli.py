@@ -404,6 +404,8 @@ def report_command(
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne)
     except ValueError as error:
         fail(str(error))
+    except OSError as error:
+        fail(f"cannot write the report to {out or root / 'report'}: {error.strerror or error}; choose another --out or free space")
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
     typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")

@@ -334,6 +334,8 @@ def head_command(
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
         fail(str(error).strip("'\""))
+    except OSError as error:  # a full disk: ResultsSpilled says where the finished runs went
+        fail(error.strerror or str(error))
     if json_lines:
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")

@@ -208,6 +208,8 @@ def extract(
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
+    for chunk, why in summary.repaired.items():
+        typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
         f"{summary.store}: {summary.rows_computed} images in {summary.seconds:.1f} s ({summary.images_per_s:.1f}/s), "
         f"{summary.chunks_missing} chunks still missing, {len(summary.invalid)} unreadable"
@@ -297,6 +299,8 @@ def head_command(
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per run.")] = False,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (each stack a Ray task).")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on an unfinished store's finished rows "
+                                                                       "(recorded with a partial fingerprint).")] = False,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -330,7 +334,7 @@ def head_command(
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
         root, where = cache_root(cache), store_root(stores) if stores else None
-        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where), ResultsDB(db or default_db(root)),
+        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
         fail(str(error).strip("'\""))

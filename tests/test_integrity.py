@@ -130,3 +130,105 @@ def test_other_database_errors_are_not_spilled(tmp_path, monkeypatch):
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         db.record([record("clive", "baseline", 8, 0.80)])
     assert not list(tmp_path.glob("*.pending-*"))
+
+
+# ---- items 3 and 4: an unfinished or damaged store is refused, repaired by the next extraction ----
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from iqa.cache.store import DamagedStore, IncompleteStore, load_cached, store_path, verify_store  # noqa: E402
+from iqa.data.manifest import Manifest, write_manifest  # noqa: E402
+from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
+from test_extract_run import make_dataset  # noqa: E402
+
+
+def toy_dataset(cache, n=40):
+    paths = make_dataset(cache, n=n)
+    targets = np.linspace(0.1, 0.9, n)
+    write_manifest(Manifest("toy", str(cache / "images"), paths, targets, targets, "test"), cache)
+    return paths
+
+
+def extract(cache, shard=(0, 1)):
+    request = ExtractRequest(cache, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
+                             shard=shard, progress=False)
+    return extract_dataset(request, num_workers=0)
+
+
+@pytest.fixture
+def half_store(tmp_path):
+    """A store whose extraction stopped partway: chunks 0, 2, 4 of 5 written (a killed run keeps whole chunks)."""
+    toy_dataset(tmp_path)
+    assert extract(tmp_path, shard=(0, 2)).chunks_missing == 2
+    return tmp_path
+
+
+def head(cache, *extra):
+    return iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--seeds", "8",
+               "--epochs", "2", "--device", "cpu", "--json", "--cache", cache, *extra)
+
+
+def test_head_refuses_an_unfinished_store_in_one_line(half_store):
+    result = head(half_store)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "unfinished: 24 of 40 rows done" in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --tag tiny" in result.stderr
+    with pytest.raises(IncompleteStore):
+        load_cached(half_store, "toy", "dinov2", "tiny")
+
+
+def test_grid_on_a_killed_store_then_finished_store_gives_the_full_result(half_store):
+    partial = head(half_store, "--allow-partial")
+    assert partial.exit_code == 0, partial.output
+    partial_run = json.loads(partial.stdout.splitlines()[0])
+    db = ResultsDB(half_store / "results.sqlite")
+    assert [r["fingerprint_id"].endswith("-partial-24of40") for r in db.runs()] == [True]
+
+    assert extract(half_store).chunks_missing == 0  # finish the extraction
+    full = head(half_store)
+    assert full.exit_code == 0, full.output
+    full_run = json.loads(full.stdout.splitlines()[0])
+    runs = ResultsDB(half_store / "results.sqlite").runs()
+    assert len(runs) == 2, "the full store trains afresh; the partial run stays recorded as partial"
+    cached = load_cached(half_store, "toy", "dinov2", "tiny")
+    assert cached.valid.all() and runs[1]["fingerprint_id"] == cached.fingerprint_id
+    assert runs[0]["key"] != runs[1]["key"] and full_run["status"] == partial_run["status"] == "done"
+    assert np.isfinite(full_run["best_srcc"]) and full_run["best_srcc"] != partial_run["best_srcc"]
+
+
+def chunk_file(cache, array, chunk):
+    folder = store_path(cache, "toy", "dinov2", "tiny") / array / "c"
+    return folder / str(chunk) / "0" if array == "embeddings" else folder / str(chunk)
+
+
+@pytest.mark.parametrize("array, chunk, damage", [
+    ("embeddings", 1, "delete"), ("status", 2, "delete"), ("keys", 0, "delete"), ("embeddings", 3, "garbage"),
+])
+def test_a_damaged_store_is_named_refused_and_repaired_by_the_next_extraction(tmp_path, array, chunk, damage):
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    good = load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings
+    target = chunk_file(tmp_path, array, chunk)
+    assert target.exists(), sorted(p.relative_to(tmp_path) for p in target.parent.rglob("*"))
+    target.unlink() if damage == "delete" else target.write_bytes(b"not a zstd frame")
+
+    with pytest.raises(DamagedStore, match="is damaged") as refused:
+        load_cached(tmp_path, "toy", "dinov2", "tiny")
+    assert str(store_path(tmp_path, "toy", "dinov2", "tiny")) in str(refused.value)
+    assert array == "keys" or f"chunk {chunk} (rows {8 * chunk}-{8 * chunk + 7})" in str(refused.value)
+    assert any("damaged" in p for p in verify_store(store_path(tmp_path, "toy", "dinov2", "tiny")))
+
+    summary = extract(tmp_path)
+    assert summary.repaired and summary.rows_computed == (0 if array == "keys" else 8)
+    assert verify_store(store_path(tmp_path, "toy", "dinov2", "tiny")) == []
+    np.testing.assert_allclose(load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings, good, rtol=1e-3)
+
+
+def test_garbage_store_metadata_is_one_line(tmp_path):
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    (store_path(tmp_path, "toy", "dinov2", "tiny") / "zarr.json").write_text("{not json")
+    result = head(tmp_path)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "is damaged" in result.stderr and "--overwrite" in result.stderr

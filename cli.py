@@ -235,9 +235,14 @@ def cache_ls(cache: CacheOption = None) -> None:
 @cache_app.command("verify")
 def cache_verify(cache: CacheOption = None) -> None:
     """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
-    from iqa.cache.store import describe_store, list_stores, verify_store
+    from iqa.cache.store import describe_store, store_dirs, verify_store
 
-    stores = [info.path for info in list_stores(cache_root(cache))]
+    root = cache_root(cache)
+    if not root.is_dir():
+        fail(f"no cache at {root}" + (" (it is a file)" if root.exists() else "") + "; give --cache the cache folder")
+    stores = store_dirs(root)
+    if not stores:
+        fail(f"no embedding stores under {root}; `iqa extract --backbone B --dataset D --cache {root}` makes one")
     failed = 0
     for path in stores:
         problems = verify_store(path)

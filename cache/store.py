@@ -352,8 +352,13 @@ def describe_store(path: Path) -> StoreInfo:
     )
 
 
+def store_dirs(cache: Path) -> list[Path]:
+    """Every store folder under a cache (temporaries, dot-names, left out)."""
+    return [p for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
+
+
 def list_stores(cache: Path) -> list[StoreInfo]:
-    return [describe_store(p) for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
+    return [describe_store(p) for p in store_dirs(cache)]
 
 
 def verify_store(path: Path) -> list[str]:

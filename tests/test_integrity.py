@@ -232,3 +232,24 @@ def test_garbage_store_metadata_is_one_line(tmp_path):
     result = head(tmp_path)
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "is damaged" in result.stderr and "--overwrite" in result.stderr
+
+
+# ---- item 7: cache verify never says nothing ----
+@pytest.mark.parametrize("kind", ["missing", "file", "empty"])
+def test_cache_verify_without_stores_is_an_error(tmp_path, kind):
+    cache = tmp_path / "cache"
+    if kind == "file":
+        cache.write_text("x")
+    elif kind == "empty":
+        (cache / "toy").mkdir(parents=True)
+    result = iqa("cache", "verify", "--cache", cache)
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert {"missing": "no cache at", "file": "it is a file", "empty": "no embedding stores"}[kind] in result.stderr
+
+
+def test_cache_verify_names_a_store_with_lost_keys(tmp_path):
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    chunk_file(tmp_path, "keys", 0).unlink()
+    result = iqa("cache", "verify", "--cache", tmp_path)
+    assert result.exit_code == 1 and "keys do not match the manifest" in result.stdout

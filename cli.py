@@ -211,6 +211,8 @@ def extract(
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(str(err).strip("'\""))
+    for chunk, why in summary.repaired.items():
+        typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
         f"{summary.store}: {summary.rows_computed} images in {summary.seconds:.1f} s ({summary.images_per_s:.1f}/s), "
         f"{summary.chunks_missing} chunks still missing, {len(summary.invalid)} unreadable"
@@ -236,9 +238,14 @@ def cache_ls(cache: CacheOption = None) -> None:
 @cache_app.command("verify")
 def cache_verify(cache: CacheOption = None) -> None:
     """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
-    from iqa.cache.store import describe_store, list_stores, verify_store
+    from iqa.cache.store import describe_store, store_dirs, verify_store
 
-    stores = [info.path for info in list_stores(cache_root(cache))]
+    root = cache_root(cache)
+    if not root.is_dir():
+        fail(f"no cache at {root}" + (" (it is a file)" if root.exists() else "") + "; give --cache the cache folder")
+    stores = store_dirs(root)
+    if not stores:
+        fail(f"no embedding stores under {root}; `iqa extract --backbone B --dataset D --cache {root}` makes one")
     failed = 0
     for path in stores:
         problems = verify_store(path)
@@ -304,6 +311,8 @@ def head_command(
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per run.")] = False,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (each stack a Ray task).")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on an unfinished store's finished rows "
+                                                                       "(recorded with a partial fingerprint).")] = False,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -338,10 +347,12 @@ def head_command(
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
         root, where = cache_root(cache), store_root(stores) if stores else None
-        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where), ResultsDB(db or default_db(root)),
+        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
         fail(str(error).strip("'\""))
+    except OSError as error:  # a full disk: ResultsSpilled says where the finished runs went
+        fail(error.strerror or str(error))
     if json_lines:
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
@@ -417,6 +428,8 @@ def report_command(
                                paper=paper)
     except ValueError as error:
         fail(str(error))
+    except OSError as error:
+        fail(f"cannot write the report to {out or root / 'report'}: {error.strerror or error}; choose another --out or free space")
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
     for line in summary.paper:

@@ -198,28 +198,132 @@ class CachedEmbeddings:
 
 
 def load_cached(
-    cache: Path, dataset: str, backbone: str, tag: str | None = None, stores: Path | str | None = None
+    cache: Path, dataset: str, backbone: str, tag: str | None = None, stores: Path | str | None = None,
+    allow_partial: bool = False,
 ) -> CachedEmbeddings:
     """Embeddings, validity, manifest (targets, groups) and fingerprint of one store, in one call.
 
     The manifest comes from the local `cache`; the store from `stores` (a path or fsspec URL), default the cache.
+    An unfinished store is refused unless `allow_partial` (then only its finished rows are valid, and
+    its fingerprint id says so); a damaged one always is, naming the chunks.
     """
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
+    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
     if not store_exists(path):
-        tagged = f" --tag {tag}" if tag else ""
-        raise FileNotFoundError(
-            f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset}{tagged}` first"
-        )
-    store = EmbeddingStore(path)
+        raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
+    store = open_store(path, command)
     if store.fingerprint.get("manifest_sha256") != manifest_checksum(cache, dataset):
         raise ValueError(f"{path} is stale: the {dataset} manifest changed since extraction; re-run with --overwrite")
+    manifest = read_manifest(cache, dataset)
+    rows = read_checked(store, manifest.paths)
+    if rows.damaged:
+        raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")
+    fid = fingerprint_id(store.fingerprint)
+    pending = int((rows.status == PENDING).sum())
+    if pending and not allow_partial:
+        raise IncompleteStore(f"{path} is unfinished: {store.n_rows - pending} of {store.n_rows} rows done; "
+                              f"`{command}` finishes it (or --allow-partial trains on the finished rows)")
     return CachedEmbeddings(
-        embeddings=store.embeddings[:].astype(np.float32),
-        valid=store.status() == DONE,
-        manifest=read_manifest(cache, dataset),
+        embeddings=rows.embeddings.astype(np.float32),
+        valid=rows.status == DONE,
+        manifest=manifest,
         fingerprint=store.fingerprint,
-        fingerprint_id=fingerprint_id(store.fingerprint),
+        # a partial store's runs are their own results: the finished store trains afresh
+        fingerprint_id=f"{fid}-partial-{store.n_rows - pending}of{store.n_rows}" if pending else fid,
     )
+
+
+class IncompleteStore(ValueError):
+    """Rows of the store are not computed yet."""
+
+
+class DamagedStore(ValueError):
+    """Chunks recorded as done do not hold what a finished chunk holds."""
+
+
+def open_store(path: Path | str, command: str) -> EmbeddingStore:
+    try:
+        return EmbeddingStore(path)
+    except ValueError as error:
+        if "not an iqa embedding store" in str(error):
+            raise
+        raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
+    except (OSError, KeyError) as error:
+        raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
+
+
+@dataclass
+class CheckedRows:
+    """A store's arrays as read, with what a finished chunk should hold but does not."""
+
+    embeddings: np.ndarray
+    status: np.ndarray
+    damaged: dict[int, str]  # chunk -> what is wrong in it
+    keys_wrong: bool
+
+    def describe(self, store: "EmbeddingStore") -> str:
+        parts = [f"chunk {c} (rows {store.rows_of_chunk(c).start}-{store.rows_of_chunk(c).stop - 1}): {why}"
+                 for c, why in sorted(self.damaged.items())[:5]]
+        more = len(self.damaged) - 5
+        return "; ".join(parts) + (f"; and {more} more chunks" if more > 0 else "")
+
+
+def _read(array, store: "EmbeddingStore", fill) -> tuple[np.ndarray, set[int]]:
+    """The whole array, else chunk by chunk: a chunk file that no longer decodes is filled and named."""
+    try:
+        return array[:], set()
+    except Exception:  # zarr/numcodecs raise codec-specific errors for a garbled chunk file
+        out = np.full(array.shape, fill, dtype=array.dtype)
+        broken = set()
+        for chunk in range(store.n_chunks):
+            rows = store.rows_of_chunk(chunk)
+            try:
+                out[rows.start : rows.stop] = array[rows.start : rows.stop]
+            except Exception:
+                broken.add(chunk)
+        return out, broken
+
+
+def read_checked(store: "EmbeddingStore", manifest_paths: list[str] | None) -> CheckedRows:
+    """Read the arrays a run needs anyway and check each done chunk: every row has a status, done
+    rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory."""
+    embeddings, broken_e = _read(store.embeddings, store, np.nan)
+    status, broken_s = _read(store.group["status"], store, PENDING)
+    done = store.done_chunks()
+    try:
+        keys_wrong = manifest_paths is not None and store.keys() != list(manifest_paths)
+    except Exception:  # the keys chunk no longer decodes
+        keys_wrong = manifest_paths is not None
+    damaged = {}
+    for chunk in np.flatnonzero(done):
+        chunk, rows = int(chunk), store.rows_of_chunk(int(chunk))
+        block, numbers = status[rows.start : rows.stop], embeddings[rows.start : rows.stop]
+        if chunk in broken_e or chunk in broken_s:
+            damaged[chunk] = "chunk file unreadable"
+        elif (block == PENDING).any():
+            damaged[chunk] = f"{int((block == PENDING).sum())} rows without a status"
+        elif (lost := (block == DONE) & ~np.isfinite(numbers.astype(np.float32)).all(axis=1)).any():
+            first = rows.start + int(np.flatnonzero(lost)[0])
+            name = manifest_paths[first] if manifest_paths is not None else f"row {first}"
+            damaged[chunk] = f"{int(lost.sum())} done rows hold NaN/inf (first: {name})"
+    if keys_wrong:
+        damaged.setdefault(0, "keys do not match the manifest")
+    return CheckedRows(embeddings, status, damaged, keys_wrong)
+
+
+def repair_store(store: "EmbeddingStore", manifest_paths: list[str]) -> dict[int, str]:
+    """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
+    the keys from the manifest; returns what was damaged."""
+    rows = read_checked(store, manifest_paths)
+    if rows.keys_wrong:
+        store.group["keys"][:] = np.array(manifest_paths, dtype=str)
+        if rows.damaged.get(0) == "keys do not match the manifest":
+            del rows.damaged[0]
+            rows.damaged[-1] = "keys rewritten from the manifest"
+    for chunk in rows.damaged:
+        if chunk >= 0:
+            store.group["chunk_done"][chunk] = 0
+    return rows.damaged
 
 
 @dataclass
@@ -248,8 +352,13 @@ def describe_store(path: Path) -> StoreInfo:
     )
 
 
+def store_dirs(cache: Path) -> list[Path]:
+    """Every store folder under a cache (temporaries, dot-names, left out)."""
+    return [p for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
+
+
 def list_stores(cache: Path) -> list[StoreInfo]:
-    return [describe_store(p) for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
+    return [describe_store(p) for p in store_dirs(cache)]
 
 
 def verify_store(path: Path) -> list[str]:
@@ -270,18 +379,13 @@ def verify_store(path: Path) -> list[str]:
     done = store.done_chunks()
     if not done.all():
         problems.append(f"incomplete: {int((~done).sum())} of {store.n_chunks} chunks not written")
-    status = store.status()
-    rows_done = np.zeros(store.n_rows, dtype=bool)
-    for chunk in np.flatnonzero(done):
-        rows = store.rows_of_chunk(int(chunk))
-        rows_done[rows.start : rows.stop] = True
-    if (status[rows_done] == PENDING).any():
-        problems.append(f"damaged: {int((status[rows_done] == PENDING).sum())} rows of finished chunks have no status")
-    embeddings = store.embeddings[:]
-    bad_numbers = (status == DONE) & ~np.isfinite(embeddings).all(axis=1)
-    if bad_numbers.any():
-        first = store.keys()[int(np.flatnonzero(bad_numbers)[0])]
-        problems.append(f"damaged: {int(bad_numbers.sum())} done rows hold NaN/inf (first: {first})")
+    try:
+        paths = read_manifest(path.parent.parent, path.parent.name).paths
+    except (OSError, ValueError, KeyError):  # a missing or broken manifest: no keys to compare against
+        paths = None
+    rows = read_checked(store, paths)
+    if rows.damaged:
+        problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
     return problems
 
 

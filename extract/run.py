@@ -10,7 +10,7 @@ invalid with the reason.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, store_path
+from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, repair_store, store_path
 from iqa.data.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
@@ -64,6 +64,7 @@ class ExtractSummary:
     seconds: float
     fingerprint_id: str
     skip_bad: bool
+    repaired: dict[int, str] = field(default_factory=dict)  # damaged chunks found and recomputed (-1: the keys)
 
     @property
     def ok(self) -> bool:
@@ -220,6 +221,7 @@ class Extraction:
     store: EmbeddingStore
     fingerprint: dict
     dim: int
+    repaired: dict[int, str] = field(default_factory=dict)
 
     def todo(self) -> list[int]:
         """The request's shard's chunks not yet marked done."""
@@ -238,6 +240,7 @@ class Extraction:
             seconds=seconds,
             fingerprint_id=fingerprint_id(self.fingerprint),
             skip_bad=self.request.skip_bad,
+            repaired=self.repaired,
         )
 
 
@@ -268,7 +271,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite,
     )
-    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim)
+    repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, repaired)
 
 
 def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: int = 2) -> ExtractSummary:

@@ -8,6 +8,7 @@ Layout of the report folder (default <cache>/report):
 - with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/paper.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
+The folder carries a `.iqa-report` mark; only a marked folder (or an empty one) is ever replaced.
 """
 
 import html
@@ -20,6 +21,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from iqa.cache.atomic import remove_stale
 from iqa.extract.registry import BACKBONES
 from iqa.heads import figures
 from iqa.heads.grid import Cached
@@ -29,6 +31,7 @@ from iqa.heads.profile import profile_backbone, profile_table
 from iqa.heads.results import results_table
 from iqa.heads.tsne import retrained_features, tsne_2d
 
+MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces
 MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
 Loader = Callable[[str, str, str | None], Cached]  # (dataset, backbone, tag) -> cached embeddings
 
@@ -110,8 +113,11 @@ def write_report(
     unknown = [b for b in profile if b not in BACKBONES]
     if unknown:
         raise ValueError(f"unknown backbone(s) to profile: {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    building = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    remove_stale(out.parent, f".{out.name}.tmp-")
+    remove_stale(out.parent, f".{out.name}.old-")
+    building = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     summary, page = ReportSummary(out), _Page()
     try:
         _tables(runs, building, summary, page)
@@ -122,6 +128,7 @@ def write_report(
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
         (building / "index.html").write_text(_index_html(runs, page, summary.notes))
+        (building / MARK).write_text("written by iqa report; a new report replaces this folder\n")
         _swap_in(building, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
@@ -139,8 +146,19 @@ def _paper(runs, folder: Path, summary: ReportSummary) -> list[str]:
     return [t.summary() for t in comparisons]
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse to put a report where something else lives: only a marked report folder or an empty
+    folder is replaced, so `--out` pointing at a file or a folder of one's own loses nothing."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"--out {out} is a file, not a report folder; give a new or empty folder")
+    if not (out / MARK).exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds files that are not an iqa report; give a new or empty folder")
+
+
 def _swap_in(building: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex}"
     if out.exists():
         os.rename(out, old)
     os.rename(building, out)

@@ -8,7 +8,11 @@ through the `regime` field.
 
 import html
 import json
+import errno
+import os
 import sqlite3
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +80,23 @@ class ResultsDBError(ValueError):
     """A results database this version cannot read safely."""
 
 
+WRITE_TRIES = 3  # a full disk: write tries before the runs are spilled beside the database
+SPILL = "pending"  # <db>.pending-<pid>-<id>.jsonl: finished runs waiting to be imported
+
+
+class ResultsSpilled(OSError):
+    """The database was full; the finished runs were saved beside it and are imported on the next run."""
+
+    def __init__(self, spill: Path, count: int):
+        super().__init__(errno.ENOSPC, f"the disk is full: {count} finished runs saved to {spill}; "
+                                       "free space and run the same command again (they are imported, not retrained)")
+        self.spill = spill
+
+
+def _disk_full(error: Exception) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "disk is full" in str(error)
+
+
 def default_db(cache: Path) -> Path:
     return Path(cache) / RESULTS_FILE
 
@@ -101,6 +122,7 @@ class ResultsDB:
                 raise ResultsDBError(f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._import_spilled()
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -120,10 +142,42 @@ class ResultsDB:
             )
             for key, config, fp, r in runs
         ]
+        for attempt in range(WRITE_TRIES):
+            try:
+                return self._write(rows)
+            except (sqlite3.OperationalError, OSError) as error:
+                if not _disk_full(error):
+                    raise
+                if attempt + 1 < WRITE_TRIES:
+                    time.sleep(0.5 * (attempt + 1))  # space may come back (a cleanup elsewhere)
+        raise ResultsSpilled(self._spill(rows), len(rows))
+
+    def _write(self, rows: list[tuple]) -> None:
         with self._connect() as db:
             db.executemany(
                 f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
             )
+
+    def _spill(self, rows: list[tuple]) -> Path:
+        """Finished runs the database could not take, as JSON lines beside it: a small file often
+        fits where SQLite's journal does not, and the next ResultsDB on this path imports it."""
+        spill = self.path.with_name(f"{self.path.name}.{SPILL}-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+        try:
+            spill.write_text("".join(json.dumps(list(row), default=float) + "\n" for row in rows))
+        except OSError as error:
+            spill.unlink(missing_ok=True)
+            raise OSError(error.errno, f"the disk is full: {len(rows)} finished runs could not be saved "
+                                       f"to {self.path} nor beside it; free space and run again") from None
+        return spill
+
+    def _import_spilled(self) -> None:
+        for spill in sorted(self.path.parent.glob(f"{self.path.name}.{SPILL}-*.jsonl")):
+            try:
+                rows = [tuple(json.loads(line)) for line in spill.read_text().splitlines() if line]
+            except ValueError:
+                continue  # half a file from a crash mid-spill: its runs train again
+            self._write(rows)
+            spill.unlink()
 
     def runs(self) -> list[dict]:
         """Every stored run as its config merged with its outcome (curves and gates decoded)."""

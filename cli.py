@@ -373,7 +373,7 @@ def results_command(
     cache: CacheOption = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
-    from iqa.heads.paper import compare, render
+    from iqa.heads.report.paper import compare, render
     from iqa.heads.results import ResultsDB, results_table
 
     runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
@@ -417,7 +417,7 @@ def report_command(
 ) -> None:
     """Tables, figures, compute profile and index.html from the results database."""
     from iqa.cache.store import load_cached
-    from iqa.heads.report import default_profile, write_report
+    from iqa.heads.report.build import default_profile, write_report
     from iqa.heads.results import ResultsDB
 
     root = cache_root(cache)

@@ -49,7 +49,7 @@ def run_demo(
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.grid import expand_grid, head_choices, run_grid
-    from iqa.heads.report import default_profile, write_report
+    from iqa.heads.report.build import default_profile, write_report
     from iqa.heads.results import ResultsDB, default_db, results_table
 
     source = cache / DEMO_DIR

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from iqa.cache.atomic import remove_stale
 from iqa.cli import app
-from iqa.heads.report import MARK, write_report
+from iqa.heads.report.build import MARK, write_report
 from iqa.heads.results import ResultsDB
 from test_report import record
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from iqa.heads.mlp import HEADS
-from iqa.heads.paper import PAPER_FILE, compare, load_paper, printed_value, render
+from iqa.heads.report.paper import PAPER_FILE, compare, load_paper, printed_value, render
 from iqa.heads.results import ResultsDB
 from conftest import db_row
 

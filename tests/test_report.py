@@ -10,13 +10,13 @@ from torch import nn
 
 from iqa.data.manifest import Manifest
 from iqa.heads.mlp import HEADS
-from iqa.heads import figures
+from iqa.heads.report import figures
 from iqa.heads.grid import expand_grid, head_choices, run_grid
-from iqa.heads.profile import count_macs, head_profile, profile_backbone, profile_table
-from iqa.heads.report import write_report
+from iqa.heads.report.profile import count_macs, head_profile, profile_backbone, profile_table
+from iqa.heads.report.build import write_report
 from iqa.heads.results import ResultsDB, results_table
 from iqa.heads.train import Member, StackData, train_stack
-from iqa.heads.tsne import retrained_features
+from iqa.heads.report.tsne import retrained_features
 from conftest import db_row
 
 

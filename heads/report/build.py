@@ -5,7 +5,7 @@ Layout of the report folder (default <cache>/report):
 - `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
 - `profile.md|.csv`: Table S5 for the profiled backbones;
 - `index.html`: all of it on one static page (relative links; opens from disk);
-- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/paper.py).
+- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
 The folder carries a `.iqa-report` mark; only a marked folder (or an empty one) is ever replaced.
@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from iqa.cache.atomic import remove_stale
 from iqa.extract.registry import BACKBONES
-from iqa.heads import figures
+from iqa.heads.report import figures
 from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
-from iqa.heads.paper import compare, render
-from iqa.heads.profile import profile_backbone, profile_table
+from iqa.heads.report.paper import compare, render
+from iqa.heads.report.profile import profile_backbone, profile_table
 from iqa.heads.results import results_table
-from iqa.heads.tsne import retrained_features, tsne_2d
+from iqa.heads.report.tsne import retrained_features, tsne_2d
 
 MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces
 MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
@@ -106,7 +106,7 @@ def write_report(
     paper: bool = False,
 ) -> ReportSummary:
     """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE;
-    `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/paper.py)."""
+    `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/report/paper.py)."""
     out = Path(out)
     if not runs:
         raise ValueError("no runs in the results database")

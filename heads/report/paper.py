@@ -1,4 +1,4 @@
-"""The paper's published numbers (heads/paper_values.json) beside the results database's.
+"""The paper's published numbers (heads/report/paper_values.json) beside the results database's.
 
 paper_values.json holds Tables 1-6 and S1-S5 cell by cell as printed (null where the extracted text
 is unreadable); each row of the paper's own method names the runs it stands for (`match`: config

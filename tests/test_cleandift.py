@@ -72,7 +72,7 @@ def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exact
         run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
     resumed = run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", **options)
     assert resumed.result == straight.result
-    from iqa.heads.checkpoint import load_checkpoint
+    from iqa.extract.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     assert a["backbone"].keys() == b["backbone"].keys()

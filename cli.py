@@ -49,9 +49,29 @@ def fail(message: str, code: int = 1) -> None:
 
 def parse_seeds(seeds: str) -> list[int]:
     try:
-        return [int(s) for s in seeds.split(",")]
+        values = [int(s) for s in seeds.split(",")]
     except ValueError:
         fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if len(set(values)) != len(values):
+        fail(f"--seeds lists a seed twice ({seeds}); each seed is one run")
+    return values
+
+
+def check_device(device: str, engine: str = "local") -> None:
+    """A CUDA device on a machine without one ends the command before anything is loaded or removed
+    (with --engine ray the device is the workers', which this machine may lack)."""
+    if engine == "local" and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+
+
+def message(error: Exception) -> str:
+    """An exception as one line: a KeyError's repr quotes are dropped, every other message kept whole."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
 
 
 def check_engine(engine: str) -> None:
@@ -192,6 +212,7 @@ def extract(
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     check_engine(engine)
+    check_device(device, engine)
     if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
         fail("--actors and --gpus-per-actor are for --engine ray")
     try:
@@ -207,7 +228,7 @@ def extract(
         else:
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
+        fail(message(err))
     for chunk, why in summary.repaired.items():
         typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
@@ -320,6 +341,16 @@ def head_command(
     pairs = [(d, d) for d in _csv(dataset)] + list(zip(_csv(train), _csv(test)))
     if not pairs:
         fail("give --dataset or --train/--test")
+    check_engine(engine)
+    check_device(device, engine)
+    if epochs < 1:
+        fail(f"--epochs must be at least 1, got {epochs}")
+    if stack_size is not None and stack_size < 1:
+        fail(f"--stack-size must be at least 1, got {stack_size}")
+    if dropout is None and _csv([keep]) != ["1.0"]:
+        fail("--keep sets dropout's keep probability: give --dropout input or --dropout layers with it")
+    if not _csv([act]) and not act_pair:
+        fail("--act names no head; give baseline, sig, gated or --act-pair")
     try:
         pair_acts = [tuple(_csv([p])) for p in act_pair]
         if any(len(p) != 2 for p in pair_acts):
@@ -332,7 +363,6 @@ def head_command(
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 
-        check_engine(engine)
         run_stacks = None
         if engine == "ray":
             from iqa.heads.ray_grid import train_on_ray
@@ -342,9 +372,13 @@ def head_command(
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
-        fail(str(error).strip("'\""))
+        fail(message(error))
     except OSError as error:  # a full disk: ResultsSpilled says where the finished runs went
         fail(error.strerror or str(error))
+    undefined = [r for r in records if r["best_srcc"] is None or r["best_srcc"] != r["best_srcc"]]
+    if undefined:  # NaN: constant targets or predictions on the test rows, where rank correlation means nothing
+        typer.secho(f"warning: {len(undefined)} of {len(records)} runs have no defined SRCC (constant scores or "
+                    "predictions on their test rows); their numbers are NaN", err=True, fg=typer.colors.YELLOW)
     if json_lines:
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
@@ -452,6 +486,7 @@ def finetune_command(
     from iqa.heads.finetune import finetune
     from iqa.heads.results import ResultsDB
 
+    check_device(device)
     root = cache_root(cache)
     try:
         run = finetune(
@@ -461,7 +496,7 @@ def finetune_command(
             db=ResultsDB(db) if db else None, num_workers=workers,
         )
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
+        fail(message(err))
     r = run.result
     if r.status == "diverged":
         fail(f"{run.run_dir}: diverged in epoch {r.diverged_epoch}; its last good checkpoint is kept and the run is recorded")

@@ -1,0 +1,83 @@
+"""Bad input ends in one `error:` line and a non-zero exit, never a traceback, and touches nothing."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from iqa.cache.store import store_path
+from iqa.cli import app
+from iqa.extract.run import ExtractRequest
+from test_integrity import extract, toy_dataset
+
+runner = CliRunner()
+
+
+def iqa(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(result, *needles):
+    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit)), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def head(cache, *extra):
+    return iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--epochs", "2",
+               "--device", "cpu", "--cache", cache, *extra)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    toy_dataset(cache)
+    extract(cache)
+    return cache
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--seeds", "8,8"], "a seed twice"),
+    (["--keep", "0.5"], "give --dropout"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--stack-size", "-3"], "--stack-size must be at least 1"),
+    (["--act", ""], "names no head"),
+    (["--mask-k", "abc"], "'abc'"),  # the closing quote kept
+])
+def test_head_refuses_bad_options(store, extra, needle):
+    args = list(extra)
+    if args[0] == "--epochs":
+        result = iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--device",
+                     "cpu", "--cache", store, *args)
+    else:
+        result = head(store, *args)
+    one_error(result, needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [
+    ["extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--overwrite"],
+    ["head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy"],
+    ["finetune", "--backbone", "dinov2", "--tiny", "--dataset", "toy"],
+])
+def test_cuda_on_a_machine_without_it_is_one_line_and_keeps_the_store(store, command):
+    before = sorted(p.name for p in (store_path(store, "toy", "dinov2", "tiny") / "embeddings" / "c").iterdir())
+    one_error(iqa(*command, "--device", "cuda", "--cache", store), "no CUDA GPU", "--device cpu")
+    assert sorted(p.name for p in (store_path(store, "toy", "dinov2", "tiny") / "embeddings" / "c").iterdir()) == before
+
+
+def test_extract_batch_size_below_one_is_refused(store):
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        ExtractRequest(store, "toy", "dinov2", tiny=True, batch_size=-2)
+    one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--batch-size", "-2",
+                  "--device", "cpu", "--cache", store), "--batch-size must be at least 1")
+
+
+def test_report_to_an_unwritable_path(store, tmp_path):
+    from iqa.heads.results import ResultsDB
+    from test_report import record
+
+    ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.8)])
+    one_error(iqa("report", "--db", tmp_path / "r.sqlite", "--out", "/proc/iqa/report", "--no-tsne", "--profile", "",
+                  "--cache", tmp_path), "cannot write the report")

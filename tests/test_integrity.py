@@ -253,3 +253,24 @@ def test_cache_verify_names_a_store_with_lost_keys(tmp_path):
     chunk_file(tmp_path, "keys", 0).unlink()
     result = iqa("cache", "verify", "--cache", tmp_path)
     assert result.exit_code == 1 and "keys do not match the manifest" in result.stdout
+
+
+# ---- item 6: prepare refuses rows that escape the root, aliases of one file, and unsafe names ----
+from test_data_builders import touch_images, write_csv  # noqa: E402
+
+
+@pytest.mark.parametrize("names, name, needle", [
+    (["a.png", "../../../../etc/passwd"], "mine", "lead outside the image folder"),
+    (["a.png", "/etc/hostname"], "mine", "lead outside the image folder"),
+    (["img/a.png", "./img/a.png"], "mine", "spellings of one file"),
+    (["a.png", "b.png"], "../../evil", "not a plain folder name"),
+])
+def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
+    root = tmp_path / "set" / "inner"
+    touch_images(root, [n for n in names if not n.startswith(("/", ".."))])
+    write_csv(root / "labels.csv", ["file", "mos"], [[n, 5] for n in names])
+    cache = tmp_path / "cache"
+    result = iqa("data", "prepare", "csv", "--root", root, "--cache", cache, "--labels", "labels.csv", "--image-col",
+                 "file", "--score-col", "mos", "--score-range", "0,10", "--name", name)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert not list(tmp_path.rglob("manifest.json")), "nothing written, inside the cache or out"

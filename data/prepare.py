@@ -79,8 +79,8 @@ def check_manifest(manifest: Manifest) -> None:
                            "list images relative to it")
     duplicates = sorted(path for path, times in Counter(os.path.normpath(p) for p in paths).items() if times > 1)
     if duplicates:
-        raise DatasetError(f"{len(duplicates)} image name(s) listed more than once (spellings of one file "
-                           f"included, e.g. ./a.png and a.png): {_listing(duplicates)}")
+        raise DatasetError(f"{len(duplicates)} image name(s) listed more than once: {_listing(duplicates)} "
+                           "(two spellings of one file, e.g. ./a.png and a.png, count as one name)")
     root = manifest.image_root
     missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
     if missing:

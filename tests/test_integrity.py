@@ -262,7 +262,7 @@ from test_data_builders import touch_images, write_csv  # noqa: E402
 @pytest.mark.parametrize("names, name, needle", [
     (["a.png", "../../../../etc/passwd"], "mine", "lead outside the image folder"),
     (["a.png", "/etc/hostname"], "mine", "lead outside the image folder"),
-    (["img/a.png", "./img/a.png"], "mine", "spellings of one file"),
+    (["img/a.png", "./img/a.png"], "mine", "two spellings of one file"),
     (["a.png", "b.png"], "../../evil", "not a plain folder name"),
 ])
 def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):

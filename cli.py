@@ -79,14 +79,20 @@ def check_engine(engine: str) -> None:
         fail(f"--engine must be local or ray, got {engine!r}")
 
 
-def existing_db(db: Path | None, root: Path) -> Path:
-    """The results database named, else the cache's; a missing one ends the command in one line."""
-    from iqa.heads.results import default_db
+def existing_runs(db: Path | None, root: Path) -> list[dict]:
+    """The runs of the results database named, else the cache's; a missing or unreadable one ends the command in one line."""
+    import sqlite3
+
+    from iqa.heads.results import ResultsDB, default_db
 
     path = db or default_db(root)
     if not path.exists():
         fail(f"no results database at {path}; train with `iqa head --cached` first")
-    return path
+    try:
+        return ResultsDB(path).runs()
+    except (ValueError, sqlite3.DatabaseError) as error:
+        fail(str(error) if isinstance(error, ValueError) else f"{path} is not a usable results database ({error}); "
+             "move it away to start a new one")
 
 
 @app.callback()
@@ -138,7 +144,7 @@ def data_show(
         fail(f"--split-by must be random or group, got {split_by!r}")
     try:
         summary = dataset_summary(read_manifest(cache_root(cache), name), seed_list, split_by)
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, ValueError) as e:  # DatasetError, a damaged manifest
         fail(str(e))
     if as_json:
         typer.echo(json.dumps(summary))
@@ -398,9 +404,9 @@ def results_command(
     cache: CacheOption = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
-    from iqa.heads.results import ResultsDB, results_table
+    from iqa.heads.results import results_table
 
-    runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
+    runs = [r for r in existing_runs(db, cache_root(cache)) if regime is None or r["regime"] == regime]
     try:
         typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
     except ValueError as error:
@@ -440,10 +446,9 @@ def report_command(
     """Tables, figures, compute profile and index.html from the results database."""
     from iqa.cache.store import load_cached
     from iqa.heads.report import default_profile, write_report
-    from iqa.heads.results import ResultsDB
 
     root = cache_root(cache)
-    runs = ResultsDB(existing_db(db, root)).runs()
+    runs = existing_runs(db, root)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne)

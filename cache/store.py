@@ -211,10 +211,10 @@ def load_cached(
     command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
     if not store_exists(path):
         raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
+    manifest = read_manifest(cache, dataset)  # first: a damaged manifest is named as such, not as a stale store
     store = open_store(path, command)
     if store.fingerprint.get("manifest_sha256") != manifest_checksum(cache, dataset):
         raise ValueError(f"{path} is stale: the {dataset} manifest changed since extraction; re-run with --overwrite")
-    manifest = read_manifest(cache, dataset)
     rows = read_checked(store, manifest.paths)
     if rows.damaged:
         raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")

@@ -106,8 +106,14 @@ class ResultsDB:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(SCHEMA)
+        try:
+            with self._connect() as db:
+                db.execute(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            if _disk_full(error):
+                raise
+            raise ValueError(f"{self.path} is not a usable results database ({error}); move it away to start "
+                             "a new one, or give --db another path") from None
         self._import_spilled()
 
     def _connect(self) -> sqlite3.Connection:

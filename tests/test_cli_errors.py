@@ -81,3 +81,19 @@ def test_report_to_an_unwritable_path(store, tmp_path):
     ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.8)])
     one_error(iqa("report", "--db", tmp_path / "r.sqlite", "--out", "/proc/iqa/report", "--no-tsne", "--profile", "",
                   "--cache", tmp_path), "cannot write the report")
+
+
+def test_a_truncated_results_database_is_one_line(tmp_path):
+    db = tmp_path / "results.sqlite"
+    db.write_bytes(b"SQLite format 3\x00" + b"\x00" * 40)  # a header and nothing behind it
+    for command in (["results"], ["report", "--no-tsne"]):
+        one_error(iqa(*command, "--db", db, "--cache", tmp_path), str(db), "move it away")
+
+
+def test_a_broken_manifest_is_named_damaged_not_stale(tmp_path):
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    manifest = tmp_path / "toy" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    one_error(head(tmp_path), "manifest.json is damaged", "iqa data prepare toy")
+    one_error(iqa("data", "show", "toy", "--cache", tmp_path), "is damaged")

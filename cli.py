@@ -1,5 +1,6 @@
 """The `iqa` command. Each command is a few lines over library functions that tests call directly."""
 
+import errno
 import json
 from functools import partial
 from pathlib import Path
@@ -74,6 +75,12 @@ def message(error: Exception) -> str:
     return str(error)
 
 
+def cannot_write(where, error: OSError) -> None:
+    """A write that failed (read-only place, a file where a folder must be, a full disk) as one line."""
+    fix = "free some space" if error.errno == errno.ENOSPC else "choose a writable place"
+    fail(f"cannot write under {where}: {error.strerror or error}{f' ({error.filename})' if error.filename else ''}; {fix}")
+
+
 def check_engine(engine: str) -> None:
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
@@ -125,6 +132,8 @@ def data_prepare(
         manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **options)
     except DatasetError as e:
         fail(str(e))
+    except OSError as e:
+        cannot_write(cache_root(cache), e)
     for warning in warnings:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"{manifest.dataset}: {len(manifest):,} images, {manifest.score_scale} -> {path}")
@@ -173,6 +182,8 @@ def make_demo_command(
         labels = make_demo(out, force=force)
     except FileExistsError:
         fail(f"{out} already exists; pass --force to rebuild it")
+    except OSError as e:
+        cannot_write(out, e)
     typer.echo(f"demo set: {labels}")
 
 
@@ -455,7 +466,7 @@ def report_command(
     except ValueError as error:
         fail(str(error))
     except OSError as error:
-        fail(f"cannot write the report to {out or root / 'report'}: {error.strerror or error}; choose another --out or free space")
+        cannot_write(out or root / "report", error)
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
     typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")

@@ -80,7 +80,7 @@ def test_report_to_an_unwritable_path(store, tmp_path):
 
     ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.8)])
     one_error(iqa("report", "--db", tmp_path / "r.sqlite", "--out", "/proc/iqa/report", "--no-tsne", "--profile", "",
-                  "--cache", tmp_path), "cannot write the report")
+                  "--cache", tmp_path), "cannot write under /proc/iqa/report")
 
 
 def test_a_truncated_results_database_is_one_line(tmp_path):
@@ -97,3 +97,35 @@ def test_a_broken_manifest_is_named_damaged_not_stale(tmp_path):
     manifest.write_text(manifest.read_text()[:100])
     one_error(head(tmp_path), "manifest.json is damaged", "iqa data prepare toy")
     one_error(iqa("data", "show", "toy", "--cache", tmp_path), "is damaged")
+
+
+def test_prepare_and_make_demo_under_an_unwritable_path_are_one_line(tmp_path):
+    from test_data_builders import touch_images, write_csv
+
+    touch_images(tmp_path / "set", ["a.png", "b.png"])
+    write_csv(tmp_path / "set" / "l.csv", ["file", "mos"], [["a.png", 1], ["b.png", 2]])
+    prepare = ["data", "prepare", "csv", "--root", tmp_path / "set", "--labels", "l.csv", "--image-col", "file",
+               "--score-col", "mos", "--score-range", "0,10"]
+    one_error(iqa(*prepare, "--cache", "/proc/iqa-cache"), "cannot write under /proc/iqa-cache")
+    (tmp_path / "afile").write_text("x")
+    one_error(iqa(*prepare, "--cache", tmp_path / "afile"), "cannot write under")
+    one_error(iqa("data", "make-demo", "--out", "/proc/iqa-demo"), "cannot write under /proc/iqa-demo")
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import iqa.cache.atomic as atomic
+    from test_data_builders import touch_images, write_csv
+
+    touch_images(tmp_path / "set", ["a.png", "b.png"])
+    write_csv(tmp_path / "set" / "l.csv", ["file", "mos"], [["a.png", 1], ["b.png", 2]])
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", full)
+    result = iqa("data", "prepare", "csv", "--root", tmp_path / "set", "--labels", "l.csv", "--image-col", "file",
+                 "--score-col", "mos", "--score-range", "0,10", "--cache", tmp_path / "cache")
+    one_error(result, "No space left on device", "free some space")
+    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "csv"]

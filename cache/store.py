@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import zarr
 
-from iqa.cache.atomic import atomic_path
+from iqa.cache.atomic import atomic_path, remove_stale
 from iqa.cache.location import dataset_dir, is_url
 from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 from iqa.data.splits import SplitBy, split_indices
@@ -159,8 +159,9 @@ def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtyp
         trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
         os.rename(path, trash)
         shutil.rmtree(trash)
+    remove_stale(path.parent, f".{path.name}.tmp-")  # stores half-created by killed runs
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
         _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
         try:
             os.rename(tmp, path)

@@ -274,3 +274,20 @@ def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
                  "file", "--score-col", "mos", "--score-range", "0,10", "--name", name)
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
     assert not list(tmp_path.rglob("manifest.json")), "nothing written, inside the cache or out"
+
+
+# ---- tidy: temporaries of killed runs go on the next run; files follow the umask ----
+def test_extract_removes_store_temporaries_of_dead_runs_and_manifests_follow_the_umask(tmp_path):
+    toy_dataset(tmp_path, n=8)
+    dead = tmp_path / "toy" / ".dinov2@tiny.zarr.tmp-999999999-abc"
+    dead_manifest = tmp_path / "toy" / ".manifest.json-999999999-x.tmp"
+    dead.mkdir(), dead_manifest.write_text("{")
+    old = os.umask(0o022)
+    try:
+        toy_dataset(tmp_path, n=8)
+    finally:
+        os.umask(old)
+    assert not dead_manifest.exists()
+    assert (tmp_path / "toy" / "manifest.json").stat().st_mode & 0o777 == 0o644
+    extract(tmp_path)
+    assert not dead.exists()

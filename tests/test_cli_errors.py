@@ -1,5 +1,7 @@
 """Bad input ends in one `error:` line and a non-zero exit, never a traceback, and touches nothing."""
 
+import os
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -129,3 +131,19 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, mo
                  "--score-col", "mos", "--score-range", "0,10", "--cache", tmp_path / "cache")
     one_error(result, "No space left on device", "free some space")
     assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "csv"]
+
+
+def test_a_truncated_checkpoint_names_the_file_and_how_to_start_over(tmp_path):
+    from iqa.heads.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path, {"epoch": 1, "w": torch.ones(100)})
+    finally:
+        os.umask(old)
+    path = checkpoint_path(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="is not a readable checkpoint") as error:
+        load_checkpoint(tmp_path)
+    assert str(path) in str(error.value) and "delete it to start the run over" in str(error.value)

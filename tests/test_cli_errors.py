@@ -147,3 +147,17 @@ def test_a_truncated_checkpoint_names_the_file_and_how_to_start_over(tmp_path):
     with pytest.raises(ValueError, match="is not a readable checkpoint") as error:
         load_checkpoint(tmp_path)
     assert str(path) in str(error.value) and "delete it to start the run over" in str(error.value)
+
+
+def test_constant_scores_warn_that_srcc_is_undefined(tmp_path):
+    import numpy as np
+
+    from iqa.data.manifest import Manifest, read_manifest, write_manifest
+
+    toy_dataset(tmp_path)
+    flat = read_manifest(tmp_path, "toy")
+    write_manifest(Manifest("toy", flat.image_root, flat.paths, np.full(40, 0.5), np.full(40, 0.5), "test"), tmp_path)
+    extract(tmp_path)
+    result = head(tmp_path, "--seeds", "8")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 of 1 runs have no defined SRCC" in result.stderr

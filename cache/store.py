@@ -245,11 +245,9 @@ class DamagedStore(ValueError):
 def open_store(path: Path | str, command: str) -> EmbeddingStore:
     try:
         return EmbeddingStore(path)
-    except ValueError as error:
+    except (ValueError, OSError, KeyError) as error:
         if "not an iqa embedding store" in str(error):
             raise
-        raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
-    except (OSError, KeyError) as error:
         raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
 
 

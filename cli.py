@@ -1,5 +1,6 @@
 """The `iqa` command. Each command is a few lines over library functions that tests call directly."""
 
+import errno
 import json
 from functools import partial
 from pathlib import Path
@@ -52,9 +53,35 @@ def fail(message: str, code: int = 1) -> None:
 
 def parse_seeds(seeds: str) -> list[int]:
     try:
-        return [int(s) for s in seeds.split(",")]
+        values = [int(s) for s in seeds.split(",")]
     except ValueError:
         fail(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if len(set(values)) != len(values):
+        fail(f"--seeds lists a seed twice ({seeds}); each seed is one run")
+    return values
+
+
+def check_device(device: str, engine: str = "local") -> None:
+    """A CUDA device on a machine without one ends the command before anything is loaded or removed
+    (with --engine ray the device is the workers', which this machine may lack)."""
+    if engine == "local" and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+
+
+def message(error: Exception) -> str:
+    """An exception as one line: a KeyError's repr quotes are dropped, every other message kept whole."""
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
+def cannot_write(where, error: OSError) -> None:
+    """A write that failed (read-only place, a file where a folder must be, a full disk) as one line."""
+    fix = "free some space" if error.errno == errno.ENOSPC else "choose a writable place"
+    fail(f"cannot write under {where}: {error.strerror or error}{f' ({error.filename})' if error.filename else ''}; {fix}")
 
 
 def check_engine(engine: str) -> None:
@@ -62,14 +89,20 @@ def check_engine(engine: str) -> None:
         fail(f"--engine must be local or ray, got {engine!r}")
 
 
-def existing_db(db: Path | None, root: Path) -> Path:
-    """The results database named, else the cache's; a missing one ends the command in one line."""
-    from iqa.heads.results import default_db
+def existing_runs(db: Path | None, root: Path) -> list[dict]:
+    """The runs of the results database named, else the cache's; a missing or unreadable one ends the command in one line."""
+    import sqlite3
+
+    from iqa.heads.results import ResultsDB, default_db
 
     path = db or default_db(root)
     if not path.exists():
         fail(f"no results database at {path}; train with `iqa head --cached` first")
-    return path
+    try:
+        return ResultsDB(path).runs()
+    except (ValueError, sqlite3.DatabaseError) as error:
+        fail(str(error) if isinstance(error, ValueError) else f"{path} is not a usable results database ({error}); "
+             "move it away to start a new one")
 
 
 @app.callback()
@@ -102,6 +135,8 @@ def data_prepare(
         manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **options)
     except DatasetError as e:
         fail(str(e))
+    except OSError as e:
+        cannot_write(cache_root(cache), e)
     for warning in warnings:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"{manifest.dataset}: {len(manifest):,} images, {manifest.score_scale} -> {path}")
@@ -121,7 +156,7 @@ def data_show(
         fail(f"--split-by must be random or group, got {split_by!r}")
     try:
         summary = dataset_summary(read_manifest(cache_root(cache), name), seed_list, split_by)
-    except (FileNotFoundError, DatasetError) as e:
+    except (FileNotFoundError, ValueError) as e:  # DatasetError, a damaged manifest
         fail(str(e))
     if as_json:
         typer.echo(json.dumps(summary))
@@ -150,6 +185,8 @@ def make_demo_command(
         labels = make_demo(out, force=force)
     except FileExistsError:
         fail(f"{out} already exists; pass --force to rebuild it")
+    except OSError as e:
+        cannot_write(out, e)
     typer.echo(f"demo set: {labels}")
 
 
@@ -195,6 +232,7 @@ def extract(
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     check_engine(engine)
+    check_device(device, engine)
     if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
         fail("--actors and --gpus-per-actor are for --engine ray")
     try:
@@ -210,7 +248,7 @@ def extract(
         else:
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
+        fail(message(err))
     for chunk, why in summary.repaired.items():
         typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
@@ -327,6 +365,16 @@ def head_command(
     pairs = [(d, d) for d in _csv(dataset)] + list(zip(_csv(train), _csv(test)))
     if not pairs:
         fail("give --dataset or --train/--test")
+    check_engine(engine)
+    check_device(device, engine)
+    if epochs < 1:
+        fail(f"--epochs must be at least 1, got {epochs}")
+    if stack_size is not None and stack_size < 1:
+        fail(f"--stack-size must be at least 1, got {stack_size}")
+    if dropout is None and _csv([keep]) != ["1.0"]:
+        fail("--keep sets dropout's keep probability: give --dropout input or --dropout layers with it")
+    if not _csv([act]) and not act_pair:
+        fail("--act names no head; give baseline, sig, gated or --act-pair")
     try:
         pair_acts = [tuple(_csv([p])) for p in act_pair]
         if any(len(p) != 2 for p in pair_acts):
@@ -340,7 +388,6 @@ def head_command(
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 
-        check_engine(engine)
         run_stacks = None
         if engine == "ray":
             from iqa.heads.ray_grid import train_on_ray
@@ -350,9 +397,13 @@ def head_command(
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
-        fail(str(error).strip("'\""))
+        fail(message(error))
     except OSError as error:  # a full disk: ResultsSpilled says where the finished runs went
         fail(error.strerror or str(error))
+    undefined = [r for r in records if r["best_srcc"] is None or r["best_srcc"] != r["best_srcc"]]
+    if undefined:  # NaN: constant targets or predictions on the test rows, where rank correlation means nothing
+        typer.secho(f"warning: {len(undefined)} of {len(records)} runs have no defined SRCC (constant scores or "
+                    "predictions on their test rows); their numbers are NaN", err=True, fg=typer.colors.YELLOW)
     if json_lines:
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
@@ -374,9 +425,9 @@ def results_command(
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.report.paper import compare, render
-    from iqa.heads.results import ResultsDB, results_table
+    from iqa.heads.results import results_table
 
-    runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
+    runs = [r for r in existing_runs(db, cache_root(cache)) if regime is None or r["regime"] == regime]
     try:
         table = render(compare(runs), format) if paper else results_table(runs, layout=layout, fmt=format, which=which)
         typer.echo(table, nl=False)
@@ -418,10 +469,9 @@ def report_command(
     """Tables, figures, compute profile and index.html from the results database."""
     from iqa.cache.store import load_cached
     from iqa.heads.report.build import default_profile, write_report
-    from iqa.heads.results import ResultsDB
 
     root = cache_root(cache)
-    runs = ResultsDB(existing_db(db, root)).runs()
+    runs = existing_runs(db, root)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
@@ -429,7 +479,7 @@ def report_command(
     except ValueError as error:
         fail(str(error))
     except OSError as error:
-        fail(f"cannot write the report to {out or root / 'report'}: {error.strerror or error}; choose another --out or free space")
+        cannot_write(out or root / "report", error)
     for note in summary.notes:
         typer.echo(f"  left out: {note}")
     for line in summary.paper:
@@ -470,13 +520,14 @@ def finetune_command(
     from iqa.heads.finetune import finetune, finetune_config
     from iqa.heads.results import ResultsDB
 
+    check_device(device)
     root = cache_root(cache)
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
                                  backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay)
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
-        fail(str(err).strip("'\""))
+        fail(message(err))
     r = run.result
     if r.status == "diverged":
         fail(f"{run.run_dir}: diverged in epoch {r.diverged_epoch}; its last good checkpoint is kept and the run is recorded")

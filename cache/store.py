@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import zarr
 
-from iqa.cache.atomic import atomic_path
+from iqa.cache.atomic import atomic_path, remove_stale
 from iqa.cache.location import dataset_dir, is_url
 from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 from iqa.data.splits import SplitBy, split_indices
@@ -159,8 +159,9 @@ def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtyp
         trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
         os.rename(path, trash)
         shutil.rmtree(trash)
+    remove_stale(path.parent, f".{path.name}.tmp-")  # stores half-created by killed runs
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
         _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
         try:
             os.rename(tmp, path)
@@ -211,10 +212,10 @@ def load_cached(
     command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
     if not store_exists(path):
         raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
+    manifest = read_manifest(cache, dataset)  # first: a damaged manifest is named as such, not as a stale store
     store = open_store(path, command)
     if store.fingerprint.get("manifest_sha256") != manifest_checksum(cache, dataset):
         raise ValueError(f"{path} is stale: the {dataset} manifest changed since extraction; re-run with --overwrite")
-    manifest = read_manifest(cache, dataset)
     rows = read_checked(store, manifest.paths)
     if rows.damaged:
         raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")
@@ -244,11 +245,9 @@ class DamagedStore(ValueError):
 def open_store(path: Path | str, command: str) -> EmbeddingStore:
     try:
         return EmbeddingStore(path)
-    except ValueError as error:
+    except (ValueError, OSError, KeyError) as error:
         if "not an iqa embedding store" in str(error):
             raise
-        raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
-    except (OSError, KeyError) as error:
         raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
 
 

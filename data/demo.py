@@ -43,6 +43,8 @@ from skimage import data as skimage_data
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
+from iqa.cache.atomic import remove_stale
+
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
 COLUMNS = ("image", "score", "ref", "distortion", "level")
@@ -193,7 +195,8 @@ def make_demo(
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-"))
+    remove_stale(out_dir.parent, f".{out_dir.name}-building-")  # what killed builds left
+    building = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-{os.getpid()}-"))
     building.chmod(0o755)  # mkdtemp makes it private; the set is an ordinary folder
     try:
         _build(building, photos, distortions, short_side)

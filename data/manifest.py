@@ -100,7 +100,11 @@ def read_manifest(cache: Path, dataset: str) -> Manifest:
         raise FileNotFoundError(
             f"no manifest for dataset {dataset!r} at {path}; run `iqa data prepare {dataset} --root DIR` first"
         )
-    return Manifest.from_json(path.read_text())
+    try:
+        return Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as error:  # a truncated or hand-edited file
+        raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); "
+                         f"run `iqa data prepare {dataset} --root DIR` again to rewrite it") from None
 
 
 def manifest_checksum(cache: Path, dataset: str) -> str:

@@ -59,7 +59,8 @@ def drop_known_duplicates(manifest: Manifest, known: frozenset[str]) -> tuple[Ma
 
 
 def check_manifest(manifest: Manifest) -> None:
-    """Raise DatasetError on NaN or out-of-range scores, duplicate names or missing images."""
+    """Raise DatasetError on an unsafe dataset name, NaN or out-of-range scores, paths outside the
+    image folder, duplicate names (two spellings of one file too) or missing images."""
     paths, scores, targets = manifest.paths, manifest.scores, manifest.targets
     not_finite = np.flatnonzero(~np.isfinite(scores))
     if len(not_finite):
@@ -68,9 +69,18 @@ def check_manifest(manifest: Manifest) -> None:
     if len(outside):
         found = [f"{paths[i]}={scores[i]:g}" for i in outside]
         raise DatasetError(f"{len(outside)} score(s) outside the scale [{manifest.score_scale}]: {_listing(found)}")
-    duplicates = sorted(path for path, times in Counter(paths).items() if times > 1)
+    name = manifest.dataset
+    if not name or name != os.path.basename(name) or name.startswith(".") or "\\" in name:
+        raise DatasetError(f"dataset name {name!r} is not a plain folder name (no '/', '..' or leading '.'); "
+                           "give --name a plain name")
+    escaping = [p for p in paths if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == ".."]
+    if escaping:
+        raise DatasetError(f"{len(escaping)} image path(s) lead outside the image folder: {_listing(escaping)}; "
+                           "list images relative to it")
+    duplicates = sorted(path for path, times in Counter(os.path.normpath(p) for p in paths).items() if times > 1)
     if duplicates:
-        raise DatasetError(f"{len(duplicates)} image name(s) listed more than once: {_listing(duplicates)}")
+        raise DatasetError(f"{len(duplicates)} image name(s) listed more than once: {_listing(duplicates)} "
+                           "(two spellings of one file, e.g. ./a.png and a.png, count as one name)")
     root = manifest.image_root
     missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
     if missing:

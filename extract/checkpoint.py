@@ -11,6 +11,7 @@ A checkpoint is written to a temporary file beside the old one, flushed to disk 
 it, so a run killed while saving keeps its previous checkpoint.
 """
 
+import pickle
 import random
 from collections import Counter
 from pathlib import Path
@@ -45,7 +46,11 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     path = checkpoint_path(run_dir)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:  # truncated or not a checkpoint
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}); delete it to start the run "
+                         f"over, or give --run-dir another folder") from None
 
 
 def rng_states() -> dict:

@@ -204,6 +204,8 @@ class ExtractRequest:
         index, count = self.shard
         if not 0 <= index < count:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     @property
     def spec(self) -> BackboneSpec:

@@ -109,19 +109,28 @@ class ResultsDB:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ResultsDBError(
-                    f"{self.path} has schema version {version}, newer than this iqa's {SCHEMA_VERSION}; "
-                    f"upgrade iqa or pass another --db"
-                )
-            db.execute(SCHEMA)
-            missing = [c for c in COLUMNS if c not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}]
-            if missing:
-                raise ResultsDBError(f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db")
-            if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            with self._connect() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise ResultsDBError(
+                        f"{self.path} has schema version {version}, newer than this iqa's {SCHEMA_VERSION}; "
+                        f"upgrade iqa or pass another --db"
+                    )
+                db.execute(SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+                missing = [c for c in COLUMNS if c not in columns]
+                if missing:
+                    raise ResultsDBError(
+                        f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db"
+                    )
+                if version < SCHEMA_VERSION:
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            if _disk_full(error):
+                raise
+            raise ResultsDBError(f"{self.path} is not a usable results database ({error}); move it away to start "
+                                 "a new one, or give --db another path") from None
         self._import_spilled()
 
     def _connect(self) -> sqlite3.Connection:

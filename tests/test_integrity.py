@@ -253,3 +253,41 @@ def test_cache_verify_names_a_store_with_lost_keys(tmp_path):
     chunk_file(tmp_path, "keys", 0).unlink()
     result = iqa("cache", "verify", "--cache", tmp_path)
     assert result.exit_code == 1 and "keys do not match the manifest" in result.stdout
+
+
+# ---- item 6: prepare refuses rows that escape the root, aliases of one file, and unsafe names ----
+from test_data_builders import touch_images, write_csv  # noqa: E402
+
+
+@pytest.mark.parametrize("names, name, needle", [
+    (["a.png", "../../../../etc/passwd"], "mine", "lead outside the image folder"),
+    (["a.png", "/etc/hostname"], "mine", "lead outside the image folder"),
+    (["img/a.png", "./img/a.png"], "mine", "two spellings of one file"),
+    (["a.png", "b.png"], "../../evil", "not a plain folder name"),
+])
+def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
+    root = tmp_path / "set" / "inner"
+    touch_images(root, [n for n in names if not n.startswith(("/", ".."))])
+    write_csv(root / "labels.csv", ["file", "mos"], [[n, 5] for n in names])
+    cache = tmp_path / "cache"
+    result = iqa("data", "prepare", "csv", "--root", root, "--cache", cache, "--labels", "labels.csv", "--image-col",
+                 "file", "--score-col", "mos", "--score-range", "0,10", "--name", name)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert not list(tmp_path.rglob("manifest.json")), "nothing written, inside the cache or out"
+
+
+# ---- tidy: temporaries of killed runs go on the next run; files follow the umask ----
+def test_extract_removes_store_temporaries_of_dead_runs_and_manifests_follow_the_umask(tmp_path):
+    toy_dataset(tmp_path, n=8)
+    dead = tmp_path / "toy" / ".dinov2@tiny.zarr.tmp-999999999-abc"
+    dead_manifest = tmp_path / "toy" / ".manifest.json-999999999-x.tmp"
+    dead.mkdir(), dead_manifest.write_text("{")
+    old = os.umask(0o022)
+    try:
+        toy_dataset(tmp_path, n=8)
+    finally:
+        os.umask(old)
+    assert not dead_manifest.exists()
+    assert (tmp_path / "toy" / "manifest.json").stat().st_mode & 0o777 == 0o644
+    extract(tmp_path)
+    assert not dead.exists()

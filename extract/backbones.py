@@ -120,7 +120,7 @@ def load_backbone(
     offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     try:
         config, _ = transformers.PretrainedConfig.get_config_dict(source, local_files_only=offline)
-        if config.get("model_type") == "siglip2":
+        if str(config.get("model_type", "")).startswith("siglip2"):
             raise BackboneLoadError(
                 f"{source!r} is a SigLIP2 NaFlex checkpoint (model_type siglip2): it needs a registry entry "
                 f"with model_class Siglip2VisionModel (variable-size patches), not {spec.model_class}"

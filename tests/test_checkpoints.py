@@ -84,3 +84,16 @@ def test_perception_runs_offline_through_timm_with_its_cfg_normalisation():
     model = load_backbone(get_spec("perception", tiny=True), tiny=True)
     assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # pruned after the tap block
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():
+    from types import SimpleNamespace
+
+    from iqa.heads.grid import RunConfig, _stack_key, stack_inputs
+
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32) * 5
+    cached = SimpleNamespace(embeddings=x, manifest=SimpleNamespace(targets=np.zeros(6)))
+    config = RunConfig("toy", "toy", "clip", "sigmoid", "sigmoid", "relu", 0, l2norm=True)
+    data, _ = stack_inputs([config], [(np.arange(4), np.arange(4, 6))], cached, cached)
+    assert np.allclose(np.linalg.norm(data.x_train, axis=1), 1.0) and not np.allclose(np.linalg.norm(x, axis=1), 1.0)
+    assert _stack_key(config) != _stack_key(RunConfig("toy", "toy", "clip", "sigmoid", "sigmoid", "relu", 0))

@@ -202,6 +202,10 @@ def extract(
     model: Annotated[Optional[str], typer.Option("--model", help="Weights: HF id or local directory.")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", min=1, help="Input side [default: the checkpoint's own, or the registry's for rotary models].")] = None,
+    preprocess: Annotated[str, typer.Option(
+        "--preprocess", help="square (whole image, the paper's resize) or native (shortest side, centre crop).")] = "square",
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="[default: 4 on CPU, 32 on GPU]")] = None,
@@ -240,6 +244,7 @@ def extract(
             cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
+            resolution=resolution, preprocess=preprocess,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray

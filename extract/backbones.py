@@ -10,13 +10,14 @@ features computed in the decode workers.
 import hashlib
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 
-from iqa.extract.registry import PERCEPTION_TAP_BLOCK, BackboneSpec
+from iqa.extract.registry import BackboneSpec
 
 INIT_SEED = 0
 _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
@@ -38,12 +39,15 @@ def pool(outputs, pooling: str, prefix_tokens: int) -> torch.Tensor:
 
 
 class PooledBackbone(nn.Module):
-    """A vision tower plus its pooling rule; `source` and `revision` say where the weights came from."""
+    """A vision tower plus its pooling rule; `source` and `revision` say where the weights came from,
+    `spec` is the registry entry with the loaded checkpoint's resolution and width (`checkpoint_spec`)."""
 
-    def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None):
+    def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
+                 resolution: int | None = None, preprocess: str = "square"):
         super().__init__()
         self.model = model
         self.pooling = spec.pooling
+        self.spec, self.interpolate = checkpoint_spec(spec, model, resolution, preprocess)
         # DINOv2/v3: one CLS token, then the register tokens (DINOv3 has 4), then the patches.
         self.prefix_tokens = 1 + getattr(getattr(model, "config", None), "num_register_tokens", 0)
         self.source = source
@@ -54,7 +58,36 @@ class PooledBackbone(nn.Module):
             return pixel_values.float()
         if self.pooling == "timm_tap":
             return self.model(pixel_values)
-        return pool(self.model(pixel_values=pixel_values), self.pooling, self.prefix_tokens)
+        extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        return pool(self.model(pixel_values=pixel_values, **extra), self.pooling, self.prefix_tokens)
+
+
+def checkpoint_spec(spec: BackboneSpec, model: nn.Module, resolution: int | None,
+                    preprocess: str) -> tuple[BackboneSpec, bool]:
+    """(the spec at the checkpoint's geometry, whether position embeddings are interpolated).
+
+    Fixed position embeddings (SigLIP, CLIP, Perception) run at the checkpoint's own image size;
+    rotary/interpolating models (DINOv2, DINOv3, ResNet) at the registry's resolution rounded to
+    the patch size. `resolution` overrides either. Width comes from the loaded config."""
+    if preprocess not in ("square", "native"):
+        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
+    if spec.features_in_worker is not None:
+        return spec, False
+    if spec.pooling == "timm_tap":
+        native, patch, dim = model.model.patch_embed.img_size[0], model.model.patch_embed.patch_size[0], spec.dim
+    else:
+        config = model.config
+        native, patch = getattr(config, "image_size", None), getattr(config, "patch_size", 1)
+        dim = (config.projection_dim if spec.pooling == "image_embeds"
+               else config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size)
+    if resolution is not None and resolution < patch:
+        raise ValueError(f"--resolution must be at least the patch size {patch}, got {resolution}")
+    if spec.fixed_positions:
+        side = resolution or native
+    else:
+        side = max(patch, round((resolution or spec.resolution) / patch) * patch)
+    interpolate = spec.fixed_positions and side != native
+    return replace(spec, resolution=side, dim=dim, preprocess=preprocess), interpolate
 
 
 def model_tag(tiny: bool, random_init: bool) -> str | None:
@@ -64,15 +97,19 @@ def model_tag(tiny: bool, random_init: bool) -> str | None:
 
 
 def load_backbone(
-    spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False
+    spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False,
+    resolution: int | None = None, preprocess: str = "square",
 ) -> PooledBackbone:
+    """The backbone of `spec`; `resolution` overrides the checkpoint's input side, `preprocess` is
+    "square" (whole image) or "native" (shortest side, centre crop); both land in `.spec`."""
+    geometry = dict(resolution=resolution, preprocess=preprocess)
     if spec.features_in_worker is not None:
         fn = spec.features_in_worker
-        return PooledBackbone(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision)
+        return PooledBackbone(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision, **geometry)
     if spec.pooling == "timm_tap":
-        return _load_timm(spec, source, random_init or tiny)
+        return _load_timm(spec, source, random_init, tiny, **geometry)
     if spec.pooling == "cleandift":
-        return _load_cleandift(spec, source, random_init, tiny)
+        return _load_cleandift(spec, source, random_init, tiny, **geometry)
     cls = getattr(transformers, spec.model_class)
     sdpa = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
     if tiny or random_init:
@@ -80,64 +117,88 @@ def load_backbone(
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             model = cls._from_config(config, **sdpa)
-        return PooledBackbone(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None)
+        return PooledBackbone(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None, **geometry)
     source = source or spec.hf_id
     offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     try:
+        config, _ = transformers.PretrainedConfig.get_config_dict(source, local_files_only=offline)
+        if str(config.get("model_type", "")).startswith("siglip2"):
+            raise BackboneLoadError(
+                f"{source!r} is a SigLIP2 NaFlex checkpoint (model_type siglip2): it needs a registry entry "
+                f"with model_class Siglip2VisionModel (variable-size patches), not {spec.model_class}"
+            )
         model = cls.from_pretrained(source, local_files_only=offline, dtype=torch.float32, **sdpa)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
+        if isinstance(err, BackboneLoadError):
+            raise
+
         raise BackboneLoadError(
             f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
             f"download them where you can and pass the folder with --model /path/to/dir, or use --random-init"
         ) from None
-    return PooledBackbone(model.eval(), spec, source, getattr(model.config, "_commit_hash", None))
+    return PooledBackbone(model.eval(), spec, source, getattr(model.config, "_commit_hash", None), **geometry)
 
 
-def _load_cleandift(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool) -> nn.Module:
+def _load_cleandift(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
+                    resolution: int | None, preprocess: str) -> nn.Module:
+    """The diffusion feature extractor; it takes any input side divisible by 64 (VAE x UNet strides)."""
     from iqa.extract import cleandift
 
+    if preprocess not in ("square", "native"):
+        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
     if tiny or random_init:
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            return cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
-                                             f"{model_tag(tiny, random_init)}:{spec.model_class}")
-    if source is None or not Path(source).is_dir():
+            model = cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
+                                              f"{model_tag(tiny, random_init)}:{spec.model_class}")
+    elif source is None or not Path(source).is_dir():
         raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass --model DIR")
-    return cleandift.load_cleandift(source).eval()
+    else:
+        model = cleandift.load_cleandift(source).eval()
+    model.spec = replace(spec, resolution=resolution or spec.resolution, preprocess=preprocess)
+    return model
 
 
 class _TimmTap(nn.Module):
     """Blocks up to the tapped one, then the model's own norm, attention pooling and projection."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tap_block: int):
         super().__init__()
-        model.prune_intermediate_layers(indices=[PERCEPTION_TAP_BLOCK], prune_norm=False, prune_head=False)
+        model.prune_intermediate_layers(indices=[tap_block], prune_norm=False, prune_head=False)
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x))
 
 
-def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool) -> PooledBackbone:
+def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
+               resolution: int | None, preprocess: str) -> PooledBackbone:
     try:
         import timm
     except ImportError:
         raise BackboneLoadError(
-            f"the {spec.key} backbone loads through timm: `pip install timm torchvision` (matching your torch build)"
+            f"the {spec.key} backbone loads through timm: `pip install 'iqa[perception]' torchvision` "
+            f"(torchvision matching your torch build)"
         ) from None
-    source = source or spec.hf_id
-    name = spec.hf_id.split("/", 1)[1]
+    size = {"img_size": resolution} if resolution else {}  # timm resamples the position grid on load
+    source = None if tiny or random_init else source or spec.hf_id
     try:
-        if Path(source).is_file():  # a local weights file
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": source})
+        if source is None:  # by architecture name: no network
+            with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(INIT_SEED)
+                model = timm.create_model(spec.timm_name, pretrained=False, **(spec.tiny_config if tiny else {}), **size)
+            source = f"{model_tag(tiny, random_init)}:{spec.timm_name}"
+        elif Path(source).is_file():  # a local weights file
+            model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **size)
         else:
-            model = timm.create_model(f"hf-hub:{source}", pretrained=not random_init)
-    except (OSError, RuntimeError) as err:
+            model = timm.create_model(f"hf-hub:{source}", pretrained=True, **size)
+    except (OSError, RuntimeError, ValueError) as err:
         raise BackboneLoadError(
             f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
             f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
         ) from None
-    return PooledBackbone(_TimmTap(model).eval(), spec, source, None)
+    return PooledBackbone(_TimmTap(model, spec.tap_block).eval(), spec, source, None,
+                          resolution=resolution, preprocess=preprocess)
 
 
 def weights_sha256(module: nn.Module) -> str:

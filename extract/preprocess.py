@@ -2,9 +2,10 @@
 
 Every image becomes 8-bit RGB the same way: EXIF orientation applied; 16-bit greyscale scaled
 to 8 bits (not clipped); transparency composited on white (what a viewer sees); CMYK, palette
-and grey converted by PIL. Then the whole image is resized to `resolution` x `resolution` with
-PIL's bicubic filter (antialiased when shrinking, no crop), and the batch is scaled to [0, 1]
-and normalised with the encoder's mean and std.
+and grey converted by PIL. Then, with the checkpoint's own PIL filter (bicubic or bilinear,
+antialiased when shrinking), either the whole image is resized to `resolution` x `resolution`
+("square", no crop) or its shortest side is resized and the centre cropped ("native"), and the
+batch is scaled to [0, 1] and normalised with the encoder's mean and std.
 
 A file that cannot be decoded yields a reason instead of an exception, so one bad image never
 stops a run: missing, not an image, truncated or corrupt, or a decompression bomb (more pixels
@@ -52,9 +53,21 @@ def decode_image(path: Path) -> tuple[Image.Image | None, str | None]:
         return None, f"truncated or corrupt: {err}"
 
 
-def resize_uint8(image: Image.Image, resolution: int) -> torch.Tensor:
-    """[3, R, R] uint8: the whole image, bicubic, no crop."""
-    resized = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resize_uint8(image: Image.Image, resolution: int, resample: str = "bicubic",
+                 shortest_side: int | None = None) -> torch.Tensor:
+    """[3, R, R] uint8: the whole image resized, or (with `shortest_side`) the shortest edge resized
+    to that side keeping the aspect ratio, then the centre R x R cropped."""
+    if shortest_side is None:
+        resized = image.resize((resolution, resolution), RESAMPLE[resample])
+    else:
+        w, h = image.size
+        scale = shortest_side / min(w, h)
+        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        resized = image.resize((w, h), RESAMPLE[resample]).crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -65,9 +78,12 @@ def normalise(batch: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     return (batch.float() / 255.0 - mean_t) / std_t
 
 
-def recipe(resolution: int | None, mean: tuple, std: tuple) -> str:
+def recipe(resolution: int | None, mean: tuple, std: tuple, resample: str = "bicubic",
+           shortest_side: int | None = None) -> str:
     """What was done to each image, in words: stored in every store's fingerprint."""
     decode = "PIL decode, EXIF transpose, 16-bit/grey/CMYK/palette to RGB, alpha on white"
     if resolution is None:
         return f"{decode}; features computed in the decode worker at native size"
-    return f"{decode}; resize {resolution}x{resolution} bicubic, no crop; /255; mean {mean} std {std}"
+    geometry = (f"resize {resolution}x{resolution} {resample}, no crop" if shortest_side is None
+                else f"resize shortest side to {shortest_side} {resample}, centre crop {resolution}x{resolution}")
+    return f"{decode}; {geometry}; /255; mean {mean} std {std}"

@@ -53,12 +53,25 @@ class BackboneSpec:
     tiny_config: dict = field(default_factory=dict)  # same class, a few thousand parameters
     features_in_worker: Callable[[Image.Image], np.ndarray] | None = None
     revision: str | None = None  # version tag of a worker feature definition
+    resample: str = "bicubic"  # PIL filter of the checkpoint's own recipe: "bicubic" | "bilinear"
+    fixed_positions: bool = False  # learned position embeddings: run at the checkpoint's image_size
+    crop_pct: float | None = None  # native recipe: shortest side to resolution / crop_pct, centre crop; None: square
+    preprocess: str = "square"  # "square" (whole image, the paper's "resize to 512") | "native"
+    timm_name: str | None = None  # timm architecture name (builds without the network)
+    tap_block: int | None = None  # timm block index (0-based) whose output is pooled
 
     def as_tiny(self) -> "BackboneSpec":
         """The same class at test size: tiny config, TINY_RESOLUTION input, no weights source."""
         if self.features_in_worker is not None:  # weight-free already
             return self
-        return replace(self, config=self.tiny_config, resolution=TINY_RESOLUTION, hf_id=None)
+        tap = None if self.tap_block is None else self.tiny_config["depth"] - 1
+        return replace(self, config=self.tiny_config, resolution=TINY_RESOLUTION, hf_id=None, tap_block=tap)
+
+    def shortest_side(self) -> int | None:
+        """The side the shortest edge is resized to before a centre crop; None: whole-image square resize."""
+        if self.preprocess == "square" or self.crop_pct is None:
+            return None
+        return round(self.resolution / self.crop_pct)
 
 
 _VIT_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
@@ -79,7 +92,7 @@ def _dinov3(key: str) -> BackboneSpec:
         pooling="mean_patch",
         hf_id=f"facebook/dinov3-{name}-pretrain-lvd1689m",
         model_class="DINOv3ViTModel",
-        resolution=512,
+        resolution=512, resample="bilinear",
         lora_targets=(QK_PROJ,),
         config=dict(
             hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
@@ -96,7 +109,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             key="siglip2", dim=1152, pooling="pooler_output",
             hf_id="google/siglip2-so400m-patch16-512", model_class="SiglipVisionModel",
-            resolution=512, mean=HALF, std=HALF, lora_targets=(QK_PROJ,),
+            resolution=512, mean=HALF, std=HALF, lora_targets=(QK_PROJ,), resample="bilinear", fixed_positions=True,
             config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                         image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
             tiny_config=dict(_VIT_TINY, image_size=32),
@@ -104,7 +117,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             key="clip", dim=768, pooling="image_embeds",
             hf_id="openai/clip-vit-large-patch14", model_class="CLIPVisionModelWithProjection",
-            resolution=224, mean=CLIP_MEAN, std=CLIP_STD, lora_targets=(QK_PROJ,),
+            resolution=224, mean=CLIP_MEAN, std=CLIP_STD, lora_targets=(QK_PROJ,), fixed_positions=True, crop_pct=1.0,
             config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
             tiny_config=dict(_VIT_TINY, image_size=32, projection_dim=16),
@@ -112,27 +125,32 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             key="dinov2", dim=1024, pooling="mean_patch",
             hf_id="facebook/dinov2-large", model_class="Dinov2Model",
-            resolution=518, lora_targets=(QK_PROJ, QK_LEGACY),
+            resolution=518, lora_targets=(QK_PROJ, QK_LEGACY), crop_pct=224 / 256,
             config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
                         image_size=518, patch_size=14, layerscale_value=1.0),
             tiny_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                              image_size=32, patch_size=8),
         ),
         *(_dinov3(key) for key in _DINOV3_SIZES),
-        # Perception Encoder through timm: "layer 20" of the paper is the output of the 20th of the
-        # 24 transformer blocks counted from 1 (HF hidden_states[20]; timm block index 19), then the
-        # model's own final norm, attention pooling and projection.
+        # Perception Encoder through timm: "layer 20" read as the paper's block 20 counted from 1
+        # (timm block index 19, HF hidden_states[20]); PE's own code counts layer_idx=20 from 0,
+        # i.e. 21 blocks (tap_block=20). Then the model's own final norm, attention pooling and
+        # projection. Normalisation, resampling and crop from timm's pretrained cfg of
+        # vit_pe_core_large_patch14_336 (0.5/0.5, crop_pct 1.0) and PE's bilinear resize.
         BackboneSpec(
             key="perception", dim=1024, pooling="timm_tap",
-            hf_id="timm/vit_pe_core_large_patch14_336.fb", resolution=336, mean=CLIP_MEAN, std=CLIP_STD,
-            lora_targets=(r"\.attn\.qkv$",),
+            hf_id="timm/vit_pe_core_large_patch14_336.fb", resolution=336, mean=HALF, std=HALF,
+            lora_targets=(r"\.attn\.qkv$",), resample="bilinear", fixed_positions=True, crop_pct=1.0,
+            timm_name="vit_pe_core_large_patch14_336", tap_block=19,
+            tiny_config=dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, ref_feat_shape=(4, 4),
+                             num_classes=16, attn_pool_num_heads=2),
         ),
         # BRISQUE natural-scene statistics (extract/nss.py): weight-free, computed in the decode
         # workers; the classical baseline row of Table 5 and the offline demo's backbone.
         BackboneSpec("nss", dim=NSS_DIM, pooling="worker", features_in_worker=nss_features, revision=NSS_REVISION),
         BackboneSpec(
             key="resnet152", dim=2048, pooling="pooler_output",
-            hf_id="microsoft/resnet-152", model_class="ResNetModel", resolution=512,
+            hf_id="microsoft/resnet-152", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
             # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
             lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
             config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 8, 36, 3],
@@ -166,9 +184,6 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
     ]
 }
-
-PERCEPTION_TAP_BLOCK = 19  # timm block index (0-based) of the paper's "layer 20"
-
 
 def get_spec(key: str, tiny: bool = False) -> BackboneSpec:
     """The registry entry of `key`; with `tiny`, its test-size twin (`BackboneSpec.as_tiny`)."""

@@ -45,7 +45,8 @@ class ImageRows(Dataset):
         if image is None:
             return row, self.blank, reason
         if self.spec.features_in_worker is None:
-            return row, resize_uint8(image, self.spec.resolution), ""
+            spec = self.spec
+            return row, resize_uint8(image, spec.resolution, spec.resample, spec.shortest_side()), ""
         try:
             features = np.asarray(self.spec.features_in_worker(image), dtype=np.float32)
         except Exception as err:  # a feature definition failing on one image is that image's problem
@@ -108,7 +109,9 @@ def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, di
         "pooling": spec.pooling,
         "dim": dim,
         "resolution": spec.resolution,
-        "preprocessing": recipe(spec.resolution, spec.mean, spec.std),
+        "preprocess": spec.preprocess,
+        "resample": spec.resample,
+        "preprocessing": recipe(spec.resolution, spec.mean, spec.std, spec.resample, spec.shortest_side()),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "store_dtype": store_dtype,
         "manifest_sha256": manifest_sha256,
@@ -199,6 +202,8 @@ class ExtractRequest:
     shard: tuple[int, int] = (0, 1)
     skip_bad: bool = False
     progress: bool = True
+    resolution: int | None = None
+    preprocess: str = "square"
 
     def __post_init__(self):
         index, count = self.shard
@@ -223,6 +228,7 @@ class Extraction:
     store: EmbeddingStore
     fingerprint: dict
     dim: int
+    spec: BackboneSpec  # at the loaded checkpoint's geometry
     repaired: dict[int, str] = field(default_factory=dict)
 
     def todo(self) -> list[int]:
@@ -250,9 +256,10 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     """Load the backbone on `device`, fingerprint it, and create or reopen its store (refusing a
     different fingerprint)."""
     r = request
-    spec = r.spec
     manifest = read_manifest(r.cache, r.dataset)
-    model = load_backbone(spec, source=r.source, random_init=r.random_init, tiny=r.tiny)
+    model = load_backbone(r.spec, source=r.source, random_init=r.random_init, tiny=r.tiny,
+                          resolution=r.resolution, preprocess=r.preprocess)
+    spec = model.spec
     tag, tuned = r.tag or model_tag(r.tiny, r.random_init), None
     if r.adapter is not None:
         from iqa.extract.tuning import apply_run, read_run, run_tag  # imports peft (~2 s): only with an adapter
@@ -274,7 +281,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite,
     )
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
-    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, repaired)
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, spec, repaired)
 
 
 def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: int = 2) -> ExtractSummary:
@@ -283,7 +290,7 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
     store = job.store
     batches = chunk_batches(store, job.todo(), request.batch_size or default_batch_size(device))
     loader = DataLoader(
-        ImageRows(job.image_root, job.paths, request.spec),
+        ImageRows(job.image_root, job.paths, job.spec),
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.startswith("cuda"),

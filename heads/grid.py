@@ -136,16 +136,25 @@ def run_grid(
 def stack_inputs(
     configs: list[RunConfig], rows: list[tuple[np.ndarray, np.ndarray]], train: Cached, test: Cached
 ) -> tuple[StackData, list[Member]]:
-    """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each."""
+    """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each.
+
+    Runs of a stack agree on `l2norm` (`_stack_key`); with it, every embedding is scaled to unit length."""
+    scale = l2_normalised if configs[0].l2norm else (lambda x: x)
+    train_x = scale(train.embeddings)
     data = StackData(
-        train.embeddings,
+        train_x,
         train.manifest.targets,
         np.stack([train_rows for train_rows, _ in rows]),
-        train.embeddings if test is train else test.embeddings,
+        train_x if test is train else scale(test.embeddings),
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
+
+
+def l2_normalised(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as CLIPModel/SiglipModel return `image_embeds`; NaN rows stay NaN."""
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @dataclass

@@ -59,6 +59,7 @@ class RunConfig:
     optimizer: str = "adam"  # adam (the paper's) or adamw (SMART-IQA's)
     weight_decay: float = 0.0
     standardize: bool = False  # z-score features with the run's own train rows' mean and std
+    l2norm: bool = False  # heads see unit-length embeddings (stores hold the raw vector)
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None

@@ -96,4 +96,5 @@ def test_every_neural_entry_has_configs_and_known_class():
 
     for spec in BACKBONES.values():
         if spec.model_class:
-            assert hasattr(transformers, spec.model_class) and spec.config and spec.tiny_config, spec.key
+            library = __import__("diffusers") if spec.pooling == "cleandift" else transformers
+            assert hasattr(library, spec.model_class) and spec.config and spec.tiny_config, spec.key

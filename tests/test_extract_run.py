@@ -39,10 +39,10 @@ def make_dataset(cache: Path, n: int = 12, extra: dict | None = None) -> list[st
 
 
 def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
-    """Each image alone: PIL decode, bicubic resize, numpy normalisation, the model, the pooling rule."""
+    """Each image alone: PIL decode, the checkpoint's resize filter, numpy normalisation, the model, the pooling rule."""
     rows = []
     for path in paths:
-        image = Image.open(root / path).convert("RGB").resize((spec.resolution,) * 2, Image.Resampling.BICUBIC)
+        image = Image.open(root / path).convert("RGB").resize((spec.resolution,) * 2, Image.Resampling[spec.resample.upper()])
         x = (np.asarray(image, np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
         with torch.no_grad():
             rows.append(backbone(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0].numpy())

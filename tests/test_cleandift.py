@@ -85,3 +85,15 @@ def test_full_mode_leaves_the_vae_frozen():
     backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True).requires_grad_(True)
     assert all(p.requires_grad for p in backbone.unet.parameters())
     assert not any(p.requires_grad for p in backbone.vae.parameters())
+
+
+def test_pretrained_needs_a_local_folder_and_missing_diffusers_says_how_to_install(monkeypatch, tmp_path):
+    from iqa.extract.backbones import BackboneLoadError
+
+    with pytest.raises(BackboneLoadError, match="--model DIR"):
+        load_backbone(get_spec("cleandift"))
+    with pytest.raises(BackboneLoadError, match="could not load cleandift weights"):
+        load_backbone(get_spec("cleandift"), source=str(tmp_path))
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
+    with pytest.raises(BackboneLoadError, match=r"pip install 'iqa\[diffusion\]'"):
+        load_backbone(get_spec("cleandift", tiny=True), tiny=True)

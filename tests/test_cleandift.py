@@ -11,7 +11,7 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.results import ResultsDB
 from tests.test_extract_run import by_hand, make_dataset
-from tests.test_finetune import bright_dataset, run
+from tests.test_finetune import Killed, bright_dataset, run
 
 pytest.importorskip("diffusers")
 
@@ -60,9 +60,6 @@ def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exact
     bright_dataset(tmp_path, n=8)
     options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
     straight = run(tmp_path, "cleandift", run_dir=tmp_path / "straight", **options)
-
-    class Killed(Exception):
-        pass
 
     def kill_after_first(epoch):
         if epoch == 1:

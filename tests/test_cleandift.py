@@ -11,7 +11,7 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.results import ResultsDB
 from tests.test_extract_run import by_hand, make_dataset
-from tests.test_finetune import bright_dataset, run
+from tests.test_finetune import Killed, bright_dataset, run
 
 pytest.importorskip("diffusers")
 
@@ -61,9 +61,6 @@ def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exact
     options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
     straight = run(tmp_path, "cleandift", run_dir=tmp_path / "straight", **options)
 
-    class Killed(Exception):
-        pass
-
     def kill_after_first(epoch):
         if epoch == 1:
             raise Killed
@@ -85,3 +82,15 @@ def test_full_mode_leaves_the_vae_frozen():
     backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True).requires_grad_(True)
     assert all(p.requires_grad for p in backbone.unet.parameters())
     assert not any(p.requires_grad for p in backbone.vae.parameters())
+
+
+def test_pretrained_needs_a_local_folder_and_missing_diffusers_says_how_to_install(monkeypatch, tmp_path):
+    from iqa.extract.backbones import BackboneLoadError
+
+    with pytest.raises(BackboneLoadError, match="--model DIR"):
+        load_backbone(get_spec("cleandift"))
+    with pytest.raises(BackboneLoadError, match="could not load cleandift weights"):
+        load_backbone(get_spec("cleandift"), source=str(tmp_path))
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
+    with pytest.raises(BackboneLoadError, match=r"pip install 'iqa\[diffusion\]'"):
+        load_backbone(get_spec("cleandift", tiny=True), tiny=True)

@@ -95,6 +95,6 @@ def test_every_neural_entry_has_configs_and_known_class():
     import transformers
 
     for spec in BACKBONES.values():
-        if spec.model_class:
-            library = __import__("diffusers") if spec.pooling == "cleandift" else transformers
-            assert hasattr(library, spec.model_class) and spec.config and spec.tiny_config, spec.key
+        if spec.model_class:  # cleandift's UNet is a diffusers class
+            module = __import__("diffusers") if spec.pooling == "cleandift" else transformers
+            assert hasattr(module, spec.model_class) and spec.config and spec.tiny_config, spec.key

@@ -17,6 +17,8 @@ from iqa.data.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.mlp import HEADS
 from iqa.heads.results import ResultsDB, run_key
+from iqa.heads.selection import carve_validation
+from iqa.heads.weights import run_weights_path, save_head
 from iqa.heads.train import Member, RunResult, StackData, lr_milestones, train_stack
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
@@ -50,6 +52,8 @@ class RunConfig:
     split_by: str = "random"
     regime: str = "frozen"
     tag: str | None = None
+    select: str = "test"  # which epoch the run keeps: iqa.heads.selection
+    val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +152,9 @@ def run_grid(
     with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
         done = 0
         for job, results in (engine or train_here)(jobs, device, bar):
+            for (c, fp), r in zip(job.runs, results):  # weights first: a recorded run has its weights
+                if r.weights is not None:
+                    save_head(run_weights_path(db.path, run_key(c.as_dict(), fp)), r.weights, c.as_dict())
             db.record([(c.as_dict(), fp, r) for (c, fp), r in zip(job.runs, results)])  # here only: one writer
             done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
@@ -158,7 +165,15 @@ def run_grid(
 def stack_inputs(
     configs: list[RunConfig], rows: list[tuple[np.ndarray, np.ndarray]], train: Cached, test: Cached
 ) -> tuple[StackData, list[Member]]:
-    """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each."""
+    """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each.
+
+    Under `select="val"` each run's validation rows are carved from its own training rows.
+    """
+    val_rows = None
+    if configs[0].select == "val":
+        carved = [carve_validation(r, c.seed, c.val_fraction) for (r, _), c in zip(rows, configs)]
+        rows = [(fit, test_rows) for (fit, _), (_, test_rows) in zip(carved, rows)]
+        val_rows = np.stack([val for _, val in carved])
     data = StackData(
         train.embeddings,
         train.manifest.targets,
@@ -166,6 +181,7 @@ def stack_inputs(
         train.embeddings if test is train else test.embeddings,
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
+        val_rows,
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, lr_milestones(c.train_dataset)) for c in configs]
 
@@ -186,7 +202,7 @@ class StackJob:
         first = self.runs[0][0]
         return train_stack(
             self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
-            first.micro_batch, device, on_epoch=on_epoch,
+            first.micro_batch, device, on_epoch=on_epoch, select=first.select,
         )
 
 

@@ -26,6 +26,7 @@ from iqa.heads.activations import GATE_INIT, GatedActivation
 from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
+from iqa.heads.selection import check_rule, improved, selected_epoch
 
 LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
 LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
@@ -64,6 +65,7 @@ class StackData:
     x_test: np.ndarray | torch.Tensor
     y_test: np.ndarray | torch.Tensor
     test_rows: np.ndarray  # [M, n_test]
+    val_rows: np.ndarray | None = None  # [M, n_val] into the train pool, for `select="val"`
 
 
 @dataclass
@@ -78,6 +80,8 @@ class RunResult:
     curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
+    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU), None where none were kept
+    weights: dict[str, torch.Tensor] | None = None
 
 
 def _optimizer(model: StackedMLP, members: list[Member]) -> torch.optim.Adam:
@@ -156,8 +160,16 @@ def train_stack_model(
     device: str | torch.device = "cpu",
     hidden: int = HIDDEN,
     on_epoch: Callable[[int], None] | None = None,
+    select: str = "test",
 ) -> tuple[StackedMLP, list[RunResult]]:
-    """Train len(members) heads at once: the trained stack and one RunResult per member, in order."""
+    """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
+
+    `select` picks the epoch each member keeps (see iqa.heads.selection); its weights come back in
+    RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch.
+    """
+    check_rule(select)
+    if select == "val" and data.val_rows is None:
+        raise ValueError("select='val' needs validation rows")
     device = torch.device(device)
     n_members = len(members)
     train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
@@ -189,6 +201,10 @@ def train_stack_model(
     train_pools = MaskedPools(model, x_train)
     test_pools = train_pools if same_pool else MaskedPools(model, x_test)
     rngs = [np.random.default_rng(member_seed(m.seed, "order")) for m in members]
+    val_rows_t = None if data.val_rows is None else torch.as_tensor(np.asarray(data.val_rows), device=device)
+    y_val_rows = None if val_rows_t is None else y_train[val_rows_t]
+    kept_state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # every entry is [M, ...]
+    kept_score = [-np.inf] * n_members
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
     gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
@@ -212,6 +228,13 @@ def train_stack_model(
         pred = predict(model, test_pools, test_rows_t)
         alive &= torch.isfinite(pred).all(-1)
         epoch_srcc, epoch_plcc = srcc(pred, y_test_rows).tolist(), plcc(pred, y_test_rows).tolist()
+        if val_rows_t is not None:
+            val_pred = predict(model, train_pools, val_rows_t)
+            val_srcc, val_plcc = srcc(val_pred, y_val_rows).tolist(), plcc(val_pred, y_val_rows).tolist()
+        scores = val_srcc if select == "val" else epoch_srcc
+        better = improved(scores, kept_score, select)
+        _keep_members(kept_state, model, torch.tensor(better, device=device) & alive)
+        kept_score = [s if b else k for s, b, k in zip(scores, better, kept_score)]
         epoch_loss = (loss_sum / len(order)).tolist()
         # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
         epoch_g = {n: getattr(model, n).g.detach().cpu().numpy().round(4).tolist() for n in gated}
@@ -225,17 +248,35 @@ def train_stack_model(
                 curves[i][key].append(value)
             for n in gated:
                 curves[i][f"g_{n}"].append(epoch_g[n][i])
+            if val_rows_t is not None:
+                curves[i].setdefault("val_srcc", []).append(val_srcc[i])
+                curves[i].setdefault("val_plcc", []).append(val_plcc[i])
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return model, [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
+    results = [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i), select) for i in range(n_members)]
+    for i, result in enumerate(results):
+        if result.status == "done":
+            result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
+    return model, results
 
 
-def result_from_curves(curve: dict[str, list], diverged_epoch: int | None, gates: dict | None) -> RunResult:
-    """A run's record from its per-epoch curves: the best epoch by test SRCC (PLCC at that epoch) and the last."""
+@torch.no_grad()
+def _keep_members(kept: dict[str, torch.Tensor], model: StackedMLP, members: torch.Tensor) -> None:
+    """Copy the stack's current rows of `members` ([M] bool) into `kept`, on the device: no sync."""
+    for name, t in model.state_dict().items():
+        kept[name].copy_(torch.where(members.view(-1, *[1] * (t.dim() - 1)), t, kept[name]))
+
+
+def result_from_curves(
+    curve: dict[str, list], diverged_epoch: int | None, gates: dict | None, select: str = "test"
+) -> RunResult:
+    """A run's record from its per-epoch curves: the epoch the rule selects (SRCC/PLCC at it) and the last.
+
+    `best_*` are the test metrics at the selected epoch, whichever rule selected it.
+    """
     if diverged_epoch is not None:
         return RunResult("diverged", None, None, None, None, None, curve, gates, diverged_epoch)
-    scores = np.nan_to_num(np.array(curve["srcc"]), nan=-np.inf)
-    best = int(np.argmax(scores))
+    best = selected_epoch(curve, select)
     return RunResult(
         "done", best + 1, curve["srcc"][best], curve["plcc"][best], curve["srcc"][-1], curve["plcc"][-1], curve, gates
     )

@@ -21,7 +21,7 @@ MAX_POINTS = 1000  # per side (train, test): t-SNE cost grows fast beyond that
 
 def run_config(run: dict) -> RunConfig:
     """The RunConfig a stored run was trained from (KeyError when the record lacks a field)."""
-    return RunConfig(**{f.name: run[f.name] for f in fields(RunConfig)})
+    return RunConfig(**{f.name: run.get(f.name, f.default) for f in fields(RunConfig)})
 
 
 def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cpu") -> dict:

@@ -362,6 +362,64 @@ def results_command(
         fail(str(error))
 
 
+@app.command("export")
+def export_command(
+    run_key: Annotated[str, typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")],
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    cache: CacheOption = None,
+) -> None:
+    """Write a finished run as a self-contained model folder: config.json, weights, model card."""
+    from iqa.heads.export import export_run, find_run
+    from iqa.heads.results import ResultsDB
+
+    root = cache_root(cache)
+    path = existing_db(db, root)
+    try:
+        folder = export_run(root, path, find_run(ResultsDB(path).runs(), run_key), out)
+    except (LookupError, ValueError, OSError) as error:
+        fail(str(error))
+    typer.echo(f"model written to {folder}")
+
+
+@app.command("score")
+def score_command(
+    model: Annotated[Path, typer.Argument(help="A model folder from `iqa export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and folders (walked for images).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write path,score,mos rows to this CSV file.")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some images are unreadable.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 4 on CPU, 32 on GPU].")] = None,
+    device: DeviceOption = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+) -> None:
+    """Score images with exactly the preprocessing the model was trained on."""
+    import csv
+    import json
+
+    from iqa.heads.score import ModelFolderError, image_files, load_model, score_files
+
+    try:
+        loaded = load_model(model, device)
+    except ModelFolderError as error:
+        fail(str(error))
+    scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
+    good = [s for s in scored if not s.reason]
+    if out is not None:
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "score", "mos"])
+            writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in good)
+    else:
+        for s in good:
+            typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")
+    bad = [s for s in scored if s.reason]
+    for s in bad:
+        typer.secho(f"unreadable: {s.path}: {s.reason}", err=True)
+    if bad and not skip_bad:
+        fail(f"{len(bad)} of {len(scored)} images could not be scored (listed above); --skip-bad to accept")
+
+
 # ---- demo ----
 @app.command()
 def demo(

@@ -351,11 +351,19 @@ def results_command(
     regime: Annotated[Optional[str], typer.Option(help="Only runs of this regime: frozen, lora or full.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
+    list_runs: Annotated[bool, typer.Option("--runs", help="List runs: key, config, metrics, kept weights.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --runs: one JSON object per run.")] = False,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.results import ResultsDB, results_table
 
-    runs = [r for r in ResultsDB(existing_db(db, cache_root(cache))).runs() if regime is None or r["regime"] == regime]
+    path = existing_db(db, cache_root(cache))
+    runs = [r for r in ResultsDB(path).runs() if regime is None or r["regime"] == regime]
+    if list_runs:
+        from iqa.heads.run_listing import run_listing
+
+        typer.echo(run_listing(runs, path, json_out), nl=False)
+        return
     try:
         typer.echo(results_table(runs, layout=layout, fmt=format, which=which), nl=False)
     except ValueError as error:
@@ -438,6 +446,8 @@ def demo(
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
     typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")
+    image, score = result.sample
+    typer.echo(f"best NSS model exported to {result.model}; `iqa score {result.model} {image}` gives {score:.4f}")
 
 
 # ---- report ----

@@ -112,3 +112,13 @@ def test_bad_images_are_reported_and_skipped_and_altered_weights_refused(demo_ca
     (out / "head.safetensors").unlink()
     refused = CliRunner().invoke(app, ["score", str(out), str(folder)])
     assert refused.exit_code != 0 and "head.safetensors is missing" in refused.output
+
+
+def test_results_runs_lists_keys_metrics_and_kept_weights(demo_cache):
+    _, run = train(demo_cache)
+    listed = CliRunner().invoke(app, ["results", "--runs", "--json", "--cache", str(demo_cache)])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["key"]: r for r in map(json.loads, listed.output.splitlines())}
+    assert rows[run["key"]]["weights"] is True and rows[run["key"]]["best_srcc"] == run["best_srcc"]
+    table = CliRunner().invoke(app, ["results", "--runs", "--cache", str(demo_cache)])
+    assert run["key"][:12] in table.output and "yes" in table.output

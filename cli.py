@@ -299,6 +299,8 @@ def head_command(
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
     stores: StoresOption = None,
     cache: CacheOption = None,
+    select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic), val (best SRCC on a validation part of the training split) or last.")] = "test",
+    val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import expand_grid, head_choices, run_grid
@@ -319,7 +321,11 @@ def head_command(
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
+            select=select, val_fraction=val_fraction,
         )
+        from iqa.heads.selection import check_rule
+
+        check_rule(select)
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 

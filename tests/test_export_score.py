@@ -122,3 +122,9 @@ def test_results_runs_lists_keys_metrics_and_kept_weights(demo_cache):
     assert rows[run["key"]]["weights"] is True and rows[run["key"]]["best_srcc"] == run["best_srcc"]
     table = CliRunner().invoke(app, ["results", "--runs", "--cache", str(demo_cache)])
     assert run["key"][:12] in table.output and "yes" in table.output
+
+
+def test_head_command_refuses_an_unknown_selection_rule(demo_cache):
+    result = CliRunner().invoke(app, ["head", "--cached", "--dataset", "demo", "--backbone", "nss", "--select", "best",
+                                      "--cache", str(demo_cache)])
+    assert result.exit_code == 1 and "unknown selection rule 'best'" in result.output

@@ -24,7 +24,7 @@ from iqa.heads.weights import load_head, run_weights_path
 def demo_cache(tmp_path_factory):
     """The demo set, its manifest and its NSS store."""
     cache = tmp_path_factory.mktemp("cache")
-    make_demo(cache / DEMO_DIR)
+    make_demo(cache / DEMO_DIR, photos=["astronaut", "chelsea", "coffee", "rocket", "camera", "moon"])  # a fast subset
     prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
                     score_range="0,1", group_col="ref", name="demo")
     assert extract_dataset(ExtractRequest(cache, "demo", "nss", progress=False)).ok
@@ -59,7 +59,9 @@ def test_exported_gated_run_scores_disk_images_as_the_head_predicted(demo_cache,
         expected = head(torch.as_tensor(cached.embeddings[test_rows], dtype=torch.float32)[None])[0]
     assert torch.allclose(scores, expected, atol=1e-4)
     targets = torch.as_tensor(cached.manifest.targets[test_rows], dtype=torch.float32)
-    assert abs(float(srcc(scores[None], targets[None])[0]) - run["best_srcc"]) < 1e-4
+    assert abs(float(srcc(expected[None], targets[None])[0]) - run["best_srcc"]) < 1e-4  # the kept epoch's weights
+    # from disk, predictions differ at float rounding (other batch shapes), which can swap a near-tie
+    assert abs(float(srcc(scores[None], targets[None])[0]) - run["best_srcc"]) < 5e-3
     assert np.allclose([r["mos"] for r in rows], scores.numpy(), atol=1e-6)  # demo scores are already in [0, 1]
 
     model = iqa.load_model(out)  # the Python API gives the same numbers

@@ -6,3 +6,10 @@ at once, and the same head code serves end-to-end fine-tuning.
 """
 
 __version__ = "0.1.0"
+
+
+def load_model(folder, device: str = "cpu"):
+    """The model in an `iqa export` folder (backbone + head) with `.score(images)` and `.embed(images)`."""
+    from iqa.heads.score import load_model as load  # imported on use: torch and the backbones are slow to import
+
+    return load(folder, device)

@@ -89,15 +89,22 @@ def check_engine(engine: str) -> None:
         fail(f"--engine must be local or ray, got {engine!r}")
 
 
-def existing_runs(db: Path | None, root: Path) -> list[dict]:
-    """The runs of the results database named, else the cache's; a missing or unreadable one ends the command in one line."""
-    import sqlite3
-
-    from iqa.heads.results import ResultsDB, default_db
+def existing_db(db: Path | None, root: Path) -> Path:
+    """The results database named, else the cache's; a missing one ends the command in one line."""
+    from iqa.heads.results import default_db
 
     path = db or default_db(root)
     if not path.exists():
         fail(f"no results database at {path}; train with `iqa head --cached` first")
+    return path
+
+
+def existing_runs(path: Path) -> list[dict]:
+    """The runs of an existing results database; an unreadable one ends the command in one line."""
+    import sqlite3
+
+    from iqa.heads.results import ResultsDB
+
     try:
         return ResultsDB(path).runs()
     except (ValueError, sqlite3.DatabaseError) as error:
@@ -358,6 +365,8 @@ def head_command(
                                                                        "(recorded with a partial fingerprint).")] = False,
     stores: StoresOption = None,
     cache: CacheOption = None,
+    select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic), val (best SRCC on a validation part of the training split) or last.")] = "test",
+    val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import expand_grid, head_choices, run_grid
@@ -389,7 +398,11 @@ def head_command(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize,
+            select=select, val_fraction=val_fraction,
         )
+        from iqa.heads.selection import check_rule
+
+        check_rule(select)
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached
 
@@ -427,17 +440,82 @@ def results_command(
     paper: Annotated[bool, typer.Option("--paper", help="Every table of the paper, published beside measured (md, csv or html).")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
+    list_runs: Annotated[bool, typer.Option("--runs", help="List runs: key, config, metrics, kept weights.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --runs: one JSON object per run.")] = False,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.report.paper import compare, render
     from iqa.heads.results import results_table
 
-    runs = [r for r in existing_runs(db, cache_root(cache)) if regime is None or r["regime"] == regime]
+    path = existing_db(db, cache_root(cache))
+    runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
+    if list_runs:
+        from iqa.heads.run_listing import run_listing
+
+        typer.echo(run_listing(runs, path, json_out), nl=False)
+        return
     try:
         table = render(compare(runs), format) if paper else results_table(runs, layout=layout, fmt=format, which=which)
         typer.echo(table, nl=False)
     except ValueError as error:
         fail(str(error))
+
+
+@app.command("export")
+def export_command(
+    run_key: Annotated[str, typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")],
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")],
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    cache: CacheOption = None,
+) -> None:
+    """Write a finished run as a self-contained model folder: config.json, weights, model card."""
+    from iqa.heads.export import export_run, find_run
+
+    root = cache_root(cache)
+    path = existing_db(db, root)
+    try:
+        folder = export_run(root, path, find_run(existing_runs(path), run_key), out)
+    except (LookupError, ValueError, OSError) as error:
+        fail(str(error))
+    typer.echo(f"model written to {folder}")
+
+
+@app.command("score")
+def score_command(
+    model: Annotated[Path, typer.Argument(help="A model folder from `iqa export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and folders (walked for images).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write path,score,mos rows to this CSV file.")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some images are unreadable.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 4 on CPU, 32 on GPU].")] = None,
+    device: DeviceOption = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+) -> None:
+    """Score images with exactly the preprocessing the model was trained on."""
+    import csv
+    import json
+
+    from iqa.heads.score import ModelFolderError, image_files, load_model, score_files
+
+    try:
+        loaded = load_model(model, device)
+    except ModelFolderError as error:
+        fail(str(error))
+    scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
+    good = [s for s in scored if not s.reason]
+    if out is not None:
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "score", "mos"])
+            writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in good)
+    else:
+        for s in good:
+            typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")
+    bad = [s for s in scored if s.reason]
+    for s in bad:
+        typer.secho(f"unreadable: {s.path}: {s.reason}", err=True)
+    if bad and not skip_bad:
+        fail(f"{len(bad)} of {len(scored)} images could not be scored (listed above); --skip-bad to accept")
 
 
 # ---- demo ----
@@ -458,6 +536,8 @@ def demo(
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
     typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")
+    image, score = result.sample
+    typer.echo(f"best NSS model exported to {result.model}; `iqa score {result.model} {image}` gives {score:.4f}")
 
 
 # ---- report ----
@@ -476,7 +556,7 @@ def report_command(
     from iqa.heads.report.build import default_profile, write_report
 
     root = cache_root(cache)
-    runs = existing_runs(db, root)
+    runs = existing_runs(existing_db(db, root))
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,

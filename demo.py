@@ -32,6 +32,8 @@ class DemoResult:
     cache: Path
     db: Path
     report: Path  # folder holding index.html
+    model: Path  # the best NSS run, exported
+    sample: tuple[str, float]  # (demo image, its score by that model)
 
 
 def run_demo(
@@ -75,4 +77,20 @@ def run_demo(
     report = write_report(
         records, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne, progress=progress
     )
-    return DemoResult(results_table(records, layout="backbones"), records, cache, db.path, report.out)
+    model, sample = export_best_nss(cache, db.path, records)
+    return DemoResult(results_table(records, layout="backbones"), records, cache, db.path, report.out, model, sample)
+
+
+def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, tuple[str, float]]:
+    """Export the NSS run of best test SRCC (to <cache>/models/<key prefix>, reused if there) and score one demo image."""
+    from iqa.data.manifest import read_manifest
+    from iqa.heads.export import export_run
+    from iqa.heads.score import load_model
+
+    best = max((r for r in records if r["backbone"] == "nss" and r["status"] == "done"), key=lambda r: r["best_srcc"])
+    folder = cache / "models" / best["key"][:12]
+    if not (folder / "config.json").exists():
+        export_run(cache, db, best, folder)
+    manifest = read_manifest(cache, DATASET)
+    image = Path(manifest.image_root) / manifest.paths[0]
+    return folder, (str(image), float(load_model(folder).score([image])[0]))

@@ -18,7 +18,9 @@ from iqa.data.splits import split_indices
 from iqa.heads.mlp import HEADS
 from iqa.heads.results import ResultsDB
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from iqa.heads.selection import carve_validation
 from iqa.heads.train import Member, RunResult, StackData, train_stack
+from iqa.heads.weights import run_weights_path, save_head
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 
@@ -126,6 +128,9 @@ def run_grid(
     with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
         done = 0
         for job, results in (engine or train_here)(jobs, device, bar):
+            for (c, _, k), r in zip(job.runs, results):  # weights first: a recorded run has its weights
+                if r.weights is not None:
+                    save_head(run_weights_path(db.path, k), r.weights, c.as_dict())
             db.record([(k, c.as_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer
             done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
@@ -138,9 +143,15 @@ def stack_inputs(
 ) -> tuple[StackData, list[Member]]:
     """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each.
 
-    Runs of a stack agree on `l2norm` (`_stack_key`); with it, every embedding is scaled to unit length."""
+    Runs of a stack agree on `l2norm` (`_stack_key`); with it, every embedding is scaled to unit length.
+    Under `select="val"` each run's validation rows are carved from its own training rows."""
     scale = l2_normalised if configs[0].l2norm else (lambda x: x)
     train_x = scale(train.embeddings)
+    val_rows = None
+    if configs[0].select == "val":
+        carved = [carve_validation(r, c.seed, c.val_fraction) for (r, _), c in zip(rows, configs)]
+        rows = [(fit, test_rows) for (fit, _), (_, test_rows) in zip(carved, rows)]
+        val_rows = np.stack([val for _, val in carved])
     data = StackData(
         train_x,
         train.manifest.targets,
@@ -148,6 +159,7 @@ def stack_inputs(
         train_x if test is train else scale(test.embeddings),
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
+        val_rows,
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
 

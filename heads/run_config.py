@@ -5,7 +5,7 @@ fine-tuning has stay None for cached runs). The key of a result hashes three thi
 whenever the result could:
 - the config;
 - the recipe: the numbers the code decides rather than the user (learning-rate milestones and decay,
-  loss and its margin, hidden width, batch layout, selection rule) and `TRAINER_VERSION`, bumped
+  the loss's margin, hidden width, batch layout) and `TRAINER_VERSION`, bumped
   whenever a change to the training code changes the numbers a config gives;
 - the data: the fingerprint of the embedding store (or, for fine-tuning, of the base weights and the
   manifest) and a digest of the exact train and test rows, so a run on a store with rows missing
@@ -28,7 +28,6 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LARGE_DATASETS = frozenset({"koniq10k", "kadid10k", "flive", "spaq"})
 LARGE_MILESTONES = (15, 25)  # MultiStepLR epochs for large sets (Suppl. A.3)
 LR_DECAY = 0.2
-SELECTION = "best test SRCC"  # the paper's "mean best SRCC"; PLCC at the same epoch
 
 
 def lr_milestones(train_dataset: str) -> tuple[int, ...]:
@@ -60,6 +59,8 @@ class RunConfig:
     weight_decay: float = 0.0
     standardize: bool = False  # z-score features with the run's own train rows' mean and std
     l2norm: bool = False  # heads see unit-length embeddings (stores hold the raw vector)
+    select: str = "test"  # which epoch the run keeps and reports: iqa.heads.selection
+    val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -81,7 +82,7 @@ class RunConfig:
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model this config sets."""
         return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "standardize": self.standardize}
+                "standardize": self.standardize, "select": self.select}
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -96,7 +97,6 @@ class RunConfig:
             "margin_scale": MARGIN_SCALE,
             "hidden": HIDDEN,
             "batches": "floor(n_train / batch_size) full batches per epoch, order from (seed, epoch)",
-            "selection": SELECTION,
         }
 
 

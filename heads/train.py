@@ -30,6 +30,7 @@ from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
 from iqa.heads.run_config import LR_DECAY, OPTIMIZERS
+from iqa.heads.selection import check_rule, improved, selected_epoch
 
 EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
 
@@ -83,6 +84,7 @@ class StackData:
     x_test: np.ndarray | torch.Tensor
     y_test: np.ndarray | torch.Tensor
     test_rows: np.ndarray  # [M, n_test]
+    val_rows: np.ndarray | None = None  # [M, n_val] into the train pool, for `select="val"`
 
 
 @dataclass
@@ -97,6 +99,8 @@ class RunResult:
     curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
+    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU), None where none were kept
+    weights: dict[str, torch.Tensor] | None = None
 
 
 def make_optimizer(groups: list[dict], name: str = "adam", weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -206,8 +210,16 @@ def train_stack_model(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     standardize: bool = False,
+    select: str = "test",
 ) -> tuple[StackedMLP, list[RunResult]]:
-    """Train len(members) heads at once: the trained stack and one RunResult per member, in order."""
+    """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
+
+    `select` picks the epoch each member keeps (see iqa.heads.selection); its weights come back in
+    RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch.
+    """
+    check_rule(select)
+    if select == "val" and data.val_rows is None:
+        raise ValueError("select='val' needs validation rows")
     device = torch.device(device)
     n_members = len(members)
     train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
@@ -241,6 +253,10 @@ def train_stack_model(
     stats = train_statistics(x_train, train_rows) if standardize else None
     train_pools = MaskedPools(model, x_train, standardize=stats)
     test_pools = train_pools if same_pool else MaskedPools(model, x_test, standardize=stats)
+    val_rows_t = None if data.val_rows is None else torch.as_tensor(np.asarray(data.val_rows), device=device)
+    y_val_rows = None if val_rows_t is None else y_train[val_rows_t]
+    kept_state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # every entry is [M, ...]
+    kept_score = [-np.inf] * n_members
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
     gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
@@ -263,6 +279,13 @@ def train_stack_model(
         pred = predict(model, test_pools, test_rows_t)
         alive &= torch.isfinite(pred).all(-1)
         epoch_srcc, epoch_plcc = epoch_metrics(pred, y_test_rows)
+        if val_rows_t is not None:
+            val_pred = predict(model, train_pools, val_rows_t)
+            val_srcc, val_plcc = epoch_metrics(val_pred, y_val_rows)
+        scores = val_srcc if select == "val" else epoch_srcc
+        better = improved(scores, kept_score, select)
+        _keep_members(kept_state, model, torch.tensor(better, device=device) & alive)
+        kept_score = [s if b else k for s, b, k in zip(scores, better, kept_score)]
         epoch_loss = (loss_sum / len(order)).tolist()
         # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
         epoch_g = {n: getattr(model, n).g.detach().cpu().numpy().round(4).tolist() for n in gated}
@@ -274,18 +297,36 @@ def train_stack_model(
                 continue
             record_epoch(curves[i], train_loss=epoch_loss[i], srcc=epoch_srcc[i], plcc=epoch_plcc[i], lr=lr,
                          **{f"g_{n}": epoch_g[n][i] for n in gated})
+            if val_rows_t is not None:
+                curves[i].setdefault("val_srcc", []).append(val_srcc[i])
+                curves[i].setdefault("val_plcc", []).append(val_plcc[i])
         scheduler.step()
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    return model, [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i)) for i in range(n_members)]
+    results = [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i), select) for i in range(n_members)]
+    for i, result in enumerate(results):
+        if result.status == "done":
+            result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
+    return model, results
 
 
-def result_from_curves(curve: dict[str, list], diverged_epoch: int | None, gates: dict | None) -> RunResult:
-    """A run's record from its per-epoch curves: the best epoch by test SRCC (PLCC at that epoch) and the last."""
+@torch.no_grad()
+def _keep_members(kept: dict[str, torch.Tensor], model: StackedMLP, members: torch.Tensor) -> None:
+    """Copy the stack's current rows of `members` ([M] bool) into `kept`, on the device: no sync."""
+    for name, t in model.state_dict().items():
+        kept[name].copy_(torch.where(members.view(-1, *[1] * (t.dim() - 1)), t, kept[name]))
+
+
+def result_from_curves(
+    curve: dict[str, list], diverged_epoch: int | None, gates: dict | None, select: str = "test"
+) -> RunResult:
+    """A run's record from its per-epoch curves: the epoch the rule selects (SRCC/PLCC at it) and the last.
+
+    `best_*` are the test metrics at the selected epoch, whichever rule selected it.
+    """
     if diverged_epoch is not None:
         return RunResult("diverged", None, None, None, None, None, curve, gates, diverged_epoch)
-    scores = np.nan_to_num(np.array(curve["srcc"]), nan=-np.inf)
-    best = int(np.argmax(scores))
+    best = selected_epoch(curve, select)
     return RunResult(
         "done", best + 1, curve["srcc"][best], curve["plcc"][best], curve["srcc"][-1], curve["plcc"][-1], curve, gates
     )

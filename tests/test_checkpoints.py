@@ -89,7 +89,8 @@ def test_perception_runs_offline_through_timm_with_its_cfg_normalisation():
 def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():
     from types import SimpleNamespace
 
-    from iqa.heads.grid import RunConfig, _stack_key, stack_inputs
+    from iqa.heads.grid import _stack_key, stack_inputs
+    from iqa.heads.run_config import RunConfig
 
     x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32) * 5
     cached = SimpleNamespace(embeddings=x, manifest=SimpleNamespace(targets=np.zeros(6)))

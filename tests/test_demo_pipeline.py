@@ -17,6 +17,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, demo_labels):
     assert (tmp_path / "demo" / "manifest.json").exists()
     assert (tmp_path / "demo" / "nss.zarr").exists() and (tmp_path / "demo" / "dinov2@tiny.zarr").exists()
     assert (tmp_path / "report" / "index.html").stat().st_size > 0
+    assert "best NSS model exported to" in result.output and (tmp_path / "models").is_dir()
 
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         runs = db.execute("SELECT config, status, best_srcc FROM runs").fetchall()

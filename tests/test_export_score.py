@@ -1,0 +1,132 @@
+"""Runs keep their weights; `iqa export` folders score images from disk as the run predicted them."""
+
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import iqa
+from iqa.cache.store import load_cached
+from iqa.cli import app
+from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
+from iqa.data.prepare import prepare_dataset
+from iqa.extract.run import ExtractRequest, extract_dataset
+from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
+from iqa.heads.metrics import srcc
+from iqa.heads.results import ResultsDB, default_db
+from iqa.heads.weights import load_head, run_weights_path
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """The demo set, its manifest and its NSS store."""
+    cache = tmp_path_factory.mktemp("cache")
+    make_demo(cache / DEMO_DIR, photos=["astronaut", "chelsea", "coffee", "rocket", "camera", "moon"])  # a fast subset
+    prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
+                    score_range="0,1", group_col="ref", name="demo")
+    assert extract_dataset(ExtractRequest(cache, "demo", "nss", progress=False)).ok
+    return cache
+
+
+def train(cache, select="test", epochs=6):
+    configs = expand_grid([("demo", "demo")], "nss", head_choices(["gated"], []), [8], epochs=epochs,
+                          split_by="group", select=select)
+    (record,) = run_grid(configs, partial(load_cached, cache, backbone="nss"), ResultsDB(default_db(cache)), progress=False)
+    return configs[0], record
+
+
+def test_exported_gated_run_scores_disk_images_as_the_head_predicted(demo_cache, tmp_path):
+    config, run = train(demo_cache)
+    cached = load_cached(demo_cache, "demo", "nss")
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["export", run["key"][:10], "--out", str(out), "--cache", str(demo_cache)])
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+
+    _, test_rows = run_rows(config, cached, cached)
+    paths = [f"{cached.manifest.image_root}/{cached.manifest.paths[i]}" for i in test_rows]
+    scored = CliRunner().invoke(app, ["score", str(out), *paths, "--json", "--workers", "0"])
+    assert scored.exit_code == 0, scored.output
+    rows = [json.loads(line) for line in scored.output.splitlines() if line.startswith("{")]
+    assert [r["path"] for r in rows] == paths
+    scores = torch.tensor([r["score"] for r in rows])
+
+    head, _ = load_head(run_weights_path(default_db(demo_cache), run["key"]))
+    with torch.no_grad():
+        expected = head(torch.as_tensor(cached.embeddings[test_rows], dtype=torch.float32)[None])[0]
+    assert torch.allclose(scores, expected, atol=1e-4)
+    targets = torch.as_tensor(cached.manifest.targets[test_rows], dtype=torch.float32)
+    assert abs(float(srcc(expected[None], targets[None])[0]) - run["best_srcc"]) < 1e-4  # the kept epoch's weights
+    # from disk, predictions differ at float rounding (other batch shapes), which can swap a near-tie
+    assert abs(float(srcc(scores[None], targets[None])[0]) - run["best_srcc"]) < 5e-3
+    assert np.allclose([r["mos"] for r in rows], scores.numpy(), atol=1e-6)  # demo scores are already in [0, 1]
+
+    model = iqa.load_model(out)  # the Python API gives the same numbers
+    assert torch.allclose(model.score(paths[:3]), expected[:3], atol=1e-4)
+
+
+def test_val_selection_ignores_test_labels(demo_cache, tmp_path):
+    config, run = train(demo_cache, select="val")
+    cached = load_cached(demo_cache, "demo", "nss")
+    assert "val_srcc" in run["curves"]
+    assert run["best_epoch"] == int(np.argmax(run["curves"]["val_srcc"])) + 1
+    weights = load_head(run_weights_path(default_db(demo_cache), run["key"]))[0].state_dict()
+
+    # The same run with the test labels shuffled: same epoch, same weights.
+    from iqa.heads.grid import stack_inputs
+    from iqa.heads.train import train_stack_model
+
+    _, test_rows = run_rows(config, cached, cached)
+    shuffled = cached.manifest.targets.copy()
+    shuffled[test_rows] = np.random.default_rng(0).permutation(shuffled[test_rows])
+    data, members = stack_inputs([config], [run_rows(config, cached, cached)], cached, cached)
+    data.y_test = shuffled
+    _, (again,) = train_stack_model(data, members, "gated", "gated", None, config.epochs, config.batch_size,
+                                    config.micro_batch, select="val")
+    assert again.best_epoch == run["best_epoch"]
+    assert all(torch.equal(again.weights[k], weights[k]) for k in weights)
+
+
+def test_bad_images_are_reported_and_skipped_and_altered_weights_refused(demo_cache, tmp_path):
+    _, run = train(demo_cache)
+    out = tmp_path / "model"
+    assert CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(demo_cache)]).exit_code == 0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cached = load_cached(demo_cache, "demo", "nss")
+    (folder / "good.png").write_bytes((demo_cache / "demo" / "..").resolve().joinpath(
+        cached.manifest.image_root, cached.manifest.paths[0]).read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    csv = tmp_path / "scores.csv"
+    failed = CliRunner().invoke(app, ["score", str(out), str(folder), "--out", str(csv), "--workers", "0"])
+    assert failed.exit_code == 1 and "broken.png" in failed.output and "not an image" in failed.output
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "path,score,mos" and any("good.png" in l for l in lines[1:])
+    skipped = CliRunner().invoke(app, ["score", str(out), str(folder), "--skip-bad", "--workers", "0"])
+    assert skipped.exit_code == 0, skipped.output
+
+    (out / "head.safetensors").write_bytes((out / "head.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    refused = CliRunner().invoke(app, ["score", str(out), str(folder)])
+    assert refused.exit_code != 0 and refused.output.count("\n") == 1 and "head.safetensors" in refused.output
+    (out / "head.safetensors").unlink()
+    refused = CliRunner().invoke(app, ["score", str(out), str(folder)])
+    assert refused.exit_code != 0 and "head.safetensors is missing" in refused.output
+
+
+def test_results_runs_lists_keys_metrics_and_kept_weights(demo_cache):
+    _, run = train(demo_cache)
+    listed = CliRunner().invoke(app, ["results", "--runs", "--json", "--cache", str(demo_cache)])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["key"]: r for r in map(json.loads, listed.output.splitlines())}
+    assert rows[run["key"]]["weights"] is True and rows[run["key"]]["best_srcc"] == run["best_srcc"]
+    table = CliRunner().invoke(app, ["results", "--runs", "--cache", str(demo_cache)])
+    assert run["key"][:12] in table.output and "yes" in table.output
+
+
+def test_head_command_refuses_an_unknown_selection_rule(demo_cache):
+    result = CliRunner().invoke(app, ["head", "--cached", "--dataset", "demo", "--backbone", "nss", "--select", "best",
+                                      "--cache", str(demo_cache)])
+    assert result.exit_code == 1 and "unknown selection rule 'best'" in result.output

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from iqa.cache.location import cache_root
-from iqa.data.manifest import read_manifest
+from iqa.cache.manifest import read_manifest
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.readers import DatasetError
 from iqa.data.splits import PAPER_SEEDS
@@ -91,7 +91,7 @@ def check_engine(engine: str) -> None:
 
 def existing_db(db: Path | None, root: Path) -> Path:
     """The results database named, else the cache's; a missing one ends the command in one line."""
-    from iqa.heads.results import default_db
+    from iqa.cache.results import default_db
 
     path = db or default_db(root)
     if not path.exists():
@@ -103,7 +103,7 @@ def existing_runs(path: Path) -> list[dict]:
     """The runs of an existing results database; an unreadable one ends the command in one line."""
     import sqlite3
 
-    from iqa.heads.results import ResultsDB
+    from iqa.cache.results import ResultsDB
 
     try:
         return ResultsDB(path).runs()
@@ -370,7 +370,8 @@ def head_command(
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import expand_grid, head_choices, run_grid
-    from iqa.heads.results import ResultsDB, default_db, results_table
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.heads.report.tables import results_table
 
     if not cached:
         fail("only --cached (frozen-backbone heads) is available; fine-tuning has its own command")
@@ -445,12 +446,12 @@ def results_command(
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.report.paper import compare, render
-    from iqa.heads.results import results_table
+    from iqa.heads.report.tables import results_table
 
     path = existing_db(db, cache_root(cache))
     runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
     if list_runs:
-        from iqa.heads.run_listing import run_listing
+        from iqa.heads.report.run_listing import run_listing
 
         typer.echo(run_listing(runs, path, json_out), nl=False)
         return
@@ -603,7 +604,7 @@ def finetune_command(
     """Tune a backbone and a head end to end on images; resumes from the run folder's last checkpoint."""
     from iqa.extract.backbones import BackboneLoadError
     from iqa.heads.finetune import finetune, finetune_config
-    from iqa.heads.results import ResultsDB
+    from iqa.cache.results import ResultsDB
 
     check_device(device)
     root = cache_root(cache)

@@ -52,7 +52,8 @@ def run_demo(
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.grid import expand_grid, head_choices, run_grid
     from iqa.heads.report.build import default_profile, write_report
-    from iqa.heads.results import ResultsDB, default_db, results_table
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.heads.report.tables import results_table
 
     source = cache / DEMO_DIR
     if not (source / LABELS_FILE).exists():
@@ -83,7 +84,7 @@ def run_demo(
 
 def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, tuple[str, float]]:
     """Export the NSS run of best test SRCC (to <cache>/models/<key prefix>, reused if there) and score one demo image."""
-    from iqa.data.manifest import read_manifest
+    from iqa.cache.manifest import read_manifest
     from iqa.heads.export import export_run
     from iqa.heads.score import load_model
 

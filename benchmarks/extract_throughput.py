@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import BitImageProcessorPil
 
 from iqa.cache.store import load_cached
-from iqa.data.manifest import Manifest, write_manifest
+from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, compute_dtype_for, default_batch_size, extract_dataset

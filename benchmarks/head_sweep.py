@@ -25,10 +25,10 @@ import scipy.stats
 import torch
 from torch import nn
 
-from iqa.data.manifest import Manifest
+from iqa.cache.manifest import Manifest
 from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, run_grid, run_rows
 from iqa.heads.mlp import HIDDEN
-from iqa.heads.results import ResultsDB
+from iqa.cache.results import ResultsDB
 
 N, D, B = 10_073, 1152, 12
 MASK_KS = [100, 90, 70, 50, 30, 10]

@@ -34,8 +34,7 @@ import zarr
 
 from iqa.cache.atomic import atomic_path, remove_stale
 from iqa.cache.location import dataset_dir, is_url
-from iqa.data.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
-from iqa.data.splits import SplitBy, split_indices
+from iqa.cache.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 
 STORE_FORMAT = 1
 DEFAULT_CHUNK_ROWS = 256
@@ -192,10 +191,6 @@ class CachedEmbeddings:
     @property
     def targets(self) -> np.ndarray:
         return self.manifest.targets
-
-    def split(self, seed: int, by: SplitBy = "random") -> tuple[np.ndarray, np.ndarray]:
-        """(train, test) row indices of the paper's 80/20 split for this seed, over all rows."""
-        return split_indices(self.manifest.paths, seed, by=by, groups=self.manifest.groups)
 
 
 def load_cached(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa.data.manifest import Manifest, file_sha256
+from iqa.cache.manifest import Manifest, file_sha256
 from iqa.data.readers import DatasetError, image_folder, require_file
 
 RELEASE_COUNT = 1_162

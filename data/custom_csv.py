@@ -8,7 +8,7 @@ other "lower is better" scales). An optional group column marks content groups f
 
 from pathlib import Path
 
-from iqa.data.manifest import Manifest
+from iqa.cache.manifest import Manifest
 from iqa.data.readers import DatasetError
 from iqa.data.table_release import TableRelease
 

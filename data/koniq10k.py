@@ -10,7 +10,7 @@ The main file is used when both are present; `score_scale` names the file and sc
 
 from pathlib import Path
 
-from iqa.data.manifest import Manifest
+from iqa.cache.manifest import Manifest
 from iqa.data.readers import DatasetError
 from iqa.data.table_release import TableRelease
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa.data.adapters import ADAPTERS
-from iqa.data.manifest import Manifest, write_manifest
+from iqa.cache.manifest import Manifest, write_manifest
 from iqa.data.readers import DatasetError
 from iqa.data.splits import SplitBy, split_indices
 

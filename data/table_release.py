@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa.data.manifest import Manifest, file_sha256
+from iqa.cache.manifest import Manifest, file_sha256
 from iqa.data.readers import (
     DatasetError,
     image_folder,

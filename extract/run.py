@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, repair_store, store_path
-from iqa.data.manifest import manifest_checksum, read_manifest
+from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
 from iqa.extract.registry import BackboneSpec, get_spec

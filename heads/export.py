@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa.cache.store import EmbeddingStore, store_path
-from iqa.data.manifest import read_manifest
+from iqa.cache.manifest import read_manifest
 from iqa.heads.weights import HEAD_FILE, run_weights_path
 
 CONFIG_FILE = "config.json"

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from iqa.cache.store import fingerprint_id
-from iqa.data.manifest import manifest_checksum, read_manifest
+from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
 from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import normalise
@@ -49,7 +49,7 @@ from iqa.extract.checkpoint import (
 )
 from iqa.heads.loss import iqa_loss
 from iqa.heads.mlp import HEADS, StackedMLP, member_seed
-from iqa.heads.results import ResultsDB, default_db
+from iqa.cache.results import ResultsDB, default_db
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.train import (
     RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,

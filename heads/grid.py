@@ -13,10 +13,10 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from iqa.data.manifest import Manifest
+from iqa.cache.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.mlp import HEADS
-from iqa.heads.results import ResultsDB
+from iqa.cache.results import ResultsDB
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.selection import carve_validation
 from iqa.heads.train import Member, RunResult, StackData, train_stack

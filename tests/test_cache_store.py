@@ -14,8 +14,7 @@ from iqa.cache.store import (
     store_path,
     verify_store,
 )
-from iqa.data.manifest import Manifest, manifest_checksum, write_manifest
-from iqa.data.splits import split_indices
+from iqa.cache.manifest import Manifest, manifest_checksum, write_manifest
 
 N, D = 7, 4
 
@@ -43,7 +42,6 @@ def test_blocks_round_trip_through_load_cached(tmp_path):
     assert np.isnan(cached.embeddings[4]).all()
     assert cached.fingerprint == fingerprint and len(cached.fingerprint_id) == 12
     np.testing.assert_array_equal(cached.targets, np.linspace(0, 1, N))
-    np.testing.assert_array_equal(cached.split(8)[0], split_indices(paths, 8)[0])
     assert verify_store(store.path) == []
     assert describe_store(store.path).invalid == [("img4.png", "not an image")]
 

@@ -9,9 +9,9 @@ from iqa.extract.backbones import load_backbone
 from iqa.extract.cleandift import LATENT_SCALE, RECIPE, TIMESTEP, tap_modules
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
-from iqa.heads.results import ResultsDB
+from iqa.cache.results import ResultsDB
 from tests.test_extract_run import by_hand, make_dataset
-from tests.test_finetune import Killed, bright_dataset, run
+from tests.test_finetune import bright_dataset, run, straight_and_resumed
 
 pytest.importorskip("diffusers")
 
@@ -59,15 +59,7 @@ def test_extraction_stores_the_recipe_and_matches_per_image(tmp_path):
 def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exactly(tmp_path):
     bright_dataset(tmp_path, n=8)
     options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
-    straight = run(tmp_path, "cleandift", run_dir=tmp_path / "straight", **options)
-
-    def kill_after_first(epoch):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
-    resumed = run(tmp_path, "cleandift", run_dir=tmp_path / "resumed", **options)
+    straight, resumed = straight_and_resumed(tmp_path, "cleandift", **options)
     assert resumed.result == straight.result
     from iqa.extract.checkpoint import load_checkpoint
 

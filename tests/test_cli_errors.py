@@ -77,7 +77,7 @@ def test_extract_batch_size_below_one_is_refused(store):
 
 
 def test_report_to_an_unwritable_path(store, tmp_path):
-    from iqa.heads.results import ResultsDB
+    from iqa.cache.results import ResultsDB
     from test_report import record
 
     ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.8)])
@@ -152,7 +152,7 @@ def test_a_truncated_checkpoint_names_the_file_and_how_to_start_over(tmp_path):
 def test_constant_scores_warn_that_srcc_is_undefined(tmp_path):
     import numpy as np
 
-    from iqa.data.manifest import Manifest, read_manifest, write_manifest
+    from iqa.cache.manifest import Manifest, read_manifest, write_manifest
 
     toy_dataset(tmp_path)
     flat = read_manifest(tmp_path, "toy")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from iqa.data.custom_csv import parse_score_range
-from iqa.data.manifest import manifest_path
+from iqa.cache.manifest import manifest_path
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.readers import DatasetError
 from test_data_builders import (

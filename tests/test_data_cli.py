@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from iqa.cli import app
-from iqa.data.manifest import read_manifest
+from iqa.cache.manifest import read_manifest
 from iqa.data.splits import split_indices
 from test_data_builders import kadid_release, touch_images, write_csv
 

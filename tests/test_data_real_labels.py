@@ -11,7 +11,7 @@ import openpyxl
 import pytest
 
 from iqa.data import flive
-from iqa.data.manifest import file_sha256, read_manifest
+from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.data.prepare import prepare_dataset
 from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images
 

@@ -16,7 +16,7 @@ from iqa.data.prepare import prepare_dataset
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
 from iqa.heads.metrics import srcc
-from iqa.heads.results import ResultsDB, default_db
+from iqa.cache.results import ResultsDB, default_db
 from iqa.heads.weights import load_head, run_weights_path
 
 

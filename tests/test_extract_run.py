@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from iqa.cache.store import EmbeddingStore, load_cached, verify_store
 from iqa.cli import app
-from iqa.data.manifest import Manifest, write_manifest
+from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import BACKBONES, BackboneSpec, get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset

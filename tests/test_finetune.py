@@ -9,7 +9,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
 from iqa.cache.store import load_cached
-from iqa.data.manifest import Manifest, write_manifest
+from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
@@ -21,7 +21,8 @@ from iqa.heads.grid import run_grid
 from iqa.heads.run_config import RunConfig
 from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, finetune_optimizer
 from iqa.heads.mlp import HEADS, StackedMLP
-from iqa.heads.results import ResultsDB, results_table
+from iqa.cache.results import ResultsDB
+from iqa.heads.report.tables import results_table
 
 CLASSES = ["siglip2", "clip", "dinov2", "dinov3", "resnet152"]
 
@@ -164,19 +165,25 @@ class Killed(Exception):
     pass
 
 
-def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
-    bright_dataset(tmp_path, n=20)
-    options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
-    straight = run(tmp_path, "dinov3", run_dir=tmp_path / "straight", **options)
+def straight_and_resumed(cache: Path, backbone: str, **options):
+    """A two-epoch run in <cache>/straight, and the same run killed after epoch 1 in <cache>/resumed
+    and run again to the end."""
+    straight = run(cache, backbone, run_dir=cache / "straight", **options)
 
     def kill_after_first(epoch):
         if epoch == 1:
             raise Killed
 
     with pytest.raises(Killed):
-        run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
-    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
-    resumed = run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", **options)
+        run(cache, backbone, run_dir=cache / "resumed", on_epoch=kill_after_first, **options)
+    assert load_checkpoint(cache / "resumed")["epoch"] == 1
+    return straight, run(cache, backbone, run_dir=cache / "resumed", **options)
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
+    bright_dataset(tmp_path, n=20)
+    options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, db=ResultsDB(tmp_path / "a.sqlite"))
+    straight, resumed = straight_and_resumed(tmp_path, "dinov3", **options)
     assert resumed.epochs_trained == 1 and straight.epochs_trained == 2
     assert resumed.result == straight.result and resumed.key == straight.key
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
@@ -212,18 +219,10 @@ def test_gated_parameters_stay_float32_under_bf16_autocast(tmp_path):
 def test_float16_trains_through_a_grad_scaler_whose_state_resumes(tmp_path):
     bright_dataset(tmp_path, n=20)
     options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, dtype="float16", db=ResultsDB(tmp_path / "a.sqlite"))
-    straight = run(tmp_path, "dinov3", run_dir=tmp_path / "straight", **options)
+    straight, resumed = straight_and_resumed(tmp_path, "dinov3", **options)
     scaler = load_checkpoint(tmp_path / "straight")["scaler"]
     assert straight.config["compute_dtype"] == "float16" and straight.result.status == "done"
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # the scaler was on and stepped
-
-    def kill_after_first(epoch):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", on_epoch=kill_after_first, **options)
-    resumed = run(tmp_path, "dinov3", run_dir=tmp_path / "resumed", **options)
     assert resumed.epochs_trained == 1 and resumed.result == straight.result
     assert load_checkpoint(tmp_path / "resumed")["scaler"] == scaler
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import iqa.heads.grid as grid
-from iqa.data.manifest import Manifest
+from iqa.cache.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
 from iqa.heads import run_config
-from iqa.heads.results import SCHEMA, SCHEMA_VERSION, ResultsDB, ResultsDBError, results_table
+from iqa.cache.results import SCHEMA, SCHEMA_VERSION, ResultsDB, ResultsDBError
+from iqa.heads.report.tables import results_table
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from conftest import db_row
 

@@ -7,7 +7,7 @@ import torch
 from iqa.heads.mlp import StackedMLP
 from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones
 from iqa.heads.loss import iqa_loss
-from iqa.heads.train import MaskedPools, Member, StackData, epoch_order, train_stack, train_statistics
+from iqa.heads.train import MaskedPools, Member, StackData, train_stack, train_statistics
 
 
 def learnable_set(n=300, d=32, seed=0):

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from iqa.cache.atomic import remove_stale
 from iqa.cli import app
-from iqa.heads.report.build import MARK, write_report
-from iqa.heads.results import ResultsDB
+from iqa.heads.report.build import MARK
+from iqa.cache.results import ResultsDB
 from test_report import record
 
 runner = CliRunner()
@@ -81,7 +81,7 @@ def test_remove_stale_skips_names_without_a_pid(tmp_path):
 
 # ---- item 2: a full disk keeps the runs just trained ----
 def test_full_disk_spills_finished_runs_and_the_next_run_imports_them(tmp_path, monkeypatch):
-    import iqa.heads.results as results
+    import iqa.cache.results as results
 
     db = ResultsDB(tmp_path / "r.sqlite")
     db.record([record("clive", "baseline", 8, 0.80)])
@@ -106,7 +106,7 @@ def test_full_disk_spills_finished_runs_and_the_next_run_imports_them(tmp_path, 
 
 
 def test_full_disk_retries_before_spilling(tmp_path, monkeypatch):
-    import iqa.heads.results as results
+    import iqa.cache.results as results
 
     db = ResultsDB(tmp_path / "r.sqlite")
     real_write, calls = ResultsDB._write, []
@@ -138,7 +138,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 from iqa.cache.store import DamagedStore, IncompleteStore, load_cached, store_path, verify_store  # noqa: E402
-from iqa.data.manifest import Manifest, write_manifest  # noqa: E402
+from iqa.cache.manifest import Manifest, write_manifest  # noqa: E402
 from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
 from test_extract_run import make_dataset  # noqa: E402
 

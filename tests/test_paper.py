@@ -8,7 +8,7 @@ import pytest
 
 from iqa.heads.mlp import HEADS
 from iqa.heads.report.paper import PAPER_FILE, compare, load_paper, printed_value, render
-from iqa.heads.results import ResultsDB
+from iqa.cache.results import ResultsDB
 from conftest import db_row
 
 SHAPES = {  # table: (rows, columns, metrics) as the paper prints them

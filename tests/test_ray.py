@@ -25,7 +25,7 @@ from iqa.extract.ray_engine import FAIL_ONCE_ENV, actor_pool, extract_with_ray  
 from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
 from iqa.heads.grid import run_grid  # noqa: E402
 from iqa.heads.ray_grid import train_on_ray  # noqa: E402
-from iqa.heads.results import ResultsDB  # noqa: E402
+from iqa.cache.results import ResultsDB  # noqa: E402
 
 SAME = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=3, batch_size=2, progress=False)
 BACKBONE = "dinov2"

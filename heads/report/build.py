@@ -28,7 +28,7 @@ from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
-from iqa.heads.results import results_table
+from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
 
 MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces

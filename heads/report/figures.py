@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iqa.heads.results import OUTCOME_FIELDS, dataset_column, grouped  # noqa: E402
+from iqa.heads.report.tables import OUTCOME_FIELDS, dataset_column, grouped  # noqa: E402
 
 QUALITY_BUCKETS = 5  # equal-width bins of the target in [0, 1], as in the paper's t-SNE colouring
 NOT_LINE_FIELDS = OUTCOME_FIELDS | {"seed", "act1", "act2"}  # the head name spells act1/act2

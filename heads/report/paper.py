@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa.heads.results import GROUPS, OUTCOME_FIELDS
+from iqa.heads.report.tables import GROUPS, OUTCOME_FIELDS
 
 PAPER_FILE = Path(__file__).with_name("paper_values.json")
 COMPARED = ("1", "2", "3", "4", "5a", "5b", "6", "S1", "S3")  # the tables with measured cells beside them

@@ -20,3 +20,14 @@ def demo_labels(tmp_path_factory) -> Path:
     from iqa.data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo") / "demo-src")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: on busy cores, syncing two threads costs more than the arithmetic."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,17 +11,12 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.cache.results import ResultsDB
 from tests.test_extract_run import by_hand, make_dataset
-from tests.test_finetune import bright_dataset, run, straight_and_resumed
+from tests.test_finetune import bright_dataset, straight_and_resumed
 
 pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_embedding_is_the_pooled_decoder_taps_computed_by_hand():

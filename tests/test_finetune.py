@@ -27,13 +27,7 @@ from iqa.heads.report.tables import results_table
 CLASSES = ["siglip2", "clip", "dinov2", "dinov3", "resnet152"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on busy cores, syncing two threads costs more than the arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bright_dataset(cache: Path, n: int = 15) -> np.ndarray:

@@ -102,7 +102,16 @@ def run_grid(
         train, test = cached(c.train_dataset), cached(c.test_dataset)
         return train.fingerprint_id if c.train_dataset == c.test_dataset else f"{train.fingerprint_id}+{test.fingerprint_id}"
 
-    rows_of = [run_rows(c, cached(c.train_dataset), cached(c.test_dataset)) for c in configs]
+    splits: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows_for(c: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+        """A run's rows depend only on its datasets, seed and split rule: computed once per such group."""
+        group = (c.train_dataset, c.test_dataset, c.seed, c.split_by)
+        if group not in splits:
+            splits[group] = run_rows(c, cached(c.train_dataset), cached(c.test_dataset))
+        return splits[group]
+
+    rows_of = [rows_for(c) for c in configs]
     keys = [run_key(c, fingerprint(c), rows_digest(*r)) for c, r in zip(configs, rows_of)]
     rows = dict(zip(keys, rows_of))
     finished = db.finished_keys()

@@ -3,8 +3,9 @@ from typer.testing import CliRunner
 
 from iqa.cache.store import load_cached
 from iqa.cli import app
-from test_finetune import bright_dataset, one_thread  # noqa: F401 (the autouse fixture applies here too)
+from test_finetune import bright_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 
 

@@ -261,6 +261,8 @@ def extract(
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(message(err))
+    if summary.changed:
+        typer.echo(f"warning: {summary.store}: {summary.changed}: their chunks recomputed", err=True)
     for chunk, why in summary.repaired.items():
         typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(

@@ -6,6 +6,8 @@ contract other tools read:
   rows not (yet) computed or invalid hold NaN.
 - `keys` (N,) the manifest's relative image paths.
 - `status` (N,) uint8: 0 pending, 1 done, 2 invalid; `reasons` (N,) why a row is invalid.
+- `image_stamps` (N, 3) int64: each row's image file (size, mtime, content hash) when it was read
+  (cache/stamps.py); all zero where unknown (rows of stores made before stamps were kept).
 - `chunk_done` (N_chunks,) uint8, one element per Zarr chunk, set only after a whole row block
   (embeddings, status, reasons) is written: a set flag is the record of done work.
 - attributes: `fingerprint` (what produced the numbers), `fingerprint_id`, `chunk_rows`.
@@ -35,6 +37,7 @@ import zarr
 from iqa.cache.atomic import atomic_path, remove_stale
 from iqa.cache.location import dataset_dir, is_url
 from iqa.cache.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
+from iqa.cache.stamps import changed_images, content_digest, describe_changes
 
 STORE_FORMAT = 1
 DEFAULT_CHUNK_ROWS = 256
@@ -93,13 +96,34 @@ class EmbeddingStore:
     def status(self) -> np.ndarray:
         return self.group["status"][:]
 
+    def stamps(self) -> np.ndarray:
+        if "image_stamps" not in self.group:
+            return np.zeros((self.n_rows, 3), dtype=np.int64)
+        return self.group["image_stamps"][:]
+
+    def changed_images(self, manifest: Manifest) -> dict[int, str]:
+        """Rows whose image file is no longer what was embedded; empty when the image folder is
+        absent altogether (a cache moved to a machine without the images)."""
+        root = Path(manifest.image_root)
+        if not root.is_dir():
+            return {}
+        return changed_images(self.stamps(), root, manifest.paths, np.arange(self.n_rows))
+
+    def undo_chunks_of(self, rows) -> list[int]:
+        """Mark the chunks holding `rows` not done, so the next extraction recomputes them."""
+        chunks = sorted({int(row) // self.chunk_rows for row in rows})
+        for chunk in chunks:
+            self.group["chunk_done"][chunk] = 0
+        return chunks
+
     def invalid_rows(self) -> list[tuple[str, str]]:
         rows = np.flatnonzero(self.status() == INVALID)
         keys, reasons = self.group["keys"][:], self.group["reasons"][:]
         return [(str(keys[i]), str(reasons[i])) for i in rows]
 
-    def write_block(self, chunk: int, embeddings: np.ndarray, reasons: list[str]) -> None:
-        """One whole chunk: rows with a reason are invalid (their embedding is ignored, stored as NaN)."""
+    def write_block(self, chunk: int, embeddings: np.ndarray, reasons: list[str], stamps: np.ndarray | None = None) -> None:
+        """One whole chunk: rows with a reason are invalid (their embedding is ignored, stored as NaN);
+        `stamps` (rows, 3) are the image files as read (None: rows not read from the manifest's files)."""
         rows = self.rows_of_chunk(chunk)
         bad = np.array([bool(r) for r in reasons])
         if embeddings.shape != (len(rows), self.dim) or len(reasons) != len(rows):
@@ -108,6 +132,8 @@ class EmbeddingStore:
         self.embeddings[rows.start : rows.stop] = block.astype(self.embeddings.dtype)
         self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
         self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
+        if stamps is not None:
+            self.group["image_stamps"][rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
 
 
@@ -118,12 +144,17 @@ def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtyp
     group.create_array("keys", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(keys, dtype=str)
     group.create_array("status", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=PENDING)
     group.create_array("reasons", shape=(n,), dtype=str, chunks=(chunk_rows,), fill_value="")
+    add_stamps(group, n, chunk_rows)
     n_chunks = -(-n // chunk_rows)
     group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
     group.attrs.update(
         {"format": STORE_FORMAT, "chunk_rows": chunk_rows, "fingerprint": fingerprint,
          "fingerprint_id": fingerprint_id(fingerprint)}
     )
+
+
+def add_stamps(group, n: int, chunk_rows: int) -> None:
+    group.create_array("image_stamps", shape=(n, 3), dtype="int64", chunks=(chunk_rows, 3), fill_value=0)
 
 
 def open_for_writing(
@@ -148,6 +179,8 @@ def open_for_writing(
         raise FingerprintMismatch(
             f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
         )
+    if "image_stamps" not in store.group:  # a store from before stamps: rows written from now on get them
+        add_stamps(store.group, store.n_rows, store.chunk_rows)
     return store
 
 
@@ -214,7 +247,11 @@ def load_cached(
     rows = read_checked(store, manifest.paths)
     if rows.damaged:
         raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")
+    if changes := store.changed_images(manifest):
+        raise StaleStore(f"{path} is stale: {describe_changes(changes, manifest.paths)}; `{command}` recomputes their chunks")
     fid = fingerprint_id(store.fingerprint)
+    if digest := content_digest(store.stamps()):
+        fid = f"{fid}-{digest}"  # the images' bytes: a replaced and re-embedded image gives a new key
     pending = int((rows.status == PENDING).sum())
     if pending and not allow_partial:
         raise IncompleteStore(f"{path} is unfinished: {store.n_rows - pending} of {store.n_rows} rows done; "
@@ -231,6 +268,10 @@ def load_cached(
 
 class IncompleteStore(ValueError):
     """Rows of the store are not computed yet."""
+
+
+class StaleStore(ValueError):
+    """Images changed since their rows were computed."""
 
 
 class DamagedStore(ValueError):
@@ -380,6 +421,8 @@ def verify_store(path: Path) -> list[str]:
     rows = read_checked(store, paths)
     if rows.damaged:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
+    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
+        problems.append(f"stale: {describe_changes(changes, paths)}; `iqa extract` on this store recomputes their chunks")
     return problems
 
 

@@ -12,12 +12,15 @@ stops a run: missing, not an image, truncated or corrupt, or a decompression bom
 than PIL's MAX_IMAGE_PIXELS; PIL's warning is treated as an error).
 """
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from iqa.cache.stamps import missing_stamp, stamp
 
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 WHITE = (255, 255, 255)
@@ -35,14 +38,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: Path) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) or (None, reason)."""
-    if not path.is_file():
-        return None, "missing file"
+def decode_image(path: Path) -> tuple[Image.Image | None, str | None, np.ndarray]:
+    """(RGB image, None, stamp) or (None, reason, stamp); the stamp (cache/stamps.py) records the
+    file's size, mtime and bytes as read here, so a later change to the file can be noticed."""
+    try:
+        stat, data = path.stat(), path.read_bytes()
+    except OSError:  # missing, a folder, or unreadable
+        return None, "missing file", missing_stamp()
+    return *decode_bytes(data), stamp(stat, data)
+
+
+def decode_bytes(data: bytes) -> tuple[Image.Image | None, str | None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image)), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -46,8 +46,9 @@ def decode_chunk(item: dict, backbone: str, tiny: bool, image_root: str) -> dict
     decoded = [images[i] for i in range(len(images))]
     return {
         "chunk": item["chunk"],
-        "inputs": torch.stack([inputs for _, inputs, _ in decoded]).numpy(),
-        "reasons": json.dumps([reason for _, _, reason in decoded]),
+        "inputs": torch.stack([inputs for _, inputs, _, _ in decoded]).numpy(),
+        "reasons": json.dumps([reason for _, _, reason, _ in decoded]),
+        "stamps": torch.stack([stamp for _, _, _, stamp in decoded]).numpy(),
     }
 
 
@@ -68,7 +69,7 @@ class EmbedChunks:
         reasons = json.loads(item["reasons"])
         inputs = torch.from_numpy(np.array(item["inputs"]))  # a writable copy
         embeddings = self.embedder.chunk(inputs, reasons, self.dim, self.batch_size)
-        return {"chunk": item["chunk"], "embeddings": embeddings, "reasons": item["reasons"]}
+        return {"chunk": item["chunk"], "embeddings": embeddings, "reasons": item["reasons"], "stamps": item["stamps"]}
 
 
 def fail_if_asked(chunk: int) -> None:
@@ -135,7 +136,7 @@ def extract_with_ray(
         with tqdm(total=sum(len(i["rows"]) for i in items), unit="img", desc=f"{r.dataset} (ray)", disable=not r.progress) as bar:
             for done in data.iter_rows():
                 reasons = json.loads(done["reasons"])
-                store.write_block(int(done["chunk"]), np.asarray(done["embeddings"]), reasons)
+                store.write_block(int(done["chunk"]), np.asarray(done["embeddings"]), reasons, np.asarray(done["stamps"]))
                 rows_computed += len(reasons)
                 chunks_written += 1
                 bar.update(len(reasons))

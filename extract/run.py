@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from iqa.cache.stamps import describe_changes
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, repair_store, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
@@ -30,7 +31,8 @@ PACKAGES = ("torch", "transformers", "numpy", "pillow", "zarr")
 
 
 class ImageRows(Dataset):
-    """Row i of the manifest -> (i, input tensor, reason); the reason is "" for a readable image."""
+    """Row i of the manifest -> (i, input tensor, reason, stamp); the reason is "" for a readable image,
+    the stamp (cache/stamps.py) what the file was when it was read."""
 
     def __init__(self, image_root: Path, paths: list[str], spec: BackboneSpec):
         self.image_root, self.paths, self.spec = image_root, paths, spec
@@ -41,17 +43,18 @@ class ImageRows(Dataset):
         return len(self.paths)
 
     def __getitem__(self, row: int):
-        image, reason = decode_image(self.image_root / self.paths[row])
+        image, reason, stamp = decode_image(self.image_root / self.paths[row])
+        stamp = torch.from_numpy(stamp)
         if image is None:
-            return row, self.blank, reason
+            return row, self.blank, reason, stamp
         if self.spec.features_in_worker is None:
             spec = self.spec
-            return row, resize_uint8(image, spec.resolution, spec.resample, spec.shortest_side()), ""
+            return row, resize_uint8(image, spec.resolution, spec.resample, spec.shortest_side()), "", stamp
         try:
             features = np.asarray(self.spec.features_in_worker(image), dtype=np.float32)
         except Exception as err:  # a feature definition failing on one image is that image's problem
-            return row, self.blank, f"features failed: {type(err).__name__}: {err}"
-        return row, torch.from_numpy(features), ""
+            return row, self.blank, f"features failed: {type(err).__name__}: {err}", stamp
+        return row, torch.from_numpy(features), "", stamp
 
 
 @dataclass
@@ -66,6 +69,7 @@ class ExtractSummary:
     fingerprint_id: str
     skip_bad: bool
     repaired: dict[int, str] = field(default_factory=dict)  # damaged chunks found and recomputed (-1: the keys)
+    changed: str = ""  # images changed since extraction, whose chunks this run recomputed
 
     @property
     def ok(self) -> bool:
@@ -230,6 +234,7 @@ class Extraction:
     dim: int
     spec: BackboneSpec  # at the loaded checkpoint's geometry
     repaired: dict[int, str] = field(default_factory=dict)
+    changed: str = ""
 
     def todo(self) -> list[int]:
         """The request's shard's chunks not yet marked done."""
@@ -249,6 +254,7 @@ class Extraction:
             fingerprint_id=fingerprint_id(self.fingerprint),
             skip_bad=self.request.skip_bad,
             repaired=self.repaired,
+            changed=self.changed,
         )
 
 
@@ -281,7 +287,10 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite,
     )
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
-    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, spec, repaired)
+    changes = store.changed_images(manifest)
+    store.undo_chunks_of(changes)  # and so do chunks whose images changed
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, spec, repaired,
+                      describe_changes(changes, manifest.paths) if changes else "")
 
 
 def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: int = 2) -> ExtractSummary:
@@ -299,15 +308,17 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
     rows_computed, chunks_written = 0, 0
     block_rows: list[np.ndarray] = []
     block_reasons: list[str] = []
+    block_stamps: list[torch.Tensor] = []
     bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{request.dataset}/{request.backbone}",
                disable=not request.progress)
-    for rows, inputs, reasons in loader:
+    for rows, inputs, reasons, stamps in loader:
         block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
         block_reasons.extend(reasons)
+        block_stamps.append(stamps)
         chunk = int(rows[0]) // store.chunk_rows
         if len(block_reasons) == len(store.rows_of_chunk(chunk)):
-            store.write_block(chunk, np.concatenate(block_rows), block_reasons)
-            block_rows, block_reasons = [], []
+            store.write_block(chunk, np.concatenate(block_rows), block_reasons, torch.cat(block_stamps).numpy())
+            block_rows, block_reasons, block_stamps = [], [], []
             chunks_written += 1
         rows_computed += len(rows)
         bar.update(len(rows))

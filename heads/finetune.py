@@ -245,7 +245,7 @@ def finetune(
         def batches(rows: list[list[int]]):
             """(targets, normalised images) on the device; an unreadable image stops the run with its name."""
             loader = DataLoader(images, batch_sampler=rows, num_workers=num_workers, pin_memory=bool(cuda))
-            for row_ids, pixels, reasons in loader:
+            for row_ids, pixels, reasons, _ in loader:
                 bad = [f"{manifest.paths[r]}: {why}" for r, why in zip(row_ids.tolist(), reasons) if why]
                 if bad:
                     raise ValueError(f"cannot read {bad[0]}; fix or remove it and prepare the dataset again")

@@ -25,7 +25,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.fromarray(pixels).save(tmp_path / "r.png", exif=exif)
-    image, reason = decode_image(tmp_path / "r.png")
+    image, reason, _ = decode_image(tmp_path / "r.png")
     assert reason is None and image.size == (10, 30)  # (width, height) after rotation
     assert np.array_equal(np.asarray(image), np.rot90(pixels, k=-1))
 
@@ -33,12 +33,12 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_modes_become_8bit_rgb(tmp_path):
     grey = rgb()[..., 0]
     Image.fromarray(grey, mode="L").save(tmp_path / "grey.png")
-    out, _ = decode_image(tmp_path / "grey.png")
+    out, _, _ = decode_image(tmp_path / "grey.png")
     assert out.mode == "RGB" and np.array_equal(np.asarray(out)[..., 1], grey)
 
     deep = (np.arange(12 * 20, dtype=np.uint16).reshape(12, 20) * 270).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit greyscale
-    out, _ = decode_image(tmp_path / "deep.png")
+    out, _, _ = decode_image(tmp_path / "deep.png")
     assert np.array_equal(np.asarray(out)[..., 0], np.round(deep / 257.0).astype(np.uint8))  # scaled, not clipped
 
     rgba = np.dstack([rgb(), np.zeros((12, 20), np.uint8)])
@@ -48,7 +48,7 @@ def test_modes_become_8bit_rgb(tmp_path):
     assert np.array_equal(out[:, :10], rgba[:, :10, :3]) and (out[:, 10:] == 255).all()  # transparent: white
 
     Image.fromarray(rgb()).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    out, reason = decode_image(tmp_path / "cmyk.jpg")
+    out, reason, _ = decode_image(tmp_path / "cmyk.jpg")
     assert reason is None and out.mode == "RGB" and out.size == (20, 12)
 
 

@@ -225,6 +225,54 @@ def test_a_damaged_store_is_named_refused_and_repaired_by_the_next_extraction(tm
     np.testing.assert_allclose(load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings, good, rtol=1e-3)
 
 
+# ---- item 5: an image changed or deleted after extraction is noticed ----
+def test_changed_and_deleted_images_are_reported_refused_and_recomputed(tmp_path):
+    from PIL import Image
+
+    paths = toy_dataset(tmp_path)
+    extract(tmp_path)
+    store = store_path(tmp_path, "toy", "dinov2", "tiny")
+    before = load_cached(tmp_path, "toy", "dinov2", "tiny")
+    images = tmp_path / "images"
+
+    touched = images / paths[0]  # same bytes, new mtime (a copied dataset): not a change
+    os.utime(touched, ns=(1, 1))
+    assert verify_store(store) == []
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(images / paths[9])  # chunk 1
+    (images / paths[33]).unlink()  # chunk 4
+
+    problems = verify_store(store)
+    assert len(problems) == 1 and "2 images changed since extraction" in problems[0]
+    assert f"{paths[9]} changed" in problems[0] and f"{paths[33]} deleted" in problems[0]
+    result = head(tmp_path)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "is stale: 2 images changed" in result.stderr and "iqa extract --backbone dinov2" in result.stderr
+
+    summary = extract(tmp_path)
+    assert summary.changed.startswith("2 images changed") and summary.rows_computed == 16
+    assert summary.invalid == [(paths[33], "missing file")]
+    after = load_cached(tmp_path, "toy", "dinov2", "tiny")
+    assert not np.allclose(after.embeddings[9], before.embeddings[9])
+    np.testing.assert_array_equal(after.embeddings[:8], before.embeddings[:8])
+    assert after.fingerprint_id != before.fingerprint_id, "results on the new images get new keys"
+    assert verify_store(store) == []
+
+
+def test_a_store_from_before_stamps_keeps_its_keys_and_gains_the_array(tmp_path):
+    import shutil
+
+    from iqa.cache.store import EmbeddingStore, fingerprint_id
+
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    store = store_path(tmp_path, "toy", "dinov2", "tiny")
+    shutil.rmtree(store / "image_stamps")
+    cached = load_cached(tmp_path, "toy", "dinov2", "tiny")
+    assert cached.fingerprint_id == fingerprint_id(EmbeddingStore(store).fingerprint), "old results keep their keys"
+    assert extract(tmp_path).rows_computed == 0 and (store / "image_stamps").is_dir()
+    assert verify_store(store) == []
+
+
 def test_garbage_store_metadata_is_one_line(tmp_path):
     toy_dataset(tmp_path)
     extract(tmp_path)

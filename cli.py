@@ -84,6 +84,14 @@ def cannot_write(where, error: OSError) -> None:
     fail(f"cannot write under {where}: {error.strerror or error}{f' ({error.filename})' if error.filename else ''}; {fix}")
 
 
+def cache_dir(cache: Path | None) -> Path:
+    """The chosen cache folder; a file in its place is refused here, before anything reads or writes under it."""
+    root = cache_root(cache)
+    if root.is_file():
+        fail(f"the cache {root} is a file; give --cache a folder")
+    return root
+
+
 def check_engine(engine: str) -> None:
     if engine not in ("local", "ray"):
         fail(f"--engine must be local or ray, got {engine!r}")
@@ -139,11 +147,11 @@ def data_prepare(
                  lower_better=lower_better or None, group_col=group_col, name=save_as)
     options = {option: value for option, value in given.items() if value is not None}
     try:
-        manifest, path, warnings = prepare_dataset(name, root, cache_root(cache), **options)
+        manifest, path, warnings = prepare_dataset(name, root, cache_dir(cache), **options)
     except DatasetError as e:
         fail(str(e))
     except OSError as e:
-        cannot_write(cache_root(cache), e)
+        cannot_write(cache_dir(cache), e)
     for warning in warnings:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"{manifest.dataset}: {len(manifest):,} images, {manifest.score_scale} -> {path}")
@@ -162,7 +170,7 @@ def data_show(
     if split_by not in ("random", "group"):
         fail(f"--split-by must be random or group, got {split_by!r}")
     try:
-        summary = dataset_summary(read_manifest(cache_root(cache), name), seed_list, split_by)
+        summary = dataset_summary(read_manifest(cache_dir(cache), name), seed_list, split_by)
     except (FileNotFoundError, ValueError) as e:  # DatasetError, a damaged manifest
         fail(str(e))
     if as_json:
@@ -187,11 +195,11 @@ def make_demo_command(
     """Build the offline demo set: scikit-image's photos, 7 distortions x 5 levels, SSIM-based scores."""
     from iqa.data.demo import DEMO_DIR, make_demo  # here, not at the top: scikit-image is slow to import
 
-    out = out if out is not None else cache_root(cache) / DEMO_DIR
+    out = out if out is not None else cache_dir(cache) / DEMO_DIR
     try:
         labels = make_demo(out, force=force)
-    except FileExistsError:
-        fail(f"{out} already exists; pass --force to rebuild it")
+    except FileExistsError as e:
+        fail(str(e).replace("force=True (--force)", "--force"))
     except OSError as e:
         cannot_write(out, e)
     typer.echo(f"demo set: {labels}")
@@ -248,7 +256,7 @@ def extract(
         fail("--actors and --gpus-per-actor are for --engine ray")
     try:
         request = ExtractRequest(
-            cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
+            cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
             resolution=resolution, preprocess=preprocess,
@@ -261,6 +269,8 @@ def extract(
             summary = extract_dataset(request, device=device, num_workers=workers)
     except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(message(err))
+    except OSError as err:  # a full disk or a read-only store: the chunks written so far are kept
+        cannot_write(stores or cache_dir(cache), err)
     if summary.changed:
         typer.echo(f"warning: {summary.store}: {summary.changed}: their chunks recomputed", err=True)
     for chunk, why in summary.repaired.items():
@@ -280,7 +290,7 @@ def cache_ls(cache: CacheOption = None) -> None:
     """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
     from iqa.cache.store import list_stores
 
-    for info in list_stores(cache_root(cache)):
+    for info in list_stores(cache_dir(cache)):
         typer.echo(
             f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}  "
             f"chunks {info.chunks_done}/{info.chunks_total}  unreadable {len(info.invalid)}  {info.fingerprint_id}"
@@ -292,9 +302,9 @@ def cache_verify(cache: CacheOption = None) -> None:
     """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
     from iqa.cache.store import describe_store, store_dirs, verify_store
 
-    root = cache_root(cache)
+    root = cache_dir(cache)
     if not root.is_dir():
-        fail(f"no cache at {root}" + (" (it is a file)" if root.exists() else "") + "; give --cache the cache folder")
+        fail(f"no cache at {root}; give --cache the cache folder")
     stores = store_dirs(root)
     if not stores:
         fail(f"no embedding stores under {root}; `iqa extract --backbone B --dataset D --cache {root}` makes one")
@@ -324,7 +334,7 @@ def cache_export(
 
     if format != "h5":
         fail(f"unknown export format {format!r}; only h5 is supported")
-    path = store_path(cache_root(cache), dataset, backbone, tag)
+    path = store_path(cache_dir(cache), dataset, backbone, tag)
     if not path.exists():
         fail(f"no store at {path}")
     typer.echo(export_h5(path, out))
@@ -414,7 +424,7 @@ def head_command(
             from iqa.heads.ray_grid import train_on_ray
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
-        root, where = cache_root(cache), store_root(stores) if stores else None
+        root, where = cache_dir(cache), store_root(stores) if stores else None
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
@@ -450,7 +460,7 @@ def results_command(
     from iqa.heads.report.paper import compare, render
     from iqa.heads.report.tables import results_table
 
-    path = existing_db(db, cache_root(cache))
+    path = existing_db(db, cache_dir(cache))
     runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
     if list_runs:
         from iqa.heads.report.run_listing import run_listing
@@ -474,7 +484,7 @@ def export_command(
     """Write a finished run as a self-contained model folder: config.json, weights, model card."""
     from iqa.heads.export import export_run, find_run
 
-    root = cache_root(cache)
+    root = cache_dir(cache)
     path = existing_db(db, root)
     try:
         folder = export_run(root, path, find_run(existing_runs(path), run_key), out)
@@ -533,7 +543,7 @@ def demo(
     """Offline end to end: build the demo set, extract nss and a random ViT control, train the heads, report."""
     from iqa.demo import run_demo
 
-    root = cache_root(cache)
+    root = cache_dir(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
     result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
     typer.echo(result.table, nl=False)
@@ -558,7 +568,7 @@ def report_command(
     from iqa.cache.store import load_cached
     from iqa.heads.report.build import default_profile, write_report
 
-    root = cache_root(cache)
+    root = cache_dir(cache)
     runs = existing_runs(existing_db(db, root))
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     try:
@@ -609,7 +619,7 @@ def finetune_command(
     from iqa.cache.results import ResultsDB
 
     check_device(device)
-    root = cache_root(cache)
+    root = cache_dir(cache)
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
                                  backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay)

@@ -1,8 +1,9 @@
-"""Atomic file writes: a crash or an error mid-write leaves the previous file, never half a file."""
+"""Atomic writes of files and folders: a crash or an error mid-write leaves the previous one, never half of it."""
 
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,29 @@ def atomic_path(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def building_folder(target: Path) -> Iterator[Path]:
+    """Yield a new empty folder beside `target` to build in. On success it replaces `target` whole
+    (an existing one is moved aside, then removed); on any error it is removed and `target` stays as
+    it was. Callers decide beforehand whether `target` may be replaced at all."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("tmp", "old"):  # what killed builds left
+        remove_stale(target.parent, f".{target.name}.{kind}-")
+    unique = f"{os.getpid()}-{uuid.uuid4().hex}"
+    building = target.parent / f".{target.name}.tmp-{unique}"
+    building.mkdir()
+    try:
+        yield building
+        old = target.parent / f".{target.name}.old-{unique}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(building, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -72,7 +72,11 @@ class ResultsDB:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ResultsDBError(f"cannot write a results database under {self.path.parent}: "
+                                 f"{error.strerror or error}; give --db a writable place") from None
         try:
             with self._connect() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -31,9 +31,6 @@ PNGs are written with fixed settings, so two builds give identical bytes.
 import csv
 import hashlib
 import io
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,10 +40,11 @@ from skimage import data as skimage_data
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from iqa.cache.atomic import remove_stale
+from iqa.cache.atomic import building_folder
 
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
+MARK = ".iqa-demo"  # what makes a folder one that `force` may replace
 COLUMNS = ("image", "score", "ref", "distortion", "level")
 SHORT_SIDE = 256
 NOISE_SEED = 6
@@ -183,7 +181,8 @@ def make_demo(
     SHORT_SIDE; smaller choices make a reduced set (for tests).
 
     The set is built in a temporary sibling folder and renamed into place, so a crash leaves
-    nothing half-made. An existing `out_dir` is an error unless `force`, which replaces it.
+    nothing half-made. An existing, non-empty `out_dir` is an error unless `force`, which replaces
+    a demo set built earlier, never a folder of anything else.
     """
     photos = tuple(PHOTOS) if photos is None else tuple(photos)
     distortions = tuple(DISTORTIONS) if distortions is None else tuple(distortions)
@@ -192,22 +191,12 @@ def make_demo(
     if unknown:
         raise ValueError(f"unknown photos or distortions {unknown}; choose from {list(PHOTOS)} and {list(DISTORTIONS)}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir.parent, f".{out_dir.name}-building-")  # what killed builds left
-    building = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-{os.getpid()}-"))
-    building.chmod(0o755)  # mkdtemp makes it private; the set is an ordinary folder
-    try:
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        if not (out_dir / MARK).is_file():
+            raise FileExistsError(f"{out_dir} exists and is not an iqa demo set; give a new or empty folder")
+        if not force:
+            raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
+    with building_folder(out_dir) as building:
         _build(building, photos, distortions, short_side)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(building, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(building, out_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+        (building / MARK).write_text("built by iqa data make-demo; --force replaces this folder\n")
     return out_dir / LABELS_FILE

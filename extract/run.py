@@ -309,18 +309,17 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
     block_rows: list[np.ndarray] = []
     block_reasons: list[str] = []
     block_stamps: list[torch.Tensor] = []
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"{request.dataset}/{request.backbone}",
-               disable=not request.progress)
-    for rows, inputs, reasons, stamps in loader:
-        block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
-        block_reasons.extend(reasons)
-        block_stamps.append(stamps)
-        chunk = int(rows[0]) // store.chunk_rows
-        if len(block_reasons) == len(store.rows_of_chunk(chunk)):
-            store.write_block(chunk, np.concatenate(block_rows), block_reasons, torch.cat(block_stamps).numpy())
-            block_rows, block_reasons, block_stamps = [], [], []
-            chunks_written += 1
-        rows_computed += len(rows)
-        bar.update(len(rows))
-    bar.close()
+    with tqdm(total=sum(map(len, batches)), unit="img", desc=f"{request.dataset}/{request.backbone}",
+              disable=not request.progress) as bar:  # closed on an error too, so a message starts its own line
+        for rows, inputs, reasons, stamps in loader:
+            block_rows.append(job.embedder.batch(inputs, list(reasons), job.dim))
+            block_reasons.extend(reasons)
+            block_stamps.append(stamps)
+            chunk = int(rows[0]) // store.chunk_rows
+            if len(block_reasons) == len(store.rows_of_chunk(chunk)):
+                store.write_block(chunk, np.concatenate(block_rows), block_reasons, torch.cat(block_stamps).numpy())
+                block_rows, block_reasons, block_stamps = [], [], []
+                chunks_written += 1
+            rows_computed += len(rows)
+            bar.update(len(rows))
     return job.summary(rows_computed, chunks_written, time.perf_counter() - start)

@@ -110,7 +110,7 @@ def test_prepare_and_make_demo_under_an_unwritable_path_are_one_line(tmp_path):
                "--score-col", "mos", "--score-range", "0,10"]
     one_error(iqa(*prepare, "--cache", "/proc/iqa-cache"), "cannot write under /proc/iqa-cache")
     (tmp_path / "afile").write_text("x")
-    one_error(iqa(*prepare, "--cache", tmp_path / "afile"), "cannot write under")
+    one_error(iqa(*prepare, "--cache", tmp_path / "afile"), "is a file; give --cache a folder")
     one_error(iqa("data", "make-demo", "--out", "/proc/iqa-demo"), "cannot write under /proc/iqa-demo")
 
 
@@ -161,3 +161,54 @@ def test_constant_scores_warn_that_srcc_is_undefined(tmp_path):
     result = head(tmp_path, "--seeds", "8")
     assert result.exit_code == 0, result.output
     assert "warning: 1 of 1 runs have no defined SRCC" in result.stderr
+
+
+def full_disk(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_extract_on_a_full_disk_is_one_line_and_keeps_the_chunks_written(tmp_path, monkeypatch):
+    from iqa.cache.store import EmbeddingStore
+
+    toy_dataset(tmp_path)
+    extract(tmp_path, shard=(0, 2))  # chunks 0, 2, 4 of 5
+    write_block = EmbeddingStore.write_block
+    calls = []
+
+    def fills_up(store, *args):
+        calls.append(1)
+        if len(calls) > 1:
+            full_disk()
+        write_block(store, *args)
+
+    monkeypatch.setattr(EmbeddingStore, "write_block", fills_up)
+    result = iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--device", "cpu", "--workers", "0",
+                 "--dtype", "float32", "--batch-size", "8", "--cache", tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # the rest is the progress bar
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write under") and "free some space" in errors[0]
+    assert int(EmbeddingStore(store_path(tmp_path, "toy", "dinov2", "tiny")).done_chunks().sum()) == 4
+
+
+def test_report_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import iqa.cache.atomic as atomic
+    from iqa.cache.results import ResultsDB
+    from test_report import record
+
+    ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.80)])
+    monkeypatch.setattr(atomic.os, "rename", full_disk)
+    result = iqa("report", "--db", tmp_path / "r.sqlite", "--out", tmp_path / "rep", "--no-tsne", "--profile", "",
+                 "--cache", tmp_path)
+    one_error(result, "No space left on device", "free some space")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.sqlite"]
+
+
+def test_unwritable_db_and_a_cache_that_is_a_file_are_one_line(store, tmp_path):
+    one_error(head(store, "--seeds", "8", "--db", "/proc/iqa/r.sqlite"), "cannot write a results database under /proc/iqa")
+    (tmp_path / "afile").write_text("x")
+    one_error(head(tmp_path / "afile", "--seeds", "8"), "is a file; give --cache a folder")
+    one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--cache", tmp_path / "afile"),
+              "is a file; give --cache a folder")
+    assert (tmp_path / "afile").read_text() == "x"

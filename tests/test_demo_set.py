@@ -104,9 +104,17 @@ def test_two_builds_are_byte_identical(tmp_path):
         assert min(first.size) == 48
 
 
-def test_existing_folder_needs_force_and_is_replaced(tmp_path):
+def test_force_replaces_only_a_demo_set_and_an_existing_one_needs_it(tmp_path):
     out = tmp_path / "demo-src"
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an iqa demo set"):
+        make_demo(out, photos=("chelsea",), distortions=("jpeg",), short_side=32, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an empty folder is fine
+    dead = tmp_path / ".demo-src.tmp-999999999-abc"  # a killed build's temporary
+    dead.mkdir()
+    make_demo(out, photos=("chelsea",), distortions=("jpeg",), short_side=32)
     (out / "stale.txt").write_text("old")
     with pytest.raises(FileExistsError, match="force"):
         small_build(out)

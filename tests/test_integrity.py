@@ -292,7 +292,7 @@ def test_cache_verify_without_stores_is_an_error(tmp_path, kind):
         (cache / "toy").mkdir(parents=True)
     result = iqa("cache", "verify", "--cache", cache)
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert {"missing": "no cache at", "file": "it is a file", "empty": "no embedding stores"}[kind] in result.stderr
+    assert {"missing": "no cache at", "file": "is a file; give --cache a folder", "empty": "no embedding stores"}[kind] in result.stderr
 
 
 def test_cache_verify_names_a_store_with_lost_keys(tmp_path):

@@ -12,16 +12,13 @@ The folder carries a `.iqa-report` mark; only a marked folder (or an empty one) 
 """
 
 import html
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
-from iqa.cache.atomic import remove_stale
+from iqa.cache.atomic import building_folder
 from iqa.extract.registry import BACKBONES
 from iqa.heads.report import figures
 from iqa.heads.grid import Cached
@@ -114,12 +111,8 @@ def write_report(
     if unknown:
         raise ValueError(f"unknown backbone(s) to profile: {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
     check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, f".{out.name}.tmp-")
-    remove_stale(out.parent, f".{out.name}.old-")
-    building = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     summary, page = ReportSummary(out), _Page()
-    try:
+    with building_folder(out) as building:
         _tables(runs, building, summary, page)
         _figures(runs, building, summary, page, load if tsne else None, device, progress)
         if load is None or not tsne:
@@ -129,9 +122,6 @@ def write_report(
             page.paper = summary.paper = _paper(runs, building, summary)
         (building / "index.html").write_text(_index_html(runs, page, summary.notes))
         (building / MARK).write_text("written by iqa report; a new report replaces this folder\n")
-        _swap_in(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     summary.tables = [out / p.relative_to(building) for p in summary.tables]
     summary.figures = [out / p.relative_to(building) for p in summary.figures]
     return summary
@@ -155,14 +145,6 @@ def check_replaceable(out: Path) -> None:
         raise ValueError(f"--out {out} is a file, not a report folder; give a new or empty folder")
     if not (out / MARK).exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} holds files that are not an iqa report; give a new or empty folder")
-
-
-def _swap_in(building: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(building, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _tables(runs, folder: Path, summary: ReportSummary, page: _Page) -> None:

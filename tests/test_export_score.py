@@ -94,6 +94,9 @@ def test_bad_images_are_reported_and_skipped_and_altered_weights_refused(demo_ca
     _, run = train(demo_cache)
     out = tmp_path / "model"
     assert CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(demo_cache)]).exit_code == 0
+    unwritable = CliRunner().invoke(app, ["export", run["key"], "--out", "/proc/iqa-model", "--cache", str(demo_cache)])
+    assert unwritable.exit_code == 1 and unwritable.stderr.startswith("error: ") and "/proc/iqa-model" in unwritable.stderr
+    assert len(unwritable.stderr.strip().splitlines()) == 1
     folder = tmp_path / "images"
     folder.mkdir()
     cached = load_cached(demo_cache, "demo", "nss")

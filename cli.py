@@ -40,6 +40,8 @@ def resolve_device(device: str) -> str:
 LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, or l1 (SMART-IQA's).")]
 OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw (SMART-IQA's).")]
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
+L2normOption = Annotated[bool, typer.Option(
+    "--l2norm", help="Heads see unit-length embeddings (CLIP/SigLIP's normalised image_embeds); stores keep the raw vector.")]
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
 ]
@@ -366,6 +368,7 @@ def head_command(
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
     standardize: Annotated[bool, typer.Option("--standardize", help="Z-score features with each run's train rows.")] = False,
+    l2norm: L2normOption = False,
     device: DeviceOption = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
@@ -410,7 +413,7 @@ def head_command(
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
-            loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize,
+            loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction,
         )
         from iqa.heads.selection import check_rule
@@ -602,6 +605,7 @@ def finetune_command(
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
+    l2norm: L2normOption = False,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
@@ -622,7 +626,7 @@ def finetune_command(
     root = cache_dir(cache)
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
-                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay)
+                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay, l2norm)
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(message(err))

@@ -62,11 +62,12 @@ EVAL_BATCH = 16
 
 
 class FinetuneModel(nn.Module):
-    """Normalised images [B, 3, H, W] -> predicted quality [B]: backbone, pooled embedding, head (M = 1)."""
+    """Normalised images [B, 3, H, W] -> predicted quality [B]: backbone, pooled embedding (scaled to unit
+    length with `l2norm`, as the cached trainer's `--l2norm`), head (M = 1)."""
 
-    def __init__(self, backbone: nn.Module, head: StackedMLP, frozen_backbone: bool):
+    def __init__(self, backbone: nn.Module, head: StackedMLP, frozen_backbone: bool, l2norm: bool = False):
         super().__init__()
-        self.backbone, self.head, self.frozen_backbone = backbone, head, frozen_backbone
+        self.backbone, self.head, self.frozen_backbone, self.l2norm = backbone, head, frozen_backbone, l2norm
 
     def train(self, mode: bool = True) -> "FinetuneModel":
         super().train(mode)
@@ -77,8 +78,10 @@ class FinetuneModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
-            features = self.backbone(pixels)
-        return self.head(features.float()[None])[0]
+            features = self.backbone(pixels).float()
+        if self.l2norm:
+            features = nn.functional.normalize(features, dim=1)
+        return self.head(features[None])[0]
 
 
 def embedding_dim(backbone: PooledBackbone, spec) -> int:
@@ -86,14 +89,15 @@ def embedding_dim(backbone: PooledBackbone, spec) -> int:
         return backbone(torch.zeros(1, 3, spec.resolution, spec.resolution)).shape[1]
 
 
-def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int, lora_rank: int, dim: int) -> FinetuneModel:
+def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int, lora_rank: int, dim: int,
+                l2norm: bool = False) -> FinetuneModel:
     """The model of one run on a backbone of `dim`-wide embeddings (`embedding_dim`); LoRA's initial A
     matrices come from torch's global RNG (seed it first)."""
     if mode == "lora":
         backbone = add_lora(backbone, spec, lora_rank)
     else:
         backbone.requires_grad_(mode == "full")
-    return FinetuneModel(backbone, StackedMLP(dim, [seed], *HEADS[head]), frozen_backbone=mode == "frozen")
+    return FinetuneModel(backbone, StackedMLP(dim, [seed], *HEADS[head]), frozen_backbone=mode == "frozen", l2norm=l2norm)
 
 
 def finetune_optimizer(model: FinetuneModel, config: RunConfig) -> torch.optim.Optimizer:
@@ -155,6 +159,7 @@ def finetune_config(
     loss: str = "mse+margin",
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    l2norm: bool = False,
 ) -> RunConfig:
     """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch."""
     if mode not in MODES:
@@ -170,7 +175,7 @@ def finetune_config(
         batch_size=batch_size * accumulate, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
         tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
         lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
-        loss=loss, optimizer=optimizer, weight_decay=weight_decay,
+        loss=loss, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
     )
 
 
@@ -215,7 +220,7 @@ def finetune(
     cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # the caller's RNG is left as it was
         torch.manual_seed(member_seed(seed, "torch"))  # LoRA init and dropout
-        model = build_model(base, spec, mode, config.head, seed, config.lora_rank, dim).to(device)
+        model = build_model(base, spec, mode, config.head, seed, config.lora_rank, dim, config.l2norm).to(device)
         optimizer = finetune_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config.milestones)
         scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)

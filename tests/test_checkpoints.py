@@ -98,3 +98,16 @@ def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():
     data, _ = stack_inputs([config], [(np.arange(4), np.arange(4, 6))], cached, cached)
     assert np.allclose(np.linalg.norm(data.x_train, axis=1), 1.0) and not np.allclose(np.linalg.norm(x, axis=1), 1.0)
     assert _stack_key(config) != _stack_key(RunConfig("toy", "toy", "clip", "sigmoid", "sigmoid", "relu", 0))
+
+
+def test_head_l2norm_option_reaches_the_run_and_its_key(tmp_path):
+    from iqa.cache.results import ResultsDB
+    from test_integrity import extract, head, toy_dataset
+
+    toy_dataset(tmp_path)
+    extract(tmp_path)
+    assert head(tmp_path).exit_code == 0
+    assert head(tmp_path, "--l2norm").exit_code == 0
+    runs = ResultsDB(tmp_path / "results.sqlite").runs()
+    assert [r["l2norm"] for r in runs] == [False, True] and runs[0]["key"] != runs[1]["key"]
+    assert runs[0]["best_srcc"] != runs[1]["best_srcc"]

@@ -258,17 +258,20 @@ def test_runs_land_in_the_results_table_by_regime(tmp_path):
     assert len(lines) == 3 and all(re.search(r"\| \**-?\d\.\d{3}\** \|", line) for line in lines)  # a value each
 
 
-def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path):
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path, l2norm):
     """One training core: a frozen fine-tuning run on live features and a cached-head run on the
-    stored features of the same seed see the same batches, schedule and loss, so their curves agree."""
+    stored features of the same seed see the same batches, schedule and loss (and, with `l2norm`,
+    the same unit-length inputs), so their curves agree."""
     bright_dataset(tmp_path, n=40)
     request = ExtractRequest(tmp_path, "bright", "dinov2", tiny=True, dtype="float32", store_dtype="float32", progress=False)
     extract_dataset(request, num_workers=0)
     cached = load_cached(tmp_path, "bright", "dinov2", tag="tiny")
-    config = RunConfig("bright", "bright", "dinov2", "baseline", *HEADS["baseline"], 19, epochs=3, lr=1e-3)
+    config = RunConfig("bright", "bright", "dinov2", "baseline", *HEADS["baseline"], 19, epochs=3, lr=1e-3, l2norm=l2norm)
     (cached_run,) = run_grid([config], lambda _: cached, ResultsDB(tmp_path / "cached.sqlite"), progress=False)
     live = run(tmp_path, head="baseline", mode="frozen", seed=19, epochs=3, lr=1e-3, batch_size=2, accumulate=6,
-               db=ResultsDB(tmp_path / "live.sqlite"))
+               l2norm=l2norm, db=ResultsDB(tmp_path / "live.sqlite"))
+    assert live.config["l2norm"] is l2norm
     for curve in ("train_loss", "srcc", "plcc", "lr"):
         assert live.result.curves[curve] == pytest.approx(cached_run["curves"][curve], rel=1e-4, abs=1e-5), curve
     assert live.result.curves["train_loss"][0] != pytest.approx(live.result.curves["train_loss"][-1], rel=1e-3)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from iqa.extract.backbones import load_backbone, weights_sha256
-from iqa.extract.registry import get_spec
+from iqa.extract.registry import BackboneSpec, get_spec
 from iqa.extract.run import (
     COMPUTE_DTYPES, Embedder, ExtractRequest, ExtractSummary, ImageRows, compute_dtype_for, default_batch_size, open_extraction,
 )
@@ -40,9 +40,10 @@ def connect(address: str | None = None, **init_options):
     return ray
 
 
-def decode_chunk(item: dict, backbone: str, tiny: bool, image_root: str) -> dict:
-    """A CPU task: one chunk's images -> its stacked model inputs and per-row reasons (JSON)."""
-    images = ImageRows(Path(image_root), list(item["paths"]), get_spec(backbone, tiny))
+def decode_chunk(item: dict, spec: BackboneSpec, image_root: str) -> dict:
+    """A CPU task: one chunk's images -> its stacked model inputs and per-row reasons (JSON); `spec`
+    at the loaded checkpoint's geometry (resolution, resample, crop), as the driver found it."""
+    images = ImageRows(Path(image_root), list(item["paths"]), spec)
     decoded = [images[i] for i in range(len(images))]
     return {
         "chunk": item["chunk"],
@@ -55,13 +56,13 @@ def decode_chunk(item: dict, backbone: str, tiny: bool, image_root: str) -> dict
 class EmbedChunks:
     """An actor holding one copy of the backbone; refuses weights other than the driver's fingerprint."""
 
-    def __init__(self, backbone: str, source: str | None, random_init: bool, tiny: bool, device: str,
-                 compute_dtype: str, weights: str, dim: int, batch_size: int):
-        spec = get_spec(backbone, tiny)
-        model = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    def __init__(self, backbone: str, source: str | None, random_init: bool, tiny: bool, resolution: int | None,
+                 preprocess: str, device: str, compute_dtype: str, weights: str, dim: int, batch_size: int):
+        model = load_backbone(get_spec(backbone, tiny), source=source, random_init=random_init, tiny=tiny,
+                              resolution=resolution, preprocess=preprocess)
         if weights_sha256(model) != weights:
             raise RuntimeError(f"this worker loaded other {backbone} weights than the driver fingerprinted")
-        self.embedder = Embedder(spec, model, device, COMPUTE_DTYPES[compute_dtype])
+        self.embedder = Embedder(model.spec, model, device, COMPUTE_DTYPES[compute_dtype])
         self.dim, self.batch_size = dim, batch_size
 
     def __call__(self, item: dict) -> dict:
@@ -121,12 +122,12 @@ def extract_with_ray(
     if items:
         data = ray.data.from_items(items, override_num_blocks=len(items))  # one block per chunk
         r = request
-        data = data.map(decode_chunk, fn_kwargs=dict(backbone=r.backbone, tiny=r.tiny, image_root=str(job.image_root)),
-                        num_cpus=1)
+        data = data.map(decode_chunk, fn_kwargs=dict(spec=job.spec, image_root=str(job.image_root)), num_cpus=1)
         data = data.map(
             EmbedChunks,
             fn_constructor_kwargs=dict(
-                backbone=r.backbone, source=r.source, random_init=r.random_init, tiny=r.tiny, device=device,
+                backbone=r.backbone, source=r.source, random_init=r.random_init, tiny=r.tiny,
+                resolution=r.resolution, preprocess=r.preprocess, device=device,
                 compute_dtype=str(compute_dtype).removeprefix("torch."), weights=job.fingerprint["weights_sha256"],
                 dim=job.dim, batch_size=r.batch_size or default_batch_size(device),
             ),

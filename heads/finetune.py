@@ -209,6 +209,7 @@ def finetune(
     config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
 
     base = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
+    spec = base.spec  # at the loaded checkpoint's geometry: its own image_size, width and resample
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict())
     db = db if db is not None else ResultsDB(default_db(cache))
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.

@@ -19,7 +19,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 
 def save(tmp_path, cls, name, **config):
-    model = getattr(transformers, cls)._from_config(getattr(transformers, cls).config_class(**TINY, **config))
+    model = getattr(transformers, cls)._from_config(getattr(transformers, cls).config_class(**{**TINY, **config}))
     model.save_pretrained(tmp_path / name)
     return str(tmp_path / name)
 
@@ -36,12 +36,29 @@ def extract_fingerprint(tmp_path, backbone, model_dir, *extra):
     *[("SiglipVisionModel", "siglip2", dict(image_size=s), s, 32) for s in (32, 48, 64)],
     *[("CLIPVisionModelWithProjection", "clip", dict(image_size=32, projection_dim=p), 32, p) for p in (16, 24)],
     ("Dinov2Model", "dinov2", dict(image_size=32, mlp_ratio=2), 520, 32),
+    ("Dinov2Model", "dinov2", dict(image_size=64, mlp_ratio=2, hidden_size=48), 520, 48),
     ("DINOv3ViTModel", "dinov3-s", dict(num_register_tokens=4), 512, 32),
+    ("DINOv3ViTModel", "dinov3-s", dict(num_register_tokens=0, hidden_size=48), 512, 48),
 ])
 def test_extract_runs_at_the_checkpoints_own_geometry(tmp_path, cls, backbone, config, resolution, dim):
     make_dataset(tmp_path, n=2)
     fingerprint = extract_fingerprint(tmp_path, backbone, save(tmp_path, cls, f"{backbone}-{resolution}-{dim}", **config))
     assert (fingerprint["resolution"], fingerprint["dim"], fingerprint["preprocess"]) == (resolution, dim, "square")
+
+
+def test_finetuning_runs_at_the_checkpoints_own_geometry(tmp_path):
+    """A fixed-position checkpoint at 48 px fine-tunes at 48 px (the registry's 512 would not fit its positions)."""
+    from iqa.heads.finetune import finetune, finetune_config
+    from test_finetune import bright_dataset
+
+    bright_dataset(tmp_path, n=20)
+    source = save(tmp_path, "SiglipVisionModel", "siglip-48", image_size=48)
+    config = finetune_config("bright", "siglip2", mode="frozen", epochs=1)
+    run = finetune(tmp_path, config, "cpu", "float32", source, num_workers=0, progress=False)
+    assert run.result.status == "done"
+    from iqa.extract.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run.run_dir)["fingerprint"]["resolution"] == 48
 
 
 def test_resolution_override_interpolates_fixed_positions(tmp_path):

@@ -56,7 +56,7 @@ def assert_same_store(a, b):
     """Every array of two stores equal, NaN rows included, and the same fingerprint."""
     a, b = EmbeddingStore(a), EmbeddingStore(b)
     assert a.fingerprint == b.fingerprint
-    for name in ("embeddings", "status", "reasons", "chunk_done", "keys"):
+    for name in ("embeddings", "status", "reasons", "chunk_done", "keys", "image_stamps"):
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
 
 
@@ -75,6 +75,17 @@ def test_ray_store_on_an_fsspec_url_equals_local_store_bit_for_bit(cluster, toy)
     np.testing.assert_array_equal(cached.embeddings, load_cached(toy, "toy", BACKBONE, "local").embeddings)
     with pytest.raises(ValueError, match="built differently"):
         extract_dataset(replace(request, store_dtype="float16"), num_workers=0)
+
+
+def test_ray_workers_use_the_geometry_the_driver_loaded(cluster, toy):
+    """--resolution and --preprocess reach the decode tasks and the actors, not only the driver's fingerprint."""
+    geometry = dict(resolution=48, preprocess="native")
+    local = extract_dataset(ExtractRequest(toy, "toy", BACKBONE, tag="local48", skip_bad=True, **geometry, **SAME),
+                            num_workers=0)
+    distributed = extract_with_ray(ExtractRequest(toy, "toy", BACKBONE, tag="ray48", skip_bad=True, **geometry, **SAME),
+                                   actors=1)
+    assert EmbeddingStore(local.store).fingerprint["resolution"] == 48
+    assert_same_store(distributed.store, local.store)
 
 
 def copy_images(toy, cache):

@@ -8,8 +8,9 @@ at once, and the same head code serves end-to-end fine-tuning.
 __version__ = "0.1.0"
 
 
-def load_model(folder, device: str = "cpu"):
-    """The model in an `iqa export` folder (backbone + head) with `.score(images)` and `.embed(images)`."""
+def load_model(folder, device: str = "cpu", source: str | None = None):
+    """The model in an `iqa export` folder (backbone + head, a fine-tuned backbone's tuning applied) with
+    `.score(images)` and `.embed(images)`; `source` is where to find the base weights if not where training found them."""
     from iqa.heads.score import load_model as load  # imported on use: torch and the backbones are slow to import
 
-    return load(folder, device)
+    return load(folder, device, source)

@@ -506,17 +506,20 @@ def score_command(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 4 on CPU, 32 on GPU].")] = None,
     device: DeviceOption = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="Base backbone weights (HF id or folder) if not where training found them; checked by checksum.")] = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
     import csv
     import json
 
-    from iqa.heads.score import ModelFolderError, image_files, load_model, score_files
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.score import image_files, load_model, score_files
 
     try:
-        loaded = load_model(model, device)
-    except ModelFolderError as error:
-        fail(str(error))
+        loaded = load_model(model, device, base)
+    except (BackboneLoadError, ValueError) as error:  # ModelFolderError is a ValueError
+        fail(message(error))
     scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
     good = [s for s in scored if not s.reason]
     if out is not None:
@@ -606,6 +609,7 @@ def finetune_command(
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
     l2norm: L2normOption = False,
+    select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic) or last.")] = "test",
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
@@ -626,7 +630,8 @@ def finetune_command(
     root = cache_dir(cache)
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
-                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay, l2norm)
+                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay, l2norm,
+                                 select)
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(message(err))

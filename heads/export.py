@@ -1,9 +1,10 @@
-"""`iqa export`: a finished cached-head run as a self-contained model folder.
+"""`iqa export`: a finished run (cached head or fine-tuning) as a self-contained model folder.
 
-The folder holds config.json (backbone and how its weights were obtained, the store fingerprint's
-preprocessing recipe, the head, the training set's target scale and its map back to MOS, split,
-seed, selection rule, metrics, package versions), head.safetensors (the kept epoch's weights,
-checked by sha256 on load) and README.md, a short model card. `iqa.load_model` reads it back.
+The folder holds config.json (backbone and how its weights were obtained, the preprocessing recipe
+its fingerprint recorded, the head, the training set's target scale and its map back to MOS, split,
+seed, selection rule, metrics, package versions), head.safetensors (the kept epoch's head), for a
+fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors), every file checked
+by sha256 on load, and README.md, a short model card. `iqa.load_model` reads it back.
 """
 
 import hashlib
@@ -16,7 +17,7 @@ import numpy as np
 
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
-from iqa.heads.weights import HEAD_FILE, run_weights_path
+from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, run_weights_path
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
@@ -46,8 +47,6 @@ def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
-    if run.get("regime", "frozen") != "frozen":
-        raise ValueError(f"run {run['key'][:12]} is a {run['regime']} fine-tuning run; export handles cached-head runs")
     for option in ("standardize", "l2norm"):  # the model folder does not carry the input transform yet
         if run.get(option):
             raise ValueError(f"run {run['key'][:12]} was trained with --{option}; export handles runs without it")
@@ -58,18 +57,32 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     manifest = read_manifest(cache, run["train_dataset"])
-    fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
+    kept = weights.parent
+    if (kept / FINGERPRINT_FILE).is_file():  # a fine-tuning run: the base backbone it started from
+        fingerprint = json.loads((kept / FINGERPRINT_FILE).read_text())
+    else:
+        fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, out / HEAD_FILE)
+    tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
+    if (kept / ADAPTER_DIR).is_dir():
+        shutil.copytree(kept / ADAPTER_DIR, out / ADAPTER_DIR)
+    if (kept / BACKBONE_FILE).is_file():
+        shutil.copyfile(kept / BACKBONE_FILE, out / BACKBONE_FILE)
+    for path in sorted([*(out / ADAPTER_DIR).rglob("*"), out / BACKBONE_FILE]):
+        if path.is_file():
+            tuning["files"][str(path.relative_to(out))] = file_sha256(path)
     head_keys = ("head", "act1", "act2", "mask_k", "dropout", "keep")
     config = {
         "format": FORMAT,
         "run_key": run["key"],
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
-            "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocessing", "compute_dtype")}},
+            "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
+            "preprocessing", "compute_dtype")}, "tuning": tuning},
         "head": {k: run[k] for k in head_keys},
-        "training": {k: run[k] for k in (
-            "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction")},
+        "training": {k: run.get(k) for k in (
+            "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
+            "regime", "backbone_lr", "physical_batch", "accumulate")},
         "targets": {"score_scale": manifest.score_scale, "mos": mos_map(manifest.scores, manifest.targets)},
         "metrics": {k: run[k] for k in ("best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")},
         "weights": {"file": HEAD_FILE, "sha256": file_sha256(out / HEAD_FILE)},
@@ -84,6 +97,11 @@ def model_card(config: dict) -> str:
     b, t, m = config["backbone"], config["training"], config["metrics"]
     untrained = {"tiny": "a tiny random-init test model", "random-init": "a random-init model"}.get(b["tag"])
     notes = [f"The backbone is {untrained}: it rebuilds deterministically from its config, not from pretrained weights."] if untrained else []
+    regime = b["tuning"]["regime"]
+    if regime != "frozen":
+        notes.append(f"The backbone was fine-tuned end to end ({regime}"
+                     f"{', rank ' + str(b['tuning']['lora_rank']) if regime == 'lora' else ''}); its tuning is in this "
+                     f"folder ({'adapter/, PEFT format' if regime == 'lora' else 'backbone.safetensors'}) and is applied on load.")
     if t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
     return "\n".join([

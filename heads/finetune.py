@@ -19,6 +19,8 @@ float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epo
 after every epoch (extract/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
 checkpoint stays and it is recorded as diverged. The finished run goes to the results database
 with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
+The epoch the selection rule keeps (`test`: best test SRCC, or `last`) leaves its head and adapter
+(or full backbone weights) under the database's runs/<key>/ (heads/weights.py), for `iqa export`.
 
 BatchNorm layers (ResNet) keep their running statistics in every regime: a batch of 2 cannot
 estimate them.
@@ -51,6 +53,8 @@ from iqa.heads.loss import iqa_loss
 from iqa.heads.mlp import HEADS, StackedMLP, member_seed
 from iqa.cache.results import ResultsDB, default_db
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from iqa.heads.selection import check_rule, improved
+from iqa.heads.weights import run_weights_path, save_tuned
 from iqa.heads.train import (
     RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,
     result_from_curves,
@@ -160,8 +164,12 @@ def finetune_config(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     l2norm: bool = False,
+    select: str = "test",
 ) -> RunConfig:
     """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch."""
+    check_rule(select)
+    if select == "val":
+        raise ValueError("fine-tuning selects by --select test or last (no validation part is carved on images yet)")
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if head not in HEADS:
@@ -176,6 +184,7 @@ def finetune_config(
         tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
         lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
         loss=loss, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
+        select=select,
     )
 
 
@@ -244,6 +253,8 @@ def finetune(
             scaler.load_state_dict(state["scaler"])
             restore_rng_states(state["rng"])
             start, curves = state["epoch"], state["curves"]
+        kept = run_weights_path(db.path, key).parent
+        kept_srcc = max([s for s in curves["srcc"] if s == s], default=-np.inf)  # the kept epoch's, on a resume
 
         targets = torch.as_tensor(manifest.targets, dtype=torch.float32)
         images = ImageRows(Path(manifest.image_root), manifest.paths, spec)
@@ -274,6 +285,9 @@ def finetune(
             record_epoch(curves, train_loss=loss_sum / steps, srcc=epoch_srcc, plcc=epoch_plcc,
                          lr=optimizer.param_groups[-1]["lr"])  # the head's lr
             scheduler.step()
+            if improved([epoch_srcc], [kept_srcc], config.select)[0]:  # before the checkpoint: a kill redoes the epoch
+                kept_srcc = epoch_srcc
+                save_tuned(kept, model.head.state_dict(), model.backbone, mode, config.as_dict(), fingerprint)
             save_checkpoint(run_dir, {
                 "key": key, "config": config.as_dict(), "fingerprint": fingerprint, "epoch": epoch + 1,
                 "backbone": trained_backbone_state(model), "head": model.head.state_dict(),
@@ -286,7 +300,7 @@ def finetune(
         bar.close()
 
     gates = gate_parameters(model.head, 0) if diverged_epoch is None else None
-    result = result_from_curves(curves, diverged_epoch, gates)
+    result = result_from_curves(curves, diverged_epoch, gates, config.select)
     db.record([(key, config.as_dict(), fp_id, result)])
     trained = (diverged_epoch or epochs + 1) - 1 - start
     return FinetuneRun(run_dir, key, fp_id, config.as_dict(), result, trained)

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from iqa.extract.backbones import load_backbone, weights_sha256
-from iqa.extract.preprocess import resize_uint8, to_rgb
+from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
+from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size
 from iqa.heads.export import CONFIG_FILE, file_sha256
-from iqa.heads.weights import load_head
+from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -41,10 +42,18 @@ class IqaModel(nn.Module):
     def _inputs(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images
-        pictures = [to_rgb(Image.open(i)) if isinstance(i, (str, Path)) else to_rgb(i) for i in images]
-        if self.spec.features_in_worker is not None:
-            return torch.from_numpy(np.stack([np.asarray(self.spec.features_in_worker(p), dtype=np.float32) for p in pictures]))
-        return torch.stack([resize_uint8(p, self.spec.resolution) for p in pictures])
+        pictures = [self._decoded(i) if isinstance(i, (str, Path)) else to_rgb(ImageOps.exif_transpose(i)) for i in images]
+        spec = self.spec
+        if spec.features_in_worker is not None:
+            return torch.from_numpy(np.stack([np.asarray(spec.features_in_worker(p), dtype=np.float32) for p in pictures]))
+        return torch.stack([resize_uint8(p, spec.resolution, spec.resample, spec.shortest_side()) for p in pictures])
+
+    @staticmethod
+    def _decoded(path) -> Image.Image:
+        image, reason, _ = decode_image(Path(path))
+        if image is None:
+            raise ValueError(f"cannot read {path}: {reason}")
+        return image
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
@@ -67,8 +76,10 @@ class IqaModel(nn.Module):
         return self.score(images)
 
 
-def load_model(folder: str | Path, device: str = "cpu") -> IqaModel:
-    """The model in an `iqa export` folder; refuses a missing or altered file, naming it."""
+def load_model(folder: str | Path, device: str = "cpu", source: str | None = None) -> IqaModel:
+    """The model in an `iqa export` folder; refuses a missing or altered file, naming it. The base
+    weights come from where training took them (config.json's model_id) unless `source` (an HF id
+    or a local folder) says otherwise; either way they must be the ones trained on (checksum)."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -83,13 +94,35 @@ def load_model(folder: str | Path, device: str = "cpu") -> IqaModel:
     if file_sha256(weights) != config["weights"]["sha256"]:
         raise ModelFolderError(f"{weights} does not match the checksum in {config_path}: altered or corrupt")
     b = config["backbone"]
-    spec = get_spec(b["key"], tiny=b["tag"] == "tiny")
-    backbone = load_backbone(spec, random_init=b["tag"] == "random-init", tiny=b["tag"] == "tiny")
+    tiny, random_init = b["tag"] == "tiny", b["tag"] == "random-init"
+    spec = get_spec(b["key"], tiny=tiny)
+    backbone = load_backbone(spec, source=source or (None if tiny or random_init else b.get("model_id")),
+                             random_init=random_init, tiny=tiny, resolution=b.get("resolution"),
+                             preprocess=b.get("preprocess") or "square")
     if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
         raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
+    backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
     head, _ = load_head(weights)
     dtype = getattr(torch, b.get("compute_dtype") or "float32")
-    return IqaModel(config, Embedder(spec, backbone, device, dtype), head.to(device))
+    return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
+
+
+def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
+    """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
+    each file checked against config.json's checksum first."""
+    for name, sha in tuning.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing")
+        if file_sha256(path) != sha:
+            raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
+    if tuning["regime"] == "lora":
+        from peft import PeftModel  # imports in ~2 s: only for a LoRA model
+
+        return PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR)).merge_and_unload().eval()
+    if tuning["regime"] == "full":
+        backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
+    return backbone
 
 
 def image_files(targets: list[Path]) -> list[Path]:

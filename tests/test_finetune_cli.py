@@ -50,3 +50,45 @@ def test_bad_input_fails_in_one_line(tmp_path, args, message):
     result = iqa("finetune", *[a for flag, value in options.items() for a in ((flag,) if value is None else (flag, value))])
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path, mode):
+    """The kept epoch's head and tuning (PEFT adapter, or full weights) leave the run; scoring the test
+    images from disk through the exported folder reproduces the recorded test SRCC and PLCC."""
+    import json
+
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    from iqa.cache.manifest import read_manifest
+    from iqa.cache.results import ResultsDB
+    from iqa.data.splits import split_indices
+
+    bright_dataset(tmp_path, n=30)
+    common = ["--dataset", "bright", "--tiny", "--workers", "0", "--cache", tmp_path, "--dtype", "float32"]
+    assert iqa("finetune", "--backbone", "siglip2", "--mode", mode, "--epochs", "2", "--lr", "1e-3", *common).exit_code == 0
+    (run,) = ResultsDB(tmp_path / "results.sqlite").runs()
+    kept = tmp_path / "runs" / run["key"]
+    assert (kept / ("adapter/adapter_model.safetensors" if mode == "lora" else "backbone.safetensors")).is_file()
+
+    out = tmp_path / "model"
+    exported = iqa("export", run["key"][:10], "--out", out, "--cache", tmp_path)
+    assert exported.exit_code == 0, exported.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"]["tuning"]["regime"] == mode and "fine-tuned end to end" in (out / "README.md").read_text()
+
+    manifest = read_manifest(tmp_path, "bright")
+    _, test_rows = split_indices(manifest.paths, 8)
+    images = [str(tmp_path / "images" / manifest.paths[i]) for i in test_rows]
+    scored = iqa("score", out, *images, "--json", "--device", "cpu", "--workers", "0")
+    assert scored.exit_code == 0, scored.output
+    scores = np.array([json.loads(line)["score"] for line in scored.stdout.splitlines()])
+    targets = manifest.targets[test_rows]
+    assert spearmanr(scores, targets)[0] == pytest.approx(run["best_srcc"], abs=1e-4)
+    assert pearsonr(scores, targets)[0] == pytest.approx(run["best_plcc"], abs=1e-4)
+
+    key = "adapter/adapter_model.safetensors" if mode == "lora" else "backbone.safetensors"
+    (out / key).write_bytes((out / key).read_bytes()[:-8] + b"\0" * 8)
+    altered = iqa("score", out, images[0], "--device", "cpu", "--workers", "0")
+    assert altered.exit_code == 1 and "altered or corrupt" in altered.stderr and key in altered.stderr

@@ -190,3 +190,13 @@ def test_report_on_a_half_finished_grid_writes_every_table_figure_and_index(tmp_
     assert not (out / "profile.md").exists() and set((out / "figures").iterdir()) < old
     with pytest.raises(ValueError, match="unknown backbone"):
         write_report(db.runs(), out, None, ["nope"])
+
+
+def test_table_notes_name_the_selection_rule_of_their_cells():
+    runs = [{**record("clive", "baseline", 8, 0.8)[1], "select": rule, "best_srcc": 0.8, "best_plcc": 0.7,
+             "last_srcc": 0.8, "last_plcc": 0.7, "status": "done"} for rule in ("test",)]
+    assert "select=test: the epoch of best test SRCC (the paper's protocol; optimistic" in results_table(runs)
+    both = runs + [{**runs[0], "select": "val", "seed": 19}]
+    table = results_table(both)
+    assert "select=test" in table and "select=val: the epoch of best SRCC on a validation part" in table
+    assert "last epoch per run" in results_table(runs, which="last")

@@ -78,7 +78,7 @@ def _summary(runs: list[dict], which: str, metric: str) -> Cell:
 def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", which: str = "best") -> str:
     """Mean ± std over seeds: rows = backbone/variant (plus whatever else varies), columns = datasets.
 
-    `which` is "best" (best epoch per run, the paper's protocol) or "last" (final epoch). The
+    `which` is "best" (the epoch each run's selection rule kept; the note names the rule) or "last" (final epoch). The
     masking and dropout layouts add Table 4's Δ columns per dataset group against level 100 / 1.0.
     The best value of each column is marked (bold; `*` in the CSV's best column); empty cells say
     why: "not run" or "diverged" (any seed). Cells averaging fewer seeds than the table's most say so.
@@ -129,7 +129,9 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
         for row in rows
     ]
     _mark_best(table)
-    return _render(fields, rows, columns, table, fmt, which)
+    kept = "last epoch per run" if which == "last" else "; ".join(
+        f"select={rule}: {RULE_NOTES[rule]}" for rule in sorted({r.get("select") or "test" for r in runs}))
+    return _render(fields, rows, columns, table, fmt, kept)
 
 
 def _mark_best(table: list[list[Cell]]) -> None:
@@ -148,11 +150,18 @@ def _label(value) -> str:
     return "" if value is None else str(value)
 
 
-def _render(fields, rows, columns, table, fmt, which) -> str:
+RULE_NOTES = {
+    "test": "the epoch of best test SRCC (the paper's protocol; optimistic, the test set chose it)",
+    "val": "the epoch of best SRCC on a validation part of the training split (no test row chose it)",
+    "last": "the last epoch",
+}
+
+
+def _render(fields, rows, columns, table, fmt, kept) -> str:
     metric_headers = [f"{h} {m}" for h, _ in columns for m in ("SRCC", "PLCC")]
     most_seeds = max((c.seeds for row in table for c in row), default=0)
     spread = "one seed each" if most_seeds == 1 else f"mean ± std over {most_seeds} seeds, (n=...) where fewer"
-    note = f"{which} epoch per run; {spread}; best per column in bold"
+    note = f"{kept}; {spread}; best per column in bold"
 
     def text(c: Cell, latex: bool = False) -> str:
         if c.kind == "delta":

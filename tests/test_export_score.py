@@ -133,3 +133,32 @@ def test_head_command_refuses_an_unknown_selection_rule(demo_cache):
     result = CliRunner().invoke(app, ["head", "--cached", "--dataset", "demo", "--backbone", "nss", "--select", "best",
                                       "--cache", str(demo_cache)])
     assert result.exit_code == 1 and "unknown selection rule 'best'" in result.output
+
+
+@pytest.mark.parametrize("untrained", ["tiny", "random-init"])
+def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tmp_path, untrained, monkeypatch):
+    """The backbone rebuilds deterministically from its config: disk scores equal the head on the stored rows."""
+    from iqa.extract import registry
+    from test_integrity import toy_dataset
+
+    if untrained == "random-init":  # the full-size architecture is minutes on a CPU: shrink its config, not the code path
+        spec = registry.get_spec("dinov2")
+        monkeypatch.setitem(registry.BACKBONES, "dinov2", registry.replace(
+            spec, config=spec.tiny_config, dim=spec.tiny_config["hidden_size"], resolution=registry.TINY_RESOLUTION))
+    paths = toy_dataset(tmp_path, n=24)
+    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=untrained == "tiny", random_init=untrained == "random-init",
+                             dtype="float32", store_dtype="float32", progress=False)
+    extract_dataset(request, num_workers=0)
+    load = partial(load_cached, tmp_path, backbone="dinov2", tag=untrained)
+    configs = expand_grid([("toy", "toy")], "dinov2", head_choices(["sig"], []), [8], epochs=3, tag=untrained)
+    (run,) = run_grid(configs, load, ResultsDB(default_db(tmp_path)), progress=False)
+    out = tmp_path / "model"
+    assert CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(tmp_path)]).exit_code == 0
+    assert "rebuilds deterministically" in (out / "README.md").read_text()
+
+    model = iqa.load_model(out)
+    scores = model.score([tmp_path / "images" / p for p in paths])
+    head, _ = load_head(run_weights_path(default_db(tmp_path), run["key"]))
+    with torch.no_grad():
+        expected = head(torch.as_tensor(load("toy").embeddings)[None])[0]
+    assert torch.allclose(scores, expected, atol=1e-5)

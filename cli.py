@@ -499,7 +499,9 @@ def export_command(
 @app.command("score")
 def score_command(
     model: Annotated[Path, typer.Argument(help="A model folder from `iqa export`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files and folders (walked for images).")],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files and folders (walked for images).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Score a prepared dataset, from its embedding store when that matches the model.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write path,score,mos rows to this CSV file.")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some images are unreadable.")] = False,
@@ -508,19 +510,26 @@ def score_command(
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
     base: Annotated[Optional[str], typer.Option(
         "--base", help="Base backbone weights (HF id or folder) if not where training found them; checked by checksum.")] = None,
+    cache: CacheOption = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
     import csv
     import json
 
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.score import image_files, load_model, score_files
+    from iqa.heads.score import image_files, load_model, score_dataset, score_files
 
+    if bool(images) == bool(dataset):
+        fail("give image files or folders, or --dataset D (one of the two)")
     try:
         loaded = load_model(model, device, base)
-    except (BackboneLoadError, ValueError) as error:  # ModelFolderError is a ValueError
+        if dataset:
+            scored, source = score_dataset(loaded, cache_dir(cache), dataset, batch_size, workers, progress=out is not None)
+            typer.echo(f"{dataset}: scored from its {'embedding store' if source == 'store' else 'images'}", err=True)
+        else:
+            scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
+    except (BackboneLoadError, FileNotFoundError, ValueError) as error:  # ModelFolderError is a ValueError
         fail(message(error))
-    scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
     good = [s for s in scored if not s.reason]
     if out is not None:
         with open(out, "w", newline="") as f:

@@ -161,3 +161,47 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
         for i, reason, s, m in zip(index.tolist(), reasons, scores.tolist(), mos.tolist()):
             out.append(Scored(str(paths[i]), None if reason else s, None if reason else m, reason or ""))
     return out
+
+
+# What decides a stored embedding: a store whose fingerprint agrees on all of these holds what the
+# model's own backbone would compute for the same images.
+EMBEDDING_FIELDS = ("backbone", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
+                    "preprocessing", "compute_dtype")
+
+
+def reusable_store(model: IqaModel, cache: Path, dataset: str):
+    """The model's backbone's store of `dataset` if its embeddings are the ones the model would compute
+    (a fine-tuned model's never are: its backbone is not the base one), else None."""
+    from iqa.cache.store import load_cached, store_exists, store_path
+
+    b = model.config["backbone"]
+    if (b.get("tuning") or {}).get("regime", "frozen") != "frozen":
+        return None
+    if not store_exists(store_path(cache, dataset, b["key"], b["tag"])):
+        return None
+    cached = load_cached(cache, dataset, b["key"], b["tag"])  # refuses a stale, damaged or unfinished store
+    mine = {"backbone": b["key"], **b}
+    if "tuned" in cached.fingerprint or any(cached.fingerprint.get(k) != mine.get(k) for k in EMBEDDING_FIELDS):
+        return None
+    return cached
+
+
+def score_dataset(model: IqaModel, cache: Path, dataset: str, batch_size: int | None = None, workers: int = 2,
+                  progress: bool = True) -> tuple[list[Scored], str]:
+    """Every image of a prepared dataset, from its embedding store where that matches the model (no
+    backbone pass), else from the images; and which of the two it was."""
+    from iqa.cache.manifest import read_manifest
+
+    manifest = read_manifest(cache, dataset)
+    root = Path(manifest.image_root)
+    cached = reusable_store(model, cache, dataset)
+    if cached is None:
+        return score_files(model, [root / p for p in manifest.paths], batch_size, workers, progress), "images"
+    scores = torch.full((len(manifest),), float("nan"))
+    valid = torch.from_numpy(cached.valid)
+    if valid.any():
+        scores[valid] = model.score_embeddings(torch.from_numpy(cached.embeddings[cached.valid]))
+    mos = model.to_mos(scores.numpy())
+    out = [Scored(str(root / p), s if ok else None, m if ok else None, "" if ok else "unreadable at extraction")
+           for p, s, m, ok in zip(manifest.paths, scores.tolist(), mos.tolist(), cached.valid.tolist())]
+    return out, "store"

@@ -162,3 +162,28 @@ def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tm
     with torch.no_grad():
         expected = head(torch.as_tensor(load("toy").embeddings)[None])[0]
     assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_score_dataset_reuses_a_matching_store_else_reads_the_images(demo_cache, tmp_path):
+    import shutil
+
+    _, run = train(demo_cache)
+    out = tmp_path / "model"
+    assert CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(demo_cache)]).exit_code == 0
+    command = ["score", str(out), "--dataset", "demo", "--json", "--workers", "0", "--cache"]
+    from_store = CliRunner().invoke(app, [*command, str(demo_cache)])
+    assert from_store.exit_code == 0 and "demo: scored from its embedding store" in from_store.stderr
+    scores = torch.tensor([json.loads(line)["score"] for line in from_store.stdout.splitlines()])
+    cached = load_cached(demo_cache, "demo", "nss")
+    head, _ = load_head(run_weights_path(default_db(demo_cache), run["key"]))
+    with torch.no_grad():
+        assert torch.equal(scores, head(torch.as_tensor(cached.embeddings)[None])[0])
+
+    elsewhere = tmp_path / "cache"  # the same manifest, no store: computed from the images
+    shutil.copytree(demo_cache / "demo", elsewhere / "demo", ignore=shutil.ignore_patterns("*.zarr"))
+    from_images = CliRunner().invoke(app, [*command, str(elsewhere)])
+    assert from_images.exit_code == 0 and "scored from its images" in from_images.stderr
+    computed = torch.tensor([json.loads(line)["score"] for line in from_images.stdout.splitlines()])
+    assert torch.allclose(computed, scores, atol=5e-3)  # the store holds float16
+    neither = CliRunner().invoke(app, ["score", str(out)])
+    assert neither.exit_code == 1 and "one of the two" in neither.stderr

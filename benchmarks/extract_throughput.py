@@ -3,7 +3,8 @@
 naive:     for each image: PIL open -> the model's Hugging Face image processor -> model, batch 1, fp32.
 extractor: `extract_dataset` with its defaults (batched, decoding in worker processes, chunked Zarr
            writes, `--dtype auto`: bf16 autocast on GPUs and on CPUs with AVX512-BF16/AMX).
-It also times the model's pure forward pass on a ready batch at the extractor's dtype: the limit.
+It also times the model's pure forward pass on a ready batch at the extractor's dtype (the limit),
+and `iqa score` (`score_files`: the same decode and embed path plus a head) on the same images.
 A ViT at 512 px is compute-bound on a CPU, so in float32 batching and worker decoding buy only a
 few percent; the gain on such a CPU comes from bf16. The agreement line says what that costs.
 
@@ -27,7 +28,9 @@ from iqa.cache.store import load_cached
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.extract.run import ExtractRequest, compute_dtype_for, default_batch_size, extract_dataset
+from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, default_batch_size, extract_dataset
+from iqa.heads.mlp import HEADS, StackedMLP
+from iqa.heads.score import IqaModel, score_files
 
 
 def make_images(cache: Path, n: int) -> list[Path]:
@@ -104,6 +107,12 @@ def main() -> None:
                                  chunk_rows=args.batch_size)
         summary = extract_dataset(request, device=args.device, num_workers=args.workers)
         stored = load_cached(cache, "bench", spec.key, "random-init").embeddings
+        scorer = IqaModel({"targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
+                          Embedder(model.spec, model, args.device, compute_dtype_for(args.device, args.dtype)),
+                          StackedMLP(stored.shape[1], [8], *HEADS["sig"]).eval().to(args.device))
+        start = time.perf_counter()
+        score_files(scorer, files, args.batch_size, args.workers, progress=False)
+        score_rate = n / (time.perf_counter() - start)
     agreement = float(np.abs(stored - naive_out).max() / np.abs(naive_out).max())
     figures = {
         "backbone": spec.key, "device": args.device, "images": n, "resolution": spec.resolution,
@@ -115,6 +124,10 @@ def main() -> None:
           f"{figures['extract_dtype']}): "
           f"{summary.images_per_s:.2f} images/s, {figures['ratio']}x the naive loop; "
           f"embeddings agree to {agreement:.1e} (relative, float16 store)")
+    figures["score_images_per_s"] = round(score_rate, 3)
+    figures["score_vs_extract"] = round(score_rate / summary.images_per_s, 2)
+    print(f"iqa score (same batch and workers, + a sig head): {score_rate:.2f} images/s, "
+          f"{figures['score_vs_extract']:.2f}x iqa extract")
     reps = 10 if args.device.startswith("cuda") else max(1, n // (4 * args.batch_size))
     figures["forward_images_per_s"] = round(forward_limit(spec, model, args.device, args.dtype, args.batch_size, reps), 2)
     figures["share_of_forward"] = round(summary.images_per_s / figures["forward_images_per_s"], 2)

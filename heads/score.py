@@ -150,7 +150,7 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
     rows = ImageRows(Path("/"), [str(Path(p).resolve()) for p in paths], model.spec)
     loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers)
     out: list[Scored] = []
-    dim = model.embedder(rows.blank[None]).shape[1]
+    dim = model.spec.dim  # the loaded checkpoint's width (checkpoint_spec)
     for index, inputs, reasons, _ in tqdm(loader, total=len(loader), unit="batch", disable=not progress, desc="scoring"):
         embeddings = torch.from_numpy(model.embedder.batch(inputs, list(reasons), dim))
         readable = ~torch.isnan(embeddings).any(1)

@@ -44,6 +44,8 @@ class CleanDiftBackbone(nn.Module):
                  timestep: int = TIMESTEP):
         super().__init__()
         self.unet = unet
+        # Only the encoder half of the VAE is ever run: the decoder (~50 M parameters) is dropped, not carried.
+        del vae.decoder, vae.post_quant_conv
         self.vae = vae.requires_grad_(False)
         self.register_buffer("prompt_embedding", prompt_embedding.detach().clone())
         self.timestep = timestep

@@ -75,6 +75,8 @@ def paper_db(tmp_path, shift_sd: float = 0.0):
             for dataset in table["columns"][:-1]:
                 srcc = printed_value(cell(tables, tid, row["label"], dataset, "srcc"))
                 plcc = printed_value(cell(tables, tid, row["label"], dataset, "plcc"))
+                if srcc is None:  # unreadable in the paper's text (CDIFT +Sig): nothing to match
+                    continue
                 if row["match"] == {"backbone": "siglip2", "head": "baseline", "regime": "lora"} and dataset == "clive":
                     srcc += shift_sd * 0.0103  # Table S2: SigLIP2 CLIVE SRCC sd
                 for seed, wobble in ((8, -0.001), (19, 0.0), (25, 0.001)):
@@ -87,9 +89,10 @@ def paper_db(tmp_path, shift_sd: float = 0.0):
 def test_cells_equal_to_the_paper_are_reproduced(tmp_path):
     by_table = {t.tid: t for t in compare(paper_db(tmp_path))}
     t1 = by_table["1"].counts()
-    # 12 rows with an iqa backbone (CDIFT has none) x 7 datasets x 2 metrics; the averages have no published sd
-    assert t1["reproduced"] == 12 * 14 and t1["off"] == 0 and t1["no published sd"] == 12 * 2
-    assert t1["unreadable"] == 16 and t1["not run"] == 16  # CDIFT +Sig unreadable, CDIFT baseline not run
+    # 13 readable rows (CDIFT's +Sig row is unreadable) x 7 datasets x 2 metrics; the averages and
+    # CDIFT's FLIVE SRCC (its Table S2 cell) have no published sd
+    assert t1["reproduced"] == 13 * 14 - 1 and t1["off"] == 0 and t1["no published sd"] == 13 * 2 + 1
+    assert t1["unreadable"] == 16 and t1["not run"] == 0
     s1 = by_table["S1"].counts()
     # Table S1 duplicates the LoRA rows of Table 1 (siglip2 lora baseline/sig), but its averages differ from
     # its own columns' mean (.844 printed, .850 computed): averages have no published sd, so not judged
@@ -97,7 +100,7 @@ def test_cells_equal_to_the_paper_are_reproduced(tmp_path):
     assert by_table["2"].counts()["not run"] == 7 * 16
     # Table 4 names no regime: its k = 100 rows match both the frozen and the LoRA runs, which are not averaged
     assert by_table["4"].rows[0][1][0].verdict == "several configs"
-    assert "0 off" in by_table["1"].summary() and "168 reproduced" in by_table["1"].summary()
+    assert "0 off" in by_table["1"].summary() and "181 reproduced" in by_table["1"].summary()
 
 
 def test_a_cell_three_sd_off_is_marked_off(tmp_path):

@@ -623,3 +623,53 @@ def finetune_command(
 
 if __name__ == "__main__":
     app()
+
+
+# ---- explanations ----
+@app.command("explain")
+def explain_command(
+    inputs: Annotated[list[Path], typer.Argument(help="MODEL (an `iqa export` folder; not with --backbone), then image files and folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image.")],
+    method: Annotated[str, typer.Option("--method", help="gradcam (on the backbone's spatial features) or ig (Integrated Gradients).")] = "gradcam",
+    target: Annotated[str, typer.Option("--target", help="high: what raises the score; low: what lowers it.")] = "high",
+    compare: Annotated[Optional[str], typer.Option("--compare", help="More model folders, comma-separated, side by side.")] = None,
+    bands: Annotated[Optional[str], typer.Option("--bands", help="Feature-band maps, percent from the top of |embedding|: 0-1,1-10,...")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="Explain a bare backbone's feature bands (no model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="--backbone weights: HF id or local directory.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="--backbone: full-size architecture, random weights.")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="--backbone: tiny random model of the same class.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Attribution maps of predicted quality (Grad-CAM or IG), per image, for one or more models."""
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.attribution import METHODS, TARGETS, parse_bands
+    from iqa.heads.explain import backbone_subject, explain_files, model_subject
+    from iqa.heads.score import ModelFolderError, image_files
+
+    if method not in METHODS or target not in TARGETS:
+        fail(f"--method must be one of {', '.join(METHODS)} and --target one of {', '.join(TARGETS)}")
+    if backbone is None and (model or random_init or tiny):
+        fail("--model, --random-init and --tiny choose the weights of --backbone; a model folder brings its own")
+    if backbone is not None and (compare or not bands):
+        fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20) and no --compare")
+    try:
+        band_list = parse_bands(bands) if bands else None
+        if backbone is not None:
+            subjects, images = [backbone_subject(backbone, model, random_init, tiny, device)], inputs
+        else:
+            folders = [inputs[0], *map(Path, _csv([compare] if compare else []))]
+            subjects, images = [model_subject(f, device) for f in folders], inputs[1:]
+        paths = image_files(images)
+        if not paths:
+            fail("no images given: name image files or folders after the model")
+        done = explain_files(subjects, paths, out, method, target, band_list)
+    except (ModelFolderError, BackboneLoadError, FileExistsError, KeyError, ValueError) as err:
+        fail(message(err))
+    except OSError as err:
+        cannot_write(out, err)
+    for item in done:
+        typer.echo(f"{item.path}\t{item.page}" if not item.reason else f"unreadable: {item.path}: {item.reason}",
+                   err=bool(item.reason))
+    bad = [item for item in done if item.reason]
+    if bad:
+        fail(f"{len(bad)} of {len(done)} images could not be explained (listed above)")

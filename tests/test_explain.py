@@ -1,0 +1,186 @@
+"""Explanations: Grad-CAM and IG maps find a known answer, change with the head, bands partition the embedding."""
+
+import json
+from dataclasses import replace
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+from torch import nn
+from typer.testing import CliRunner
+
+from iqa.cli import app
+from iqa.extract.backbones import load_backbone
+from iqa.extract.registry import get_spec
+from iqa.heads.attribution import SpatialTap, attribute, band_masks, band_target, parse_bands, score_target
+from iqa.heads.explain import Subject, subject_maps
+from iqa.heads.mlp import StackedMLP
+
+
+class QuadrantBackbone(nn.Module):
+    """A patchify conv stage whose channel group k is switched on in quadrant k only; the pooled vector
+    is group 0 averaged: it depends on the top-left quadrant of the image and on nothing else."""
+
+    pooling = "pooler_output"
+
+    def __init__(self, side: int = 32, patch: int = 4, groups: int = 4, width: int = 4):
+        super().__init__()
+        grid, half = side // patch, side // patch // 2
+        quadrants = torch.zeros(groups, grid, grid)
+        for k, (r, c) in enumerate([(0, 0), (0, half), (half, 0), (half, half)]):
+            quadrants[k, r:r + half, c:c + half] = 1
+        self.model = nn.Module()
+        self.model.stages = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(3, groups * width, patch, stride=patch), nn.ReLU(), Masked(quadrants.repeat_interleave(width, 0)))])
+        self.width = width
+        self.spec = replace(get_spec("resnet152", tiny=True), resolution=side)
+
+    def forward(self, pixels):
+        return self.model.stages[0](pixels)[:, : self.width].mean((2, 3))
+
+
+class Masked(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_gradcam_and_ig_put_their_mass_in_the_only_quadrant_the_model_reads(one_thread):
+    torch.manual_seed(0)
+    backbone = QuadrantBackbone()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    everything = band_target(torch.ones(2, backbone.width))
+    cam = attribute(backbone, everything, pixels)
+    assert cam.shape == (2, 32, 32) and cam.sum() > 0
+    assert (cam[:, :16, :16].sum((1, 2)) / cam.sum((1, 2)) > 0.9).all()
+    ig = attribute(backbone, everything, pixels, "ig").abs()
+    assert (ig[:, :16, :16].sum((1, 2)) / ig.sum((1, 2)) > 0.999).all()  # pixels elsewhere have no gradient at all
+
+
+@pytest.mark.parametrize("key", ["dinov2", "dinov3-s", "siglip2", "clip", "resnet152"])
+def test_the_tap_leaves_the_numbers_alone_and_gives_a_map_on_the_grid(key, one_thread):
+    backbone = load_backbone(get_spec(key, tiny=True), tiny=True)
+    pixels = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.float32)
+    with torch.no_grad():
+        plain = backbone(pixels)
+        with SpatialTap(backbone):
+            tapped = backbone(pixels)
+    assert torch.equal(plain, tapped)
+    head = StackedMLP(plain.shape[1], [8])
+    cam = attribute(backbone, score_target(head), pixels.to(torch.uint8))
+    assert cam.shape == (1, 32, 32) and torch.isfinite(cam).all() and cam.std() > 0  # a real gradient reached it
+
+
+def test_a_rerandomised_head_changes_the_map(one_thread):
+    """Adebayo et al. (2018): a map that survives re-randomising the weights explains nothing."""
+    backbone = load_backbone(get_spec("dinov2", tiny=True), tiny=True, resolution=64)
+    photo = torch.from_numpy(np.array(Image.open(_photo()).convert("RGB").resize((64, 64)))).permute(2, 0, 1)[None]
+    dim = backbone(torch.zeros(1, 3, 64, 64)).shape[1]
+    trained, again, rerandomised = StackedMLP(dim, [8]), StackedMLP(dim, [8]), StackedMLP(dim, [19])
+    maps = [attribute(backbone, score_target(h, "low"), photo, "gradcam")[0].flatten() for h in (trained, again, rerandomised)]
+    assert spearmanr(maps[0], maps[1]).statistic == pytest.approx(1.0)
+    assert spearmanr(maps[0], maps[2]).statistic < 0.5
+
+
+def test_bands_partition_the_features_and_their_targets_sum_to_the_whole():
+    pooled = torch.randn(3, 37)
+    bands = parse_bands("0-1,1-10,10-20,20-30,30-40,40-50,50-100")
+    masks = band_masks(pooled, bands)
+    assert torch.equal(masks.sum(0), torch.ones(3, 37))
+    top = masks[1].bool()  # 1-10%: ranks 0..2 (int(0.37)=0 .. int(3.7)=3)
+    assert top.sum(1).tolist() == [3, 3, 3]
+    assert (pooled.abs()[top].min() >= pooled.abs()[masks[-1].bool()].max())
+    total = sum(band_target(m)(pooled) for m in masks)
+    assert torch.allclose(total, pooled.sum(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="percent from the top"):
+        parse_bands("0-1,ten")
+
+
+def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
+    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", tiny=True), tiny=True))
+    image = Image.open(_photo()).convert("RGB").resize((48, 40))
+    maps, labels = subject_maps(subject, image, bands=parse_bands("0-10,10-100"))
+    assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
+
+
+def _photo():
+    from skimage import data
+
+    path = _photo.__dict__.setdefault("path", None)
+    if path is None:
+        import tempfile
+        from pathlib import Path
+
+        path = Path(tempfile.mkdtemp()) / "astronaut.png"
+        Image.fromarray(data.astronaut()).resize((128, 128)).save(path)
+        _photo.path = path
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny-DINOv2 model folder exported from a cached-head run on a small demo subset."""
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.store import load_cached
+    from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
+    from iqa.data.prepare import prepare_dataset
+    from iqa.extract.run import ExtractRequest, extract_dataset
+    from iqa.heads.grid import expand_grid, head_choices, run_grid
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_demo(cache / DEMO_DIR, photos=["astronaut", "camera"], distortions=["blur", "noise"])
+    prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
+                    score_range="0,1", group_col="ref", name="demo")
+    assert extract_dataset(ExtractRequest(cache, "demo", "dinov2", tiny=True, progress=False), num_workers=0).ok
+    configs = expand_grid([("demo", "demo")], "dinov2", head_choices(["sig"], []), [8], epochs=2, tag="tiny")
+    (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
+                      ResultsDB(default_db(cache)), progress=False)
+    out = cache / "model"
+    exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(cache)])
+    assert exported.exit_code == 0, exported.output
+    return out, cache / DEMO_DIR / "images"
+
+
+def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_model, tmp_path, one_thread):
+    model, images = tiny_model
+    photo = images / "astronaut.png"
+    out = tmp_path / "maps"
+    result = CliRunner().invoke(app, ["explain", str(model), str(photo), "--out", str(out), "--target", "low",
+                                      "--compare", str(model), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (npy,) = out.glob("*.npy")
+    maps = np.load(npy)
+    width, height = Image.open(photo).size
+    assert maps.shape == (2, height, width) and np.allclose(maps[0], maps[1])  # the same model twice
+    assert Image.open(npy.with_suffix(".png")).size[0] > 2 * width // 2  # three panels
+    again = CliRunner().invoke(app, ["explain", str(model), str(photo), "--out", str(out), "--method", "ig"])
+    assert again.exit_code == 0, again.output  # iqa's own folder is written again
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    refused = CliRunner().invoke(app, ["explain", str(model), str(photo), "--out", str(foreign)])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1 and "iqa did not write" in refused.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    bands = CliRunner().invoke(app, ["explain", "--backbone", "dinov2", "--tiny", "--bands", "0-1,1-10,10-100",
+                                     str(photo), "--out", str(tmp_path / "bands")])
+    assert bands.exit_code == 0, bands.output
+    assert np.load(next((tmp_path / "bands").glob("*.npy"))).shape == (3, height, width)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--method", "lime"], "--method must be one of"),
+    (["--tiny"], "choose the weights of --backbone"),
+    (["--backbone", "dinov2", "--tiny"], "give --bands"),
+    (["--backbone", "nss", "--bands", "0-10"], "no spatial features"),
+])
+def test_explain_bad_input_is_one_line(args, says, tmp_path):
+    result = CliRunner().invoke(app, ["explain", str(_photo()), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 1 and says in result.output and result.output.count("\n") == 1, result.output

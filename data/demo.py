@@ -191,7 +191,13 @@ def make_demo(
     unknown = [p for p in photos if p not in PHOTOS] + [d for d in distortions if d not in DISTORTIONS]
     if unknown:
         raise ValueError(f"unknown photos or distortions {unknown}; choose from {list(PHOTOS)} and {list(DISTORTIONS)}")
-    out_dir = Path(out_dir)
+    build_folder(Path(out_dir), lambda folder: _build(folder, photos, distortions, short_side), force)
+    return Path(out_dir) / LABELS_FILE
+
+
+def build_folder(out_dir: Path, build: Callable[[Path], None], force: bool = False) -> None:
+    """`build(folder)` into a temporary sibling folder, then renamed onto `out_dir` (a crash leaves
+    nothing half-made); an existing `out_dir` is an error unless `force`, which replaces it."""
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +205,7 @@ def make_demo(
     building = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-{os.getpid()}-"))
     building.chmod(0o755)  # mkdtemp makes it private; the set is an ordinary folder
     try:
-        _build(building, photos, distortions, short_side)
+        build(building)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
             os.replace(out_dir, old / out_dir.name)
@@ -210,4 +216,3 @@ def make_demo(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    return out_dir / LABELS_FILE

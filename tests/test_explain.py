@@ -184,3 +184,45 @@ def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_
 def test_explain_bad_input_is_one_line(args, says, tmp_path):
     result = CliRunner().invoke(app, ["explain", str(_photo()), "--out", str(tmp_path / "o"), *args])
     assert result.exit_code == 1 and says in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_cell_share_is_chance_for_a_flat_map_and_one_inside_the_cell():
+    from iqa.heads.explain_eval import cell_share
+
+    assert cell_share(torch.ones(32, 32), 3) == pytest.approx(0.25)
+    inside = torch.zeros(32, 32)
+    inside[16:, :16] = torch.rand(16, 16)
+    assert cell_share(inside - 0.5 * (inside == 0), 2) == pytest.approx(1.0)  # negative mass does not count
+
+
+def test_deletion_curve_runs_from_the_image_to_the_blank_image(tiny_model, one_thread):
+    from iqa.heads.explain import model_subject
+    from iqa.heads.explain_eval import area, block_order, deletion_curve, predicted
+
+    model, images = tiny_model
+    subject = model_subject(model)
+    subject.backbone.spec = replace(subject.backbone.spec, resolution=64)  # dinov2 takes any side: 4x4 blocks
+    pixels = torch.from_numpy(np.array(Image.open(images / "astronaut.png").resize((64, 64)))).permute(2, 0, 1)[None]
+    order = block_order(torch.rand(64, 64))
+    assert sorted(order.tolist()) == list(range(16))
+    curve = deletion_curve(subject, pixels, order)
+    blank = pixels.float().mean((2, 3), keepdim=True).round().to(torch.uint8).expand_as(pixels)
+    assert curve.shape == (9,)
+    assert curve[0] == pytest.approx(float(predicted(subject, pixels)[0]), abs=1e-5)
+    assert curve[-1] == pytest.approx(float(predicted(subject, blank.contiguous())[0]), abs=1e-5)
+    assert area(np.ones(9)) == pytest.approx(1.0)
+
+
+def test_evaluate_prints_pointing_game_and_deletion_as_json(tiny_model, tmp_path, one_thread):
+    from iqa.data.gridpg import make_gridpg, read_gridpg
+
+    model, _ = tiny_model
+    make_gridpg(tmp_path / "grids", grids=4, cell_side=32)
+    assert [cell for _, cell in read_gridpg(tmp_path / "grids")] == [0, 1, 2, 3]
+    result = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path / "grids"), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["grids"] == 4 and 0 <= scores["pointing_game"] <= 1
+    assert {"pointing_game", "deletion_auc", "deletion_auc_random"} <= set(scores)
+    missing = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path)])
+    assert missing.exit_code == 1 and "not a grid set" in missing.output

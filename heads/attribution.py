@@ -131,6 +131,11 @@ def parse_bands(text: str) -> list[tuple[float, float]]:
     return bands
 
 
+def normalised_input(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, 3, R, R] as the backbone takes them: on its device, normalised with its mean and std."""
+    return normalise(pixels.to(next(backbone.parameters()).device), backbone.spec.mean, backbone.spec.std)
+
+
 def attribute(backbone: nn.Module, target: Target, pixels: torch.Tensor, method: str = "gradcam") -> torch.Tensor:
     """[B, R, R] attribution of `target` for uint8 pixels [B, 3, R, R] at the backbone's input side.
 
@@ -138,8 +143,7 @@ def attribute(backbone: nn.Module, target: Target, pixels: torch.Tensor, method:
     grid; IG is summed over colour channels, from the mean image (zero after normalisation)."""
     if method not in METHODS:
         raise ValueError(f"--method must be gradcam or ig, got {method!r}")
-    spec = backbone.spec
-    inputs = normalise(pixels.to(next(backbone.parameters()).device), spec.mean, spec.std)
+    inputs = normalised_input(backbone, pixels)
 
     def forward(x):
         return target(backbone(x))

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from iqa.extract.preprocess import decode_image, normalise, resize_uint8
-from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, score_target
+from iqa.extract.preprocess import decode_image, resize_uint8
+from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
 
 MARK = ".iqa-explain"
 
@@ -62,14 +62,10 @@ def subject_maps(subject: Subject, image: Image.Image, method: str = "gradcam", 
         maps = attribute(subject.backbone, score_target(subject.head, target), pixels, method)
         return to_image_size(maps, image.size), [f"{subject.name} ({target})"]
     with torch.no_grad():
-        pooled = subject.backbone(_normalised(subject.backbone, pixels))
+        pooled = subject.backbone(normalised_input(subject.backbone, pixels))
     masks = band_masks(pooled, bands)
     maps = torch.cat([attribute(subject.backbone, band_target(mask), pixels, method) for mask in masks])
     return to_image_size(maps, image.size), [f"{subject.name} {a:g}-{b:g}%" for a, b in bands]
-
-
-def _normalised(backbone: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return normalise(pixels.to(next(backbone.parameters()).device), backbone.spec.mean, backbone.spec.std)
 
 
 def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Path) -> None:

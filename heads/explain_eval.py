@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from iqa.data.gridpg import read_gridpg
-from iqa.extract.preprocess import decode_image, normalise
-from iqa.heads.attribution import attribute, score_target
+from iqa.extract.preprocess import decode_image
+from iqa.heads.attribution import attribute, normalised_input, score_target
 from iqa.heads.explain import Subject, input_pixels
 
 BLOCK = 16
@@ -37,9 +37,7 @@ def cell_share(cam: torch.Tensor, cell: int) -> float:
 
 @torch.no_grad()
 def predicted(subject: Subject, pixels: torch.Tensor) -> torch.Tensor:
-    backbone = subject.backbone
-    inputs = normalise(pixels.to(next(backbone.parameters()).device), backbone.spec.mean, backbone.spec.std)
-    return subject.head(backbone(inputs).float()[None])[0].cpu()
+    return subject.head(subject.backbone(normalised_input(subject.backbone, pixels)).float()[None])[0].cpu()
 
 
 def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK) -> np.ndarray:

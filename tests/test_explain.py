@@ -2,7 +2,9 @@
 
 import json
 from dataclasses import replace
-from functools import partial
+import tempfile
+from functools import cache, partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,17 +111,13 @@ def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
     assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
 
 
-def _photo():
+@cache
+def _photo() -> Path:
+    """scikit-image's astronaut at 128 px, written once per session."""
     from skimage import data
 
-    path = _photo.__dict__.setdefault("path", None)
-    if path is None:
-        import tempfile
-        from pathlib import Path
-
-        path = Path(tempfile.mkdtemp()) / "astronaut.png"
-        Image.fromarray(data.astronaut()).resize((128, 128)).save(path)
-        _photo.path = path
+    path = Path(tempfile.mkdtemp()) / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((128, 128)).save(path)
     return path
 
 

@@ -12,6 +12,7 @@ so a build is the same on every machine. Layout: `images/grid-XXX.png` and `labe
 """
 
 import csv
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -28,36 +29,40 @@ GRIDS = 32
 SEED = 16
 
 
+@cache  # grids share photos; distortions return new images, never change this one
 def square_cell(photo: str, side: int) -> Image.Image:
+    """The photo centre-cropped square at `side` pixels."""
     image, _ = load_photo(photo, side)
     w, h = image.size
     left, top = (w - side) // 2, (h - side) // 2
     return image.crop((left, top, left + side, top + side))
 
 
-def make_grid(index: int, cell_side: int = CELL) -> tuple[Image.Image, dict]:
-    """Grid `index` and its label row."""
+def make_grid(index: int, cell_side: int = CELL, distortions: tuple[str, ...] = GRID_DISTORTIONS,
+              distorted: bool = True) -> tuple[Image.Image, dict]:
+    """Grid `index` and its label row; `distorted=False` gives its pristine twin (the same photos)."""
     rng = np.random.default_rng([SEED, index])
     photos = [list(PHOTOS)[i] for i in rng.choice(len(PHOTOS), 4, replace=False)]
-    cell, distortion = index % 4, GRID_DISTORTIONS[(index // 4) % len(GRID_DISTORTIONS)]
+    cell, distortion = index % 4, distortions[(index // 4) % len(distortions)]
     distort, parameters = DISTORTIONS[distortion]
     grid = Image.new("RGB", (2 * cell_side, 2 * cell_side))
     for k, photo in enumerate(photos):
         image = square_cell(photo, cell_side)
-        if k == cell:
+        if distorted and k == cell:
             image = distort(image, parameters[LEVEL - 1], _seed(photo, LEVEL))
         grid.paste(image, ((k % 2) * cell_side, (k // 2) * cell_side))
     return grid, {"image": f"images/grid-{index:03d}.png", "cell": cell, "distortion": distortion, "level": LEVEL,
                   "photos": "+".join(photos)}
 
 
-def make_gridpg(out_dir: Path, grids: int = GRIDS, cell_side: int = CELL, force: bool = False) -> Path:
+def make_gridpg(out_dir: Path, grids: int = GRIDS, cell_side: int = CELL, force: bool = False,
+                distortions: tuple[str, ...] = GRID_DISTORTIONS) -> Path:
     """Build the grid set into `out_dir` (built aside and renamed into place); its labels CSV."""
     def build(folder: Path) -> None:
         (folder / "images").mkdir()
         rows = []
         for index in range(grids):
-            grid, row = make_grid(index, cell_side)
+            grid, row = make_grid(index, cell_side, distortions)
             _save_png(grid, folder / row["image"])
             rows.append(row)
         with open(folder / LABELS_FILE, "w", newline="") as f:

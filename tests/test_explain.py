@@ -271,3 +271,9 @@ def test_a_tiny_cnn_fine_tuned_on_local_noise_points_at_the_noisy_cell(tmp_path,
     # Random heads of seeds 19 and 25 (seed 8's ReLU'd map is empty on every grid: chance by rule, proving nothing)
     untrained = [evaluate(model(seed=seed), grids).pointing_game for seed in (19, 25)]
     assert abs(np.mean(untrained) - 0.25) < 0.1, untrained
+
+
+def test_make_gridpg_refuses_an_existing_folder(tmp_path):
+    (tmp_path / "grids").mkdir()
+    result = CliRunner().invoke(app, ["data", "make-gridpg", "--out", str(tmp_path / "grids")])
+    assert result.exit_code == 1 and "--force" in result.output and result.output.count("\n") == 1

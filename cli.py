@@ -651,5 +651,107 @@ def finetune_command(
                f"last SRCC {r.last_srcc:.4f} PLCC {r.last_plcc:.4f}")
 
 
+# ---- explanations ----
+@app.command("explain")
+def explain_command(
+    inputs: Annotated[list[Path], typer.Argument(help="MODEL (an `iqa export` folder; not with --backbone), then image files and folders.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image.")] = None,
+    method: Annotated[str, typer.Option("--method", help="gradcam (on the backbone's spatial features) or ig (Integrated Gradients).")] = "gradcam",
+    target: Annotated[str, typer.Option("--target", help="high: what raises the score; low: what lowers it.")] = "high",
+    compare: Annotated[Optional[str], typer.Option("--compare", help="More model folders, comma-separated, side by side.")] = None,
+    bands: Annotated[Optional[str], typer.Option("--bands", help="Feature-band maps, percent from the top of |embedding|: 0-1,1-10,...")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="Explain a bare backbone's feature bands (no model).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="--backbone weights: HF id or local directory.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="--backbone: full-size architecture, random weights.")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="--backbone: tiny random model of the same class.")] = False,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
+    grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set [default: <cache>/gridpg, built once].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="--evaluate: one JSON object.")] = False,
+    device: DeviceOption = "auto",
+    cache: CacheOption = None,
+) -> None:
+    """Attribution maps of predicted quality (Grad-CAM or IG), per image, for one or more models."""
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.attribution import METHODS, TARGETS, parse_bands
+    from iqa.heads.explain import backbone_subject, explain_files, model_subject
+    from iqa.heads.score import ModelFolderError, image_files
+
+    if method not in METHODS or target not in TARGETS:
+        fail(f"--method must be one of {', '.join(METHODS)} and --target one of {', '.join(TARGETS)}")
+    if backbone is None and (model or random_init or tiny):
+        fail("--model, --random-init and --tiny choose the weights of --backbone; a model folder brings its own")
+    if backbone is not None and (compare or not bands or evaluate):
+        fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20), no --compare, no --evaluate")
+    if evaluate:
+        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache)
+    if out is None:
+        fail("--out DIR is needed: the folder for the pages and maps")
+    try:
+        band_list = parse_bands(bands) if bands else None
+        if backbone is not None:
+            subjects, images = [backbone_subject(backbone, model, random_init, tiny, device)], inputs
+        else:
+            folders = [inputs[0], *map(Path, _csv([compare] if compare else []))]
+            subjects, images = [model_subject(f, device) for f in folders], inputs[1:]
+        paths = image_files(images)
+        if not paths:
+            fail("no images given: name image files or folders after the model")
+        done = explain_files(subjects, paths, out, method, target, band_list)
+    except (ModelFolderError, BackboneLoadError, FileExistsError, KeyError, ValueError) as err:
+        fail(message(err))
+    except OSError as err:
+        cannot_write(out, err)
+    for item in done:
+        typer.echo(f"{item.path}\t{item.page}" if not item.reason else f"unreadable: {item.path}: {item.reason}",
+                   err=bool(item.reason))
+    bad = [item for item in done if item.reason]
+    if bad:
+        fail(f"{len(bad)} of {len(done)} images could not be explained (listed above)")
+
+
+def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
+                           cache: Path | None) -> None:
+    from iqa.data.gridpg import GRIDPG_DIR, make_gridpg
+    from iqa.heads.explain import model_subject
+    from iqa.heads.explain_eval import evaluate
+    from iqa.heads.score import ModelFolderError
+
+    if len(inputs) != 1:
+        fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
+    try:
+        subject = model_subject(inputs[0], device)
+        if grid_set is None:
+            grid_set = cache_dir(cache) / GRIDPG_DIR
+            if not grid_set.exists():
+                make_gridpg(grid_set)
+        result = evaluate(subject, grid_set, method)
+    except (ModelFolderError, FileNotFoundError, KeyError, ValueError) as err:
+        fail(message(err))
+    if json_out:
+        typer.echo(json.dumps(result.as_dict()))
+    else:
+        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {result.grids} grids; "
+                   f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
+
+
+@data_app.command("make-gridpg")
+def make_gridpg_command(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: <cache>/gridpg].")] = None,
+    cache: CacheOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild and replace an existing folder.")] = False,
+) -> None:
+    """Build the distortion pointing-game set: 2x2 grids of demo photos, exactly one cell distorted."""
+    from iqa.data.gridpg import GRIDPG_DIR, make_gridpg
+
+    out = out if out is not None else cache_dir(cache) / GRIDPG_DIR
+    try:
+        labels = make_gridpg(out, force=force)
+    except FileExistsError as e:
+        fail(str(e).replace("force=True (--force)", "--force"))
+    except OSError as e:
+        cannot_write(out, e)
+    typer.echo(f"grid set: {labels}")
+
+
 if __name__ == "__main__":
     app()

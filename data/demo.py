@@ -44,7 +44,7 @@ from iqa.cache.atomic import building_folder
 
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
-MARK = ".iqa-demo"  # what makes a folder one that `force` may replace
+MARK = ".iqa-data"  # what makes a folder one that `force` may replace (demo and grid sets)
 COLUMNS = ("image", "score", "ref", "distortion", "level")
 SHORT_SIDE = 256
 NOISE_SEED = 6
@@ -190,13 +190,19 @@ def make_demo(
     unknown = [p for p in photos if p not in PHOTOS] + [d for d in distortions if d not in DISTORTIONS]
     if unknown:
         raise ValueError(f"unknown photos or distortions {unknown}; choose from {list(PHOTOS)} and {list(DISTORTIONS)}")
-    out_dir = Path(out_dir)
+    build_folder(Path(out_dir), lambda folder: _build(folder, photos, distortions, short_side), force)
+    return Path(out_dir) / LABELS_FILE
+
+
+def build_folder(out_dir: Path, build: Callable[[Path], None], force: bool = False) -> None:
+    """`build(folder)` in a folder built aside and swapped onto `out_dir` (a crash leaves nothing
+    half-made), marked as an iqa data set. An existing, non-empty `out_dir` is an error unless it
+    carries the mark and `force` is given; a folder of anything else is never replaced."""
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         if not (out_dir / MARK).is_file():
-            raise FileExistsError(f"{out_dir} exists and is not an iqa demo set; give a new or empty folder")
+            raise FileExistsError(f"{out_dir} exists and is not an iqa data set; give a new or empty folder")
         if not force:
             raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
     with building_folder(out_dir) as building:
-        _build(building, photos, distortions, short_side)
-        (building / MARK).write_text("built by iqa data make-demo; --force replaces this folder\n")
-    return out_dir / LABELS_FILE
+        build(building)
+        (building / MARK).write_text("built by iqa; --force replaces this folder\n")

@@ -108,7 +108,7 @@ def test_force_replaces_only_a_demo_set_and_an_existing_one_needs_it(tmp_path):
     out = tmp_path / "demo-src"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an iqa demo set"):
+    with pytest.raises(FileExistsError, match="not an iqa data set"):
         make_demo(out, photos=("chelsea",), distortions=("jpeg",), short_side=32, force=True)
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()  # an empty folder is fine

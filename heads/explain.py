@@ -1,0 +1,141 @@
+"""`iqa explain`: attribution maps of saved models (or a bare backbone's feature bands) over image files.
+
+Per image, `<stem>.npy` holds the raw maps [K, H, W] at the image's own size (one per model, or
+per band) and `<stem>.png` one page: the image, then each map over it. Maps are computed at the
+backbone's input side (the whole image resized square, as extraction sees it) and resized back,
+so a map's pixel lies over the image pixel it explains.
+
+The output folder carries a `.iqa-explain` mark: iqa writes into a new, empty or marked folder
+and refuses one holding anything else.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from iqa.extract.preprocess import decode_image, resize_uint8
+from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
+
+MARK = ".iqa-explain"
+
+
+@dataclass
+class Subject:
+    """What is explained: a backbone and a head (a model), or a backbone alone (its feature bands)."""
+
+    name: str
+    backbone: nn.Module
+    head: nn.Module | None = None
+
+
+def prepare_out(out: Path) -> Path:
+    """A new, empty or marked folder; anything else is refused."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARK).exists())):
+        raise FileExistsError(f"{out} exists and holds files iqa did not write; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("written by iqa explain; a new run writes into this folder\n")
+    return out
+
+
+def input_pixels(backbone: nn.Module, image: Image.Image) -> torch.Tensor:
+    """[1, 3, R, R] uint8, the way extraction resizes (square, the checkpoint's filter)."""
+    spec = backbone.spec
+    return resize_uint8(image, spec.resolution, spec.resample)[None]
+
+
+def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """[K, R, R] -> [K, H, W] float32 for an image of PIL size (W, H)."""
+    return F.interpolate(maps[:, None].float(), size=(size[1], size[0]), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def subject_maps(subject: Subject, image: Image.Image, method: str = "gradcam", target: str = "high",
+                 bands: list[tuple[float, float]] | None = None) -> tuple[np.ndarray, list[str]]:
+    """([K, H, W] maps, K labels): the model's score map, or one map per feature band."""
+    pixels = input_pixels(subject.backbone, image)
+    if bands is None:
+        maps = attribute(subject.backbone, score_target(subject.head, target), pixels, method)
+        return to_image_size(maps, image.size), [f"{subject.name} ({target})"]
+    with torch.no_grad():
+        pooled = subject.backbone(normalised_input(subject.backbone, pixels))
+    masks = band_masks(pooled, bands)
+    maps = torch.cat([attribute(subject.backbone, band_target(mask), pixels, method) for mask in masks])
+    return to_image_size(maps, image.size), [f"{subject.name} {a:g}-{b:g}%" for a, b in bands]
+
+
+def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Path) -> None:
+    """The image, then each map over it (jet, alpha 0.5; each map scaled to its own maximum |value|)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(maps)
+    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.2), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax, m, label in zip(axes[0, 1:], maps, labels):
+        scale = float(np.abs(m).max()) or 1.0
+        ax.imshow(image)
+        signed = m.min() < 0  # IG is signed: a diverging map; Grad-CAM is not
+        ax.imshow(m / scale, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1)
+        ax.set_title(label, fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class Explained:
+    path: str
+    page: str | None
+    maps: str | None
+    reason: str = ""  # why an image could not be explained
+
+
+def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method: str = "gradcam",
+                  target: str = "high", bands: list[tuple[float, float]] | None = None) -> list[Explained]:
+    """One page and one .npy per readable image into `out` (`prepare_out`); unreadable ones carry their reason."""
+    for subject in subjects:
+        explainable_blocks(subject.backbone)
+    out = prepare_out(out)
+    done = []
+    for index, path in enumerate(map(Path, paths)):
+        image, reason, _ = decode_image(path)
+        if image is None:
+            done.append(Explained(str(path), None, None, reason))
+            continue
+        found = [subject_maps(s, image, method, target, bands) for s in subjects]
+        maps = np.concatenate([m for m, _ in found])
+        labels = [label for _, ls in found for label in ls]
+        stem = f"{index:04d}-{path.stem}"  # two images of one name in different folders stay apart
+        np.save(out / f"{stem}.npy", maps)
+        write_page(image, maps, labels, out / f"{stem}.png")
+        done.append(Explained(str(path), str(out / f"{stem}.png"), str(out / f"{stem}.npy")))
+    return done
+
+
+def model_subject(folder: Path, device: str = "cpu") -> Subject:
+    """An `iqa export` folder as a Subject (refuses a missing or altered file, as `iqa score` does)."""
+    from iqa.heads.score import load_model
+
+    model = load_model(folder, device)
+    return Subject(Path(folder).name, model.backbone.float(), model.head)
+
+
+def backbone_subject(key: str, source: str | None = None, random_init: bool = False, tiny: bool = False,
+                     device: str = "cpu") -> Subject:
+    """A bare registry backbone (weights as `iqa extract` resolves them) as a Subject: bands only."""
+    from iqa.extract.backbones import load_backbone, model_tag
+    from iqa.extract.registry import get_spec
+
+    backbone = load_backbone(get_spec(key, tiny), source=source, random_init=random_init, tiny=tiny)
+    tag = model_tag(tiny, random_init)
+    return Subject(key + (f"@{tag}" if tag else ""), backbone.to(device).eval())

@@ -1,0 +1,137 @@
+"""Every GPU figure the README promises, from one command on one GPU, in under 8 minutes.
+
+1. Extraction, SigLIP2-SO400M at 512 px (random init, bf16): `iqa extract` images/s against the bare
+   forward pass on a ready batch, and the decode workers' capacity alone (which of the two bounds a
+   run); `iqa score` images/s on the same images and model.
+2. The Table-4 head grid (2 heads x 6 mask k x 3 seeds x 30 epochs, KonIQ-sized synthetic cache):
+   `run_grid` wall time (goal: under 60 s) against the tuned single-run loop of head_sweep.py,
+   timed for one run and scaled to the grid.
+3. Fine-tuning SigLIP2 at 512 px (random init): LoRA and full optimiser steps/s (batch 2 x 6) and
+   peak memory, beside Table S5's 2,270 MiB.
+
+`--device cpu --smoke` runs the same code on tiny models and sizes (CI runs it, so the GPU run
+cannot die of a typo). The last line of output is one JSON object.
+
+    python benchmarks/gpu_check.py                        # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --smoke   # anywhere, in seconds
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from extract_throughput import forward_limit, make_images, sync
+from finetune_step import TABLE_S5_MIB, fresh_model, iqa_loop, random_batches, timed
+from head_sweep import MASK_KS, SEEDS, synthetic_cache, tuned_run
+from iqa.extract.backbones import load_backbone
+from iqa.extract.registry import get_spec
+from iqa.extract.run import Embedder, ExtractRequest, ImageRows, compute_dtype_for, extract_dataset
+from iqa.heads.finetune import MICRO_BATCH
+from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, run_grid
+from iqa.heads.mlp import HEADS, StackedMLP
+from iqa.heads.score import IqaModel, score_files
+from iqa.cache.results import ResultsDB
+
+BACKBONE = "siglip2"
+
+
+def extraction(device: str, smoke: bool, dtype: str) -> dict:
+    images, batch, workers = (8, 4, 1) if smoke else (1024, 32, 8)
+    spec = get_spec(BACKBONE, tiny=smoke)
+    model = load_backbone(spec, random_init=not smoke, tiny=smoke)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        files = make_images(cache, images)
+        rows = ImageRows(cache / "images", [f.name for f in files], model.spec)
+        start = time.perf_counter()
+        for _ in DataLoader(rows, batch_size=batch, num_workers=workers):
+            pass
+        decode = images / (time.perf_counter() - start)
+        request = ExtractRequest(cache, "bench", BACKBONE, tiny=smoke, random_init=not smoke, dtype=dtype,
+                                 batch_size=batch, chunk_rows=batch, progress=False)
+        extract = extract_dataset(request, device=device, num_workers=workers).images_per_s
+        model = model.to(device).eval()
+        forward = forward_limit(model.spec, model, device, dtype, batch, reps=2 if smoke else 10)
+        scorer = IqaModel({"targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
+                          Embedder(model.spec, model, device, compute_dtype_for(device, dtype)),
+                          StackedMLP(model.spec.dim, [8], *HEADS["sig"]).eval().to(device))
+        start = time.perf_counter()
+        score_files(scorer, files, batch, workers, progress=False)
+        sync(device)
+        score = images / (time.perf_counter() - start)
+    bound = "decode" if decode < forward else "forward"
+    print(f"1. {BACKBONE} at {model.spec.resolution} px, {images} images, batch {batch}, {workers} workers: "
+          f"iqa extract {extract:.1f} images/s; bare forward {forward:.1f}; decode workers {decode:.1f} "
+          f"(bound: {bound}, extract at {extract / min(decode, forward):.0%} of it); iqa score {score:.1f} images/s")
+    return {"extract_images_per_s": extract, "forward_images_per_s": forward, "decode_images_per_s": decode,
+            "extract_share_of_bound": extract / min(decode, forward), "score_images_per_s": score,
+            "extract_resolution": model.spec.resolution}
+
+
+def head_grid(device: str, smoke: bool) -> dict:
+    rows, epochs, seeds, mask_ks = (120, 1, SEEDS[:1], MASK_KS[:2]) if smoke else (10_073, 30, SEEDS, MASK_KS)
+    cache = synthetic_cache(rows)
+    configs = expand_grid([("koniq10k", "koniq10k")], "synthetic", head_choices(["baseline", "sig"], []), seeds,
+                          mask_ks, epochs=epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run_grid(configs, lambda _: cache, ResultsDB(Path(tmp) / "results.sqlite"), device,
+                 STACK_SIZE.get(device.split(":")[0]), progress=False)
+        sync(device)
+        grid_seconds = time.perf_counter() - start
+    tuned_run(cache, configs[0], 1, device)  # warm-up
+    start = time.perf_counter()
+    tuned_run(cache, configs[1], epochs, device)
+    sync(device)
+    tuned_seconds = (time.perf_counter() - start) * len(configs)
+    print(f"2. Table-4 grid ({len(configs)} runs x {epochs} epochs, {rows} rows): iqa {grid_seconds:.1f} s "
+          f"(goal < 60 s on a GPU); the tuned loop one run at a time, scaled: {tuned_seconds:.1f} s "
+          f"({tuned_seconds / grid_seconds:.1f}x)")
+    return {"grid_runs": len(configs), "grid_epochs": epochs, "grid_seconds": grid_seconds,
+            "tuned_loop_grid_seconds": tuned_seconds, "grid_speedup_vs_tuned": tuned_seconds / grid_seconds}
+
+
+def finetuning(device: str, smoke: bool, dtype: str) -> dict:
+    spec = get_spec(BACKBONE, tiny=smoke)
+    steps, accumulate = (1, 2) if smoke else (5, 6)
+    figures = {}
+    for mode in ("lora", "full"):
+        model = fresh_model(spec, mode, device)
+        resolution = model.backbone.spec.resolution if mode == "full" else model.backbone.base_model.model.spec.resolution
+        batches = random_batches(steps * accumulate, MICRO_BATCH, resolution, device)
+        iqa_loop(model, batches[:accumulate], accumulate, mode, device, dtype)  # warm-up
+        seconds, peak = timed(lambda: iqa_loop(model, batches, accumulate, mode, device, dtype), device)
+        figures[f"{mode}_steps_per_s"] = steps / seconds
+        figures[f"{mode}_peak_mib"] = peak
+        print(f"3. {mode} fine-tuning at {resolution} px, batch {MICRO_BATCH} x {accumulate}: {steps / seconds:.2f} steps/s"
+              + (f", peak {peak:.0f} MiB (Table S5: {TABLE_S5_MIB} MiB at batch 1, bf16)" if peak else ""))
+        del model
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks the code, measures nothing")
+    parser.add_argument("--dtype", default="auto", help="extraction and fine-tuning compute dtype [auto: bf16 on GPUs]")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here; run with --device cpu --smoke to check the code")
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"gpu_check on {name}{' (smoke: tiny sizes)' if args.smoke else ''}")
+    start = time.perf_counter()
+    figures = {"device": name, "smoke": args.smoke}
+    figures.update(extraction(args.device, args.smoke, args.dtype))
+    figures.update(head_grid(args.device, args.smoke))
+    figures.update(finetuning(args.device, args.smoke, args.dtype))
+    figures["seconds"] = time.perf_counter() - start
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()

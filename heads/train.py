@@ -61,9 +61,11 @@ def epoch_metrics(pred: torch.Tensor, target: torch.Tensor) -> tuple[list[float]
     return srcc(pred, target).tolist(), plcc(pred, target).tolist()
 
 
-def new_curves(gated: list[str] = ()) -> dict[str, list]:
-    """An empty per-epoch record: train_loss, srcc, plcc, lr, and g_<act> for each gated activation."""
-    return {"train_loss": [], "srcc": [], "plcc": [], "lr": [], **{f"g_{n}": [] for n in gated}}
+def new_curves(gated: list[str] = (), validation: bool = False) -> dict[str, list]:
+    """An empty per-epoch record: train_loss, srcc, plcc, lr, g_<act> for each gated activation, and
+    val_srcc, val_plcc where the run has a validation part."""
+    return {"train_loss": [], "srcc": [], "plcc": [], "lr": [], **{f"g_{n}": [] for n in gated},
+            **({"val_srcc": [], "val_plcc": []} if validation else {})}
 
 
 def record_epoch(curve: dict[str, list], **values) -> None:
@@ -260,7 +262,7 @@ def train_stack_model(
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
     gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
-    curves = [new_curves(gated) for _ in members]
+    curves = [new_curves(gated, validation=val_rows_t is not None) for _ in members]
     diverged_epoch: list[int | None] = [None] * n_members
     for epoch in range(epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -295,11 +297,9 @@ def train_stack_model(
             if not is_alive:
                 diverged_epoch[i] = epoch + 1
                 continue
+            validation = {} if val_rows_t is None else {"val_srcc": val_srcc[i], "val_plcc": val_plcc[i]}
             record_epoch(curves[i], train_loss=epoch_loss[i], srcc=epoch_srcc[i], plcc=epoch_plcc[i], lr=lr,
-                         **{f"g_{n}": epoch_g[n][i] for n in gated})
-            if val_rows_t is not None:
-                curves[i].setdefault("val_srcc", []).append(val_srcc[i])
-                curves[i].setdefault("val_plcc", []).append(val_plcc[i])
+                         **{f"g_{n}": epoch_g[n][i] for n in gated}, **validation)
         scheduler.step()
         if on_epoch is not None:
             on_epoch(epoch + 1)

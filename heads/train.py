@@ -99,7 +99,8 @@ class RunResult:
     curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
-    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU), None where none were kept
+    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU; with standardize also input_mean
+    # and input_std), None where none were kept
     weights: dict[str, torch.Tensor] | None = None
 
 
@@ -307,6 +308,8 @@ def train_stack_model(
     for i, result in enumerate(results):
         if result.status == "done":
             result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
+            if stats is not None:  # a saved head scales its inputs as it was trained (heads/weights.py)
+                result.weights |= {"input_mean": stats[0][i : i + 1].cpu(), "input_std": stats[1][i : i + 1].cpu()}
     return model, results
 
 

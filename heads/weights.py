@@ -1,8 +1,9 @@
 """A finished run's kept weights on disk: <cache>/runs/<key>/head.safetensors, next to results.sqlite.
 
 The file holds the selected epoch's head as an M = 1 StackedMLP state dict (float32, so scoring
-from it reproduces the recorded predictions exactly); its safetensors metadata carries the run's
-config, so the head can be rebuilt from the file alone.
+from it reproduces the recorded predictions exactly), plus `input_mean`/`input_std` for a run
+trained with `standardize`; a probe's file holds its state dict (heads/probes.py). Its safetensors
+metadata carries the run's config, so the head can be rebuilt from the file alone.
 """
 
 import json
@@ -11,9 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from iqa.cache.atomic import atomic_path
+
 from iqa.heads.mlp import StackedMLP
+from iqa.heads.probes import PROBES, probe_from_state
 
 RUNS_DIR = "runs"
 HEAD_FILE = "head.safetensors"
@@ -31,14 +35,34 @@ def save_head(path: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     return path
 
 
-def load_head(path: Path) -> tuple[StackedMLP, dict]:
+class StandardizedHead(nn.Module):
+    """A head trained on z-scored inputs: x [1, B, D] is scaled with its run's training statistics first."""
+
+    def __init__(self, head: StackedMLP, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.mean[:, None]) / self.std[:, None])
+
+
+def load_head(path: Path) -> tuple[nn.Module, dict]:
     """The M = 1 head stored at `path` and the config it was saved with, in eval mode."""
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["config"])
         state = {k: f.get_tensor(k) for k in f.keys()}
+    if config["head"] in PROBES:
+        return probe_from_state(config["head"], state), config
+    scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
+    if config.get("standardize") and scaling[0] is None:
+        raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
     head = StackedMLP(
         state["layer1.weight"].shape[1], [config["seed"]], config["act1"], config["act2"],
         mask_k=[config["mask_k"]], dropout=config["dropout"], keep=[config["keep"]], hidden=state["layer1.weight"].shape[2],
     )
     head.load_state_dict(state)
+    if scaling[0] is not None:
+        head = StandardizedHead(head, *scaling)
     return head.eval(), config

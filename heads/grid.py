@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from iqa.cache.manifest import Manifest
 from iqa.data.splits import official_split, split_indices
+from iqa.heads.hyper import HYPER
 from iqa.heads.mlp import HEADS
 from iqa.heads.probe_runs import train_probes
 from iqa.heads.probes import PROBES
@@ -39,10 +40,10 @@ class Cached(Protocol):
 def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(name, act1, act2) for named variants, probes and explicit activation pairs ("sigmoid+gelu").
 
-    A probe has no activations: act1 and act2 repeat its name, so tables keep ridge and knn apart."""
-    unknown = [a for a in acts if a not in HEADS and a not in PROBES]
+    The hyper head and the probes have no activation pair: act1 and act2 repeat the name, so tables keep them apart."""
+    unknown = [a for a in acts if a not in HEADS and a not in (HYPER, *PROBES)]
     if unknown:
-        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join((*HEADS, *PROBES))}")
+        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join((*HEADS, HYPER, *PROBES))}")
     return [(a, *HEADS[a]) if a in HEADS else (a, a, a) for a in acts] + [(f"{a1}+{a2}", a1, a2) for a1, a2 in act_pairs]
 
 

@@ -1,6 +1,6 @@
 """A finished run's kept weights on disk: <cache>/runs/<key>/head.safetensors, next to results.sqlite.
 
-The file holds the selected epoch's head as an M = 1 StackedMLP state dict (float32, so scoring
+The file holds the selected epoch's head as an M = 1 StackedMLP (or StackedHyper) state dict (float32, so scoring
 from it reproduces the recorded predictions exactly), plus `input_mean`/`input_std` for a run
 trained with `standardize`; a probe's file holds its state dict (heads/probes.py). Its safetensors
 metadata carries the run's config, so the head can be rebuilt from the file alone.
@@ -18,6 +18,7 @@ from iqa.cache.atomic import atomic_path
 
 from iqa.heads.mlp import StackedMLP
 from iqa.heads.probes import PROBES, probe_from_state
+from iqa.heads.train import make_stack
 
 RUNS_DIR = "runs"
 HEAD_FILE = "head.safetensors"
@@ -58,10 +59,10 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
     if config.get("standardize") and scaling[0] is None:
         raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
-    head = StackedMLP(
-        state["layer1.weight"].shape[1], [config["seed"]], config["act1"], config["act2"],
-        mask_k=[config["mask_k"]], dropout=config["dropout"], keep=[config["keep"]], hidden=state["layer1.weight"].shape[2],
-    )
+    first = state["layer1.weight" if "layer1.weight" in state else "code.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    hidden = state["layer1.weight"].shape[2] if "layer1.weight" in state else None
+    head = make_stack(first.shape[1], [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
+                      config["dropout"], [config["keep"]], *([hidden] if hidden else []))
     head.load_state_dict(state)
     if scaling[0] is not None:
         head = StandardizedHead(head, *scaling)

@@ -164,13 +164,15 @@ def data_show(
     name: Annotated[str, typer.Argument(help="Dataset name in the cache.")],
     cache: CacheOption = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = ",".join(map(str, PAPER_SEEDS)),
-    split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
+    split_by: Annotated[str, typer.Option(help="random, group (content groups kept on one side) or official (the published split).")] = "random",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Counts, score range and the train/test split of each seed."""
+    from iqa.data.splits import SPLIT_RULES
+
     seed_list = parse_seeds(seeds)
-    if split_by not in ("random", "group"):
-        fail(f"--split-by must be random or group, got {split_by!r}")
+    if split_by not in SPLIT_RULES:
+        fail(f"--split-by must be {', '.join(SPLIT_RULES)}, got {split_by!r}")
     try:
         summary = dataset_summary(read_manifest(cache_dir(cache), name), seed_list, split_by)
     except (FileNotFoundError, ValueError) as e:  # DatasetError, a damaged manifest
@@ -355,19 +357,19 @@ def head_command(
     dataset: Annotated[list[str], typer.Option(help="Dataset(s), trained and tested on their own split.")] = [],
     train: Annotated[list[str], typer.Option(help="Cross-dataset: train on this set (pairs with --test).")] = [],
     test: Annotated[list[str], typer.Option(help="Cross-dataset: test on all of this set.")] = [],
-    act: Annotated[str, typer.Option(help="Named heads: baseline, sig, gated (comma-separated).")] = "baseline",
+    act: Annotated[str, typer.Option(help="Named heads: baseline, sig, gated; probes ridge, knn (comma-separated).")] = "baseline",
     act_pair: Annotated[list[str], typer.Option(help="Extra head as an act1,act2 pair, e.g. sigmoid,gelu.")] = [],
     mask_k: Annotated[str, typer.Option(help="Top-k percentile feature masking levels, e.g. 100,90,70.")] = "100",
     dropout: Annotated[Optional[str], typer.Option(help="Dropout placement: input or layers (with --keep).")] = None,
     keep: Annotated[str, typer.Option(help="Dropout keep probabilities (rate = 1 - keep).")] = "1.0",
     seeds: Annotated[str, typer.Option(help="Seeds: split, init, data order, dropout.")] = "8,19,25",
-    split_by: Annotated[str, typer.Option(help="random, or group (content groups held out whole).")] = "random",
+    split_by: Annotated[str, typer.Option(help="random, group (content groups held out whole) or official (the published split; with --select val its validation set selects).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
-    standardize: Annotated[bool, typer.Option("--standardize", help="Z-score features with each run's train rows.")] = False,
+    standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Z-score features with each run's train rows [default: on for ridge/knn, off for MLP heads].")] = None,
     l2norm: L2normOption = False,
     device: DeviceOption = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,

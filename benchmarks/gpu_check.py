@@ -105,12 +105,12 @@ def finetuning(device: str, smoke: bool, dtype: str) -> dict:
         resolution = model.backbone.spec.resolution if mode == "full" else model.backbone.base_model.model.spec.resolution
         batches = random_batches(steps * accumulate, MICRO_BATCH, resolution, device)
         iqa_loop(model, batches[:accumulate], accumulate, mode, device, dtype)  # warm-up
-        seconds, peak = timed(lambda: iqa_loop(model, batches, accumulate, mode, device, dtype), device)
+        seconds, peak = timed(lambda m=model: iqa_loop(m, batches, accumulate, mode, device, dtype), device)
         figures[f"{mode}_steps_per_s"] = steps / seconds
         figures[f"{mode}_peak_mib"] = peak
         print(f"3. {mode} fine-tuning at {resolution} px, batch {MICRO_BATCH} x {accumulate}: {steps / seconds:.2f} steps/s"
               + (f", peak {peak:.0f} MiB (Table S5: {TABLE_S5_MIB} MiB at batch 1, bf16)" if peak else ""))
-        del model
+        del model  # before the next mode's model: its peak memory is its own
     return figures
 
 

@@ -122,7 +122,8 @@ def dataset_summary(manifest: Manifest, seeds: tuple[int, ...] | list[int], spli
         raise DatasetError(f"{manifest.dataset} has no content groups; use --split-by random")
     splits = {}
     for seed in seeds:
-        train, test = split_indices(manifest.paths, seed, by=split_by, groups=manifest.groups)
+        train, test = split_indices(manifest.paths, seed, by=split_by, groups=manifest.groups,
+                                    sets=manifest.extras.get("set"))
         splits[str(seed)] = {"train": len(train), "test": len(test)}
     return {
         "dataset": manifest.dataset,

@@ -9,6 +9,11 @@ change between library versions, so a split is the same on every machine and eve
 - `group`: the same key is computed for each content group's name; groups are taken in key
   order into train until train holds at least round(0.8 * N) images, and the remaining groups
   are test. No group appears on both sides (for KADID-10k: no reference image is shared).
+- `official`: a dataset's published split, the same for every seed (the seed still drives
+  initialisation and data order): its `set` column's `training` rows train, `test` rows test and
+  `validation` rows are held out for `--select val` (SMART-IQA's protocol). Only KonIQ-10k has
+  one here: the `set` column of `koniq10k_distributions_sets.csv` from the KonIQ repository
+  (subpic/koniq, metadata/), 7,058 / 1,000 / 2,015 images; the main release file has no split.
 """
 
 import hashlib
@@ -18,7 +23,9 @@ import numpy as np
 
 PAPER_SEEDS = (8, 19, 25)
 TRAIN_FRACTION = 0.8
-SplitBy = Literal["random", "group"]
+SplitBy = Literal["random", "group", "official"]
+SPLIT_RULES = ("random", "group", "official")
+OFFICIAL_SETS = ("training", "validation", "test")
 
 
 def _order(seed: int, names: list[str]) -> np.ndarray:
@@ -32,8 +39,12 @@ def split_indices(
     by: SplitBy = "random",
     groups: list[str] | None = None,
     train_fraction: float = TRAIN_FRACTION,
+    sets: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted row indices of (train, test) for one seed."""
+    """Sorted row indices of (train, test) for one seed; `sets` is the published split's column (`official`)."""
+    if by == "official":
+        published = official_split(sets)
+        return published["training"], published["test"]
     n = len(paths)
     n_train = round(train_fraction * n)
     if by == "random":
@@ -53,5 +64,17 @@ def split_indices(
             side.extend(rows_of[names[g]])
         train, test = np.array(train_rows, dtype=np.int64), np.array(test_rows, dtype=np.int64)
     else:
-        raise ValueError(f"unknown split rule {by!r}; use 'random' or 'group'")
+        raise ValueError(f"unknown split rule {by!r}; use {', '.join(SPLIT_RULES)}")
     return np.sort(train), np.sort(test)
+
+
+def official_split(sets: list[str] | None) -> dict[str, np.ndarray]:
+    """Sorted rows of each published set (training, validation, test) from a manifest's `set` column."""
+    if sets is None:
+        raise ValueError("--split-by official needs the dataset's published split (a `set` column); of the "
+                         "adapters only koniq10k has one, prepared from koniq10k_distributions_sets.csv alone")
+    unknown = sorted(set(sets) - set(OFFICIAL_SETS))
+    if unknown:
+        raise ValueError(f"the `set` column holds {unknown}; the published split names only {', '.join(OFFICIAL_SETS)}")
+    column = np.asarray(sets)
+    return {name: np.flatnonzero(column == name) for name in OFFICIAL_SETS}

@@ -17,7 +17,7 @@ import numpy as np
 
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
-from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, run_weights_path
+from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
@@ -47,12 +47,12 @@ def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
-    for option in ("standardize", "l2norm"):  # the model folder does not carry the input transform yet
-        if run.get(option):
-            raise ValueError(f"run {run['key'][:12]} was trained with --{option}; export handles runs without it")
+    if run.get("l2norm"):  # the model folder does not carry that input transform yet
+        raise ValueError(f"run {run['key'][:12]} was trained with l2norm; export handles runs without it")
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
+    load_head(weights)  # refuses a head saved without the input statistics it was trained with
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
@@ -79,7 +79,7 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning},
-        "head": {k: run[k] for k in head_keys},
+        "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {}),
         "training": {k: run.get(k) for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},
@@ -102,7 +102,12 @@ def model_card(config: dict) -> str:
         notes.append(f"The backbone was fine-tuned end to end ({regime}"
                      f"{', rank ' + str(b['tuning']['lora_rank']) if regime == 'lora' else ''}); its tuning is in this "
                      f"folder ({'adapter/, PEFT format' if regime == 'lora' else 'backbone.safetensors'}) and is applied on load.")
-    if t["select"] == "test":
+    probe = config["head"].get("probe")
+    if probe:
+        chosen = {k: v for k, v in probe.items() if k != "cv_srcc"}
+        notes.append(f"The head is a {config['head']['head']} probe fitted in closed form, {chosen} chosen by "
+                     "cross-validation on the training rows; it has no epochs.")
+    elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
     return "\n".join([
         f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",

@@ -208,7 +208,8 @@ def finetune(
     if spec.model_class is None:
         raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
     manifest = read_manifest(cache, dataset)
-    train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups)
+    train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups,
+                                           sets=manifest.extras.get("set"))
     per_step, batch_size, accumulate, epochs = config.batch_size, config.physical_batch, config.accumulate, config.epochs
     steps = len(train_rows) // per_step
     if steps == 0:

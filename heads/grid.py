@@ -14,8 +14,11 @@ import numpy as np
 from tqdm import tqdm
 
 from iqa.cache.manifest import Manifest
-from iqa.data.splits import split_indices
+from iqa.data.splits import official_split, split_indices
+from iqa.heads.hyper import HYPER
 from iqa.heads.mlp import HEADS
+from iqa.heads.probe_runs import train_probes
+from iqa.heads.probes import PROBES
 from iqa.cache.results import ResultsDB
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.selection import carve_validation
@@ -35,11 +38,13 @@ class Cached(Protocol):
 
 
 def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(name, act1, act2) for named variants and explicit activation pairs ("sigmoid+gelu")."""
-    unknown = [a for a in acts if a not in HEADS]
+    """(name, act1, act2) for named variants, probes and explicit activation pairs ("sigmoid+gelu").
+
+    The hyper head and the probes have no activation pair: act1 and act2 repeat the name, so tables keep them apart."""
+    unknown = [a for a in acts if a not in HEADS and a not in (HYPER, *PROBES)]
     if unknown:
-        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join(HEADS)}")
-    return [(a, *HEADS[a]) for a in acts] + [(f"{a1}+{a2}", a1, a2) for a1, a2 in act_pairs]
+        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join((*HEADS, HYPER, *PROBES))}")
+    return [(a, *HEADS[a]) if a in HEADS else (a, a, a) for a in acts] + [(f"{a1}+{a2}", a1, a2) for a1, a2 in act_pairs]
 
 
 def expand_grid(
@@ -50,11 +55,17 @@ def expand_grid(
     mask_ks: list[float] = (100.0,),
     dropout: str | None = None,
     keeps: list[float] = (1.0,),
+    standardize: bool | None = None,
     **shared,
 ) -> list[RunConfig]:
-    """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, ... for all runs."""
+    """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, ... for all runs.
+
+    `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's)."""
+    if dropout is not None and any(name in PROBES for name, _, _ in heads):
+        raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
     return [
-        RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), **shared)
+        RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p),
+                  standardize=name in PROBES if standardize is None else standardize, **shared)
         for (train, test), (name, act1, act2), k, p, seed in product(pairs, heads, mask_ks, keeps, seeds)
     ]
 
@@ -65,7 +76,8 @@ def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray
     Rows whose image failed in the cache are left out.
     """
     m = train.manifest
-    train_rows, test_rows = split_indices(m.paths, config.seed, by=config.split_by, groups=m.groups)
+    train_rows, test_rows = split_indices(m.paths, config.seed, by=config.split_by, groups=m.groups,
+                                           sets=m.extras.get("set"))
     if config.test_dataset != config.train_dataset:
         test_rows = np.arange(len(test.manifest))
     return train_rows[train.valid[train_rows]], test_rows[test.valid[test_rows]]
@@ -153,12 +165,13 @@ def stack_inputs(
     """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each.
 
     Runs of a stack agree on `l2norm` (`_stack_key`); with it, every embedding is scaled to unit length.
-    Under `select="val"` each run's validation rows are carved from its own training rows."""
+    Under `select="val"` each run's validation rows are carved from its own training rows, or are the
+    published validation set under `split_by="official"`."""
     scale = l2_normalised if configs[0].l2norm else (lambda x: x)
     train_x = scale(train.embeddings)
     val_rows = None
     if configs[0].select == "val":
-        carved = [carve_validation(r, c.seed, c.val_fraction) for (r, _), c in zip(rows, configs)]
+        carved = [validation_rows(c, r, train) for (r, _), c in zip(rows, configs)]
         rows = [(fit, test_rows) for (fit, _), (_, test_rows) in zip(carved, rows)]
         val_rows = np.stack([val for _, val in carved])
     data = StackData(
@@ -171,6 +184,15 @@ def stack_inputs(
         val_rows,
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
+
+
+def validation_rows(config: RunConfig, train_rows: np.ndarray, train: Cached) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) rows of a `select="val"` run: the published validation set (failed images left out)
+    beside the published training set, or a part carved from the seed's training rows."""
+    if config.split_by != "official":
+        return carve_validation(train_rows, config.seed, config.val_fraction)
+    validation = official_split(train.manifest.extras.get("set"))["validation"]
+    return train_rows, validation[train.valid[validation]]
 
 
 def l2_normalised(x: np.ndarray) -> np.ndarray:
@@ -192,6 +214,11 @@ class StackJob:
 
     def train(self, device: str, on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
         first = self.runs[0][0]
+        if first.head in PROBES:  # closed form on the CPU: the device does not matter
+            results = train_probes(self.data, self.members, first.head, first.standardize)
+            for epoch in range(first.epochs) if on_epoch is not None else ():
+                on_epoch(epoch + 1)  # the progress bar counts model-epochs
+            return results
         return train_stack(
             self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
             first.micro_batch, device, on_epoch=on_epoch, **first.trainer_options(),

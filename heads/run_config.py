@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from iqa.heads.loss import LOSSES, MARGIN_SCALE
+from iqa.heads.hyper import HYPER, hyper_recipe
 from iqa.heads.mlp import HIDDEN
+from iqa.heads.probes import PROBES, probe_recipe
 
 # 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
 TRAINER_VERSION = 2
@@ -89,8 +91,10 @@ class RunConfig:
         return lr_milestones(self.train_dataset)
 
     def recipe(self) -> dict:
-        """What the code decides for this config; part of the key."""
-        return {
+        """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head its sizes)."""
+        probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
+        hyper = {"hyper": hyper_recipe()} if self.head == HYPER else {}
+        return probe | hyper | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,

@@ -62,7 +62,8 @@ class IqaModel(nn.Module):
 
     @torch.no_grad()
     def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.head(embeddings.float()[None].to(next(self.head.parameters()).device))[0].cpu()
+        device = next(iter(self.head.state_dict().values())).device  # probes hold buffers, no parameters
+        return self.head(embeddings.float()[None].to(device))[0].cpu()
 
     def score(self, images) -> torch.Tensor:
         """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""

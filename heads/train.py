@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from iqa.heads.activations import GATE_INIT, GatedActivation
+from iqa.heads.hyper import HYPER, StackedHyper
 from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
 from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
@@ -42,6 +43,18 @@ class Member:
     keep: float = 1.0
     lr: float = 1e-4
     milestones: tuple[int, ...] = ()
+
+
+def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
+               keep: list[float], hidden: int = HIDDEN) -> StackedMLP | StackedHyper:
+    """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper") or the MLP."""
+    if HYPER in (act1, act2):
+        if (act1, act2) != (HYPER, HYPER):
+            raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
+        if any(p != 1 for p in keep):
+            raise ValueError("the hyper head takes no dropout keep below 1")
+        return StackedHyper(in_dim, seeds, mask_k, dropout)
+    return StackedMLP(in_dim, seeds, act1, act2, mask_k=mask_k, dropout=dropout, keep=keep, hidden=hidden)
 
 
 def epoch_order(train_rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -101,7 +114,8 @@ class RunResult:
     curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
-    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU), None where none were kept
+    # the selected epoch's weights as an M = 1 StackedMLP state dict (CPU; with standardize also input_mean
+    # and input_std), None where none were kept
     weights: dict[str, torch.Tensor] | None = None
 
 
@@ -185,7 +199,7 @@ def predict(model: StackedMLP, pools: MaskedPools, rows: torch.Tensor, chunk: in
 def gate_parameters(model: StackedMLP, m: int) -> dict | None:
     gates = {
         name: {p: t.detach().cpu().tolist() for p, t in zip(GATE_INIT, act.member_tensors(m))}
-        for name, act in (("act1", model.act1), ("act2", model.act2))
+        for name, act in (("act1", getattr(model, "act1", None)), ("act2", getattr(model, "act2", None)))
         if isinstance(act, GatedActivation)
     }
     return gates or None
@@ -239,15 +253,9 @@ def train_stack_model(
     test_rows_t = torch.as_tensor(test_rows, device=device)
     y_test_rows = to_device(data.y_test)[test_rows_t]
 
-    model = StackedMLP(
-        x_train.shape[1],
-        [m.seed for m in members],
-        act1,
-        act2,
-        mask_k=[m.mask_k for m in members],
-        dropout=dropout,
-        keep=[m.keep for m in members],
-        hidden=hidden,
+    model = make_stack(
+        x_train.shape[1], [m.seed for m in members], act1, act2, [m.mask_k for m in members], dropout,
+        [m.keep for m in members], hidden,
     ).to(device)
     loss_name = loss
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
@@ -261,7 +269,7 @@ def train_stack_model(
     kept_score = [-np.inf] * n_members
 
     alive = torch.ones(n_members, dtype=torch.bool, device=device)
-    gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name), GatedActivation)]
+    gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name, None), GatedActivation)]
     curves = [new_curves(gated, validation=val_rows_t is not None) for _ in members]
     diverged_epoch: list[int | None] = [None] * n_members
     for epoch in range(epochs):
@@ -307,6 +315,8 @@ def train_stack_model(
     for i, result in enumerate(results):
         if result.status == "done":
             result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
+            if stats is not None:  # a saved head scales its inputs as it was trained (heads/weights.py)
+                result.weights |= {"input_mean": stats[0][i : i + 1].cpu(), "input_std": stats[1][i : i + 1].cpu()}
     return model, results
 
 

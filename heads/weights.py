@@ -1,11 +1,13 @@
 """A finished run's kept weights on disk: <cache>/runs/<key>/, next to results.sqlite.
 
-`head.safetensors` holds the selected epoch's head as an M = 1 StackedMLP state dict (float32, so
-scoring from it reproduces the recorded predictions exactly); its safetensors metadata carries the
-run's config, so the head can be rebuilt from the file alone. A fine-tuning run keeps, beside it,
-what it changed in the backbone at that epoch: `adapter/` (LoRA, PEFT's own format, loadable with
-`PeftModel.from_pretrained`) or `backbone.safetensors` (full), and `fingerprint.json`, the base
-backbone it started from. The folder is replaced whole each time a better epoch is kept.
+`head.safetensors` holds the selected epoch's head as an M = 1 StackedMLP (or StackedHyper) state
+dict (float32, so scoring from it reproduces the recorded predictions exactly), plus
+`input_mean`/`input_std` for a run trained with `standardize`; a probe's file holds its state dict
+(heads/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
+from the file alone. A fine-tuning run keeps, beside it, what it changed in the backbone at that
+epoch: `adapter/` (LoRA, PEFT's own format, loadable with `PeftModel.from_pretrained`) or
+`backbone.safetensors` (full), and `fingerprint.json`, the base backbone it started from. The
+folder is replaced whole each time a better epoch is kept.
 """
 
 import json
@@ -14,9 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from iqa.cache.atomic import atomic_path, building_folder
 from iqa.heads.mlp import StackedMLP
+from iqa.heads.probes import PROBES, probe_from_state
+from iqa.heads.train import make_stack
 
 RUNS_DIR = "runs"
 HEAD_FILE = "head.safetensors"
@@ -52,14 +57,34 @@ def save_tuned(folder: Path, head: dict[str, torch.Tensor], backbone, regime: st
     return folder
 
 
-def load_head(path: Path) -> tuple[StackedMLP, dict]:
+class StandardizedHead(nn.Module):
+    """A head trained on z-scored inputs: x [1, B, D] is scaled with its run's training statistics first."""
+
+    def __init__(self, head: StackedMLP, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - self.mean[:, None]) / self.std[:, None])
+
+
+def load_head(path: Path) -> tuple[nn.Module, dict]:
     """The M = 1 head stored at `path` and the config it was saved with, in eval mode."""
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["config"])
         state = {k: f.get_tensor(k) for k in f.keys()}
-    head = StackedMLP(
-        state["layer1.weight"].shape[1], [config["seed"]], config["act1"], config["act2"],
-        mask_k=[config["mask_k"]], dropout=config["dropout"], keep=[config["keep"]], hidden=state["layer1.weight"].shape[2],
-    )
+    if config["head"] in PROBES:
+        return probe_from_state(config["head"], state), config
+    scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
+    if config.get("standardize") and scaling[0] is None:
+        raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
+    first = state["layer1.weight" if "layer1.weight" in state else "code.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    hidden = state["layer1.weight"].shape[2] if "layer1.weight" in state else None
+    head = make_stack(first.shape[1], [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
+                      config["dropout"], [config["keep"]], *([hidden] if hidden else []))
     head.load_state_dict(state)
+    if scaling[0] is not None:
+        head = StandardizedHead(head, *scaling)
     return head.eval(), config

@@ -64,7 +64,7 @@ def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path):
         (["data", "prepare", "csv", "--root", tmp_path, "--labels", "x.csv"], "needs --image-col"),
         (["data", "show", "kadid10k", "--cache", tmp_path / "cache"], "no manifest for dataset 'kadid10k'"),
         (["data", "show", "kadid10k", "--seeds", "8,x"], "--seeds must be comma-separated integers"),
-        (["data", "show", "kadid10k", "--split-by", "content"], "--split-by must be random or group"),
+        (["data", "show", "kadid10k", "--split-by", "content"], "--split-by must be random, group, official"),
     ]
     for args, message in cases:
         result = iqa(*args)

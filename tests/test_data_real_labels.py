@@ -12,7 +12,8 @@ import pytest
 
 from iqa.data import flive
 from iqa.cache.manifest import file_sha256, read_manifest
-from iqa.data.prepare import prepare_dataset
+from iqa.data.prepare import dataset_summary, prepare_dataset
+from iqa.data.splits import official_split
 from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images
 
 pytestmark = needs_shared_labels
@@ -40,6 +41,12 @@ def test_koniq10k_sets_variant_is_read_on_its_0_100_scale(tmp_path):
     again = read_manifest(tmp_path / "cache", "koniq10k")
     assert again.paths == manifest.paths and np.array_equal(again.targets, manifest.targets)
     assert path == tmp_path / "cache" / "koniq10k" / "manifest.json"
+    # the published split: KonIQ-10k's paper gives 7,058 training, 1,000 validation and 2,015 test images
+    published = official_split(again.extras["set"])
+    assert {name: len(rows) for name, rows in published.items()} == {"training": 7058, "validation": 1000, "test": 2015}
+    assert [again.paths[i] for i in published["validation"]] == [r["image_name"] for r in rows if r["set"] == "validation"]
+    summary = dataset_summary(again, [8, 19], "official")
+    assert summary["splits"] == {"8": {"train": 7058, "test": 2015}, "19": {"train": 7058, "test": 2015}}
 
 
 def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):

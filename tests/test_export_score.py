@@ -187,3 +187,57 @@ def test_score_dataset_reuses_a_matching_store_else_reads_the_images(demo_cache,
     assert torch.allclose(computed, scores, atol=5e-3)  # the store holds float16
     neither = CliRunner().invoke(app, ["score", str(out)])
     assert neither.exit_code == 1 and "one of the two" in neither.stderr
+
+
+def test_probes_and_standardized_heads_export_and_score_from_disk_as_recorded(demo_cache, tmp_path):
+    """Ridge, kNN and a --standardize MLP head: the model folder carries the input statistics."""
+    configs = [*expand_grid([("demo", "demo")], "nss", head_choices(["ridge", "knn"], []), [8], split_by="group"),
+               *expand_grid([("demo", "demo")], "nss", head_choices(["baseline"], []), [8], epochs=2, split_by="group",
+                            standardize=True)]
+    records = run_grid(configs, partial(load_cached, demo_cache, backbone="nss"), ResultsDB(default_db(demo_cache)),
+                       progress=False)
+    cached = load_cached(demo_cache, "demo", "nss")
+    for config, run in zip(configs, records):
+        out = tmp_path / run["head"]
+        exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(demo_cache)])
+        assert exported.exit_code == 0, exported.output
+        _, test_rows = run_rows(config, cached, cached)
+        model = iqa.load_model(out)
+        expected = model.score_embeddings(torch.as_tensor(cached.embeddings[test_rows]))
+        targets = torch.as_tensor(cached.manifest.targets[test_rows])
+        assert float(srcc(expected[None], targets[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-4)
+        paths = [f"{cached.manifest.image_root}/{cached.manifest.paths[i]}" for i in test_rows[:3]]
+        # decoded and embedded from disk: the stored embeddings are those, rounded to float16
+        assert torch.allclose(model.score_embeddings(model.embed(paths).half()), expected[:3], atol=1e-5)
+        assert torch.allclose(model.score(paths), expected[:3], atol=2e-3)
+    assert "probe fitted in closed form" in (tmp_path / "ridge" / "README.md").read_text()
+
+    # a standardized head saved before its statistics were kept is refused, not scored on raw features
+    from safetensors.torch import load_file, save_file
+
+    weights = run_weights_path(default_db(demo_cache), records[-1]["key"])
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("input_")}
+    save_file(state, str(weights), metadata={"config": json.dumps(records[-1] | {"curves": None})})
+    refused = CliRunner().invoke(app, ["export", records[-1]["key"], "--out", str(tmp_path / "old"), "--cache", str(demo_cache)])
+    assert refused.exit_code == 1 and "without its input statistics" in refused.output
+
+
+def test_head_command_passes_loss_optimizer_and_standardize_to_the_stored_runs(demo_cache):
+    args = ["head", "--cached", "--dataset", "demo", "--backbone", "nss", "--seeds", "8", "--epochs", "1",
+            "--split-by", "group", "--cache", str(demo_cache)]
+    result = CliRunner().invoke(app, [*args, "--act", "baseline,ridge,knn", "--loss", "l1", "--optimizer", "adamw",
+                                      "--weight-decay", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "ridge" in result.output and "knn" in result.output
+    runs = ResultsDB(default_db(demo_cache)).runs()
+    chosen = {r["head"]: r for r in runs if r["loss"] == "l1" and r["epochs"] == 1}
+    assert {h: (r["standardize"], r["optimizer"], r["weight_decay"]) for h, r in chosen.items()} == {
+        "baseline": (False, "adamw", 0.01), "ridge": (True, "adamw", 0.01), "knn": (True, "adamw", 0.01)}
+    result = CliRunner().invoke(app, [*args, "--act", "ridge", "--no-standardize"])
+    assert result.exit_code == 0, result.output
+    assert any(r["head"] == "ridge" and r["standardize"] is False for r in ResultsDB(default_db(demo_cache)).runs())
+    for bad, why in ((["--loss", "huber"], "unknown loss 'huber'"), (["--optimizer", "sgd"], "unknown optimizer"),
+                     (["--act", "ridge", "--dropout", "layers", "--keep", "0.5"], "take none"),
+                     (["--split-by", "official"], "published split")):
+        refused = CliRunner().invoke(app, [*args, *bad])
+        assert refused.exit_code == 1 and why in refused.output and "Traceback" not in refused.output, refused.output

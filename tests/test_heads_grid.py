@@ -191,3 +191,19 @@ def test_results_database_schema_is_versioned(tmp_path):
         db.execute("CREATE TABLE runs (key TEXT, score REAL)")
     with pytest.raises(ResultsDBError, match="not an iqa results database"):
         ResultsDB(other)
+
+
+def test_official_split_trains_on_training_tests_on_test_and_selects_on_validation():
+    from iqa.heads.grid import stack_inputs
+
+    cache = fake_cache("koniq10k", n=100)
+    cache.manifest.extras["set"] = ["training"] * 70 + ["validation"] * 10 + ["test"] * 20
+    (config,) = expand_grid([("koniq10k", "koniq10k")], "siglip2", head_choices(["baseline"], []), [8],
+                            split_by="official", select="val")
+    train_rows, test_rows = run_rows(config, cache, cache)
+    assert list(train_rows) == [i for i in range(70) if i != 5] and list(test_rows) == list(range(80, 100))
+    data, _ = stack_inputs([config], [(train_rows, test_rows)], cache, cache)
+    assert data.val_rows.tolist() == [list(range(70, 80))] and data.train_rows.tolist() == [list(train_rows)]
+    clive = fake_cache("clive", n=30)  # across datasets: the published training rows, all of the other set
+    (cross,) = expand_grid([("koniq10k", "clive")], "siglip2", head_choices(["baseline"], []), [8], split_by="official")
+    assert list(run_rows(cross, cache, clive)[0]) == list(train_rows)

@@ -145,3 +145,23 @@ def test_standardize_uses_each_members_own_train_rows_only():
     assert inside.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-4)
     raw = train_stack(data_for(x, y, 1), [Member(8)], hidden=64, epochs=2)[0]
     assert alone.curves["train_loss"][0] != pytest.approx(raw.curves["train_loss"][0], rel=1e-3)
+
+
+def test_hyper_head_trained_alone_matches_it_inside_a_stack_and_reloads(tmp_path, one_thread):
+    from iqa.heads.weights import load_head, save_head
+
+    x, y = learnable_set()
+    alone = train_stack(data_for(x, y, 1), [Member(8, lr=1e-3)], "hyper", "hyper", epochs=3)[0]
+    stacked = train_stack(data_for(x, y, 2), [Member(19, mask_k=50, lr=1e-3), Member(8, lr=1e-3)], "hyper", "hyper", epochs=3)[1]
+    assert stacked.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-4)
+    assert stacked.last_srcc == pytest.approx(alone.last_srcc, abs=1e-5)
+    assert alone.curves["srcc"][-1] > alone.curves["srcc"][0] + 0.1 and alone.best_srcc > 0.7  # it learns
+    config = {"head": "hyper", "act1": "hyper", "act2": "hyper", "seed": 8, "mask_k": 100.0, "dropout": None, "keep": 1.0}
+    head, _ = load_head(save_head(tmp_path / "head.safetensors", alone.weights, config))
+    with torch.no_grad():
+        pred = head(torch.as_tensor(x[240:])[None])
+    from iqa.heads.metrics import srcc
+
+    assert float(srcc(pred, torch.as_tensor(y[240:])[None])[0]) == pytest.approx(alone.best_srcc, abs=1e-6)
+    with pytest.raises(ValueError, match="dropout"):
+        train_stack(data_for(x, y, 1), [Member(8)], "hyper", "hyper", "layers", epochs=1)

@@ -47,3 +47,14 @@ def test_splits_and_member_seeds_are_pinned():
     assert member_seed(8, "order") == 8159973449159769457
     assert member_seed(19, "init") == 713091851431809872
     assert member_seed(25, "torch") == 2601398551658057986
+
+
+def test_official_split_is_the_set_column_whatever_the_seed():
+    sets = ["training", "test", "validation", "training", "test", "training"]
+    for seed in (8, 19):
+        train, test = split_indices([f"{i}.jpg" for i in range(6)], seed, by="official", sets=sets)
+        assert train.tolist() == [0, 3, 5] and test.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="published split"):
+        split_indices(["a", "b"], seed=8, by="official")
+    with pytest.raises(ValueError, match="'train'"):
+        split_indices(["a", "b"], seed=8, by="official", sets=["train", "test"])

@@ -23,6 +23,7 @@ from iqa.extract.registry import BACKBONES
 from iqa.heads.report import figures
 from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
+from iqa.heads.probes import PROBES
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
 from iqa.heads.report.tables import results_table
@@ -183,11 +184,12 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
     named += [(f"Gate weight s(g): {n}", n, fig) for n, fig in gates]
     if not gates:
         summary.notes.append("gate weights (Fig. 2, S7): no gated runs without ablation")
-    named += [(f"Learning curves: {n}", n, fig) for n, fig in figures.learning_curve_figures(runs)]
+    trained = [r for r in runs if r["head"] not in PROBES]  # a probe has no epochs and no hidden features
+    named += [(f"Learning curves: {n}", n, fig) for n, fig in figures.learning_curve_figures(trained)]
     for title, name, fig in named:
         _add_figure(fig, folder, name, title, summary, page)
     if load is not None:
-        _tsne_figures(runs, load, folder, device, progress, summary, page)
+        _tsne_figures(trained, load, folder, device, progress, summary, page)
 
 
 def _add_figure(fig, folder: Path, name: str, title: str, summary: ReportSummary, page: _Page) -> None:
@@ -239,7 +241,8 @@ def _profile(runs, backbones: list[str], folder: Path, device: str, summary: Rep
         return
     rows = []
     for backbone in backbones:
-        heads = sorted({r["head"] for r in runs if r["backbone"] == backbone}, key=_head_order) or list(HEADS)
+        heads = sorted({r["head"] for r in runs if r["backbone"] == backbone and r["head"] not in PROBES},
+                       key=_head_order) or list(HEADS)
         rows += profile_backbone(backbone, heads, device)
     (folder / "profile.md").write_text(profile_table(rows, "md"))
     (folder / "profile.csv").write_text(profile_table(rows, "csv"))

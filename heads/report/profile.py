@@ -20,7 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.registry import get_spec
-from iqa.heads.mlp import HEADS, StackedMLP
+from iqa.heads.hyper import HYPER
+from iqa.heads.mlp import HEADS
+from iqa.heads.train import make_stack
 
 ATTENTION_OPS = ("bmm", "scaled_dot_product")  # the score and value matmuls of attention
 
@@ -50,9 +52,9 @@ def count_macs(module: torch.nn.Module, *inputs) -> tuple[float, float]:
 
 
 def head_profile(dim: int, head: str) -> tuple[int, float]:
-    """(parameters, MACs) of one head d -> 512 -> 512 -> 1 for one embedding."""
-    act1, act2 = HEADS[head] if head in HEADS else head.split("+")
-    model = StackedMLP(dim, [0], act1, act2).eval()
+    """(parameters, MACs) of one head (d -> 512 -> 512 -> 1, or the hyper head) for one embedding."""
+    act1, act2 = HEADS[head] if head in HEADS else (HYPER, HYPER) if head == HYPER else head.split("+")
+    model = make_stack(dim, [0], act1, act2, [100.0], None, [1.0]).eval()
     return sum(p.numel() for p in model.parameters()), count_macs(model, torch.zeros(1, 1, dim))[0]
 
 

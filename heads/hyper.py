@@ -1,0 +1,92 @@
+"""StackedHyper: M HyperIQA-style content-adaptive heads on pooled features (SMART-IQA Sec. III-D, App. A).
+
+A hyper-network reads the image's features and generates the weights of a small target network,
+which maps the feature vector to the score (Eq. 14-16):
+
+    c    = LeakyReLU(H x + h)                       content code (the hyper-network's reading of x)
+    v    = P x + p                                  target input (HyperIQA's 224-wide pooled vector)
+    W1   = sum_k c'_k G1_k,  b1 = c' B1             generated from c' = [c, 1] (a constant for the biases)
+    h    = sigmoid(W1 v + b1)                       target hidden layer, 128 wide, sigmoid (Eq. 16)
+    q    = (c' G2) . h + c' B2                      generated output layer
+
+On one pooled embedding the hyper-network reads that vector (the paper reads Swin's deepest stage;
+the layer-wise store will give the stages). The paper's 1x1 convolution over a 7x7 map has no
+counterpart on a pooled vector, so the generator is linear in a small content code (width 16):
+W1 v = sum_k c'_k (G1_k v) is computed as one matmul of v with all G1_k, never one weight matrix
+per image. Every tensor is [M, ...], row m drawn from member m's generator in a fixed order, and no
+operation mixes rows: members train as if alone, as the MLP's do (heads/mlp.py).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from iqa.heads.mlp import StackedLinear, member_seed, topk_mask
+
+HYPER = "hyper"
+CODE = 16  # width of the content code c
+TARGET_IN = 224  # HyperIQA's target-network input size
+TARGET_HIDDEN = 128  # SMART-IQA's d_target (App. A)
+
+
+def hyper_recipe() -> dict:
+    return {"code": CODE, "target_in": TARGET_IN, "target_hidden": TARGET_HIDDEN, "target_act": "sigmoid"}
+
+
+def _uniform(generators: list[torch.Generator], shape: tuple[int, ...], bound: float) -> nn.Parameter:
+    """[M, *shape], member m's block drawn from its own generator."""
+    return nn.Parameter(torch.stack([torch.empty(shape).uniform_(-bound, bound, generator=g) for g in generators]))
+
+
+class StackedHyper(nn.Module):
+    """M hyper heads; they differ in seed and mask k (no dropout: the target network is generated)."""
+
+    def __init__(self, in_dim: int, seeds: list[int], mask_k: list[float] | None = None, dropout: str | None = None):
+        super().__init__()
+        if dropout is not None:
+            raise ValueError("the hyper head takes no --dropout")
+        members = len(seeds)
+        self.seeds, self.dropout, self.keep = list(seeds), None, [1.0] * members
+        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
+        if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
+            raise ValueError("mask k needs one value per member, each in (0, 100]")
+        self.register_buffer("mask_k", torch.tensor(mask_k))
+        self.masking = any(k < 100 for k in mask_k)
+
+        init = [torch.Generator().manual_seed(member_seed(s, "init")) for s in seeds]
+        coded = CODE + 1
+        self.code = StackedLinear(init, in_dim, CODE)
+        self.project = StackedLinear(init, in_dim, TARGET_IN)
+        # generated layers start at nn.Linear's scale for their fan-in, shared across the code's entries
+        self.w1 = _uniform(init, (TARGET_IN, coded * TARGET_HIDDEN), 1 / math.sqrt(TARGET_IN * coded))
+        self.b1 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_IN * coded))
+        self.w2 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_HIDDEN * coded))
+        self.b2 = _uniform(init, (coded, 1), 1 / math.sqrt(TARGET_HIDDEN * coded))
+
+    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return topk_mask(x, self.mask_k) if self.masking else x
+
+    def _code(self, x: torch.Tensor) -> torch.Tensor:
+        """c' = [LeakyReLU(H x + h), 1]: [M, B, CODE + 1]."""
+        c = nn.functional.leaky_relu(self.code(x))
+        return torch.cat([c, torch.ones_like(c[..., :1])], -1)
+
+    def features(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """The target network's hidden layer h, [M, B, TARGET_HIDDEN] (for t-SNE)."""
+        return self._hidden(x if inputs_masked else self.mask_inputs(x))[0]
+
+    def _hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._code(x)
+        v = self.project(x)
+        m, b, _ = v.shape
+        per_code = torch.bmm(v, self.w1.to(v.dtype)).view(m, b, CODE + 1, TARGET_HIDDEN)  # G1_k v for every k
+        pre = (c[..., None] * per_code).sum(-2) + torch.bmm(c, self.b1.to(v.dtype))
+        return torch.sigmoid(pre), c
+
+    def forward(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """x [M, B, in_dim] -> predicted quality [M, B]."""
+        h, c = self._hidden(x if inputs_masked else self.mask_inputs(x))
+        w2 = torch.bmm(c, self.w2.to(h.dtype))  # [M, B, TARGET_HIDDEN], generated per image
+        b2 = torch.bmm(c, self.b2.to(h.dtype))[..., 0]
+        return (w2 * h).sum(-1) + b2

@@ -47,8 +47,6 @@ def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
-    if run.get("l2norm"):  # the model folder does not carry that input transform yet
-        raise ValueError(f"run {run['key'][:12]} was trained with l2norm; export handles runs without it")
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
@@ -72,14 +70,14 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     for path in sorted([*(out / ADAPTER_DIR).rglob("*"), out / BACKBONE_FILE]):
         if path.is_file():
             tuning["files"][str(path.relative_to(out))] = file_sha256(path)
-    head_keys = ("head", "act1", "act2", "mask_k", "dropout", "keep")
+    head_keys = ("head", "act1", "act2", "mask_k", "dropout", "keep", "l2norm")
     config = {
         "format": FORMAT,
         "run_key": run["key"],
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning},
-        "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {}),
+        "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {}),
         "training": {k: run.get(k) for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},

@@ -63,7 +63,10 @@ class IqaModel(nn.Module):
     @torch.no_grad()
     def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.head.state_dict().values())).device  # probes hold buffers, no parameters
-        return self.head(embeddings.float()[None].to(device))[0].cpu()
+        x = embeddings.float()
+        if self.config.get("head", {}).get("l2norm"):  # trained with --l2norm: unit-length inputs
+            x = nn.functional.normalize(x, dim=1)
+        return self.head(x[None].to(device))[0].cpu()
 
     def score(self, images) -> torch.Tensor:
         """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""

@@ -135,9 +135,10 @@ def test_head_command_refuses_an_unknown_selection_rule(demo_cache):
     assert result.exit_code == 1 and "unknown selection rule 'best'" in result.output
 
 
-@pytest.mark.parametrize("untrained", ["tiny", "random-init"])
-def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tmp_path, untrained, monkeypatch):
-    """The backbone rebuilds deterministically from its config: disk scores equal the head on the stored rows."""
+@pytest.mark.parametrize("untrained, l2norm", [("tiny", False), ("random-init", False), ("tiny", True)])
+def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tmp_path, untrained, l2norm, monkeypatch):
+    """The backbone rebuilds deterministically from its config: disk scores equal the head on the stored
+    rows (scaled to unit length for an --l2norm run)."""
     from iqa.extract import registry
     from test_integrity import toy_dataset
 
@@ -150,7 +151,8 @@ def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tm
                              dtype="float32", store_dtype="float32", progress=False)
     extract_dataset(request, num_workers=0)
     load = partial(load_cached, tmp_path, backbone="dinov2", tag=untrained)
-    configs = expand_grid([("toy", "toy")], "dinov2", head_choices(["sig"], []), [8], epochs=3, tag=untrained)
+    configs = expand_grid([("toy", "toy")], "dinov2", head_choices(["sig"], []), [8], epochs=3, tag=untrained,
+                          l2norm=l2norm)
     (run,) = run_grid(configs, load, ResultsDB(default_db(tmp_path)), progress=False)
     out = tmp_path / "model"
     assert CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(tmp_path)]).exit_code == 0
@@ -159,8 +161,9 @@ def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tm
     model = iqa.load_model(out)
     scores = model.score([tmp_path / "images" / p for p in paths])
     head, _ = load_head(run_weights_path(default_db(tmp_path), run["key"]))
+    stored = torch.as_tensor(load("toy").embeddings)
     with torch.no_grad():
-        expected = head(torch.as_tensor(load("toy").embeddings)[None])[0]
+        expected = head((torch.nn.functional.normalize(stored, dim=1) if l2norm else stored)[None])[0]
     assert torch.allclose(scores, expected, atol=1e-5)
 
 

@@ -230,6 +230,8 @@ def extract(
         "--actors", min=1, help="ray: embedding actors [default: one per GPU share, else one per CPU].")] = None,
     gpus_per_actor: Annotated[float, typer.Option(
         "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -251,7 +253,7 @@ def extract(
             cache_root(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess,
+            resolution=resolution, preprocess=preprocess, layers=layers,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray

@@ -369,6 +369,8 @@ def head_command(
     cache: CacheOption = None,
     select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic), val (best SRCC on a validation part of the training split) or last.")] = "test",
     val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
+    layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import expand_grid, head_choices, run_grid
@@ -397,24 +399,26 @@ def head_command(
         if any(len(p) != 2 for p in pair_acts):
             fail("--act-pair takes two activations, e.g. sigmoid,gelu")
         heads = head_choices(_csv([act]) if act else [], pair_acts)
+        from iqa.cache.location import store_root
+        from iqa.cache.store import load_cached, stored_layers
+        from iqa.heads.grid import layer_choices
+
+        root, where = cache_root(cache), store_root(stores) if stores else None
+        held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize,
-            select=select, val_fraction=val_fraction,
+            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
         )
         from iqa.heads.selection import check_rule
 
         check_rule(select)
-        from iqa.cache.location import store_root
-        from iqa.cache.store import load_cached
-
         run_stacks = None
         if engine == "ray":
             from iqa.heads.ray_grid import train_on_ray
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
-        root, where = cache_root(cache), store_root(stores) if stores else None
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
@@ -429,7 +433,7 @@ def head_command(
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
         for record in records:
-            typer.echo(json.dumps({k: record[k] for k in fields}))
+            typer.echo(json.dumps({**{k: record[k] for k in fields}, "layers": record.get("layers")}))
     else:
         typer.echo(results_table(records, layout="variants"), nl=False)
 

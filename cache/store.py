@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import fsspec
@@ -211,10 +211,15 @@ class CachedEmbeddings:
     manifest: Manifest
     fingerprint: dict
     fingerprint_id: str
+    path: Path | str | None = None  # the store, for `select_layers`
 
     @property
     def targets(self) -> np.ndarray:
         return self.manifest.targets
+
+    def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
+        """The same rows with the named stored layers, concatenated in order, as the embeddings."""
+        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers), axis=1))
 
 
 def load_cached(
@@ -250,6 +255,7 @@ def load_cached(
         fingerprint=store.fingerprint,
         # a partial store's runs are their own results: the finished store trains afresh
         fingerprint_id=f"{fid}-partial-{store.n_rows - pending}of{store.n_rows}" if pending else fid,
+        path=path,
     )
 
 
@@ -258,12 +264,25 @@ def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | 
     """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
     only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    store = open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset} --layers all --overwrite")
-    if layer not in store.layer_dims:
-        held = sorted(store.layer_dims) or "none"
-        raise ValueError(f"{path} holds no layer {layer} (layers held: {held}); "
-                       f"`iqa extract --backbone {backbone} --dataset {dataset} --layers all --overwrite` stores every layer")
-    return store.group[layer_array(layer)][:].astype(np.float32)
+    return read_layers(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}"), (layer,))[0]
+
+
+def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = None,
+                  stores: Path | str | None = None) -> list[int]:
+    """The layers a store holds (`iqa extract --layers`), in the order they were named; [] for none."""
+    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
+    if not store_exists(path):
+        raise FileNotFoundError(f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset} --layers all` first")
+    return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
+
+
+def read_layers(store: EmbeddingStore, layers: tuple[int, ...]) -> list[np.ndarray]:
+    """The named layers' arrays, float32, each read whole; a layer the store lacks says how to add it."""
+    missing = [n for n in layers if n not in store.layer_dims]
+    if missing:
+        raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
+                         f"`iqa extract ... --layers all --overwrite` stores every layer")
+    return [store.group[layer_array(n)][:].astype(np.float32) for n in layers]
 
 
 class IncompleteStore(ValueError):

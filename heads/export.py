@@ -66,7 +66,8 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "format": FORMAT,
         "run_key": run["key"],
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
-            "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocessing", "compute_dtype")}},
+            "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocessing", "compute_dtype")},
+            **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
         "head": {k: run[k] for k in head_keys},
         "training": {k: run[k] for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction")},

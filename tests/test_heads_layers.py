@@ -8,10 +8,13 @@ import pytest
 from test_extract_run import QUIET, make_dataset
 from typer.testing import CliRunner
 
+from iqa.cache.manifest import Manifest, write_manifest
 from iqa.cache.results import ResultsDB
 from iqa.cache.store import load_cached, load_layer
 from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
+from iqa.heads.export import export_run
+from iqa.heads.score import load_model
 from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
 from iqa.heads.run_config import RunConfig, run_key
 
@@ -20,7 +23,9 @@ SHARED = dict(epochs=2, tag="tiny")
 
 @pytest.fixture
 def layered_cache(tmp_path, one_thread):
-    make_dataset(tmp_path, n=20)
+    paths = make_dataset(tmp_path, n=20)
+    scores = np.random.default_rng(0).uniform(1, 5, len(paths))  # varied targets: SRCC is defined
+    write_manifest(Manifest("toy", str(tmp_path / "images"), paths, scores, scores / 5, "MOS 1-5, target = y/5"), tmp_path)
     extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", tiny=True, dtype="float32", layers="all", **QUIET),
                     num_workers=0)
     return tmp_path
@@ -36,7 +41,18 @@ def test_a_layer_run_trains_on_that_layers_vectors(layered_cache, tmp_path):
     plain = expand_grid([("toy", "toy")], "swin-t", heads, [8], **SHARED)
     as_default = run_grid(plain, layer_one, ResultsDB(tmp_path / "b.sqlite"), progress=False)
     assert by_layer[0]["best_srcc"] == as_default[0]["best_srcc"] and by_layer[0]["layers"] == [1]
+    assert np.isfinite(by_layer[0]["best_srcc"]) and by_layer[0]["curves"] == as_default[0]["curves"]
     assert by_layer[0]["key"] != as_default[0]["key"]
+
+
+def test_an_exported_layer_model_embeds_with_those_layers(layered_cache, tmp_path):
+    configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["baseline"], []), [8], layer_sets=[(2, 1)], **SHARED)
+    db = ResultsDB(tmp_path / "c.sqlite")
+    run = run_grid(configs, lambda name: load_cached(layered_cache, name, "swin-t", "tiny"), db, progress=False)[0]
+    model = load_model(export_run(layered_cache, db.path, run, tmp_path / "model"))
+    paths = load_cached(layered_cache, "toy", "swin-t", "tiny").manifest.paths[:3]
+    stored = np.concatenate([load_layer(layered_cache, "toy", "swin-t", n, "tiny")[:3] for n in (2, 1)], axis=1)
+    np.testing.assert_allclose(model.embed([layered_cache / "images" / p for p in paths]).numpy(), stored, atol=2e-3)
 
 
 def test_layer_sets_sweep_and_concatenate():
@@ -57,7 +73,8 @@ def test_default_configs_keep_their_keys_and_layer_configs_round_trip():
 
 
 def json_runs(output: str) -> list[dict]:
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    """The --json lines (the progress bar, on stderr, may share the first one's line)."""
+    return [json.loads(line[line.index("{"):]) for line in output.splitlines() if "{" in line]
 
 
 def test_cli_layer_sweep_and_pair(layered_cache):

@@ -102,6 +102,17 @@ def _swin(key: str) -> BackboneSpec:
     )
 
 
+def _resnet(key: str, depths: list[int]) -> BackboneSpec:
+    return BackboneSpec(
+        key=key, dim=2048, pooling="pooler_output",
+        hf_id=f"microsoft/resnet-{key.removeprefix('resnet')}", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
+        # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
+        lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
+        config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=depths, layer_type="bottleneck"),
+        tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+    )
+
+
 def _dinov3(key: str) -> BackboneSpec:
     name, hidden, mlp, layers, heads, gated = _DINOV3_SIZES[key]
     return BackboneSpec(
@@ -167,23 +178,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         # BRISQUE natural-scene statistics (extract/nss.py): weight-free, computed in the decode
         # workers; the classical baseline row of Table 5 and the offline demo's backbone.
         BackboneSpec("nss", dim=NSS_DIM, pooling="worker", features_in_worker=nss_features, revision=NSS_REVISION),
-        BackboneSpec(
-            key="resnet152", dim=2048, pooling="pooler_output",
-            hf_id="microsoft/resnet-152", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
-            # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
-            lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
-            config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 8, 36, 3],
-                        layer_type="bottleneck"),
-            tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
-        ),
-        BackboneSpec(  # HyperIQA's backbone; its four stages are `--layers 1..4`
-            key="resnet50", dim=2048, pooling="pooler_output",
-            hf_id="microsoft/resnet-50", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
-            lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
-            config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
-                        layer_type="bottleneck"),
-            tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
-        ),
+        _resnet("resnet152", [3, 8, 36, 3]),
+        _resnet("resnet50", [3, 4, 6, 3]),  # HyperIQA's backbone; its four stages are `--layers 1..4`
         *(_swin(key) for key in _SWIN_SIZES),
         BackboneSpec(
             key="convnext-t", dim=768, pooling="pooler_output",

@@ -14,6 +14,7 @@ from iqa.cache.store import load_cached, load_layer
 from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.export import export_run
+from iqa.heads.report.figures import layer_figure
 from iqa.heads.score import load_model
 from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
 from iqa.heads.run_config import RunConfig, run_key
@@ -85,5 +86,9 @@ def test_cli_layer_sweep_and_pair(layered_cache):
     assert [run["layers"] for run in json_runs(sweep.output)] == [[1], [2]]
     pair = CliRunner().invoke(app, [*common, "--layers", "2,1"])
     assert pair.exit_code == 0 and [run["layers"] for run in json_runs(pair.output)] == [[2, 1]], pair.output
+    runs = ResultsDB(layered_cache / "results.sqlite").runs()
+    fig = layer_figure(runs)  # the sweep's two layers as one line; the 2,1 pair is not a point of it
+    (line,) = fig.axes[0].containers  # one errorbar line: baseline on toy
+    assert list(line.lines[0].get_xdata()) == [1, 2]
     missing = CliRunner().invoke(app, [*common, "--layer", "7"])
     assert missing.exit_code != 0 and "not [7]" in missing.output and "Traceback" not in missing.output, missing.output

@@ -15,6 +15,7 @@ from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.export import export_run
 from iqa.heads.report.figures import layer_figure
+from iqa.heads.report.tables import results_table
 from iqa.heads.score import load_model
 from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
 from iqa.heads.run_config import RunConfig, run_key
@@ -87,8 +88,12 @@ def test_cli_layer_sweep_and_pair(layered_cache):
     pair = CliRunner().invoke(app, [*common, "--layers", "2,1"])
     assert pair.exit_code == 0 and [run["layers"] for run in json_runs(pair.output)] == [[2, 1]], pair.output
     runs = ResultsDB(layered_cache / "results.sqlite").runs()
+    pairing = results_table(runs, layout="variants")  # the pairing table: a row per layer set, "2+1" concatenated
+    assert all(f"| baseline | {row} |" in pairing for row in ("1", "2", "2+1")), pairing
     fig = layer_figure(runs)  # the sweep's two layers as one line; the 2,1 pair is not a point of it
     (line,) = fig.axes[0].containers  # one errorbar line: baseline on toy
     assert list(line.lines[0].get_xdata()) == [1, 2]
+    table = CliRunner().invoke(app, [*common[:-1], "--layer", "all"])  # the sweep's table: a row per layer
+    assert table.exit_code == 0 and "| baseline | 1 |" in table.output and "| baseline | 2 |" in table.output, table.output
     missing = CliRunner().invoke(app, [*common, "--layer", "7"])
     assert missing.exit_code != 0 and "not [7]" in missing.output and "Traceback" not in missing.output, missing.output

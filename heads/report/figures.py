@@ -248,6 +248,7 @@ def layer_figure(runs: list[dict]):
         layers = sorted(points)
         ax.errorbar(layers, [np.mean(points[n]) for n in layers], marker="o", capsize=3, label=label,
                     yerr=[np.std(points[n], ddof=1) if len(points[n]) > 1 else 0.0 for n in layers])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (block or stage, from 1)")
     ax.set_ylabel("test SRCC (best epoch, mean over seeds)")
     ax.grid(alpha=0.3)

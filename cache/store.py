@@ -166,7 +166,8 @@ def open_for_writing(
     if different == [d for d in different if d.startswith("layers:")] and different:
         raise FingerprintMismatch(
             f"{path} holds layers {store.fingerprint.get('layers', [])}, this run asks for {fingerprint.get('layers', [])}; "
-            f"pass --overwrite to rebuild it with them (one pass computes the default embedding and all layers)"
+            f"ask for the layers it holds to resume it, or pass --overwrite to rebuild it with them "
+            f"(one pass computes the default embedding and all layers)"
         )
     if different:
         raise FingerprintMismatch(

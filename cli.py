@@ -242,6 +242,8 @@ def extract(
         "--actors", min=1, help="ray: embedding actors [default: one per GPU share, else one per CPU].")] = None,
     gpus_per_actor: Annotated[float, typer.Option(
         "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -263,7 +265,7 @@ def extract(
             cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess,
+            resolution=resolution, preprocess=preprocess, layers=layers,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
@@ -384,6 +386,8 @@ def head_command(
     cache: CacheOption = None,
     select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic), val (best SRCC on a validation part of the training split) or last.")] = "test",
     val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
+    layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import expand_grid, head_choices, run_grid
@@ -412,24 +416,26 @@ def head_command(
         if any(len(p) != 2 for p in pair_acts):
             fail("--act-pair takes two activations, e.g. sigmoid,gelu")
         heads = head_choices(_csv([act]) if act else [], pair_acts)
+        from iqa.cache.location import store_root
+        from iqa.cache.store import load_cached, stored_layers
+        from iqa.heads.grid import layer_choices
+
+        root, where = cache_dir(cache), store_root(stores) if stores else None
+        held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
-            select=select, val_fraction=val_fraction,
+            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
         )
         from iqa.heads.selection import check_rule
 
         check_rule(select)
-        from iqa.cache.location import store_root
-        from iqa.cache.store import load_cached
-
         run_stacks = None
         if engine == "ray":
             from iqa.heads.ray_grid import train_on_ray
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
-        root, where = cache_dir(cache), store_root(stores) if stores else None
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
                            device, stack_size, engine=run_stacks)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
@@ -444,7 +450,7 @@ def head_command(
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
         for record in records:
-            typer.echo(json.dumps({k: record[k] for k in fields}))
+            typer.echo(json.dumps({**{k: record[k] for k in fields}, "layers": record.get("layers")}))
     else:
         typer.echo(results_table(records, layout="variants"), nl=False)
 

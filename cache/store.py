@@ -10,6 +10,9 @@ contract other tools read:
   (cache/stamps.py); all zero where unknown (rows of stores made before stamps were kept).
 - `chunk_done` (N_chunks,) uint8, one element per Zarr chunk, set only after a whole row block
   (embeddings, status, reasons) is written: a set flag is the record of done work.
+- `layer<n>` (N, D_n), only for layers named at extraction (`iqa extract --layers`, counted from
+  1; the fingerprint's `layers` lists them): block/stage n's pooled vector, one array per layer so
+  reading one layer for every row touches only that layer's chunk files; written with the row block.
 - attributes: `fingerprint` (what produced the numbers), `fingerprint_id`, `chunk_rows`.
 
 Writers only ever write whole chunk-aligned row blocks (Zarr v3 loses rows when two writers
@@ -26,7 +29,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import fsspec
@@ -81,6 +84,7 @@ class EmbeddingStore:
         self.fingerprint: dict = self.group.attrs["fingerprint"]
         self.chunk_rows: int = self.group.attrs["chunk_rows"]
         self.embeddings = self.group["embeddings"]
+        self.layer_dims: dict[int, int] = {n: self.group[layer_array(n)].shape[1] for n in self.fingerprint.get("layers", [])}
         self.n_rows, self.dim = self.embeddings.shape
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
 
@@ -126,10 +130,15 @@ class EmbeddingStore:
         `stamps` (rows, 3) are the image files as read (None: rows not read from the manifest's files)."""
         rows = self.rows_of_chunk(chunk)
         bad = np.array([bool(r) for r in reasons])
-        if embeddings.shape != (len(rows), self.dim) or len(reasons) != len(rows):
-            raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {self.dim}, got {embeddings.shape}")
+        width = self.dim + sum(self.layer_dims.values())  # the default embedding, then each layer's vector
+        if embeddings.shape != (len(rows), width) or len(reasons) != len(rows):
+            raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {width}, got {embeddings.shape}")
         block = np.where(bad[:, None], np.nan, embeddings)
-        self.embeddings[rows.start : rows.stop] = block.astype(self.embeddings.dtype)
+        self.embeddings[rows.start : rows.stop] = block[:, : self.dim].astype(self.embeddings.dtype)
+        start = self.dim
+        for n, layer_dim in self.layer_dims.items():
+            self.group[layer_array(n)][rows.start : rows.stop] = block[:, start : start + layer_dim].astype(self.embeddings.dtype)
+            start += layer_dim
         self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
         self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
         if stamps is not None:
@@ -137,10 +146,17 @@ class EmbeddingStore:
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
 
 
-def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int) -> None:
+def layer_array(layer: int) -> str:
+    return f"layer{layer}"
+
+
+def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
+            layer_dims: dict[int, int]) -> None:
     n = len(keys)
     group = zarr.open_group(str(path), mode="w")
     group.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=np.nan)
+    for layer, width in layer_dims.items():
+        group.create_array(layer_array(layer), shape=(n, width), dtype=dtype, chunks=(chunk_rows, width), fill_value=np.nan)
     group.create_array("keys", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(keys, dtype=str)
     group.create_array("status", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=PENDING)
     group.create_array("reasons", shape=(n,), dtype=str, chunks=(chunk_rows,), fill_value="")
@@ -159,22 +175,31 @@ def add_stamps(group, n: int, chunk_rows: int) -> None:
 
 def open_for_writing(
     path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str = "float16",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False, layer_dims: dict[int, int] | None = None,
 ) -> EmbeddingStore:
     """Create the store once (atomically: built aside, then renamed) or reopen it to append.
 
     Several shard processes may call this at once: exactly one rename wins, the others reopen the
     winner's store. Reopening checks the fingerprint; a store built differently is refused.
-    `chunk_rows` applies only to a new store; an existing one keeps its own.
+    `chunk_rows` applies only to a new store; an existing one keeps its own. `layer_dims` (layer ->
+    width, the fingerprint's `layers`) adds one array per layer; a store built without those layers
+    is refused (it is not extended in place: `--overwrite` rebuilds it with them).
     """
+    layer_dims = layer_dims or {}
     if dtype not in ("float16", "float32"):
         raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
     if is_url(path):
-        _create_remote(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite)
+        _create_remote(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
     else:
-        _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite)
+        _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
     store = EmbeddingStore(path, mode="r+")
     different = fingerprint_difference(store.fingerprint, fingerprint)
+    if different == [d for d in different if d.startswith("layers:")] and different:
+        raise FingerprintMismatch(
+            f"{path} holds layers {store.fingerprint.get('layers', [])}, this run asks for {fingerprint.get('layers', [])}; "
+            f"ask for the layers it holds to resume it, or pass --overwrite to rebuild it with them "
+            f"(one pass computes the default embedding and all layers)"
+        )
     if different:
         raise FingerprintMismatch(
             f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
@@ -185,7 +210,7 @@ def open_for_writing(
 
 
 def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
-                  overwrite: bool) -> None:
+                  overwrite: bool, layer_dims: dict[int, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and path.exists():
         trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
@@ -194,7 +219,7 @@ def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtyp
     remove_stale(path.parent, f".{path.name}.tmp-")  # stores half-created by killed runs
     if not path.exists():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
-        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
+        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows, layer_dims)
         try:
             os.rename(tmp, path)
         except OSError:  # another shard created it first
@@ -202,14 +227,14 @@ def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtyp
 
 
 def _create_remote(url: str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
-                   overwrite: bool) -> None:
+                   overwrite: bool, layer_dims: dict[int, int]) -> None:
     fs, where = fsspec.core.url_to_fs(url)
     if overwrite and fs.exists(where):
         fs.rm(where, recursive=True)
     if not fs.exists(where):
         name = where.rstrip("/").rsplit("/", 1)[-1]
         tmp = f"{url.rsplit('/', 1)[0]}/.{name}.tmp-{uuid.uuid4().hex}"
-        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows)
+        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows, layer_dims)
         fs.mv(fsspec.core.url_to_fs(tmp)[1], where, recursive=True)
 
 
@@ -220,10 +245,15 @@ class CachedEmbeddings:
     manifest: Manifest
     fingerprint: dict
     fingerprint_id: str
+    path: Path | str | None = None  # the store, for `select_layers`
 
     @property
     def targets(self) -> np.ndarray:
         return self.manifest.targets
+
+    def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
+        """The same rows with the named stored layers, concatenated in order, as the embeddings."""
+        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers), axis=1))
 
 
 def load_cached(
@@ -263,7 +293,34 @@ def load_cached(
         fingerprint=store.fingerprint,
         # a partial store's runs are their own results: the finished store trains afresh
         fingerprint_id=f"{fid}-partial-{store.n_rows - pending}of{store.n_rows}" if pending else fid,
+        path=path,
     )
+
+
+def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | None = None,
+               stores: Path | str | None = None) -> np.ndarray:
+    """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
+    only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
+    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
+    return read_layers(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}"), (layer,))[0]
+
+
+def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = None,
+                  stores: Path | str | None = None) -> list[int]:
+    """The layers a store holds (`iqa extract --layers`), in the order they were named; [] for none."""
+    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
+    if not store_exists(path):
+        raise FileNotFoundError(f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset} --layers all` first")
+    return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
+
+
+def read_layers(store: EmbeddingStore, layers: tuple[int, ...]) -> list[np.ndarray]:
+    """The named layers' arrays, float32, each read whole; a layer the store lacks says how to add it."""
+    missing = [n for n in layers if n not in store.layer_dims]
+    if missing:
+        raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
+                         f"`iqa extract ... --layers all --overwrite` stores every layer")
+    return [store.group[layer_array(n)][:].astype(np.float32) for n in layers]
 
 
 class IncompleteStore(ValueError):

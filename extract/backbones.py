@@ -38,9 +38,31 @@ def pool(outputs, pooling: str, prefix_tokens: int) -> torch.Tensor:
     raise ValueError(f"unknown pooling rule {pooling!r}")
 
 
+def layer_states(outputs) -> tuple[torch.Tensor, ...]:
+    """Each block's (or stage's) output, the embedding layer left out: entry n-1 is layer n.
+
+    Swin's `reshaped_hidden_states` are its stage maps [B, C, H, W] (taken before the patch
+    merging that starts the next stage); ResNet and ConvNeXt give maps in `hidden_states` too."""
+    states = getattr(outputs, "reshaped_hidden_states", None) or outputs.hidden_states
+    return tuple(states[1:])
+
+
+def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None) -> torch.Tensor:
+    """A stage map [B, C, H, W] -> its global average; tokens [B, T, D] -> the mean over patch
+    tokens (prefix left out, as `mean_patch` does) after the model's own final norm, if any."""
+    if state.dim() == 4:
+        return state.mean(dim=(2, 3))
+    if norm is not None:
+        state = norm(state)
+    return state[:, prefix_tokens:].mean(dim=1)
+
+
 class PooledBackbone(nn.Module):
     """A vision tower plus its pooling rule; `source` and `revision` say where the weights came from,
-    `spec` is the registry entry with the loaded checkpoint's resolution and width (`checkpoint_spec`)."""
+    `spec` is the registry entry with the loaded checkpoint's resolution and width (`checkpoint_spec`).
+
+    With `layers` set (`use_layers`), forward returns the default embedding followed by each
+    named layer's pooled vector (layers counted from 1), concatenated: one pass gives them all."""
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
                  resolution: int | None = None, preprocess: str = "square"):
@@ -49,17 +71,42 @@ class PooledBackbone(nn.Module):
         self.pooling = spec.pooling
         self.spec, self.interpolate = checkpoint_spec(spec, model, resolution, preprocess)
         # DINOv2/v3: one CLS token, then the register tokens (DINOv3 has 4), then the patches.
-        self.prefix_tokens = 1 + getattr(getattr(model, "config", None), "num_register_tokens", 0)
+        self.prefix_tokens = int(spec.class_token) + getattr(getattr(model, "config", None), "num_register_tokens", 0)
         self.source = source
         self.revision = revision
+        self.layers: tuple[int, ...] = ()
+
+    def _outputs(self, pixel_values: torch.Tensor, hidden: bool):
+        extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
+        if hidden:
+            extra["output_hidden_states"] = True
+            if getattr(self.model.config, "model_type", "") == "swin":
+                extra["output_hidden_states_before_downsampling"] = True  # a stage's own map, not the merged one
+        return self.model(pixel_values=pixel_values, **extra)
+
+    def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
+        """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
+        if self.pooling not in ("pooler_output", "image_embeds", "mean_patch"):
+            raise ValueError(f"--layers works for transformers backbones; {self.spec.key} has no layer taps")
+        with torch.inference_mode():
+            return [pool_layer(s, self.prefix_tokens, None).shape[1]
+                    for s in layer_states(self._outputs(pixel_values, hidden=True))]
+
+    def use_layers(self, layers: tuple[int, ...]) -> None:
+        self.layers = tuple(layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.pooling == "worker":
             return pixel_values.float()
         if self.pooling == "timm_tap":
             return self.model(pixel_values)
-        extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
-        return pool(self.model(pixel_values=pixel_values, **extra), self.pooling, self.prefix_tokens)
+        outputs = self._outputs(pixel_values, hidden=bool(self.layers))
+        pooled = pool(outputs, self.pooling, self.prefix_tokens)
+        if not self.layers:
+            return pooled
+        states = layer_states(outputs)
+        norm = getattr(self.model, self.spec.layer_norm) if self.spec.layer_norm else None
+        return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm) for n in self.layers)], dim=1)
 
 
 def checkpoint_spec(spec: BackboneSpec, model: nn.Module, resolution: int | None,

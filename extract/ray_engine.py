@@ -105,6 +105,8 @@ def extract_with_ray(
     """
     if request.adapter is not None:
         raise ValueError("tuned backbones (adapter runs) are extracted by the local engine")
+    if request.layers is not None:
+        raise ValueError("--layers runs on the local engine: drop --engine ray")
     ray = connect(address)
     pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
     device = "cuda" if "num_gpus" in resources else "cpu"

@@ -59,6 +59,8 @@ class BackboneSpec:
     preprocess: str = "square"  # "square" (whole image, the paper's "resize to 512") | "native"
     timm_name: str | None = None  # timm architecture name (builds without the network)
     tap_block: int | None = None  # timm block index (0-based) whose output is pooled
+    class_token: bool = True  # a CLS token leads the sequence (SigLIP has none): layer means skip it
+    layer_norm: str | None = None  # the model's final norm, applied to each block's tokens as to the last (mean_patch)
 
     def as_tiny(self) -> "BackboneSpec":
         """The same class at test size: tiny config, TINY_RESOLUTION input, no weights source."""
@@ -84,6 +86,33 @@ _DINOV3_SIZES = {  # (hidden, mlp, layers, heads, gated mlp) of the published LV
 }
 
 
+_SWIN_SIZES = {"swin-t": ("tiny", 96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin-s": ("small", 96, (2, 2, 18, 2), (3, 6, 12, 24)),
+               "swin-b": ("base", 128, (2, 2, 18, 2), (4, 8, 16, 32))}
+
+
+def _swin(key: str) -> BackboneSpec:
+    """SMART-IQA's backbone: four stages, each tapped (before its patch merging) by `--layers`."""
+    name, embed, depths, heads = _SWIN_SIZES[key]
+    return BackboneSpec(
+        key=key, dim=embed * 8, pooling="pooler_output",
+        hf_id=f"microsoft/swin-{name}-patch4-window7-224", model_class="SwinModel",
+        resolution=224, crop_pct=224 / 256, lora_targets=(r"\.attention\.self\.(query|key)$",),
+        config=dict(embed_dim=embed, depths=depths, num_heads=heads, window_size=7, image_size=224, patch_size=4),
+        tiny_config=dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, image_size=32, patch_size=4),
+    )
+
+
+def _resnet(key: str, depths: list[int]) -> BackboneSpec:
+    return BackboneSpec(
+        key=key, dim=2048, pooling="pooler_output",
+        hf_id=f"microsoft/resnet-{key.removeprefix('resnet')}", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
+        # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
+        lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
+        config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=depths, layer_type="bottleneck"),
+        tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+    )
+
+
 def _dinov3(key: str) -> BackboneSpec:
     name, hidden, mlp, layers, heads, gated = _DINOV3_SIZES[key]
     return BackboneSpec(
@@ -92,7 +121,7 @@ def _dinov3(key: str) -> BackboneSpec:
         pooling="mean_patch",
         hf_id=f"facebook/dinov3-{name}-pretrain-lvd1689m",
         model_class="DINOv3ViTModel",
-        resolution=512, resample="bilinear",
+        resolution=512, resample="bilinear", layer_norm="norm",
         lora_targets=(QK_PROJ,),
         config=dict(
             hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
@@ -110,6 +139,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             key="siglip2", dim=1152, pooling="pooler_output",
             hf_id="google/siglip2-so400m-patch16-512", model_class="SiglipVisionModel",
             resolution=512, mean=HALF, std=HALF, lora_targets=(QK_PROJ,), resample="bilinear", fixed_positions=True,
+            class_token=False,
             config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                         image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
             tiny_config=dict(_VIT_TINY, image_size=32),
@@ -125,7 +155,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec(
             key="dinov2", dim=1024, pooling="mean_patch",
             hf_id="facebook/dinov2-large", model_class="Dinov2Model",
-            resolution=518, lora_targets=(QK_PROJ, QK_LEGACY), crop_pct=224 / 256,
+            resolution=518, lora_targets=(QK_PROJ, QK_LEGACY), crop_pct=224 / 256, layer_norm="layernorm",
             config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
                         image_size=518, patch_size=14, layerscale_value=1.0),
             tiny_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
@@ -148,14 +178,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         # BRISQUE natural-scene statistics (extract/nss.py): weight-free, computed in the decode
         # workers; the classical baseline row of Table 5 and the offline demo's backbone.
         BackboneSpec("nss", dim=NSS_DIM, pooling="worker", features_in_worker=nss_features, revision=NSS_REVISION),
+        _resnet("resnet152", [3, 8, 36, 3]),
+        _resnet("resnet50", [3, 4, 6, 3]),  # HyperIQA's backbone; its four stages are `--layers 1..4`
+        *(_swin(key) for key in _SWIN_SIZES),
         BackboneSpec(
-            key="resnet152", dim=2048, pooling="pooler_output",
-            hf_id="microsoft/resnet-152", model_class="ResNetModel", resolution=512, crop_pct=224 / 256,
-            # LoRA on the convolutions inside the residual blocks (not the stem, not the shortcuts).
-            lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
-            config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 8, 36, 3],
-                        layer_type="bottleneck"),
-            tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+            key="convnext-t", dim=768, pooling="pooler_output",
+            hf_id="facebook/convnext-tiny-224", model_class="ConvNextModel", resolution=224, crop_pct=224 / 256,
+            lora_targets=(r"\.pwconv[12]$",),
+            config=dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], num_stages=4),
+            tiny_config=dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
         ),
         # CleanDIFT SD-2.1 (extract/cleandift.py): VAE latent mean -> UNet at a fixed timestep with the
         # empty prompt -> pooled decoder taps us3/us6/us9/us10. Pixels in [-1, 1]; 512 as in the paper.

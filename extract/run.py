@@ -208,6 +208,7 @@ class ExtractRequest:
     progress: bool = True
     resolution: int | None = None
     preprocess: str = "square"
+    layers: str | None = None  # "all" or "4,3": also store these blocks'/stages' pooled vectors (from 1)
 
     def __post_init__(self):
         index, count = self.shard
@@ -231,7 +232,7 @@ class Extraction:
     embedder: Embedder
     store: EmbeddingStore
     fingerprint: dict
-    dim: int
+    dim: int  # a row's width as the embedder returns it: the default embedding, then each stored layer
     spec: BackboneSpec  # at the loaded checkpoint's geometry
     repaired: dict[int, str] = field(default_factory=dict)
     changed: str = ""
@@ -279,18 +280,42 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     dim = embedder(probe).shape[1]
     if not r.tiny and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
+    layer_dims = {}
+    if r.layers is not None:
+        if r.adapter is not None:
+            raise ValueError("--layers is not available with --adapter (a tuned backbone); extract its default embedding")
+        widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
+        layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
+        model.use_layers(tuple(layer_dims))
     fingerprint = make_fingerprint(
         spec, model, weights, dim, compute_dtype, r.store_dtype, manifest_checksum(r.cache, r.dataset), tuned
     )
+    if layer_dims:  # only where asked: stores without layers keep their fingerprint
+        fingerprint["layers"] = list(layer_dims)
     store = open_for_writing(
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
-        dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite,
+        dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,
     )
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
     changes = store.changed_images(manifest)
     store.undo_chunks_of(changes)  # and so do chunks whose images changed
-    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, dim, spec, repaired,
+    row_width = dim + sum(layer_dims.values())
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, row_width, spec, repaired,
                       describe_changes(changes, manifest.paths) if changes else "")
+
+
+def parse_layers(text: str, count: int) -> list[int]:
+    """`all` -> 1..count; `4,3` -> [4, 3] (order kept, duplicates dropped); layers count from 1."""
+    if text.strip() == "all":
+        return list(range(1, count + 1))
+    try:
+        layers = list(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--layers must be all or a comma list of layer numbers like 4,3; got {text!r}") from None
+    wrong = [n for n in layers if not 1 <= n <= count]
+    if wrong:
+        raise ValueError(f"--layers {text}: this model has layers 1..{count} (counted from 1), not {wrong}")
+    return layers
 
 
 def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: int = 2) -> ExtractSummary:

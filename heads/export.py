@@ -76,7 +76,8 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "run_key": run["key"],
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
-            "preprocessing", "compute_dtype")}, "tuning": tuning},
+            "preprocessing", "compute_dtype")}, "tuning": tuning,
+            **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
         "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {}),
         "training": {k: run.get(k) for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",

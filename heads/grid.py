@@ -56,18 +56,42 @@ def expand_grid(
     dropout: str | None = None,
     keeps: list[float] = (1.0,),
     standardize: bool | None = None,
+    layer_sets: list[tuple[int, ...] | None] = (None,),
     **shared,
 ) -> list[RunConfig]:
     """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, ... for all runs.
 
-    `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's)."""
+    `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's).
+    `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed."""
     if dropout is not None and any(name in PROBES for name, _, _ in heads):
         raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
     return [
-        RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p),
+        RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), layers=layers,
                   standardize=name in PROBES if standardize is None else standardize, **shared)
-        for (train, test), (name, act1, act2), k, p, seed in product(pairs, heads, mask_ks, keeps, seeds)
+        for layers, (train, test), (name, act1, act2), k, p, seed in product(layer_sets, pairs, heads, mask_ks, keeps, seeds)
     ]
+
+
+def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> list[tuple[int, ...] | None]:
+    """`--layer N` -> [(N,)], `--layer all` -> one set per layer the store holds (a sweep),
+    `--layers 4,3` -> [(4, 3)] (concatenated); neither -> [None], the default embedding."""
+    if layer is not None and layers is not None:
+        raise ValueError("give --layer (one layer, or all for a sweep) or --layers (a concatenation), not both")
+    if layer is None and layers is None:
+        return [None]
+    if layer == "all":
+        chosen = [(n,) for n in held]
+    else:
+        text = layers if layer is None else layer
+        try:
+            chosen = [tuple(dict.fromkeys(int(part) for part in text.split(",")))]
+        except ValueError:
+            raise ValueError(f"--layer takes a number or all, --layers a list like 4,3; got {text!r}") from None
+        if layer is not None and len(chosen[0]) != 1:
+            raise ValueError(f"--layer takes one layer or all; for a concatenation use --layers {layer}")
+    if not chosen:
+        raise ValueError("the store holds no layers; `iqa extract ... --layers all --overwrite` stores every layer")
+    return chosen  # a layer the store lacks is named when the run loads it (`read_layers`)
 
 
 def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray, np.ndarray]:
@@ -103,12 +127,13 @@ def run_grid(
     `engine` trains the stacks (default `train_here`; `iqa.heads.ray_grid.train_on_ray` spreads them
     over a Ray cluster) and yields each finished one; its results are recorded here, by the caller.
     """
-    loaded: dict[str, Cached] = {}
+    loaded: dict[tuple, Cached] = {}
 
-    def cached(name: str) -> Cached:
-        if name not in loaded:
-            loaded[name] = load(name)
-        return loaded[name]
+    def cached(name: str, layers: tuple[int, ...] | None = None) -> Cached:
+        """The dataset's default embedding, or (`layers`) its stored layers concatenated: `select_layers`."""
+        if (name, layers) not in loaded:
+            loaded[name, layers] = load(name) if layers is None else cached(name).select_layers(layers)
+        return loaded[name, layers]
 
     def fingerprint(c: RunConfig) -> str:
         train, test = cached(c.train_dataset), cached(c.test_dataset)
@@ -142,7 +167,7 @@ def run_grid(
     jobs = []
     for stack in stacks:
         first = stack[0][0]
-        train, test = cached(first.train_dataset), cached(first.test_dataset)
+        train, test = cached(first.train_dataset, first.layers), cached(first.test_dataset, first.layers)
         data, members = stack_inputs([c for c, _ in stack], [rows[k] for _, k in stack], train, test)
         jobs.append(StackJob([(c, fingerprint(c), k) for c, k in stack], data, members))
     total = sum(c.epochs for c, _ in pending)

@@ -63,6 +63,7 @@ class RunConfig:
     l2norm: bool = False  # heads see unit-length embeddings (stores hold the raw vector)
     select: str = "test"  # which epoch the run keeps and reports: iqa.heads.selection
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
+    layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -71,6 +72,8 @@ class RunConfig:
     compute_dtype: str | None = None
 
     def __post_init__(self):
+        if self.layers is not None:  # a list when read back from JSON; a tuple keeps configs hashable
+            object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
@@ -79,7 +82,13 @@ class RunConfig:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields; `layers` only where set, so configs without it keep the keys they always had."""
+        d = asdict(self)
+        if d["layers"] is None:
+            del d["layers"]
+        else:
+            d["layers"] = list(d["layers"])
+        return d
 
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model this config sets."""

@@ -57,8 +57,10 @@ class IqaModel(nn.Module):
 
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
-        """[B, D] pooled embeddings; a tensor is taken as already decoded (uint8 pixels, or features for NSS)."""
-        return self.embedder(self._inputs(images)).cpu()
+        """[B, D] pooled embeddings; a tensor is taken as already decoded (uint8 pixels, or features for NSS).
+        A head trained on stored layers gets those layers' vectors, concatenated, without the default embedding."""
+        pooled = self.embedder(self._inputs(images)).cpu()
+        return pooled[:, self.config["backbone"]["dim"]:] if self.config["backbone"].get("layers") else pooled
 
     @torch.no_grad()
     def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -106,6 +108,8 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
     if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
         raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
     backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
+    if b.get("layers"):
+        backbone.use_layers(tuple(b["layers"]))
     head, _ = load_head(weights)
     dtype = getattr(torch, b.get("compute_dtype") or "float32")
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))

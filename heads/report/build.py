@@ -184,6 +184,9 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
     named += [(f"Gate weight s(g): {n}", n, fig) for n, fig in gates]
     if not gates:
         summary.notes.append("gate weights (Fig. 2, S7): no gated runs without ablation")
+    sweep = [r for r in runs if len(r.get("layers") or []) == 1]  # iqa head --layer all
+    if len({r["layers"][0] for r in sweep}) > 1:
+        named.append(("SRCC against layer (Fig. S5)", "srcc_vs_layer", figures.layer_figure(sweep)))
     trained = [r for r in runs if r["head"] not in PROBES]  # a probe has no epochs and no hidden features
     named += [(f"Learning curves: {n}", n, fig) for n, fig in figures.learning_curve_figures(trained)]
     for title, name, fig in named:

@@ -232,3 +232,28 @@ def tsne_figure(title: str, panels: list[tuple[str, np.ndarray, np.ndarray, np.n
     bar.set_label("quality bucket (target)")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def layer_figure(runs: list[dict]):
+    """SRCC against the layer a head was trained on (`iqa head --layer all`): a line per head and
+    dataset (train->test), a point the mean best SRCC over seeds with their std as error bar.
+    Runs on one stored layer only; concatenations (`--layers 4,3`) are the pairing table's."""
+    lines: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        if len(run.get("layers") or []) == 1 and run["status"] == "done":
+            label = f"{run['head']}, {dataset_column(run)}"
+            lines.setdefault(label, {}).setdefault(run["layers"][0], []).append(run["best_srcc"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, points in sorted(lines.items()):
+        layers = sorted(points)
+        ax.errorbar(layers, [np.mean(points[n]) for n in layers], marker="o", capsize=3, label=label,
+                    yerr=[np.std(points[n], ddof=1) if len(points[n]) > 1 else 0.0 for n in layers])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer (block or stage, from 1)")
+    ax.set_ylabel("test SRCC (best epoch, mean over seeds)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    ax.set_title("SRCC against layer", fontsize=11)
+    fig.tight_layout()
+    return fig

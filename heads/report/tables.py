@@ -41,6 +41,11 @@ OUTCOME_FIELDS = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", 
                   "last_plcc", "diverged_epoch", "curves", "gates", "finished_at"}
 
 
+def _row_value(value):
+    """A list-valued field (a run's `layers`) as its row label: [4, 3] -> "4+3", the concatenation."""
+    return "+".join(map(str, value)) if isinstance(value, list) else value
+
+
 def dataset_column(run: dict) -> str:
     train, test = run["train_dataset"], run["test_dataset"]
     return train if train == test else f"{train}->{test}"
@@ -95,7 +100,7 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
     fields = _row_fields(runs, spec)
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for run in runs:
-        row = tuple(run.get(f) for f in fields)
+        row = tuple(_row_value(run.get(f)) for f in fields)
         groups.setdefault(row, {}).setdefault(dataset_column(run), []).append(run)
     datasets = sorted({dataset_column(r) for r in runs})
     rows = sorted(groups, key=lambda r: [(v is None, -v if isinstance(v, (int, float)) else str(v)) for v in r])

@@ -1,0 +1,96 @@
+"""`--layers`: every block's (or stage's) pooled vector stored next to the default embedding, in one pass."""
+
+import numpy as np
+import pytest
+import torch
+from test_extract_run import QUIET, make_dataset
+from typer.testing import CliRunner
+
+from iqa.cache.store import EmbeddingStore, FingerprintMismatch, load_cached, load_layer, store_path
+from iqa.cli import app
+from iqa.extract.backbones import load_backbone
+from iqa.extract.preprocess import decode_image, normalise, resize_uint8
+from iqa.extract.registry import get_spec
+from iqa.extract.run import ExtractRequest, extract_dataset, parse_layers
+
+TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip"]
+STAGE_MODELS = ["resnet50", "swin-t", "convnext-t"]
+
+
+def model_inputs(spec, root, paths) -> torch.Tensor:
+    """The images as the extraction loop feeds them: decoded, resized, normalised."""
+    images = [resize_uint8(decode_image(root / p)[0], spec.resolution, spec.resample, spec.shortest_side()) for p in paths]
+    return normalise(torch.stack(images), spec.mean, spec.std)
+
+
+def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
+    """The model's own hidden states, pooled here: token models mean their patch tokens (CLS and
+    registers left out, the final norm applied where the default embedding applies it), stage
+    models average each stage map (Swin's before its patch merging)."""
+    spec = get_spec(key, tiny=True)
+    model = load_backbone(spec, tiny=True).model
+    with torch.no_grad():
+        if key.startswith("swin"):
+            maps = model(pixel_values=x, output_hidden_states=True,
+                         output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
+            return [m.mean(dim=(2, 3)).numpy() for m in maps]
+        states = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]
+        if key in STAGE_MODELS:
+            return [m.mean(dim=(2, 3)).numpy() for m in states]
+        prefix = {"siglip2": 0, "clip": 1, "dinov2": 1, "dinov3-s": 5}[key]
+        norm = getattr(model, {"dinov2": "layernorm", "dinov3-s": "norm"}.get(key, ""), torch.nn.Identity())
+        return [norm(s)[:, prefix:].mean(dim=1).numpy() for s in states]
+
+
+@pytest.mark.parametrize("key", TOKEN_MODELS + STAGE_MODELS)
+def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, key, one_thread):
+    paths = make_dataset(tmp_path, n=3)
+    request = ExtractRequest(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
+                             batch_size=2, layers="all", **QUIET)
+    assert extract_dataset(request, num_workers=0).ok
+    expected = layers_by_hand(key, model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths))
+    store = EmbeddingStore(store_path(tmp_path, "toy", key, "tiny"))
+    assert store.fingerprint["layers"] == list(range(1, len(expected) + 1)) and len(expected) >= 2
+    for n, vectors in enumerate(expected, start=1):
+        np.testing.assert_allclose(load_layer(tmp_path, "toy", key, n, tag="tiny"), vectors, rtol=1e-4, atol=1e-5)
+    default = load_cached(tmp_path, "toy", key, tag="tiny").embeddings
+    if key in ("dinov2", "dinov3-s", "resnet50"):  # mean-pooled defaults: the last layer is the embedding itself
+        np.testing.assert_allclose(load_layer(tmp_path, "toy", key, len(expected), tag="tiny"), default, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, one_thread):
+    make_dataset(tmp_path, n=3)
+    common = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2, **QUIET)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", tag="plain", **common), num_workers=0)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="2,1", **common), num_workers=0)
+    plain, layered = load_cached(tmp_path, "toy", "swin-t", tag="plain"), load_cached(tmp_path, "toy", "swin-t", tag="tiny")
+    np.testing.assert_array_equal(plain.embeddings, layered.embeddings)
+    assert "layers" not in plain.fingerprint and layered.fingerprint["layers"] == [2, 1]
+    assert EmbeddingStore(store_path(tmp_path, "toy", "swin-t", "tiny")).layer_dims == {2: 16, 1: 8}
+
+
+def test_a_store_without_the_layers_is_refused_with_the_rebuild_command(tmp_path, one_thread):
+    make_dataset(tmp_path, n=2)
+    common = dict(tiny=True, dtype="float32", **QUIET)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", **common), num_workers=0)
+    with pytest.raises(FingerprintMismatch, match="pass --overwrite to rebuild it with them"):
+        extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", **common), num_workers=0)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", overwrite=True, **common), num_workers=0)
+    assert load_layer(tmp_path, "toy", "resnet50", 2, tag="tiny").shape == (2, 16)
+    with pytest.raises(ValueError, match=r"not \[3\]"):
+        load_layer(tmp_path, "toy", "resnet50", 3, tag="tiny")
+
+
+def test_parse_layers_counts_from_one():
+    assert parse_layers("all", 3) == [1, 2, 3] and parse_layers("4,3,4", 4) == [4, 3]
+    for bad in ("0", "5", "x"):
+        with pytest.raises(ValueError, match="--layers"):
+            parse_layers(bad, 4)
+
+
+def test_cli_bad_layers_and_layerless_backbones_fail_in_one_line(tmp_path):
+    make_dataset(tmp_path, n=2)
+    for backbone, layers, says in [("dinov2", "9", "layers 1..2"), ("nss", "all", "no layer taps")]:
+        result = CliRunner().invoke(app, ["extract", "--backbone", backbone, "--dataset", "toy", "--tiny", "--layers",
+                                          layers, "--cache", str(tmp_path), "--workers", "0"])
+        assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, result.output

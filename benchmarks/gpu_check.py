@@ -41,7 +41,7 @@ BACKBONE = "siglip2"
 
 
 def extraction(device: str, smoke: bool, dtype: str) -> dict:
-    images, batch, workers = (8, 4, 1) if smoke else (1024, 32, 8)
+    images, batch, workers = (4, 2, 0) if smoke else (1024, 32, 8)
     spec = get_spec(BACKBONE, tiny=smoke)
     model = load_backbone(spec, random_init=not smoke, tiny=smoke)
     with tempfile.TemporaryDirectory() as tmp:

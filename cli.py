@@ -358,7 +358,7 @@ def head_command(
     cached: Annotated[bool, typer.Option("--cached", help="Train on cached embeddings (frozen backbone).")] = False,
     dataset: Annotated[list[str], typer.Option(help="Dataset(s), trained and tested on their own split.")] = [],
     train: Annotated[list[str], typer.Option(help="Cross-dataset: train on this set (pairs with --test).")] = [],
-    test: Annotated[list[str], typer.Option(help="Cross-dataset: test on all of this set.")] = [],
+    test: Annotated[list[str], typer.Option(help="Cross-dataset: test on all of this set (several after one --train: one run each).")] = [],
     act: Annotated[str, typer.Option(help="Named heads: baseline, sig, gated; probes ridge, knn (comma-separated).")] = "baseline",
     act_pair: Annotated[list[str], typer.Option(help="Extra head as an act1,act2 pair, e.g. sigmoid,gelu.")] = [],
     mask_k: Annotated[str, typer.Option(help="Top-k percentile feature masking levels, e.g. 100,90,70.")] = "100",
@@ -390,17 +390,16 @@ def head_command(
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
+    from iqa.heads.grid import dataset_pairs, expand_grid, head_choices, run_grid
     from iqa.cache.results import ResultsDB, default_db
     from iqa.heads.report.tables import results_table
 
     if not cached:
         fail("only --cached (frozen-backbone heads) is available; fine-tuning has its own command")
-    if len(train) != len(test):
-        fail("--train and --test come in pairs")
-    pairs = [(d, d) for d in _csv(dataset)] + list(zip(_csv(train), _csv(test)))
-    if not pairs:
-        fail("give --dataset or --train/--test")
+    try:
+        pairs = dataset_pairs(_csv(dataset), _csv(train), _csv(test))
+    except ValueError as error:
+        fail(str(error))
     check_engine(engine)
     check_device(device, engine)
     if epochs < 1:

@@ -94,6 +94,20 @@ def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> lis
     return chosen  # a layer the store lacks is named when the run loads it (`read_layers`)
 
 
+def dataset_pairs(datasets: list[str], train: list[str], test: list[str]) -> list[tuple[str, str]]:
+    """(train, test) pairs: each of `datasets` on its own split, then the cross-dataset ones: `train` and
+    `test` zipped, or one training set against every test set (SMART-IQA's Table III: KonIQ -> SPAQ,
+    KADID-10k, AGIQA-3K in one call)."""
+    if len(train) == 1 and len(test) > 1:
+        train = train * len(test)
+    if len(train) != len(test):
+        raise ValueError("--train and --test come in pairs, or one --train with several --test")
+    pairs = [(d, d) for d in datasets] + list(zip(train, test))
+    if not pairs:
+        raise ValueError("give --dataset or --train/--test")
+    return pairs
+
+
 def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray, np.ndarray]:
     """Train and test rows of one run: the seed's 80/20 split, or all of the test set across datasets.
 

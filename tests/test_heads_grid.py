@@ -207,3 +207,15 @@ def test_official_split_trains_on_training_tests_on_test_and_selects_on_validati
     clive = fake_cache("clive", n=30)  # across datasets: the published training rows, all of the other set
     (cross,) = expand_grid([("koniq10k", "clive")], "siglip2", head_choices(["baseline"], []), [8], split_by="official")
     assert list(run_rows(cross, cache, clive)[0]) == list(train_rows)
+
+
+def test_one_training_set_against_several_test_sets_in_one_call():
+    from iqa.heads.grid import dataset_pairs
+
+    assert dataset_pairs([], ["koniq10k"], ["spaq", "kadid10k", "agiqa3k"]) == [
+        ("koniq10k", "spaq"), ("koniq10k", "kadid10k"), ("koniq10k", "agiqa3k")]
+    assert dataset_pairs(["clive"], ["a", "b"], ["c", "d"]) == [("clive", "clive"), ("a", "c"), ("b", "d")]
+    with pytest.raises(ValueError, match="come in pairs"):
+        dataset_pairs([], ["a", "b"], ["c", "d", "e"])
+    with pytest.raises(ValueError, match="give --dataset"):
+        dataset_pairs([], [], [])

@@ -199,14 +199,18 @@ def make_demo_command(
     """Build the offline demo set: scikit-image's photos, 7 distortions x 5 levels, SSIM-based scores."""
     from iqa.data.demo import DEMO_DIR, make_demo  # here, not at the top: scikit-image is slow to import
 
-    out = out if out is not None else cache_dir(cache) / DEMO_DIR
+    build_data_set(make_demo, out if out is not None else cache_dir(cache) / DEMO_DIR, force, "demo set")
+
+
+def build_data_set(make, out: Path, force: bool, what: str) -> None:
+    """`make(out, force=...)` (a demo or grid set builder), its refusals and write failures as one line."""
     try:
-        labels = make_demo(out, force=force)
+        labels = make(out, force=force)
     except FileExistsError as e:
         fail(str(e).replace("force=True (--force)", "--force"))
     except OSError as e:
         cannot_write(out, e)
-    typer.echo(f"demo set: {labels}")
+    typer.echo(f"{what}: {labels}")
 
 
 # ---- extraction and the cache ----
@@ -750,14 +754,7 @@ def make_gridpg_command(
     """Build the distortion pointing-game set: 2x2 grids of demo photos, exactly one cell distorted."""
     from iqa.data.gridpg import GRIDPG_DIR, make_gridpg
 
-    out = out if out is not None else cache_dir(cache) / GRIDPG_DIR
-    try:
-        labels = make_gridpg(out, force=force)
-    except FileExistsError as e:
-        fail(str(e).replace("force=True (--force)", "--force"))
-    except OSError as e:
-        cannot_write(out, e)
-    typer.echo(f"grid set: {labels}")
+    build_data_set(make_gridpg, out if out is not None else cache_dir(cache) / GRIDPG_DIR, force, "grid set")
 
 
 if __name__ == "__main__":

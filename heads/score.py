@@ -59,7 +59,11 @@ class IqaModel(nn.Module):
     def embed(self, images) -> torch.Tensor:
         """[B, D] pooled embeddings; a tensor is taken as already decoded (uint8 pixels, or features for NSS).
         A head trained on stored layers gets those layers' vectors, concatenated, without the default embedding."""
-        pooled = self.embedder(self._inputs(images)).cpu()
+        return self.head_inputs(self.embedder(self._inputs(images)).cpu())
+
+    def head_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The columns of the backbone's output the head reads: all of them, or, for a head trained on
+        stored layers, the layers' vectors that follow the default embedding."""
         return pooled[:, self.config["backbone"]["dim"]:] if self.config["backbone"].get("layers") else pooled
 
     @torch.no_grad()
@@ -158,9 +162,9 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
     rows = ImageRows(Path("/"), [str(Path(p).resolve()) for p in paths], model.spec)
     loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers)
     out: list[Scored] = []
-    dim = model.spec.dim  # the loaded checkpoint's width (checkpoint_spec)
+    width = model.embedder(rows.blank[None]).shape[1]  # the default embedding, then any stored layers
     for index, inputs, reasons, _ in tqdm(loader, total=len(loader), unit="batch", disable=not progress, desc="scoring"):
-        embeddings = torch.from_numpy(model.embedder.batch(inputs, list(reasons), dim))
+        embeddings = model.head_inputs(torch.from_numpy(model.embedder.batch(inputs, list(reasons), width)))
         readable = ~torch.isnan(embeddings).any(1)
         scores = torch.full((len(reasons),), float("nan"))
         if readable.any():
@@ -191,7 +195,12 @@ def reusable_store(model: IqaModel, cache: Path, dataset: str):
     mine = {"backbone": b["key"], **b}
     if "tuned" in cached.fingerprint or any(cached.fingerprint.get(k) != mine.get(k) for k in EMBEDDING_FIELDS):
         return None
-    return cached
+    layers = tuple(b.get("layers") or ())
+    if not layers:
+        return cached
+    if not set(layers) <= set(cached.fingerprint.get("layers", [])):
+        return None
+    return cached.select_layers(layers)  # what a head trained on stored layers reads
 
 
 def score_dataset(model: IqaModel, cache: Path, dataset: str, batch_size: int | None = None, workers: int = 2,

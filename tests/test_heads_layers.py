@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from test_extract_run import QUIET, make_dataset
 from typer.testing import CliRunner
 
@@ -16,7 +17,7 @@ from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.export import export_run
 from iqa.heads.report.figures import layer_figure
 from iqa.heads.report.tables import results_table
-from iqa.heads.score import load_model
+from iqa.heads.score import load_model, score_dataset, score_files
 from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
 from iqa.heads.run_config import RunConfig, run_key
 
@@ -55,6 +56,12 @@ def test_an_exported_layer_model_embeds_with_those_layers(layered_cache, tmp_pat
     paths = load_cached(layered_cache, "toy", "swin-t", "tiny").manifest.paths[:3]
     stored = np.concatenate([load_layer(layered_cache, "toy", "swin-t", n, "tiny")[:3] for n in (2, 1)], axis=1)
     np.testing.assert_allclose(model.embed([layered_cache / "images" / p for p in paths]).numpy(), stored, atol=2e-3)
+    expected = model.score_embeddings(torch.from_numpy(stored))
+    from_files = score_files(model, [layered_cache / "images" / p for p in paths], workers=0, progress=False)
+    np.testing.assert_allclose([s.score for s in from_files], expected.numpy(), atol=2e-3)
+    from_store, source = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
+    assert source == "store"
+    np.testing.assert_allclose([s.score for s in from_store[:3]], expected.numpy(), atol=1e-6)
 
 
 def test_layer_sets_sweep_and_concatenate():

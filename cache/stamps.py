@@ -30,12 +30,10 @@ def missing_stamp() -> np.ndarray:
     return np.array(MISSING, dtype=np.int64)
 
 
-def changed_images(stamps: np.ndarray, image_root: Path, paths: list[str], rows: np.ndarray) -> dict[int, str]:
-    """Row -> "changed", "deleted" or "appeared", for the given rows whose file is no longer what was embedded."""
+def changed_images(stamps: np.ndarray, image_root: Path, paths: list[str]) -> dict[int, str]:
+    """Row -> "changed", "deleted" or "appeared", for each row whose file is no longer what was embedded."""
     changes = {}
-    for row in rows:
-        row = int(row)
-        recorded = stamps[row]
+    for row, recorded in enumerate(stamps):
         if (recorded == UNKNOWN).all():
             continue
         path = image_root / paths[row]

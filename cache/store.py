@@ -111,7 +111,7 @@ class EmbeddingStore:
         root = Path(manifest.image_root)
         if not root.is_dir():
             return {}
-        return changed_images(self.stamps(), root, manifest.paths, np.arange(self.n_rows))
+        return changed_images(self.stamps(), root, manifest.paths)
 
     def undo_chunks_of(self, rows) -> list[int]:
         """Mark the chunks holding `rows` not done, so the next extraction recomputes them."""
@@ -194,7 +194,7 @@ def open_for_writing(
         _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
     store = EmbeddingStore(path, mode="r+")
     different = fingerprint_difference(store.fingerprint, fingerprint)
-    if different == [d for d in different if d.startswith("layers:")] and different:
+    if different and all(d.startswith("layers:") for d in different):
         raise FingerprintMismatch(
             f"{path} holds layers {store.fingerprint.get('layers', [])}, this run asks for {fingerprint.get('layers', [])}; "
             f"ask for the layers it holds to resume it, or pass --overwrite to rebuild it with them "

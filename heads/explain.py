@@ -44,8 +44,12 @@ def prepare_out(out: Path) -> Path:
 
 
 def input_pixels(backbone: nn.Module, image: Image.Image) -> torch.Tensor:
-    """[1, 3, R, R] uint8, the way extraction resizes (square, the checkpoint's filter)."""
+    """[1, 3, R, R] uint8, the way extraction resizes (square, the checkpoint's filter). A model that saw
+    centre crops (`--preprocess native`) is refused: its maps would not cover the image they are drawn on."""
     spec = backbone.spec
+    if spec.shortest_side():
+        raise ValueError(f"{spec.key} was run with --preprocess native (a centre crop); explanations map the whole "
+                         "image, so they need a model trained with --preprocess square")
     return resize_uint8(image, spec.resolution, spec.resample)[None]
 
 

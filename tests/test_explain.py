@@ -111,6 +111,12 @@ def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
     assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
 
 
+def test_a_centre_cropped_model_is_refused_rather_than_mapped_onto_the_whole_image():
+    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", tiny=True), tiny=True, preprocess="native"))
+    with pytest.raises(ValueError, match="--preprocess native"):
+        subject_maps(subject, Image.open(_photo()).convert("RGB"))
+
+
 @cache
 def _photo() -> Path:
     """scikit-image's astronaut at 128 px, written once per session."""

@@ -107,7 +107,7 @@ def main() -> None:
                                  chunk_rows=args.batch_size)
         summary = extract_dataset(request, device=args.device, num_workers=args.workers)
         stored = load_cached(cache, "bench", spec.key, "random-init").embeddings
-        scorer = IqaModel({"targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
+        scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
                           Embedder(model.spec, model, args.device, compute_dtype_for(args.device, args.dtype)),
                           StackedMLP(stored.shape[1], [8], *HEADS["sig"]).eval().to(args.device))
         start = time.perf_counter()

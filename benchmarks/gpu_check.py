@@ -57,7 +57,7 @@ def extraction(device: str, smoke: bool, dtype: str) -> dict:
         extract = extract_dataset(request, device=device, num_workers=workers).images_per_s
         model = model.to(device).eval()
         forward = forward_limit(model.spec, model, device, dtype, batch, reps=2 if smoke else 10)
-        scorer = IqaModel({"targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
+        scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
                           Embedder(model.spec, model, device, compute_dtype_for(device, dtype)),
                           StackedMLP(model.spec.dim, [8], *HEADS["sig"]).eval().to(device))
         start = time.perf_counter()

@@ -5,7 +5,8 @@ The recipe (see ../shared/notes/CLEANDIFT.md; the sources are silent on a cachea
 these are iqa's choices, all in `RECIPE` and so in the store's fingerprint through `revision`):
 pixels in [-1, 1] (the registry's mean/std 0.5), the VAE latent *mean* (not a sample: deterministic)
 x 0.18215, the empty-prompt text embedding computed once at load, a fixed timestep (CleanDIFT's
-initial value 261; the trained one lives only in its full checkpoint), and forward hooks on the
+initial value 261, or the trained value when the folder holds CleanDIFT's full checkpoint
+`FULL_CHECKPOINT`), and forward hooks on the
 decoder taps us3 (up_blocks[0]), us6 (up_blocks[1]), us9 (up_blocks[2]) and us10
 (up_blocks[3].attentions[0]), each global-average-pooled and concatenated: 1280 + 1280 + 640 + 320
 = 3,520 values at full size.
@@ -20,6 +21,10 @@ LATENT_SCALE = 0.18215
 TIMESTEP = 261
 TAPS = ("us3", "us6", "us9", "us10")
 RECIPE = f"latent-mean*{LATENT_SCALE}|t={TIMESTEP}|empty-prompt|taps={','.join(TAPS)}|gap-concat"
+# The state dict of CleanDIFT's training module (`StableFeatureAligner` in CompVis/cleandift's
+# src/sd_feature_extraction.py), whose top-level parameter `timestep` is the learned scalar.
+FULL_CHECKPOINT = "cleandift_sd21_full.safetensors"
+TIMESTEP_KEY = "timestep"
 
 
 def _diffusers():
@@ -41,7 +46,7 @@ class CleanDiftBackbone(nn.Module):
     """VAE encoder + UNet with hooks; the empty-prompt embedding is a buffer (computed once)."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, prompt_embedding: torch.Tensor, source: str,
-                 timestep: int = TIMESTEP):
+                 timestep: float = TIMESTEP):
         super().__init__()
         self.unet = unet
         # Only the encoder half of the VAE is ever run: the decoder (~50 M parameters) is dropped, not carried.
@@ -50,7 +55,7 @@ class CleanDiftBackbone(nn.Module):
         self.register_buffer("prompt_embedding", prompt_embedding.detach().clone())
         self.timestep = timestep
         self.source = source
-        self.revision = RECIPE if timestep == TIMESTEP else RECIPE.replace(f"t={TIMESTEP}", f"t={timestep}")
+        self.revision = RECIPE if timestep == TIMESTEP else RECIPE.replace(f"t={TIMESTEP}", f"t={timestep!r}")
         self._taps: list[torch.Tensor] = []
         for module in tap_modules(unet):
             module.register_forward_hook(self._keep)
@@ -95,8 +100,33 @@ def build_cleandift(configs: dict, source: str) -> CleanDiftBackbone:
     return CleanDiftBackbone(unet.eval(), vae.eval(), empty_prompt_embedding(text, _empty_prompt_ids(text_config)), source)
 
 
+def learned_timestep(folder: str) -> float:
+    """The trained timestep from `FULL_CHECKPOINT` in `folder` (read alone, not the whole file), else 261."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from iqa.extract.backbones import BackboneLoadError
+
+    path = Path(folder) / FULL_CHECKPOINT
+    if not path.is_file():
+        return TIMESTEP
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            if TIMESTEP_KEY not in checkpoint.keys():
+                raise BackboneLoadError(f"{path} has no {TIMESTEP_KEY!r} tensor; it is not CleanDIFT's full checkpoint: "
+                                        f"remove it to run at the initial timestep {TIMESTEP}")
+            value = checkpoint.get_tensor(TIMESTEP_KEY)
+    except SafetensorError as err:
+        raise BackboneLoadError(f"{path} is not a readable safetensors file ({err}); replace or remove it") from None
+    if value.numel() != 1 or not torch.isfinite(value).all():
+        raise BackboneLoadError(f"{path}: {TIMESTEP_KEY!r} is not one finite number (shape {tuple(value.shape)})")
+    return float(value.float().item())
+
+
 def load_cleandift(source: str) -> CleanDiftBackbone:
-    """A local SD-2.1 folder (unet/ holding the CleanDIFT UNet, vae/, text_encoder/, tokenizer/)."""
+    """A local SD-2.1 folder (unet/ holding the CleanDIFT UNet, vae/, text_encoder/, tokenizer/, and
+    optionally `FULL_CHECKPOINT` for the learned timestep)."""
     import transformers
 
     from iqa.extract.backbones import BackboneLoadError
@@ -113,4 +143,5 @@ def load_cleandift(source: str) -> CleanDiftBackbone:
             f"folder (unet/ with the CleanDIFT weights, vae/, text_encoder/, tokenizer/) with --model, or use --random-init"
         ) from None
     ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids
-    return CleanDiftBackbone(unet.eval(), vae.eval(), empty_prompt_embedding(text, ids), source)
+    return CleanDiftBackbone(unet.eval(), vae.eval(), empty_prompt_embedding(text, ids), source,
+                             timestep=learned_timestep(source))

@@ -82,3 +82,52 @@ def test_pretrained_needs_a_local_folder_and_missing_diffusers_says_how_to_insta
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
     with pytest.raises(BackboneLoadError, match=r"pip install 'iqa\[diffusion\]'"):
         load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+
+
+def _saved_sd21_folder(folder):
+    """A tiny SD-2.1 folder laid out as the real one (unet/, vae/, text_encoder/, tokenizer/), saved and read back."""
+    import json
+
+    import diffusers
+    import transformers
+
+    configs = get_spec("cleandift").tiny_config
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(**configs["unet"]).save_pretrained(folder / "unet")
+    diffusers.AutoencoderKL(**configs["vae"]).save_pretrained(folder / "vae")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text"])).save_pretrained(folder / "text_encoder")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps({"!": 0, "<|startoftext|>": 98, "<|endoftext|>": 99}))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                               pad_token="!", model_max_length=77).save_pretrained(folder / "tokenizer")
+
+
+def test_the_learned_timestep_is_read_from_the_full_checkpoint_and_recorded(tmp_path):
+    from safetensors.torch import save_file
+
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.extract.cleandift import FULL_CHECKPOINT
+
+    _saved_sd21_folder(tmp_path)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    initial = load_backbone(get_spec("cleandift"), source=str(tmp_path))
+    assert initial.timestep == TIMESTEP and initial.revision == RECIPE
+    # The full file is the training module's state dict: the scalar beside the UNet's and adapters' weights.
+    save_file({"timestep": torch.tensor(300.5), "unet_feature_extractor_cleandift.conv_in.bias": torch.zeros(32)},
+              str(tmp_path / FULL_CHECKPOINT))
+    learned = load_backbone(get_spec("cleandift"), source=str(tmp_path))
+    assert learned.timestep == 300.5 and "t=300.5" in learned.revision and learned.revision != RECIPE
+    with torch.no_grad():
+        got, before = learned(x), initial(x)
+        latent = learned.vae.encode(x).latent_dist.mean * LATENT_SCALE
+        learned.unet(latent, 300.5, encoder_hidden_states=learned.prompt_embedding)
+        by_hand_taps, learned._taps = learned._taps, []
+    torch.testing.assert_close(got, torch.cat(by_hand_taps, dim=1))
+    assert not torch.allclose(got, before)  # the timestep reaches the features, so it must reach the key
+    save_file({"unet.conv_in.bias": torch.zeros(32)}, str(tmp_path / FULL_CHECKPOINT))
+    with pytest.raises(BackboneLoadError, match="no 'timestep' tensor"):
+        load_backbone(get_spec("cleandift"), source=str(tmp_path))
+    (tmp_path / FULL_CHECKPOINT).write_bytes(b"not safetensors")
+    with pytest.raises(BackboneLoadError, match="not a readable safetensors file"):
+        load_backbone(get_spec("cleandift"), source=str(tmp_path))

@@ -8,6 +8,8 @@
    timed for one run and scaled to the grid.
 3. Fine-tuning SigLIP2 at 512 px (random init): LoRA and full optimiser steps/s (batch 2 x 6) and
    peak memory, beside Table S5's 2,270 MiB.
+4. Extraction with the diffusion backbone, CleanDIFT SD-2.1 at 512 px (random init, bf16): `iqa extract`
+   against its bare forward pass and the decode workers, as in 1.
 
 `--device cpu --smoke` runs the same code on tiny models and sizes (CI runs it, so the GPU run
 cannot die of a typo). The last line of output is one JSON object.
@@ -40,9 +42,11 @@ from iqa.cache.results import ResultsDB
 BACKBONE = "siglip2"
 
 
-def extraction(device: str, smoke: bool, dtype: str) -> dict:
-    images, batch, workers = (4, 2, 0) if smoke else (1024, 32, 8)
-    spec = get_spec(BACKBONE, tiny=smoke)
+def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, images: int = 1024,
+               score: bool = True) -> dict:
+    """Extraction against its two bounds; with `score`, `iqa score` on the same images and model."""
+    images, batch, workers = (4, 2, 0) if smoke else (images, 32, 8)
+    spec = get_spec(backbone, tiny=smoke)
     model = load_backbone(spec, random_init=not smoke, tiny=smoke)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
@@ -52,25 +56,27 @@ def extraction(device: str, smoke: bool, dtype: str) -> dict:
         for _ in DataLoader(rows, batch_size=batch, num_workers=workers):
             pass
         decode = images / (time.perf_counter() - start)
-        request = ExtractRequest(cache, "bench", BACKBONE, tiny=smoke, random_init=not smoke, dtype=dtype,
+        request = ExtractRequest(cache, "bench", backbone, tiny=smoke, random_init=not smoke, dtype=dtype,
                                  batch_size=batch, chunk_rows=batch, progress=False)
         extract = extract_dataset(request, device=device, num_workers=workers).images_per_s
         model = model.to(device).eval()
         forward = forward_limit(model.spec, model, device, dtype, batch, reps=2 if smoke else 10)
-        scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
-                          Embedder(model.spec, model, device, compute_dtype_for(device, dtype)),
-                          StackedMLP(model.spec.dim, [8], *HEADS["sig"]).eval().to(device))
-        start = time.perf_counter()
-        score_files(scorer, files, batch, workers, progress=False)
-        sync(device)
-        score = images / (time.perf_counter() - start)
+        figures = {"extract_images_per_s": extract, "forward_images_per_s": forward, "decode_images_per_s": decode,
+                   "extract_share_of_bound": extract / min(decode, forward), "extract_resolution": model.spec.resolution}
+        if score:
+            scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
+                              Embedder(model.spec, model, device, compute_dtype_for(device, dtype)),
+                              StackedMLP(model.spec.dim, [8], *HEADS["sig"]).eval().to(device))
+            start = time.perf_counter()
+            score_files(scorer, files, batch, workers, progress=False)
+            sync(device)
+            figures["score_images_per_s"] = images / (time.perf_counter() - start)
     bound = "decode" if decode < forward else "forward"
-    print(f"1. {BACKBONE} at {model.spec.resolution} px, {images} images, batch {batch}, {workers} workers: "
-          f"iqa extract {extract:.1f} images/s; bare forward {forward:.1f}; decode workers {decode:.1f} "
-          f"(bound: {bound}, extract at {extract / min(decode, forward):.0%} of it); iqa score {score:.1f} images/s")
-    return {"extract_images_per_s": extract, "forward_images_per_s": forward, "decode_images_per_s": decode,
-            "extract_share_of_bound": extract / min(decode, forward), "score_images_per_s": score,
-            "extract_resolution": model.spec.resolution}
+    print(f"{'1' if score else '4'}. {backbone} at {model.spec.resolution} px, {images} images, batch {batch}, "
+          f"{workers} workers: iqa extract {extract:.1f} images/s; bare forward {forward:.1f}; decode workers "
+          f"{decode:.1f} (bound: {bound}, extract at {extract / min(decode, forward):.0%} of it)"
+          + (f"; iqa score {figures['score_images_per_s']:.1f} images/s" if score else ""))
+    return figures if backbone == BACKBONE else {f"{backbone}_{key}": value for key, value in figures.items()}
 
 
 def head_grid(device: str, smoke: bool) -> dict:
@@ -129,6 +135,7 @@ def main() -> None:
     figures.update(extraction(args.device, args.smoke, args.dtype))
     figures.update(head_grid(args.device, args.smoke))
     figures.update(finetuning(args.device, args.smoke, args.dtype))
+    figures.update(extraction(args.device, args.smoke, args.dtype, "cleandift", images=256, score=False))
     figures["seconds"] = time.perf_counter() - start
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 

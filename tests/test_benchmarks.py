@@ -14,6 +14,7 @@ def test_gpu_check_smoke_runs_every_section_and_prints_its_figures(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("extract_images_per_s", "forward_images_per_s", "decode_images_per_s", "score_images_per_s",
-                "grid_seconds", "tuned_loop_grid_seconds", "lora_steps_per_s", "full_steps_per_s"):
+                "grid_seconds", "tuned_loop_grid_seconds", "lora_steps_per_s", "full_steps_per_s",
+                "cleandift_extract_images_per_s", "cleandift_forward_images_per_s"):
         assert figures[key] > 0, key
     assert figures["smoke"] is True and figures["grid_runs"] == 4

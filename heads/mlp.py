@@ -32,10 +32,10 @@ def topk_mask(x: torch.Tensor, keep_percent: torch.Tensor) -> torch.Tensor:
     threshold are all kept). k = 100 keeps everything.
     """
     d = x.shape[-1]
-    count = torch.ceil(keep_percent * d / 100).long().clamp(1, d)
+    counts = torch.ceil(keep_percent * d / 100).long().clamp(1, d).tolist()
     magnitude = x.abs()
-    ranked = magnitude.sort(dim=-1, descending=True).values
-    threshold = ranked.gather(-1, (count - 1)[:, None, None].expand(*x.shape[:2], 1))
+    # The count-th largest magnitude is the (d - count + 1)-th smallest: a selection, not a full sort.
+    threshold = torch.stack([magnitude[m].kthvalue(d - c + 1, dim=-1, keepdim=True).values for m, c in enumerate(counts)])
     return x * (magnitude >= threshold)
 
 

@@ -2,9 +2,18 @@
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist every core runs a worker: one torch thread each, so they do not oversubscribe."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def db_row(config: dict, fingerprint_id: str, result) -> tuple:

@@ -27,6 +27,8 @@ from iqa.heads.grid import run_grid  # noqa: E402
 from iqa.heads.ray_grid import train_on_ray  # noqa: E402
 from iqa.cache.results import ResultsDB  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster at a time
+
 SAME = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=3, batch_size=2, progress=False)
 BACKBONE = "dinov2"
 

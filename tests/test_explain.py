@@ -111,10 +111,38 @@ def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
     assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
 
 
-def test_a_centre_cropped_model_is_refused_rather_than_mapped_onto_the_whole_image():
-    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", tiny=True), tiny=True, preprocess="native"))
-    with pytest.raises(ValueError, match="--preprocess native"):
-        subject_maps(subject, Image.open(_photo()).convert("RGB"))
+def test_a_centre_cropped_model_is_mapped_into_the_crop_it_saw(one_thread, tmp_path):
+    """`--preprocess native` on an 80x40 image: shortest side 40 -> 37 (32 / 0.875), so the 74x37 resize
+    loses 21 px left and right and 2 px at the top; the backbone reads the crop's top-left quadrant only,
+    i.e. x 21..37, y 2..18 of the resize = x 22.7..40, y 2.2..19.5 of the image."""
+    from iqa.heads.explain import explain_files, seen_box
+
+    torch.manual_seed(0)
+    backbone = QuadrantBackbone()
+    backbone.spec = replace(backbone.spec, preprocess="native")
+    assert backbone.spec.shortest_side() == 37
+    subject = Subject("quadrant", backbone, Summed())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8))
+    (cam,), _ = subject_maps(subject, image)
+    assert cam.shape == (40, 80)
+    left, top, right, bottom = seen_box(backbone.spec, image.size)
+    assert (left, top, right, bottom) == pytest.approx((21 * 80 / 74, 2 * 40 / 37, 53 * 80 / 74, 34 * 40 / 37))
+    assert cam[:, :22].max() == 0 and cam[:, 58:].max() == 0  # outside the crop box (a pixel of bilinear blur spared)
+    assert cam[2:20, 22:41].sum() / cam.sum() > 0.9  # the crop's top-left quadrant, where the image was
+    (done,) = explain_files([subject], [_saved(image, tmp_path / "wide.png")], tmp_path / "maps")
+    assert np.array_equal(np.load(done.maps)[0], cam)
+
+
+class Summed(nn.Module):
+    """A head [1, B, D] -> [1, B] with a known answer: the sum of the features."""
+
+    def forward(self, x):
+        return x.sum(-1)
+
+
+def _saved(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
 
 
 @cache

@@ -33,6 +33,7 @@ class Subject:
     name: str
     backbone: nn.Module
     head: nn.Module | None = None
+    config: dict | None = None  # a model folder's config.json (what it was trained and tested on)
 
 
 def prepare_out(out: Path) -> Path:
@@ -153,7 +154,7 @@ def model_subject(folder: Path, device: str = "cpu") -> Subject:
     from iqa.heads.score import load_model
 
     model = load_model(folder, device)
-    return Subject(Path(folder).name, model.backbone.float(), model.head)
+    return Subject(Path(folder).name, model.backbone.float(), model.head, model.config)
 
 
 def backbone_subject(key: str, source: str | None = None, random_init: bool = False, tiny: bool = False,

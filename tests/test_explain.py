@@ -314,3 +314,79 @@ def test_make_gridpg_refuses_a_folder_of_ones_own(tmp_path):
         result = CliRunner().invoke(app, ["data", "make-gridpg", "--out", str(tmp_path / "grids"), *force])
         assert result.exit_code == 1 and "not an iqa data set" in result.output and result.output.count("\n") == 1
     assert (tmp_path / "grids" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model):
+    """tiny_model's sig head and a baseline head trained on the same cached embeddings (same test split)."""
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.store import load_cached
+    from iqa.heads.grid import expand_grid, head_choices, run_grid
+
+    sig, _ = tiny_model
+    cache = sig.parent
+    configs = expand_grid([("demo", "demo")], "dinov2", head_choices(["baseline"], []), [8], epochs=2, tag="tiny")
+    (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
+                      ResultsDB(default_db(cache)), progress=False)
+    baseline = cache / "model-baseline"
+    exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(baseline), "--cache", str(cache)])
+    assert exported.exit_code == 0, exported.output
+    return (sig, baseline), cache
+
+
+def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_numbers(two_models, tmp_path, one_thread):
+    """Two models tested on one split share compare pages (the maps `iqa explain --compare` gives), a model
+    whose images moved gets a note, and the table holds what `iqa explain --evaluate --json` prints."""
+    import csv
+    import re
+    import shutil
+
+    from iqa.cache.manifest import manifest_path
+    from iqa.data.gridpg import make_gridpg
+
+    (sig, baseline), cache = two_models
+    grids = make_gridpg(tmp_path / "grids", grids=4, cell_side=32).parent
+    moved = tmp_path / "moved"  # the sig model, its test set prepared where the images no longer are
+    shutil.copytree(sig, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["training"]["train_dataset"] = config["training"]["test_dataset"] = "demo-moved"
+    (moved / "config.json").write_text(json.dumps(config))
+    manifest = json.loads(manifest_path(cache, "demo").read_text())
+    manifest.update(dataset="demo-moved", image_root=str(tmp_path / "nowhere"))
+    manifest_path(cache, "demo-moved").parent.mkdir(exist_ok=True)
+    manifest_path(cache, "demo-moved").write_text(json.dumps(manifest))
+
+    report = tmp_path / "report"
+    args = ["report", "--cache", str(cache), "--out", str(report), "--no-tsne", "--profile", "", "--device", "cpu",
+            "--explain-set", str(grids)]
+    result = CliRunner().invoke(app, [*args, "--explain", f"{sig},{baseline},{moved}"])
+    assert result.exit_code == 0, result.output
+    assert 'href="explanations.html"' in (report / "index.html").read_text()
+    page = (report / "explanations.html").read_text()
+    for name in ("model", "model-baseline", "moved"):
+        assert f"<td>{name}</td>" in page  # a row of the table each
+    assert "moved: no maps, none of its" in page and "demo-moved is on disk" in page
+    pages = re.findall(r'<img src="([^"]+)"', page)
+    assert len(pages) == 3  # the two models share their three test images: one page each, both maps on it
+    for png in pages:
+        assert Image.open(report / png).size[0] == 300 * 3  # the image, then one panel per model
+    first = np.load((report / pages[0]).with_suffix(".npy"))
+    image = re.search(r"<p>([^<]+) \(target [0-9.]+\)<br><img", page).group(1)
+    alone = CliRunner().invoke(app, ["explain", str(sig), str(cache / "demo-src" / "images" / image), "--compare",
+                                     str(baseline), "--out", str(tmp_path / "alone"), "--device", "cpu"])
+    assert alone.exit_code == 0, alone.output
+    assert np.array_equal(first, np.load(next((tmp_path / "alone").glob("*.npy"))))
+
+    with open(report / "explanations" / "evaluation.csv", newline="") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"model", "model-baseline", "moved"}
+    for folder in (sig, baseline):
+        printed = CliRunner().invoke(app, ["explain", str(folder), "--evaluate", "--set", str(grids), "--json"])
+        measured = json.loads(printed.output)
+        for key in ("pointing_game", "deletion_auc", "deletion_auc_random"):
+            assert float(rows[folder.name][key]) == pytest.approx(measured[key], rel=1e-6, abs=1e-9), key
+        assert int(rows[folder.name]["grids"]) == measured["grids"] == 4
+
+    bad = CliRunner().invoke(app, [*args, "--explain", f"{sig},{tmp_path / 'grids'}"])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "not an iqa model folder" in bad.output, bad.output
+    assert (report / "explanations.html").read_text() == page  # the earlier report stays

@@ -149,12 +149,26 @@ def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method:
     return done
 
 
+class ScoringHead(nn.Module):
+    """A model's head behind the model's own steps from the backbone's output (the columns it reads,
+    unit length with --l2norm), so a map explains the very score `iqa score` gives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = [model]  # in a list: the model's modules stay the model's
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[1, B, D] backbone outputs -> [1, B] scores, as the head's stacked layout takes them."""
+        model = self.model[0]
+        return model.head(model.unit_length(model.head_inputs(pooled[0]))[None])
+
+
 def model_subject(folder: Path, device: str = "cpu") -> Subject:
     """An `iqa export` folder as a Subject (refuses a missing or altered file, as `iqa score` does)."""
     from iqa.heads.score import load_model
 
     model = load_model(folder, device)
-    return Subject(Path(folder).name, model.backbone.float(), model.head, model.config)
+    return Subject(Path(folder).name, model.backbone.float(), ScoringHead(model), model.config)
 
 
 def backbone_subject(key: str, source: str | None = None, random_init: bool = False, tiny: bool = False,

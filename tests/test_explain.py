@@ -390,3 +390,24 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     bad = CliRunner().invoke(app, [*args, "--explain", f"{sig},{tmp_path / 'grids'}"])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "not an iqa model folder" in bad.output, bad.output
     assert (report / "explanations.html").read_text() == page  # the earlier report stays
+
+
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path, l2norm, one_thread):
+    """A map explains the model's own score: the head behind the model's input steps (--l2norm's unit length)."""
+    import shutil
+
+    from iqa.heads.explain import input_pixels, model_subject
+    from iqa.heads.explain_eval import predicted
+    from iqa.heads.score import load_model
+
+    model, images = tiny_model
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["head"]["l2norm"] = l2norm
+    (folder / "config.json").write_text(json.dumps(config))
+    photo = images / "astronaut.png"
+    subject = model_subject(folder)
+    explained = predicted(subject, input_pixels(subject.backbone, Image.open(photo).convert("RGB")))
+    assert float(explained[0]) == pytest.approx(float(load_model(folder).score([photo])[0]), abs=1e-5)

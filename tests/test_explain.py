@@ -158,25 +158,30 @@ def _photo() -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny-DINOv2 model folder exported from a cached-head run on a small demo subset."""
-    from iqa.cache.results import ResultsDB, default_db
-    from iqa.cache.store import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
 
     cache = tmp_path_factory.mktemp("cache")
     make_demo(cache / DEMO_DIR, photos=["astronaut", "camera"], distortions=["blur", "noise"])
     prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
                     score_range="0,1", group_col="ref", name="demo")
     assert extract_dataset(ExtractRequest(cache, "demo", "dinov2", tiny=True, progress=False), num_workers=0).ok
-    configs = expand_grid([("demo", "demo")], "dinov2", head_choices(["sig"], []), [8], epochs=2, tag="tiny")
+    return _exported_head(cache, "sig", cache / "model"), cache / DEMO_DIR / "images"
+
+
+def _exported_head(cache: Path, head: str, out: Path) -> Path:
+    """A `head` trained 2 epochs on the cache's tiny-DINOv2 demo embeddings (seed 8), exported to `out`."""
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.store import load_cached
+    from iqa.heads.grid import expand_grid, head_choices, run_grid
+
+    configs = expand_grid([("demo", "demo")], "dinov2", head_choices([head], []), [8], epochs=2, tag="tiny")
     (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
                       ResultsDB(default_db(cache)), progress=False)
-    out = cache / "model"
     exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(cache)])
     assert exported.exit_code == 0, exported.output
-    return out, cache / DEMO_DIR / "images"
+    return out
 
 
 def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_model, tmp_path, one_thread):
@@ -319,19 +324,8 @@ def test_make_gridpg_refuses_a_folder_of_ones_own(tmp_path):
 @pytest.fixture(scope="module")
 def two_models(tiny_model):
     """tiny_model's sig head and a baseline head trained on the same cached embeddings (same test split)."""
-    from iqa.cache.results import ResultsDB, default_db
-    from iqa.cache.store import load_cached
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
-
     sig, _ = tiny_model
-    cache = sig.parent
-    configs = expand_grid([("demo", "demo")], "dinov2", head_choices(["baseline"], []), [8], epochs=2, tag="tiny")
-    (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
-                      ResultsDB(default_db(cache)), progress=False)
-    baseline = cache / "model-baseline"
-    exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(baseline), "--cache", str(cache)])
-    assert exported.exit_code == 0, exported.output
-    return (sig, baseline), cache
+    return (sig, _exported_head(sig.parent, "baseline", sig.parent / "model-baseline")), sig.parent
 
 
 def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_numbers(two_models, tmp_path, one_thread):

@@ -587,6 +587,8 @@ def report_command(
     profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip [default: those in the runs].")] = None,
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Skip t-SNE (it retrains each shown run).")] = False,
     paper: Annotated[bool, typer.Option("--paper", help="Add paper.html: the published numbers beside the measured.")] = False,
+    explain: Annotated[Optional[str], typer.Option("--explain", help="Exported model folders, comma-separated: add explanations.html (maps and their measures).")] = None,
+    explain_set: Annotated[Optional[Path], typer.Option("--explain-set", help="--explain: the grid set measured on [default: <cache>/gridpg, built once].")] = None,
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -597,9 +599,10 @@ def report_command(
     root = cache_dir(cache)
     runs = existing_runs(existing_db(db, root))
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
+    explained = _explained_models(explain, explain_set, root, device) if explain else None
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
-                               paper=paper)
+                               paper=paper, explanations=explained)
     except ValueError as error:
         fail(str(error))
     except OSError as error:
@@ -609,6 +612,19 @@ def report_command(
     for line in summary.paper:
         typer.echo(f"  beside the paper: {line}")
     typer.echo(f"{len(summary.tables)} table files, {len(summary.figures)} figure files -> {summary.out / 'index.html'}")
+
+
+def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: str):
+    """`--explain`'s model folders loaded (a bad one is one error line, before any report is built)."""
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.report.explanations import load_explained
+    from iqa.heads.score import ModelFolderError
+
+    check_device(device)
+    try:
+        return load_explained([Path(f) for f in _csv([explain])], cache, grid_set, device)
+    except (ModelFolderError, BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
+        fail(message(err))
 
 
 # ---- fine-tuning ----
@@ -722,7 +738,7 @@ def explain_command(
 
 def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
                            cache: Path | None) -> None:
-    from iqa.data.gridpg import GRIDPG_DIR, make_gridpg
+    from iqa.data.gridpg import grid_set_or_default
     from iqa.heads.explain import model_subject
     from iqa.heads.explain_eval import evaluate
     from iqa.heads.score import ModelFolderError
@@ -731,11 +747,7 @@ def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | Non
         fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
     try:
         subject = model_subject(inputs[0], device)
-        if grid_set is None:
-            grid_set = cache_dir(cache) / GRIDPG_DIR
-            if not grid_set.exists():
-                make_gridpg(grid_set)
-        result = evaluate(subject, grid_set, method)
+        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method)
     except (ModelFolderError, FileNotFoundError, KeyError, ValueError) as err:
         fail(message(err))
     if json_out:

@@ -74,6 +74,16 @@ def make_gridpg(out_dir: Path, grids: int = GRIDS, cell_side: int = CELL, force:
     return Path(out_dir) / LABELS_FILE
 
 
+def grid_set_or_default(cache: Path, given: Path | None = None) -> Path:
+    """`given`, else the default set `<cache>/gridpg`, built on first use."""
+    if given is not None:
+        return Path(given)
+    default = Path(cache) / GRIDPG_DIR
+    if not default.exists():
+        make_gridpg(default)
+    return default
+
+
 def read_gridpg(folder: Path) -> list[tuple[Path, int]]:
     """(grid image path, distorted cell) per grid of a set."""
     labels = Path(folder) / LABELS_FILE

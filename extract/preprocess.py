@@ -73,12 +73,18 @@ def resize_uint8(image: Image.Image, resolution: int, resample: str = "bicubic",
     if shortest_side is None:
         resized = image.resize((resolution, resolution), RESAMPLE[resample])
     else:
-        w, h = image.size
-        scale = shortest_side / min(w, h)
-        w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        (w, h), (left, top) = centre_crop(image.size, resolution, shortest_side)
         resized = image.resize((w, h), RESAMPLE[resample]).crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def centre_crop(size: tuple[int, int], resolution: int, shortest_side: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((W', H'), (left, top)): the size an image of PIL size `size` is resized to, its shortest edge to
+    `shortest_side` (never below `resolution`), and the corner of the centre `resolution` square cut from it."""
+    w, h = size
+    scale = shortest_side / min(w, h)
+    w, h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    return (w, h), ((w - resolution) // 2, (h - resolution) // 2)
 
 
 def normalise(batch: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Per image, `<stem>.npy` holds the raw maps [K, H, W] at the image's own size (one per model, or
 per band) and `<stem>.png` one page: the image, then each map over it. Maps are computed at the
-backbone's input side (the whole image resized square, as extraction sees it) and resized back,
-so a map's pixel lies over the image pixel it explains.
+backbone's input side, on the pixels extraction gives it, and put back where those pixels came from,
+so a map's pixel lies over the image pixel it explains: the whole image resized square (`--preprocess
+square`), or, for a model that saw centre crops (`--preprocess native`), the crop box, outlined on the
+page, with zero outside it (pixels the model never sees cannot move its score).
 
 The output folder carries a `.iqa-explain` mark: iqa writes into a new, empty or marked folder
 and refuses one holding anything else.
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from iqa.extract.preprocess import decode_image, resize_uint8
+from iqa.extract.preprocess import centre_crop, decode_image, resize_uint8
 from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
 
 MARK = ".iqa-explain"
@@ -31,6 +33,7 @@ class Subject:
     name: str
     backbone: nn.Module
     head: nn.Module | None = None
+    config: dict | None = None  # a model folder's config.json (what it was trained and tested on)
 
 
 def prepare_out(out: Path) -> Path:
@@ -44,36 +47,50 @@ def prepare_out(out: Path) -> Path:
 
 
 def input_pixels(backbone: nn.Module, image: Image.Image) -> torch.Tensor:
-    """[1, 3, R, R] uint8, the way extraction resizes (square, the checkpoint's filter). A model that saw
-    centre crops (`--preprocess native`) is refused: its maps would not cover the image they are drawn on."""
+    """[1, 3, R, R] uint8, the way extraction resizes (square or centre crop, the checkpoint's filter)."""
     spec = backbone.spec
+    return resize_uint8(image, spec.resolution, spec.resample, spec.shortest_side())[None]
+
+
+def to_image_size(maps: torch.Tensor, spec, size: tuple[int, int]) -> np.ndarray:
+    """[K, R, R] maps at the input side of a backbone with `spec` -> [K, H, W] float32 for an image of PIL
+    size (W, H): resized whole, or placed into the centre crop of the resized image (zero around it)."""
+    maps = maps.float()
     if spec.shortest_side():
-        raise ValueError(f"{spec.key} was run with --preprocess native (a centre crop); explanations map the whole "
-                         "image, so they need a model trained with --preprocess square")
-    return resize_uint8(image, spec.resolution, spec.resample)[None]
+        (w, h), (left, top) = centre_crop(size, spec.resolution, spec.shortest_side())
+        canvas = maps.new_zeros(maps.shape[0], h, w)
+        canvas[:, top:top + spec.resolution, left:left + spec.resolution] = maps
+        maps = canvas
+    return F.interpolate(maps[:, None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def to_image_size(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[K, R, R] -> [K, H, W] float32 for an image of PIL size (W, H)."""
-    return F.interpolate(maps[:, None].float(), size=(size[1], size[0]), mode="bilinear", align_corners=False)[:, 0].numpy()
+def seen_box(spec, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """(left, top, right, bottom) in image pixels of what a centre-cropping backbone sees; None: the whole image."""
+    if not spec.shortest_side():
+        return None
+    (w, h), (left, top) = centre_crop(size, spec.resolution, spec.shortest_side())
+    sx, sy, r = size[0] / w, size[1] / h, spec.resolution
+    return left * sx, top * sy, (left + r) * sx, (top + r) * sy
 
 
 def subject_maps(subject: Subject, image: Image.Image, method: str = "gradcam", target: str = "high",
                  bands: list[tuple[float, float]] | None = None) -> tuple[np.ndarray, list[str]]:
     """([K, H, W] maps, K labels): the model's score map, or one map per feature band."""
-    pixels = input_pixels(subject.backbone, image)
+    pixels, spec = input_pixels(subject.backbone, image), subject.backbone.spec
     if bands is None:
         maps = attribute(subject.backbone, score_target(subject.head, target), pixels, method)
-        return to_image_size(maps, image.size), [f"{subject.name} ({target})"]
+        return to_image_size(maps, spec, image.size), [f"{subject.name} ({target})"]
     with torch.no_grad():
         pooled = subject.backbone(normalised_input(subject.backbone, pixels))
     masks = band_masks(pooled, bands)
     maps = torch.cat([attribute(subject.backbone, band_target(mask), pixels, method) for mask in masks])
-    return to_image_size(maps, image.size), [f"{subject.name} {a:g}-{b:g}%" for a, b in bands]
+    return to_image_size(maps, spec, image.size), [f"{subject.name} {a:g}-{b:g}%" for a, b in bands]
 
 
-def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Path) -> None:
-    """The image, then each map over it (jet, alpha 0.5; each map scaled to its own maximum |value|)."""
+def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Path,
+               boxes: list[tuple[float, float, float, float] | None] | None = None) -> None:
+    """The image, then each map over it (jet, alpha 0.5; each map scaled to its own maximum |value|);
+    a map's box (`seen_box`), where it has one, is outlined: the centre crop its model saw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,11 +100,16 @@ def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Pa
     fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.2), squeeze=False)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("image", fontsize=8)
-    for ax, m, label in zip(axes[0, 1:], maps, labels):
+    for ax, m, label, box in zip(axes[0, 1:], maps, labels, boxes or [None] * len(maps)):
         scale = float(np.abs(m).max()) or 1.0
         ax.imshow(image)
         signed = m.min() < 0  # IG is signed: a diverging map; Grad-CAM is not
         ax.imshow(m / scale, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1)
+        if box is not None:
+            left, top, right, bottom = box
+            ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                       edgecolor="white", linestyle="--", linewidth=1.2))
+            label += " (centre crop)"
         ax.set_title(label, fontsize=8)
     for ax in axes[0]:
         ax.axis("off")
@@ -119,11 +141,26 @@ def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method:
         found = [subject_maps(s, image, method, target, bands) for s in subjects]
         maps = np.concatenate([m for m, _ in found])
         labels = [label for _, ls in found for label in ls]
+        boxes = [seen_box(s.backbone.spec, image.size) for s, (_, ls) in zip(subjects, found) for _ in ls]
         stem = f"{index:04d}-{path.stem}"  # two images of one name in different folders stay apart
         np.save(out / f"{stem}.npy", maps)
-        write_page(image, maps, labels, out / f"{stem}.png")
+        write_page(image, maps, labels, out / f"{stem}.png", boxes)
         done.append(Explained(str(path), str(out / f"{stem}.png"), str(out / f"{stem}.npy")))
     return done
+
+
+class ScoringHead(nn.Module):
+    """A model's head behind the model's own steps from the backbone's output (the columns it reads,
+    unit length with --l2norm), so a map explains the very score `iqa score` gives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = [model]  # in a list: the model's modules stay the model's
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[1, B, D] backbone outputs -> [1, B] scores, as the head's stacked layout takes them."""
+        model = self.model[0]
+        return model.head(model.unit_length(model.head_inputs(pooled[0]))[None])
 
 
 def model_subject(folder: Path, device: str = "cpu") -> Subject:
@@ -131,7 +168,7 @@ def model_subject(folder: Path, device: str = "cpu") -> Subject:
     from iqa.heads.score import load_model
 
     model = load_model(folder, device)
-    return Subject(Path(folder).name, model.backbone.float(), model.head)
+    return Subject(Path(folder).name, model.backbone.float(), ScoringHead(model), model.config)
 
 
 def backbone_subject(key: str, source: str | None = None, random_init: bool = False, tiny: bool = False,

@@ -8,6 +8,10 @@
   most attributed first, in DELETION_STEPS steps; the predicted score after each step gives a curve
   over the deleted fraction 0..1 and its area (trapezoids). A faithful map makes the score fall
   early: an area below the random-order control's (the mean over RANDOM_ORDERS fixed orders).
+
+Both work at the backbone's input side. A centre-cropping model (`--preprocess native`) sees the
+centre of a square grid, and the centre of its crop is the grid's centre, so the crop's quadrants
+are still the grid's cells (trimmed at the border).
 """
 
 from dataclasses import asdict, dataclass

@@ -66,13 +66,14 @@ class IqaModel(nn.Module):
         stored layers, the layers' vectors that follow the default embedding."""
         return pooled[:, self.config["backbone"]["dim"]:] if self.config["backbone"].get("layers") else pooled
 
+    def unit_length(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input [B, D] from its columns: unit length for a model trained with --l2norm."""
+        return nn.functional.normalize(x, dim=-1) if self.config.get("head", {}).get("l2norm") else x
+
     @torch.no_grad()
     def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.head.state_dict().values())).device  # probes hold buffers, no parameters
-        x = embeddings.float()
-        if self.config.get("head", {}).get("l2norm"):  # trained with --l2norm: unit-length inputs
-            x = nn.functional.normalize(x, dim=1)
-        return self.head(x[None].to(device))[0].cpu()
+        return self.head(self.unit_length(embeddings.float())[None].to(device))[0].cpu()
 
     def score(self, images) -> torch.Tensor:
         """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""

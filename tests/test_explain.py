@@ -111,10 +111,38 @@ def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
     assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
 
 
-def test_a_centre_cropped_model_is_refused_rather_than_mapped_onto_the_whole_image():
-    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", tiny=True), tiny=True, preprocess="native"))
-    with pytest.raises(ValueError, match="--preprocess native"):
-        subject_maps(subject, Image.open(_photo()).convert("RGB"))
+def test_a_centre_cropped_model_is_mapped_into_the_crop_it_saw(one_thread, tmp_path):
+    """`--preprocess native` on an 80x40 image: shortest side 40 -> 37 (32 / 0.875), so the 74x37 resize
+    loses 21 px left and right and 2 px at the top; the backbone reads the crop's top-left quadrant only,
+    i.e. x 21..37, y 2..18 of the resize = x 22.7..40, y 2.2..19.5 of the image."""
+    from iqa.heads.explain import explain_files, seen_box
+
+    torch.manual_seed(0)
+    backbone = QuadrantBackbone()
+    backbone.spec = replace(backbone.spec, preprocess="native")
+    assert backbone.spec.shortest_side() == 37
+    subject = Subject("quadrant", backbone, Summed())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 80, 3), dtype=np.uint8))
+    (cam,), _ = subject_maps(subject, image)
+    assert cam.shape == (40, 80)
+    left, top, right, bottom = seen_box(backbone.spec, image.size)
+    assert (left, top, right, bottom) == pytest.approx((21 * 80 / 74, 2 * 40 / 37, 53 * 80 / 74, 34 * 40 / 37))
+    assert cam[:, :22].max() == 0 and cam[:, 58:].max() == 0  # outside the crop box (a pixel of bilinear blur spared)
+    assert cam[2:20, 22:41].sum() / cam.sum() > 0.9  # the crop's top-left quadrant, where the image was
+    (done,) = explain_files([subject], [_saved(image, tmp_path / "wide.png")], tmp_path / "maps")
+    assert np.array_equal(np.load(done.maps)[0], cam)
+
+
+class Summed(nn.Module):
+    """A head [1, B, D] -> [1, B] with a known answer: the sum of the features."""
+
+    def forward(self, x):
+        return x.sum(-1)
+
+
+def _saved(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
 
 
 @cache
@@ -130,25 +158,30 @@ def _photo() -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny-DINOv2 model folder exported from a cached-head run on a small demo subset."""
-    from iqa.cache.results import ResultsDB, default_db
-    from iqa.cache.store import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
 
     cache = tmp_path_factory.mktemp("cache")
     make_demo(cache / DEMO_DIR, photos=["astronaut", "camera"], distortions=["blur", "noise"])
     prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
                     score_range="0,1", group_col="ref", name="demo")
     assert extract_dataset(ExtractRequest(cache, "demo", "dinov2", tiny=True, progress=False), num_workers=0).ok
-    configs = expand_grid([("demo", "demo")], "dinov2", head_choices(["sig"], []), [8], epochs=2, tag="tiny")
+    return _exported_head(cache, "sig", cache / "model"), cache / DEMO_DIR / "images"
+
+
+def _exported_head(cache: Path, head: str, out: Path) -> Path:
+    """A `head` trained 2 epochs on the cache's tiny-DINOv2 demo embeddings (seed 8), exported to `out`."""
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.store import load_cached
+    from iqa.heads.grid import expand_grid, head_choices, run_grid
+
+    configs = expand_grid([("demo", "demo")], "dinov2", head_choices([head], []), [8], epochs=2, tag="tiny")
     (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
                       ResultsDB(default_db(cache)), progress=False)
-    out = cache / "model"
     exported = CliRunner().invoke(app, ["export", run["key"], "--out", str(out), "--cache", str(cache)])
     assert exported.exit_code == 0, exported.output
-    return out, cache / DEMO_DIR / "images"
+    return out
 
 
 def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_model, tmp_path, one_thread):
@@ -286,3 +319,89 @@ def test_make_gridpg_refuses_a_folder_of_ones_own(tmp_path):
         result = CliRunner().invoke(app, ["data", "make-gridpg", "--out", str(tmp_path / "grids"), *force])
         assert result.exit_code == 1 and "not an iqa data set" in result.output and result.output.count("\n") == 1
     assert (tmp_path / "grids" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_model):
+    """tiny_model's sig head and a baseline head trained on the same cached embeddings (same test split)."""
+    sig, _ = tiny_model
+    return (sig, _exported_head(sig.parent, "baseline", sig.parent / "model-baseline")), sig.parent
+
+
+def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_numbers(two_models, tmp_path, one_thread):
+    """Two models tested on one split share compare pages (the maps `iqa explain --compare` gives), a model
+    whose images moved gets a note, and the table holds what `iqa explain --evaluate --json` prints."""
+    import csv
+    import re
+    import shutil
+
+    from iqa.cache.manifest import manifest_path
+    from iqa.data.gridpg import make_gridpg
+
+    (sig, baseline), cache = two_models
+    grids = make_gridpg(tmp_path / "grids", grids=4, cell_side=32).parent
+    moved = tmp_path / "moved"  # the sig model, its test set prepared where the images no longer are
+    shutil.copytree(sig, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["training"]["train_dataset"] = config["training"]["test_dataset"] = "demo-moved"
+    (moved / "config.json").write_text(json.dumps(config))
+    manifest = json.loads(manifest_path(cache, "demo").read_text())
+    manifest.update(dataset="demo-moved", image_root=str(tmp_path / "nowhere"))
+    manifest_path(cache, "demo-moved").parent.mkdir(exist_ok=True)
+    manifest_path(cache, "demo-moved").write_text(json.dumps(manifest))
+
+    report = tmp_path / "report"
+    args = ["report", "--cache", str(cache), "--out", str(report), "--no-tsne", "--profile", "", "--device", "cpu",
+            "--explain-set", str(grids)]
+    result = CliRunner().invoke(app, [*args, "--explain", f"{sig},{baseline},{moved}"])
+    assert result.exit_code == 0, result.output
+    assert 'href="explanations.html"' in (report / "index.html").read_text()
+    page = (report / "explanations.html").read_text()
+    for name in ("model", "model-baseline", "moved"):
+        assert f"<td>{name}</td>" in page  # a row of the table each
+    assert "moved: no maps, none of its" in page and "demo-moved is on disk" in page
+    pages = re.findall(r'<img src="([^"]+)"', page)
+    assert len(pages) == 3  # the two models share their three test images: one page each, both maps on it
+    for png in pages:
+        assert Image.open(report / png).size[0] == 300 * 3  # the image, then one panel per model
+    first = np.load((report / pages[0]).with_suffix(".npy"))
+    image = re.search(r"<p>([^<]+) \(target [0-9.]+\)<br><img", page).group(1)
+    alone = CliRunner().invoke(app, ["explain", str(sig), str(cache / "demo-src" / "images" / image), "--compare",
+                                     str(baseline), "--out", str(tmp_path / "alone"), "--device", "cpu"])
+    assert alone.exit_code == 0, alone.output
+    assert np.array_equal(first, np.load(next((tmp_path / "alone").glob("*.npy"))))
+
+    with open(report / "explanations" / "evaluation.csv", newline="") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"model", "model-baseline", "moved"}
+    for folder in (sig, baseline):
+        printed = CliRunner().invoke(app, ["explain", str(folder), "--evaluate", "--set", str(grids), "--json"])
+        measured = json.loads(printed.output)
+        for key in ("pointing_game", "deletion_auc", "deletion_auc_random"):
+            assert float(rows[folder.name][key]) == pytest.approx(measured[key], rel=1e-6, abs=1e-9), key
+        assert int(rows[folder.name]["grids"]) == measured["grids"] == 4
+
+    bad = CliRunner().invoke(app, [*args, "--explain", f"{sig},{tmp_path / 'grids'}"])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "not an iqa model folder" in bad.output, bad.output
+    assert (report / "explanations.html").read_text() == page  # the earlier report stays
+
+
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path, l2norm, one_thread):
+    """A map explains the model's own score: the head behind the model's input steps (--l2norm's unit length)."""
+    import shutil
+
+    from iqa.heads.explain import input_pixels, model_subject
+    from iqa.heads.explain_eval import predicted
+    from iqa.heads.score import load_model
+
+    model, images = tiny_model
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["head"]["l2norm"] = l2norm
+    (folder / "config.json").write_text(json.dumps(config))
+    photo = images / "astronaut.png"
+    subject = model_subject(folder)
+    explained = predicted(subject, input_pixels(subject.backbone, Image.open(photo).convert("RGB")))
+    assert float(explained[0]) == pytest.approx(float(load_model(folder).score([photo])[0]), abs=1e-5)

@@ -5,7 +5,9 @@ Layout of the report folder (default <cache>/report):
 - `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
 - `profile.md|.csv`: Table S5 for the profiled backbones;
 - `index.html`: all of it on one static page (relative links; opens from disk);
-- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py).
+- with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py);
+- with `explanations`: `explanations.html` and `explanations/`, exported models' maps and their measures
+  (heads/report/explanations.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
 The folder carries a `.iqa-report` mark; only a marked folder (or an empty one) is ever replaced.
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from iqa.cache.atomic import building_folder
 from iqa.extract.registry import BACKBONES
 from iqa.heads.report import figures
+from iqa.heads.report.explanations import ExplainedModels, write_explanations
 from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
 from iqa.heads.probes import PROBES
@@ -91,6 +94,7 @@ class _Page:
     figures: list[tuple[str, str]] = field(default_factory=list)
     profile: str = ""
     paper: list[str] = field(default_factory=list)  # one summary line per table compared with the paper
+    explanations: list[str] | None = None  # with an explanations page: the models it shows
 
 
 def write_report(
@@ -102,9 +106,11 @@ def write_report(
     tsne: bool = True,
     progress: bool = True,
     paper: bool = False,
+    explanations: ExplainedModels | None = None,
 ) -> ReportSummary:
     """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE;
-    `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/report/paper.py)."""
+    `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/report/paper.py);
+    `explanations` adds explanations.html (heads/report/explanations.py)."""
     out = Path(out)
     if not runs:
         raise ValueError("no runs in the results database")
@@ -121,6 +127,9 @@ def write_report(
         _profile(runs, profile, building, device, summary, page)
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
+        if explanations is not None:
+            summary.notes += [f"explanations: {n}" for n in write_explanations(explanations, building, STYLE)]
+            page.explanations = [s.name for s in explanations.subjects]
         (building / "index.html").write_text(_index_html(runs, page, summary.notes))
         (building / MARK).write_text("written by iqa report; a new report replaces this folder\n")
     summary.tables = [out / p.relative_to(building) for p in summary.tables]
@@ -275,6 +284,9 @@ def _index_html(runs: list[dict], page: _Page, notes: list[str]) -> str:
         parts += ['<h2>Beside the paper</h2><p><a href="paper.html">paper.html</a>: every published cell beside '
                   'the measured one (<a href="paper.md">md</a> <a href="paper.csv">csv</a>)</p>', "<ul>",
                   *(f"<li>{html.escape(line)}</li>" for line in page.paper), "</ul>"]
+    if page.explanations is not None:
+        parts.append(f'<h2>Explanations</h2><p><a href="explanations.html">explanations.html</a>: Grad-CAM maps and '
+                     f'their pointing game and deletion AUC for {html.escape(", ".join(page.explanations))}</p>')
     parts.append("<h2>Tables</h2>")
     for title, table in page.tables:
         parts += [f"<h3>{title}</h3>", table]

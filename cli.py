@@ -372,6 +372,8 @@ def head_command(
     split_by: Annotated[str, typer.Option(help="random, group (content groups held out whole) or official (the published split; with --select val its validation set selects).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
+    micro_batch: Annotated[int, typer.Option(help="Rows of the batch of 12 the loss scores alone: 2 (the paper's "
+                                                  "accumulation of six), or 12 (the whole batch ranked at once).")] = 2,
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
@@ -427,7 +429,7 @@ def head_command(
         held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, tag=tag, split_by=split_by,
+            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
         )
@@ -632,12 +634,14 @@ def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: 
 def finetune_command(
     backbone: Annotated[str, typer.Option(help="Registry key, e.g. siglip2, dinov3, resnet152.")],
     dataset: Annotated[str, typer.Option(help="A prepared dataset (see `iqa data`).")],
-    head: Annotated[str, typer.Option(help="baseline, sig or gated.")] = "sig",
+    head: Annotated[str, typer.Option(help="baseline, sig, gated, or an activation pair act1+act2 (e.g. sigmoid+gelu).")] = "sig",
     mode: Annotated[str, typer.Option(help="lora, full (every weight) or frozen (head only, live features).")] = "lora",
     seed: Annotated[int, typer.Option(help="Split, head init, LoRA init and data order.")] = 8,
     epochs: int = 30,
     batch_size: Annotated[int, typer.Option(help="Physical batch (a multiple of 2).")] = 2,
     accumulate: Annotated[int, typer.Option(help="Physical batches per optimiser step.")] = 6,
+    micro_batch: Annotated[int, typer.Option(help="Rows the loss scores alone: 2 (the paper's), or the physical batch "
+                                                  "(the whole batch ranked at once).")] = 2,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 4,
     lr: Annotated[float, typer.Option(help="Head (and LoRA adapter) learning rate.")] = 1e-4,
     backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
@@ -667,7 +671,7 @@ def finetune_command(
     try:
         config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
                                  backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay, l2norm,
-                                 select)
+                                 select, micro_batch)
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(message(err))

@@ -50,7 +50,7 @@ from iqa.extract.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
 from iqa.heads.loss import iqa_loss
-from iqa.heads.mlp import HEADS, StackedMLP, member_seed
+from iqa.heads.mlp import StackedMLP, head_activations, member_seed
 from iqa.cache.results import ResultsDB, default_db
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.selection import check_rule, improved
@@ -101,7 +101,8 @@ def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int,
         backbone = add_lora(backbone, spec, lora_rank)
     else:
         backbone.requires_grad_(mode == "full")
-    return FinetuneModel(backbone, StackedMLP(dim, [seed], *HEADS[head]), frozen_backbone=mode == "frozen", l2norm=l2norm)
+    return FinetuneModel(backbone, StackedMLP(dim, [seed], *head_activations(head)), frozen_backbone=mode == "frozen",
+                         l2norm=l2norm)
 
 
 def finetune_optimizer(model: FinetuneModel, config: RunConfig) -> torch.optim.Optimizer:
@@ -165,22 +166,24 @@ def finetune_config(
     weight_decay: float = 0.0,
     l2norm: bool = False,
     select: str = "test",
+    micro_batch: int = MICRO_BATCH,
 ) -> RunConfig:
-    """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch."""
+    """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch, which the loss
+    scores in micro-batches of `micro_batch` rows (= batch_size: the whole physical batch ranked at once)."""
     check_rule(select)
     if select == "val":
         raise ValueError("fine-tuning selects by --select test or last (no validation part is carved on images yet)")
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
-    if batch_size < MICRO_BATCH or batch_size % MICRO_BATCH:
-        raise ValueError(f"--batch-size must be a multiple of {MICRO_BATCH} (the loss scores pairs), got {batch_size}")
+    act1, act2 = head_activations(head)
+    if micro_batch < 2 or batch_size % micro_batch:
+        raise ValueError(f"--batch-size must be a multiple of --micro-batch {micro_batch} (at least 2: the loss "
+                         f"scores pairs), got {batch_size}")
     if accumulate < 1 or epochs < 1 or lora_rank < 1:
         raise ValueError("--accumulate, --epochs and --lora-rank must be at least 1")
     return RunConfig(
-        dataset, dataset, backbone, head, *HEADS[head], seed, epochs=epochs, lr=lr,
-        batch_size=batch_size * accumulate, micro_batch=MICRO_BATCH, split_by=split_by, regime=mode,
+        dataset, dataset, backbone, head, act1, act2, seed, epochs=epochs, lr=lr,
+        batch_size=batch_size * accumulate, micro_batch=micro_batch, split_by=split_by, regime=mode,
         tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
         lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
         loss=loss, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
@@ -277,7 +280,7 @@ def finetune(
         for epoch in range(start, epochs):
             order = epoch_order(train_rows, seed, epoch)[: steps * per_step].reshape(-1, batch_size)
             loss_sum = train_epoch(model, optimizer, scaler, batches(order.tolist()), accumulate, cast, bar.update,
-                                   config.loss)
+                                   config.loss, config.micro_batch)
             pred = None if loss_sum is None else predict(model, batches(test_batches), cast)
             if pred is None or not torch.isfinite(pred).all():
                 diverged_epoch = epoch + 1
@@ -309,7 +312,8 @@ def finetune(
 
 def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accumulate: int, cast: dict,
-                on_step: Callable[[], None] | None = None, loss_name: str = "mse+margin") -> float | None:
+                on_step: Callable[[], None] | None = None, loss_name: str = "mse+margin",
+                micro_batch: int = MICRO_BATCH) -> float | None:
     """Physical batches (targets, images) with an optimiser step after every `accumulate` of them.
 
     Returns the summed loss of the effective batches, or None when one goes NaN/inf: that step is
@@ -320,7 +324,7 @@ def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: 
     for i, (target, pixels) in enumerate(batches):
         with torch.autocast(**cast):
             pred = model(pixels)
-        loss = iqa_loss(pred[None], target[None], MICRO_BATCH, loss_name)[0] / accumulate
+        loss = iqa_loss(pred[None], target[None], micro_batch, loss_name)[0] / accumulate
         scaler.scale(loss).backward()
         step_loss = step_loss + loss.detach()
         if (i + 1) % accumulate == 0:

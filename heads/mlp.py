@@ -13,11 +13,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa.heads.activations import activation_member_tensors, make_activation
+from iqa.heads.activations import ACTIVATIONS, activation_member_tensors, make_activation
 
 HIDDEN = 512
 HEADS = {"baseline": ("lrelu", "lrelu"), "sig": ("sigmoid", "lrelu"), "gated": ("gated", "gated")}
 DROPOUT_MODES = ("input", "layers")
+
+
+def head_activations(head: str) -> tuple[str, str]:
+    """(act1, act2) of a named head (HEADS) or of an explicit pair written act1+act2, e.g. sigmoid+gelu."""
+    if head in HEADS:
+        return HEADS[head]
+    pair = tuple(head.split("+"))
+    if len(pair) != 2 or any(a not in ACTIVATIONS for a in pair):
+        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)} or a pair act1+act2 of "
+                         f"{', '.join(ACTIVATIONS)}")
+    return pair
 
 
 def member_seed(seed: int, purpose: str) -> int:

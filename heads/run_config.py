@@ -78,6 +78,9 @@ class RunConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.micro_batch is not None and (self.micro_batch < 2 or self.batch_size % self.micro_batch):
+            raise ValueError(f"--micro-batch {self.micro_batch} must be at least 2 (the loss scores pairs) and divide "
+                             f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
 

@@ -46,6 +46,7 @@ def store(tmp_path_factory):
     (["--stack-size", "-3"], "--stack-size must be at least 1"),
     (["--act", ""], "names no head"),
     (["--mask-k", "abc"], "'abc'"),  # the closing quote kept
+    (["--micro-batch", "5"], "--micro-batch 5 must be at least 2 (the loss scores pairs) and divide the batch of 12"),
 ])
 def test_head_refuses_bad_options(store, extra, needle):
     args = list(extra)
@@ -212,3 +213,15 @@ def test_unwritable_db_and_a_cache_that_is_a_file_are_one_line(store, tmp_path):
     one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--cache", tmp_path / "afile"),
               "is a file; give --cache a folder")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_micro_batch_12_ranks_the_whole_batch_as_a_run_of_its_own(store, tmp_path):
+    from iqa.cache.results import ResultsDB
+
+    db = tmp_path / "results.sqlite"
+    for micro in ("2", "12"):
+        result = head(store, "--seeds", "8", "--micro-batch", micro, "--db", db, "--json")
+        assert result.exit_code == 0, result.output
+    runs = ResultsDB(db).runs()
+    assert sorted(r["micro_batch"] for r in runs) == [2, 12]  # two keys: the loss differs, so may the result
+    assert runs[0]["curves"]["train_loss"] != runs[1]["curves"]["train_loss"]

@@ -275,3 +275,17 @@ def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path, l2no
     for curve in ("train_loss", "srcc", "plcc", "lr"):
         assert live.result.curves[curve] == pytest.approx(cached_run["curves"][curve], rel=1e-4, abs=1e-5), curve
     assert live.result.curves["train_loss"][0] != pytest.approx(live.result.curves["train_loss"][-1], rel=1e-3)
+
+
+def test_an_activation_pair_fine_tunes_as_the_cached_heads_pair_and_the_micro_batch_reaches_the_loss():
+    from iqa.heads.mlp import head_activations
+
+    config = finetune_config("bright", "dinov2", head="sigmoid+gelu", batch_size=4, accumulate=3, micro_batch=4)
+    assert (config.act1, config.act2, config.micro_batch, config.batch_size) == ("sigmoid", "gelu", 4, 12)
+    assert head_activations("sig") == ("sigmoid", "lrelu")
+    spec = get_spec("dinov2", tiny=True)
+    base = load_backbone(spec, tiny=True)
+    model = build_model(base, spec, "frozen", "sigmoid+gelu", seed=8, lora_rank=4, dim=32)
+    reference = StackedMLP(32, [8], "sigmoid", "gelu")
+    x = torch.randn(1, 5, 32)
+    torch.testing.assert_close(model.head(x), reference(x))

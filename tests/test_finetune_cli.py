@@ -36,8 +36,10 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "partial"], "--mode must be one of lora, full, frozen"),
-    (["--batch-size", "3"], "--batch-size must be a multiple of 2"),
+    (["--batch-size", "3"], "--batch-size must be a multiple of --micro-batch 2"),
+    (["--batch-size", "4", "--micro-batch", "3"], "--batch-size must be a multiple of --micro-batch 3"),
     (["--head", "wide"], "unknown head 'wide'"),
+    (["--head", "sigmoid+wide"], "or a pair act1+act2 of lrelu, sigmoid, gelu, tanh, relu, gated"),
     (["--backbone", "nss"], "nss has no transformers vision tower"),
     (["--dataset", "missing"], "no manifest for dataset 'missing'"),
     (["--accumulate", "9"], "12 training images cannot fill one batch of 18"),

@@ -132,7 +132,7 @@ def main() -> None:
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="koniq10k, clive, kadid10k, flive, spaq, agiqa1k, agiqa3k or csv.")],
+    name: Annotated[str, typer.Argument(help="koniq10k, clive, kadid10k, flive, spaq, agiqa1k, agiqa3k, agiqa3k-align or csv.")],
     root: Annotated[Path, typer.Option("--root", help="Folder holding the dataset as released.")],
     cache: CacheOption = None,
     images: Annotated[Optional[str], typer.Option(help="Image folder under --root, if not the release's.")] = None,

@@ -8,7 +8,7 @@ names by mistake may list them in `KNOWN_DUPLICATES`: `prepare` keeps their firs
 
 from types import ModuleType
 
-from iqa.data import agiqa1k, agiqa3k, clive, custom_csv, flive, kadid10k, koniq10k, spaq
+from iqa.data import agiqa1k, agiqa3k, agiqa3k_align, clive, custom_csv, flive, kadid10k, koniq10k, spaq
 
 ADAPTERS: dict[str, ModuleType] = {
     "koniq10k": koniq10k,
@@ -18,5 +18,6 @@ ADAPTERS: dict[str, ModuleType] = {
     "spaq": spaq,
     "agiqa1k": agiqa1k,
     "agiqa3k": agiqa3k,
+    "agiqa3k-align": agiqa3k_align,
     "csv": custom_csv,
 }

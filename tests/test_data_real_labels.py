@@ -60,6 +60,10 @@ def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):
     np.testing.assert_allclose(manifest.extras["std_align"], [float(r["std_align"]) for r in rows])
     assert manifest.extras["prompt"] == [r["prompt"] for r in rows]
     assert manifest.image_root.endswith("file")
+    aligned, _, warnings = prepare_dataset("agiqa3k-align", root, tmp_path / "cache")
+    assert warnings == [] and aligned.paths == manifest.paths and aligned.dataset == "agiqa3k-align"
+    np.testing.assert_allclose(aligned.targets, [float(r["mos_align"]) / 5 for r in rows])
+    np.testing.assert_allclose(aligned.extras["mos_quality"], [float(r["mos_quality"]) for r in rows])
 
 
 def test_flive_all_rows_parse_with_their_sub_folders(tmp_path):

@@ -53,6 +53,19 @@ def building_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(building, ignore_errors=True)
 
 
+def folder_state(folder: Path, mark: str) -> str:
+    """What `folder` is to an iqa command about to write there: "new" (absent, or an empty folder),
+    "marked" (a folder holding the command's `mark` file: an earlier output of it), "file" (a file or
+    a link: never iqa's) or "foreign" (a folder of someone else's files). Commands write only into
+    new or marked folders, each refusing the others with its own message."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        return "file"
+    if not folder.exists() or not any(folder.iterdir()):
+        return "new"
+    return "marked" if (folder / mark).is_file() else "foreign"
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -40,7 +40,7 @@ from skimage import data as skimage_data
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from iqa.cache.atomic import building_folder
+from iqa.cache.atomic import building_folder, folder_state
 
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
@@ -198,11 +198,11 @@ def build_folder(out_dir: Path, build: Callable[[Path], None], force: bool = Fal
     """`build(folder)` in a folder built aside and swapped onto `out_dir` (a crash leaves nothing
     half-made), marked as an iqa data set. An existing, non-empty `out_dir` is an error unless it
     carries the mark and `force` is given; a folder of anything else is never replaced."""
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        if not (out_dir / MARK).is_file():
-            raise FileExistsError(f"{out_dir} exists and is not an iqa data set; give a new or empty folder")
-        if not force:
-            raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
+    state = folder_state(out_dir, MARK)
+    if state in ("file", "foreign"):
+        raise FileExistsError(f"{out_dir} exists and is not an iqa data set; give a new or empty folder")
+    if state == "marked" and not force:
+        raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
     with building_folder(out_dir) as building:
         build(building)
         (building / MARK).write_text("built by iqa; --force replaces this folder\n")

@@ -1,15 +1,27 @@
 """Loading a backbone: a module mapping a normalised batch [B, 3, H, W] to pooled embeddings [B, D].
 
+A registry entry says what a backbone is (architecture, weights, input recipe); its family, named
+by the entry's pooling rule (`family_of`), says how that kind of backbone loads and how its
+features are taken. Callers ask the family (`in_worker`, `spatial`, `tunable`, `layer_taps`)
+instead of branching on the entry's kind:
+
+| family | pooling rule | loads | features |
+|---|---|---|---|
+| `VisionTower` | pooler_output, image_embeds, mean_patch | a transformers vision tower | its output pooled by the rule (`pool`); `--layers` taps |
+| `TimmTapped` | timm_tap | a timm model by architecture name | one block's output through the model's own head |
+| `WorkerFeatures` | worker | nothing (the identity) | computed from the decoded image in the decode workers |
+| `CleanDift` | cleandift | SD-2.1 through diffusers (extract/cleandift.py) | pooled UNet decoder taps |
+
 Weights come from the registry's Hugging Face id, from `source` (another id or a local
 directory, read offline), or nowhere: `random_init` builds the full-size architecture from the
 registry's config and `tiny` a tiny model of the same class (both seeded, so every process
-builds the same weights). Worker entries load as the identity: their batch already holds the
-features computed in the decode workers.
+builds the same weights).
 """
 
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +37,14 @@ _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a
 
 class BackboneLoadError(RuntimeError):
     """Weights could not be loaded; the message is one line meant for the user."""
+
+
+@contextmanager
+def seeded_init():
+    """Random weights that are the same in every process: a fixed seed, the caller's RNG left as it was."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        yield
 
 
 def pool(outputs, pooling: str, prefix_tokens: int) -> torch.Tensor:
@@ -57,24 +77,112 @@ def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None) 
     return state[:, prefix_tokens:].mean(dim=1)
 
 
-class PooledBackbone(nn.Module):
-    """A vision tower plus its pooling rule; `source` and `revision` say where the weights came from,
-    `spec` is the registry entry with the loaded checkpoint's resolution and width (`checkpoint_spec`).
+class Family:
+    """What callers ask of a kind of backbone without loading one; `load` builds one."""
 
-    With `layers` set (`use_layers`), forward returns the default embedding followed by each
-    named layer's pooled vector (layers counted from 1), concatenated: one pass gives them all."""
+    in_worker = False  # features computed on the CPU from the decoded image, in the decode workers: no network
+    spatial = True  # a spatial feature map Grad-CAM can take
+    tunable = True  # weights LoRA or full fine-tuning can train
+    layer_taps = False  # per-block outputs `--layers` can store
+
+    @classmethod
+    def load(cls, spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
+             resolution: int | None, preprocess: str) -> nn.Module:
+        """The backbone with `.spec` at the loaded checkpoint's geometry, `.source` and `.revision`."""
+        raise NotImplementedError
+
+
+def check_preprocess(preprocess: str) -> str:
+    if preprocess not in ("square", "native"):
+        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
+    return preprocess
+
+
+class PooledBackbone(Family, nn.Module):
+    """One loaded model and its family's pooling; `source` and `revision` say where the weights came from,
+    `spec` is the registry entry with the loaded checkpoint's resolution and width (`at_checkpoint`)."""
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
                  resolution: int | None = None, preprocess: str = "square"):
         super().__init__()
         self.model = model
-        self.pooling = spec.pooling
-        self.spec, self.interpolate = checkpoint_spec(spec, model, resolution, preprocess)
-        # DINOv2/v3: one CLS token, then the register tokens (DINOv3 has 4), then the patches.
-        self.prefix_tokens = int(spec.class_token) + getattr(getattr(model, "config", None), "num_register_tokens", 0)
+        self.spec, self.interpolate = self.at_checkpoint(spec, resolution, check_preprocess(preprocess))
         self.source = source
         self.revision = revision
+
+    def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
+        """(the checkpoint's own input side, if fixed; its patch size; its embedding width)."""
+        raise NotImplementedError
+
+    def at_checkpoint(self, spec: BackboneSpec, resolution: int | None,
+                      preprocess: str) -> tuple[BackboneSpec, bool]:
+        """(the spec at the checkpoint's geometry, whether position embeddings are interpolated).
+
+        Fixed position embeddings (SigLIP, CLIP, Perception) run at the checkpoint's own image size;
+        rotary/interpolating models (DINOv2, DINOv3, ResNet) at the registry's resolution rounded to
+        the patch size. `resolution` overrides either. Width comes from the loaded config."""
+        native, patch, dim = self.geometry(spec)
+        if resolution is not None and resolution < patch:
+            raise ValueError(f"--resolution must be at least the patch size {patch}, got {resolution}")
+        if spec.fixed_positions:
+            side = resolution or native
+        else:
+            side = max(patch, round((resolution or spec.resolution) / patch) * patch)
+        interpolate = spec.fixed_positions and side != native
+        return replace(spec, resolution=side, dim=dim, preprocess=preprocess), interpolate
+
+
+class VisionTower(PooledBackbone):
+    """A transformers vision tower plus its pooling rule (`pool`).
+
+    With `layers` set (`use_layers`), forward returns the default embedding followed by each
+    named layer's pooled vector (layers counted from 1), concatenated: one pass gives them all."""
+
+    layer_taps = True
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
+                 resolution: int | None = None, preprocess: str = "square"):
+        super().__init__(model, spec, source, revision, resolution, preprocess)
+        self.pooling = spec.pooling
+        # DINOv2/v3: one CLS token, then the register tokens (DINOv3 has 4), then the patches.
+        self.prefix_tokens = int(spec.class_token) + getattr(model.config, "num_register_tokens", 0)
         self.layers: tuple[int, ...] = ()
+
+    @classmethod
+    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "VisionTower":
+        geometry = dict(resolution=resolution, preprocess=preprocess)
+        model_class = getattr(transformers, spec.model_class)
+        sdpa = {"attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else {}
+        if tiny or random_init:
+            config = model_class.config_class(**(spec.tiny_config if tiny else spec.config))
+            with seeded_init():
+                model = model_class._from_config(config, **sdpa)
+            return cls(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None, **geometry)
+        source = source or spec.hf_id
+        offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        try:
+            config, _ = transformers.PretrainedConfig.get_config_dict(source, local_files_only=offline)
+            if str(config.get("model_type", "")).startswith("siglip2"):
+                raise BackboneLoadError(
+                    f"{source!r} is a SigLIP2 NaFlex checkpoint (model_type siglip2): it needs a registry entry "
+                    f"with model_class Siglip2VisionModel (variable-size patches), not {spec.model_class}"
+                )
+            model = model_class.from_pretrained(source, local_files_only=offline, dtype=torch.float32, **sdpa)
+        except (OSError, ValueError, RuntimeError) as err:
+            if isinstance(err, BackboneLoadError):
+                raise
+
+            raise BackboneLoadError(
+                f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
+                f"download them where you can and pass the folder with --model /path/to/dir, or use --random-init"
+            ) from None
+        return cls(model.eval(), spec, source, getattr(model.config, "_commit_hash", None), **geometry)
+
+    def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
+        config = self.model.config
+        dim = (config.projection_dim if spec.pooling == "image_embeds"
+               else config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size)
+        return getattr(config, "image_size", None), getattr(config, "patch_size", 1), dim
 
     def _outputs(self, pixel_values: torch.Tensor, hidden: bool):
         extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
@@ -86,8 +194,6 @@ class PooledBackbone(nn.Module):
 
     def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
         """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
-        if self.pooling not in ("pooler_output", "image_embeds", "mean_patch"):
-            raise ValueError(f"--layers works for transformers backbones; {self.spec.key} has no layer taps")
         with torch.inference_mode():
             return [pool_layer(s, self.prefix_tokens, None).shape[1]
                     for s in layer_states(self._outputs(pixel_values, hidden=True))]
@@ -96,10 +202,6 @@ class PooledBackbone(nn.Module):
         self.layers = tuple(layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "worker":
-            return pixel_values.float()
-        if self.pooling == "timm_tap":
-            return self.model(pixel_values)
         outputs = self._outputs(pixel_values, hidden=bool(self.layers))
         pooled = pool(outputs, self.pooling, self.prefix_tokens)
         if not self.layers:
@@ -107,103 +209,6 @@ class PooledBackbone(nn.Module):
         states = layer_states(outputs)
         norm = getattr(self.model, self.spec.layer_norm) if self.spec.layer_norm else None
         return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm) for n in self.layers)], dim=1)
-
-
-def checkpoint_spec(spec: BackboneSpec, model: nn.Module, resolution: int | None,
-                    preprocess: str) -> tuple[BackboneSpec, bool]:
-    """(the spec at the checkpoint's geometry, whether position embeddings are interpolated).
-
-    Fixed position embeddings (SigLIP, CLIP, Perception) run at the checkpoint's own image size;
-    rotary/interpolating models (DINOv2, DINOv3, ResNet) at the registry's resolution rounded to
-    the patch size. `resolution` overrides either. Width comes from the loaded config."""
-    if preprocess not in ("square", "native"):
-        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
-    if spec.features_in_worker is not None:
-        return spec, False
-    if spec.pooling == "timm_tap":
-        native, patch, dim = model.model.patch_embed.img_size[0], model.model.patch_embed.patch_size[0], spec.dim
-    else:
-        config = model.config
-        native, patch = getattr(config, "image_size", None), getattr(config, "patch_size", 1)
-        dim = (config.projection_dim if spec.pooling == "image_embeds"
-               else config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size)
-    if resolution is not None and resolution < patch:
-        raise ValueError(f"--resolution must be at least the patch size {patch}, got {resolution}")
-    if spec.fixed_positions:
-        side = resolution or native
-    else:
-        side = max(patch, round((resolution or spec.resolution) / patch) * patch)
-    interpolate = spec.fixed_positions and side != native
-    return replace(spec, resolution=side, dim=dim, preprocess=preprocess), interpolate
-
-
-def model_tag(tiny: bool, random_init: bool) -> str | None:
-    """The label of an untrained model, and its store's tag: a store's name must say that it holds
-    no pretrained features (dinov2@tiny.zarr, never dinov2.zarr)."""
-    return "tiny" if tiny else "random-init" if random_init else None
-
-
-def load_backbone(
-    spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False,
-    resolution: int | None = None, preprocess: str = "square",
-) -> PooledBackbone:
-    """The backbone of `spec`; `resolution` overrides the checkpoint's input side, `preprocess` is
-    "square" (whole image) or "native" (shortest side, centre crop); both land in `.spec`."""
-    geometry = dict(resolution=resolution, preprocess=preprocess)
-    if spec.features_in_worker is not None:
-        fn = spec.features_in_worker
-        return PooledBackbone(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision, **geometry)
-    if spec.pooling == "timm_tap":
-        return _load_timm(spec, source, random_init, tiny, **geometry)
-    if spec.pooling == "cleandift":
-        return _load_cleandift(spec, source, random_init, tiny, **geometry)
-    cls = getattr(transformers, spec.model_class)
-    sdpa = {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
-    if tiny or random_init:
-        config = cls.config_class(**(spec.tiny_config if tiny else spec.config))
-        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(INIT_SEED)
-            model = cls._from_config(config, **sdpa)
-        return PooledBackbone(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None, **geometry)
-    source = source or spec.hf_id
-    offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    try:
-        config, _ = transformers.PretrainedConfig.get_config_dict(source, local_files_only=offline)
-        if str(config.get("model_type", "")).startswith("siglip2"):
-            raise BackboneLoadError(
-                f"{source!r} is a SigLIP2 NaFlex checkpoint (model_type siglip2): it needs a registry entry "
-                f"with model_class Siglip2VisionModel (variable-size patches), not {spec.model_class}"
-            )
-        model = cls.from_pretrained(source, local_files_only=offline, dtype=torch.float32, **sdpa)
-    except (OSError, ValueError, RuntimeError) as err:
-        if isinstance(err, BackboneLoadError):
-            raise
-
-        raise BackboneLoadError(
-            f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
-            f"download them where you can and pass the folder with --model /path/to/dir, or use --random-init"
-        ) from None
-    return PooledBackbone(model.eval(), spec, source, getattr(model.config, "_commit_hash", None), **geometry)
-
-
-def _load_cleandift(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
-                    resolution: int | None, preprocess: str) -> nn.Module:
-    """The diffusion feature extractor; it takes any input side divisible by 64 (VAE x UNet strides)."""
-    from iqa.extract import cleandift
-
-    if preprocess not in ("square", "native"):
-        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
-    if tiny or random_init:
-        with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(INIT_SEED)
-            model = cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
-                                              f"{model_tag(tiny, random_init)}:{spec.model_class}")
-    elif source is None or not Path(source).is_dir():
-        raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass --model DIR")
-    else:
-        model = cleandift.load_cleandift(source).eval()
-    model.spec = replace(spec, resolution=resolution or spec.resolution, preprocess=preprocess)
-    return model
 
 
 class _TimmTap(nn.Module):
@@ -218,34 +223,110 @@ class _TimmTap(nn.Module):
         return self.model.forward_head(self.model.forward_features(x))
 
 
-def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
-               resolution: int | None, preprocess: str) -> PooledBackbone:
-    try:
-        import timm
-    except ImportError:
-        raise BackboneLoadError(
-            f"the {spec.key} backbone loads through timm: `pip install 'iqa[perception]' torchvision` "
-            f"(torchvision matching your torch build)"
-        ) from None
-    size = {"img_size": resolution} if resolution else {}  # timm resamples the position grid on load
-    source = None if tiny or random_init else source or spec.hf_id
-    try:
-        if source is None:  # by architecture name: no network
-            with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(INIT_SEED)
-                model = timm.create_model(spec.timm_name, pretrained=False, **(spec.tiny_config if tiny else {}), **size)
-            source = f"{model_tag(tiny, random_init)}:{spec.timm_name}"
-        elif Path(source).is_file():  # a local weights file
-            model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **size)
+class TimmTapped(PooledBackbone):
+    """A timm model (the Perception Encoder) read at the registry's `tap_block` (`_TimmTap`)."""
+
+    tunable = False  # no LoRA / fine-tuning path for timm models
+
+    @classmethod
+    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "TimmTapped":
+        try:
+            import timm
+        except ImportError:
+            raise BackboneLoadError(
+                f"the {spec.key} backbone loads through timm: `pip install 'iqa[perception]' torchvision` "
+                f"(torchvision matching your torch build)"
+            ) from None
+        size = {"img_size": resolution} if resolution else {}  # timm resamples the position grid on load
+        source = None if tiny or random_init else source or spec.hf_id
+        try:
+            if source is None:  # by architecture name: no network
+                with seeded_init():
+                    model = timm.create_model(spec.timm_name, pretrained=False, **{**(spec.tiny_config if tiny else {}), **size})
+                source = f"{model_tag(tiny, random_init)}:{spec.timm_name}"
+            elif Path(source).is_file():  # a local weights file
+                model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **size)
+            else:
+                model = timm.create_model(f"hf-hub:{source}", pretrained=True, **size)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise BackboneLoadError(
+                f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
+                f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
+            ) from None
+        return cls(_TimmTap(model, spec.tap_block).eval(), spec, source, None, resolution=resolution, preprocess=preprocess)
+
+    def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
+        embed = self.model.model.patch_embed
+        return embed.img_size[0], embed.patch_size[0], spec.dim
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+
+class WorkerFeatures(PooledBackbone):
+    """The registry's `features_in_worker` function, run in the decode workers; the model is the
+    identity: its batch already holds the features."""
+
+    in_worker, spatial, tunable = True, False, False
+
+    @classmethod
+    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "WorkerFeatures":
+        fn = spec.features_in_worker
+        return cls(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision,
+                   resolution=resolution, preprocess=preprocess)
+
+    def at_checkpoint(self, spec, resolution, preprocess) -> tuple[BackboneSpec, bool]:
+        return spec, False  # no input geometry: the features see the decoded image
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float()
+
+
+class CleanDift(Family):
+    """CleanDIFT SD-2.1, extract/cleandift.py's own module; it takes any input side divisible by 64
+    (VAE x UNet strides)."""
+
+    spatial = False  # its taps are pooled inside the module
+
+    @classmethod
+    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> nn.Module:
+        from iqa.extract import cleandift
+
+        check_preprocess(preprocess)
+        if tiny or random_init:
+            with seeded_init():
+                model = cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
+                                                  f"{model_tag(tiny, random_init)}:{spec.model_class}")
+        elif source is None or not Path(source).is_dir():
+            raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass --model DIR")
         else:
-            model = timm.create_model(f"hf-hub:{source}", pretrained=True, **size)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise BackboneLoadError(
-            f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
-            f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
-        ) from None
-    return PooledBackbone(_TimmTap(model, spec.tap_block).eval(), spec, source, None,
-                          resolution=resolution, preprocess=preprocess)
+            model = cleandift.load_cleandift(source).eval()
+        model.spec = replace(spec, resolution=resolution or spec.resolution, preprocess=preprocess)
+        return model
+
+
+# Pooling rules that are families of their own; every other rule pools a transformers output (`pool`).
+FAMILIES: dict[str, type[Family]] = {"timm_tap": TimmTapped, "worker": WorkerFeatures, "cleandift": CleanDift}
+
+
+def family_of(spec: BackboneSpec) -> type[Family]:
+    """The family of a registry entry, named by its pooling rule."""
+    return FAMILIES.get(spec.pooling, VisionTower)
+
+
+def model_tag(tiny: bool, random_init: bool) -> str | None:
+    """The label of an untrained model, and its store's tag: a store's name must say that it holds
+    no pretrained features (dinov2@tiny.zarr, never dinov2.zarr)."""
+    return "tiny" if tiny else "random-init" if random_init else None
+
+
+def load_backbone(
+    spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False,
+    resolution: int | None = None, preprocess: str = "square",
+) -> nn.Module:
+    """The backbone of `spec`, built by its family; `resolution` overrides the checkpoint's input side,
+    `preprocess` is "square" (whole image) or "native" (shortest side, centre crop); both land in `.spec`."""
+    return family_of(spec).load(spec, source, random_init, tiny, resolution, preprocess)
 
 
 def weights_sha256(module: nn.Module) -> str:

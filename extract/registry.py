@@ -1,5 +1,8 @@
 """The backbone table: one `BackboneSpec` per backbone; adding a backbone is adding one entry.
 
+An entry is data: what the backbone is and where its weights are. Its pooling rule names its
+family (extract/backbones.py), the code that loads that kind of backbone and takes its features.
+
 A neural entry names the Hugging Face checkpoint, the transformers class that loads only the
 vision tower, how its output is pooled to one vector, the input resolution and normalisation,
 the LoRA target modules, and two configs: the full-size architecture (so `--random-init` needs
@@ -42,7 +45,10 @@ QK_LEGACY = r"\.attention\.(query|key)$"
 class BackboneSpec:
     key: str
     dim: int  # length of the pooled embedding
-    pooling: str  # "pooler_output" | "image_embeds" | "mean_patch" | "timm_tap" | "worker"
+    # How the features are taken, and so the family that loads the model (extract/backbones.py `family_of`):
+    # "pooler_output" | "image_embeds" | "mean_patch" (transformers) | "timm_tap" | "worker" | "cleandift".
+    # Stores record it in their fingerprint.
+    pooling: str
     hf_id: str | None = None  # default weights source (HF id); `--model` replaces it
     model_class: str | None = None  # transformers class loading only the vision tower
     resolution: int | None = None  # square input side; None: worker features see the decoded image

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from iqa.cache.stamps import describe_changes
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, repair_store, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
-from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
+from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
 from iqa.extract.registry import BackboneSpec, get_spec
 
@@ -36,8 +36,8 @@ class ImageRows(Dataset):
 
     def __init__(self, image_root: Path, paths: list[str], spec: BackboneSpec):
         self.image_root, self.paths, self.spec = image_root, paths, spec
-        in_worker = spec.features_in_worker is not None
-        self.blank = torch.zeros(spec.dim) if in_worker else torch.zeros(3, spec.resolution, spec.resolution, dtype=torch.uint8)
+        self.in_worker = family_of(spec).in_worker
+        self.blank = torch.zeros(spec.dim) if self.in_worker else torch.zeros(3, spec.resolution, spec.resolution, dtype=torch.uint8)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,7 +47,7 @@ class ImageRows(Dataset):
         stamp = torch.from_numpy(stamp)
         if image is None:
             return row, self.blank, reason, stamp
-        if self.spec.features_in_worker is None:
+        if not self.in_worker:
             spec = self.spec
             return row, resize_uint8(image, spec.resolution, spec.resample, spec.shortest_side()), "", stamp
         try:
@@ -148,11 +148,12 @@ class Embedder:
 
     def __init__(self, spec: BackboneSpec, model: PooledBackbone, device: str, compute_dtype: torch.dtype):
         self.spec, self.device, self.compute_dtype = spec, device, compute_dtype
+        self.in_worker = family_of(spec).in_worker
         self.model = model.to(device).eval()
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.to(self.device, non_blocking=True)
-        if self.spec.features_in_worker is None:
+        if not self.in_worker:
             inputs = normalise(inputs, self.spec.mean, self.spec.std)
         with torch.inference_mode(), torch.autocast(
             device_type=torch.device(self.device).type, dtype=self.compute_dtype,
@@ -284,6 +285,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     if r.layers is not None:
         if r.adapter is not None:
             raise ValueError("--layers is not available with --adapter (a tuned backbone); extract its default embedding")
+        if not family_of(spec).layer_taps:
+            raise ValueError(f"--layers works for transformers backbones; {spec.key} has no layer taps")
         widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
         model.use_layers(tuple(layer_dims))

@@ -21,6 +21,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from torch import nn
 
+from iqa.extract.backbones import family_of
 from iqa.extract.preprocess import normalise
 
 BLOCK_LISTS = ("layer", "layers", "blocks", "stages")  # what transformers and timm call their block lists
@@ -49,8 +50,8 @@ def patch_size(model: nn.Module) -> int:
 
 def explainable_blocks(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's blocks; refuses a backbone with no spatial features (NSS, CleanDIFT's pooled taps)."""
-    if getattr(backbone, "pooling", None) in ("worker", "cleandift"):
-        raise ValueError(f"{backbone.spec.key} has no spatial features to explain (pooling {backbone.pooling})")
+    if not family_of(backbone.spec).spatial:
+        raise ValueError(f"{backbone.spec.key} has no spatial features to explain (pooling {backbone.spec.pooling})")
     return blocks_of(backbone.model)
 
 
@@ -63,7 +64,7 @@ class SpatialTap(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         blocks = explainable_blocks(backbone)
-        self.block = blocks[-2] if backbone.pooling in CLS_POOLED and len(blocks) > 1 else blocks[-1]
+        self.block = blocks[-2] if backbone.spec.pooling in CLS_POOLED and len(blocks) > 1 else blocks[-1]
         self.backbone = [backbone]  # in a list: not a submodule of the tap
         self._handle = None
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from iqa.cache.atomic import folder_state
 from iqa.extract.preprocess import centre_crop, decode_image, resize_uint8
 from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
 
@@ -39,7 +40,7 @@ class Subject:
 def prepare_out(out: Path) -> Path:
     """A new, empty or marked folder; anything else is refused."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARK).exists())):
+    if folder_state(out, MARK) in ("file", "foreign"):
         raise FileExistsError(f"{out} exists and holds files iqa did not write; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARK).write_text("written by iqa explain; a new run writes into this folder\n")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from iqa.cache.store import fingerprint_id
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
-from iqa.extract.backbones import PooledBackbone, load_backbone, model_tag, weights_sha256
+from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
@@ -208,7 +208,7 @@ def finetune(
     dataset, backbone, seed, mode = config.train_dataset, config.backbone, config.seed, config.regime
     tiny, random_init = config.tag == model_tag(True, False), config.tag == model_tag(False, True)
     spec = get_spec(backbone, tiny)
-    if spec.model_class is None:
+    if not family_of(spec).tunable:
         raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
     manifest = read_manifest(cache, dataset)
     train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups,

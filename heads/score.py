@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from iqa.extract.backbones import PooledBackbone, load_backbone, weights_sha256
+from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size
@@ -44,7 +44,7 @@ class IqaModel(nn.Module):
             return images
         pictures = [self._decoded(i) if isinstance(i, (str, Path)) else to_rgb(ImageOps.exif_transpose(i)) for i in images]
         spec = self.spec
-        if spec.features_in_worker is not None:
+        if family_of(spec).in_worker:
             return torch.from_numpy(np.stack([np.asarray(spec.features_in_worker(p), dtype=np.float32) for p in pictures]))
         return torch.stack([resize_uint8(p, spec.resolution, spec.resample, spec.shortest_side()) for p in pictures])
 

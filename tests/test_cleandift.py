@@ -50,6 +50,9 @@ def test_extraction_stores_the_recipe_and_matches_per_image(tmp_path):
     assert cached.fingerprint["revision"] == RECIPE and cached.fingerprint["pooling"] == "cleandift"
     expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
     np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cleandift has no layer taps"):  # its taps are pooled inside the module
+        extract_dataset(ExtractRequest(tmp_path, "toy", "cleandift", tiny=True, layers="all", tag="layers",
+                                       progress=False), num_workers=0)
 
 
 def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exactly(tmp_path):

@@ -26,8 +26,6 @@ class QuadrantBackbone(nn.Module):
     """A patchify conv stage whose channel group k is switched on in quadrant k only; the pooled vector
     is group 0 averaged: it depends on the top-left quadrant of the image and on nothing else."""
 
-    pooling = "pooler_output"
-
     def __init__(self, side: int = 32, patch: int = 4, groups: int = 4, width: int = 4):
         super().__init__()
         grid, half = side // patch, side // patch // 2

@@ -181,6 +181,38 @@ def test_worker_feature_entry_is_one_table_line(tmp_path, monkeypatch):
     assert cached.fingerprint["model_id"].endswith("mean_colour") and cached.fingerprint["resolution"] is None
 
 
+DECODE = "PIL decode, EXIF transpose, 16-bit/grey/CMYK/palette to RGB, alpha on white; "
+# Stores already on disk are valid only while these stay byte for byte (the weights, the manifest, the
+# package versions and the dtypes are left out: they vary with what is extracted and where).
+PINNED_FINGERPRINTS = {
+    ("clip", "square"): dict(
+        backbone="clip", dim=16, model_id="tiny:CLIPVisionModelWithProjection", pooling="image_embeds",
+        preprocess="square", resample="bicubic", resolution=32, revision=None,
+        preprocessing=DECODE + "resize 32x32 bicubic, no crop; /255; mean (0.48145466, 0.4578275, 0.40821073) "
+                               "std (0.26862954, 0.26130258, 0.27577711)"),
+    ("dinov2", "native"): dict(
+        backbone="dinov2", dim=32, model_id="tiny:Dinov2Model", pooling="mean_patch", preprocess="native",
+        resample="bicubic", resolution=32, revision=None,
+        preprocessing=DECODE + "resize shortest side to 37 bicubic, centre crop 32x32; /255; mean (0.485, 0.456, 0.406) "
+                               "std (0.229, 0.224, 0.225)"),
+    ("nss", "square"): dict(
+        backbone="nss", dim=36, model_id="iqa.extract.nss.nss_features", pooling="worker", preprocess="square",
+        resample="bicubic", resolution=None, revision="brisque-live-v2",
+        preprocessing=DECODE + "features computed in the decode worker at native size"),
+}
+
+
+@pytest.mark.parametrize("key, preprocess", list(PINNED_FINGERPRINTS))
+def test_store_fingerprints_stay_what_existing_stores_hold(tmp_path, key, preprocess, one_thread):
+    make_dataset(tmp_path, n=2)
+    request = ExtractRequest(tmp_path, "toy", key, tiny=True, preprocess=preprocess, dtype="float32", **QUIET)
+    extract_dataset(request, num_workers=0)
+    fingerprint = load_cached(tmp_path, "toy", key, tag="tiny").fingerprint
+    for varying in ("weights_sha256", "manifest_sha256", "packages", "compute_dtype", "store_dtype"):
+        fingerprint.pop(varying)
+    assert fingerprint == PINNED_FINGERPRINTS[key, preprocess]
+
+
 def test_extract_cli_refuses_bad_options_in_one_line(tmp_path):
     make_dataset(tmp_path, n=2)
     base = ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)]

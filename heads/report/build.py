@@ -20,7 +20,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from iqa.cache.atomic import building_folder
+from iqa.cache.atomic import building_folder, folder_state
 from iqa.extract.registry import BACKBONES
 from iqa.heads.report import figures
 from iqa.heads.report.explanations import ExplainedModels, write_explanations
@@ -149,11 +149,10 @@ def _paper(runs, folder: Path, summary: ReportSummary) -> list[str]:
 def check_replaceable(out: Path) -> None:
     """Refuse to put a report where something else lives: only a marked report folder or an empty
     folder is replaced, so `--out` pointing at a file or a folder of one's own loses nothing."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
+    state = folder_state(out, MARK)
+    if state == "file":
         raise ValueError(f"--out {out} is a file, not a report folder; give a new or empty folder")
-    if not (out / MARK).exists() and any(out.iterdir()):
+    if state == "foreign":
         raise ValueError(f"--out {out} holds files that are not an iqa report; give a new or empty folder")
 
 

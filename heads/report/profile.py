@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from iqa.extract.backbones import BackboneLoadError, load_backbone
+from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
 from iqa.extract.registry import get_spec
 from iqa.heads.hyper import HYPER
 from iqa.heads.mlp import HEADS
@@ -77,7 +77,7 @@ def _peak_memory(spec, device: str) -> str:
 def profile_backbone(key: str, heads: list[str], device: str = "cpu") -> list[ProfileRow]:
     """One row per head on this backbone."""
     spec = get_spec(key)
-    if spec.features_in_worker is not None:  # computed on the CPU in the decode workers, not a network
+    if family_of(spec).in_worker:  # computed on the CPU in the decode workers, not a network
         counted = dict(resolution=None, backbone_params=0, backbone_macs=None, attention_macs=None,
                        peak_memory="n/a (CPU features)", weights="none (worker features)",
                        note="features computed in the decode workers: no network MACs")

@@ -15,7 +15,10 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset, parse_layers
 
 TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip"]
-STAGE_MODELS = ["resnet50", "swin-t", "convnext-t"]
+STAGE_MODELS = ["resnet50", "swin-t", "convnext-t", "pvt-v2-b2", "efficientnet-b0", "mobilenet-v2"]
+# Per-block `hidden_states` of the tiny models at 32 px, by hand: the stages are the last block at strides
+# 4, 8, 16, 32 (EfficientNet's entry 0 is the stem, 1 its stride-2 block; PVTv2's four entries are its stages).
+STAGE_BLOCKS = {"efficientnet-b0": [2, 3, 5, 7], "mobilenet-v2": [1, 4, 11, 15], "pvt-v2-b2": [0, 1, 2, 3]}
 
 
 def model_inputs(spec, root, paths) -> torch.Tensor:
@@ -35,6 +38,9 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
             maps = model(pixel_values=x, output_hidden_states=True,
                          output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
             return [m.mean(dim=(2, 3)).numpy() for m in maps]
+        if key in STAGE_BLOCKS:
+            states = model(pixel_values=x, output_hidden_states=True).hidden_states
+            return [states[i].mean(dim=(2, 3)).numpy() for i in STAGE_BLOCKS[key]]
         states = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]
         if key in STAGE_MODELS:
             return [m.mean(dim=(2, 3)).numpy() for m in states]
@@ -52,10 +58,11 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
     expected = layers_by_hand(key, model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths))
     store = EmbeddingStore(store_path(tmp_path, "toy", key, "tiny"))
     assert store.fingerprint["layers"] == list(range(1, len(expected) + 1)) and len(expected) >= 2
+    assert key not in STAGE_BLOCKS or len(expected) == 4
     for n, vectors in enumerate(expected, start=1):
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, n, tag="tiny"), vectors, rtol=1e-4, atol=1e-5)
     default = load_cached(tmp_path, "toy", key, tag="tiny").embeddings
-    if key in ("dinov2", "dinov3-s", "resnet50"):  # mean-pooled defaults: the last layer is the embedding itself
+    if key in ("dinov2", "dinov3-s", "resnet50", "pvt-v2-b2"):  # mean-pooled defaults: the last layer is the embedding itself
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, len(expected), tag="tiny"), default, rtol=1e-4, atol=1e-5)
 
 

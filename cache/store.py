@@ -13,6 +13,10 @@ contract other tools read:
 - `layer<n>` (N, D_n), only for layers named at extraction (`iqa extract --layers`, counted from
   1; the fingerprint's `layers` lists them): block/stage n's pooled vector, one array per layer so
   reading one layer for every row touches only that layer's chunk files; written with the row block.
+- `extension_done` (N_chunks,) uint8, only while layers are being added to a finished store (the
+  attribute `extending` names them): set per chunk once those layers' rows are written (the other
+  arrays of a done chunk are left as they are). When every chunk has it, the attribute and the
+  array go: the layers are then the store's like any other.
 - attributes: `fingerprint` (what produced the numbers), `fingerprint_id`, `chunk_rows`.
 
 Writers only ever write whole chunk-aligned row blocks (Zarr v3 loses rows when two writers
@@ -68,6 +72,13 @@ def fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def embedding_fingerprint_id(fingerprint: dict) -> str:
+    """The id results are keyed on: the fingerprint without its `layers` list. Layers are added to a
+    store in place, and which layers a store holds changes no number a run reads (a run on stored
+    layers names its own in its config), so adding layers keeps every finished run's key."""
+    return fingerprint_id({k: v for k, v in fingerprint.items() if k != "layers"})
+
+
 def fingerprint_difference(stored: dict, current: dict) -> list[str]:
     keys = sorted(set(stored) | set(current))
     return [f"{k}: store has {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
@@ -85,6 +96,7 @@ class EmbeddingStore:
         self.chunk_rows: int = self.group.attrs["chunk_rows"]
         self.embeddings = self.group["embeddings"]
         self.layer_dims: dict[int, int] = {n: self.group[layer_array(n)].shape[1] for n in self.fingerprint.get("layers", [])}
+        self.extending: list[int] = list(self.group.attrs.get("extending", []))  # layers being added (add_layers)
         self.n_rows, self.dim = self.embeddings.shape
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
 
@@ -93,6 +105,52 @@ class EmbeddingStore:
 
     def done_chunks(self) -> np.ndarray:
         return self.group["chunk_done"][:].astype(bool)
+
+    def layer_done_chunks(self, layer: int) -> np.ndarray:
+        """The chunks whose rows of `layer` are written: the done chunks, and, while the layer is
+        being added, only those the extension has reached."""
+        done = self.done_chunks()
+        return done & self.group["extension_done"][:].astype(bool) if layer in self.extending else done
+
+    def extension_todo(self) -> list[int]:
+        """Done chunks still without the layers being added: only those layers are computed for them."""
+        if not self.extending:
+            return []
+        return np.flatnonzero(self.done_chunks() & ~self.group["extension_done"][:].astype(bool)).tolist()
+
+    def add_layers(self, layer_dims: dict[int, int]) -> None:
+        """Extend the store in place with new layer arrays (layer -> width); the fingerprint then lists
+        the union. Done chunks keep their rows, the new layers are filled by `write_layers`.
+
+        Crash-safe in this order: arrays first (a leftover of a killed call is recreated here), then
+        one metadata write that names them. One extension at a time."""
+        if self.extending:
+            raise FingerprintMismatch(
+                f"{self.path} is still adding layers {self.extending}; run the same `iqa extract` without "
+                f"new layers to finish that, then add {list(layer_dims)}")
+        for layer, width in layer_dims.items():
+            self.group.create_array(layer_array(layer), shape=(self.n_rows, width), dtype=self.embeddings.dtype,
+                                    chunks=(self.chunk_rows, width), fill_value=np.nan, overwrite=True)
+        self.group.create_array("extension_done", shape=(self.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
+                                overwrite=True)
+        fingerprint = {**self.fingerprint, "layers": list(self.layer_dims) + list(layer_dims)}
+        self.group.attrs.update({"fingerprint": fingerprint, "fingerprint_id": fingerprint_id(fingerprint),
+                                 "extending": list(layer_dims)})
+        self.fingerprint, self.extending = fingerprint, list(layer_dims)
+        self.layer_dims = {**self.layer_dims, **layer_dims}
+
+    def finish_extension(self) -> bool:
+        """Once every chunk holds the added layers, drop the extension's bookkeeping (attribute first:
+        an array left behind by a crash is harmless and recreated by the next `add_layers`)."""
+        if not self.extending or not self.group["extension_done"][:].all():
+            return False
+        del self.group.attrs["extending"]
+        self.extending = []
+        try:
+            del self.group["extension_done"]
+        except KeyError:  # another shard finished it first
+            pass
+        return True
 
     def keys(self) -> list[str]:
         return self.group["keys"][:].tolist()
@@ -144,6 +202,40 @@ class EmbeddingStore:
         if stamps is not None:
             self.group["image_stamps"][rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
+        if self.extending:
+            self.group["extension_done"][chunk] = 1
+
+    def write_layers(self, chunk: int, embeddings: np.ndarray) -> None:
+        """The layers being added, for one done chunk; `embeddings` are whole rows as `write_block` takes
+        them. Their default embedding is checked against the stored one first: layers computed by a
+        model that does not give the stored numbers would not belong to them."""
+        rows = self.rows_of_chunk(chunk)
+        width = self.dim + sum(self.layer_dims.values())
+        if embeddings.shape != (len(rows), width):
+            raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {width}, got {embeddings.shape}")
+        stored = self.embeddings[rows.start : rows.stop].astype(np.float32)
+        valid = (self.group["status"][rows.start : rows.stop] == DONE) & np.isfinite(embeddings[:, : self.dim]).all(axis=1)
+        new = embeddings[:, : self.dim][valid]
+        error = np.linalg.norm(new - stored[valid], axis=1) / np.maximum(np.linalg.norm(stored[valid], axis=1), 1e-12)
+        if (error > LAYER_CHECK_TOLERANCE).any():
+            worst = int(np.flatnonzero(valid)[int(np.argmax(error))])
+            raise FingerprintMismatch(
+                f"{self.path}: the model gives {self.group['keys'][rows.start + worst]} a default embedding "
+                f"{float(error.max()):.2g} (relative) away from the stored one, so its layers would not belong to "
+                f"the store; pass --overwrite to rebuild the store with every layer")
+        bad = (self.group["status"][rows.start : rows.stop] != DONE)[:, None]
+        start = self.dim
+        for n, layer_dim in self.layer_dims.items():
+            if n in self.extending:
+                block = np.where(bad, np.nan, embeddings[:, start : start + layer_dim])
+                self.group[layer_array(n)][rows.start : rows.stop] = block.astype(self.embeddings.dtype)
+            start += layer_dim
+        self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
+
+
+# A recomputed default embedding may differ from the stored one by float16 rounding (~5e-4) and by
+# bf16 autocast in other batch shapes (~3e-3); a different model or image is far beyond this.
+LAYER_CHECK_TOLERANCE = 2e-2
 
 
 def layer_array(layer: int) -> str:
@@ -182,8 +274,9 @@ def open_for_writing(
     Several shard processes may call this at once: exactly one rename wins, the others reopen the
     winner's store. Reopening checks the fingerprint; a store built differently is refused.
     `chunk_rows` applies only to a new store; an existing one keeps its own. `layer_dims` (layer ->
-    width, the fingerprint's `layers`) adds one array per layer; a store built without those layers
-    is refused (it is not extended in place: `--overwrite` rebuilds it with them).
+    width, the fingerprint's `layers`) adds one array per layer; an existing store whose fingerprint
+    matches but for its layers is extended with the ones it lacks (`EmbeddingStore.add_layers`) and
+    keeps those it has: the returned store's `layer_dims` are what every row is written with.
     """
     layer_dims = layer_dims or {}
     if dtype not in ("float16", "float32"):
@@ -193,17 +286,13 @@ def open_for_writing(
     else:
         _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
     store = EmbeddingStore(path, mode="r+")
-    different = fingerprint_difference(store.fingerprint, fingerprint)
-    if different and all(d.startswith("layers:") for d in different):
-        raise FingerprintMismatch(
-            f"{path} holds layers {store.fingerprint.get('layers', [])}, this run asks for {fingerprint.get('layers', [])}; "
-            f"ask for the layers it holds to resume it, or pass --overwrite to rebuild it with them "
-            f"(one pass computes the default embedding and all layers)"
-        )
+    different = [d for d in fingerprint_difference(store.fingerprint, fingerprint) if not d.startswith("layers:")]
     if different:
         raise FingerprintMismatch(
             f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
         )
+    if new := {n: width for n, width in layer_dims.items() if n not in store.layer_dims}:
+        store.add_layers(new)
     if "image_stamps" not in store.group:  # a store from before stamps: rows written from now on get them
         add_stamps(store.group, store.n_rows, store.chunk_rows)
     return store
@@ -246,6 +335,8 @@ class CachedEmbeddings:
     fingerprint: dict
     fingerprint_id: str
     path: Path | str | None = None  # the store, for `select_layers`
+    command: str = ""  # the `iqa extract` that makes or repairs the store, for messages
+
 
     @property
     def targets(self) -> np.ndarray:
@@ -253,7 +344,7 @@ class CachedEmbeddings:
 
     def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
         """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers), axis=1))
+        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers, self.command), axis=1))
 
 
 def load_cached(
@@ -279,7 +370,7 @@ def load_cached(
         raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")
     if changes := store.changed_images(manifest):
         raise StaleStore(f"{path} is stale: {describe_changes(changes, manifest.paths)}; `{command}` recomputes their chunks")
-    fid = fingerprint_id(store.fingerprint)
+    fid = embedding_fingerprint_id(store.fingerprint)
     if digest := content_digest(store.stamps()):
         fid = f"{fid}-{digest}"  # the images' bytes: a replaced and re-embedded image gives a new key
     pending = int((rows.status == PENDING).sum())
@@ -293,7 +384,7 @@ def load_cached(
         fingerprint=store.fingerprint,
         # a partial store's runs are their own results: the finished store trains afresh
         fingerprint_id=f"{fid}-partial-{store.n_rows - pending}of{store.n_rows}" if pending else fid,
-        path=path,
+        path=path, command=command,
     )
 
 
@@ -302,7 +393,8 @@ def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | 
     """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
     only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    return read_layers(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}"), (layer,))[0]
+    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
+    return read_layers(open_store(path, command), (layer,), command)[0]
 
 
 def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = None,
@@ -314,13 +406,24 @@ def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = No
     return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
 
 
-def read_layers(store: EmbeddingStore, layers: tuple[int, ...]) -> list[np.ndarray]:
-    """The named layers' arrays, float32, each read whole; a layer the store lacks says how to add it."""
+def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "iqa extract ...") -> list[np.ndarray]:
+    """The named layers' arrays, float32, each read whole and checked as `read_checked` checks the
+    embeddings; a layer the store lacks, has not finished adding, or holds damaged is refused,
+    saying how `command` (the store's `iqa extract`) mends it."""
     missing = [n for n in layers if n not in store.layer_dims]
     if missing:
         raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
-                         f"`iqa extract ... --layers all --overwrite` stores every layer")
-    return [store.group[layer_array(n)][:].astype(np.float32) for n in layers]
+                         f"`{command} --layers all` adds every layer to it")
+    status, out = store.status(), []
+    for n in layers:
+        if (unfinished := store.done_chunks() & ~store.layer_done_chunks(n)).any():
+            raise IncompleteStore(f"{store.path} is still adding layer {n} ({int(unfinished.sum())} of {store.n_chunks} "
+                                  f"chunks to go); `{command}` finishes it")
+        values, damaged = check_layer(store, n, status, None)
+        if damaged:
+            raise DamagedStore(f"{store.path} is damaged: {describe_chunks(store, damaged)}; `{command}` recomputes those chunks")
+        out.append(values.astype(np.float32))
+    return out
 
 
 class IncompleteStore(ValueError):
@@ -354,10 +457,14 @@ class CheckedRows:
     keys_wrong: bool
 
     def describe(self, store: "EmbeddingStore") -> str:
-        parts = [f"chunk {c} (rows {store.rows_of_chunk(c).start}-{store.rows_of_chunk(c).stop - 1}): {why}"
-                 for c, why in sorted(self.damaged.items())[:5]]
-        more = len(self.damaged) - 5
-        return "; ".join(parts) + (f"; and {more} more chunks" if more > 0 else "")
+        return describe_chunks(store, self.damaged)
+
+
+def describe_chunks(store: "EmbeddingStore", damaged: dict[int, str]) -> str:
+    parts = [f"chunk {c} (rows {store.rows_of_chunk(c).start}-{store.rows_of_chunk(c).stop - 1}): {why}"
+             for c, why in sorted(damaged.items())[:5]]
+    more = len(damaged) - 5
+    return "; ".join(parts) + (f"; and {more} more chunks" if more > 0 else "")
 
 
 def _read(array, store: "EmbeddingStore", fill) -> tuple[np.ndarray, set[int]]:
@@ -376,21 +483,42 @@ def _read(array, store: "EmbeddingStore", fill) -> tuple[np.ndarray, set[int]]:
         return out, broken
 
 
-def read_checked(store: "EmbeddingStore", manifest_paths: list[str] | None) -> CheckedRows:
+def read_checked(store: "EmbeddingStore", manifest_paths: list[str] | None, layers: tuple[int, ...] = ()) -> CheckedRows:
     """Read the arrays a run needs anyway and check each done chunk: every row has a status, done
-    rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory."""
+    rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory.
+    `layers` are checked too (`check_layer`), their damage named with the layer."""
     embeddings, broken_e = _read(store.embeddings, store, np.nan)
     status, broken_s = _read(store.group["status"], store, PENDING)
-    done = store.done_chunks()
     try:
         keys_wrong = manifest_paths is not None and store.keys() != list(manifest_paths)
     except Exception:  # the keys chunk no longer decodes
         keys_wrong = manifest_paths is not None
+    damaged = _damage(store, embeddings, broken_e | broken_s, status, store.done_chunks(), manifest_paths)
+    for layer in layers:
+        for chunk, why in check_layer(store, layer, status, manifest_paths)[1].items():
+            damaged[chunk] = f"{damaged[chunk]}; {why}" if chunk in damaged else why
+    if keys_wrong:
+        damaged.setdefault(0, "keys do not match the manifest")
+    return CheckedRows(embeddings, status, damaged, keys_wrong)
+
+
+def check_layer(store: "EmbeddingStore", layer: int, status: np.ndarray,
+                manifest_paths: list[str] | None) -> tuple[np.ndarray, dict[int, str]]:
+    """One layer's array as read, and its damage in the chunks it should be written in (a chunk file
+    missing or unreadable, done rows without numbers), each named `layer<n>: ...`."""
+    values, broken = _read(store.group[layer_array(layer)], store, np.nan)
+    damage = _damage(store, values, broken, status, store.layer_done_chunks(layer), manifest_paths)
+    return values, {chunk: f"{layer_array(layer)}: {why}" for chunk, why in damage.items()}
+
+
+def _damage(store: "EmbeddingStore", values: np.ndarray, broken: set[int], status: np.ndarray, done: np.ndarray,
+            manifest_paths: list[str] | None) -> dict[int, str]:
+    """What is wrong in each chunk of `done` of one row-aligned array (chunk -> why)."""
     damaged = {}
     for chunk in np.flatnonzero(done):
         chunk, rows = int(chunk), store.rows_of_chunk(int(chunk))
-        block, numbers = status[rows.start : rows.stop], embeddings[rows.start : rows.stop]
-        if chunk in broken_e or chunk in broken_s:
+        block, numbers = status[rows.start : rows.stop], values[rows.start : rows.stop]
+        if chunk in broken:
             damaged[chunk] = "chunk file unreadable"
         elif (block == PENDING).any():
             damaged[chunk] = f"{int((block == PENDING).sum())} rows without a status"
@@ -398,15 +526,14 @@ def read_checked(store: "EmbeddingStore", manifest_paths: list[str] | None) -> C
             first = rows.start + int(np.flatnonzero(lost)[0])
             name = manifest_paths[first] if manifest_paths is not None else f"row {first}"
             damaged[chunk] = f"{int(lost.sum())} done rows hold NaN/inf (first: {name})"
-    if keys_wrong:
-        damaged.setdefault(0, "keys do not match the manifest")
-    return CheckedRows(embeddings, status, damaged, keys_wrong)
+    return damaged
 
 
 def repair_store(store: "EmbeddingStore", manifest_paths: list[str]) -> dict[int, str]:
     """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
-    the keys from the manifest; returns what was damaged."""
-    rows = read_checked(store, manifest_paths)
+    the keys from the manifest; returns what was damaged. Damage in a layer array recomputes its
+    chunk whole, as damaged embeddings do."""
+    rows = read_checked(store, manifest_paths, tuple(store.layer_dims))
     if rows.keys_wrong:
         store.group["keys"][:] = np.array(manifest_paths, dtype=str)
         if rows.damaged.get(0) == "keys do not match the manifest":
@@ -471,11 +598,14 @@ def verify_store(path: Path) -> list[str]:
     done = store.done_chunks()
     if not done.all():
         problems.append(f"incomplete: {int((~done).sum())} of {store.n_chunks} chunks not written")
+    if todo := store.extension_todo():
+        problems.append(f"incomplete: layers {store.extending} being added, {len(todo)} of {store.n_chunks} chunks to go; "
+                        f"`iqa extract` on this store finishes them")
     try:
         paths = read_manifest(path.parent.parent, path.parent.name).paths
     except (OSError, ValueError, KeyError):  # a missing or broken manifest: no keys to compare against
         paths = None
-    rows = read_checked(store, paths)
+    rows = read_checked(store, paths, tuple(store.layer_dims))
     if rows.damaged:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
     if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
@@ -484,11 +614,14 @@ def verify_store(path: Path) -> list[str]:
 
 
 def export_h5(store_dir: Path, path: Path) -> Path:
-    """The store as one HDF5 file (same arrays and names, fingerprint as a JSON attribute), written atomically."""
+    """The store as one HDF5 file (same arrays and names, the `layer<n>` arrays included, fingerprint as
+    a JSON attribute), written atomically."""
     store = EmbeddingStore(store_dir)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
         f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
+        for n, width in store.layer_dims.items():
+            f.create_dataset(layer_array(n), data=store.group[layer_array(n)][:], chunks=(rows_per_chunk, width))
         f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("status", data=store.status())
         reasons = store.group["reasons"][:].astype(object)

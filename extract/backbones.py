@@ -55,16 +55,25 @@ def pool(outputs, pooling: str, prefix_tokens: int) -> torch.Tensor:
         return outputs.image_embeds
     if pooling == "mean_patch":  # patch tokens only: skip CLS and any register tokens
         return outputs.last_hidden_state[:, prefix_tokens:].mean(dim=1)
+    if pooling == "mean_map":  # a last stage map [B, C, H, W] (PVTv2 has no pooler): its global average
+        return outputs.last_hidden_state.mean(dim=(2, 3))
     raise ValueError(f"unknown pooling rule {pooling!r}")
 
 
-def layer_states(outputs) -> tuple[torch.Tensor, ...]:
+def layer_states(outputs, stage_side: int | None = None) -> tuple[torch.Tensor, ...]:
     """Each block's (or stage's) output, the embedding layer left out: entry n-1 is layer n.
 
     Swin's `reshaped_hidden_states` are its stage maps [B, C, H, W] (taken before the patch
-    merging that starts the next stage); ResNet and ConvNeXt give maps in `hidden_states` too."""
+    merging that starts the next stage); ResNet and ConvNeXt give maps in `hidden_states` too.
+    With `stage_side` (the input's side; `BackboneSpec.stride_stages`), the states are per block
+    (EfficientNet, MobileNetV2) or per stage without an embedding entry (PVTv2), and a stage is the
+    last map at each resolution from stride 4 on (strides 4, 8, 16, 32: the feature pyramid
+    detectors and Life-IQA take); stride-2 maps are the stem's."""
     states = getattr(outputs, "reshaped_hidden_states", None) or outputs.hidden_states
-    return tuple(states[1:])
+    if stage_side is None:
+        return tuple(states[1:])
+    last = [i + 1 == len(states) or states[i + 1].shape[-1] != s.shape[-1] for i, s in enumerate(states)]
+    return tuple(s for s, end in zip(states, last) if end and s.shape[-1] * 3 <= stage_side)
 
 
 def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None) -> torch.Tensor:
@@ -180,8 +189,10 @@ class VisionTower(PooledBackbone):
 
     def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
         config = self.model.config
+        # EfficientNet names its head width hidden_dim; MobileNetV2's config has none (its head is 1280 wide)
         dim = (config.projection_dim if spec.pooling == "image_embeds"
-               else config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size)
+               else config.hidden_sizes[-1] if hasattr(config, "hidden_sizes")
+               else getattr(config, "hidden_dim", None) or getattr(config, "hidden_size", spec.dim))
         return getattr(config, "image_size", None), getattr(config, "patch_size", 1), dim
 
     def _outputs(self, pixel_values: torch.Tensor, hidden: bool):
@@ -192,11 +203,14 @@ class VisionTower(PooledBackbone):
                 extra["output_hidden_states_before_downsampling"] = True  # a stage's own map, not the merged one
         return self.model(pixel_values=pixel_values, **extra)
 
+    def _layer_states(self, outputs, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return layer_states(outputs, pixel_values.shape[-1] if self.spec.stride_stages else None)
+
     def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
         """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
         with torch.inference_mode():
             return [pool_layer(s, self.prefix_tokens, None).shape[1]
-                    for s in layer_states(self._outputs(pixel_values, hidden=True))]
+                    for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
 
     def use_layers(self, layers: tuple[int, ...]) -> None:
         self.layers = tuple(layers)
@@ -206,7 +220,7 @@ class VisionTower(PooledBackbone):
         pooled = pool(outputs, self.pooling, self.prefix_tokens)
         if not self.layers:
             return pooled
-        states = layer_states(outputs)
+        states = self._layer_states(outputs, pixel_values)
         norm = getattr(self.model, self.spec.layer_norm) if self.spec.layer_norm else None
         return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm) for n in self.layers)], dim=1)
 

@@ -114,6 +114,8 @@ def extract_with_ray(
     # The driver fingerprints on its CPU at the actors' compute dtype; it never embeds a real image.
     job = open_extraction(request, "cpu", compute_dtype)
     store = job.store
+    if store.layer_dims:  # the actors compute the default embedding only
+        raise ValueError(f"{store.path} holds layers {list(store.layer_dims)}; it is filled by the local engine: drop --engine ray")
     todo = job.todo()
     items = [
         {"chunk": c, "rows": list(store.rows_of_chunk(c)), "paths": [job.paths[r] for r in store.rows_of_chunk(c)]}

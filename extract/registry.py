@@ -46,8 +46,8 @@ class BackboneSpec:
     key: str
     dim: int  # length of the pooled embedding
     # How the features are taken, and so the family that loads the model (extract/backbones.py `family_of`):
-    # "pooler_output" | "image_embeds" | "mean_patch" (transformers) | "timm_tap" | "worker" | "cleandift".
-    # Stores record it in their fingerprint.
+    # "pooler_output" | "image_embeds" | "mean_patch" | "mean_map" (transformers) | "timm_tap" | "worker" |
+    # "cleandift". Stores record it in their fingerprint.
     pooling: str
     hf_id: str | None = None  # default weights source (HF id); `--model` replaces it
     model_class: str | None = None  # transformers class loading only the vision tower
@@ -67,6 +67,7 @@ class BackboneSpec:
     tap_block: int | None = None  # timm block index (0-based) whose output is pooled
     class_token: bool = True  # a CLS token leads the sequence (SigLIP has none): layer means skip it
     layer_norm: str | None = None  # the model's final norm, applied to each block's tokens as to the last (mean_patch)
+    stride_stages: bool = False  # `--layers` taps stages, not `hidden_states`: the last map at each stride from 4 on
 
     def as_tiny(self) -> "BackboneSpec":
         """The same class at test size: tiny config, TINY_RESOLUTION input, no weights source."""
@@ -116,6 +117,31 @@ def _resnet(key: str, depths: list[int]) -> BackboneSpec:
         lora_targets=(r"layers\.\d+\.layer\.\d+\.convolution$",),
         config=dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=depths, layer_type="bottleneck"),
         tiny_config=dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"),
+    )
+
+
+_PVT_V2_SIZES = {  # (widths, depths, MLP ratios) of PVTv2-B0..B5 (Wang et al. 2022, Table 1)
+    "pvt-v2-b0": ((32, 64, 160, 256), (2, 2, 2, 2), (8, 8, 4, 4)),
+    "pvt-v2-b1": ((64, 128, 320, 512), (2, 2, 2, 2), (8, 8, 4, 4)),
+    "pvt-v2-b2": ((64, 128, 320, 512), (3, 4, 6, 3), (8, 8, 4, 4)),
+    "pvt-v2-b3": ((64, 128, 320, 512), (3, 4, 18, 3), (8, 8, 4, 4)),
+    "pvt-v2-b4": ((64, 128, 320, 512), (3, 8, 27, 3), (8, 8, 4, 4)),
+    "pvt-v2-b5": ((64, 128, 320, 512), (3, 6, 40, 3), (4, 4, 4, 4)),
+}
+
+
+def _pvt_v2(key: str) -> BackboneSpec:
+    """Life-IQA's PVT: four stages, each a map; the default embedding is the last one's average.
+    Preprocessing from OpenGVLab's preprocessor_config.json: 224 x 224 whole image, bilinear, ImageNet."""
+    widths, depths, mlp = _PVT_V2_SIZES[key]
+    return BackboneSpec(
+        key=key, dim=widths[-1], pooling="mean_map", hf_id=f"OpenGVLab/{key.replace('-', '_')}",
+        model_class="PvtV2Model", resolution=224, resample="bilinear", stride_stages=True,
+        lora_targets=(r"\.attention\.(query|key)$",),
+        config=dict(hidden_sizes=list(widths), depths=list(depths), mlp_ratios=list(mlp), num_attention_heads=[1, 2, 5, 8],
+                    sr_ratios=[8, 4, 2, 1], image_size=224),
+        tiny_config=dict(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 1, 2],
+                         mlp_ratios=[2, 2, 2, 2], image_size=32),
     )
 
 
@@ -193,6 +219,27 @@ BACKBONES: dict[str, BackboneSpec] = {
             lora_targets=(r"\.pwconv[12]$",),
             config=dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], num_stages=4),
             tiny_config=dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        ),
+        *(_pvt_v2(key) for key in _PVT_V2_SIZES),
+        # Life-IQA's convolutional backbones; `--layers` taps their four stages (strides 4-32), the
+        # default embedding is the pooled head convolution after the last stage. google/efficientnet-b0
+        # ships nearest resampling, no crop and the ImageNet std applied twice (x / 0.4785 / 0.4785);
+        # we take bicubic (the TF original's), crop_pct 0.875 for --preprocess native, and the
+        # ImageNet std once, which is the same normalisation (0.4785^2 = 0.229).
+        BackboneSpec(
+            key="efficientnet-b0", dim=1280, pooling="pooler_output", hf_id="google/efficientnet-b0",
+            model_class="EfficientNetModel", resolution=224, crop_pct=224 / 256, stride_stages=True,
+            lora_targets=(r"\.(expand_conv|project_conv)$",),
+            config=dict(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280, dropout_rate=0.2),
+            tiny_config=dict(width_coefficient=0.1, depth_coefficient=0.1, image_size=32, hidden_dim=128),
+        ),
+        # google/mobilenet_v2_1.0_224: shortest side 256, centre crop 224, bilinear, 0.5 / 0.5.
+        BackboneSpec(
+            key="mobilenet-v2", dim=1280, pooling="pooler_output", hf_id="google/mobilenet_v2_1.0_224",
+            model_class="MobileNetV2Model", resolution=224, mean=HALF, std=HALF, resample="bilinear", crop_pct=224 / 256,
+            stride_stages=True, lora_targets=(r"layer\.\d+\.(expand_1x1|reduce_1x1)\.convolution$",),
+            config=dict(depth_multiplier=1.0, image_size=224),
+            tiny_config=dict(depth_multiplier=0.1, image_size=32),
         ),
         # CleanDIFT SD-2.1 (extract/cleandift.py): VAE latent mean -> UNet at a fixed timestep with the
         # empty prompt -> pooled decoder taps us3/us6/us9/us10. Pixels in [-1, 1]; 512 as in the paper.

@@ -239,10 +239,18 @@ class Extraction:
     changed: str = ""
 
     def todo(self) -> list[int]:
-        """The request's shard's chunks not yet marked done."""
+        """The request's shard's chunks not yet marked done, and done ones still without the layers
+        being added to the store (`extending`)."""
         index, count = self.request.shard
-        done = self.store.done_chunks()
-        return [c for c in range(index, self.store.n_chunks, count) if not done[c]]
+        done, extending = self.store.done_chunks(), set(self.store.extension_todo())
+        return [c for c in range(index, self.store.n_chunks, count) if not done[c] or c in extending]
+
+    def write(self, chunk: int, rows: np.ndarray, reasons: list[str], stamps: np.ndarray, extending: set[int]) -> None:
+        """A computed chunk into the store: whole, or, for a done chunk being extended, only its new layers."""
+        if chunk in extending:
+            self.store.write_layers(chunk, rows)
+        else:
+            self.store.write_block(chunk, rows, reasons, stamps)
 
     def summary(self, rows_computed: int, chunks_written: int, seconds: float) -> ExtractSummary:
         return ExtractSummary(
@@ -262,7 +270,8 @@ class Extraction:
 
 def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.dtype) -> Extraction:
     """Load the backbone on `device`, fingerprint it, and create or reopen its store (refusing a
-    different fingerprint)."""
+    different fingerprint). A store that lacks asked-for layers gains them; one that holds layers
+    keeps them: the model computes every layer the store holds, whichever the request names."""
     r = request
     manifest = read_manifest(r.cache, r.dataset)
     model = load_backbone(r.spec, source=r.source, random_init=r.random_init, tiny=r.tiny,
@@ -289,7 +298,6 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
             raise ValueError(f"--layers works for transformers backbones; {spec.key} has no layer taps")
         widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
-        model.use_layers(tuple(layer_dims))
     fingerprint = make_fingerprint(
         spec, model, weights, dim, compute_dtype, r.store_dtype, manifest_checksum(r.cache, r.dataset), tuned
     )
@@ -299,12 +307,13 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,
     )
+    model.use_layers(tuple(store.layer_dims))  # the store's layers (a resumed or extended store's, in its order)
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
     changes = store.changed_images(manifest)
     store.undo_chunks_of(changes)  # and so do chunks whose images changed
-    row_width = dim + sum(layer_dims.values())
-    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, fingerprint, row_width, spec, repaired,
-                      describe_changes(changes, manifest.paths) if changes else "")
+    row_width = dim + sum(store.layer_dims.values())
+    return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, store.fingerprint, row_width, spec,
+                      repaired, describe_changes(changes, manifest.paths) if changes else "")
 
 
 def parse_layers(text: str, count: int) -> list[int]:
@@ -325,6 +334,7 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
     """The local engine: fill (or finish) the request's store on `device`, decoding in `num_workers` processes."""
     job = open_extraction(request, device, compute_dtype_for(device, request.dtype))
     store = job.store
+    extending = set(store.extension_todo())
     batches = chunk_batches(store, job.todo(), request.batch_size or default_batch_size(device))
     loader = DataLoader(
         ImageRows(job.image_root, job.paths, job.spec),
@@ -345,9 +355,10 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
             block_stamps.append(stamps)
             chunk = int(rows[0]) // store.chunk_rows
             if len(block_reasons) == len(store.rows_of_chunk(chunk)):
-                store.write_block(chunk, np.concatenate(block_rows), block_reasons, torch.cat(block_stamps).numpy())
+                job.write(chunk, np.concatenate(block_rows), block_reasons, torch.cat(block_stamps).numpy(), extending)
                 block_rows, block_reasons, block_stamps = [], [], []
                 chunks_written += 1
             rows_computed += len(rows)
             bar.update(len(rows))
+    store.finish_extension()
     return job.summary(rows_computed, chunks_written, time.perf_counter() - start)

@@ -90,7 +90,7 @@ def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> lis
         if layer is not None and len(chosen[0]) != 1:
             raise ValueError(f"--layer takes one layer or all; for a concatenation use --layers {layer}")
     if not chosen:
-        raise ValueError("the store holds no layers; `iqa extract ... --layers all --overwrite` stores every layer")
+        raise ValueError("the store holds no layers; `iqa extract ... --layers all` adds every layer to it")
     return chosen  # a layer the store lacks is named when the run loads it (`read_layers`)
 
 

@@ -4,7 +4,8 @@ import torch
 from iqa.extract.backbones import BackboneLoadError, load_backbone, weights_sha256
 from iqa.extract.registry import BACKBONES, QK_LEGACY, QK_PROJ, get_spec, lora_target_modules
 
-TINY_CLASSES = ["siglip2", "clip", "dinov2", "dinov3", "resnet152"]
+TINY_CLASSES = ["siglip2", "clip", "dinov2", "dinov3", "resnet152", "pvt-v2-b2", "efficientnet-b0", "mobilenet-v2"]
+CONVOLUTIONAL = ("ResNetModel", "PvtV2Model", "EfficientNetModel", "MobileNetV2Model")  # no sdpa attention to ask for
 
 
 def batch(resolution: int, n: int = 3) -> torch.Tensor:
@@ -18,6 +19,9 @@ HAND_POOLING = {
     "dinov2": lambda out: out.last_hidden_state[:, 1:].mean(dim=1),  # skip CLS
     "dinov3": lambda out: out.last_hidden_state[:, 5:].mean(dim=1),  # skip CLS + 4 registers
     "resnet152": lambda out: out.pooler_output[:, :, 0, 0],
+    "pvt-v2-b2": lambda out: out.last_hidden_state.mean(dim=(2, 3)),
+    "efficientnet-b0": lambda out: out.last_hidden_state.mean(dim=(2, 3)),  # its head conv, averaged
+    "mobilenet-v2": lambda out: out.last_hidden_state.mean(dim=(2, 3)),
 }
 
 
@@ -32,7 +36,7 @@ def test_tiny_model_pools_by_the_registry_rule(key):
     assert pooled.shape == (3, expected.shape[1])
     torch.testing.assert_close(pooled, expected)
     assert type(backbone.model).__name__ == spec.model_class
-    if spec.model_class != "ResNetModel":
+    if spec.model_class not in CONVOLUTIONAL:
         assert backbone.model.config._attn_implementation == "sdpa"
 
 
@@ -53,6 +57,17 @@ def test_tiny_and_random_init_weights_are_reproducible():
     assert sum(p.numel() for p in model.parameters()) > 20_000_000
     with torch.no_grad():
         assert model(batch(64, n=1)).shape == (1, small.dim)
+
+
+@pytest.mark.parametrize("key, millions, stages", [  # published sizes less the 1000-class classifier
+    ("pvt-v2-b0", 3.7 - 0.257, [32, 64, 160, 256]), ("efficientnet-b0", 5.3 - 1.281, [24, 40, 112, 320]),
+    ("mobilenet-v2", 3.5 - 1.281, [24, 32, 96, 320]),
+])
+def test_full_size_life_iqa_configs_match_the_published_models(key, millions, stages, one_thread):
+    model = load_backbone(get_spec(key), random_init=True)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.05
+    with torch.no_grad():
+        assert model.layer_widths(batch(224, n=1)) == stages  # the four stages' widths at strides 4-32
 
 
 def test_local_directory_loads_offline(tmp_path):

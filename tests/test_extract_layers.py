@@ -6,7 +6,8 @@ import torch
 from test_extract_run import QUIET, make_dataset
 from typer.testing import CliRunner
 
-from iqa.cache.store import EmbeddingStore, FingerprintMismatch, load_cached, load_layer, store_path
+from iqa.cache.store import (EmbeddingStore, FingerprintMismatch, IncompleteStore, load_cached, load_layer,
+                             store_path, verify_store)
 from iqa.cli import app
 from iqa.extract.backbones import load_backbone
 from iqa.extract.preprocess import decode_image, normalise, resize_uint8
@@ -14,7 +15,10 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset, parse_layers
 
 TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip"]
-STAGE_MODELS = ["resnet50", "swin-t", "convnext-t"]
+STAGE_MODELS = ["resnet50", "swin-t", "convnext-t", "pvt-v2-b2", "efficientnet-b0", "mobilenet-v2"]
+# Per-block `hidden_states` of the tiny models at 32 px, by hand: the stages are the last block at strides
+# 4, 8, 16, 32 (EfficientNet's entry 0 is the stem, 1 its stride-2 block; PVTv2's four entries are its stages).
+STAGE_BLOCKS = {"efficientnet-b0": [2, 3, 5, 7], "mobilenet-v2": [1, 4, 11, 15], "pvt-v2-b2": [0, 1, 2, 3]}
 
 
 def model_inputs(spec, root, paths) -> torch.Tensor:
@@ -34,6 +38,9 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
             maps = model(pixel_values=x, output_hidden_states=True,
                          output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
             return [m.mean(dim=(2, 3)).numpy() for m in maps]
+        if key in STAGE_BLOCKS:
+            states = model(pixel_values=x, output_hidden_states=True).hidden_states
+            return [states[i].mean(dim=(2, 3)).numpy() for i in STAGE_BLOCKS[key]]
         states = model(pixel_values=x, output_hidden_states=True).hidden_states[1:]
         if key in STAGE_MODELS:
             return [m.mean(dim=(2, 3)).numpy() for m in states]
@@ -51,10 +58,11 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
     expected = layers_by_hand(key, model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths))
     store = EmbeddingStore(store_path(tmp_path, "toy", key, "tiny"))
     assert store.fingerprint["layers"] == list(range(1, len(expected) + 1)) and len(expected) >= 2
+    assert key not in STAGE_BLOCKS or len(expected) == 4
     for n, vectors in enumerate(expected, start=1):
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, n, tag="tiny"), vectors, rtol=1e-4, atol=1e-5)
     default = load_cached(tmp_path, "toy", key, tag="tiny").embeddings
-    if key in ("dinov2", "dinov3-s", "resnet50"):  # mean-pooled defaults: the last layer is the embedding itself
+    if key in ("dinov2", "dinov3-s", "resnet50", "pvt-v2-b2"):  # mean-pooled defaults: the last layer is the embedding itself
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, len(expected), tag="tiny"), default, rtol=1e-4, atol=1e-5)
 
 
@@ -69,16 +77,65 @@ def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, 
     assert EmbeddingStore(store_path(tmp_path, "toy", "swin-t", "tiny")).layer_dims == {2: 16, 1: 8}
 
 
-def test_a_store_without_the_layers_is_refused_with_the_rebuild_command(tmp_path, one_thread):
-    make_dataset(tmp_path, n=2)
-    common = dict(tiny=True, dtype="float32", **QUIET)
-    extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", **common), num_workers=0)
-    with pytest.raises(FingerprintMismatch, match="pass --overwrite to rebuild it with them"):
-        extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", **common), num_workers=0)
-    extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", overwrite=True, **common), num_workers=0)
-    assert load_layer(tmp_path, "toy", "resnet50", 2, tag="tiny").shape == (2, 16)
+def store_bytes(store, arrays=("embeddings", "status", "reasons", "image_stamps", "keys")) -> dict[str, bytes]:
+    """Every chunk file of the named arrays, as stored on disk."""
+    return {str(f.relative_to(store)): f.read_bytes() for a in arrays for f in sorted((store / a).rglob("*")) if f.is_file()}
+
+
+def test_a_store_gains_layers_in_place_resumes_after_a_kill_and_equals_a_fresh_one(tmp_path, monkeypatch, one_thread):
+    make_dataset(tmp_path, n=6)
+    common = dict(tiny=True, dtype="float32", chunk_rows=2, batch_size=2, **QUIET)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", **common), num_workers=0)
+    path = store_path(tmp_path, "toy", "swin-t", "tiny")
+    before, key_before = store_bytes(path), load_cached(tmp_path, "toy", "swin-t", tag="tiny").fingerprint_id
+
+    written, real = [], EmbeddingStore.write_layers
+
+    def killed_after_one_chunk(self, chunk, rows):
+        if written:
+            raise KeyboardInterrupt("killed")  # what a kill leaves: the chunks written so far
+        written.append(chunk)
+        real(self, chunk, rows)
+
+    monkeypatch.setattr(EmbeddingStore, "write_layers", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="2", **common), num_workers=0)
+    monkeypatch.undo()
+    assert EmbeddingStore(path).extending == [2] and any("2 of 3 chunks to go" in p for p in verify_store(path))
+    with pytest.raises(IncompleteStore, match="still adding layer 2"):
+        load_layer(tmp_path, "toy", "swin-t", 2, tag="tiny")
+    with pytest.raises(FingerprintMismatch, match="still adding layers"):  # one extension at a time
+        extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="all", **common), num_workers=0)
+    assert load_cached(tmp_path, "toy", "swin-t", tag="tiny").fingerprint_id == key_before  # embeddings serve meanwhile
+
+    resumed = extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", **common), num_workers=0)  # no --layers: resumes
+    assert resumed.rows_computed == 4 and resumed.chunks_written == 2
+    again = extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="all", **common), num_workers=0)
+    assert again.rows_computed == 6 and verify_store(path) == []
+    store = EmbeddingStore(path)
+    assert store.fingerprint["layers"] == [2, 1] and not store.extending and "extension_done" not in store.group
+    assert store_bytes(path) == before, "the stored embeddings, statuses and stamps are not rewritten"
+    assert load_cached(tmp_path, "toy", "swin-t", tag="tiny").fingerprint_id == key_before, "runs on embeddings keep their keys"
+
+    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="all", tag="fresh", **common), num_workers=0)
+    for n in (1, 2):
+        np.testing.assert_array_equal(load_layer(tmp_path, "toy", "swin-t", n, tag="tiny"),
+                                      load_layer(tmp_path, "toy", "swin-t", n, tag="fresh"))
     with pytest.raises(ValueError, match=r"not \[3\]"):
-        load_layer(tmp_path, "toy", "resnet50", 3, tag="tiny")
+        load_layer(tmp_path, "toy", "swin-t", 3, tag="tiny")
+
+
+def test_layers_are_not_added_to_a_store_whose_embeddings_the_model_does_not_give(tmp_path, one_thread):
+    paths = make_dataset(tmp_path, n=4)
+    common = dict(tiny=True, dtype="float32", chunk_rows=2, **QUIET)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", **common), num_workers=0)
+    store = EmbeddingStore(store_path(tmp_path, "toy", "resnet50", "tiny"), mode="r+")
+    store.embeddings[3] = store.embeddings[3][::-1]  # finite, so not damage: numbers some other model gave
+    with pytest.raises(FingerprintMismatch, match=f"gives {paths[3]} a default embedding .* --overwrite"):
+        extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", **common), num_workers=0)
+    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", layers="all", overwrite=True, **common),
+                              num_workers=0)
+    assert summary.rows_computed == 4 and load_layer(tmp_path, "toy", "resnet50", 2, tag="tiny").shape == (4, 16)
 
 
 def test_parse_layers_counts_from_one():

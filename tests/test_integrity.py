@@ -137,7 +137,8 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from iqa.cache.store import DamagedStore, IncompleteStore, load_cached, store_path, verify_store  # noqa: E402
+from iqa.cache.store import (DamagedStore, EmbeddingStore, IncompleteStore, load_cached, load_layer,  # noqa: E402
+                             store_path, verify_store)
 from iqa.cache.manifest import Manifest, write_manifest  # noqa: E402
 from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
 from test_extract_run import make_dataset  # noqa: E402
@@ -223,6 +224,52 @@ def test_a_damaged_store_is_named_refused_and_repaired_by_the_next_extraction(tm
     assert summary.repaired and summary.rows_computed == (0 if array == "keys" else 8)
     assert verify_store(store_path(tmp_path, "toy", "dinov2", "tiny")) == []
     np.testing.assert_allclose(load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings, good, rtol=1e-3)
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "partial"])
+def test_a_damaged_layer_chunk_is_named_refused_by_a_layer_run_and_repaired(tmp_path, damage):
+    toy_dataset(tmp_path, n=16)
+    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
+                             layers="all", progress=False)
+    extract_dataset(request, num_workers=0)
+    store = store_path(tmp_path, "toy", "dinov2", "tiny")
+    good = load_layer(tmp_path, "toy", "dinov2", 2, "tiny")
+    target = store / "layer2" / "c" / "1" / "0"
+    if damage == "delete":
+        target.unlink()
+    elif damage == "garbage":
+        target.write_bytes(b"not a zstd frame")
+    else:  # half the chunk's rows lost, the file itself sound
+        EmbeddingStore(store, mode="r+").group["layer2"][12:16] = np.nan
+
+    problems = verify_store(store)
+    assert len(problems) == 1 and "damaged: chunk 1 (rows 8-15): layer2: " in problems[0], problems
+    result = head(tmp_path, "--layer", "2")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert result.stderr.startswith("error: ") and str(store) in result.stderr and "layer2: " in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --tag tiny` recomputes those chunks" in result.stderr
+    assert load_cached(tmp_path, "toy", "dinov2", "tiny").valid.all(), "runs on the embeddings do not read layer2"
+
+    summary = extract_dataset(request, num_workers=0)
+    assert summary.repaired == {1: summary.repaired[1]} and summary.rows_computed == 8
+    assert verify_store(store) == []
+    np.testing.assert_array_equal(load_layer(tmp_path, "toy", "dinov2", 2, "tiny"), good)
+
+
+def test_export_h5_carries_the_layer_arrays(tmp_path):
+    import h5py
+
+    from iqa.cache.store import export_h5
+
+    toy_dataset(tmp_path, n=10)
+    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", store_dtype="float32",
+                                   chunk_rows=4, layers="2,1", progress=False), num_workers=0)
+    out = export_h5(store_path(tmp_path, "toy", "dinov2", "tiny"), tmp_path / "toy.h5")
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["fingerprint"])["layers"] == [2, 1]
+        for n in (1, 2):
+            np.testing.assert_array_equal(f[f"layer{n}"][:], load_layer(tmp_path, "toy", "dinov2", n, "tiny"))
+        np.testing.assert_array_equal(f["embeddings"][:], load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings)
 
 
 # ---- item 5: an image changed or deleted after extraction is noticed ----

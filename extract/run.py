@@ -307,7 +307,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,
     )
-    model.use_layers(tuple(store.layer_dims))  # the store's layers (a resumed or extended store's, in its order)
+    if store.layer_dims:  # the store's layers (a resumed or extended store's, in its order)
+        model.use_layers(tuple(store.layer_dims))
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
     changes = store.changed_images(manifest)
     store.undo_chunks_of(changes)  # and so do chunks whose images changed

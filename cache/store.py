@@ -246,6 +246,7 @@ class CachedEmbeddings:
     fingerprint: dict
     fingerprint_id: str
     path: Path | str | None = None  # the store, for `select_layers`
+    stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width) of each, in order
 
     @property
     def targets(self) -> np.ndarray:
@@ -253,7 +254,9 @@ class CachedEmbeddings:
 
     def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
         """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers), axis=1))
+        arrays = read_layers(EmbeddingStore(self.path), layers)
+        return replace(self, embeddings=np.concatenate(arrays, axis=1),
+                       stages=tuple((n, a.shape[1]) for n, a in zip(layers, arrays)))
 
 
 def load_cached(

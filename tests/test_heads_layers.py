@@ -75,10 +75,15 @@ def test_layer_sets_sweep_and_concatenate():
 
 def test_default_configs_keep_their_keys_and_layer_configs_round_trip():
     config = RunConfig("a", "a", "swin-t", "baseline", "relu", "relu", 8)
-    assert "layers" not in config.as_dict()  # keys of runs made before layers existed are unchanged
+    assert "layers" not in config.as_dict() and "fuse" not in config.as_dict()  # keys made before them are unchanged
+    # the key this config had before `fuse` existed (TRAINER_VERSION 2): a field left at its default adds nothing
+    assert run_key(config, "f", "r") == "987571350937d50a6b9a519460c360fc7d066ce2e45f6417a02d78191cb849bf"
     layered = replace(config, layers=(4, 3))
     assert RunConfig(**json.loads(json.dumps(layered.as_dict()))) == layered
     assert run_key(layered, "f", "r") != run_key(config, "f", "r")
+    fused = replace(layered, fuse="attention")
+    assert RunConfig(**json.loads(json.dumps(fused.as_dict()))) == fused
+    assert len({run_key(c, "f", "r") for c in (config, layered, fused)}) == 3
 
 
 def json_runs(output: str) -> list[dict]:
@@ -104,3 +109,52 @@ def test_cli_layer_sweep_and_pair(layered_cache):
     assert table.exit_code == 0 and "| baseline | 1 |" in table.output and "| baseline | 2 |" in table.output, table.output
     missing = CliRunner().invoke(app, [*common, "--layer", "7"])
     assert missing.exit_code != 0 and "not [7]" in missing.output and "Traceback" not in missing.output, missing.output
+
+
+def test_a_fused_layer_model_records_stage_weights_exports_and_scores_from_disk_as_recorded(layered_cache, tmp_path):
+    """--layers 2,1 --fuse attention: its own key beside the concatenation, per-image stage weights on the
+    test rows in the record, and an exported model that reads the stages and scores as the head did."""
+    heads = head_choices(["baseline"], [])
+    concatenated = expand_grid([("toy", "toy")], "swin-t", heads, [8], layer_sets=[(2, 1)], **SHARED)
+    fused = expand_grid([("toy", "toy")], "swin-t", heads, [8], layer_sets=[(2, 1)], fuse="attention", **SHARED)
+    db = ResultsDB(tmp_path / "f.sqlite")
+    load = lambda name: load_cached(layered_cache, name, "swin-t", "tiny")  # noqa: E731
+    plain, run = run_grid(concatenated + fused, load, db, progress=False)
+    assert run["fuse"] == "attention" and "fuse" not in plain and run["key"] != plain["key"]
+    record = run["curves"]["stage_weights"]
+    assert "stage_weights" not in plain["curves"] and record["layers"] == [2, 1]
+    manifest = load("toy").manifest
+    np.testing.assert_allclose(record["target"], manifest.targets[record["rows"]], atol=1e-4)
+    assert np.allclose(np.sum(record["weights"], 1), 1, atol=1e-3)
+
+    folder = export_run(layered_cache, db.path, run, tmp_path / "fused-model")
+    assert json.loads((folder / "config.json").read_text())["head"]["fuse"] == "attention"
+    model = load_model(folder)
+    stored = np.concatenate([load_layer(layered_cache, "toy", "swin-t", n, "tiny") for n in (2, 1)], axis=1)
+    with torch.no_grad():
+        alpha = model.head.stage_weights(torch.from_numpy(stored[record["rows"]])[None])[0].numpy()
+    np.testing.assert_allclose(alpha, record["weights"], atol=1e-4)  # the recorded weights are the exported head's
+    expected = model.score_embeddings(torch.from_numpy(stored)).numpy()
+    from_store, source = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
+    assert source == "store"
+    np.testing.assert_allclose([s.score for s in from_store], expected, atol=1e-6)
+    from iqa.heads.metrics import srcc
+
+    test = np.array(record["rows"])
+    assert float(srcc(torch.from_numpy(expected[test])[None], torch.from_numpy(manifest.targets[test])[None])[0]) == \
+        pytest.approx(run["best_srcc"], abs=1e-5)  # scored from disk as recorded
+    paths = [layered_cache / "images" / p for p in manifest.paths[:3]]
+    from_files = score_files(model, paths, workers=0, progress=False)
+    np.testing.assert_allclose([s.score for s in from_files], expected[:3], atol=2e-3)
+
+
+def test_fuse_needs_two_stages_and_a_trained_head(layered_cache):
+    common = ["head", "--backbone", "swin-t", "--cached", "--dataset", "toy", "--tag", "tiny", "--epochs", "1",
+              "--seeds", "8", "--cache", str(layered_cache)]
+    for extra, says in ((["--fuse", "attention"], "two or more"), (["--layer", "all", "--fuse", "attention"], "two or more"),
+                        (["--layers", "2,1", "--fuse", "sum"], "unknown fusion"),
+                        (["--layers", "2,1", "--fuse", "attention", "--act", "ridge"], "probes")):
+        result = CliRunner().invoke(app, [*common, *extra])
+        assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, (extra, result.output)
+    ok = CliRunner().invoke(app, [*common, "--layers", "2,1", "--fuse", "attention", "--json"])
+    assert ok.exit_code == 0 and [(r["layers"], r["fuse"]) for r in json_runs(ok.output)] == [([2, 1], "attention")], ok.output

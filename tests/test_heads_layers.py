@@ -1,11 +1,14 @@
 """Heads on stored layers: `--layer N`, `--layer all` (a sweep) and `--layers 4,3` (a concatenation)."""
 
 import json
+import sys
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_extract_run import QUIET, make_dataset
 from typer.testing import CliRunner
 
@@ -15,7 +18,10 @@ from iqa.cache.store import load_cached, load_layer
 from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.export import export_run
+from iqa.data.distortion_types import distortion_types
+from iqa.heads.report.build import write_report
 from iqa.heads.report.figures import layer_figure
+from iqa.heads.report.stages import stage_points, stage_weight_figures
 from iqa.heads.report.tables import results_table
 from iqa.heads.score import load_model, score_dataset, score_files
 from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
@@ -158,3 +164,62 @@ def test_fuse_needs_two_stages_and_a_trained_head(layered_cache):
         assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, (extra, result.output)
     ok = CliRunner().invoke(app, [*common, "--layers", "2,1", "--fuse", "attention", "--json"])
     assert ok.exit_code == 0 and [(r["layers"], r["fuse"]) for r in json_runs(ok.output)] == [([2, 1], "attention")], ok.output
+
+
+@pytest.fixture
+def kadid_named_cache(tmp_path, one_thread):
+    """A tiny set named like KADID-10k (I<ref>_<type>_<level>.png: types 01-03) with every Swin stage stored."""
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = [f"I{ref:02d}_{kind:02d}_{level:02d}.png" for ref in (1, 2) for kind in (1, 2, 3) for level in range(1, 6)]
+    for i, path in enumerate(paths):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(root / path)
+    scores = np.random.default_rng(1).uniform(1, 5, len(paths))
+    write_manifest(Manifest("kadid10k", str(root), paths, scores, (scores - 1) / 4, "DMOS 1-5"), tmp_path)
+    extract_dataset(ExtractRequest(tmp_path, "kadid10k", "swin-t", tiny=True, dtype="float32", layers="all", **QUIET),
+                    num_workers=0)
+    return tmp_path
+
+
+def test_report_shows_stage_weights_against_quality_and_stage_tsne_by_distortion_type(kadid_named_cache, tmp_path, monkeypatch):
+    cache = kadid_named_cache
+    configs = expand_grid([("kadid10k", "kadid10k")], "swin-t", head_choices(["baseline"], []), [8, 19],
+                          layer_sets=[(2, 1)], fuse="attention", **SHARED)
+    runs = run_grid(configs, lambda name: load_cached(cache, name, "swin-t", "tiny"), ResultsDB(tmp_path / "s.sqlite"),
+                    progress=False)
+    (name, fig), = stage_weight_figures(runs)
+    assert name == "stage_weights_swin-t_tiny_kadid10k_baseline_2_1"
+    first, second = fig.axes  # a panel per stage, in layer order: stage 1 then stage 2
+    assert [first.get_title(), second.get_title()] == ["stage 1", "stage 2"]
+    weights = np.concatenate([r["curves"]["stage_weights"]["weights"] for r in runs])[:, 1]  # stage 1: named second
+    targets = np.concatenate([r["curves"]["stage_weights"]["target"] for r in runs])
+    assert len(first.collections[0].get_offsets()) == len(weights) == 2 * 6  # 6 test images per seed, seeds pooled
+    bucket = np.clip((targets * 5).astype(int), 0, 4)
+    means = first.lines[0].get_ydata()
+    for b in set(bucket):
+        assert means[b] == pytest.approx(weights[bucket == b].mean())
+
+    summary = write_report(runs, tmp_path / "report", partial(load_cached, cache), progress=False)
+    names = {p.name for p in summary.figures}
+    assert {"stage_weights_swin-t_tiny_kadid10k_baseline_2_1.png", "tsne_stages_swin-t_tiny_kadid10k.png"} <= names
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Stage weights against quality" in page and "t-SNE of stored layer features by distortion type" in page
+    layers, rows = stage_points(list(range(1, 25)), np.arange(900) % 3 > 0)  # a 24-block store, a third failed
+    assert len(layers) == 12 and layers[0] == 1 and layers[-1] == 24 and len(rows) == 600 and all(rows % 3 > 0)
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # scikit-learn missing: the report says how to get it
+    without = write_report(runs, tmp_path / "report2", partial(load_cached, cache), progress=False)
+    assert any("pip install 'scikit-learn" in note for note in without.notes), without.notes
+    assert "stage_weights_swin-t_tiny_kadid10k_baseline_2_1.png" in {p.name for p in without.figures}
+
+
+def test_distortion_types_from_kadid_and_demo_names():
+    from iqa.data.demo import DISTORTIONS
+
+    assert distortion_types("kadid10k", ["images/I01_05_03.png", "I81_25_01.png"]) == ["05 color shift", "25 contrast change"]
+    demo = ["images/coffee.png", *(f"images/coffee_{d}_3.png" for d in DISTORTIONS)]
+    assert distortion_types("demo", demo) == ["pristine", *DISTORTIONS] and len(DISTORTIONS) == 7
+    assert distortion_types("clive", ["a.png"]) is None
+    for dataset, bad in (("kadid10k", "I01_26_01.png"), ("kadid10k", "photo.png"), ("demo", "images/coffee_warp_2.png")):
+        with pytest.raises(ValueError, match="not named like"):
+            distortion_types(dataset, [bad])

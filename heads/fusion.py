@@ -19,7 +19,7 @@ and no operation mixes rows: members train as if alone, as the MLP's do (heads/m
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, member_seed, topk_mask
+from iqa.heads.mlp import StackedLinear, member_seed, register_masks, topk_mask
 
 FUSIONS = ("attention",)
 FUSE_WIDTH = 512  # SMART-IQA's C_unified (App. B)
@@ -48,11 +48,7 @@ class StackedFusion(nn.Module):
         self.widths = [int(w) for _, w in stages]
         self.deepest = self.layers.index(max(self.layers))
         self.seeds, self.dropout, self.keep = list(seeds), head.dropout, head.keep
-        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
-        if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
-            raise ValueError("mask k needs one value per member, each in (0, 100]")
-        self.register_buffer("mask_k", torch.tensor(mask_k))
-        self.masking = any(k < 100 for k in mask_k)
+        register_masks(self, mask_k, members)
 
         init = [torch.Generator().manual_seed(member_seed(s, "fusion")) for s in seeds]
         self.project = nn.ModuleList(StackedLinear(init, w, FUSE_WIDTH) for w in self.widths)

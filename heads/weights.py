@@ -1,7 +1,8 @@
 """A finished run's kept weights on disk: <cache>/runs/<key>/, next to results.sqlite.
 
 `head.safetensors` holds the selected epoch's head as an M = 1 StackedMLP (or StackedHyper, or a
-StackedFusion in front of either) state dict (float32, so scoring from it reproduces the recorded predictions exactly), plus
+StackedFusion in front of either) state dict (float32, so scoring from it reproduces the recorded
+predictions exactly), plus
 `input_mean`/`input_std` for a run trained with `standardize`; a probe's file holds its state dict
 (heads/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
 from the file alone. A fine-tuning run keeps, beside it, what it changed in the backbone at that
@@ -82,8 +83,9 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
     fuse = config.get("fuse")
     inner = "head." if fuse else ""  # a fusion's own head sits under "head."
-    first = state[f"{inner}layer1.weight" if f"{inner}layer1.weight" in state else f"{inner}code.weight"]  # [1, in, out]: the MLP's or the hyper head's
-    hidden = first.shape[2] if f"{inner}layer1.weight" in state else None
+    mlp = f"{inner}layer1.weight" in state
+    first = state[f"{inner}layer1.weight" if mlp else f"{inner}code.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    hidden = first.shape[2] if mlp else None
     stages = None
     if fuse:  # (layer, width) of each stage, from its projection [1, width, FUSE_WIDTH]
         stages = tuple((n, state[f"project.{i}.weight"].shape[1]) for i, n in enumerate(config["layers"]))

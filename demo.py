@@ -7,8 +7,9 @@
    margin over it is what real image statistics buy.
 4. Train the baseline / sig / gated heads over the paper's seeds from the cache, on the
    content-held-out split (test photos are never seen in training), and lay out the results.
-5. A layer sweep in seconds: a tiny random-init Swin (`swin-t@tiny`) extracted with every stage
-   stored (`--layers all`), a baseline head per stage and seed (`iqa head --layer all`).
+5. A small layer sweep: a tiny random-init Swin (`swin-t@tiny`) extracted with every stage
+   stored (`--layers all`, its own store: the ViT's keeps its fingerprint and its runs their keys),
+   a baseline head per stage and seed (`iqa head --layer all`).
 6. Write the report of all those runs (tables, figures with SRCC against layer, index.html) to
    <cache>/report; the table returned is step 4's.
 

@@ -394,6 +394,7 @@ def head_command(
     val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
+    fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.grid import dataset_pairs, expand_grid, head_choices, run_grid
@@ -431,7 +432,7 @@ def head_command(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
-            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
+            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held), fuse=fuse,
         )
         from iqa.heads.selection import check_rule
 
@@ -455,7 +456,7 @@ def head_command(
         fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
                   "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
         for record in records:
-            typer.echo(json.dumps({**{k: record[k] for k in fields}, "layers": record.get("layers")}))
+            typer.echo(json.dumps({**{k: record[k] for k in fields}, "layers": record.get("layers"), "fuse": record.get("fuse")}))
     else:
         typer.echo(results_table(records, layout="variants"), nl=False)
 

@@ -7,7 +7,11 @@
    margin over it is what real image statistics buy.
 4. Train the baseline / sig / gated heads over the paper's seeds from the cache, on the
    content-held-out split (test photos are never seen in training), and lay out the results.
-5. Write the report of those runs (tables, figures, index.html) to <cache>/report.
+5. A small layer sweep: a tiny random-init Swin (`swin-t@tiny`) extracted with every stage
+   stored (`--layers all`, its own store: the ViT's keeps its fingerprint and its runs their keys),
+   a baseline head per stage and seed (`iqa head --layer all`).
+6. Write the report of all those runs (tables, figures with SRCC against layer, index.html) to
+   <cache>/report; the table returned is step 4's.
 
 Every stage writes under the cache and resumes: running the demo again reuses the set, the
 stores and every finished run in the results database.
@@ -23,12 +27,14 @@ DATASET = "demo"
 HEADS = ("baseline", "sig", "gated")
 # (backbone, tiny): what each store holds
 BACKBONES = (("nss", False), ("dinov2", True))
+SWEEP_BACKBONE = "swin-t"  # tiny: two stages, each stored, one baseline head per stage
 
 
 @dataclass
 class DemoResult:
     table: str  # Markdown, mean ± std over seeds
-    records: list[dict]  # one per run, as stored in the results database
+    records: list[dict]  # one per run of step 4, as stored in the results database
+    sweep: list[dict]  # the layer sweep's runs
     cache: Path
     db: Path
     report: Path  # folder holding index.html
@@ -75,11 +81,32 @@ def run_demo(
         )
         load = partial(load_cached, cache, backbone=backbone, tag=tag)
         records += run_grid(configs, load, db, device=device, progress=progress)
+    sweep = layer_sweep(cache, db, seeds, epochs, device, progress)
     report = write_report(
-        records, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne, progress=progress
+        records + sweep, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne,
+        progress=progress,
     )
     model, sample = export_best_nss(cache, db.path, records)
-    return DemoResult(results_table(records, layout="backbones"), records, cache, db.path, report.out, model, sample)
+    return DemoResult(results_table(records, layout="backbones"), records, sweep, cache, db.path, report.out, model, sample)
+
+
+def layer_sweep(cache: Path, db, seeds: tuple[int, ...], epochs: int, device: str, progress: bool) -> list[dict]:
+    """Step 5: every stage of the tiny Swin stored in one pass, then a baseline head per stage and seed."""
+    from iqa.cache.store import load_cached, stored_layers
+    from iqa.extract.backbones import model_tag
+    from iqa.extract.run import ExtractRequest, extract_dataset
+    from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
+
+    request = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, tiny=True, layers="all", progress=progress)
+    summary = extract_dataset(request, device=device)
+    if not summary.ok:
+        raise RuntimeError(f"extraction of {SWEEP_BACKBONE} over the demo set failed: {summary}")
+    tag = model_tag(True, random_init=False)
+    layers = layer_choices("all", None, stored_layers(cache, DATASET, SWEEP_BACKBONE, tag))
+    configs = expand_grid([(DATASET, DATASET)], SWEEP_BACKBONE, head_choices(["baseline"], []), list(seeds),
+                          layer_sets=layers, epochs=epochs, tag=tag, split_by="group")
+    load = partial(load_cached, cache, backbone=SWEEP_BACKBONE, tag=tag)
+    return run_grid(configs, load, db, device=device, progress=progress)
 
 
 def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, tuple[str, float]]:

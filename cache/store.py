@@ -336,6 +336,7 @@ class CachedEmbeddings:
     fingerprint_id: str
     path: Path | str | None = None  # the store, for `select_layers`
     command: str = ""  # the `iqa extract` that makes or repairs the store, for messages
+    stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width) of each, in order
 
 
     @property
@@ -344,7 +345,9 @@ class CachedEmbeddings:
 
     def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
         """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers, self.command), axis=1))
+        arrays = read_layers(EmbeddingStore(self.path), layers, self.command)
+        return replace(self, embeddings=np.concatenate(arrays, axis=1),
+                       stages=tuple((n, a.shape[1]) for n, a in zip(layers, arrays)))
 
 
 def load_cached(

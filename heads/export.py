@@ -78,7 +78,8 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning,
             **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
-        "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {}),
+        "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
+                | ({"fuse": run["fuse"]} if run.get("fuse") else {}),  # the stages fused, not concatenated
         "training": {k: run.get(k) for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},
@@ -101,6 +102,9 @@ def model_card(config: dict) -> str:
         notes.append(f"The backbone was fine-tuned end to end ({regime}"
                      f"{', rank ' + str(b['tuning']['lora_rank']) if regime == 'lora' else ''}); its tuning is in this "
                      f"folder ({'adapter/, PEFT format' if regime == 'lora' else 'backbone.safetensors'}) and is applied on load.")
+    if config["head"].get("fuse"):
+        notes.append(f"The head weighs the stored stages {b['layers']} per image ({config['head']['fuse']} fusion) "
+                     "before the head reads them; the weights come from the deepest stage.")
     probe = config["head"].get("probe")
     if probe:
         chosen = {k: v for k, v in probe.items() if k != "cv_srcc"}

@@ -59,7 +59,7 @@ def expand_grid(
     layer_sets: list[tuple[int, ...] | None] = (None,),
     **shared,
 ) -> list[RunConfig]:
-    """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, ... for all runs.
+    """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, fuse, ... for all runs.
 
     `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's).
     `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed."""
@@ -203,7 +203,8 @@ def stack_inputs(
 ) -> tuple[StackData, list[Member]]:
     """The trainer's inputs for runs that share a stack: their rows into the pools and one Member each.
 
-    Runs of a stack agree on `l2norm` (`_stack_key`); with it, every embedding is scaled to unit length.
+    Runs of a stack agree on `l2norm` and `fuse` (`_stack_key`); with `l2norm`, every embedding is scaled to
+    unit length (the concatenation of the stages, under `fuse`).
     Under `select="val"` each run's validation rows are carved from its own training rows, or are the
     published validation set under `split_by="official"`."""
     scale = l2_normalised if configs[0].l2norm else (lambda x: x)
@@ -221,6 +222,7 @@ def stack_inputs(
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
         val_rows,
+        train.stages if configs[0].fuse is not None else None,
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, member_seed, topk_mask
+from iqa.heads.mlp import StackedLinear, member_seed, register_masks, topk_mask
 
 HYPER = "hyper"
 CODE = 16  # width of the content code c
@@ -48,11 +48,7 @@ class StackedHyper(nn.Module):
             raise ValueError("the hyper head takes no --dropout")
         members = len(seeds)
         self.seeds, self.dropout, self.keep = list(seeds), None, [1.0] * members
-        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
-        if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
-            raise ValueError("mask k needs one value per member, each in (0, 100]")
-        self.register_buffer("mask_k", torch.tensor(mask_k))
-        self.masking = any(k < 100 for k in mask_k)
+        register_masks(self, mask_k, members)
 
         init = [torch.Generator().manual_seed(member_seed(s, "init")) for s in seeds]
         coded = CODE + 1

@@ -50,6 +50,16 @@ def topk_mask(x: torch.Tensor, keep_percent: torch.Tensor) -> torch.Tensor:
     return x * (magnitude >= threshold)
 
 
+def register_masks(module: nn.Module, mask_k: list[float] | None, members: int) -> None:
+    """Each member's top-k level (None: all 100) as `module.mask_k`, an [M] buffer, and `module.masking`,
+    a Python flag (no device sync per step), for heads without dropout's checks beside them."""
+    mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
+    if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
+        raise ValueError("mask k needs one value per member, each in (0, 100]")
+    module.register_buffer("mask_k", torch.tensor(mask_k))
+    module.masking = any(k < 100 for k in mask_k)
+
+
 class StackedLinear(nn.Module):
     """M linear layers: weight [M, in, out], bias [M, out]; member m gets nn.Linear's init from its own generator."""
 

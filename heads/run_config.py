@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from iqa.heads.fusion import check_fusion, fusion_recipe
 from iqa.heads.loss import LOSSES, MARGIN_SCALE
 from iqa.heads.hyper import HYPER, hyper_recipe
 from iqa.heads.mlp import HIDDEN
@@ -64,6 +65,7 @@ class RunConfig:
     select: str = "test"  # which epoch the run keeps and reports: iqa.heads.selection
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
+    fuse: str | None = None  # "attention": the layers fused by heads/fusion.py instead of read concatenated
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -83,30 +85,37 @@ class RunConfig:
                              f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        if self.fuse is not None:
+            check_fusion(self.fuse, self.layers)
+            if self.head in PROBES:
+                raise ValueError(f"--fuse trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
 
     def as_dict(self) -> dict:
-        """The fields; `layers` only where set, so configs without it keep the keys they always had."""
+        """The fields; `layers` and `fuse` only where set, so configs without them keep the keys they always had."""
         d = asdict(self)
-        if d["layers"] is None:
-            del d["layers"]
-        else:
+        for name in ("layers", "fuse"):
+            if d[name] is None:
+                del d[name]
+        if "layers" in d:
             d["layers"] = list(d["layers"])
         return d
 
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model this config sets."""
         return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "standardize": self.standardize, "select": self.select}
+                "standardize": self.standardize, "select": self.select, "fuse": self.fuse}
 
     @property
     def milestones(self) -> tuple[int, ...]:
         return lr_milestones(self.train_dataset)
 
     def recipe(self) -> dict:
-        """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head its sizes)."""
+        """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
+        the fusion their sizes)."""
         probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
         hyper = {"hyper": hyper_recipe()} if self.head == HYPER else {}
-        return probe | hyper | {
+        fusion = {"fusion": fusion_recipe()} if self.fuse is not None else {}
+        return probe | hyper | fusion | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from iqa.heads.activations import GATE_INIT, GatedActivation
+from iqa.heads.fusion import FUSE_WIDTH, StackedFusion, check_fusion
 from iqa.heads.hyper import HYPER, StackedHyper
 from iqa.heads.loss import iqa_loss
 from iqa.heads.metrics import plcc, srcc
@@ -46,8 +47,16 @@ class Member:
 
 
 def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
-               keep: list[float], hidden: int = HIDDEN) -> StackedMLP | StackedHyper:
-    """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper") or the MLP."""
+               keep: list[float], hidden: int = HIDDEN, fuse: str | None = None,
+               stages: tuple[tuple[int, int], ...] | None = None) -> StackedMLP | StackedHyper | StackedFusion:
+    """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper") or the MLP; with
+    `fuse`, that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
+    if fuse is not None:
+        check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
+        if sum(w for _, w in stages) != in_dim:
+            raise ValueError(f"the stages' widths {[w for _, w in stages]} do not add up to the input width {in_dim}")
+        head = make_stack(FUSE_WIDTH, seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden)
+        return StackedFusion(stages, seeds, mask_k, head)
     if HYPER in (act1, act2):
         if (act1, act2) != (HYPER, HYPER):
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
@@ -100,6 +109,7 @@ class StackData:
     y_test: np.ndarray | torch.Tensor
     test_rows: np.ndarray  # [M, n_test]
     val_rows: np.ndarray | None = None  # [M, n_val] into the train pool, for `select="val"`
+    stages: tuple[tuple[int, int], ...] | None = None  # (layer, width) of each concatenated stored layer, for `fuse`
 
 
 @dataclass
@@ -110,7 +120,8 @@ class RunResult:
     best_plcc: float | None  # PLCC at best_epoch
     last_srcc: float | None  # after the final epoch
     last_plcc: float | None
-    # per epoch: train_loss, srcc, plcc, lr; gated heads add g_act1 / g_act2, the gate vector g per epoch
+    # per epoch: train_loss, srcc, plcc, lr; gated heads add g_act1 / g_act2, the gate vector g per epoch;
+    # a fused head adds stage_weights (`stage_weight_record`), a probe its chosen settings
     curves: dict[str, list] = field(default_factory=dict)
     gates: dict | None = None  # final GatedActivation parameters per layer, None without gates
     diverged_epoch: int | None = None
@@ -227,11 +238,14 @@ def train_stack_model(
     weight_decay: float = 0.0,
     standardize: bool = False,
     select: str = "test",
+    fuse: str | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
     `select` picks the epoch each member keeps (see iqa.heads.selection); its weights come back in
-    RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch.
+    RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch. With
+    `fuse` (over `data.stages`), each member's curves also get "stage_weights": the kept epoch's
+    weight per stage on each of its test rows (`stage_weight_record`).
     """
     check_rule(select)
     if select == "val" and data.val_rows is None:
@@ -255,7 +269,7 @@ def train_stack_model(
 
     model = make_stack(
         x_train.shape[1], [m.seed for m in members], act1, act2, [m.mask_k for m in members], dropout,
-        [m.keep for m in members], hidden,
+        [m.keep for m in members], hidden, fuse, data.stages,
     ).to(device)
     loss_name = loss
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
@@ -312,12 +326,34 @@ def train_stack_model(
         if on_epoch is not None:
             on_epoch(epoch + 1)
     results = [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i), select) for i in range(n_members)]
+    stage_weights = _kept_stage_weights(model, kept_state, test_pools, test_rows_t) if fuse is not None else None
     for i, result in enumerate(results):
+        if result.status == "done" and stage_weights is not None:
+            result.curves["stage_weights"] = stage_weight_record(model.layers, test_rows[i], y_test_rows[i], stage_weights[i])
         if result.status == "done":
             result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
             if stats is not None:  # a saved head scales its inputs as it was trained (heads/weights.py)
                 result.weights |= {"input_mean": stats[0][i : i + 1].cpu(), "input_std": stats[1][i : i + 1].cpu()}
     return model, results
+
+
+@torch.no_grad()
+def _kept_stage_weights(model: StackedFusion, kept: dict[str, torch.Tensor], pools: MaskedPools, rows: torch.Tensor,
+                        chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """Each member's stage weights [M, n, stages] on its rows, with the weights of the epoch it kept."""
+    current = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    model.load_state_dict(kept)
+    weights = torch.cat([model.stage_weights(pools.rows(rows[:, i : i + chunk]), inputs_masked=True)
+                         for i in range(0, rows.shape[1], chunk)], dim=1)
+    model.load_state_dict(current)
+    return weights
+
+
+def stage_weight_record(layers: tuple[int, ...], rows: np.ndarray, targets: torch.Tensor, weights: torch.Tensor) -> dict:
+    """What a fused run stores for the report (the stage weights against quality, SMART-IQA's Fig. 4):
+    its test rows, their targets and, per row, one weight per stage (rounded to 4 decimals)."""
+    return {"layers": list(layers), "rows": np.asarray(rows).tolist(), "target": targets.cpu().numpy().round(4).tolist(),
+            "weights": weights.cpu().numpy().round(4).tolist()}
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """A finished run's kept weights on disk: <cache>/runs/<key>/, next to results.sqlite.
 
-`head.safetensors` holds the selected epoch's head as an M = 1 StackedMLP (or StackedHyper) state
-dict (float32, so scoring from it reproduces the recorded predictions exactly), plus
+`head.safetensors` holds the selected epoch's head as an M = 1 StackedMLP (or StackedHyper, or a
+StackedFusion in front of either) state dict (float32, so scoring from it reproduces the recorded
+predictions exactly), plus
 `input_mean`/`input_std` for a run trained with `standardize`; a probe's file holds its state dict
 (heads/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
 from the file alone. A fine-tuning run keeps, beside it, what it changed in the backbone at that
@@ -80,10 +81,17 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
     if config.get("standardize") and scaling[0] is None:
         raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
-    first = state["layer1.weight" if "layer1.weight" in state else "code.weight"]  # [1, in, out]: the MLP's or the hyper head's
-    hidden = state["layer1.weight"].shape[2] if "layer1.weight" in state else None
-    head = make_stack(first.shape[1], [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
-                      config["dropout"], [config["keep"]], *([hidden] if hidden else []))
+    fuse = config.get("fuse")
+    inner = "head." if fuse else ""  # a fusion's own head sits under "head."
+    mlp = f"{inner}layer1.weight" in state
+    first = state[f"{inner}layer1.weight" if mlp else f"{inner}code.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    hidden = first.shape[2] if mlp else None
+    stages = None
+    if fuse:  # (layer, width) of each stage, from its projection [1, width, FUSE_WIDTH]
+        stages = tuple((n, state[f"project.{i}.weight"].shape[1]) for i, n in enumerate(config["layers"]))
+    in_dim = first.shape[1] if stages is None else sum(w for _, w in stages)
+    head = make_stack(in_dim, [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
+                      config["dropout"], [config["keep"]], *([hidden] if hidden else []), fuse=fuse, stages=stages)
     head.load_state_dict(state)
     if scaling[0] is not None:
         head = StandardizedHead(head, *scaling)

@@ -165,3 +165,50 @@ def test_hyper_head_trained_alone_matches_it_inside_a_stack_and_reloads(tmp_path
     assert float(srcc(pred, torch.as_tensor(y[240:])[None])[0]) == pytest.approx(alone.best_srcc, abs=1e-6)
     with pytest.raises(ValueError, match="dropout"):
         train_stack(data_for(x, y, 1), [Member(8)], "hyper", "hyper", "layers", epochs=1)
+
+
+def test_fused_head_trained_alone_matches_it_inside_a_stack_and_reloads_with_its_stage_weights(tmp_path, one_thread):
+    """--fuse attention: the fusion in front of the MLP trains as if alone inside a stack (with a gated MLP,
+    a masked mate and a dropout mate), learns, reloads from disk to the recorded predictions, and records
+    per test row the kept epoch's stage weights (a softmax: one weight per stage, summing to 1)."""
+    from iqa.heads.fusion import StackedFusion
+    from iqa.heads.metrics import srcc
+    from iqa.heads.weights import load_head, save_head
+
+    x, y = learnable_set()
+    stages = ((2, 20), (1, 12))  # input = layer 2's 20 columns then layer 1's 12: the deepest is named first
+    fused = dict(epochs=3, hidden=64, fuse="attention")
+
+    def data(members):
+        d = data_for(x, y, members)
+        d.stages = stages
+        return d
+
+    alone = train_stack(data(1), [Member(8, lr=1e-3)], "gated", "gated", "layers", **fused)[0]
+    mates = [Member(19, mask_k=50, lr=1e-3), Member(8, lr=1e-3), Member(25, keep=0.5, lr=1e-3)]
+    stacked = train_stack(data(3), mates, "gated", "gated", "layers", **fused)[1]
+    assert stacked.curves["train_loss"] == pytest.approx(alone.curves["train_loss"], rel=1e-4)
+    assert stacked.last_srcc == pytest.approx(alone.last_srcc, abs=1e-5)
+    assert len(alone.curves["g_act1"]) == 3  # the MLP's gate is recorded behind the fusion too
+    assert alone.best_srcc > 0.5 and alone.curves["srcc"][-1] > alone.curves["srcc"][0]  # it learns
+
+    record = alone.curves["stage_weights"]
+    weights = np.array(record["weights"])
+    assert record["layers"] == [2, 1] and record["rows"] == list(range(240, 300))
+    assert weights.shape == (60, 2) and np.allclose(weights.sum(1), 1, atol=1e-3) and weights.std(0).max() > 0
+    np.testing.assert_allclose(record["target"], y[240:], atol=1e-4)
+    np.testing.assert_allclose(stacked.curves["stage_weights"]["weights"], weights, atol=1e-3)
+
+    config = {"head": "gated", "act1": "gated", "act2": "gated", "seed": 8, "mask_k": 100.0, "dropout": "layers",
+              "keep": 1.0, "layers": [2, 1], "fuse": "attention"}
+    head, _ = load_head(save_head(tmp_path / "head.safetensors", alone.weights, config))
+    assert isinstance(head, StackedFusion) and head.deepest == 0
+    with torch.no_grad():
+        test_x = torch.as_tensor(x[240:])[None]
+        pred, reloaded = head(test_x), head.stage_weights(test_x)[0].numpy()
+    assert float(srcc(pred, torch.as_tensor(y[240:])[None])[0]) == pytest.approx(alone.best_srcc, abs=1e-6)
+    np.testing.assert_allclose(reloaded, weights, atol=1e-4)  # recorded with the kept epoch's weights
+    with pytest.raises(ValueError, match="widths"):
+        d = data(1)
+        d.stages = ((2, 20), (1, 11))
+        train_stack(d, [Member(8)], **fused)

@@ -2,7 +2,8 @@
 
 Layout of the report folder (default <cache>/report):
 - `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
-- `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE;
+- `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE,
+  SRCC against layer, stage weights against quality and the stage-wise t-SNE (heads/report/stages.py);
 - `profile.md|.csv`: Table S5 for the profiled backbones;
 - `index.html`: all of it on one static page (relative links; opens from disk);
 - with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py);
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from iqa.cache.atomic import building_folder, folder_state
 from iqa.extract.registry import BACKBONES
-from iqa.heads.report import figures
+from iqa.data.distortion_types import distortion_types
+from iqa.heads.report import figures, stages
 from iqa.heads.report.explanations import ExplainedModels, write_explanations
 from iqa.heads.grid import Cached
 from iqa.heads.mlp import HEADS
@@ -195,12 +197,17 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
     sweep = [r for r in runs if len(r.get("layers") or []) == 1]  # iqa head --layer all
     if len({r["layers"][0] for r in sweep}) > 1:
         named.append(("SRCC against layer (Fig. S5)", "srcc_vs_layer", figures.layer_figure(sweep)))
+    fused = stages.stage_weight_figures(runs)
+    named += [(f"Stage weights against quality (SMART-IQA Fig. 4): {n}", n, fig) for n, fig in fused]
+    if not fused:
+        summary.notes.append("stage weights against quality: no fused runs (iqa head --layers 4,3 --fuse attention)")
     trained = [r for r in runs if r["head"] not in PROBES]  # a probe has no epochs and no hidden features
     named += [(f"Learning curves: {n}", n, fig) for n, fig in figures.learning_curve_figures(trained)]
     for title, name, fig in named:
         _add_figure(fig, folder, name, title, summary, page)
     if load is not None:
         _tsne_figures(trained, load, folder, device, progress, summary, page)
+        _stage_tsne_figures(runs, load, folder, progress, summary, page)
 
 
 def _add_figure(fig, folder: Path, name: str, title: str, summary: ReportSummary, page: _Page) -> None:
@@ -215,10 +222,11 @@ def _head_order(head: str) -> tuple:
 
 
 def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool, summary: ReportSummary, page: _Page) -> None:
-    """Per (backbone, tag, dataset) of frozen runs without ablation: encoder, then each head, first seed."""
+    """Per (backbone, tag, dataset) of frozen runs without ablation: encoder, then each head, first seed.
+    Runs on stored layers are left to the stage-wise t-SNE (`_stage_tsne_figures`)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        if within(run) and plain(run) and run["regime"] == "frozen" and run["status"] == "done":
+        if within(run) and plain(run) and run["regime"] == "frozen" and run["status"] == "done" and not run.get("layers"):
             groups.setdefault((run["backbone"], run.get("tag"), run["train_dataset"]), []).append(run)
     if not groups:
         summary.notes.append("t-SNE: no finished frozen-backbone runs without ablation")
@@ -232,7 +240,7 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
         try:
             cached = load(dataset, backbone, tag)
             features = [retrained_features(run, cached, cached, device) for run in chosen]
-        except (FileNotFoundError, ValueError, KeyError) as error:
+        except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
             summary.notes.append(f"t-SNE {label}: skipped ({str(error).strip(chr(39))})")
             continue
         raw_train, _, train_y = features[0]["train"]
@@ -244,6 +252,35 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
         title = f"t-SNE of the last hidden features: {label}"
         _add_figure(figures.tsne_figure(title, panels), folder, figures.stem("tsne", backbone, tag or "", dataset),
                     title, summary, page)
+
+
+def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summary: ReportSummary, page: _Page) -> None:
+    """Per (backbone, tag, dataset) whose stored layers runs trained on, where the file names give the
+    distortion types (KADID-10k, the demo set): every stored layer's vectors, one t-SNE panel each."""
+    groups = sorted({(r["backbone"], r.get("tag"), d) for r in runs if r.get("layers") and r["regime"] == "frozen"
+                     for d in (r["train_dataset"], r["test_dataset"])}, key=str)
+    shown = 0
+    for backbone, tag, dataset in tqdm(groups, desc="stage t-SNE", disable=not progress):
+        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}"
+        try:
+            cached = load(dataset, backbone, tag)
+            types = distortion_types(dataset, cached.manifest.paths)
+            if types is None:
+                continue
+            layers, rows = stages.stage_points(list(cached.fingerprint.get("layers", [])), cached.valid)
+            panels = [(n, tsne_2d(cached.select_layers((n,)).embeddings[rows])) for n in layers]
+        except ImportError as error:  # scikit-learn missing: the rest of the report stands
+            summary.notes.append(f"stage t-SNE: skipped ({error})")
+            return
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            summary.notes.append(f"stage t-SNE {label}: skipped ({str(error).strip(chr(39))})")
+            continue
+        title = f"t-SNE of stored layer features by distortion type: {label} ({len(rows)} images)"
+        _add_figure(stages.stage_tsne_figure(title, panels, [types[i] for i in rows]), folder,
+                    figures.stem("tsne_stages", backbone, tag or "", dataset), title, summary, page)
+        shown += 1
+    if not shown:
+        summary.notes.append("stage t-SNE (Life-IQA Fig. 10): no runs on stored layers of KADID-10k or the demo set")
 
 
 def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page) -> None:

@@ -11,7 +11,6 @@ from dataclasses import fields
 
 import numpy as np
 import torch
-from sklearn.manifold import TSNE
 
 from iqa.heads.grid import Cached, run_rows, stack_inputs
 from iqa.heads.run_config import RunConfig
@@ -54,6 +53,10 @@ def tsne_2d(points: np.ndarray, seed: int = 0) -> np.ndarray:
 
     Exact gradients: at MAX_POINTS or fewer they were faster than Barnes-Hut here (400 points: 3.4 s vs 11 s).
     """
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ImportError("t-SNE needs scikit-learn, a dependency of iqa: pip install 'scikit-learn>=1.4'") from None
     perplexity = min(30.0, (len(points) - 1) / 3)
     tsne = TSNE(2, perplexity=perplexity, init="pca", method="exact", random_state=seed)
     return tsne.fit_transform(np.asarray(points, dtype=np.float32))

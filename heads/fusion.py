@@ -1,0 +1,90 @@
+"""StackedFusion: M attention-fusion heads over stored stages (`--layers 4,3 --fuse attention`).
+
+SMART-IQA's channel attention over stages (Sec. III-C, III-D) on pooled stage vectors:
+
+    u_s   = P_s x_s + p_s                           each stage projected to a common width (the AFA's 1x1 conv)
+    z     = ReLU(W1 x_K + b1)                       read from the deepest stage K alone (Eq. 6-7)
+    alpha = softmax(W2 z + b2)                      one input-dependent weight per stage, summing to 1
+    v     = sum_s alpha_s u_s                       the weighted sum, then the run's usual head on v
+
+The paper squashes each logit with its own sigmoid and concatenates the weighted stages; its
+Fig. 4 reads the weights as shares of one whole, which the softmax makes them by construction,
+and the sum keeps the head's input at one stage's width whatever the number of stages. The
+input is the stages' vectors concatenated in the order named (the pairing study's input), split
+here by their widths; the deepest stage is the one of highest number. Every tensor is [M, ...],
+member m's rows drawn from its own generator ("fusion", apart from the head's "init" stream),
+and no operation mixes rows: members train as if alone, as the MLP's do (heads/mlp.py).
+"""
+
+import torch
+from torch import nn
+
+from iqa.heads.mlp import StackedLinear, member_seed, register_masks, topk_mask
+
+FUSIONS = ("attention",)
+FUSE_WIDTH = 512  # SMART-IQA's C_unified (App. B)
+GATE_HIDDEN = 128  # its d_hidden of the gating network
+
+
+def fusion_recipe() -> dict:
+    return {"width": FUSE_WIDTH, "gate_hidden": GATE_HIDDEN, "gate": "softmax over stages", "combine": "weighted sum"}
+
+
+def check_fusion(fuse: str, layers: tuple[int, ...] | None) -> None:
+    if fuse not in FUSIONS:
+        raise ValueError(f"unknown fusion {fuse!r}; choose from {', '.join(FUSIONS)}")
+    if layers is None or len(layers) < 2:
+        raise ValueError("--fuse weighs stages against each other: give two or more with --layers, e.g. --layers 4,3")
+
+
+class StackedFusion(nn.Module):
+    """M fusion heads over `stages` ((layer, width) in input order), each feeding its member of `head`
+    (a stacked head of input width FUSE_WIDTH, built without masking: the fusion masks its own input)."""
+
+    def __init__(self, stages: tuple[tuple[int, int], ...], seeds: list[int], mask_k: list[float] | None, head: nn.Module):
+        super().__init__()
+        members = len(seeds)
+        self.layers = tuple(int(n) for n, _ in stages)
+        self.widths = [int(w) for _, w in stages]
+        self.deepest = self.layers.index(max(self.layers))
+        self.seeds, self.dropout, self.keep = list(seeds), head.dropout, head.keep
+        register_masks(self, mask_k, members)
+
+        init = [torch.Generator().manual_seed(member_seed(s, "fusion")) for s in seeds]
+        self.project = nn.ModuleList(StackedLinear(init, w, FUSE_WIDTH) for w in self.widths)
+        self.gate1 = StackedLinear(init, self.widths[self.deepest], GATE_HIDDEN)
+        self.gate2 = StackedLinear(init, GATE_HIDDEN, len(self.widths))
+        self.head = head
+
+    @property
+    def act1(self) -> nn.Module | None:  # the trainer records gated activations' curves by these names
+        return getattr(self.head, "act1", None)
+
+    @property
+    def act2(self) -> nn.Module | None:
+        return getattr(self.head, "act2", None)
+
+    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return topk_mask(x, self.mask_k) if self.masking else x
+
+    def _stage_weights(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.softmax(self.gate2(nn.functional.relu(self.gate1(parts[self.deepest]))), -1)
+
+    def stage_weights(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """alpha, [M, B, stages] (rows sum to 1), in the order the stages were named."""
+        x = x if inputs_masked else self.mask_inputs(x)
+        return self._stage_weights(x.split(self.widths, -1))
+
+    def fused(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """v, the weighted sum of the projected stages: [M, B, FUSE_WIDTH]."""
+        parts = (x if inputs_masked else self.mask_inputs(x)).split(self.widths, -1)
+        projected = torch.stack([p(part) for p, part in zip(self.project, parts)], -1)  # [M, B, width, stages]
+        return (projected * self._stage_weights(parts)[..., None, :]).sum(-1)
+
+    def features(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """The head's hidden features on v (for t-SNE)."""
+        return self.head.features(self.fused(x, inputs_masked), inputs_masked=True)
+
+    def forward(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
+        """x [M, B, sum of widths] -> predicted quality [M, B]."""
+        return self.head(self.fused(x, inputs_masked), inputs_masked=True)

@@ -246,6 +246,7 @@ class CachedEmbeddings:
     fingerprint: dict
     fingerprint_id: str
     path: Path | str | None = None  # the store, for `select_layers`
+    layer_columns: dict[int, tuple[int, int]] | None = None  # after `select_layers`: where each layer sits in embeddings
 
     @property
     def targets(self) -> np.ndarray:
@@ -253,7 +254,10 @@ class CachedEmbeddings:
 
     def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
         """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        return replace(self, embeddings=np.concatenate(read_layers(EmbeddingStore(self.path), layers), axis=1))
+        arrays = read_layers(EmbeddingStore(self.path), layers)
+        stops = np.cumsum([a.shape[1] for a in arrays]).tolist()
+        columns = {n: (stop - a.shape[1], stop) for n, a, stop in zip(layers, arrays, stops)}
+        return replace(self, embeddings=np.concatenate(arrays, axis=1), layer_columns=columns)
 
 
 def load_cached(

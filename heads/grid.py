@@ -35,6 +35,7 @@ class Cached(Protocol):
     valid: np.ndarray  # [N] bool, False where the image failed
     manifest: Manifest
     fingerprint_id: str
+    layer_columns: dict[int, tuple[int, int]] | None  # after select_layers: each layer's (start, stop) columns
 
 
 def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
@@ -221,8 +222,16 @@ def stack_inputs(
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
         val_rows,
+        content_columns(configs[0], train),
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
+
+
+def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:
+    """What a hyper head's hyper-network reads: on stored layers the deepest one (SMART-IQA's F^K), else everything."""
+    if config.head != HYPER or not config.layers:
+        return None
+    return train.layer_columns[max(config.layers)]
 
 
 def validation_rows(config: RunConfig, train_rows: np.ndarray, train: Cached) -> tuple[np.ndarray, np.ndarray]:

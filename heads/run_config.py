@@ -102,7 +102,7 @@ class RunConfig:
     def recipe(self) -> dict:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head its sizes)."""
         probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
-        hyper = {"hyper": hyper_recipe()} if self.head == HYPER else {}
+        hyper = {"hyper": hyper_recipe(self.layers)} if self.head == HYPER else {}
         return probe | hyper | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),

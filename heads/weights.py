@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from iqa.cache.atomic import atomic_path, building_folder
-from iqa.heads.mlp import StackedMLP
+from iqa.heads.mlp import HIDDEN, StackedMLP
 from iqa.heads.probes import PROBES, probe_from_state
 from iqa.heads.train import make_stack
 
@@ -80,10 +80,11 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
     if config.get("standardize") and scaling[0] is None:
         raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")
-    first = state["layer1.weight" if "layer1.weight" in state else "code.weight"]  # [1, in, out]: the MLP's or the hyper head's
-    hidden = state["layer1.weight"].shape[2] if "layer1.weight" in state else None
+    first = state["layer1.weight" if "layer1.weight" in state else "project.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    hidden = state["layer1.weight"].shape[2] if "layer1.weight" in state else HIDDEN
+    content = tuple(state["content_columns"][0].tolist()) if "content_columns" in state else None
     head = make_stack(first.shape[1], [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
-                      config["dropout"], [config["keep"]], *([hidden] if hidden else []))
+                      config["dropout"], [config["keep"]], hidden, content)
     head.load_state_dict(state)
     if scaling[0] is not None:
         head = StandardizedHead(head, *scaling)

@@ -104,3 +104,30 @@ def test_cli_layer_sweep_and_pair(layered_cache):
     assert table.exit_code == 0 and "| baseline | 1 |" in table.output and "| baseline | 2 |" in table.output, table.output
     missing = CliRunner().invoke(app, [*common, "--layer", "7"])
     assert missing.exit_code != 0 and "not [7]" in missing.output and "Traceback" not in missing.output, missing.output
+
+
+
+def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_recorded(layered_cache, tmp_path):
+    from iqa.heads.grid import run_rows
+    from iqa.heads.metrics import srcc
+    from iqa.heads.weights import load_head, run_weights_path
+
+    configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["hyper"], []), [8], layer_sets=[(1, 2)], **SHARED)
+    db = ResultsDB(tmp_path / "h.sqlite")
+    cached = load_cached(layered_cache, "toy", "swin-t", "tiny")
+    run = run_grid(configs, lambda name: cached, db, progress=False)[0]
+    first, deepest = (load_layer(layered_cache, "toy", "swin-t", n, "tiny") for n in (1, 2))
+    head, _ = load_head(run_weights_path(db.path, run["key"]))
+    assert head.content == slice(first.shape[1], first.shape[1] + deepest.shape[1])  # layer 2, after layer 1
+    assert configs[0].recipe()["hyper"]["hyper_reads"] == "the deepest of the layers"
+    assert "hyper_reads" not in replace(configs[0], layers=None).recipe()["hyper"]  # one embedding: keys unchanged
+    stored = torch.from_numpy(np.concatenate([first, deepest], axis=1))
+    _, test_rows = run_rows(configs[0], cached, cached)
+    with torch.no_grad():
+        pred = head(stored[test_rows][None])
+    assert float(srcc(pred, torch.as_tensor(cached.targets[test_rows])[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-6)
+    model = load_model(export_run(layered_cache, db.path, run, tmp_path / "model"))
+    scored, _ = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
+    with torch.no_grad():
+        every_row = head(stored[None])[0]
+    np.testing.assert_allclose([s.score for s in scored], every_row.numpy(), atol=1e-6)  # the model reads the same columns

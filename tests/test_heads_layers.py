@@ -110,6 +110,7 @@ def test_cli_layer_sweep_and_pair(layered_cache):
 def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_recorded(layered_cache, tmp_path):
     from iqa.heads.grid import run_rows
     from iqa.heads.metrics import srcc
+    from iqa.heads.report.scatter import kept_predictions
     from iqa.heads.weights import load_head, run_weights_path
 
     configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["hyper"], []), [8], layer_sets=[(1, 2)], **SHARED)
@@ -126,6 +127,7 @@ def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_record
     with torch.no_grad():
         pred = head(stored[test_rows][None])
     assert float(srcc(pred, torch.as_tensor(cached.targets[test_rows])[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-6)
+    assert kept_predictions(run, db.path, cached, cached)["srcc"] == pytest.approx(run["best_srcc"], abs=1e-6)  # the report's scatter
     model = load_model(export_run(layered_cache, db.path, run, tmp_path / "model"))
     scored, _ = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
     with torch.no_grad():

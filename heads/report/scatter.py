@@ -23,6 +23,7 @@ from iqa.heads.weights import load_head, run_weights_path  # noqa: E402
 
 LARGE_ERRORS = 0.1  # the share of test images drawn as large errors (the paper's top 10%)
 NAMED_ERRORS = 3  # the largest errors also named by their image
+COLUMNS = 3  # panels per row
 
 
 def kept_predictions(run: dict, results_db: Path, train: Cached, test: Cached) -> dict:
@@ -52,8 +53,12 @@ def scatter_figure(title: str, panels: list[tuple[str, dict]], test: Cached):
     """panels: (label, `kept_predictions`) per model; axes on the test set's MOS scale."""
     manifest = test.manifest
     to_mos = mos_map(manifest.scores, manifest.targets)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False, layout="constrained")
-    for (label, p), ax in zip(panels, axes[0]):
+    columns = min(COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for (label, p), ax in zip(panels, axes.ravel()):
         mos = manifest.scores[p["rows"]]
         pred = to_mos["scale"] * p["pred"] + to_mos["offset"]
         error = np.abs(pred - mos)
@@ -61,9 +66,9 @@ def scatter_figure(title: str, panels: list[tuple[str, dict]], test: Cached):
         ax.scatter(mos[~large], pred[~large], s=8, alpha=0.6, linewidths=0, color="tab:blue", label="prediction")
         ax.scatter(mos[large], pred[large], s=10, alpha=0.9, linewidths=0, color="tab:red",
                    label=f"largest {LARGE_ERRORS:.0%} errors")
-        for i in np.argsort(-error)[:NAMED_ERRORS]:
+        for n, i in enumerate(np.argsort(-error)[:NAMED_ERRORS]):  # names stacked apart: large errors cluster
             ax.annotate(Path(manifest.paths[p["rows"][i]]).name, (mos[i], pred[i]), fontsize=6, color="tab:red",
-                        xytext=(3, 3), textcoords="offset points")
+                        xytext=(4, 4 + 9 * n), textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "tab:red", "lw": 0.5})
         low, high = min(mos.min(), pred.min()), max(mos.max(), pred.max())
         ax.plot([low, high], [low, high], color="grey", lw=1, ls="--")
         ax.set_title(f"{label}\nSRCC {p['srcc']:.3f}, {len(mos)} test images", fontsize=9)

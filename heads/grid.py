@@ -227,6 +227,14 @@ def stack_inputs(
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
 
 
+def as_read(config: RunConfig, train: Cached, test: Cached) -> tuple[Cached, Cached]:
+    """The datasets as the run's head reads them: its stored layers concatenated where it names them."""
+    if not config.layers:
+        return train, test
+    chosen = train.select_layers(config.layers)
+    return chosen, chosen if test is train else test.select_layers(config.layers)
+
+
 def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:
     """What a hyper head's hyper-network reads: on stored layers the deepest one (SMART-IQA's F^K), else everything."""
     if config.head != HYPER or not config.layers:

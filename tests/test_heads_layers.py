@@ -111,6 +111,7 @@ def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_record
     from iqa.heads.grid import run_rows
     from iqa.heads.metrics import srcc
     from iqa.heads.report.scatter import kept_predictions
+    from iqa.heads.report.tsne import retrained_features
     from iqa.heads.weights import load_head, run_weights_path
 
     configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["hyper"], []), [8], layer_sets=[(1, 2)], **SHARED)
@@ -128,6 +129,7 @@ def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_record
         pred = head(stored[test_rows][None])
     assert float(srcc(pred, torch.as_tensor(cached.targets[test_rows])[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-6)
     assert kept_predictions(run, db.path, cached, cached)["srcc"] == pytest.approx(run["best_srcc"], abs=1e-6)  # the report's scatter
+    assert retrained_features(run, cached, cached)["retrained_srcc"] == pytest.approx(run["best_srcc"], abs=1e-4)  # its t-SNE
     model = load_model(export_run(layered_cache, db.path, run, tmp_path / "model"))
     scored, _ = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from iqa.heads.export import mos_map  # noqa: E402
-from iqa.heads.grid import Cached, run_rows, stack_inputs  # noqa: E402
+from iqa.heads.grid import Cached, as_read, run_rows, stack_inputs  # noqa: E402
 from iqa.heads.metrics import srcc  # noqa: E402
 from iqa.heads.report.tsne import run_config  # noqa: E402
 from iqa.heads.weights import load_head, run_weights_path  # noqa: E402
@@ -34,10 +34,7 @@ def kept_predictions(run: dict, results_db: Path, train: Cached, test: Cached) -
     weights = run_weights_path(results_db, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing)")
-    if config.layers:  # the stored layers the head was trained on
-        same = test is train
-        train = train.select_layers(config.layers)
-        test = train if same else test.select_layers(config.layers)
+    train, test = as_read(config, train, test)
     rows = run_rows(config, train, test)
     data, _ = stack_inputs([config], [rows], train, test)
     test_rows = data.test_rows[0]

@@ -600,12 +600,13 @@ def report_command(
     from iqa.heads.report.build import default_profile, write_report
 
     root = cache_dir(cache)
-    runs = existing_runs(existing_db(db, root))
+    results_db = existing_db(db, root)
+    runs = existing_runs(results_db)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     explained = _explained_models(explain, explain_set, root, device) if explain else None
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
-                               paper=paper, explanations=explained)
+                               paper=paper, explanations=explained, results_db=results_db)
     except ValueError as error:
         fail(str(error))
     except OSError as error:

@@ -5,13 +5,15 @@ Two label files are published and both are read:
   1-5 scale, target = MOS / 5 (SPEC.md);
 - `koniq10k_distributions_sets.csv` (the repository's metadata variant): `MOS` on the 0-100
   z-score scale plus the official `set` column (training/validation/test), target = MOS / 100.
-The main file is used when both are present; `score_scale` names the file and scale used.
+The main file is used when both are present, and the `set` column is then read from the sets file
+by image name, so `--split-by official` works on the paper's targets; `score_scale` names the file
+and scale used, `sources` every file read.
 """
 
 from pathlib import Path
 
-from iqa.cache.manifest import Manifest
-from iqa.data.readers import DatasetError
+from iqa.cache.manifest import Manifest, file_sha256
+from iqa.data.readers import DatasetError, read_csv_columns, to_names
 from iqa.data.table_release import TableRelease
 
 RELEASE_COUNT = 10_073
@@ -42,7 +44,24 @@ VARIANTS = (
 
 
 def load(root: Path, images: str | None = None) -> Manifest:
-    for variant in VARIANTS:
-        if (root / variant.labels).is_file():
-            return variant.load(root, images)
-    raise DatasetError(f"label file not found: neither {' nor '.join(v.labels for v in VARIANTS)} in {root}")
+    main, sets = VARIANTS
+    if not (root / main.labels).is_file():
+        if (root / sets.labels).is_file():
+            return sets.load(root, images)
+        raise DatasetError(f"label file not found: neither {' nor '.join(v.labels for v in VARIANTS)} in {root}")
+    manifest = main.load(root, images)
+    if (root / sets.labels).is_file():
+        manifest.extras["set"] = published_sets(root / sets.labels, manifest.paths)
+        manifest.sources[sets.labels] = file_sha256(root / sets.labels)
+    return manifest
+
+
+def published_sets(labels: Path, paths: list[str]) -> list[str]:
+    """The sets file's `set` of each image in `paths`, matched by name; every image must be listed."""
+    table = read_csv_columns(labels, ["image_name", "set"])
+    of = dict(zip(to_names(table["image_name"], "image_name", labels), table["set"]))
+    missing = [p for p in paths if p not in of]
+    if missing:
+        raise DatasetError(f"{labels.name} lists no set for {len(missing)} images of the main release file "
+                           f"(first: {missing[0]}); use the sets file of the same release, or remove it")
+    return [of[p] for p in paths]

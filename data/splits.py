@@ -72,7 +72,8 @@ def official_split(sets: list[str] | None) -> dict[str, np.ndarray]:
     """Sorted rows of each published set (training, validation, test) from a manifest's `set` column."""
     if sets is None:
         raise ValueError("--split-by official needs the dataset's published split (a `set` column); of the "
-                         "adapters only koniq10k has one, prepared from koniq10k_distributions_sets.csv alone")
+                         "adapters only koniq10k has one: add koniq10k_distributions_sets.csv to its --root "
+                         "and run `iqa data prepare koniq10k` again")
     unknown = sorted(set(sets) - set(OFFICIAL_SETS))
     if unknown:
         raise ValueError(f"the `set` column holds {unknown}; the published split names only {', '.join(OFFICIAL_SETS)}")

@@ -35,6 +35,7 @@ class Cached(Protocol):
     valid: np.ndarray  # [N] bool, False where the image failed
     manifest: Manifest
     fingerprint_id: str
+    stages: tuple[tuple[int, int], ...] | None  # after select_layers: (layer, width) of each, in column order
 
 
 def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
@@ -223,8 +224,28 @@ def stack_inputs(
         np.stack([test_rows for _, test_rows in rows]),
         val_rows,
         train.stages if configs[0].fuse is not None else None,
+        content_columns(configs[0], train),
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
+
+
+def as_read(config: RunConfig, train: Cached, test: Cached) -> tuple[Cached, Cached]:
+    """The datasets as the run's head reads them: its stored layers concatenated where it names them."""
+    if not config.layers:
+        return train, test
+    chosen = train.select_layers(config.layers)
+    return chosen, chosen if test is train else test.select_layers(config.layers)
+
+
+def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:
+    """What a hyper head's hyper-network reads: on stored layers the deepest one (SMART-IQA's F^K), else everything."""
+    if config.head != HYPER or not config.layers or config.fuse is not None:  # behind a fusion it reads the fused vector
+        return None
+    start = 0
+    for layer, width in train.stages:
+        if layer == max(config.layers):
+            return start, start + width
+        start += width
 
 
 def validation_rows(config: RunConfig, train_rows: np.ndarray, train: Cached) -> tuple[np.ndarray, np.ndarray]:

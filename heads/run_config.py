@@ -113,7 +113,7 @@ class RunConfig:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
         the fusion their sizes)."""
         probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
-        hyper = {"hyper": hyper_recipe()} if self.head == HYPER else {}
+        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
         fusion = {"fusion": fusion_recipe()} if self.fuse is not None else {}
         return probe | hyper | fusion | {
             "trainer_version": TRAINER_VERSION,

@@ -48,9 +48,11 @@ class Member:
 
 def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
                keep: list[float], hidden: int = HIDDEN, fuse: str | None = None,
-               stages: tuple[tuple[int, int], ...] | None = None) -> StackedMLP | StackedHyper | StackedFusion:
-    """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper") or the MLP; with
-    `fuse`, that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
+               stages: tuple[tuple[int, int], ...] | None = None,
+               content: tuple[int, int] | None = None) -> StackedMLP | StackedHyper | StackedFusion:
+    """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper"), its hyper-network
+    reading the `content` columns (all where None), or the MLP, which reads every column; with `fuse`,
+    that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
     if fuse is not None:
         check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
         if sum(w for _, w in stages) != in_dim:
@@ -62,7 +64,7 @@ def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
         if any(p != 1 for p in keep):
             raise ValueError("the hyper head takes no dropout keep below 1")
-        return StackedHyper(in_dim, seeds, mask_k, dropout)
+        return StackedHyper(in_dim, seeds, mask_k, dropout, content)
     return StackedMLP(in_dim, seeds, act1, act2, mask_k=mask_k, dropout=dropout, keep=keep, hidden=hidden)
 
 
@@ -110,6 +112,7 @@ class StackData:
     test_rows: np.ndarray  # [M, n_test]
     val_rows: np.ndarray | None = None  # [M, n_val] into the train pool, for `select="val"`
     stages: tuple[tuple[int, int], ...] | None = None  # (layer, width) of each concatenated stored layer, for `fuse`
+    content_columns: tuple[int, int] | None = None  # (start, stop): the content group a hyper head's hyper-network reads
 
 
 @dataclass
@@ -269,7 +272,7 @@ def train_stack_model(
 
     model = make_stack(
         x_train.shape[1], [m.seed for m in members], act1, act2, [m.mask_k for m in members], dropout,
-        [m.keep for m in members], hidden, fuse, data.stages,
+        [m.keep for m in members], hidden, fuse, data.stages, data.content_columns,
     ).to(device)
     loss_name = loss
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)

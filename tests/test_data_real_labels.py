@@ -13,8 +13,9 @@ import pytest
 from iqa.data import flive
 from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.data.prepare import dataset_summary, prepare_dataset
+from iqa.data.readers import DatasetError
 from iqa.data.splits import official_split
-from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images
+from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images, write_csv
 
 pytestmark = needs_shared_labels
 
@@ -47,6 +48,41 @@ def test_koniq10k_sets_variant_is_read_on_its_0_100_scale(tmp_path):
     assert [again.paths[i] for i in published["validation"]] == [r["image_name"] for r in rows if r["set"] == "validation"]
     summary = dataset_summary(again, [8, 19], "official")
     assert summary["splits"] == {"8": {"train": 7058, "test": 2015}, "19": {"train": 7058, "test": 2015}}
+
+
+
+def main_release_from(rows: list[dict], order: np.ndarray) -> list[list]:
+    """Rows in the main release file's layout (MOS 1-5, MOS_zscore 0-100), in another order than the sets file."""
+    return [[rows[i]["image_name"], 1 + 4 * float(rows[i]["MOS"]) / 100, rows[i]["SD"], rows[i]["MOS"]] for i in order]
+
+
+def test_koniq10k_official_split_with_the_main_file_reads_the_sets_file_beside_it(tmp_path):
+    rows = csv_rows("koniq10k_distributions_sets.csv")
+    order = np.random.default_rng(0).permutation(len(rows))  # matched by name, not by row
+    header = ["image_name", "MOS", "SD", "MOS_zscore"]
+    both = real_release(tmp_path / "both", "koniq10k_distributions_sets.csv", "koniq10k_distributions_sets.csv")
+    write_csv(both / "koniq10k_scores_and_distributions.csv", header, main_release_from(rows, order))
+    touch_images(both / "1024x768", [r["image_name"] for r in rows])
+    manifest, _, _ = prepare_dataset("koniq10k", both, tmp_path / "cache")
+    assert "MOS 1-5" in manifest.score_scale  # the paper's targets, from the main file
+    assert manifest.paths == [rows[i]["image_name"] for i in order]
+    assert manifest.extras["set"] == [rows[i]["set"] for i in order]
+    assert set(manifest.sources) == {"koniq10k_scores_and_distributions.csv", "koniq10k_distributions_sets.csv"}
+    published = official_split(read_manifest(tmp_path / "cache", "koniq10k").extras["set"])
+    assert {name: len(rows) for name, rows in published.items()} == {"training": 7058, "validation": 1000, "test": 2015}
+
+    main_only = tmp_path / "main"  # the main file alone has no split: the error names the file to add
+    write_csv(main_only / "koniq10k_scores_and_distributions.csv", header, main_release_from(rows, order))
+    touch_images(main_only / "1024x768", [r["image_name"] for r in rows])
+    alone, _, _ = prepare_dataset("koniq10k", main_only, tmp_path / "cache2")
+    assert "set" not in alone.extras
+    with pytest.raises(ValueError, match="add koniq10k_distributions_sets.csv"):
+        dataset_summary(alone, [8], "official")
+
+    short = real_release(tmp_path / "short", "koniq10k_distributions_sets.csv", "koniq10k_distributions_sets.csv")
+    write_csv(short / "koniq10k_scores_and_distributions.csv", header, main_release_from(rows, order) + [["extra.jpg", 3, 0.5, 50]])
+    with pytest.raises(DatasetError, match="no set for 1 images.*extra.jpg"):
+        prepare_dataset("koniq10k", short, tmp_path / "cache3")
 
 
 def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):

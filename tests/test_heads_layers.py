@@ -223,3 +223,33 @@ def test_distortion_types_from_kadid_and_demo_names():
     for dataset, bad in (("kadid10k", "I01_26_01.png"), ("kadid10k", "photo.png"), ("demo", "images/coffee_warp_2.png")):
         with pytest.raises(ValueError, match="not named like"):
             distortion_types(dataset, [bad])
+
+
+def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_recorded(layered_cache, tmp_path):
+    from iqa.heads.grid import run_rows
+    from iqa.heads.metrics import srcc
+    from iqa.heads.report.scatter import kept_predictions
+    from iqa.heads.report.tsne import retrained_features
+    from iqa.heads.weights import load_head, run_weights_path
+
+    configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["hyper"], []), [8], layer_sets=[(1, 2)], **SHARED)
+    db = ResultsDB(tmp_path / "h.sqlite")
+    cached = load_cached(layered_cache, "toy", "swin-t", "tiny")
+    run = run_grid(configs, lambda name: cached, db, progress=False)[0]
+    first, deepest = (load_layer(layered_cache, "toy", "swin-t", n, "tiny") for n in (1, 2))
+    head, _ = load_head(run_weights_path(db.path, run["key"]))
+    assert head.content == slice(first.shape[1], first.shape[1] + deepest.shape[1])  # layer 2, after layer 1
+    assert configs[0].recipe()["hyper"]["hyper_reads"] == "the deepest of the layers"
+    assert "hyper_reads" not in replace(configs[0], layers=None).recipe()["hyper"]  # one embedding: keys unchanged
+    stored = torch.from_numpy(np.concatenate([first, deepest], axis=1))
+    _, test_rows = run_rows(configs[0], cached, cached)
+    with torch.no_grad():
+        pred = head(stored[test_rows][None])
+    assert float(srcc(pred, torch.as_tensor(cached.targets[test_rows])[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-6)
+    assert kept_predictions(run, db.path, cached, cached)["srcc"] == pytest.approx(run["best_srcc"], abs=1e-6)  # the report's scatter
+    assert retrained_features(run, cached, cached)["retrained_srcc"] == pytest.approx(run["best_srcc"], abs=1e-4)  # its t-SNE
+    model = load_model(export_run(layered_cache, db.path, run, tmp_path / "model"))
+    scored, _ = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
+    with torch.no_grad():
+        every_row = head(stored[None])[0]
+    np.testing.assert_allclose([s.score for s in scored], every_row.numpy(), atol=1e-6)  # the model reads the same columns

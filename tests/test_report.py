@@ -200,3 +200,24 @@ def test_table_notes_name_the_selection_rule_of_their_cells():
     table = results_table(both)
     assert "select=test" in table and "select=val: the epoch of best SRCC on a validation part" in table
     assert "last epoch per run" in results_table(runs, which="last")
+
+
+def test_prediction_against_mos_comes_from_the_kept_weights_and_reproduces_the_recorded_srcc(tmp_path, one_thread):
+    from iqa.heads.report.scatter import kept_predictions
+
+    caches = {d: fake_cache(d) for d in ("clive", "koniq10k")}
+    db = ResultsDB(tmp_path / "results.sqlite")
+    heads = head_choices(["baseline", "hyper", "ridge", "knn"], [])
+    configs = expand_grid([("clive", "clive")], "siglip2", heads, [8], epochs=2, lr=1e-3)
+    configs += expand_grid([("clive", "koniq10k")], "siglip2", heads[2:], [8])
+    records = run_grid(configs, caches.__getitem__, db, progress=False)
+    for run in records:
+        test = caches[run["test_dataset"]]
+        p = kept_predictions(run, db.path, caches["clive"], caches["clive"] if test is caches["clive"] else test)
+        assert len(p["pred"]) == (14 if run["test_dataset"] == "clive" else 70)
+        assert p["srcc"] == pytest.approx(run["best_srcc"], abs=1e-5), run["head"]
+    summary = write_report(db.runs(), tmp_path / "report", lambda d, b, t: caches[d], [], tsne=False, progress=False,
+                           results_db=db.path)
+    names = {p.name for p in summary.figures}
+    assert {"scatter_siglip2__clive.png", "scatter_siglip2__clive_to_koniq10k.png"} <= names, names
+    assert "Prediction against MOS on the test split: siglip2, clive, seed 8" in (tmp_path / "report" / "index.html").read_text()

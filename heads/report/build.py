@@ -4,6 +4,7 @@ Layout of the report folder (default <cache>/report):
 - `tables/<name>.md|.csv|.tex`: Tables 1-2, 3, 4, 6, S1, S3 from whatever runs exist;
 - `figures/<name>.png|.pdf`: SRCC against k and against the LoRA rank, gate weights, learning curves, t-SNE,
   SRCC against layer, stage weights against quality and the stage-wise t-SNE (heads/report/stages.py);
+  prediction against MOS on the test split (from the kept weights beside `results_db`);
 - `profile.md|.csv`: Table S5 for the profiled backbones;
 - `index.html`: all of it on one static page (relative links; opens from disk);
 - with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py);
@@ -31,11 +32,13 @@ from iqa.heads.mlp import HEADS
 from iqa.heads.probes import PROBES
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
+from iqa.heads.report.scatter import kept_predictions, scatter_figure
 from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
 
 MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces
 MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
+MAX_SCATTER_MODELS = 6  # panels per prediction-against-MOS figure
 Loader = Callable[[str, str, str | None], Cached]  # (dataset, backbone, tag) -> cached embeddings
 
 
@@ -109,8 +112,10 @@ def write_report(
     progress: bool = True,
     paper: bool = False,
     explanations: ExplainedModels | None = None,
+    results_db: Path | None = None,
 ) -> ReportSummary:
-    """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE;
+    """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE and, with
+    `results_db` (the runs' database, their kept weights beside it), for the prediction-against-MOS scatters;
     `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/report/paper.py);
     `explanations` adds explanations.html (heads/report/explanations.py)."""
     out = Path(out)
@@ -126,6 +131,10 @@ def write_report(
         _figures(runs, building, summary, page, load if tsne else None, device, progress)
         if load is None or not tsne:
             summary.notes.append("t-SNE: skipped (--no-tsne)" if load is not None else "t-SNE: no embedding cache given")
+        if load is not None and results_db is not None:
+            _scatter_figures(runs, load, Path(results_db), building, summary, page)
+        else:
+            summary.notes.append("prediction against MOS: no embedding cache and results database given")
         _profile(runs, profile, building, device, summary, page)
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
@@ -281,6 +290,37 @@ def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summar
         shown += 1
     if not shown:
         summary.notes.append("stage t-SNE (Life-IQA Fig. 10): no runs on stored layers of KADID-10k or the demo set")
+
+
+def _scatter_figures(runs, load: Loader, results_db: Path, folder: Path, summary: ReportSummary, page: _Page) -> None:
+    """Per (backbone, tag, train->test, layers) of finished frozen runs without ablation: each model, first seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if plain(run) and run["regime"] == "frozen" and run["status"] == "done":
+            key = (run["backbone"], run.get("tag"), run["train_dataset"], run["test_dataset"], tuple(run.get("layers") or ()))
+            groups.setdefault(key, []).append(run)
+    if not groups:
+        summary.notes.append("prediction against MOS: no finished frozen-backbone runs without ablation")
+    for (backbone, tag, train, test, layers), members in sorted(groups.items(), key=str):
+        seed = min(r["seed"] for r in members)
+        chosen = sorted((r for r in members if r["seed"] == seed), key=lambda r: _head_order(r["head"]))
+        data = train if train == test else f"{train}->{test}"
+        label = f"{backbone}{'@' + tag if tag else ''}{' layers ' + '+'.join(map(str, layers)) if layers else ''}, {data}, seed {seed}"
+        if len(chosen) > MAX_SCATTER_MODELS:
+            summary.notes.append(f"prediction against MOS {label}: showing {MAX_SCATTER_MODELS} of {len(chosen)} models")
+            chosen = chosen[:MAX_SCATTER_MODELS]
+        heads = [r["head"] for r in chosen]
+        try:
+            cached = {name: load(name, backbone, tag) for name in (train, test)}
+            panels = [(f"{r['head']}{' ' + r['key'][:6] if heads.count(r['head']) > 1 else ''} (recorded {r['best_srcc']:.3f})",
+                       kept_predictions(r, results_db, cached[train], cached[train] if train == test else cached[test]))
+                      for r in chosen]
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            summary.notes.append(f"prediction against MOS {label}: skipped ({str(error).strip(chr(39))})")
+            continue
+        title = f"Prediction against MOS on the test split: {label}"
+        _add_figure(scatter_figure(title, panels, cached[test]), folder,
+                    figures.stem("scatter", backbone, tag or "", data, *layers), title, summary, page)
 
 
 def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page) -> None:

@@ -12,7 +12,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from iqa.heads.grid import Cached, run_rows, stack_inputs
+from iqa.heads.grid import Cached, as_read, run_rows, stack_inputs
 from iqa.heads.run_config import RunConfig
 from iqa.heads.train import train_stack_model
 
@@ -30,6 +30,7 @@ def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cp
     config = run_config(run)
     if config.regime != "frozen":
         raise ValueError(f"a {config.regime} run changed its backbone; only frozen runs retrain from the cache")
+    train, test = as_read(config, train, test)
     rows = run_rows(config, train, test)
     data, members = stack_inputs([config], [rows], train, test)
     model, (result,) = train_stack_model(

@@ -1,0 +1,77 @@
+"""Prediction against MOS on the test split, one panel per model (SMART-IQA Fig. 5), largest errors marked.
+
+The predictions come from each run's kept weights (heads/weights.py, beside the results database)
+applied to the very inputs the trainer tested on (the run's rows, layers and scaling, through
+`stack_inputs`), so their SRCC is the recorded one; the panel shows both. Only frozen-backbone runs
+qualify: a fine-tuned run's backbone differs from the cached embeddings.
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from iqa.heads.export import mos_map  # noqa: E402
+from iqa.heads.grid import Cached, as_read, run_rows, stack_inputs  # noqa: E402
+from iqa.heads.metrics import srcc  # noqa: E402
+from iqa.heads.report.tsne import run_config  # noqa: E402
+from iqa.heads.weights import load_head, run_weights_path  # noqa: E402
+
+LARGE_ERRORS = 0.1  # the share of test images drawn as large errors (the paper's top 10%)
+NAMED_ERRORS = 3  # the largest errors also named by their image
+COLUMNS = 3  # panels per row
+
+
+def kept_predictions(run: dict, results_db: Path, train: Cached, test: Cached) -> dict:
+    """The kept head of `run` on its test rows: rows, predictions and targets (both in [0, 1]) and their SRCC."""
+    config = run_config(run)
+    if config.regime != "frozen":
+        raise ValueError(f"a {config.regime} run changed its backbone; the cached embeddings are not its inputs")
+    weights = run_weights_path(results_db, run["key"])
+    if not weights.exists():
+        raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing)")
+    train, test = as_read(config, train, test)
+    rows = run_rows(config, train, test)
+    data, _ = stack_inputs([config], [rows], train, test)
+    test_rows = data.test_rows[0]
+    head, _ = load_head(weights)
+    with torch.no_grad():
+        pred = head(torch.as_tensor(data.x_test[test_rows], dtype=torch.float32)[None])[0].numpy()
+    target = np.asarray(data.y_test)[test_rows]
+    return {"rows": test_rows, "pred": pred, "target": target,
+            "srcc": float(srcc(torch.as_tensor(pred)[None], torch.as_tensor(target)[None])[0])}
+
+
+def scatter_figure(title: str, panels: list[tuple[str, dict]], test: Cached):
+    """panels: (label, `kept_predictions`) per model; axes on the test set's MOS scale."""
+    manifest = test.manifest
+    to_mos = mos_map(manifest.scores, manifest.targets)
+    columns = min(COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for (label, p), ax in zip(panels, axes.ravel()):
+        mos = manifest.scores[p["rows"]]
+        pred = to_mos["scale"] * p["pred"] + to_mos["offset"]
+        error = np.abs(pred - mos)
+        large = error >= np.quantile(error, 1 - LARGE_ERRORS)
+        ax.scatter(mos[~large], pred[~large], s=8, alpha=0.6, linewidths=0, color="tab:blue", label="prediction")
+        ax.scatter(mos[large], pred[large], s=10, alpha=0.9, linewidths=0, color="tab:red",
+                   label=f"largest {LARGE_ERRORS:.0%} errors")
+        for n, i in enumerate(np.argsort(-error)[:NAMED_ERRORS]):  # names stacked apart: large errors cluster
+            ax.annotate(Path(manifest.paths[p["rows"][i]]).name, (mos[i], pred[i]), fontsize=6, color="tab:red",
+                        xytext=(4, 4 + 9 * n), textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "tab:red", "lw": 0.5})
+        low, high = min(mos.min(), pred.min()), max(mos.max(), pred.max())
+        ax.plot([low, high], [low, high], color="grey", lw=1, ls="--")
+        ax.set_title(f"{label}\nSRCC {p['srcc']:.3f}, {len(mos)} test images", fontsize=9)
+        ax.set_xlabel(f"MOS ({manifest.score_scale.split(' (')[0]})", fontsize=8)
+        ax.set_ylabel("prediction (on the MOS scale)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -18,6 +18,7 @@ import transformers
 from torch import nn
 
 from iqa.extract.registry import BackboneSpec
+from iqa.extract.timm_tower import TimmTap
 
 INIT_SEED = 0
 _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
@@ -86,8 +87,10 @@ class PooledBackbone(nn.Module):
 
     def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
         """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
+        if self.pooling == "timm_tap":
+            return self.model.layer_widths()
         if self.pooling not in ("pooler_output", "image_embeds", "mean_patch"):
-            raise ValueError(f"--layers works for transformers backbones; {self.spec.key} has no layer taps")
+            raise ValueError(f"--layers works for transformers and timm backbones; {self.spec.key} has no layer taps")
         with torch.inference_mode():
             return [pool_layer(s, self.prefix_tokens, None).shape[1]
                     for s in layer_states(self._outputs(pixel_values, hidden=True))]
@@ -99,7 +102,7 @@ class PooledBackbone(nn.Module):
         if self.pooling == "worker":
             return pixel_values.float()
         if self.pooling == "timm_tap":
-            return self.model(pixel_values)
+            return self.model(pixel_values, self.layers)
         outputs = self._outputs(pixel_values, hidden=bool(self.layers))
         pooled = pool(outputs, self.pooling, self.prefix_tokens)
         if not self.layers:
@@ -206,18 +209,6 @@ def _load_cleandift(spec: BackboneSpec, source: str | None, random_init: bool, t
     return model
 
 
-class _TimmTap(nn.Module):
-    """Blocks up to the tapped one, then the model's own norm, attention pooling and projection."""
-
-    def __init__(self, model: nn.Module, tap_block: int):
-        super().__init__()
-        model.prune_intermediate_layers(indices=[tap_block], prune_norm=False, prune_head=False)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x))
-
-
 def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
                resolution: int | None, preprocess: str) -> PooledBackbone:
     try:
@@ -244,7 +235,7 @@ def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool, tiny: 
             f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
             f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
         ) from None
-    return PooledBackbone(_TimmTap(model, spec.tap_block).eval(), spec, source, None,
+    return PooledBackbone(TimmTap(model, spec.tap_block).eval(), spec, source, None,
                           resolution=resolution, preprocess=preprocess)
 
 

@@ -205,8 +205,8 @@ def finetune(
     dataset, backbone, seed, mode = config.train_dataset, config.backbone, config.seed, config.regime
     tiny, random_init = config.tag == model_tag(True, False), config.tag == model_tag(False, True)
     spec = get_spec(backbone, tiny)
-    if spec.model_class is None:
-        raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
+    if spec.features_in_worker is not None:
+        raise ValueError(f"{backbone} computes fixed features: it has no backbone weights to fine-tune")
     manifest = read_manifest(cache, dataset)
     train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups,
                                            sets=manifest.extras.get("set"))

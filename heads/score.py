@@ -132,7 +132,9 @@ def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> Pooled
     if tuning["regime"] == "lora":
         from peft import PeftModel  # imports in ~2 s: only for a LoRA model
 
-        return PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR)).merge_and_unload().eval()
+        from iqa.extract.tuning import lora_layout
+
+        return PeftModel.from_pretrained(lora_layout(backbone), str(folder / ADAPTER_DIR)).merge_and_unload().eval()
     if tuning["regime"] == "full":
         backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
     return backbone

@@ -38,7 +38,7 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
     (["--mode", "partial"], "--mode must be one of lora, full, frozen"),
     (["--batch-size", "3"], "--batch-size must be a multiple of 2"),
     (["--head", "wide"], "unknown head 'wide'"),
-    (["--backbone", "nss"], "nss has no transformers vision tower"),
+    (["--backbone", "nss"], "nss computes fixed features: it has no backbone weights to fine-tune"),
     (["--dataset", "missing"], "no manifest for dataset 'missing'"),
     (["--accumulate", "9"], "12 training images cannot fill one batch of 18"),
 ])

@@ -224,7 +224,7 @@ def _load_timm(spec: BackboneSpec, source: str | None, random_init: bool, tiny: 
         if source is None:  # by architecture name: no network
             with _INIT_LOCK, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(INIT_SEED)
-                model = timm.create_model(spec.timm_name, pretrained=False, **(spec.tiny_config if tiny else {}), **size)
+                model = timm.create_model(spec.timm_name, pretrained=False, **{**(spec.tiny_config if tiny else {}), **size})
             source = f"{model_tag(tiny, random_init)}:{spec.timm_name}"
         elif Path(source).is_file():  # a local weights file
             model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **size)

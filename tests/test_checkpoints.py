@@ -99,7 +99,7 @@ def test_perception_runs_offline_through_timm_with_its_cfg_normalisation():
     cfg = timm.models.get_pretrained_cfg("vit_pe_core_large_patch14_336.fb")
     assert (spec.mean, spec.std, spec.crop_pct) == (tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct)
     model = load_backbone(get_spec("perception", tiny=True), tiny=True)
-    assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # pruned after the tap block
+    assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # the whole tower: --layers reaches past the tap
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
 
 

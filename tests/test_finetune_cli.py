@@ -60,6 +60,7 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
     images from disk through the exported folder reproduces the recorded test SRCC and PLCC; perception's
     adapter goes back onto the q and k split out of its fused qkv, as it was trained."""
     import json
+    import shutil
 
     import numpy as np
     from scipy.stats import pearsonr, spearmanr
@@ -94,6 +95,12 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
     targets = manifest.targets[test_rows]
     assert spearmanr(scores, targets)[0] == pytest.approx(run["best_srcc"], abs=1e-4)
     assert pearsonr(scores, targets)[0] == pytest.approx(run["best_plcc"], abs=1e-4)
+    if backbone == "perception":  # a model pooled at another block than this iqa taps is refused
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+        (moved / "config.json").write_text(json.dumps(dict(config, backbone=dict(config["backbone"], pooling="timm_tap:block0"))))
+        refused = iqa("score", moved, images[0], "--device", "cpu", "--workers", "0")
+        assert refused.exit_code == 1 and "pooled as timm_tap:block0, this iqa pools them as timm_tap:block1" in refused.stderr
 
     key = "adapter/adapter_model.safetensors" if mode == "lora" else "backbone.safetensors"
     (out / key).write_bytes((out / key).read_bytes()[:-8] + b"\0" * 8)

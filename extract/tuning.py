@@ -27,7 +27,7 @@ LORA_DROPOUT = 0.05
 def lora_layout(backbone: PooledBackbone) -> PooledBackbone:
     """The backbone with LoRA's target modules as modules of their own: a timm tower's fused qkv split
     into q, k, v (the same function); transformers models have them already."""
-    return split_qkv(backbone) if backbone.pooling == "timm_tap" else backbone
+    return split_qkv(backbone) if backbone.spec.pooling == "timm_tap" else backbone
 
 
 def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int) -> PeftModel:

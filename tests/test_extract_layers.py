@@ -18,6 +18,7 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset, parse_layers
 
 TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip", "perception"]
+STAGE_MODELS = ["resnet50", "swin-t", "convnext-t"]
 
 torchvision_stub.install()  # perception loads through timm, which imports torchvision
 
@@ -31,7 +32,6 @@ def timm_blocks_by_hand(model, x: torch.Tensor) -> list[torch.Tensor]:
     for hook in hooks:
         hook.remove()
     return states
-STAGE_MODELS = ["resnet50", "swin-t", "convnext-t"]
 
 
 def model_inputs(spec, root, paths) -> torch.Tensor:

@@ -8,7 +8,7 @@ instead of branching on the entry's kind:
 | family | pooling rule | loads | features |
 |---|---|---|---|
 | `VisionTower` | pooler_output, image_embeds, mean_patch | a transformers vision tower | its output pooled by the rule (`pool`); `--layers` taps |
-| `TimmTapped` | timm_tap | a timm model by architecture name | one block's output through the model's own head |
+| `TimmTapped` | timm_tap | a timm model by architecture name | one block's output through the model's own head; `--layers` taps |
 | `WorkerFeatures` | worker | nothing (the identity) | computed from the decoded image in the decode workers |
 | `CleanDift` | cleandift | SD-2.1 through diffusers (extract/cleandift.py) | pooled UNet decoder taps |
 
@@ -30,6 +30,7 @@ import transformers
 from torch import nn
 
 from iqa.extract.registry import BackboneSpec
+from iqa.extract.timm_tower import TimmTap
 
 INIT_SEED = 0
 _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
@@ -225,22 +226,16 @@ class VisionTower(PooledBackbone):
         return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm) for n in self.layers)], dim=1)
 
 
-class _TimmTap(nn.Module):
-    """Blocks up to the tapped one, then the model's own norm, attention pooling and projection."""
-
-    def __init__(self, model: nn.Module, tap_block: int):
-        super().__init__()
-        model.prune_intermediate_layers(indices=[tap_block], prune_norm=False, prune_head=False)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x))
-
-
 class TimmTapped(PooledBackbone):
-    """A timm model (the Perception Encoder) read at the registry's `tap_block` (`_TimmTap`)."""
+    """A timm model (the Perception Encoder) read at the registry's `tap_block` (extract/timm_tower.py);
+    with `layers` set (`use_layers`), each named block's pooled vector follows the default embedding."""
 
-    tunable = False  # no LoRA / fine-tuning path for timm models
+    layer_taps = True
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
+                 resolution: int | None = None, preprocess: str = "square"):
+        super().__init__(model, spec, source, revision, resolution, preprocess)
+        self.layers: tuple[int, ...] = ()
 
     @classmethod
     def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "TimmTapped":
@@ -267,14 +262,20 @@ class TimmTapped(PooledBackbone):
                 f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
                 f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
             ) from None
-        return cls(_TimmTap(model, spec.tap_block).eval(), spec, source, None, resolution=resolution, preprocess=preprocess)
+        return cls(TimmTap(model, spec.tap_block).eval(), spec, source, None, resolution=resolution, preprocess=preprocess)
 
     def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
         embed = self.model.model.patch_embed
         return embed.img_size[0], embed.patch_size[0], spec.dim
 
+    def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
+        return self.model.layer_widths()
+
+    def use_layers(self, layers: tuple[int, ...]) -> None:
+        self.layers = tuple(layers)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+        return self.model(pixel_values, self.layers)
 
 
 class WorkerFeatures(PooledBackbone):

@@ -198,14 +198,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         # (timm block index 19, HF hidden_states[20]); PE's own code counts layer_idx=20 from 0,
         # i.e. 21 blocks (tap_block=20). Then the model's own final norm, attention pooling and
         # projection. Normalisation, resampling and crop from timm's pretrained cfg of
-        # vit_pe_core_large_patch14_336 (0.5/0.5, crop_pct 1.0) and PE's bilinear resize.
+        # vit_pe_core_large_patch14_336 (0.5/0.5, crop_pct 1.0) and PE's bilinear resize. LoRA targets
+        # the q and k parts of timm's fused qkv, split for it (extract/timm_tower.py).
         BackboneSpec(
             key="perception", dim=1024, pooling="timm_tap",
             hf_id="timm/vit_pe_core_large_patch14_336.fb", resolution=336, mean=HALF, std=HALF,
-            lora_targets=(r"\.attn\.qkv$",), resample="bilinear", fixed_positions=True, crop_pct=1.0,
+            lora_targets=(r"\.attn\.qkv\.(q|k)$",), resample="bilinear", fixed_positions=True, crop_pct=1.0,
             timm_name="vit_pe_core_large_patch14_336", tap_block=19,
             tiny_config=dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, ref_feat_shape=(4, 4),
-                             num_classes=16, attn_pool_num_heads=2),
+                             num_classes=16, attn_pool_num_heads=2, head_init_scale=1.0),
         ),
         # BRISQUE natural-scene statistics (extract/nss.py): weight-free, computed in the decode
         # workers; the classical baseline row of Table 5 and the offline demo's backbone.

@@ -102,6 +102,12 @@ def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
     return COMPUTE_DTYPES[dtype]
 
 
+def pooling_rule(spec: BackboneSpec) -> str:
+    """The registry's pooling rule, with the tapped block where there is one (timm's index, from 0): the
+    weights checksum covers the whole tower, so a store tapped elsewhere must differ here."""
+    return spec.pooling if spec.tap_block is None else f"{spec.pooling}:block{spec.tap_block}"
+
+
 def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, dim: int, compute_dtype: torch.dtype,
                      store_dtype: str, manifest_sha256: str, tuned: dict | None = None) -> dict:
     """What produced a store's numbers; `tuned` (the fine-tuning run applied, if any) only where there is one."""
@@ -110,7 +116,7 @@ def make_fingerprint(spec: BackboneSpec, model: PooledBackbone, weights: str, di
         "model_id": model.source,
         "revision": model.revision,
         "weights_sha256": weights,
-        "pooling": spec.pooling,
+        "pooling": pooling_rule(spec),
         "dim": dim,
         "resolution": spec.resolution,
         "preprocess": spec.preprocess,

@@ -2,7 +2,8 @@
 
 `add_lora` wraps a loaded backbone with PEFT LoRA (rank r, alpha 2r, dropout 0.05: the paper's
 rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
-convolutions inside ResNet's residual blocks. Only the adapter weights train.
+convolutions inside ResNet's residual blocks. Only the adapter weights train. A timm tower's fused
+qkv projections are split first (`lora_layout`), so that the values stay untouched.
 
 `read_run` loads a fine-tuning run left in its folder (heads/finetune.py, checkpoint format in
 extract/checkpoint.py) once; `run_tag` names
@@ -18,11 +19,19 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from iqa.extract.backbones import BackboneLoadError, PooledBackbone, state_sha256, weights_sha256
 from iqa.extract.registry import BackboneSpec, lora_target_modules
 from iqa.extract.checkpoint import checkpoint_path, load_checkpoint, run_name
+from iqa.extract.timm_tower import split_qkv
 
 LORA_DROPOUT = 0.05
 
 
+def lora_layout(backbone: PooledBackbone) -> PooledBackbone:
+    """The backbone with LoRA's target modules as modules of their own: a timm tower's fused qkv split
+    into q, k, v (the same function); transformers models have them already."""
+    return split_qkv(backbone) if backbone.spec.pooling == "timm_tap" else backbone
+
+
 def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int) -> PeftModel:
+    backbone = lora_layout(backbone)
     targets = lora_target_modules(spec, [name for name, _ in backbone.named_modules()])
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=LORA_DROPOUT, target_modules=targets)
     return get_peft_model(backbone, config)

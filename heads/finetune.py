@@ -209,7 +209,7 @@ def finetune(
     tiny, random_init = config.tag == model_tag(True, False), config.tag == model_tag(False, True)
     spec = get_spec(backbone, tiny)
     if not family_of(spec).tunable:
-        raise ValueError(f"{backbone} has no transformers vision tower to fine-tune")
+        raise ValueError(f"{backbone} computes fixed features: it has no backbone weights to fine-tune")
     manifest = read_manifest(cache, dataset)
     train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups,
                                            sets=manifest.extras.get("set"))

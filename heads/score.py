@@ -19,7 +19,7 @@ from tqdm import tqdm
 from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
-from iqa.extract.run import Embedder, ImageRows, default_batch_size
+from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
 from iqa.heads.export import CONFIG_FILE, file_sha256
 from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
@@ -112,6 +112,9 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
                              preprocess=b.get("preprocess") or "square")
     if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
         raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
+    if b.get("pooling") and b["pooling"] != pooling_rule(backbone.spec):
+        raise ModelFolderError(f"the model was trained on {b['key']} features pooled as {b['pooling']}, "
+                               f"this iqa pools them as {pooling_rule(backbone.spec)}")
     backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
     if b.get("layers"):
         backbone.use_layers(tuple(b["layers"]))
@@ -132,7 +135,9 @@ def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> Pooled
     if tuning["regime"] == "lora":
         from peft import PeftModel  # imports in ~2 s: only for a LoRA model
 
-        return PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR)).merge_and_unload().eval()
+        from iqa.extract.tuning import lora_layout
+
+        return PeftModel.from_pretrained(lora_layout(backbone), str(folder / ADAPTER_DIR)).merge_and_unload().eval()
     if tuning["regime"] == "full":
         backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
     return backbone

@@ -99,8 +99,28 @@ def test_perception_runs_offline_through_timm_with_its_cfg_normalisation():
     cfg = timm.models.get_pretrained_cfg("vit_pe_core_large_patch14_336.fb")
     assert (spec.mean, spec.std, spec.crop_pct) == (tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct)
     model = load_backbone(get_spec("perception", tiny=True), tiny=True)
-    assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # pruned after the tap block
+    assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # the whole tower: --layers reaches past the tap
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_perception_fingerprint_names_the_tapped_block():
+    """The weights checksum covers the whole tower wherever it is tapped, so the pooling rule names the block."""
+    from dataclasses import replace
+
+    import torchvision_stub
+
+    from iqa.extract.backbones import weights_sha256
+    from iqa.extract.run import pooling_rule
+
+    torchvision_stub.install()
+    pytest.importorskip("timm")
+    last = load_backbone(get_spec("perception", tiny=True), tiny=True)
+    first = load_backbone(replace(get_spec("perception", tiny=True), tap_block=0), tiny=True)
+    assert weights_sha256(last) == weights_sha256(first)
+    assert (pooling_rule(last.spec), pooling_rule(first.spec)) == ("timm_tap:block1", "timm_tap:block0")
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        assert not torch.allclose(last(x), first(x))
 
 
 def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():

@@ -1,8 +1,12 @@
 """`--layers`: every block's (or stage's) pooled vector stored next to the default embedding, in one pass."""
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import torchvision_stub
 from test_extract_run import QUIET, make_dataset
 from typer.testing import CliRunner
 
@@ -14,11 +18,24 @@ from iqa.extract.preprocess import decode_image, normalise, resize_uint8
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset, parse_layers
 
-TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip"]
+TOKEN_MODELS = ["dinov2", "dinov3-s", "siglip2", "clip", "perception"]
 STAGE_MODELS = ["resnet50", "swin-t", "convnext-t", "pvt-v2-b2", "efficientnet-b0", "mobilenet-v2"]
 # Per-block `hidden_states` of the tiny models at 32 px, by hand: the stages are the last block at strides
 # 4, 8, 16, 32 (EfficientNet's entry 0 is the stem, 1 its stride-2 block; PVTv2's four entries are its stages).
 STAGE_BLOCKS = {"efficientnet-b0": [2, 3, 5, 7], "mobilenet-v2": [1, 4, 11, 15], "pvt-v2-b2": [0, 1, 2, 3]}
+
+torchvision_stub.install()  # perception loads through timm, which imports torchvision
+
+
+def timm_blocks_by_hand(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's output tokens [B, T, D] of a timm ViT, caught by forward hooks on a full forward pass."""
+    states = []
+    hooks = [block.register_forward_hook(lambda _, __, out: states.append(out)) for block in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return states
 
 
 def model_inputs(spec, root, paths) -> torch.Tensor:
@@ -33,6 +50,8 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
     models average each stage map (Swin's before its patch merging)."""
     spec = get_spec(key, tiny=True)
     model = load_backbone(spec, tiny=True).model
+    if key == "perception":  # the mean of each block's patch tokens, its class token left out, no norm
+        return [s[:, 1:].mean(dim=1).numpy() for s in timm_blocks_by_hand(model.model, x)]
     with torch.no_grad():
         if key.startswith("swin"):
             maps = model(pixel_values=x, output_hidden_states=True,
@@ -55,7 +74,8 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
     request = ExtractRequest(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
                              batch_size=2, layers="all", **QUIET)
     assert extract_dataset(request, num_workers=0).ok
-    expected = layers_by_hand(key, model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths))
+    x = model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths)
+    expected = layers_by_hand(key, x)
     store = EmbeddingStore(store_path(tmp_path, "toy", key, "tiny"))
     assert store.fingerprint["layers"] == list(range(1, len(expected) + 1)) and len(expected) >= 2
     assert key not in STAGE_BLOCKS or len(expected) == 4
@@ -64,6 +84,30 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
     default = load_cached(tmp_path, "toy", key, tag="tiny").embeddings
     if key in ("dinov2", "dinov3-s", "resnet50", "pvt-v2-b2"):  # mean-pooled defaults: the last layer is the embedding itself
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, len(expected), tag="tiny"), default, rtol=1e-4, atol=1e-5)
+    if key == "perception":  # the tiny tower's tap is its last block: the default embedding is timm's own forward
+        with torch.no_grad():
+            np.testing.assert_allclose(default, load_backbone(get_spec(key, tiny=True), tiny=True).model.model(x).numpy(),
+                                       rtol=1e-4, atol=1e-7)
+
+
+def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_on_the_tap(one_thread):
+    """With the tap on block 1 of 3, `--layers 3,1` still gives the default embedding of a tower cut after
+    the tap (norm, attention pooling, projection), then blocks 3 and 1 mean-pooled."""
+    tiny = get_spec("perception", tiny=True)
+    spec = replace(tiny, tiny_config=dict(tiny.tiny_config, depth=3), tap_block=0)
+    backbone = load_backbone(spec, tiny=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cut = copy.deepcopy(backbone.model.model)
+    cut.prune_intermediate_layers(indices=[0], prune_norm=False, prune_head=False)
+    blocks = timm_blocks_by_hand(backbone.model.model, x)
+    with torch.no_grad():
+        default, tapped = backbone(x), cut(x)
+        backbone.use_layers((3, 1))
+        layered = backbone(x)
+    assert len(cut.blocks) == 1 and len(backbone.model.model.blocks) == 3
+    assert torch.equal(default, tapped) and torch.equal(layered[:, :16], tapped)
+    torch.testing.assert_close(layered[:, 16:], torch.cat([blocks[2][:, 1:].mean(1), blocks[0][:, 1:].mean(1)], 1))
+    assert backbone.layer_widths(x) == [32, 32, 32]
 
 
 def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, one_thread):

@@ -1,4 +1,5 @@
 import pytest
+import torchvision_stub
 from typer.testing import CliRunner
 
 from iqa.cache.store import load_cached
@@ -40,7 +41,7 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
     (["--batch-size", "4", "--micro-batch", "3"], "--batch-size must be a multiple of --micro-batch 3"),
     (["--head", "wide"], "unknown head 'wide'"),
     (["--head", "sigmoid+wide"], "or a pair act1+act2 of lrelu, sigmoid, gelu, tanh, relu, gated"),
-    (["--backbone", "nss"], "nss has no transformers vision tower"),
+    (["--backbone", "nss"], "nss computes fixed features: it has no backbone weights to fine-tune"),
     (["--dataset", "missing"], "no manifest for dataset 'missing'"),
     (["--accumulate", "9"], "12 training images cannot fill one batch of 18"),
 ])
@@ -54,11 +55,14 @@ def test_bad_input_fails_in_one_line(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path, mode):
+@pytest.mark.parametrize("backbone, mode", [("siglip2", "lora"), ("siglip2", "full"), ("perception", "lora"),
+                                            ("perception", "full")])
+def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path, backbone, mode):
     """The kept epoch's head and tuning (PEFT adapter, or full weights) leave the run; scoring the test
-    images from disk through the exported folder reproduces the recorded test SRCC and PLCC."""
+    images from disk through the exported folder reproduces the recorded test SRCC and PLCC; perception's
+    adapter goes back onto the q and k split out of its fused qkv, as it was trained."""
     import json
+    import shutil
 
     import numpy as np
     from scipy.stats import pearsonr, spearmanr
@@ -67,9 +71,13 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
     from iqa.cache.results import ResultsDB
     from iqa.data.splits import split_indices
 
+    torchvision_stub.install()  # perception loads through timm, which imports torchvision
     bright_dataset(tmp_path, n=30)
     common = ["--dataset", "bright", "--tiny", "--workers", "0", "--cache", tmp_path, "--dtype", "float32"]
-    assert iqa("finetune", "--backbone", "siglip2", "--mode", mode, "--epochs", "2", "--lr", "1e-3", *common).exit_code == 0
+    # timm's tiny PE gives features of about 1e-3, so its predictions would spread by 5e-5 around 1 and float32
+    # rounding alone would move their PLCC by 1e-4; on unit-length features they spread by 1e-2.
+    unit = ["--l2norm"] if backbone == "perception" else []
+    assert iqa("finetune", "--backbone", backbone, "--mode", mode, "--epochs", "2", "--lr", "1e-3", *unit, *common).exit_code == 0
     (run,) = ResultsDB(tmp_path / "results.sqlite").runs()
     kept = tmp_path / "runs" / run["key"]
     assert (kept / ("adapter/adapter_model.safetensors" if mode == "lora" else "backbone.safetensors")).is_file()
@@ -89,6 +97,12 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
     targets = manifest.targets[test_rows]
     assert spearmanr(scores, targets)[0] == pytest.approx(run["best_srcc"], abs=1e-4)
     assert pearsonr(scores, targets)[0] == pytest.approx(run["best_plcc"], abs=1e-4)
+    if backbone == "perception":  # a model pooled at another block than this iqa taps is refused
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+        (moved / "config.json").write_text(json.dumps(dict(config, backbone=dict(config["backbone"], pooling="timm_tap:block0"))))
+        refused = iqa("score", moved, images[0], "--device", "cpu", "--workers", "0")
+        assert refused.exit_code == 1 and "pooled as timm_tap:block0, this iqa pools them as timm_tap:block1" in refused.stderr
 
     key = "adapter/adapter_model.safetensors" if mode == "lora" else "backbone.safetensors"
     (out / key).write_bytes((out / key).read_bytes()[:-8] + b"\0" * 8)

@@ -1,0 +1,73 @@
+"""A timm vision tower (the Perception Encoder) as iqa uses it: the default embedding taken at a
+tapped block, each block's pooled vector for `--layers`, and query/key projections LoRA can target.
+
+The default embedding is timm's own head on the tapped block: block `tap_block` -> the final norm
+-> attention pooling -> projection. A layer's vector (`--layers`, layer n = block n-1) is the mean
+over the patch tokens of that block's output, the class token left out and no norm applied (PE's
+own intermediate features are un-normalised). So layer tap_block+1 is not the default embedding.
+
+The whole tower is kept (no block is pruned: `--layers` reaches past the tap, and the weights
+checksum covers the checkpoint as published); a pass stops at the last block it needs.
+
+timm fuses the attention projections into one `qkv` Linear, so LoRA on it would adapt the values
+too. `split_qkv` replaces each with `SplitQkv`, separate `q`, `k`, `v` Linears whose weights are
+slices of the fused one and whose outputs are concatenated in timm's order (the same numbers up to
+float rounding); LoRA then targets `attn.qkv.q` and `attn.qkv.k` alone.
+"""
+
+import torch
+from torch import nn
+
+
+class TimmTap(nn.Module):
+    """A timm ViT [B, 3, H, W] -> the default embedding, then the pooled vector of each layer asked."""
+
+    def __init__(self, model: nn.Module, tap_block: int):
+        super().__init__()
+        self.model = model
+        self.tap_block = tap_block
+
+    def layer_widths(self) -> list[int]:
+        return [self.model.embed_dim] * len(self.model.blocks)
+
+    def forward(self, x: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
+        blocks = sorted({self.tap_block, *(n - 1 for n in layers)})
+        states = self.model.forward_intermediates(x, indices=blocks, return_prefix_tokens=True, norm=False,
+                                                  stop_early=True, output_fmt="NLC", intermediates_only=True)
+        by_block = dict(zip(blocks, states))
+        patches, prefix = by_block[self.tap_block]
+        tapped = self.model.forward_head(self.model.norm(torch.cat([prefix, patches], dim=1)))
+        return torch.cat([tapped, *(by_block[n - 1][0].mean(dim=1) for n in layers)], dim=1)
+
+
+class SplitQkv(nn.Module):
+    """A fused qkv Linear as three: `q`, `k`, `v`, concatenated back in the fused layout."""
+
+    def __init__(self, fused: nn.Linear):
+        super().__init__()
+        width = fused.out_features // 3
+        parts = []
+        for i in range(3):
+            part = nn.Linear(fused.in_features, width, bias=fused.bias is not None,
+                             device=fused.weight.device, dtype=fused.weight.dtype)
+            with torch.no_grad():
+                part.weight.copy_(fused.weight[i * width:(i + 1) * width])
+                if fused.bias is not None:
+                    part.bias.copy_(fused.bias[i * width:(i + 1) * width])
+            parts.append(part)
+        self.q, self.k, self.v = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def split_qkv(module: nn.Module) -> nn.Module:
+    """`module` with every attention's fused `qkv` Linear replaced by a `SplitQkv` (in place; again is a no-op)."""
+    for name, attn in list(module.named_modules()):
+        fused = getattr(attn, "qkv", None)
+        if not isinstance(fused, nn.Linear):
+            continue
+        if getattr(attn, "q_bias", None) is not None:  # EVA's variant reads qkv.weight itself, never calls qkv
+            raise ValueError(f"{name} adds separate q/v biases to its fused qkv: it cannot be split")
+        attn.qkv = SplitQkv(fused)
+    return module

@@ -72,5 +72,7 @@ def test_koniq10k_prefers_the_main_1_5_file_and_finds_512x384(tmp_path):
     np.testing.assert_allclose(manifest.targets, np.array(mos) / 5)
     np.testing.assert_allclose(manifest.extras["MOS_zscore"], [20 * m for m in mos])
     assert manifest.score_scale.startswith("MOS 1-5 (koniq10k_scores_and_distributions.csv)")
-    assert list(manifest.sources) == ["koniq10k_scores_and_distributions.csv"]
+    # the sets file beside it gives only its `set` column (for --split-by official), joined by image name
+    assert list(manifest.sources) == ["koniq10k_scores_and_distributions.csv", "koniq10k_distributions_sets.csv"]
+    assert manifest.extras["set"] == ["test"] * 10
     assert manifest.image_root.endswith("512x384")

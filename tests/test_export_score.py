@@ -17,6 +17,7 @@ from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
 from iqa.heads.metrics import srcc
 from iqa.cache.results import ResultsDB, default_db
+from iqa.heads.export import export_run
 from iqa.heads.weights import load_head, run_weights_path
 
 
@@ -244,3 +245,15 @@ def test_head_command_passes_loss_optimizer_and_standardize_to_the_stored_runs(d
                      (["--split-by", "official"], "published split")):
         refused = CliRunner().invoke(app, [*args, *bad])
         assert refused.exit_code == 1 and why in refused.output and "Traceback" not in refused.output, refused.output
+
+
+def test_a_model_without_spatial_features_gets_a_note_on_the_explanations_page(demo_cache, tmp_path):
+    from iqa.data.gridpg import make_gridpg
+    from iqa.heads.report.explanations import load_explained
+
+    _, run = train(demo_cache, epochs=1)
+    folder = export_run(demo_cache, default_db(demo_cache), run, tmp_path / "nss-model")
+    grids = make_gridpg(tmp_path / "grids", grids=2, cell_side=32).parent
+    chosen = load_explained([folder], demo_cache, grids)
+    assert chosen.subjects == [] and len(chosen.notes) == 1
+    assert chosen.notes[0].startswith("nss-model: not explained") and "no spatial features" in chosen.notes[0]

@@ -10,8 +10,8 @@
 5. A small layer sweep: a tiny random-init Swin (`swin-t@tiny`) extracted with every stage
    stored (`--layers all`, its own store: the ViT's keeps its fingerprint and its runs their keys),
    a baseline head per stage and seed (`iqa head --layer all`).
-6. Write the report of all those runs (tables, figures with SRCC against layer, index.html) to
-   <cache>/report; the table returned is step 4's.
+6. Write the report of all those runs (tables, figures with SRCC against layer and prediction
+   against MOS, index.html) to <cache>/report; the table returned is step 4's.
 
 Every stage writes under the cache and resumes: running the demo again reuses the set, the
 stores and every finished run in the results database.
@@ -84,7 +84,7 @@ def run_demo(
     sweep = layer_sweep(cache, db, seeds, epochs, device, progress)
     report = write_report(
         records + sweep, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne,
-        progress=progress,
+        progress=progress, results_db=db.path,
     )
     model, sample = export_best_nss(cache, db.path, records)
     return DemoResult(results_table(records, layout="backbones"), records, sweep, cache, db.path, report.out, model, sample)

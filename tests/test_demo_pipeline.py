@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, demo_labels):
     assert (tmp_path / "report" / "index.html").stat().st_size > 0
     assert (tmp_path / "demo" / "swin-t@tiny.zarr").exists()  # the layer sweep's store: every stage
     assert (tmp_path / "report" / "figures" / "srcc_vs_layer.png").stat().st_size > 0
+    assert (tmp_path / "report" / "figures" / "scatter_nss__demo.png").stat().st_size > 0  # from the kept weights
     assert "SRCC against layer" in (tmp_path / "report" / "index.html").read_text()
     assert "best NSS model exported to" in result.output and (tmp_path / "models").is_dir()
 

@@ -3,8 +3,9 @@
 naive:     for each image: PIL open -> the model's Hugging Face image processor -> model, batch 1, fp32.
 extractor: `extract_dataset` with its defaults (batched, decoding in worker processes, chunked Zarr
            writes, `--dtype auto`: bf16 autocast on GPUs and on CPUs with AVX512-BF16/AMX).
-It also times the model's pure forward pass on a ready batch at the extractor's dtype (the limit),
-and `iqa score` (`score_files`: the same decode and embed path plus a head) on the same images.
+It also times the two limits of a run, the model's pure forward pass on a ready batch at the
+extractor's dtype and the decode workers' capacity with no model behind them, says which one bounds
+the run and how close `iqa extract` comes to it, and times `iqa score` (`score_files`: the same decode and embed path plus a head) on the same images.
 A ViT at 512 px is compute-bound on a CPU, so in float32 batching and worker decoding buy only a
 few percent; the gain on such a CPU comes from bf16. The agreement line says what that costs.
 
@@ -22,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from transformers import BitImageProcessorPil
 
 from iqa.cache.store import load_cached
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, default_batch_size, extract_dataset
+from iqa.extract.run import Embedder, ExtractRequest, ImageRows, compute_dtype_for, default_batch_size, extract_dataset
 from iqa.heads.mlp import HEADS, StackedMLP
 from iqa.heads.score import IqaModel, score_files
 
@@ -77,6 +79,16 @@ def forward_limit(spec, model, device: str, dtype: str, batch_size: int, reps: i
     return reps * batch_size / (time.perf_counter() - start)
 
 
+def decode_capacity(files: list[Path], spec, batch_size: int, workers: int) -> float:
+    """Images/s the decode workers deliver with no model behind them (`iqa extract`'s own ImageRows and
+    DataLoader): the other limit a run can hit."""
+    rows = ImageRows(files[0].parent, [f.name for f in files], spec)
+    start = time.perf_counter()
+    for _ in DataLoader(rows, batch_size=batch_size, num_workers=workers):
+        pass
+    return len(files) / (time.perf_counter() - start)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -101,6 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         files = make_images(cache, n)
+        decode = decode_capacity(files, model.spec, args.batch_size, args.workers)
         naive, naive_out = naive_loop(files, spec, model, args.device)
         print(f"naive loop (processor + model per image, fp32): {naive:.2f} images/s")
         request = ExtractRequest(cache, "bench", spec.key, random_init=True, dtype=args.dtype, batch_size=args.batch_size,
@@ -131,8 +144,13 @@ def main() -> None:
     reps = 10 if args.device.startswith("cuda") else max(1, n // (4 * args.batch_size))
     figures["forward_images_per_s"] = round(forward_limit(spec, model, args.device, args.dtype, args.batch_size, reps), 2)
     figures["share_of_forward"] = round(summary.images_per_s / figures["forward_images_per_s"], 2)
+    figures["decode_images_per_s"] = round(decode, 2)
+    bound = min(decode, figures["forward_images_per_s"])
+    figures["bound"] = "decode" if decode < figures["forward_images_per_s"] else "forward"
+    figures["share_of_bound"] = round(summary.images_per_s / bound, 2)
     print(f"pure forward pass (random input, batch {args.batch_size}): {figures['forward_images_per_s']} images/s; "
-          f"iqa extract reaches {figures['share_of_forward']:.0%} of it")
+          f"decode workers alone ({args.workers}): {decode:.2f} images/s; the run is {figures['bound']}-bound and "
+          f"iqa extract reaches {figures['share_of_bound']:.0%} of that limit")
     print(json.dumps(figures))
 
 

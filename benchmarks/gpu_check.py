@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from extract_throughput import forward_limit, make_images, sync
+from extract_throughput import decode_capacity, forward_limit, make_images, sync
 from finetune_step import TABLE_S5_MIB, fresh_model, iqa_loop, random_batches, timed
 from head_sweep import MASK_KS, SEEDS, synthetic_cache, tuned_run
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.extract.run import Embedder, ExtractRequest, ImageRows, compute_dtype_for, extract_dataset
+from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, extract_dataset
 from iqa.heads.finetune import MICRO_BATCH
 from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, run_grid
 from iqa.heads.mlp import HEADS, StackedMLP
@@ -51,11 +50,7 @@ def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, i
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         files = make_images(cache, images)
-        rows = ImageRows(cache / "images", [f.name for f in files], model.spec)
-        start = time.perf_counter()
-        for _ in DataLoader(rows, batch_size=batch, num_workers=workers):
-            pass
-        decode = images / (time.perf_counter() - start)
+        decode = decode_capacity(files, model.spec, batch, workers)
         request = ExtractRequest(cache, "bench", backbone, tiny=smoke, random_init=not smoke, dtype=dtype,
                                  batch_size=batch, chunk_rows=batch, progress=False)
         extract = extract_dataset(request, device=device, num_workers=workers).images_per_s

@@ -128,6 +128,7 @@ class EmbeddingStore:
             raise FingerprintMismatch(
                 f"{self.path} is still adding layers {self.extending}; run the same `iqa extract` without "
                 f"new layers to finish that, then add {list(layer_dims)}")
+        check_layer_pooling(self, "iqa extract ...")  # new layers beside old-rule ones would mix two rules
         for layer, width in layer_dims.items():
             self.group.create_array(layer_array(layer), shape=(self.n_rows, width), dtype=self.embeddings.dtype,
                                     chunks=(self.chunk_rows, width), fill_value=np.nan, overwrite=True)
@@ -135,7 +136,7 @@ class EmbeddingStore:
                                 overwrite=True)
         fingerprint = {**self.fingerprint, "layers": list(self.layer_dims) + list(layer_dims)}
         self.group.attrs.update({"fingerprint": fingerprint, "fingerprint_id": fingerprint_id(fingerprint),
-                                 "extending": list(layer_dims)})
+                                 "extending": list(layer_dims), "layer_pooling": LAYER_POOLING})
         self.fingerprint, self.extending = fingerprint, list(layer_dims)
         self.layer_dims = {**self.layer_dims, **layer_dims}
 
@@ -242,6 +243,19 @@ def layer_array(layer: int) -> str:
     return f"layer{layer}"
 
 
+# What a `layer<n>` row holds (extract/backbones.pool_layer, extract/timm_tower.TimmTap): kept in the store's
+# attributes beside its layer arrays and in the recipe of runs on layers, so layers pooled by another rule
+# are refused, not read as these, and runs on them are keyed apart.
+LAYER_POOLING = "stage maps: global average; tokens: patch-token mean, then the class token where the model has one"
+
+
+def check_layer_pooling(store: "EmbeddingStore", command: str) -> None:
+    held = store.group.attrs.get("layer_pooling")
+    if store.layer_dims and held != LAYER_POOLING:
+        raise StaleStore(f"{store.path} holds layers pooled by an earlier rule ({held or 'patch-token mean alone'}); "
+                         f"`{command} --layers all --overwrite` rebuilds it with layers as this version pools them")
+
+
 def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
             layer_dims: dict[int, int]) -> None:
     n = len(keys)
@@ -257,7 +271,7 @@ def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtyp
     group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
     group.attrs.update(
         {"format": STORE_FORMAT, "chunk_rows": chunk_rows, "fingerprint": fingerprint,
-         "fingerprint_id": fingerprint_id(fingerprint)}
+         "fingerprint_id": fingerprint_id(fingerprint), **({"layer_pooling": LAYER_POOLING} if layer_dims else {})}
     )
 
 
@@ -417,6 +431,7 @@ def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "
     if missing:
         raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
                          f"`{command} --layers all` adds every layer to it")
+    check_layer_pooling(store, command)
     status, out = store.status(), []
     for n in layers:
         if (unfinished := store.done_chunks() & ~store.layer_done_chunks(n)).any():

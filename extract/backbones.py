@@ -77,14 +77,18 @@ def layer_states(outputs, stage_side: int | None = None) -> tuple[torch.Tensor, 
     return tuple(s for s, end in zip(states, last) if end and s.shape[-1] * 3 <= stage_side)
 
 
-def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None) -> torch.Tensor:
-    """A stage map [B, C, H, W] -> its global average; tokens [B, T, D] -> the mean over patch
-    tokens (prefix left out, as `mean_patch` does) after the model's own final norm, if any."""
+def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None, class_token: bool = False) -> torch.Tensor:
+    """A stage map [B, C, H, W] -> its global average; tokens [B, T, D] -> the mean over patch tokens
+    (prefix left out, as `mean_patch` does) after the model's own final norm, if any, followed by the
+    class token where the model has one ([B, 2D]: DINOv2's linear-probe feature; the mean comes first,
+    so a mean-pooled model's last layer starts with its default embedding). The rule is
+    cache.store.LAYER_POOLING: change both together."""
     if state.dim() == 4:
         return state.mean(dim=(2, 3))
     if norm is not None:
         state = norm(state)
-    return state[:, prefix_tokens:].mean(dim=1)
+    mean = state[:, prefix_tokens:].mean(dim=1)
+    return torch.cat([mean, state[:, 0]], dim=1) if class_token else mean
 
 
 class Family:
@@ -210,7 +214,7 @@ class VisionTower(PooledBackbone):
     def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
         """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
         with torch.inference_mode():
-            return [pool_layer(s, self.prefix_tokens, None).shape[1]
+            return [pool_layer(s, self.prefix_tokens, None, self.spec.class_token).shape[1]
                     for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
 
     def use_layers(self, layers: tuple[int, ...]) -> None:
@@ -223,7 +227,8 @@ class VisionTower(PooledBackbone):
             return pooled
         states = self._layer_states(outputs, pixel_values)
         norm = getattr(self.model, self.spec.layer_norm) if self.spec.layer_norm else None
-        return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm) for n in self.layers)], dim=1)
+        return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm, self.spec.class_token)
+                                    for n in self.layers)], dim=1)
 
 
 class TimmTapped(PooledBackbone):

@@ -3,8 +3,8 @@ tapped block, each block's pooled vector for `--layers`, and query/key projectio
 
 The default embedding is timm's own head on the tapped block: block `tap_block` -> the final norm
 -> attention pooling -> projection. A layer's vector (`--layers`, layer n = block n-1) is the mean
-over the patch tokens of that block's output, the class token left out and no norm applied (PE's
-own intermediate features are un-normalised). So layer tap_block+1 is not the default embedding.
+over the patch tokens of that block's output followed by its class token, no norm applied (PE's own
+intermediate features are un-normalised). So layer tap_block+1 is not the default embedding.
 
 The whole tower is kept (no block is pruned: `--layers` reaches past the tap, and the weights
 checksum covers the checkpoint as published); a pass stops at the last block it needs.
@@ -27,8 +27,12 @@ class TimmTap(nn.Module):
         self.model = model
         self.tap_block = tap_block
 
+    @property
+    def class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
     def layer_widths(self) -> list[int]:
-        return [self.model.embed_dim] * len(self.model.blocks)
+        return [self.model.embed_dim * (2 if self.class_token else 1)] * len(self.model.blocks)
 
     def forward(self, x: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
         blocks = sorted({self.tap_block, *(n - 1 for n in layers)})
@@ -37,7 +41,11 @@ class TimmTap(nn.Module):
         by_block = dict(zip(blocks, states))
         patches, prefix = by_block[self.tap_block]
         tapped = self.model.forward_head(self.model.norm(torch.cat([prefix, patches], dim=1)))
-        return torch.cat([tapped, *(by_block[n - 1][0].mean(dim=1) for n in layers)], dim=1)
+        # as extract/backbones.pool_layer: the patch tokens' mean, then the class token (no norm here: PE's own
+        # intermediate features are un-normed)
+        pooled = [torch.cat([by_block[n - 1][0].mean(dim=1), *([by_block[n - 1][1][:, 0]] if self.class_token else [])], dim=1)
+                  for n in layers]
+        return torch.cat([tapped, *pooled], dim=1)
 
 
 class SplitQkv(nn.Module):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from iqa.heads.fusion import check_fusion, fusion_recipe
+from iqa.cache.store import LAYER_POOLING
 from iqa.heads.loss import LOSSES, MARGIN_SCALE
 from iqa.heads.hyper import HYPER, hyper_recipe
 from iqa.heads.mlp import HIDDEN
@@ -111,11 +112,12 @@ class RunConfig:
 
     def recipe(self) -> dict:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
-        the fusion their sizes)."""
+        the fusion their sizes, a run on stored layers how they were pooled)."""
         probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
         hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
         fusion = {"fusion": fusion_recipe()} if self.fuse is not None else {}
-        return probe | hyper | fusion | {
+        layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
+        return probe | hyper | fusion | layered | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,

@@ -44,14 +44,20 @@ def model_inputs(spec, root, paths) -> torch.Tensor:
     return normalise(torch.stack(images), spec.mean, spec.std)
 
 
+def mean_then_cls(tokens: torch.Tensor, prefix: int) -> np.ndarray:
+    """The patch tokens' mean (prefix left out), then the class token (token 0) where there is one."""
+    return torch.cat([tokens[:, prefix:].mean(dim=1), *([tokens[:, 0]] if prefix else [])], dim=1).numpy()
+
+
 def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
     """The model's own hidden states, pooled here: token models mean their patch tokens (CLS and
-    registers left out, the final norm applied where the default embedding applies it), stage
-    models average each stage map (Swin's before its patch merging)."""
+    registers left out, the final norm applied where the default embedding applies it) followed by
+    the class token where they have one, stage models average each stage map (Swin's before its
+    patch merging)."""
     spec = get_spec(key, tiny=True)
     model = load_backbone(spec, tiny=True).model
-    if key == "perception":  # the mean of each block's patch tokens, its class token left out, no norm
-        return [s[:, 1:].mean(dim=1).numpy() for s in timm_blocks_by_hand(model.model, x)]
+    if key == "perception":  # each block's patch-token mean, then its class token, no norm
+        return [mean_then_cls(s, 1) for s in timm_blocks_by_hand(model.model, x)]
     with torch.no_grad():
         if key.startswith("swin"):
             maps = model(pixel_values=x, output_hidden_states=True,
@@ -65,7 +71,7 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
             return [m.mean(dim=(2, 3)).numpy() for m in states]
         prefix = {"siglip2": 0, "clip": 1, "dinov2": 1, "dinov3-s": 5}[key]
         norm = getattr(model, {"dinov2": "layernorm", "dinov3-s": "norm"}.get(key, ""), torch.nn.Identity())
-        return [norm(s)[:, prefix:].mean(dim=1).numpy() for s in states]
+        return [mean_then_cls(norm(s), prefix) for s in states]
 
 
 @pytest.mark.parametrize("key", TOKEN_MODELS + STAGE_MODELS)
@@ -82,8 +88,9 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
     for n, vectors in enumerate(expected, start=1):
         np.testing.assert_allclose(load_layer(tmp_path, "toy", key, n, tag="tiny"), vectors, rtol=1e-4, atol=1e-5)
     default = load_cached(tmp_path, "toy", key, tag="tiny").embeddings
-    if key in ("dinov2", "dinov3-s", "resnet50", "pvt-v2-b2"):  # mean-pooled defaults: the last layer is the embedding itself
-        np.testing.assert_allclose(load_layer(tmp_path, "toy", key, len(expected), tag="tiny"), default, rtol=1e-4, atol=1e-5)
+    if key in ("dinov2", "dinov3-s", "resnet50", "pvt-v2-b2"):  # mean-pooled defaults: the last layer starts with the embedding
+        last = load_layer(tmp_path, "toy", key, len(expected), tag="tiny")
+        np.testing.assert_allclose(last[:, : default.shape[1]], default, rtol=1e-4, atol=1e-5)
     if key == "perception":  # the tiny tower's tap is its last block: the default embedding is timm's own forward
         with torch.no_grad():
             np.testing.assert_allclose(default, load_backbone(get_spec(key, tiny=True), tiny=True).model.model(x).numpy(),
@@ -92,7 +99,7 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
 
 def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_on_the_tap(one_thread):
     """With the tap on block 1 of 3, `--layers 3,1` still gives the default embedding of a tower cut after
-    the tap (norm, attention pooling, projection), then blocks 3 and 1 mean-pooled."""
+    the tap (norm, attention pooling, projection), then blocks 3 and 1 pooled (patch mean, class token)."""
     tiny = get_spec("perception", tiny=True)
     spec = replace(tiny, tiny_config=dict(tiny.tiny_config, depth=3), tap_block=0)
     backbone = load_backbone(spec, tiny=True)
@@ -106,8 +113,9 @@ def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_o
         layered = backbone(x)
     assert len(cut.blocks) == 1 and len(backbone.model.model.blocks) == 3
     assert torch.equal(default, tapped) and torch.equal(layered[:, :16], tapped)
-    torch.testing.assert_close(layered[:, 16:], torch.cat([blocks[2][:, 1:].mean(1), blocks[0][:, 1:].mean(1)], 1))
-    assert backbone.layer_widths(x) == [32, 32, 32]
+    pooled = [torch.cat([b[:, 1:].mean(1), b[:, 0]], 1) for b in (blocks[2], blocks[0])]  # patch mean, then CLS
+    torch.testing.assert_close(layered[:, 16:], torch.cat(pooled, 1))
+    assert backbone.layer_widths(x) == [64, 64, 64]  # width 32: the mean and the class token
 
 
 def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, one_thread):
@@ -195,3 +203,23 @@ def test_cli_bad_layers_and_layerless_backbones_fail_in_one_line(tmp_path):
         result = CliRunner().invoke(app, ["extract", "--backbone", backbone, "--dataset", "toy", "--tiny", "--layers",
                                           layers, "--cache", str(tmp_path), "--workers", "0"])
         assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, result.output
+
+
+def test_layers_pooled_by_an_earlier_rule_are_refused_and_layer_runs_are_keyed_by_the_rule(tmp_path, one_thread):
+    from iqa.cache.store import LAYER_POOLING, StaleStore
+    from iqa.heads.run_config import RunConfig
+
+    make_dataset(tmp_path, n=3)
+    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", layers="1", **QUIET)
+    assert extract_dataset(request, num_workers=0).ok
+    store = EmbeddingStore(store_path(tmp_path, "toy", "dinov2", "tiny"), mode="r+")
+    assert store.group.attrs["layer_pooling"] == LAYER_POOLING
+    del store.group.attrs["layer_pooling"]  # as a store written before the class token joined the layers
+    with pytest.raises(StaleStore, match=r"pooled by an earlier rule \(patch-token mean alone\).*--overwrite"):
+        load_layer(tmp_path, "toy", "dinov2", 1, tag="tiny")
+    with pytest.raises(StaleStore, match="earlier rule"):  # nor are new layers added beside old-rule ones
+        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", layers="2", **QUIET),
+                        num_workers=0)
+    assert load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings.shape[0] == 3  # the default embedding still reads
+    plain = RunConfig("toy", "toy", "dinov2", "baseline", "lrelu", "lrelu", 8)
+    assert "layer_pooling" not in plain.recipe() and replace(plain, layers=(1,)).recipe()["layer_pooling"] == LAYER_POOLING

@@ -380,6 +380,8 @@ def head_command(
     standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Z-score features with each run's train rows [default: on for ridge/knn, off for MLP heads].")] = None,
     l2norm: L2normOption = False,
     device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs, the paper's mixed precision; float32 on CPUs, where "
+                                            "autocast is slower at batch 12), float32 or bfloat16.")] = "auto",
     stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
@@ -397,7 +399,7 @@ def head_command(
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    from iqa.heads.grid import dataset_pairs, expand_grid, head_choices, run_grid
+    from iqa.heads.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
     from iqa.cache.results import ResultsDB, default_db
     from iqa.heads.report.tables import results_table
 
@@ -432,7 +434,8 @@ def head_command(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
-            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held), fuse=fuse,
+            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
+            compute_dtype=head_dtype(dtype, device), fuse=fuse,
         )
         from iqa.heads.selection import check_rule
 

@@ -4,8 +4,8 @@
    forward pass on a ready batch, and the decode workers' capacity alone (which of the two bounds a
    run); `iqa score` images/s on the same images and model.
 2. The Table-4 head grid (2 heads x 6 mask k x 3 seeds x 30 epochs, KonIQ-sized synthetic cache):
-   `run_grid` wall time (goal: under 60 s) against the tuned single-run loop of head_sweep.py,
-   timed for one run and scaled to the grid.
+   `run_grid` wall time (goal: under 60 s) at `iqa head`'s default dtype (bf16 autocast on a GPU)
+   against the tuned single-run loop of head_sweep.py, timed for one run and scaled to the grid.
 3. Fine-tuning SigLIP2 at 512 px (random init): LoRA and full optimiser steps/s (batch 2 x 6) and
    peak memory, beside Table S5's 2,270 MiB.
 4. Extraction with the diffusion backbone, CleanDIFT SD-2.1 at 512 px (random init, bf16): `iqa extract`
@@ -33,7 +33,7 @@ from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, extract_dataset
 from iqa.heads.finetune import MICRO_BATCH
-from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, run_grid
+from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, head_dtype, run_grid
 from iqa.heads.mlp import HEADS, StackedMLP
 from iqa.heads.score import IqaModel, score_files
 from iqa.cache.results import ResultsDB
@@ -78,7 +78,7 @@ def head_grid(device: str, smoke: bool) -> dict:
     rows, epochs, seeds, mask_ks = (120, 1, SEEDS[:1], MASK_KS[:2]) if smoke else (10_073, 30, SEEDS, MASK_KS)
     cache = synthetic_cache(rows)
     configs = expand_grid([("koniq10k", "koniq10k")], "synthetic", head_choices(["baseline", "sig"], []), seeds,
-                          mask_ks, epochs=epochs)
+                          mask_ks, epochs=epochs, compute_dtype=head_dtype("auto", device))  # iqa head's default
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         run_grid(configs, lambda _: cache, ResultsDB(Path(tmp) / "results.sqlite"), device,

@@ -58,19 +58,32 @@ def expand_grid(
     keeps: list[float] = (1.0,),
     standardize: bool | None = None,
     layer_sets: list[tuple[int, ...] | None] = (None,),
+    compute_dtype: str | None = None,
     **shared,
 ) -> list[RunConfig]:
     """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, fuse, ... for all runs.
 
     `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's).
-    `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed."""
+    `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed.
+    `compute_dtype` (`head_dtype`) applies to the trained heads; the probes are closed-form float64 fits."""
     if dropout is not None and any(name in PROBES for name, _, _ in heads):
         raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
     return [
         RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), layers=layers,
-                  standardize=name in PROBES if standardize is None else standardize, **shared)
+                  standardize=name in PROBES if standardize is None else standardize,
+                  compute_dtype=None if name in PROBES else compute_dtype, **shared)
         for layers, (train, test), (name, act1, act2), k, p, seed in product(layer_sets, pairs, heads, mask_ks, keeps, seeds)
     ]
+
+
+def head_dtype(dtype: str, device: str) -> str | None:
+    """A run's compute_dtype from `--dtype`: auto is bf16 autocast on a GPU and float32 (None) on a CPU,
+    where autocast makes batch-12 steps slower."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else None
+    return None if dtype == "float32" else dtype
 
 
 def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> list[tuple[int, ...] | None]:

@@ -67,12 +67,12 @@ class RunConfig:
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
     fuse: str | None = None  # "attention": the layers fused by heads/fusion.py instead of read concatenated
+    compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
     lora_rank: int | None = None
     backbone_lr: float | None = None
-    compute_dtype: str | None = None
 
     def __post_init__(self):
         if self.layers is not None:  # a list when read back from JSON; a tuple keeps configs hashable
@@ -104,7 +104,8 @@ class RunConfig:
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model this config sets."""
         return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "standardize": self.standardize, "select": self.select, "fuse": self.fuse}
+                "standardize": self.standardize, "select": self.select, "fuse": self.fuse,
+                "compute_dtype": self.compute_dtype}
 
     @property
     def milestones(self) -> tuple[int, ...]:

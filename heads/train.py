@@ -35,6 +35,7 @@ from iqa.heads.run_config import LR_DECAY, OPTIMIZERS
 from iqa.heads.selection import check_rule, improved, selected_epoch
 
 EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
+HEAD_DTYPES = {None: None, "bfloat16": torch.bfloat16}  # a run's compute_dtype: None is float32
 
 
 @dataclass(frozen=True)
@@ -242,18 +243,25 @@ def train_stack_model(
     standardize: bool = False,
     select: str = "test",
     fuse: str | None = None,
+    compute_dtype: str | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
     `select` picks the epoch each member keeps (see iqa.heads.selection); its weights come back in
     RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch. With
     `fuse` (over `data.stages`), each member's curves also get "stage_weights": the kept epoch's
-    weight per stage on each of its test rows (`stage_weight_record`).
+    weight per stage on each of its test rows (`stage_weight_record`). `compute_dtype` "bfloat16" runs
+    the forward passes under bf16 autocast (the paper's mixed precision; the weights, Adam and the gate
+    parameters stay float32); None is float32 throughout.
     """
     check_rule(select)
+    if compute_dtype not in HEAD_DTYPES:
+        raise ValueError(f"a head trains in {' or '.join(map(str, HEAD_DTYPES))}, not {compute_dtype!r}")
     if select == "val" and data.val_rows is None:
         raise ValueError("select='val' needs validation rows")
     device = torch.device(device)
+    cast = dict(device_type=device.type, dtype=HEAD_DTYPES[compute_dtype] or torch.float32,
+                enabled=compute_dtype is not None)
     n_members = len(members)
     train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
     if train_rows.shape[0] != n_members or test_rows.shape[0] != n_members:
@@ -295,7 +303,9 @@ def train_stack_model(
         loss_sum = torch.zeros(n_members, device=device)
         model.train()
         for rows, targets in zip(order, y_train[order]):  # the epoch's targets gathered at once
-            loss = iqa_loss(model(train_pools.rows(rows), inputs_masked=True), targets, micro_batch, loss_name)
+            with torch.autocast(**cast):
+                pred = model(train_pools.rows(rows), inputs_masked=True)
+            loss = iqa_loss(pred, targets, micro_batch, loss_name)
             alive &= torch.isfinite(loss)  # stays on the device: no sync per step
             kept = torch.where(alive, loss, 0.0)
             optimizer.zero_grad(set_to_none=True)
@@ -303,11 +313,12 @@ def train_stack_model(
             optimizer.step()
             loss_sum += kept.detach()
 
-        pred = predict(model, test_pools, test_rows_t)
+        with torch.autocast(**cast):
+            pred = predict(model, test_pools, test_rows_t).float()
+            val_pred = None if val_rows_t is None else predict(model, train_pools, val_rows_t).float()
         alive &= torch.isfinite(pred).all(-1)
         epoch_srcc, epoch_plcc = epoch_metrics(pred, y_test_rows)
         if val_rows_t is not None:
-            val_pred = predict(model, train_pools, val_rows_t)
             val_srcc, val_plcc = epoch_metrics(val_pred, y_val_rows)
         scores = val_srcc if select == "val" else epoch_srcc
         better = improved(scores, kept_score, select)

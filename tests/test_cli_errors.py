@@ -46,6 +46,7 @@ def store(tmp_path_factory):
     (["--stack-size", "-3"], "--stack-size must be at least 1"),
     (["--act", ""], "names no head"),
     (["--mask-k", "abc"], "'abc'"),  # the closing quote kept
+    (["--dtype", "float16"], "--dtype must be auto, float32 or bfloat16"),
     (["--micro-batch", "5"], "--micro-batch 5 must be at least 2 (the loss scores pairs) and divide the batch of 12"),
 ])
 def test_head_refuses_bad_options(store, extra, needle):

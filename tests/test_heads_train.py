@@ -1,13 +1,15 @@
 """The stacked trainer: members train as if alone, reproducibly, and a diverging member stops alone."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from iqa.heads.mlp import StackedMLP
-from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones
+from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones, run_key
 from iqa.heads.loss import iqa_loss
-from iqa.heads.train import MaskedPools, Member, StackData, train_stack, train_statistics
+from iqa.heads.train import MaskedPools, Member, StackData, train_stack, train_stack_model, train_statistics
 
 
 def learnable_set(n=300, d=32, seed=0):
@@ -234,3 +236,25 @@ def test_hyper_head_beats_the_mlp_when_the_score_multiplies_content_and_quality(
     mlp = [r.best_srcc for r in train_stack(data, members, "lrelu", "lrelu", epochs=10)]
     assert all(h > m + 0.1 for h, m in zip(hyper, mlp)), (hyper, mlp)  # about 0.9 against 0.7 per seed
     assert min(hyper) > 0.8, hyper
+
+
+def test_mixed_precision_heads_learn_as_float32_ones_do_with_float32_weights_and_gates(one_thread):
+    """`compute_dtype="bfloat16"`: the forward passes under bf16 autocast, the weights, Adam state and the
+    gate's five parameters float32 (Suppl. B.1); the numbers move by rounding only, and the run is keyed apart."""
+    from iqa.heads.grid import head_dtype
+    from iqa.heads.run_config import RunConfig
+
+    x, y = learnable_set()
+    args = (data_for(x, y, 1), [Member(8, lr=1e-3)], "gated", "gated")
+    full = train_stack(*args, hidden=64, epochs=4)[0]
+    model, (mixed,) = train_stack_model(*args, hidden=64, epochs=4, compute_dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert mixed.curves["train_loss"] != full.curves["train_loss"]  # bf16 matmuls did run
+    assert mixed.curves["train_loss"] == pytest.approx(full.curves["train_loss"], rel=0.1)
+    assert mixed.best_srcc == pytest.approx(full.best_srcc, abs=0.02) and mixed.best_srcc > 0.8
+    with pytest.raises(ValueError, match="float16"):
+        train_stack(*args, epochs=1, compute_dtype="float16")
+    assert head_dtype("auto", "cuda:0") == "bfloat16" and head_dtype("auto", "cpu") is None
+    assert head_dtype("float32", "cuda") is None and head_dtype("bfloat16", "cpu") == "bfloat16"
+    plain = RunConfig("d", "d", "b", "gated", "gated", "gated", 8)
+    assert run_key(plain, "f", "r") != run_key(replace(plain, compute_dtype="bfloat16"), "f", "r")

@@ -105,6 +105,11 @@ class Family:
         """The backbone with `.spec` at the loaded checkpoint's geometry, `.source` and `.revision`."""
         raise NotImplementedError
 
+    @classmethod
+    def parameters_used(cls, model: nn.Module) -> int:
+        """The parameters the default embedding's forward pass reads (Table S5's count): all of them."""
+        return sum(p.numel() for p in model.parameters())
+
 
 def check_preprocess(preprocess: str) -> str:
     if preprocess not in ("square", "native"):
@@ -272,6 +277,12 @@ class TimmTapped(PooledBackbone):
     def geometry(self, spec: BackboneSpec) -> tuple[int | None, int, int]:
         embed = self.model.model.patch_embed
         return embed.img_size[0], embed.patch_size[0], spec.dim
+
+    @classmethod
+    def parameters_used(cls, model: "TimmTapped") -> int:
+        """The whole tower is kept for `--layers`, but the default embedding stops at the tapped block."""
+        unused = model.model.model.blocks[model.spec.tap_block + 1:]
+        return super().parameters_used(model) - sum(p.numel() for p in unused.parameters())
 
     def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
         return self.model.layer_widths()

@@ -133,6 +133,23 @@ def test_mac_count_matches_a_hand_count():
     assert row.peak_memory == "n/a (no GPU)"  # asked for the CPU: not measured, on any host
 
 
+def test_perception_profiles_the_blocks_its_default_embedding_reads():
+    """The timm tower is kept whole for --layers, but Table S5 counts what the default embedding runs:
+    blocks 1-20 of 24, then the head (its attention pool passes a parameter as an input, which the MAC
+    counter has to be able to hook)."""
+    import torchvision_stub
+
+    torchvision_stub.install()  # before timm, which imports torchvision
+    import timm
+
+    (row,) = profile_backbone("perception", ["baseline"])
+    with torch.device("meta"):
+        whole = timm.create_model("vit_pe_core_large_patch14_336", pretrained=False)
+    block = sum(p.numel() for p in whole.blocks[0].parameters())
+    assert len(whole.blocks) == 24 and row.backbone_params == sum(p.numel() for p in whole.parameters()) - 4 * block
+    assert row.backbone_macs > 1e11 and row.resolution == 336
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory needs a GPU")
 def test_peak_memory_is_measured_on_a_gpu():
     (row,) = profile_backbone("dinov2", ["baseline"], device="cuda")

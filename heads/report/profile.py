@@ -43,9 +43,19 @@ class ProfileRow:
 
 
 def count_macs(module: torch.nn.Module, *inputs) -> tuple[float, float]:
-    """(total MACs, attention MACs) of one forward pass: FlopCounterMode's FLOPs / 2."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*inputs)
+    """(total MACs, attention MACs) of one forward pass: FlopCounterMode's FLOPs / 2.
+
+    Parameters are set not to need gradients while counting: the counter's module tracker hooks every
+    module input that needs one, which fails under no_grad for a parameter passed in as an input (the
+    Perception Encoder's attention pool passes its latent query)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    module.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(*inputs)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     by_op = counter.get_flop_counts().get("Global", {})
     attention = sum(v for op, v in by_op.items() if any(name in str(op) for name in ATTENTION_OPS))
     return counter.get_total_flops() / 2, attention / 2
@@ -87,7 +97,7 @@ def profile_backbone(key: str, heads: list[str], device: str = "cpu") -> list[Pr
                 model = load_backbone(spec, random_init=True)
                 image = torch.empty(1, 3, spec.resolution, spec.resolution)
             macs, attention = count_macs(model, image)
-            counted = dict(resolution=spec.resolution, backbone_params=sum(p.numel() for p in model.parameters()),
+            counted = dict(resolution=spec.resolution, backbone_params=family_of(spec).parameters_used(model),
                            backbone_macs=macs, attention_macs=attention, peak_memory=_peak_memory(spec, device),
                            weights="registry full-size config, random init (meta device for counting)")
         except BackboneLoadError as error:

@@ -215,7 +215,8 @@ class EmbeddingStore:
         if embeddings.shape != (len(rows), width):
             raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {width}, got {embeddings.shape}")
         stored = self.embeddings[rows.start : rows.stop].astype(np.float32)
-        valid = (self.group["status"][rows.start : rows.stop] == DONE) & np.isfinite(embeddings[:, : self.dim]).all(axis=1)
+        done = self.group["status"][rows.start : rows.stop] == DONE
+        valid = done & np.isfinite(embeddings[:, : self.dim]).all(axis=1)
         new = embeddings[:, : self.dim][valid]
         error = np.linalg.norm(new - stored[valid], axis=1) / np.maximum(np.linalg.norm(stored[valid], axis=1), 1e-12)
         if (error > LAYER_CHECK_TOLERANCE).any():
@@ -224,7 +225,7 @@ class EmbeddingStore:
                 f"{self.path}: the model gives {self.group['keys'][rows.start + worst]} a default embedding "
                 f"{float(error.max()):.2g} (relative) away from the stored one, so its layers would not belong to "
                 f"the store; pass --overwrite to rebuild the store with every layer")
-        bad = (self.group["status"][rows.start : rows.stop] != DONE)[:, None]
+        bad = ~done[:, None]
         start = self.dim
         for n, layer_dim in self.layer_dims.items():
             if n in self.extending:
@@ -249,11 +250,18 @@ def layer_array(layer: int) -> str:
 LAYER_POOLING = "stage maps: global average; tokens: patch-token mean, then the class token where the model has one"
 
 
-def check_layer_pooling(store: "EmbeddingStore", command: str) -> None:
+def layer_pooling_problem(store: "EmbeddingStore", command: str) -> str | None:
+    """Why the store's layers cannot be read as this version pools them, with the way out; None when they can."""
     held = store.group.attrs.get("layer_pooling")
     if store.layer_dims and held != LAYER_POOLING:
-        raise StaleStore(f"{store.path} holds layers pooled by an earlier rule ({held or 'patch-token mean alone'}); "
-                         f"`{command} --layers all --overwrite` rebuilds it with layers as this version pools them")
+        return (f"holds layers pooled by an earlier rule ({held or 'patch-token mean alone'}); "
+                f"`{command} --layers all --overwrite` rebuilds it with layers as this version pools them")
+    return None
+
+
+def check_layer_pooling(store: "EmbeddingStore", command: str) -> None:
+    if problem := layer_pooling_problem(store, command):
+        raise StaleStore(f"{store.path} {problem}")
 
 
 def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
@@ -626,6 +634,8 @@ def verify_store(path: Path) -> list[str]:
     rows = read_checked(store, paths, tuple(store.layer_dims))
     if rows.damaged:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
+    if stale_layers := layer_pooling_problem(store, "iqa extract"):
+        problems.append(f"stale: {stale_layers}")
     if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
         problems.append(f"stale: {describe_changes(changes, paths)}; `iqa extract` on this store recomputes their chunks")
     return problems

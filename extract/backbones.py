@@ -7,7 +7,7 @@ instead of branching on the entry's kind:
 
 | family | pooling rule | loads | features |
 |---|---|---|---|
-| `VisionTower` | pooler_output, image_embeds, mean_patch | a transformers vision tower | its output pooled by the rule (`pool`); `--layers` taps |
+| `VisionTower` | pooler_output, image_embeds, mean_patch, mean_map | a transformers vision tower | its output pooled by the rule (`pool`); `--layers` taps |
 | `TimmTapped` | timm_tap | a timm model by architecture name | one block's output through the model's own head; `--layers` taps |
 | `WorkerFeatures` | worker | nothing (the identity) | computed from the decoded image in the decode workers |
 | `CleanDift` | cleandift | SD-2.1 through diffusers (extract/cleandift.py) | pooled UNet decoder taps |

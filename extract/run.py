@@ -301,7 +301,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         if r.adapter is not None:
             raise ValueError("--layers is not available with --adapter (a tuned backbone); extract its default embedding")
         if not family_of(spec).layer_taps:
-            raise ValueError(f"--layers works for transformers backbones; {spec.key} has no layer taps")
+            raise ValueError(f"--layers works for transformers and timm backbones; {spec.key} has no layer taps")
         widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
     fingerprint = make_fingerprint(

@@ -215,6 +215,8 @@ def test_layers_pooled_by_an_earlier_rule_are_refused_and_layer_runs_are_keyed_b
     store = EmbeddingStore(store_path(tmp_path, "toy", "dinov2", "tiny"), mode="r+")
     assert store.group.attrs["layer_pooling"] == LAYER_POOLING
     del store.group.attrs["layer_pooling"]  # as a store written before the class token joined the layers
+    problems = verify_store(store_path(tmp_path, "toy", "dinov2", "tiny"))
+    assert [p for p in problems if p.startswith("stale: holds layers pooled by an earlier rule")], problems
     with pytest.raises(StaleStore, match=r"pooled by an earlier rule \(patch-token mean alone\).*--overwrite"):
         load_layer(tmp_path, "toy", "dinov2", 1, tag="tiny")
     with pytest.raises(StaleStore, match="earlier rule"):  # nor are new layers added beside old-rule ones

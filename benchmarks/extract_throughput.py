@@ -5,7 +5,8 @@ extractor: `extract_dataset` with its defaults (batched, decoding in worker proc
            writes, `--dtype auto`: bf16 autocast on GPUs and on CPUs with AVX512-BF16/AMX).
 It also times the two limits of a run, the model's pure forward pass on a ready batch at the
 extractor's dtype and the decode workers' capacity with no model behind them, says which one bounds
-the run and how close `iqa extract` comes to it, and times `iqa score` (`score_files`: the same decode and embed path plus a head) on the same images.
+the run and how close `iqa extract` comes to it, and times `iqa score` (`score_files`: the same
+decode and embed path plus a head) on the same images.
 A ViT at 512 px is compute-bound on a CPU, so in float32 batching and worker decoding buy only a
 few percent; the gain on such a CPU comes from bf16. The agreement line says what that costs.
 

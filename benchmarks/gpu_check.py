@@ -42,8 +42,9 @@ BACKBONE = "siglip2"
 
 
 def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, images: int = 1024,
-               score: bool = True) -> dict:
-    """Extraction against its two bounds; with `score`, `iqa score` on the same images and model."""
+               score: bool = True, section: int = 1) -> dict:
+    """Section `section`: extraction against its two bounds; with `score`, `iqa score` on the same images
+    and model. Figures of another backbone than BACKBONE are named with its key in front."""
     images, batch, workers = (4, 2, 0) if smoke else (images, 32, 8)
     spec = get_spec(backbone, tiny=smoke)
     model = load_backbone(spec, random_init=not smoke, tiny=smoke)
@@ -67,7 +68,7 @@ def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, i
             sync(device)
             figures["score_images_per_s"] = images / (time.perf_counter() - start)
     bound = "decode" if decode < forward else "forward"
-    print(f"{'1' if score else '4'}. {backbone} at {model.spec.resolution} px, {images} images, batch {batch}, "
+    print(f"{section}. {backbone} at {model.spec.resolution} px, {images} images, batch {batch}, "
           f"{workers} workers: iqa extract {extract:.1f} images/s; bare forward {forward:.1f}; decode workers "
           f"{decode:.1f} (bound: {bound}, extract at {extract / min(decode, forward):.0%} of it)"
           + (f"; iqa score {figures['score_images_per_s']:.1f} images/s" if score else ""))
@@ -130,7 +131,7 @@ def main() -> None:
     figures.update(extraction(args.device, args.smoke, args.dtype))
     figures.update(head_grid(args.device, args.smoke))
     figures.update(finetuning(args.device, args.smoke, args.dtype))
-    figures.update(extraction(args.device, args.smoke, args.dtype, "cleandift", images=256, score=False))
+    figures.update(extraction(args.device, args.smoke, args.dtype, "cleandift", images=256, score=False, section=4))
     figures["seconds"] = time.perf_counter() - start
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 

@@ -14,8 +14,8 @@ our share of the roofline bound for this work:
     FLOPs per step = 2*B*(D*H + H*H + H) forward + 2*B*(D*H + H*H + H) weight grads + 2*B*(H*H + H) input grads
     bytes per step = 36 * parameters (weights read 4, gradient written 4, fused Adam reads p,g,m,v and writes p,m,v 28)
 The matmuls and the optimiser's pass over the weights run one after the other, so the sum of the two
-times (the sequential bound) is printed beside it. Bandwidth is measured on a buffer the size of one stack's weights + gradients + Adam state (the
-memory level the trainer streams from). The last line is one JSON object.
+times (the sequential bound) is printed beside it. Bandwidth is measured on a buffer the size of one
+stack's weights + gradients + Adam state (the memory level the trainer streams from). The last line is one JSON object.
 """
 
 import argparse

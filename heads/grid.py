@@ -22,7 +22,7 @@ from iqa.heads.probes import PROBES
 from iqa.cache.results import ResultsDB
 from iqa.heads.run_config import RunConfig, rows_digest, run_key
 from iqa.heads.selection import carve_validation
-from iqa.heads.train import Member, RunResult, StackData, train_stack
+from iqa.heads.train import Member, PoolCache, RunResult, StackData, train_stack
 from iqa.heads.weights import run_weights_path, save_head
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
@@ -287,7 +287,8 @@ class StackJob:
     def model_epochs(self) -> int:
         return len(self.runs) * self.runs[0][0].epochs
 
-    def train(self, device: str, on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
+    def train(self, device: str, on_epoch: Callable[[int], None] | None = None,
+              pools: PoolCache | None = None) -> list[RunResult]:
         first = self.runs[0][0]
         if first.head in PROBES:  # closed form on the CPU: the device does not matter
             results = train_probes(self.data, self.members, first.head, first.standardize)
@@ -296,7 +297,7 @@ class StackJob:
             return results
         return train_stack(
             self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
-            first.micro_batch, device, on_epoch=on_epoch, **first.trainer_options(),
+            first.micro_batch, device, on_epoch=on_epoch, pools=pools, **first.trainer_options(),
         )
 
 
@@ -304,6 +305,8 @@ Engine = Callable[[list[StackJob], str, tqdm], Iterator[tuple[StackJob, list[Run
 
 
 def train_here(jobs: list[StackJob], device: str, bar: tqdm) -> Iterator[tuple[StackJob, list[RunResult]]]:
-    """The local engine: one stack after another in this process, yielding each as it finishes."""
+    """The local engine: one stack after another in this process, yielding each as it finishes; the
+    stacks share the device copies of their embedding pools and the masked pools (`PoolCache`)."""
+    pools = PoolCache()
     for job in jobs:
-        yield job, job.train(device, on_epoch=lambda _: bar.update(len(job.runs)))
+        yield job, job.train(device, on_epoch=lambda _: bar.update(len(job.runs)), pools=pools)

@@ -166,6 +166,34 @@ def train_statistics(x: torch.Tensor, train_rows: np.ndarray) -> tuple[torch.Ten
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
+class PoolCache:
+    """The float32 device copies of embedding pools and their masked versions, shared by the stacks of one grid.
+
+    Every stack of a grid on one dataset reads the same pool, and every distinct mask k masks all of it
+    (a selection per row over the whole pool, a tenth of a one-epoch stack on the CPU): kept here, each
+    is made once per grid. Entries hold their source, so an id is never reused while it is a key; the
+    oldest go once the tensors pass `max_bytes`.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._entries: dict[tuple, tuple[object, torch.Tensor]] = {}
+
+    def get(self, source: object, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor made from `source` under `key` (make() the first time)."""
+        full_key = (id(source), *key)
+        if full_key not in self._entries:
+            self._entries[full_key] = (source, make())
+            while len(self._entries) > 1 and sum(t.nbytes for _, t in self._entries.values()) > self.max_bytes:
+                del self._entries[next(iter(self._entries))]
+        return self._entries[full_key][1]
+
+
+def masked_pool(x: torch.Tensor, keep_percent: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    """Every row of x [N, D] under the top-k mask of keep_percent [1], `chunk` rows at a time."""
+    return torch.cat([topk_mask(x[None, i : i + chunk], keep_percent)[0] for i in range(0, len(x), chunk)])
+
+
 class MaskedPools:
     """Every embedding masked once per distinct mask k of the stack, instead of at every step.
 
@@ -173,11 +201,11 @@ class MaskedPools:
     exactly the inputs per-step masking would (it cost a third of a step on the CPU). `rows(r)`
     gathers member m's rows r[m] from the pool of its k: [M, B] -> [M, B, D]. With `standardize`
     (each member's train mean and std, `train_statistics`) every member gets its own pool,
-    z-scored and then masked.
+    z-scored and then masked; without it the masked pools come from `cache` where one is given.
     """
 
     def __init__(self, model: StackedMLP, x: torch.Tensor, chunk: int = EVAL_CHUNK,
-                 standardize: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 standardize: tuple[torch.Tensor, torch.Tensor] | None = None, cache: PoolCache | None = None):
         ks = model.mask_k.tolist()
         if standardize is not None:
             mean, std = standardize
@@ -190,10 +218,15 @@ class MaskedPools:
         if not model.masking:
             self.pools = x[None] if standardize is None else torch.stack([source for source, _ in sources])
             return
-        self.pools = torch.stack([
-            torch.cat([topk_mask(source[None, i : i + chunk], model.mask_k[m : m + 1])[0] for i in range(0, len(source), chunk)])
-            for source, m in sources
-        ])
+        cache = cache if standardize is None else None  # z-scored pools are the member's own
+
+        def pool(source: torch.Tensor, m: int) -> torch.Tensor:
+            if ks[m] == 100:  # every feature kept
+                return source
+            make = lambda: masked_pool(source, model.mask_k[m : m + 1], chunk)  # noqa: E731
+            return make() if cache is None else cache.get(source, ("masked", ks[m]), make)
+
+        self.pools = torch.stack([pool(source, m) for source, m in sources])
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.pools[self.pool_of, rows]
@@ -244,6 +277,7 @@ def train_stack_model(
     select: str = "test",
     fuse: str | None = None,
     compute_dtype: str | None = None,
+    pools: PoolCache | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
@@ -252,7 +286,8 @@ def train_stack_model(
     `fuse` (over `data.stages`), each member's curves also get "stage_weights": the kept epoch's
     weight per stage on each of its test rows (`stage_weight_record`). `compute_dtype` "bfloat16" runs
     the forward passes under bf16 autocast (the paper's mixed precision; the weights, Adam and the gate
-    parameters stay float32); None is float32 throughout.
+    parameters stay float32); None is float32 throughout. `pools` keeps the device copies of the
+    embedding pools and their masked versions for the next stack on the same arrays (a grid's `PoolCache`).
     """
     check_rule(select)
     if compute_dtype not in HEAD_DTYPES:
@@ -272,9 +307,12 @@ def train_stack_model(
     def to_device(a):
         return torch.as_tensor(a).to(device=device, dtype=torch.float32)
 
-    x_train, y_train = to_device(data.x_train), to_device(data.y_train)
+    def pool_tensor(a):
+        return to_device(a) if pools is None else pools.get(a, ("float32", str(device)), lambda: to_device(a))
+
+    x_train, y_train = pool_tensor(data.x_train), to_device(data.y_train)
     same_pool = data.x_test is data.x_train
-    x_test = x_train if same_pool else to_device(data.x_test)
+    x_test = x_train if same_pool else pool_tensor(data.x_test)
     test_rows_t = torch.as_tensor(test_rows, device=device)
     y_test_rows = to_device(data.y_test)[test_rows_t]
 
@@ -286,8 +324,8 @@ def train_stack_model(
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
     stats = train_statistics(x_train, train_rows) if standardize else None
-    train_pools = MaskedPools(model, x_train, standardize=stats)
-    test_pools = train_pools if same_pool else MaskedPools(model, x_test, standardize=stats)
+    train_pools = MaskedPools(model, x_train, standardize=stats, cache=pools)
+    test_pools = train_pools if same_pool else MaskedPools(model, x_test, standardize=stats, cache=pools)
     val_rows_t = None if data.val_rows is None else torch.as_tensor(np.asarray(data.val_rows), device=device)
     y_val_rows = None if val_rows_t is None else y_train[val_rows_t]
     kept_state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # every entry is [M, ...]

@@ -9,7 +9,8 @@ import torch
 from iqa.heads.mlp import StackedMLP
 from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones, run_key
 from iqa.heads.loss import iqa_loss
-from iqa.heads.train import MaskedPools, Member, StackData, train_stack, train_stack_model, train_statistics
+from iqa.heads.train import (MaskedPools, Member, PoolCache, StackData, masked_pool, train_stack, train_stack_model,
+                             train_statistics)
 
 
 def learnable_set(n=300, d=32, seed=0):
@@ -102,6 +103,26 @@ def test_pools_masked_once_give_the_inputs_per_step_masking_gives():
     torch.testing.assert_close(pools.rows(rows), model.mask_inputs(x[rows]), rtol=0, atol=0)
     unmasked = MaskedPools(StackedMLP(40, [8, 19], hidden=8), x)
     assert torch.equal(unmasked.rows(rows[:2]), x[rows[:2]])
+
+
+def test_stacks_sharing_a_pool_cache_mask_each_k_once_and_train_as_without_it(monkeypatch):
+    x, y = learnable_set()
+    made = []
+    real = masked_pool
+    monkeypatch.setattr("iqa.heads.train.masked_pool", lambda *a, **k: made.append(1) or real(*a, **k))
+    stacks = [[Member(8, mask_k=50), Member(19)], [Member(25, mask_k=50), Member(8, mask_k=30)]]
+    alone = [train_stack(data_for(x, y, 2), members, hidden=32, epochs=2) for members in stacks]
+    assert len(made) == 3  # k 50 for each stack, k 30 once; k 100 is the pool itself
+    made.clear()
+    cache, data = PoolCache(), data_for(x, y, 2)
+    shared = [train_stack(replace(data, train_rows=data.train_rows.copy()), members, hidden=32, epochs=2, pools=cache)
+              for members in stacks]
+    assert len(made) == 2  # k 50 masked once for both stacks
+    assert [[r.curves for r in rs] for rs in shared] == [[r.curves for r in rs] for rs in alone]
+    small = PoolCache(max_bytes=x.nbytes)  # room for one pool: the oldest goes
+    first = small.get(x, ("a",), lambda: torch.as_tensor(x))
+    small.get(x, ("b",), lambda: torch.as_tensor(x).clone())
+    assert small.get(x, ("a",), lambda: torch.zeros(1)).shape == (1,) and first.shape == x.shape
 
 
 def test_loss_choices_are_what_they_say():

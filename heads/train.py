@@ -19,6 +19,7 @@ Test SRCC/PLCC are computed after every epoch; the result reports the best epoch
 best SRCC"; PLCC is taken at that same epoch) and the last epoch.
 """
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -171,22 +172,35 @@ class PoolCache:
 
     Every stack of a grid on one dataset reads the same pool, and every distinct mask k masks all of it
     (a selection per row over the whole pool, a tenth of a one-epoch stack on the CPU): kept here, each
-    is made once per grid. Entries hold their source, so an id is never reused while it is a key; the
-    oldest go once the tensors pass `max_bytes`.
+    is made once per grid. An entry lives as long as its source (a pool made for one stack, such as an
+    l2-normalised copy, takes its entries with it), and the oldest go once the tensors pass `max_bytes`.
     """
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
-        self._entries: dict[tuple, tuple[object, torch.Tensor]] = {}
+        self._entries: dict[tuple, torch.Tensor] = {}
 
     def get(self, source: object, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The tensor made from `source` under `key` (make() the first time)."""
         full_key = (id(source), *key)
         if full_key not in self._entries:
-            self._entries[full_key] = (source, make())
-            while len(self._entries) > 1 and sum(t.nbytes for _, t in self._entries.values()) > self.max_bytes:
+            self._entries[full_key] = make()
+            # dropped when the source goes, before its id can name another array; the cache itself is
+            # held weakly, so a source outliving the grid does not keep the grid's tensors
+            weakref.finalize(source, _forget, weakref.ref(self), full_key)
+            while len(self._entries) > 1 and sum(t.nbytes for t in self._entries.values()) > self.max_bytes:
                 del self._entries[next(iter(self._entries))]
-        return self._entries[full_key][1]
+        return self._entries[full_key]
+
+    def __len__(self) -> int:
+        """How many tensors are kept."""
+        return len(self._entries)
+
+
+def _forget(cache: "weakref.ref[PoolCache]", key: tuple) -> None:
+    live = cache()
+    if live is not None:
+        live._entries.pop(key, None)
 
 
 def masked_pool(x: torch.Tensor, keep_percent: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The stacked trainer: members train as if alone, reproducibly, and a diverging member stops alone."""
 
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -123,6 +124,13 @@ def test_stacks_sharing_a_pool_cache_mask_each_k_once_and_train_as_without_it(mo
     first = small.get(x, ("a",), lambda: torch.as_tensor(x))
     small.get(x, ("b",), lambda: torch.as_tensor(x).clone())
     assert small.get(x, ("a",), lambda: torch.zeros(1)).shape == (1,) and first.shape == x.shape
+    copy = x.copy()  # a pool made for one stack: its entries go with it
+    small.get(copy, ("a",), lambda: torch.ones(1))
+    del copy
+    assert len(small) == 1
+    held = weakref.ref(small)
+    del small  # x outlives the cache and does not keep it
+    assert held() is None
 
 
 def test_loss_choices_are_what_they_say():

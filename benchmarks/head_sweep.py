@@ -5,7 +5,8 @@
 (b) the tuned single-run loop a careful researcher writes: tensors preloaded on the device, the
     inputs masked once per run, the vectorised loss (iqa_loss, micro-batch 2), fused Adam, batch 12,
     no DataLoader, one evaluation per epoch; its runs have as many epochs as ours, so both pay their
-    per-run setup (masking, copies) over the same number of epochs;
+    per-run setup (masking, copies) over the same number of epochs, and they run between our stacks,
+    timed apart from them, so a shared machine's drift in speed reaches both alike;
 (c) iqa's stacked trainer (iqa.heads.grid.run_grid), with everything around it (masking, evaluation,
     database writes, kept weights).
 It also times the step's own kernels alone at their shapes (the kernel floor: the matmuls and one fused
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import scipy.stats
@@ -120,16 +122,23 @@ def tuned_run(cache, config, epochs: int, device: str) -> None:
         scipy.stats.spearmanr(pred, y_test)
 
 
-def timed_local_engine(device: str, trainer_seconds: list[float]):
-    """The local engine, adding the seconds spent inside the trainer to `trainer_seconds`: the rest of
-    run_grid's time is the grid around it (keys, splits, stacking, kept weights, database writes)."""
+def timed_local_engine(device: str, trainer_seconds: list[float], between: Callable[[int], None], times: int):
+    """The local engine, adding the seconds spent inside the trainer to `trainer_seconds` (the rest of run_grid's
+    time is the grid around it: keys, splits, stacking, kept weights, database writes) and calling `between(i)`
+    for i = 0 .. times - 1, spread evenly between the stacks, outside both: the tuned loop timed in the same
+    minutes as ours, so a shared machine's drift reaches both alike."""
 
     def engine(jobs, engine_device, bar):
+        every = max(1, len(jobs) // times)
+        calls = 0
         start = time.perf_counter()
-        for job, results in train_here(jobs, engine_device, bar):
+        for i, (job, results) in enumerate(train_here(jobs, engine_device, bar), 1):
             sync(device)
             trainer_seconds.append(time.perf_counter() - start)
             yield job, results
+            if i % every == 0 and calls < times:
+                between(calls)
+                calls += 1
             start = time.perf_counter()
 
     return engine
@@ -206,7 +215,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run for ours [30, --quick 1]")
     parser.add_argument("--naive-runs", type=int, default=None, help="naive runs timed, 1 epoch each [3, --quick 1]")
     parser.add_argument("--tuned-runs", type=int, default=None,
-                        help="tuned-loop runs timed, each with ours' epochs per run [2, --quick 3]")
+                        help="tuned-loop runs timed between our stacks, each with ours' epochs per run [3, --quick 6]")
     parser.add_argument("--stack-size", type=int, default=None)
     args = parser.parse_args()
     epochs = args.epochs or (1 if args.quick else 30)
@@ -223,29 +232,28 @@ def main() -> None:
         naive_run(cache, config, 1, device)
     naive_rate = naive_runs / (time.perf_counter() - start)
     print(f"(a) naive per-run loop: {naive_runs} run-epochs, {naive_rate:.3f} model-epochs/s")
-    tuned_runs = args.tuned_runs or (3 if args.quick else 2)
+    tuned_runs = args.tuned_runs or (6 if args.quick else 3)
     tuned_configs = configs[:: max(1, len(configs) // tuned_runs)][:tuned_runs]
     tuned_run(cache, configs[0], 1, device)  # warm-up: first-call allocations and kernels
+    tuned_seconds: list[float] = []
 
-    def time_tuned() -> float:
+    def time_tuned(i: int) -> None:
         start = time.perf_counter()
-        for config in tuned_configs:
-            tuned_run(cache, config, epochs, device)  # as many epochs per run as ours: the same setup per epoch
+        tuned_run(cache, tuned_configs[i % len(tuned_configs)], epochs, device)  # as many epochs as ours' runs
         sync(device)
-        return tuned_runs * epochs / (time.perf_counter() - start)
+        tuned_seconds.append(time.perf_counter() - start)
 
-    tuned_before = time_tuned()
     with tempfile.TemporaryDirectory() as tmp:
         db = ResultsDB(Path(tmp) / "results.sqlite")
         start = time.perf_counter()
         trainer_seconds: list[float] = []
-        records = run_grid(configs, lambda _: cache, db, device, stack, engine=timed_local_engine(device, trainer_seconds))
+        engine = timed_local_engine(device, trainer_seconds, time_tuned, tuned_runs)
+        records = run_grid(configs, lambda _: cache, db, device, stack, engine=engine)
         sync(device)
-        ours_seconds = time.perf_counter() - start
+        ours_seconds = time.perf_counter() - start - sum(tuned_seconds)
     ours_rate = len(configs) * epochs / ours_seconds
-    # timed before and after ours, the faster counting: a shared machine's speed drifts over a minute
-    tuned_rate = max(tuned_before, time_tuned())
-    print(f"(b) tuned single-run loop: {tuned_runs} runs x {epochs} epochs, before and after (c), the faster: "
+    tuned_rate = len(tuned_seconds) * epochs / sum(tuned_seconds)
+    print(f"(b) tuned single-run loop: {len(tuned_seconds)} runs x {epochs} epochs between our stacks, "
           f"{tuned_rate:.3f} model-epochs/s")
     trainer = sum(trainer_seconds)
     print(f"(c) iqa stacked trainer: {len(configs)} runs x {epochs} epochs in {ours_seconds:.1f} s, {ours_rate:.3f} model-epochs/s (stack {stack})")

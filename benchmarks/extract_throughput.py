@@ -126,12 +126,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=None, help="[default: iqa extract's, 4 on CPU, 32 on GPU]")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on 4 images: checks the code, measures nothing")
     args = parser.parse_args()
-    n = 16 if args.quick else args.images
+    n = 4 if args.smoke else 16 if args.quick else args.images
     args.batch_size = args.batch_size or default_batch_size(args.device)
-    spec = get_spec(args.backbone)
-    model = load_backbone(spec, random_init=True).to(args.device).eval()
-    print(f"{spec.key} (random init) at {spec.resolution}px on {args.device}, {n} images of 1024x768, "
+    spec = get_spec(args.backbone, tiny=args.smoke)
+    model = load_backbone(spec, random_init=not args.smoke, tiny=args.smoke).to(args.device).eval()
+    print(f"{spec.key} ({'tiny' if args.smoke else 'random init'}) at {spec.resolution}px on {args.device}, {n} images of 1024x768, "
           f"{torch.get_num_threads()} torch threads")
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
@@ -143,12 +144,12 @@ def main() -> None:
         # and batch, as the first minutes of a real extraction do) and after it; the faster of the two is the limit.
         reps = 10 if args.device.startswith("cuda") else max(2, n // (2 * args.batch_size))
         forward = [forward_limit(spec, model, args.device, args.dtype, args.batch_size, reps)]
-        request = ExtractRequest(cache, "bench", spec.key, random_init=True, dtype=args.dtype, batch_size=args.batch_size,
-                                 chunk_rows=args.batch_size)
+        request = ExtractRequest(cache, "bench", spec.key, random_init=not args.smoke, tiny=args.smoke, dtype=args.dtype,
+                                 batch_size=args.batch_size, chunk_rows=args.batch_size)
         in_model: list[float] = []
         with time_in_model(in_model):
             summary = extract_dataset(request, device=args.device, num_workers=args.workers)
-        stored = load_cached(cache, "bench", spec.key, "random-init").embeddings
+        stored = load_cached(cache, "bench", spec.key, "tiny" if args.smoke else "random-init").embeddings
         scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
                           Embedder(model.spec, model, args.device, compute_dtype_for(args.device, args.dtype)),
                           StackedMLP(stored.shape[1], [8], *HEADS["sig"]).eval().to(args.device))

@@ -217,13 +217,15 @@ def main() -> None:
     parser.add_argument("--tuned-runs", type=int, default=None,
                         help="tuned-loop runs timed between our stacks, each with ours' epochs per run [3, --quick 6]")
     parser.add_argument("--stack-size", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="--quick on 240 rows: checks the code, measures nothing")
     args = parser.parse_args()
+    args.quick = args.quick or args.smoke
     epochs = args.epochs or (1 if args.quick else 30)
     naive_runs = args.naive_runs or (1 if args.quick else 3)
     device = args.device
     stack = args.stack_size or STACK_SIZE.get(device.split(":")[0], 1)
 
-    cache = synthetic_cache()
+    cache = synthetic_cache(240 if args.smoke else N)
     heads = head_choices(["baseline", "sig"], [])
     configs = expand_grid([("koniq10k", "koniq10k")], "synthetic", heads, SEEDS, MASK_KS, epochs=epochs)
 

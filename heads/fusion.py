@@ -19,7 +19,7 @@ and no operation mixes rows: members train as if alone, as the MLP's do (heads/m
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, member_seed, register_masks, topk_mask
+from iqa.heads.mlp import StackedLinear, TopkMasked, member_seed
 
 FUSIONS = ("attention",)
 FUSE_WIDTH = 512  # SMART-IQA's C_unified (App. B)
@@ -37,7 +37,7 @@ def check_fusion(fuse: str, layers: tuple[int, ...] | None) -> None:
         raise ValueError("--fuse weighs stages against each other: give two or more with --layers, e.g. --layers 4,3")
 
 
-class StackedFusion(nn.Module):
+class StackedFusion(TopkMasked):
     """M fusion heads over `stages` ((layer, width) in input order), each feeding its member of `head`
     (a stacked head of input width FUSE_WIDTH, built without masking: the fusion masks its own input)."""
 
@@ -48,7 +48,7 @@ class StackedFusion(nn.Module):
         self.widths = [int(w) for _, w in stages]
         self.deepest = self.layers.index(max(self.layers))
         self.seeds, self.dropout, self.keep = list(seeds), head.dropout, head.keep
-        register_masks(self, mask_k, members)
+        self.register_masks(mask_k, members)
 
         init = [torch.Generator().manual_seed(member_seed(s, "fusion")) for s in seeds]
         self.project = nn.ModuleList(StackedLinear(init, w, FUSE_WIDTH) for w in self.widths)
@@ -63,9 +63,6 @@ class StackedFusion(nn.Module):
     @property
     def act2(self) -> nn.Module | None:
         return getattr(self.head, "act2", None)
-
-    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return topk_mask(x, self.mask_k) if self.masking else x
 
     def _stage_weights(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return torch.softmax(self.gate2(nn.functional.relu(self.gate1(parts[self.deepest]))), -1)

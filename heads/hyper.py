@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, member_seed, register_masks, topk_mask
+from iqa.heads.mlp import StackedLinear, TopkMasked, member_seed
 
 HYPER = "hyper"
 CODE = 16  # width of the content code c
@@ -46,7 +46,7 @@ def _uniform(generators: list[torch.Generator], shape: tuple[int, ...], bound: f
     return nn.Parameter(torch.stack([torch.empty(shape).uniform_(-bound, bound, generator=g) for g in generators]))
 
 
-class StackedHyper(nn.Module):
+class StackedHyper(TopkMasked):
     """M hyper heads; they differ in seed and mask k (no dropout: the target network is generated).
 
     `content` (start, stop): the input columns the hyper-network reads; None reads all of them.
@@ -60,7 +60,7 @@ class StackedHyper(nn.Module):
             raise ValueError("the hyper head takes no --dropout")
         members = len(seeds)
         self.seeds, self.dropout, self.keep = list(seeds), None, [1.0] * members
-        register_masks(self, mask_k, members)
+        self.register_masks(mask_k, members)
         if content is not None:
             if not 0 <= content[0] < content[1] <= in_dim:
                 raise ValueError(f"content columns {content} are not a part of the {in_dim} inputs")
@@ -76,9 +76,6 @@ class StackedHyper(nn.Module):
         self.b1 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_IN * coded))
         self.w2 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_HIDDEN * coded))
         self.b2 = _uniform(init, (coded, 1), 1 / math.sqrt(TARGET_HIDDEN * coded))
-
-    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return topk_mask(x, self.mask_k) if self.masking else x
 
     def _code(self, x: torch.Tensor) -> torch.Tensor:
         """c' = [LeakyReLU(H x_content + h), 1]: [M, B, CODE + 1]."""

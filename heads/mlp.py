@@ -50,14 +50,21 @@ def topk_mask(x: torch.Tensor, keep_percent: torch.Tensor) -> torch.Tensor:
     return x * (magnitude >= threshold)
 
 
-def register_masks(module: nn.Module, mask_k: list[float] | None, members: int) -> None:
-    """Each member's top-k level (None: all 100) as `module.mask_k`, an [M] buffer, and `module.masking`,
-    a Python flag (no device sync per step), for heads without dropout's checks beside them."""
-    mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
-    if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
-        raise ValueError("mask k needs one value per member, each in (0, 100]")
-    module.register_buffer("mask_k", torch.tensor(mask_k))
-    module.masking = any(k < 100 for k in mask_k)
+class TopkMasked(nn.Module):
+    """A stack of heads whose members each see only the top-k percent of their input features (Table 4)."""
+
+    def register_masks(self, mask_k: list[float] | None, members: int) -> None:
+        """Each member's top-k level (None: all 100) as `mask_k`, an [M] buffer, and `masking`, a Python
+        flag (no device sync per step)."""
+        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
+        if len(mask_k) != members or any(not 0 < k <= 100 for k in mask_k):
+            raise ValueError("mask k needs one value per member, each in (0, 100]")
+        self.register_buffer("mask_k", torch.tensor(mask_k))
+        self.masking = any(k < 100 for k in mask_k)
+
+    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's top-k feature masking of x [M, B, D] (identity at k = 100)."""
+        return topk_mask(x, self.mask_k) if self.masking else x
 
 
 class StackedLinear(nn.Module):
@@ -82,7 +89,7 @@ class StackedLinear(nn.Module):
         return [self.weight[m], self.bias[m]]
 
 
-class StackedMLP(nn.Module):
+class StackedMLP(TopkMasked):
     """M heads sharing one architecture (act1, act2, dropout placement); they differ in seed, mask k and keep."""
 
     def __init__(
@@ -101,14 +108,10 @@ class StackedMLP(nn.Module):
         if dropout is not None and dropout not in DROPOUT_MODES:
             raise ValueError(f"unknown dropout mode {dropout!r}; use 'input' or 'layers'")
         self.seeds, self.dropout = list(seeds), dropout
-        mask_k = [100.0] * members if mask_k is None else [float(k) for k in mask_k]
+        self.register_masks(mask_k, members)
         keep = [1.0] * members if keep is None else [float(p) for p in keep]
-        if len(mask_k) != members or len(keep) != members:
-            raise ValueError("mask_k and keep need one value per member")
-        if any(not 0 < k <= 100 for k in mask_k) or any(not 0 < p <= 1 for p in keep):
-            raise ValueError("mask k must be in (0, 100] and keep in (0, 1]")
-        self.register_buffer("mask_k", torch.tensor(mask_k))
-        self.masking = any(k < 100 for k in mask_k)  # a Python flag: no device sync per step
+        if len(keep) != members or any(not 0 < p <= 1 for p in keep):
+            raise ValueError("keep needs one value per member, each in (0, 1]")
         self.keep = keep
 
         init = [torch.Generator().manual_seed(member_seed(s, "init")) for s in seeds]
@@ -142,10 +145,6 @@ class StackedMLP(nn.Module):
                 kept = torch.rand(h.shape[1:], generator=g, device=h.device) < p
                 scales.append(kept.to(h.dtype) / p)
         return h * torch.stack(scales)
-
-    def mask_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Each member's top-k feature masking of x [M, B, D] (identity at k = 100)."""
-        return topk_mask(x, self.mask_k) if self.masking else x
 
     def features(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
         """Hidden features before the output layer, [M, B, hidden] (for t-SNE).

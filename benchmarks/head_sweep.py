@@ -163,11 +163,10 @@ def kernel_floor(device: str, stack: int) -> float:
         lambda: torch.bmm(g1.transpose(1, 2), g3), lambda: torch.bmm(g1, w2.transpose(1, 2)),
         lambda: torch.bmm(g3, w3.transpose(1, 2)), opt.step,
     ]
-    total = 0.0
+    total, reps = 0.0, 50
     for kernel in kernels:
         kernel()
         sync(device)
-        reps = 50
         start = time.perf_counter()
         for _ in range(reps):
             kernel()

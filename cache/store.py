@@ -360,7 +360,6 @@ class CachedEmbeddings:
     command: str = ""  # the `iqa extract` that makes or repairs the store, for messages
     stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width) of each, in order
 
-
     @property
     def targets(self) -> np.ndarray:
         return self.manifest.targets
@@ -440,9 +439,9 @@ def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "
         raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
                          f"`{command} --layers all` adds every layer to it")
     check_layer_pooling(store, command)
-    status, out = store.status(), []
+    status, done, out = store.status(), store.done_chunks(), []
     for n in layers:
-        if (unfinished := store.done_chunks() & ~store.layer_done_chunks(n)).any():
+        if (unfinished := done & ~store.layer_done_chunks(n)).any():
             raise IncompleteStore(f"{store.path} is still adding layer {n} ({int(unfinished.sum())} of {store.n_chunks} "
                                   f"chunks to go); `{command}` finishes it")
         values, damaged = check_layer(store, n, status, None)

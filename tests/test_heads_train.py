@@ -116,8 +116,7 @@ def test_stacks_sharing_a_pool_cache_mask_each_k_once_and_train_as_without_it(mo
     assert len(made) == 3  # k 50 for each stack, k 30 once; k 100 is the pool itself
     made.clear()
     cache, data = PoolCache(), data_for(x, y, 2)
-    shared = [train_stack(replace(data, train_rows=data.train_rows.copy()), members, hidden=32, epochs=2, pools=cache)
-              for members in stacks]
+    shared = [train_stack(data, members, hidden=32, epochs=2, pools=cache) for members in stacks]
     assert len(made) == 2  # k 50 masked once for both stacks
     assert [[r.curves for r in rs] for rs in shared] == [[r.curves for r in rs] for rs in alone]
     small = PoolCache(max_bytes=x.nbytes)  # room for one pool: the oldest goes

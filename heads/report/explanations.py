@@ -27,6 +27,7 @@ from iqa.data.splits import split_indices
 from iqa.heads.attribution import explainable_blocks
 from iqa.heads.explain import Subject, explain_files, model_subject
 from iqa.heads.explain_eval import evaluate
+from iqa.heads.report.tables import text_table
 
 PAGE = "explanations.html"
 FOLDER = "explanations"
@@ -147,12 +148,7 @@ def evaluation_table(rows: list[dict], fmt: str) -> str:
         return buffer.getvalue()
     cells = [[str(r[c]) for c in COLUMNS[:6]] + [f"{r['pointing_game']:.3f}", f"{r['deletion_auc']:.4f}",
                                                  f"{r['deletion_auc_random']:.4f}", str(r["grids"])] for r in rows]
-    if fmt == "md":
-        return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
-                          *("| " + " | ".join(c) + " |" for c in cells)]) + "\n"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in c) + "</tr>" for c in cells)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return text_table(list(COLUMNS), cells, fmt)
 
 
 def _page(rows: list[dict], grid_set: Path, sections: list[str], notes: list[str], style: str) -> str:

@@ -12,7 +12,6 @@ real forward pass: on CUDA the same random-init model runs once in bf16 autocast
 the column says so.
 """
 
-import html
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
 from iqa.extract.registry import get_spec
 from iqa.heads.hyper import HYPER
 from iqa.heads.mlp import HEADS
+from iqa.heads.report.tables import text_table
 from iqa.heads.train import make_stack
 
 ATTENTION_OPS = ("bmm", "scaled_dot_product")  # the score and value matmuls of attention
@@ -127,12 +127,4 @@ def profile_table(rows: list[ProfileRow], fmt: str = "md") -> str:
     ]
     if fmt == "csv":
         return "\n".join(",".join(f'"{c}"' if "," in c else c for c in line) for line in [header] + body) + "\n"
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body]) + "\n"
-    if fmt == "html":
-        def cells(line, tag):
-            return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in line) + "</tr>"
-
-        return "\n".join(["<table>", cells(header, "th"), *(cells(line, "td") for line in body), "</table>"]) + "\n"
-    raise ValueError(f"unknown format {fmt!r}; use md, csv or html")
+    return text_table(header, body, fmt)

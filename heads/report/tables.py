@@ -10,6 +10,19 @@ import numpy as np
 GROUPS = {"Group 1": ("agiqa1k", "kadid10k"), "Group 2": ("clive", "koniq10k")}  # Table 4 / S3
 
 
+def text_table(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    """Cells already written as text, as a Markdown table or an HTML <table> (escaped), ending in a newline."""
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+    if fmt == "html":
+        def cells(row, tag):
+            return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
+
+        return "\n".join(["<table>", cells(header, "th"), *(cells(row, "td") for row in rows), "</table>"]) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; use md, csv or html")
+
+
 def grouped(datasets: list[str]) -> list[tuple[str | None, list[str]]]:
     """(group, its datasets present) for each group of Table 4 with any present, then (None, [d])
     for every other dataset, in the order given."""

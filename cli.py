@@ -399,7 +399,7 @@ def head_command(
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    from iqa.heads.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
+    from iqa.heads.training.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
     from iqa.cache.results import ResultsDB, default_db
     from iqa.heads.report.tables import results_table
 
@@ -426,7 +426,7 @@ def head_command(
         heads = head_choices(_csv([act]) if act else [], pair_acts)
         from iqa.cache.location import store_root
         from iqa.cache.store import load_cached, stored_layers
-        from iqa.heads.grid import layer_choices
+        from iqa.heads.training.grid import layer_choices
 
         root, where = cache_dir(cache), store_root(stores) if stores else None
         held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
@@ -437,12 +437,12 @@ def head_command(
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
             compute_dtype=head_dtype(dtype, device), fuse=fuse,
         )
-        from iqa.heads.selection import check_rule
+        from iqa.heads.training.selection import check_rule
 
         check_rule(select)
         run_stacks = None
         if engine == "ray":
-            from iqa.heads.ray_grid import train_on_ray
+            from iqa.heads.training.ray_grid import train_on_ray
 
             run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
         records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
@@ -502,7 +502,7 @@ def export_command(
     cache: CacheOption = None,
 ) -> None:
     """Write a finished run as a self-contained model folder: config.json, weights, model card."""
-    from iqa.heads.export import export_run, find_run
+    from iqa.heads.saved.export import export_run, find_run
 
     root = cache_dir(cache)
     path = existing_db(db, root)
@@ -534,7 +534,7 @@ def score_command(
     import json
 
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.score import image_files, load_model, score_dataset, score_files
+    from iqa.heads.saved.model import image_files, load_model, score_dataset, score_files
 
     if bool(images) == bool(dataset):
         fail("give image files or folders, or --dataset D (one of the two)")
@@ -625,7 +625,7 @@ def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: 
     """`--explain`'s model folders loaded (a bad one is one error line, before any report is built)."""
     from iqa.extract.backbones import BackboneLoadError
     from iqa.heads.report.explanations import load_explained
-    from iqa.heads.score import ModelFolderError
+    from iqa.heads.saved.model import ModelFolderError
 
     check_device(device)
     try:
@@ -668,7 +668,7 @@ def finetune_command(
 ) -> None:
     """Tune a backbone and a head end to end on images; resumes from the run folder's last checkpoint."""
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.finetune import finetune, finetune_config
+    from iqa.heads.finetune.loop import finetune, finetune_config
     from iqa.cache.results import ResultsDB
 
     check_device(device)
@@ -708,9 +708,9 @@ def explain_command(
 ) -> None:
     """Attribution maps of predicted quality (Grad-CAM or IG), per image, for one or more models."""
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.attribution import METHODS, TARGETS, parse_bands
-    from iqa.heads.explain import backbone_subject, explain_files, model_subject
-    from iqa.heads.score import ModelFolderError, image_files
+    from iqa.heads.explain.attribution import METHODS, TARGETS, parse_bands
+    from iqa.heads.explain.maps import backbone_subject, explain_files, model_subject
+    from iqa.heads.saved.model import ModelFolderError, image_files
 
     if method not in METHODS or target not in TARGETS:
         fail(f"--method must be one of {', '.join(METHODS)} and --target one of {', '.join(TARGETS)}")
@@ -748,9 +748,9 @@ def explain_command(
 def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
                            cache: Path | None) -> None:
     from iqa.data.gridpg import grid_set_or_default
-    from iqa.heads.explain import model_subject
-    from iqa.heads.explain_eval import evaluate
-    from iqa.heads.score import ModelFolderError
+    from iqa.heads.explain.maps import model_subject
+    from iqa.heads.explain.evaluate import evaluate
+    from iqa.heads.saved.model import ModelFolderError
 
     if len(inputs) != 1:
         fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")

@@ -56,7 +56,7 @@ def run_demo(
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
+    from iqa.heads.training.grid import expand_grid, head_choices, run_grid
     from iqa.heads.report.build import default_profile, write_report
     from iqa.cache.results import ResultsDB, default_db
     from iqa.heads.report.tables import results_table
@@ -95,7 +95,7 @@ def layer_sweep(cache: Path, db, seeds: tuple[int, ...], epochs: int, device: st
     from iqa.cache.store import load_cached, stored_layers
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
+    from iqa.heads.training.grid import expand_grid, head_choices, layer_choices, run_grid
 
     request = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, tiny=True, layers="all", progress=progress)
     summary = extract_dataset(request, device=device)
@@ -112,8 +112,8 @@ def layer_sweep(cache: Path, db, seeds: tuple[int, ...], epochs: int, device: st
 def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, tuple[str, float]]:
     """Export the NSS run of best test SRCC (to <cache>/models/<key prefix>, reused if there) and score one demo image."""
     from iqa.cache.manifest import read_manifest
-    from iqa.heads.export import export_run
-    from iqa.heads.score import load_model
+    from iqa.heads.saved.export import export_run
+    from iqa.heads.saved.model import load_model
 
     best = max((r for r in records if r["backbone"] == "nss" and r["status"] == "done"), key=lambda r: r["best_srcc"])
     folder = cache / "models" / best["key"][:12]

@@ -35,8 +35,8 @@ from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ExtractRequest, ImageRows, compute_dtype_for, default_batch_size, extract_dataset
-from iqa.heads.mlp import HEADS, StackedMLP
-from iqa.heads.score import IqaModel, score_files
+from iqa.heads.models.mlp import HEADS, StackedMLP
+from iqa.heads.saved.model import IqaModel, score_files
 
 
 def make_images(cache: Path, n: int) -> list[Path]:

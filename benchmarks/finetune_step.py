@@ -3,7 +3,7 @@
 Both train the same random-init model (backbone + the sig head) with physical batch 2 and an
 optimiser step every `accumulate` batches, on the same random images already on the device:
 - plain:  fp32, no autocast, torch.optim.Adam with its defaults, a device sync per batch (.item()).
-- iqa:    `train_epoch` of heads/finetune.py: autocast (`--dtype auto`: bf16 on GPUs and bf16 CPUs), fused Adam,
+- iqa:    `train_epoch` of heads/finetune/loop.py: autocast (`--dtype auto`: bf16 on GPUs and bf16 CPUs), fused Adam,
           one device sync per optimiser step.
 for LoRA (rank 4 on q/k) and full fine-tuning. On a GPU it also reports peak memory, and for
 SigLIP2-SO400M at 512 (random init) the peak of one forward pass at batch 1 and of a LoRA step,
@@ -23,9 +23,9 @@ import torch
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import compute_dtype_for
-from iqa.heads.finetune import MICRO_BATCH, build_model, embedding_dim, finetune_config, finetune_optimizer, train_epoch
-from iqa.heads.loss import iqa_loss
-from iqa.heads.mlp import member_seed
+from iqa.heads.finetune.loop import MICRO_BATCH, build_model, embedding_dim, finetune_config, finetune_optimizer, train_epoch
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.models.mlp import member_seed
 
 TABLE_S5_MIB = 2270
 

@@ -32,10 +32,10 @@ from head_sweep import MASK_KS, SEEDS, synthetic_cache, tuned_run
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, extract_dataset
-from iqa.heads.finetune import MICRO_BATCH
-from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, head_dtype, run_grid
-from iqa.heads.mlp import HEADS, StackedMLP
-from iqa.heads.score import IqaModel, score_files
+from iqa.heads.finetune.loop import MICRO_BATCH
+from iqa.heads.training.grid import STACK_SIZE, expand_grid, head_choices, head_dtype, run_grid
+from iqa.heads.models.mlp import HEADS, StackedMLP
+from iqa.heads.saved.model import IqaModel, score_files
 from iqa.cache.results import ResultsDB
 
 BACKBONE = "siglip2"

@@ -7,7 +7,7 @@
     no DataLoader, one evaluation per epoch; its runs have as many epochs as ours, so both pay their
     per-run setup (masking, copies) over the same number of epochs, and they run between our stacks,
     timed apart from them, so a shared machine's drift in speed reaches both alike;
-(c) iqa's stacked trainer (iqa.heads.grid.run_grid), with everything around it (masking, evaluation,
+(c) iqa's stacked trainer (iqa.heads.training.grid.run_grid), with everything around it (masking, evaluation,
     database writes, kept weights).
 It also times the step's own kernels alone at their shapes (the kernel floor: the matmuls and one fused
 Adam step, `kernel_floor`), so the share of a step spent around its kernels shows.
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from iqa.cache.manifest import Manifest
-from iqa.heads.grid import STACK_SIZE, expand_grid, head_choices, run_grid, run_rows, train_here
-from iqa.heads.loss import iqa_loss
-from iqa.heads.mlp import HIDDEN
+from iqa.heads.training.grid import STACK_SIZE, expand_grid, head_choices, run_grid, run_rows, train_here
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.models.mlp import HIDDEN
 from iqa.cache.results import ResultsDB
 
 N, D, B = 10_073, 1152, 12

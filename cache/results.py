@@ -1,6 +1,6 @@
 """The results database (SQLite, default <cache>/results.sqlite): one row per finished run.
 
-A run is stored under its key (iqa.heads.run_config.run_key: config, recipe, trainer version, data
+A run is stored under its key (iqa.heads.training.config.run_key: config, recipe, trainer version, data
 fingerprint and rows), so a grid re-run skips what is finished and anything that could change a
 result trains afresh. Frozen-head, LoRA and full fine-tuning runs share the table through the
 `regime` field. The schema is versioned (`PRAGMA user_version`); columns are read and written by name.
@@ -66,7 +66,7 @@ def default_db(cache: Path) -> Path:
 
 
 class ResultsDB:
-    """Runs by key (iqa.heads.run_config.run_key). A database of an older schema is migrated on open
+    """Runs by key (iqa.heads.training.config.run_key). A database of an older schema is migrated on open
     (version 0's rows keep their old keys, which no current config produces, so they stay readable in
     tables but are never re-served as finished); a newer one is refused."""
 

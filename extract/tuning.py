@@ -5,7 +5,7 @@ rank 4, alpha 8) on the modules the registry names: attention query and key proj
 convolutions inside ResNet's residual blocks. Only the adapter weights train. A timm tower's fused
 qkv projections are split first (`lora_layout`), so that the values stay untouched.
 
-`read_run` loads a fine-tuning run left in its folder (heads/finetune.py, checkpoint format in
+`read_run` loads a fine-tuning run left in its folder (heads/finetune/loop.py, checkpoint format in
 extract/checkpoint.py) once; `run_tag` names
 its store and `apply_run` gives the backbone its tuning: the LoRA adapter merged into the weights,
 or the full weights. The run must have started from the same base weights; the info `apply_run`

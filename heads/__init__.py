@@ -1,1 +1,2 @@
-"""The paper's MLP heads, stacked M at a time; one implementation for cached training and fine-tuning."""
+"""Everything after extraction, one room per job: `models` (the heads), `training` (the training core and
+grids), `finetune` (end-to-end), `saved` (kept weights, model folders, scoring), `explain`, `report`."""

@@ -48,7 +48,7 @@ def test_extract_runs_at_the_checkpoints_own_geometry(tmp_path, cls, backbone, c
 
 def test_finetuning_runs_at_the_checkpoints_own_geometry(tmp_path):
     """A fixed-position checkpoint at 48 px fine-tunes at 48 px (the registry's 512 would not fit its positions)."""
-    from iqa.heads.finetune import finetune, finetune_config
+    from iqa.heads.finetune.loop import finetune, finetune_config
     from test_finetune import bright_dataset
 
     bright_dataset(tmp_path, n=20)
@@ -126,8 +126,8 @@ def test_perception_fingerprint_names_the_tapped_block():
 def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():
     from types import SimpleNamespace
 
-    from iqa.heads.grid import _stack_key, stack_inputs
-    from iqa.heads.run_config import RunConfig
+    from iqa.heads.training.grid import _stack_key, stack_inputs
+    from iqa.heads.training.config import RunConfig
 
     x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32) * 5
     cached = SimpleNamespace(embeddings=x, manifest=SimpleNamespace(targets=np.zeros(6)))

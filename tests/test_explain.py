@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from iqa.cli import app
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.heads.attribution import SpatialTap, attribute, band_masks, band_target, parse_bands, score_target
-from iqa.heads.explain import Subject, subject_maps
-from iqa.heads.mlp import StackedMLP
+from iqa.heads.explain.attribution import SpatialTap, attribute, band_masks, band_target, parse_bands, score_target
+from iqa.heads.explain.maps import Subject, subject_maps
+from iqa.heads.models.mlp import StackedMLP
 
 
 class QuadrantBackbone(nn.Module):
@@ -113,7 +113,7 @@ def test_a_centre_cropped_model_is_mapped_into_the_crop_it_saw(one_thread, tmp_p
     """`--preprocess native` on an 80x40 image: shortest side 40 -> 37 (32 / 0.875), so the 74x37 resize
     loses 21 px left and right and 2 px at the top; the backbone reads the crop's top-left quadrant only,
     i.e. x 21..37, y 2..18 of the resize = x 22.7..40, y 2.2..19.5 of the image."""
-    from iqa.heads.explain import explain_files, seen_box
+    from iqa.heads.explain.maps import explain_files, seen_box
 
     torch.manual_seed(0)
     backbone = QuadrantBackbone()
@@ -172,7 +172,7 @@ def _exported_head(cache: Path, head: str, out: Path) -> Path:
     """A `head` trained 2 epochs on the cache's tiny-DINOv2 demo embeddings (seed 8), exported to `out`."""
     from iqa.cache.results import ResultsDB, default_db
     from iqa.cache.store import load_cached
-    from iqa.heads.grid import expand_grid, head_choices, run_grid
+    from iqa.heads.training.grid import expand_grid, head_choices, run_grid
 
     configs = expand_grid([("demo", "demo")], "dinov2", head_choices([head], []), [8], epochs=2, tag="tiny")
     (run,) = run_grid(configs, partial(load_cached, cache, backbone="dinov2", tag="tiny"),
@@ -222,7 +222,7 @@ def test_explain_bad_input_is_one_line(args, says, tmp_path):
 
 
 def test_cell_share_is_chance_for_a_flat_map_and_one_inside_the_cell():
-    from iqa.heads.explain_eval import cell_share
+    from iqa.heads.explain.evaluate import cell_share
 
     assert cell_share(torch.ones(32, 32), 3) == pytest.approx(0.25)
     inside = torch.zeros(32, 32)
@@ -231,8 +231,8 @@ def test_cell_share_is_chance_for_a_flat_map_and_one_inside_the_cell():
 
 
 def test_deletion_curve_runs_from_the_image_to_the_blank_image(tiny_model, one_thread):
-    from iqa.heads.explain import model_subject
-    from iqa.heads.explain_eval import area, block_order, deletion_curve, predicted
+    from iqa.heads.explain.maps import model_subject
+    from iqa.heads.explain.evaluate import area, block_order, deletion_curve, predicted
 
     model, images = tiny_model
     subject = model_subject(model)
@@ -272,8 +272,8 @@ def test_a_tiny_cnn_fine_tuned_on_local_noise_points_at_the_noisy_cell(tmp_path,
     from iqa.data.gridpg import make_grid, make_gridpg
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.checkpoint import load_checkpoint
-    from iqa.heads.explain_eval import evaluate
-    from iqa.heads.finetune import build_model, finetune, finetune_config, load_trained_backbone_state
+    from iqa.heads.explain.evaluate import evaluate
+    from iqa.heads.finetune.loop import build_model, finetune, finetune_config, load_trained_backbone_state
 
     train = tmp_path / "train"
     (train / "images").mkdir(parents=True)
@@ -389,9 +389,9 @@ def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path,
     """A map explains the model's own score: the head behind the model's input steps (--l2norm's unit length)."""
     import shutil
 
-    from iqa.heads.explain import input_pixels, model_subject
-    from iqa.heads.explain_eval import predicted
-    from iqa.heads.score import load_model
+    from iqa.heads.explain.maps import input_pixels, model_subject
+    from iqa.heads.explain.evaluate import predicted
+    from iqa.heads.saved.model import load_model
 
     model, images = tiny_model
     folder = tmp_path / "model"

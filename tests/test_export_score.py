@@ -14,11 +14,11 @@ from iqa.cli import app
 from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
 from iqa.data.prepare import prepare_dataset
 from iqa.extract.run import ExtractRequest, extract_dataset
-from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
-from iqa.heads.metrics import srcc
+from iqa.heads.training.grid import expand_grid, head_choices, run_grid, run_rows
+from iqa.heads.training.metrics import srcc
 from iqa.cache.results import ResultsDB, default_db
-from iqa.heads.export import export_run
-from iqa.heads.weights import load_head, run_weights_path
+from iqa.heads.saved.export import export_run
+from iqa.heads.saved.weights import load_head, run_weights_path
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_val_selection_ignores_test_labels(demo_cache, tmp_path):
     weights = load_head(run_weights_path(default_db(demo_cache), run["key"]))[0].state_dict()
 
     # The same run with the test labels shuffled: same epoch, same weights.
-    from iqa.heads.grid import stack_inputs
-    from iqa.heads.train import train_stack_model
+    from iqa.heads.training.grid import stack_inputs
+    from iqa.heads.training.trainer import train_stack_model
 
     _, test_rows = run_rows(config, cached, cached)
     shuffled = cached.manifest.targets.copy()

@@ -207,7 +207,7 @@ def test_cli_bad_layers_and_layerless_backbones_fail_in_one_line(tmp_path):
 
 def test_layers_pooled_by_an_earlier_rule_are_refused_and_layer_runs_are_keyed_by_the_rule(tmp_path, one_thread):
     from iqa.cache.store import LAYER_POOLING, StaleStore
-    from iqa.heads.run_config import RunConfig
+    from iqa.heads.training.config import RunConfig
 
     make_dataset(tmp_path, n=3)
     request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", layers="1", **QUIET)

@@ -16,12 +16,12 @@ from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.extract.tuning import add_lora, apply_run, lora_layout, read_run
-from iqa.heads import finetune as finetune_module
+from iqa.heads.finetune import loop as finetune_module
 from iqa.extract.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from iqa.heads.grid import run_grid
-from iqa.heads.run_config import RunConfig
-from iqa.heads.finetune import build_model, embedding_dim, finetune, finetune_config, finetune_optimizer
-from iqa.heads.mlp import HEADS, StackedMLP
+from iqa.heads.training.grid import run_grid
+from iqa.heads.training.config import RunConfig
+from iqa.heads.finetune.loop import build_model, embedding_dim, finetune, finetune_config, finetune_optimizer
+from iqa.heads.models.mlp import HEADS, StackedMLP
 from iqa.cache.results import ResultsDB
 from iqa.heads.report.tables import results_table
 
@@ -301,7 +301,7 @@ def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path, l2no
 
 
 def test_an_activation_pair_fine_tunes_as_the_cached_heads_pair_and_the_micro_batch_reaches_the_loss():
-    from iqa.heads.mlp import head_activations
+    from iqa.heads.models.mlp import head_activations
 
     config = finetune_config("bright", "dinov2", head="sigmoid+gelu", batch_size=4, accumulate=3, micro_batch=4)
     assert (config.act1, config.act2, config.micro_batch, config.batch_size) == ("sigmoid", "gelu", 4, 12)

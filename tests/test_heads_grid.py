@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import iqa.heads.grid as grid
+import iqa.heads.training.grid as grid
 from iqa.cache.manifest import Manifest
 from iqa.data.splits import split_indices
-from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
-from iqa.heads import run_config
+from iqa.heads.training.grid import expand_grid, head_choices, run_grid, run_rows
+from iqa.heads.training import config as run_config
 from iqa.cache.results import SCHEMA, SCHEMA_VERSION, ResultsDB, ResultsDBError
 from iqa.heads.report.tables import results_table
-from iqa.heads.run_config import RunConfig, rows_digest, run_key
+from iqa.heads.training.config import RunConfig, rows_digest, run_key
 from conftest import db_row
 
 
@@ -194,7 +194,7 @@ def test_results_database_schema_is_versioned(tmp_path):
 
 
 def test_official_split_trains_on_training_tests_on_test_and_selects_on_validation():
-    from iqa.heads.grid import stack_inputs
+    from iqa.heads.training.grid import stack_inputs
 
     cache = fake_cache("koniq10k", n=100)
     cache.manifest.extras["set"] = ["training"] * 70 + ["validation"] * 10 + ["test"] * 20
@@ -210,7 +210,7 @@ def test_official_split_trains_on_training_tests_on_test_and_selects_on_validati
 
 
 def test_one_training_set_against_several_test_sets_in_one_call():
-    from iqa.heads.grid import dataset_pairs
+    from iqa.heads.training.grid import dataset_pairs
 
     assert dataset_pairs([], ["koniq10k"], ["spaq", "kadid10k", "agiqa3k"]) == [
         ("koniq10k", "spaq"), ("koniq10k", "kadid10k"), ("koniq10k", "agiqa3k")]

@@ -17,15 +17,15 @@ from iqa.cache.results import ResultsDB
 from iqa.cache.store import load_cached, load_layer
 from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
-from iqa.heads.export import export_run
+from iqa.heads.saved.export import export_run
 from iqa.data.distortion_types import distortion_types
 from iqa.heads.report.build import ReportSummary, _Page, _stage_tsne_figures, write_report
 from iqa.heads.report.figures import layer_figure
 from iqa.heads.report.stages import stage_points, stage_weight_figures
 from iqa.heads.report.tables import results_table
-from iqa.heads.score import load_model, score_dataset, score_files
-from iqa.heads.grid import expand_grid, head_choices, layer_choices, run_grid
-from iqa.heads.run_config import RunConfig, run_key
+from iqa.heads.saved.model import load_model, score_dataset, score_files
+from iqa.heads.training.grid import expand_grid, head_choices, layer_choices, run_grid
+from iqa.heads.training.config import RunConfig, run_key
 
 SHARED = dict(epochs=2, tag="tiny")
 
@@ -144,7 +144,7 @@ def test_a_fused_layer_model_records_stage_weights_exports_and_scores_from_disk_
     from_store, source = score_dataset(model, layered_cache, "toy", workers=0, progress=False)
     assert source == "store"
     np.testing.assert_allclose([s.score for s in from_store], expected, atol=1e-6)
-    from iqa.heads.metrics import srcc
+    from iqa.heads.training.metrics import srcc
 
     test = np.array(record["rows"])
     assert float(srcc(torch.from_numpy(expected[test])[None], torch.from_numpy(manifest.targets[test])[None])[0]) == \
@@ -226,11 +226,11 @@ def test_distortion_types_from_kadid_and_demo_names():
 
 
 def test_a_hyper_head_on_layers_reads_the_deepest_and_its_model_scores_as_recorded(layered_cache, tmp_path):
-    from iqa.heads.grid import run_rows
-    from iqa.heads.metrics import srcc
+    from iqa.heads.training.grid import run_rows
+    from iqa.heads.training.metrics import srcc
     from iqa.heads.report.scatter import kept_predictions
     from iqa.heads.report.tsne import retrained_features
-    from iqa.heads.weights import load_head, run_weights_path
+    from iqa.heads.saved.weights import load_head, run_weights_path
 
     configs = expand_grid([("toy", "toy")], "swin-t", head_choices(["hyper"], []), [8], layer_sets=[(1, 2)], **SHARED)
     db = ResultsDB(tmp_path / "h.sqlite")

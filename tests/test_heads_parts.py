@@ -7,10 +7,10 @@ import pytest
 import scipy.stats
 import torch
 
-from iqa.heads.activations import GatedActivation, make_activation
-from iqa.heads.loss import iqa_loss
-from iqa.heads.metrics import plcc, srcc
-from iqa.heads.mlp import HEADS, StackedMLP, topk_mask
+from iqa.heads.models.activations import GatedActivation, make_activation
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.training.metrics import plcc, srcc
+from iqa.heads.models.mlp import HEADS, StackedMLP, topk_mask
 
 
 def test_gated_activation_is_eq3_per_member_and_channel():

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from iqa.heads.mlp import StackedMLP
-from iqa.heads.run_config import LARGE_MILESTONES, lr_milestones, run_key
-from iqa.heads.loss import iqa_loss
-from iqa.heads.train import (MaskedPools, Member, PoolCache, StackData, masked_pool, train_stack, train_stack_model,
+from iqa.heads.models.mlp import StackedMLP
+from iqa.heads.training.config import LARGE_MILESTONES, lr_milestones, run_key
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.training.trainer import (MaskedPools, Member, PoolCache, StackData, masked_pool, train_stack, train_stack_model,
                              train_statistics)
 
 
@@ -110,7 +110,7 @@ def test_stacks_sharing_a_pool_cache_mask_each_k_once_and_train_as_without_it(mo
     x, y = learnable_set()
     made = []
     real = masked_pool
-    monkeypatch.setattr("iqa.heads.train.masked_pool", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr("iqa.heads.training.trainer.masked_pool", lambda *a, **k: made.append(1) or real(*a, **k))
     stacks = [[Member(8, mask_k=50), Member(19)], [Member(25, mask_k=50), Member(8, mask_k=30)]]
     alone = [train_stack(data_for(x, y, 2), members, hidden=32, epochs=2) for members in stacks]
     assert len(made) == 3  # k 50 for each stack, k 30 once; k 100 is the pool itself
@@ -178,7 +178,7 @@ def test_standardize_uses_each_members_own_train_rows_only():
 
 
 def test_hyper_head_trained_alone_matches_it_inside_a_stack_and_reloads(tmp_path, one_thread):
-    from iqa.heads.weights import load_head, save_head
+    from iqa.heads.saved.weights import load_head, save_head
 
     x, y = learnable_set()
     alone = train_stack(data_for(x, y, 1), [Member(8, lr=1e-3)], "hyper", "hyper", epochs=3)[0]
@@ -190,7 +190,7 @@ def test_hyper_head_trained_alone_matches_it_inside_a_stack_and_reloads(tmp_path
     head, _ = load_head(save_head(tmp_path / "head.safetensors", alone.weights, config))
     with torch.no_grad():
         pred = head(torch.as_tensor(x[240:])[None])
-    from iqa.heads.metrics import srcc
+    from iqa.heads.training.metrics import srcc
 
     assert float(srcc(pred, torch.as_tensor(y[240:])[None])[0]) == pytest.approx(alone.best_srcc, abs=1e-6)
     with pytest.raises(ValueError, match="dropout"):
@@ -201,9 +201,9 @@ def test_fused_head_trained_alone_matches_it_inside_a_stack_and_reloads_with_its
     """--fuse attention: the fusion in front of the MLP trains as if alone inside a stack (with a gated MLP,
     a masked mate and a dropout mate), learns, reloads from disk to the recorded predictions, and records
     per test row the kept epoch's stage weights (a softmax: one weight per stage, summing to 1)."""
-    from iqa.heads.fusion import StackedFusion
-    from iqa.heads.metrics import srcc
-    from iqa.heads.weights import load_head, save_head
+    from iqa.heads.models.fusion import StackedFusion
+    from iqa.heads.training.metrics import srcc
+    from iqa.heads.saved.weights import load_head, save_head
 
     x, y = learnable_set()
     stages = ((2, 20), (1, 12))  # input = layer 2's 20 columns then layer 1's 12: the deepest is named first
@@ -269,8 +269,8 @@ def test_hyper_head_beats_the_mlp_when_the_score_multiplies_content_and_quality(
 def test_mixed_precision_heads_learn_as_float32_ones_do_with_float32_weights_and_gates(one_thread):
     """`compute_dtype="bfloat16"`: the forward passes under bf16 autocast, the weights, Adam state and the
     gate's five parameters float32 (Suppl. B.1); the numbers move by rounding only, and the run is keyed apart."""
-    from iqa.heads.grid import head_dtype
-    from iqa.heads.run_config import RunConfig
+    from iqa.heads.training.grid import head_dtype
+    from iqa.heads.training.config import RunConfig
 
     x, y = learnable_set()
     args = (data_for(x, y, 1), [Member(8, lr=1e-3)], "gated", "gated")

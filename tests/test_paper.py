@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from iqa.heads.mlp import HEADS
+from iqa.heads.models.mlp import HEADS
 from iqa.heads.report.paper import PAPER_FILE, compare, load_paper, printed_value, render
 from iqa.cache.results import ResultsDB
 from conftest import db_row

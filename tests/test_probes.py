@@ -9,12 +9,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from iqa.cache.results import ResultsDB
-from iqa.heads.grid import expand_grid, head_choices, run_grid, run_rows
-from iqa.heads.metrics import srcc
-from iqa.heads.probe_runs import train_probes
-from iqa.heads.probes import RIDGE_ALPHAS, fit_probe, ridge_solution
-from iqa.heads.train import Member, StackData
-from iqa.heads.weights import load_head, run_weights_path
+from iqa.heads.training.grid import expand_grid, head_choices, run_grid, run_rows
+from iqa.heads.training.metrics import srcc
+from iqa.heads.training.probe_runs import train_probes
+from iqa.heads.models.probes import RIDGE_ALPHAS, fit_probe, ridge_solution
+from iqa.heads.training.trainer import Member, StackData
+from iqa.heads.saved.weights import load_head, run_weights_path
 from test_heads_grid import fake_cache
 
 

@@ -23,8 +23,8 @@ from iqa.cache.store import EmbeddingStore, load_cached, store_path, verify_stor
 from iqa.cli import app  # noqa: E402
 from iqa.extract.ray_engine import FAIL_ONCE_ENV, actor_pool, extract_with_ray  # noqa: E402
 from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
-from iqa.heads.grid import run_grid  # noqa: E402
-from iqa.heads.ray_grid import train_on_ray  # noqa: E402
+from iqa.heads.training.grid import run_grid  # noqa: E402
+from iqa.heads.training.ray_grid import train_on_ray  # noqa: E402
 from iqa.cache.results import ResultsDB  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster at a time

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from iqa.cache.manifest import Manifest
-from iqa.heads.mlp import HEADS
+from iqa.heads.models.mlp import HEADS
 from iqa.heads.report import figures
-from iqa.heads.grid import expand_grid, head_choices, run_grid
+from iqa.heads.training.grid import expand_grid, head_choices, run_grid
 from iqa.heads.report.profile import count_macs, head_profile, profile_backbone, profile_table
 from iqa.heads.report.build import write_report
 from iqa.cache.results import ResultsDB
 from iqa.heads.report.tables import results_table
-from iqa.heads.train import Member, StackData, train_stack
+from iqa.heads.training.trainer import Member, StackData, train_stack
 from iqa.heads.report.tsne import retrained_features
 from conftest import db_row
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from iqa.data.splits import split_indices
-from iqa.heads.mlp import member_seed
+from iqa.heads.models.mlp import member_seed
 
 
 def test_random_split_is_80_20_disjoint_and_order_free():

@@ -27,9 +27,9 @@ from iqa.extract.registry import BACKBONES
 from iqa.data.distortion_types import distortion_types
 from iqa.heads.report import figures, stages
 from iqa.heads.report.explanations import ExplainedModels, write_explanations
-from iqa.heads.grid import Cached
-from iqa.heads.mlp import HEADS
-from iqa.heads.probes import PROBES
+from iqa.heads.training.grid import Cached
+from iqa.heads.models.mlp import HEADS
+from iqa.heads.models.probes import PROBES
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
 from iqa.heads.report.scatter import kept_predictions, scatter_figure

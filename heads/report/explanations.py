@@ -4,9 +4,9 @@ model's explanations measured (pointing game, deletion AUC) in one table.
 - Maps: models that share a test set (dataset, split rule, seed) share their images: EXPLAINED_IMAGES of
   the test images on disk, spread over the target range (lowest, middle, highest), each on one page
   with every model's map of the score side by side, as `iqa explain --compare` draws them
-  (heads/explain.py). A model whose test images are not on disk (its dataset is not prepared in this
+  (heads/explain/maps.py). A model whose test images are not on disk (its dataset is not prepared in this
   cache, or the images moved) gets a note instead.
-- Table: every model evaluated on one grid set (heads/explain_eval.py), the default set in the cache
+- Table: every model evaluated on one grid set (heads/explain/evaluate.py), the default set in the cache
   (built once) unless another is given: the numbers `iqa explain MODEL --evaluate --json` prints.
 
 Layout inside the report folder: `explanations.html`, `explanations/<n>-<dataset>/` (the pages and the
@@ -24,9 +24,9 @@ import numpy as np
 from iqa.cache.manifest import read_manifest
 from iqa.data.gridpg import grid_set_or_default, read_gridpg
 from iqa.data.splits import split_indices
-from iqa.heads.attribution import explainable_blocks
-from iqa.heads.explain import Subject, explain_files, model_subject
-from iqa.heads.explain_eval import evaluate
+from iqa.heads.explain.attribution import explainable_blocks
+from iqa.heads.explain.maps import Subject, explain_files, model_subject
+from iqa.heads.explain.evaluate import evaluate
 from iqa.heads.report.tables import text_table
 
 PAGE = "explanations.html"

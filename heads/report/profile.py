@@ -19,10 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
 from iqa.extract.registry import get_spec
-from iqa.heads.hyper import HYPER
-from iqa.heads.mlp import HEADS
+from iqa.heads.models.hyper import HYPER
+from iqa.heads.models.mlp import HEADS
 from iqa.heads.report.tables import text_table
-from iqa.heads.train import make_stack
+from iqa.heads.training.trainer import make_stack
 
 ATTENTION_OPS = ("bmm", "scaled_dot_product")  # the score and value matmuls of attention
 

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from iqa.heads.weights import run_weights_path
+from iqa.heads.saved.weights import run_weights_path
 
 SUMMARY = ("regime", "backbone", "tag", "train_dataset", "test_dataset", "head", "mask_k", "keep", "seed", "epochs", "select")
 METRICS = ("status", "best_epoch", "best_srcc", "best_plcc", "last_srcc")

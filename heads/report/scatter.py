@@ -1,6 +1,6 @@
 """Prediction against MOS on the test split, one panel per model (SMART-IQA Fig. 5), largest errors marked.
 
-The predictions come from each run's kept weights (heads/weights.py, beside the results database)
+The predictions come from each run's kept weights (heads/saved/weights.py, beside the results database)
 applied to the very inputs the trainer tested on (the run's rows, layers and scaling, through
 `stack_inputs`), so their SRCC is the recorded one; the panel shows both. Only frozen-backbone runs
 qualify: a fine-tuned run's backbone differs from the cached embeddings.
@@ -15,11 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from iqa.heads.export import mos_map  # noqa: E402
-from iqa.heads.grid import Cached, as_read, run_rows, stack_inputs  # noqa: E402
-from iqa.heads.metrics import srcc  # noqa: E402
+from iqa.heads.saved.export import mos_map  # noqa: E402
+from iqa.heads.training.grid import Cached, as_read, run_rows, stack_inputs  # noqa: E402
+from iqa.heads.training.metrics import srcc  # noqa: E402
 from iqa.heads.report.tsne import run_config  # noqa: E402
-from iqa.heads.weights import load_head, run_weights_path  # noqa: E402
+from iqa.heads.saved.weights import load_head, run_weights_path  # noqa: E402
 
 LARGE_ERRORS = 0.1  # the share of test images drawn as large errors (the paper's top 10%)
 NAMED_ERRORS = 3  # the largest errors also named by their image

@@ -2,7 +2,7 @@
 
 - `stage_weight_figures`: a fused run's weight per stage against quality on its test rows, one panel
   per stage (SMART-IQA's Fig. 4: low-quality images spread their weight, high-quality ones lean on
-  the deep stages), the weights its run recorded (`curves["stage_weights"]`, heads/train.py).
+  the deep stages), the weights its run recorded (`curves["stage_weights"]`, heads/training/trainer.py).
 - `stage_tsne_figure`: 2-D t-SNE of each stored layer's pooled vectors, one panel per layer,
   coloured by distortion type (Life-IQA's Fig. 10), from the stores alone (no head is trained).
 """

@@ -12,9 +12,9 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from iqa.heads.grid import Cached, as_read, run_rows, stack_inputs
-from iqa.heads.run_config import RunConfig
-from iqa.heads.train import train_stack_model
+from iqa.heads.training.grid import Cached, as_read, run_rows, stack_inputs
+from iqa.heads.training.config import RunConfig
+from iqa.heads.training.trainer import train_stack_model
 
 MAX_POINTS = 1000  # per side (train, test): t-SNE cost grows fast beyond that
 

@@ -10,7 +10,7 @@ The loss is the cached trainer's: physical batches of 2, gradients accumulated o
 micro-batch of 2 scored alone (its own MSE and margin) and the micro-batch losses averaged, i.e.
 `iqa_loss(pred, target, micro_batch=2) / accumulate` per physical batch. An epoch is
 floor(n_train / 12) optimiser steps over the seed's 80% train split, in the cached trainer's order
-(heads/train.py `epoch_order`, drawn from (seed, epoch) alone: a frozen run sees the batches a
+(heads/training/trainer.py `epoch_order`, drawn from (seed, epoch) alone: a frozen run sees the batches a
 cached-head run of the same seed sees); Adam; the same schedule (`make_scheduler`: x0.2 at epochs
 15 and 25 on large sets). Where
 the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
@@ -20,7 +20,7 @@ after every epoch (extract/checkpoint.py), from which a killed run resumes exact
 checkpoint stays and it is recorded as diverged. The finished run goes to the results database
 with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
 The epoch the selection rule keeps (`test`: best test SRCC, or `last`) leaves its head and adapter
-(or full backbone weights) under the database's runs/<key>/ (heads/weights.py), for `iqa export`.
+(or full backbone weights) under the database's runs/<key>/ (heads/saved/weights.py), for `iqa export`.
 
 BatchNorm layers (ResNet) keep their running statistics in every regime: a batch of 2 cannot
 estimate them.
@@ -49,13 +49,13 @@ from iqa.extract.tuning import add_lora
 from iqa.extract.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
-from iqa.heads.loss import iqa_loss
-from iqa.heads.mlp import StackedMLP, head_activations, member_seed
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.models.mlp import StackedMLP, head_activations, member_seed
 from iqa.cache.results import ResultsDB, default_db
-from iqa.heads.run_config import RunConfig, rows_digest, run_key
-from iqa.heads.selection import check_rule, improved
-from iqa.heads.weights import run_weights_path, save_tuned
-from iqa.heads.train import (
+from iqa.heads.training.config import RunConfig, rows_digest, run_key
+from iqa.heads.training.selection import check_rule, improved
+from iqa.heads.saved.weights import run_weights_path, save_tuned
+from iqa.heads.training.trainer import (
     RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,
     result_from_curves,
 )

@@ -4,7 +4,7 @@
 StackedFusion in front of either) state dict (float32, so scoring from it reproduces the recorded
 predictions exactly), plus
 `input_mean`/`input_std` for a run trained with `standardize`; a probe's file holds its state dict
-(heads/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
+(heads/models/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
 from the file alone. A fine-tuning run keeps, beside it, what it changed in the backbone at that
 epoch: `adapter/` (LoRA, PEFT's own format, loadable with `PeftModel.from_pretrained`) or
 `backbone.safetensors` (full), and `fingerprint.json`, the base backbone it started from. The
@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from iqa.cache.atomic import atomic_path, building_folder
-from iqa.heads.mlp import StackedMLP
-from iqa.heads.probes import PROBES, probe_from_state
-from iqa.heads.train import make_stack
+from iqa.heads.models.mlp import StackedMLP
+from iqa.heads.models.probes import PROBES, probe_from_state
+from iqa.heads.training.trainer import make_stack
 
 RUNS_DIR = "runs"
 HEAD_FILE = "head.safetensors"

@@ -36,7 +36,7 @@ def carve_validation(train_rows: np.ndarray, seed: int, fraction: float) -> tupl
     """(train, validation) rows: a `fraction` of the seed's training rows, drawn from the seed alone."""
     if not 0 < fraction < 1:
         raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
-    from iqa.heads.mlp import member_seed
+    from iqa.heads.models.mlp import member_seed
 
     n_val = max(2, round(fraction * len(train_rows)))  # SRCC needs two rows
     chosen = np.random.default_rng(member_seed(seed, "validation")).permutation(len(train_rows))

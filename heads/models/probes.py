@@ -1,8 +1,8 @@
 """Frozen-feature probes: ridge regression and k-nearest-neighbour regression (ALOE App., ARNIQA, CONTRIQUE, Re-IQA).
 
-Each probe is one run of the grid (heads/probe_runs.py), recorded like an MLP head; its fitted form is a torch module
+Each probe is one run of the grid (heads/training/probe_runs.py), recorded like an MLP head; its fitted form is a torch module
 that scores embeddings [1, B, D] -> [1, B] exactly as the MLP heads do, so it is saved, exported and
-scored through the same code (heads/weights.py, heads/score.py).
+scored through the same code (heads/saved/weights.py, heads/saved/model.py).
 
 - `ridge`: closed form, the intercept unpenalised (scikit-learn's `Ridge(alpha)`), in float64.
 - `knn`: the mean target of the k training rows of smallest cosine distance (scikit-learn's
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa.heads.metrics import srcc
-from iqa.heads.mlp import member_seed, topk_mask
+from iqa.heads.training.metrics import srcc
+from iqa.heads.models.mlp import member_seed, topk_mask
 
 PROBES = ("ridge", "knn")
 RIDGE_ALPHAS = tuple(float(10.0**e) for e in range(-3, 6))  # on z-scored features: 1e-3 .. 1e5

@@ -12,8 +12,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from iqa.extract.ray_engine import connect
-from iqa.heads.grid import Engine, StackJob
-from iqa.heads.train import RunResult
+from iqa.heads.training.grid import Engine, StackJob
+from iqa.heads.training.trainer import RunResult
 
 
 def _train(job: StackJob, device: str) -> list[RunResult]:

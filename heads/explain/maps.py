@@ -22,7 +22,7 @@ from torch import nn
 
 from iqa.cache.atomic import folder_state
 from iqa.extract.preprocess import centre_crop, decode_image, resize_uint8
-from iqa.heads.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
+from iqa.heads.explain.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
 
 MARK = ".iqa-explain"
 
@@ -166,7 +166,7 @@ class ScoringHead(nn.Module):
 
 def model_subject(folder: Path, device: str = "cpu") -> Subject:
     """An `iqa export` folder as a Subject (refuses a missing or altered file, as `iqa score` does)."""
-    from iqa.heads.score import load_model
+    from iqa.heads.saved.model import load_model
 
     model = load_model(folder, device)
     return Subject(Path(folder).name, model.backbone.float(), ScoringHead(model), model.config)

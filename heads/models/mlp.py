@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqa.heads.activations import ACTIVATIONS, activation_member_tensors, make_activation
+from iqa.heads.models.activations import ACTIVATIONS, activation_member_tensors, make_activation
 
 HIDDEN = 512
 HEADS = {"baseline": ("lrelu", "lrelu"), "sig": ("sigmoid", "lrelu"), "gated": ("gated", "gated")}

@@ -22,8 +22,8 @@ import torch
 
 from iqa.data.gridpg import read_gridpg
 from iqa.extract.preprocess import decode_image
-from iqa.heads.attribution import attribute, normalised_input, score_target
-from iqa.heads.explain import Subject, input_pixels
+from iqa.heads.explain.attribution import attribute, normalised_input, score_target
+from iqa.heads.explain.maps import Subject, input_pixels
 
 BLOCK = 16
 DELETION_STEPS = 8

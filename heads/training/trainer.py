@@ -10,7 +10,7 @@ the batch layout.
 A member whose loss or predictions turn NaN/inf is recorded as diverged at that epoch and its
 results stop there; its rows of the stack may go on holding NaN, which stays in those rows.
 
-This module is the training core that fine-tuning (heads/finetune.py) shares: the data order
+This module is the training core that fine-tuning (heads/finetune/loop.py) shares: the data order
 (`epoch_order`: each epoch a member visits its train rows in an order drawn from (seed, epoch) alone,
 in floor(n_train / batch) full batches; the remainder is left out and the next epoch reshuffles),
 the learning-rate schedule (`make_scheduler`, torch's MultiStepLR stepped once per epoch), the
@@ -26,14 +26,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from iqa.heads.activations import GATE_INIT, GatedActivation
-from iqa.heads.fusion import FUSE_WIDTH, StackedFusion, check_fusion
-from iqa.heads.hyper import HYPER, StackedHyper
-from iqa.heads.loss import iqa_loss
-from iqa.heads.metrics import plcc, srcc
-from iqa.heads.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
-from iqa.heads.run_config import LR_DECAY, OPTIMIZERS
-from iqa.heads.selection import check_rule, improved, selected_epoch
+from iqa.heads.models.activations import GATE_INIT, GatedActivation
+from iqa.heads.models.fusion import FUSE_WIDTH, StackedFusion, check_fusion
+from iqa.heads.models.hyper import HYPER, StackedHyper
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.training.metrics import plcc, srcc
+from iqa.heads.models.mlp import HIDDEN, StackedMLP, member_seed, topk_mask
+from iqa.heads.training.config import LR_DECAY, OPTIMIZERS
+from iqa.heads.training.selection import check_rule, improved, selected_epoch
 
 EVAL_CHUNK = 1024  # test rows per forward pass at evaluation
 HEAD_DTYPES = {None: None, "bfloat16": torch.bfloat16}  # a run's compute_dtype: None is float32
@@ -295,7 +295,7 @@ def train_stack_model(
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
-    `select` picks the epoch each member keeps (see iqa.heads.selection); its weights come back in
+    `select` picks the epoch each member keeps (see iqa.heads.training.selection); its weights come back in
     RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch. With
     `fuse` (over `data.stages`), each member's curves also get "stage_weights": the kept epoch's
     weight per stage on each of its test rows (`stage_weight_record`). `compute_dtype` "bfloat16" runs
@@ -398,7 +398,7 @@ def train_stack_model(
             result.curves["stage_weights"] = stage_weight_record(model.layers, test_rows[i], y_test_rows[i], stage_weights[i])
         if result.status == "done":
             result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
-            if stats is not None:  # a saved head scales its inputs as it was trained (heads/weights.py)
+            if stats is not None:  # a saved head scales its inputs as it was trained (heads/saved/weights.py)
                 result.weights |= {"input_mean": stats[0][i : i + 1].cpu(), "input_std": stats[1][i : i + 1].cpu()}
     return model, results
 

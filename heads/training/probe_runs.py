@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from iqa.heads.probes import fit_probe
-from iqa.heads.train import Member, RunResult, StackData, epoch_metrics, result_from_curves
+from iqa.heads.models.probes import fit_probe
+from iqa.heads.training.trainer import Member, RunResult, StackData, epoch_metrics, result_from_curves
 
 
 def train_probes(data: StackData, members: list[Member], head: str, standardize: bool = True) -> list[RunResult]:

@@ -19,7 +19,7 @@ a 7x7 map has no counterpart on a pooled vector, so the generator is linear in a
 code (width 16):
 W1 v = sum_k c'_k (G1_k v) is computed as one matmul of v with all G1_k, never one weight matrix
 per image. Every tensor is [M, ...], row m drawn from member m's generator in a fixed order, and no
-operation mixes rows: members train as if alone, as the MLP's do (heads/mlp.py).
+operation mixes rows: members train as if alone, as the MLP's do (heads/models/mlp.py).
 """
 
 import math
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, TopkMasked, member_seed
+from iqa.heads.models.mlp import StackedLinear, TopkMasked, member_seed
 
 HYPER = "hyper"
 CODE = 16  # width of the content code c

@@ -15,15 +15,15 @@ from tqdm import tqdm
 
 from iqa.cache.manifest import Manifest
 from iqa.data.splits import official_split, split_indices
-from iqa.heads.hyper import HYPER
-from iqa.heads.mlp import HEADS
-from iqa.heads.probe_runs import train_probes
-from iqa.heads.probes import PROBES
+from iqa.heads.models.hyper import HYPER
+from iqa.heads.models.mlp import HEADS
+from iqa.heads.training.probe_runs import train_probes
+from iqa.heads.models.probes import PROBES
 from iqa.cache.results import ResultsDB
-from iqa.heads.run_config import RunConfig, rows_digest, run_key
-from iqa.heads.selection import carve_validation
-from iqa.heads.train import Member, PoolCache, RunResult, StackData, train_stack
-from iqa.heads.weights import run_weights_path, save_head
+from iqa.heads.training.config import RunConfig, rows_digest, run_key
+from iqa.heads.training.selection import carve_validation
+from iqa.heads.training.trainer import Member, PoolCache, RunResult, StackData, train_stack
+from iqa.heads.saved.weights import run_weights_path, save_head
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 
@@ -152,7 +152,7 @@ def run_grid(
 ) -> list[dict]:
     """Train every config not already in `db`; return each config's stored record, in config order.
 
-    `engine` trains the stacks (default `train_here`; `iqa.heads.ray_grid.train_on_ray` spreads them
+    `engine` trains the stacks (default `train_here`; `iqa.heads.training.ray_grid.train_on_ray` spreads them
     over a Ray cluster) and yields each finished one; its results are recorded here, by the caller.
     """
     loaded: dict[tuple, Cached] = {}

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from iqa.heads.fusion import check_fusion, fusion_recipe
+from iqa.heads.models.fusion import check_fusion, fusion_recipe
 from iqa.cache.store import LAYER_POOLING
-from iqa.heads.loss import LOSSES, MARGIN_SCALE
-from iqa.heads.hyper import HYPER, hyper_recipe
-from iqa.heads.mlp import HIDDEN
-from iqa.heads.probes import PROBES, probe_recipe
+from iqa.heads.training.loss import LOSSES, MARGIN_SCALE
+from iqa.heads.models.hyper import HYPER, hyper_recipe
+from iqa.heads.models.mlp import HIDDEN
+from iqa.heads.models.probes import PROBES, probe_recipe
 
 # 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
 TRAINER_VERSION = 2
@@ -58,15 +58,15 @@ class RunConfig:
     split_by: str = "random"
     regime: str = "frozen"  # frozen (cached or live features), lora or full
     tag: str | None = None  # tiny / random-init models, fine-tuned stores
-    loss: str = "mse+margin"  # heads/loss.py LOSSES
+    loss: str = "mse+margin"  # heads/training/loss.py LOSSES
     optimizer: str = "adam"  # adam (the paper's) or adamw (SMART-IQA's)
     weight_decay: float = 0.0
     standardize: bool = False  # z-score features with the run's own train rows' mean and std
     l2norm: bool = False  # heads see unit-length embeddings (stores hold the raw vector)
-    select: str = "test"  # which epoch the run keeps and reports: iqa.heads.selection
+    select: str = "test"  # which epoch the run keeps and reports: iqa.heads.training.selection
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
-    fuse: str | None = None  # "attention": the layers fused by heads/fusion.py instead of read concatenated
+    fuse: str | None = None  # "attention": the layers fused by heads/models/fusion.py instead of read concatenated
     compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
     # fine-tuning only
     physical_batch: int | None = None

@@ -13,13 +13,13 @@ and the sum keeps the head's input at one stage's width whatever the number of s
 input is the stages' vectors concatenated in the order named (the pairing study's input), split
 here by their widths; the deepest stage is the one of highest number. Every tensor is [M, ...],
 member m's rows drawn from its own generator ("fusion", apart from the head's "init" stream),
-and no operation mixes rows: members train as if alone, as the MLP's do (heads/mlp.py).
+and no operation mixes rows: members train as if alone, as the MLP's do (heads/models/mlp.py).
 """
 
 import torch
 from torch import nn
 
-from iqa.heads.mlp import StackedLinear, TopkMasked, member_seed
+from iqa.heads.models.mlp import StackedLinear, TopkMasked, member_seed
 
 FUSIONS = ("attention",)
 FUSE_WIDTH = 512  # SMART-IQA's C_unified (App. B)

@@ -17,7 +17,7 @@ import numpy as np
 
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
-from iqa.heads.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
+from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"

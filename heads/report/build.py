@@ -27,6 +27,7 @@ from iqa.extract.registry import BACKBONES
 from iqa.data.distortion_types import distortion_types
 from iqa.heads.report import figures, stages
 from iqa.heads.report.explanations import ExplainedModels, write_explanations
+from iqa.heads.training.config import complete_run
 from iqa.heads.training.grid import Cached
 from iqa.heads.models.mlp import HEADS
 from iqa.heads.models.probes import PROBES
@@ -48,21 +49,21 @@ def within(run: dict) -> bool:
 
 def plain(run: dict) -> bool:
     """No ablation: every feature kept, no dropout."""
-    return float(run.get("mask_k", 100.0)) == 100.0 and run.get("dropout") is None
+    return run["mask_k"] == 100 and run["dropout"] is None
 
 
 def masking_grid(run: dict) -> bool:
     """A run of the masking ablation's grid (k = 100 included): within one dataset, no dropout."""
-    return within(run) and run.get("dropout") is None
+    return within(run) and run["dropout"] is None
 
 
 def masked(run: dict) -> bool:
-    return float(run.get("mask_k", 100)) < 100
+    return run["mask_k"] < 100
 
 
 def dropout_grid(run: dict) -> bool:
     """A run of the dropout ablation's grid: within one dataset, dropout on, every feature kept."""
-    return within(run) and run.get("dropout") is not None and float(run.get("mask_k", 100)) == 100.0
+    return within(run) and run["dropout"] is not None and run["mask_k"] == 100
 
 
 # (file name, title, layout, the runs it reads, what must be among them, the note when it is not)
@@ -125,6 +126,7 @@ def write_report(
     if unknown:
         raise ValueError(f"unknown backbone(s) to profile: {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
     check_replaceable(out)
+    runs = [complete_run(run) for run in runs]  # older rows: the fields they lack at their defaults
     summary, page = ReportSummary(out), _Page()
     with building_folder(out) as building:
         _tables(runs, building, summary, page)
@@ -194,8 +196,8 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
         named.append(("SRCC against k: dropout (Table S3)", "srcc_vs_k_dropout", figures.ablation_figure(dropout, "dropout")))
     else:
         summary.notes.append("SRCC against k (dropout): no dropout runs")
-    lora = [r for r in runs if within(r) and plain(r) and r.get("regime") == "lora"]
-    if len({r.get("lora_rank") for r in lora}) > 1:
+    lora = [r for r in runs if within(r) and plain(r) and r["regime"] == "lora"]
+    if len({r["lora_rank"] for r in lora}) > 1:
         named.append(("SRCC against the LoRA rank (Fig. S4)", "srcc_vs_lora_rank", figures.ablation_figure(lora, "lora_rank")))
     else:
         summary.notes.append("SRCC against the LoRA rank: LoRA runs of fewer than two ranks (iqa finetune --lora-rank)")
@@ -203,7 +205,7 @@ def _figures(runs, folder: Path, summary: ReportSummary, page: _Page, load, devi
     named += [(f"Gate weight s(g): {n}", n, fig) for n, fig in gates]
     if not gates:
         summary.notes.append("gate weights (Fig. 2, S7): no gated runs without ablation")
-    sweep = [r for r in runs if len(r.get("layers") or []) == 1]  # iqa head --layer all
+    sweep = [r for r in runs if len(r["layers"] or ()) == 1]  # iqa head --layer all
     if len({r["layers"][0] for r in sweep}) > 1:
         named.append(("SRCC against layer (Fig. S5)", "srcc_vs_layer", figures.layer_figure(sweep)))
     fused = stages.stage_weight_figures(runs)
@@ -235,8 +237,8 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
     Runs on stored layers are left to the stage-wise t-SNE (`_stage_tsne_figures`)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        if within(run) and plain(run) and run["regime"] == "frozen" and run["status"] == "done" and not run.get("layers"):
-            groups.setdefault((run["backbone"], run.get("tag"), run["train_dataset"]), []).append(run)
+        if within(run) and plain(run) and run["regime"] == "frozen" and run["status"] == "done" and not run["layers"]:
+            groups.setdefault((run["backbone"], run["tag"], run["train_dataset"]), []).append(run)
     if not groups:
         summary.notes.append("t-SNE: no finished frozen-backbone runs without ablation")
     for (backbone, tag, dataset), members in tqdm(sorted(groups.items(), key=str), desc="t-SNE", disable=not progress):
@@ -266,7 +268,7 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
 def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summary: ReportSummary, page: _Page) -> None:
     """Per (backbone, tag, dataset) whose stored layers runs trained on, where the file names give the
     distortion types (KADID-10k, the demo set): every stored layer's vectors, one t-SNE panel each."""
-    groups = sorted({(r["backbone"], r.get("tag"), d) for r in runs if r.get("layers") and r["regime"] == "frozen"
+    groups = sorted({(r["backbone"], r["tag"], d) for r in runs if r["layers"] and r["regime"] == "frozen"
                      for d in (r["train_dataset"], r["test_dataset"])}, key=str)
     shown = 0
     for backbone, tag, dataset in tqdm(groups, desc="stage t-SNE", disable=not progress):
@@ -297,7 +299,7 @@ def _scatter_figures(runs, load: Loader, results_db: Path, folder: Path, summary
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         if plain(run) and run["regime"] == "frozen" and run["status"] == "done":
-            key = (run["backbone"], run.get("tag"), run["train_dataset"], run["test_dataset"], tuple(run.get("layers") or ()))
+            key = (run["backbone"], run["tag"], run["train_dataset"], run["test_dataset"], run["layers"] or ())
             groups.setdefault(key, []).append(run)
     if not groups:
         summary.notes.append("prediction against MOS: no finished frozen-backbone runs without ablation")

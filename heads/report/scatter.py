@@ -16,9 +16,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from iqa.heads.saved.export import mos_map  # noqa: E402
+from iqa.heads.training.config import RunConfig  # noqa: E402
 from iqa.heads.training.grid import Cached, as_read, run_rows, stack_inputs  # noqa: E402
 from iqa.heads.training.metrics import srcc  # noqa: E402
-from iqa.heads.report.tsne import run_config  # noqa: E402
 from iqa.heads.saved.weights import load_head, run_weights_path  # noqa: E402
 
 LARGE_ERRORS = 0.1  # the share of test images drawn as large errors (the paper's top 10%)
@@ -28,7 +28,7 @@ COLUMNS = 3  # panels per row
 
 def kept_predictions(run: dict, results_db: Path, train: Cached, test: Cached) -> dict:
     """The kept head of `run` on its test rows: rows, predictions and targets (both in [0, 1]) and their SRCC."""
-    config = run_config(run)
+    config = RunConfig.from_dict(run)
     if config.regime != "frozen":
         raise ValueError(f"a {config.regime} run changed its backbone; the cached embeddings are not its inputs")
     weights = run_weights_path(results_db, run["key"])

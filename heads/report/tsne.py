@@ -7,8 +7,6 @@ again alone and its best SRCC is reported beside the stored one: the figure says
 LoRA and full fine-tuning runs change the backbone, which the cache does not hold: they are skipped.
 """
 
-from dataclasses import fields
-
 import numpy as np
 import torch
 
@@ -19,15 +17,10 @@ from iqa.heads.training.trainer import train_stack_model
 MAX_POINTS = 1000  # per side (train, test): t-SNE cost grows fast beyond that
 
 
-def run_config(run: dict) -> RunConfig:
-    """The RunConfig a stored run was trained from (fields the record lacks keep their defaults)."""
-    return RunConfig(**{f.name: run[f.name] for f in fields(RunConfig) if f.name in run})
-
-
 def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cpu") -> dict:
     """Train the run again; return its retrained best SRCC and the raw embeddings and head features of
     (at most MAX_POINTS of) its train and test rows, with their targets."""
-    config = run_config(run)
+    config = RunConfig.from_dict(run)
     if config.regime != "frozen":
         raise ValueError(f"a {config.regime} run changed its backbone; only frozen runs retrain from the cache")
     train, test = as_read(config, train, test)

@@ -17,6 +17,7 @@ import numpy as np
 
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
+from iqa.heads.training.config import complete_run
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
@@ -47,6 +48,7 @@ def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
+    run = complete_run(run)
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
@@ -62,7 +64,7 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, out / HEAD_FILE)
-    tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
+    tuning = {"regime": run["regime"], "lora_rank": run["lora_rank"], "files": {}}
     if (kept / ADAPTER_DIR).is_dir():
         shutil.copytree(kept / ADAPTER_DIR, out / ADAPTER_DIR)
     if (kept / BACKBONE_FILE).is_file():
@@ -77,10 +79,10 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning,
-            **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
-        "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
-                | ({"fuse": run["fuse"]} if run.get("fuse") else {}),  # the stages fused, not concatenated
-        "training": {k: run.get(k) for k in (
+            **({"layers": list(run["layers"])} if run["layers"] else {})},  # the head reads these stored layers
+        "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
+                | ({"fuse": run["fuse"]} if run["fuse"] else {}),  # the stages fused, not concatenated
+        "training": {k: run[k] for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},
         "targets": {"score_scale": manifest.score_scale, "mos": mos_map(manifest.scores, manifest.targets)},

@@ -14,7 +14,7 @@ whenever the result could:
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -91,8 +91,9 @@ class RunConfig:
             if self.head in PROBES:
                 raise ValueError(f"--fuse trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
 
-    def as_dict(self) -> dict:
-        """The fields; `layers` and `fuse` only where set, so configs without them keep the keys they always had."""
+    def to_dict(self) -> dict:
+        """What the results database stores and the key hashes: the fields, `layers` and `fuse` only where set,
+        so configs without them keep the keys they always had."""
         d = asdict(self)
         for name in ("layers", "fuse"):
             if d[name] is None:
@@ -100,6 +101,17 @@ class RunConfig:
         if "layers" in d:
             d["layers"] = list(d["layers"])
         return d
+
+    as_dict = to_dict  # the name fine-tuning calls
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "RunConfig":
+        """The config `stored` holds: a `to_dict`, or a database run (its config merged with its outcome, whose
+        other keys are ignored). A field an older row lacks takes its default above, which is what runs made
+        before the field existed did: such a row reads back as the config, and under the key, it was stored with.
+        Values are taken as stored (an int `mask_k` stays an int), so `from_dict(c.to_dict()) == c` and the key
+        of a stored row is the key it was stored under."""
+        return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
 
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model this config sets."""
@@ -128,6 +140,12 @@ class RunConfig:
         }
 
 
+def complete_run(run: dict) -> dict:
+    """A stored run (config merged with outcome) with every config field, an older row's missing ones at their
+    defaults (`RunConfig.from_dict`); `layers` a tuple or None."""
+    return run | asdict(RunConfig.from_dict(run))
+
+
 def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray) -> str:
     """A short digest of the exact rows a run trains and tests on."""
     h = hashlib.sha256()
@@ -140,7 +158,7 @@ def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray) -> str:
 def run_key(config: RunConfig, fingerprint_id: str, rows: str) -> str:
     """The results database key of `config` trained on data `fingerprint_id`, rows `rows` (`rows_digest`)."""
     canonical = json.dumps(
-        {"config": config.as_dict(), "recipe": config.recipe(), "fingerprint_id": fingerprint_id, "rows": rows},
+        {"config": config.to_dict(), "recipe": config.recipe(), "fingerprint_id": fingerprint_id, "rows": rows},
         sort_keys=True,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -17,6 +17,11 @@ the learning-rate schedule (`make_scheduler`, torch's MultiStepLR stepped once p
 evaluation (`epoch_metrics`) and the curve record (`new_curves`, `record_epoch`, `result_from_curves`).
 Test SRCC/PLCC are computed after every epoch; the result reports the best epoch (the paper's "mean
 best SRCC"; PLCC is taken at that same epoch) and the last epoch.
+
+`train_stack_model` reads top to bottom: its options become one `TrainSettings`, checked; the data goes to
+the device (`stack_on_device`); the stack, its optimiser and pools are built (`start_training`); each epoch
+trains (`train_epoch`), evaluates and keeps each member's best weights (`evaluate_epoch`) and records the
+curves (`record_members`); `finish_results` makes one RunResult per member.
 """
 
 import weakref
@@ -267,6 +272,193 @@ def gate_parameters(model: StackedMLP, m: int) -> dict | None:
     return gates or None
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every member of a stack trains with besides its own seed, rows, mask k and keep (`Member`): the
+    head's architecture, epochs and batch layout, loss, optimiser, input scaling, epoch rule and precision."""
+
+    act1: str = "lrelu"
+    act2: str = "lrelu"
+    dropout: str | None = None
+    epochs: int = 30
+    batch_size: int = 12
+    micro_batch: int | None = 2
+    hidden: int = HIDDEN
+    loss: str = "mse+margin"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    standardize: bool = False
+    select: str = "test"
+    fuse: str | None = None
+    compute_dtype: str | None = None
+
+    def check(self, data: StackData, n_members: int) -> None:
+        """Refuse settings and data that cannot train together, before anything is built."""
+        check_rule(self.select)
+        if self.compute_dtype not in HEAD_DTYPES:
+            raise ValueError(f"a head trains in {' or '.join(map(str, HEAD_DTYPES))}, not {self.compute_dtype!r}")
+        if self.select == "val" and data.val_rows is None:
+            raise ValueError("select='val' needs validation rows")
+        train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
+        if train_rows.shape[0] != n_members or test_rows.shape[0] != n_members:
+            raise ValueError("train_rows and test_rows need one row list per member")
+        if train_rows.shape[1] < self.batch_size:
+            raise ValueError(f"{train_rows.shape[1]} training rows cannot fill one batch of {self.batch_size}")
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward passes' precision: bf16 autocast for "bfloat16", float32 (autocast off) for None."""
+        return torch.autocast(device_type=device.type, dtype=HEAD_DTYPES[self.compute_dtype] or torch.float32,
+                              enabled=self.compute_dtype is not None)
+
+
+@dataclass
+class DeviceData:
+    """A stack's data on its device: float32 pools (shared through a `PoolCache` where one is given), the
+    train rows (on the host: each epoch's order is drawn there), and the test and validation rows with
+    their targets."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor  # x_train itself for a within-dataset stack
+    train_rows: np.ndarray  # [M, n_train]
+    test_rows: torch.Tensor  # [M, n_test]
+    y_test: torch.Tensor  # [M, n_test]: each member's test targets
+    val_rows: torch.Tensor | None  # [M, n_val] into the train pool
+    y_val: torch.Tensor | None
+
+    @property
+    def same_pool(self) -> bool:
+        return self.x_test is self.x_train
+
+
+def stack_on_device(data: StackData, device: torch.device, pools: PoolCache | None) -> DeviceData:
+    def as_float(a) -> torch.Tensor:
+        return torch.as_tensor(a).to(device=device, dtype=torch.float32)
+
+    def pool_tensor(a) -> torch.Tensor:
+        return as_float(a) if pools is None else pools.get(a, ("float32", str(device)), lambda: as_float(a))
+
+    x_train, y_train = pool_tensor(data.x_train), as_float(data.y_train)
+    x_test = x_train if data.x_test is data.x_train else pool_tensor(data.x_test)
+    test_rows = torch.as_tensor(np.asarray(data.test_rows), device=device)
+    val_rows = None if data.val_rows is None else torch.as_tensor(np.asarray(data.val_rows), device=device)
+    return DeviceData(x_train, y_train, x_test, np.asarray(data.train_rows), test_rows, as_float(data.y_test)[test_rows],
+                      val_rows, None if val_rows is None else y_train[val_rows])
+
+
+@dataclass
+class StackTraining:
+    """One stack in training: the model, its optimiser and schedule, the masked pools it reads, and per member
+    the weights and score of the epoch it keeps, whether it is alive, and its curves."""
+
+    model: StackedMLP | StackedHyper | StackedFusion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    statistics: tuple[torch.Tensor, torch.Tensor] | None  # each member's train mean and std, with `standardize`
+    train_pools: MaskedPools
+    test_pools: MaskedPools
+    kept_state: dict[str, torch.Tensor]  # every entry is [M, ...]
+    kept_score: list[float]
+    alive: torch.Tensor  # [M] bool, on the device
+    gated: list[str]  # the gated activations ("act1", "act2") whose gate vectors the curves record
+    curves: list[dict[str, list]]
+    diverged_epoch: list[int | None]
+
+
+def start_training(on: DeviceData, members: list[Member], settings: TrainSettings, stages, content,
+                   pools: PoolCache | None) -> StackTraining:
+    """The stack built, its optimiser and schedule set, its pools masked; nothing trained yet."""
+    device = on.x_train.device
+    model = make_stack(
+        on.x_train.shape[1], [m.seed for m in members], settings.act1, settings.act2, [m.mask_k for m in members],
+        settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content,
+    ).to(device)
+    optimizer = _stack_optimizer(model, members, settings.optimizer, settings.weight_decay)
+    scheduler = make_scheduler(optimizer, members[0].milestones)
+    statistics = train_statistics(on.x_train, on.train_rows) if settings.standardize else None
+    train_pools = MaskedPools(model, on.x_train, standardize=statistics, cache=pools)
+    test_pools = train_pools if on.same_pool else MaskedPools(model, on.x_test, standardize=statistics, cache=pools)
+    kept_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name, None), GatedActivation)]
+    return StackTraining(
+        model, optimizer, scheduler, statistics, train_pools, test_pools, kept_state, [-np.inf] * len(members),
+        torch.ones(len(members), dtype=torch.bool, device=device), gated,
+        [new_curves(gated, validation=on.val_rows is not None) for _ in members], [None] * len(members),
+    )
+
+
+def train_epoch(run: StackTraining, on: DeviceData, members: list[Member], settings: TrainSettings,
+                epoch: int) -> list[float]:
+    """One epoch of steps over every member's batches; each member's mean train loss. A member whose loss
+    turns NaN/inf stops counting (its loss is zeroed) and is marked not alive."""
+    device = on.x_train.device
+    order = torch.as_tensor(_stack_order(members, on.train_rows, epoch, settings.batch_size), device=device)
+    loss_sum = torch.zeros(len(members), device=device)
+    run.model.train()
+    for rows, targets in zip(order, on.y_train[order]):  # the epoch's targets gathered at once
+        with settings.autocast(device):
+            pred = run.model(run.train_pools.rows(rows), inputs_masked=True)
+        member_loss = iqa_loss(pred, targets, settings.micro_batch, settings.loss)
+        run.alive &= torch.isfinite(member_loss)  # stays on the device: no sync per step
+        counted = torch.where(run.alive, member_loss, 0.0)
+        run.optimizer.zero_grad(set_to_none=True)
+        counted.sum().backward()
+        run.optimizer.step()
+        loss_sum += counted.detach()
+    return (loss_sum / len(order)).tolist()
+
+
+def evaluate_epoch(run: StackTraining, on: DeviceData, settings: TrainSettings) -> dict[str, list[float]]:
+    """Test (and validation) SRCC and PLCC per member; a member predicting NaN/inf is marked not alive, and
+    each member alive whose epoch is better by the rule keeps its weights."""
+    with settings.autocast(on.x_train.device):
+        pred = predict(run.model, run.test_pools, on.test_rows).float()
+        val_pred = None if on.val_rows is None else predict(run.model, run.train_pools, on.val_rows).float()
+    run.alive &= torch.isfinite(pred).all(-1)
+    metrics = dict(zip(("srcc", "plcc"), epoch_metrics(pred, on.y_test)))
+    if val_pred is not None:
+        metrics |= dict(zip(("val_srcc", "val_plcc"), epoch_metrics(val_pred, on.y_val)))
+    scores = metrics["val_srcc"] if settings.select == "val" else metrics["srcc"]
+    better = improved(scores, run.kept_score, settings.select)
+    _keep_members(run.kept_state, run.model, torch.tensor(better, device=on.x_train.device) & run.alive)
+    run.kept_score = [s if b else k for s, b, k in zip(scores, better, run.kept_score)]
+    return metrics
+
+
+def record_members(run: StackTraining, epoch: int, lr: float, train_loss: list[float], metrics: dict[str, list[float]]) -> None:
+    """The epoch in each live member's curves; a member that died in it is marked diverged at it."""
+    # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
+    epoch_g = {n: getattr(run.model, n).g.detach().cpu().numpy().round(4).tolist() for n in run.gated}
+    for i, is_alive in enumerate(run.alive.tolist()):
+        if run.diverged_epoch[i] is not None:
+            continue
+        if not is_alive:
+            run.diverged_epoch[i] = epoch + 1
+            continue
+        record_epoch(run.curves[i], train_loss=train_loss[i], lr=lr, **{name: v[i] for name, v in metrics.items()},
+                     **{f"g_{n}": epoch_g[n][i] for n in run.gated})
+
+
+def finish_results(run: StackTraining, on: DeviceData, settings: TrainSettings) -> list[RunResult]:
+    """One RunResult per member: its selected epoch, and for a finished member the weights it kept (with the
+    input statistics it was scaled by) and, fused, its stage weights on its test rows."""
+    results = [result_from_curves(curves, diverged, gate_parameters(run.model, i), settings.select)
+               for i, (curves, diverged) in enumerate(zip(run.curves, run.diverged_epoch))]
+    stage_weights = (_kept_stage_weights(run.model, run.kept_state, run.test_pools, on.test_rows)
+                     if settings.fuse is not None else None)
+    test_rows = on.test_rows.cpu().numpy()
+    for i, result in enumerate(results):
+        if result.status != "done":
+            continue
+        if stage_weights is not None:
+            result.curves["stage_weights"] = stage_weight_record(run.model.layers, test_rows[i], on.y_test[i], stage_weights[i])
+        result.weights = {name: t[i : i + 1].cpu() for name, t in run.kept_state.items()}
+        if run.statistics is not None:  # a saved head scales its inputs as it was trained (heads/saved/weights.py)
+            mean, std = run.statistics
+            result.weights |= {"input_mean": mean[i : i + 1].cpu(), "input_std": std[i : i + 1].cpu()}
+    return results
+
+
 def train_stack(data: StackData, members: list[Member], *args, **kwargs) -> list[RunResult]:
     """Train len(members) heads at once; one RunResult per member, in order (see `train_stack_model`)."""
     return train_stack_model(data, members, *args, **kwargs)[1]
@@ -295,112 +487,28 @@ def train_stack_model(
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
-    `select` picks the epoch each member keeps (see iqa.heads.training.selection); its weights come back in
-    RunResult.weights, snapshotted on the device whenever a member reaches a new kept epoch. With
-    `fuse` (over `data.stages`), each member's curves also get "stage_weights": the kept epoch's
-    weight per stage on each of its test rows (`stage_weight_record`). `compute_dtype` "bfloat16" runs
-    the forward passes under bf16 autocast (the paper's mixed precision; the weights, Adam and the gate
-    parameters stay float32); None is float32 throughout. `pools` keeps the device copies of the
-    embedding pools and their masked versions for the next stack on the same arrays (a grid's `PoolCache`).
+    The options are `TrainSettings`' fields. `select` picks the epoch each member keeps (see
+    iqa.heads.training.selection); its weights come back in RunResult.weights, snapshotted on the device
+    whenever a member reaches a new kept epoch. With `fuse` (over `data.stages`), each member's curves also
+    get "stage_weights": the kept epoch's weight per stage on each of its test rows (`stage_weight_record`).
+    `compute_dtype` "bfloat16" runs the forward passes under bf16 autocast (the paper's mixed precision; the
+    weights, Adam and the gate parameters stay float32); None is float32 throughout. `pools` keeps the device
+    copies of the embedding pools and their masked versions for the next stack on the same arrays (a grid's
+    `PoolCache`).
     """
-    check_rule(select)
-    if compute_dtype not in HEAD_DTYPES:
-        raise ValueError(f"a head trains in {' or '.join(map(str, HEAD_DTYPES))}, not {compute_dtype!r}")
-    if select == "val" and data.val_rows is None:
-        raise ValueError("select='val' needs validation rows")
-    device = torch.device(device)
-    cast = dict(device_type=device.type, dtype=HEAD_DTYPES[compute_dtype] or torch.float32,
-                enabled=compute_dtype is not None)
-    n_members = len(members)
-    train_rows, test_rows = np.asarray(data.train_rows), np.asarray(data.test_rows)
-    if train_rows.shape[0] != n_members or test_rows.shape[0] != n_members:
-        raise ValueError("train_rows and test_rows need one row list per member")
-    if train_rows.shape[1] < batch_size:
-        raise ValueError(f"{train_rows.shape[1]} training rows cannot fill one batch of {batch_size}")
-
-    def to_device(a):
-        return torch.as_tensor(a).to(device=device, dtype=torch.float32)
-
-    def pool_tensor(a):
-        return to_device(a) if pools is None else pools.get(a, ("float32", str(device)), lambda: to_device(a))
-
-    x_train, y_train = pool_tensor(data.x_train), to_device(data.y_train)
-    same_pool = data.x_test is data.x_train
-    x_test = x_train if same_pool else pool_tensor(data.x_test)
-    test_rows_t = torch.as_tensor(test_rows, device=device)
-    y_test_rows = to_device(data.y_test)[test_rows_t]
-
-    model = make_stack(
-        x_train.shape[1], [m.seed for m in members], act1, act2, [m.mask_k for m in members], dropout,
-        [m.keep for m in members], hidden, fuse, data.stages, data.content_columns,
-    ).to(device)
-    loss_name = loss
-    optimizer = _stack_optimizer(model, members, optimizer, weight_decay)
-    scheduler = make_scheduler(optimizer, members[0].milestones)
-    stats = train_statistics(x_train, train_rows) if standardize else None
-    train_pools = MaskedPools(model, x_train, standardize=stats, cache=pools)
-    test_pools = train_pools if same_pool else MaskedPools(model, x_test, standardize=stats, cache=pools)
-    val_rows_t = None if data.val_rows is None else torch.as_tensor(np.asarray(data.val_rows), device=device)
-    y_val_rows = None if val_rows_t is None else y_train[val_rows_t]
-    kept_state = {name: t.detach().clone() for name, t in model.state_dict().items()}  # every entry is [M, ...]
-    kept_score = [-np.inf] * n_members
-
-    alive = torch.ones(n_members, dtype=torch.bool, device=device)
-    gated = [name for name in ("act1", "act2") if isinstance(getattr(model, name, None), GatedActivation)]
-    curves = [new_curves(gated, validation=val_rows_t is not None) for _ in members]
-    diverged_epoch: list[int | None] = [None] * n_members
-    for epoch in range(epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        order = torch.as_tensor(_stack_order(members, train_rows, epoch, batch_size), device=device)
-        loss_sum = torch.zeros(n_members, device=device)
-        model.train()
-        for rows, targets in zip(order, y_train[order]):  # the epoch's targets gathered at once
-            with torch.autocast(**cast):
-                pred = model(train_pools.rows(rows), inputs_masked=True)
-            loss = iqa_loss(pred, targets, micro_batch, loss_name)
-            alive &= torch.isfinite(loss)  # stays on the device: no sync per step
-            kept = torch.where(alive, loss, 0.0)
-            optimizer.zero_grad(set_to_none=True)
-            kept.sum().backward()
-            optimizer.step()
-            loss_sum += kept.detach()
-
-        with torch.autocast(**cast):
-            pred = predict(model, test_pools, test_rows_t).float()
-            val_pred = None if val_rows_t is None else predict(model, train_pools, val_rows_t).float()
-        alive &= torch.isfinite(pred).all(-1)
-        epoch_srcc, epoch_plcc = epoch_metrics(pred, y_test_rows)
-        if val_rows_t is not None:
-            val_srcc, val_plcc = epoch_metrics(val_pred, y_val_rows)
-        scores = val_srcc if select == "val" else epoch_srcc
-        better = improved(scores, kept_score, select)
-        _keep_members(kept_state, model, torch.tensor(better, device=device) & alive)
-        kept_score = [s if b else k for s, b, k in zip(scores, better, kept_score)]
-        epoch_loss = (loss_sum / len(order)).tolist()
-        # each member's gate vector g, rounded to 4 decimals to keep the stored curves small
-        epoch_g = {n: getattr(model, n).g.detach().cpu().numpy().round(4).tolist() for n in gated}
-        for i, is_alive in enumerate(alive.tolist()):
-            if diverged_epoch[i] is not None:
-                continue
-            if not is_alive:
-                diverged_epoch[i] = epoch + 1
-                continue
-            validation = {} if val_rows_t is None else {"val_srcc": val_srcc[i], "val_plcc": val_plcc[i]}
-            record_epoch(curves[i], train_loss=epoch_loss[i], srcc=epoch_srcc[i], plcc=epoch_plcc[i], lr=lr,
-                         **{f"g_{n}": epoch_g[n][i] for n in gated}, **validation)
-        scheduler.step()
+    settings = TrainSettings(act1, act2, dropout, epochs, batch_size, micro_batch, hidden, loss, optimizer,
+                             weight_decay, standardize, select, fuse, compute_dtype)
+    settings.check(data, len(members))
+    on = stack_on_device(data, torch.device(device), pools)
+    run = start_training(on, members, settings, data.stages, data.content_columns, pools)
+    for epoch in range(settings.epochs):
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(run, on, members, settings, epoch)
+        record_members(run, epoch, lr, train_loss, evaluate_epoch(run, on, settings))
+        run.scheduler.step()
         if on_epoch is not None:
             on_epoch(epoch + 1)
-    results = [result_from_curves(curves[i], diverged_epoch[i], gate_parameters(model, i), select) for i in range(n_members)]
-    stage_weights = _kept_stage_weights(model, kept_state, test_pools, test_rows_t) if fuse is not None else None
-    for i, result in enumerate(results):
-        if result.status == "done" and stage_weights is not None:
-            result.curves["stage_weights"] = stage_weight_record(model.layers, test_rows[i], y_test_rows[i], stage_weights[i])
-        if result.status == "done":
-            result.weights = {name: t[i : i + 1].cpu() for name, t in kept_state.items()}
-            if stats is not None:  # a saved head scales its inputs as it was trained (heads/saved/weights.py)
-                result.weights |= {"input_mean": stats[0][i : i + 1].cpu(), "input_std": stats[1][i : i + 1].cpu()}
-    return model, results
+    return run.model, finish_results(run, on, settings)
 
 
 @torch.no_grad()

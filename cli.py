@@ -298,7 +298,7 @@ def extract(
 @cache_app.command("ls")
 def cache_ls(cache: CacheOption = None) -> None:
     """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
-    from iqa.cache.store import list_stores
+    from iqa.cache.listing import list_stores
 
     for info in list_stores(cache_dir(cache)):
         typer.echo(
@@ -310,7 +310,8 @@ def cache_ls(cache: CacheOption = None) -> None:
 @cache_app.command("verify")
 def cache_verify(cache: CacheOption = None) -> None:
     """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
-    from iqa.cache.store import describe_store, store_dirs, verify_store
+    from iqa.cache.listing import describe_store, store_dirs
+    from iqa.cache.verify import verify_store
 
     root = cache_dir(cache)
     if not root.is_dir():
@@ -340,7 +341,8 @@ def cache_export(
     cache: CacheOption = None,
 ) -> None:
     """Write one store to another format for tools that do not read Zarr."""
-    from iqa.cache.store import export_h5, store_path
+    from iqa.cache.export_h5 import export_h5
+    from iqa.cache.store import store_path
 
     if format != "h5":
         fail(f"unknown export format {format!r}; only h5 is supported")
@@ -425,7 +427,7 @@ def head_command(
             fail("--act-pair takes two activations, e.g. sigmoid,gelu")
         heads = head_choices(_csv([act]) if act else [], pair_acts)
         from iqa.cache.location import store_root
-        from iqa.cache.store import load_cached, stored_layers
+        from iqa.cache.load import load_cached, stored_layers
         from iqa.heads.training.grid import layer_choices
 
         root, where = cache_dir(cache), store_root(stores) if stores else None
@@ -599,7 +601,7 @@ def report_command(
     cache: CacheOption = None,
 ) -> None:
     """Tables, figures, compute profile and index.html from the results database."""
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
     from iqa.heads.report.build import default_profile, write_report
 
     root = cache_dir(cache)

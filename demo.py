@@ -51,7 +51,7 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     # Imported here: scikit-image and the model code are slow to import for `iqa --help`.
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.backbones import model_tag
@@ -92,7 +92,7 @@ def run_demo(
 
 def layer_sweep(cache: Path, db, seeds: tuple[int, ...], epochs: int, device: str, progress: bool) -> list[dict]:
     """Step 5: every stage of the tiny Swin stored in one pass, then a baseline head per stage and seed."""
-    from iqa.cache.store import load_cached, stored_layers
+    from iqa.cache.load import load_cached, stored_layers
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.training.grid import expand_grid, head_choices, layer_choices, run_grid

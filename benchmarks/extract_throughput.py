@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import BitImageProcessorPil
 
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from extract_throughput import make_images
 
-from iqa.cache.store import load_layer, store_path, stored_layers
+from iqa.cache.load import load_layer, stored_layers
+from iqa.cache.store import store_path
 from iqa.extract.run import ExtractRequest, extract_dataset
 
 

@@ -20,7 +20,7 @@ import ray
 import torch
 from extract_throughput import make_images  # noqa: E402 (benchmarks/ is the script's folder)
 
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.extract.ray_engine import extract_with_ray
 from iqa.extract.run import ExtractRequest, extract_dataset
 

@@ -26,25 +26,24 @@ processes may fill disjoint chunks of one store and a killed one leaves no half-
 A store may also live under an fsspec URL (Zarr's FsspecStore; see cache/location.py): the same
 fingerprint and resume rules apply. Object stores put each chunk object whole; they have no
 atomic rename, so there a new store is built aside and moved by one process (the Ray driver).
+
+This module is the store itself (its layout, fingerprint and the class that reads and writes it); around it:
+`create` makes or reopens one for writing, `integrity` checks and repairs its chunks, `load` reads one for
+training, `verify` says what is wrong with one, `listing` lists a cache's, `export_h5` writes one as HDF5.
 """
 
 import hashlib
+import importlib
 import json
-import os
-import shutil
-import uuid
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import fsspec
-import h5py
 import numpy as np
 import zarr
 
-from iqa.cache.atomic import atomic_path, remove_stale
 from iqa.cache.location import dataset_dir, is_url
-from iqa.cache.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
-from iqa.cache.stamps import changed_images, content_digest, describe_changes
+from iqa.cache.manifest import Manifest
+from iqa.cache.stamps import changed_images
 
 STORE_FORMAT = 1
 DEFAULT_CHUNK_ROWS = 256
@@ -53,6 +52,18 @@ PENDING, DONE, INVALID = 0, 1, 2
 
 class FingerprintMismatch(ValueError):
     """The store was built by something else; the message names the differing fields."""
+
+
+class IncompleteStore(ValueError):
+    """Rows of the store are not computed yet."""
+
+
+class StaleStore(ValueError):
+    """Images changed since their rows were computed."""
+
+
+class DamagedStore(ValueError):
+    """Chunks recorded as done do not hold what a finished chunk holds."""
 
 
 def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = None) -> Path | str:
@@ -264,205 +275,6 @@ def check_layer_pooling(store: "EmbeddingStore", command: str) -> None:
         raise StaleStore(f"{store.path} {problem}")
 
 
-def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
-            layer_dims: dict[int, int]) -> None:
-    n = len(keys)
-    group = zarr.open_group(str(path), mode="w")
-    group.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=np.nan)
-    for layer, width in layer_dims.items():
-        group.create_array(layer_array(layer), shape=(n, width), dtype=dtype, chunks=(chunk_rows, width), fill_value=np.nan)
-    group.create_array("keys", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(keys, dtype=str)
-    group.create_array("status", shape=(n,), dtype="uint8", chunks=(chunk_rows,), fill_value=PENDING)
-    group.create_array("reasons", shape=(n,), dtype=str, chunks=(chunk_rows,), fill_value="")
-    add_stamps(group, n, chunk_rows)
-    n_chunks = -(-n // chunk_rows)
-    group.create_array("chunk_done", shape=(n_chunks,), dtype="uint8", chunks=(1,), fill_value=0)
-    group.attrs.update(
-        {"format": STORE_FORMAT, "chunk_rows": chunk_rows, "fingerprint": fingerprint,
-         "fingerprint_id": fingerprint_id(fingerprint), **({"layer_pooling": LAYER_POOLING} if layer_dims else {})}
-    )
-
-
-def add_stamps(group, n: int, chunk_rows: int) -> None:
-    group.create_array("image_stamps", shape=(n, 3), dtype="int64", chunks=(chunk_rows, 3), fill_value=0)
-
-
-def open_for_writing(
-    path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str = "float16",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS, overwrite: bool = False, layer_dims: dict[int, int] | None = None,
-) -> EmbeddingStore:
-    """Create the store once (atomically: built aside, then renamed) or reopen it to append.
-
-    Several shard processes may call this at once: exactly one rename wins, the others reopen the
-    winner's store. Reopening checks the fingerprint; a store built differently is refused.
-    `chunk_rows` applies only to a new store; an existing one keeps its own. `layer_dims` (layer ->
-    width, the fingerprint's `layers`) adds one array per layer; an existing store whose fingerprint
-    matches but for its layers is extended with the ones it lacks (`EmbeddingStore.add_layers`) and
-    keeps those it has: the returned store's `layer_dims` are what every row is written with.
-    """
-    layer_dims = layer_dims or {}
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
-    if is_url(path):
-        _create_remote(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
-    else:
-        _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, layer_dims)
-    store = EmbeddingStore(path, mode="r+")
-    different = [d for d in fingerprint_difference(store.fingerprint, fingerprint) if not d.startswith("layers:")]
-    if different:
-        raise FingerprintMismatch(
-            f"{path} was built differently ({'; '.join(different)}); pass --overwrite to rebuild it"
-        )
-    if new := {n: width for n, width in layer_dims.items() if n not in store.layer_dims}:
-        store.add_layers(new)
-    if "image_stamps" not in store.group:  # a store from before stamps: rows written from now on get them
-        add_stamps(store.group, store.n_rows, store.chunk_rows)
-    return store
-
-
-def _create_local(path: Path, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
-                  overwrite: bool, layer_dims: dict[int, int]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and path.exists():
-        trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-        os.rename(path, trash)
-        shutil.rmtree(trash)
-    remove_stale(path.parent, f".{path.name}.tmp-")  # stores half-created by killed runs
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
-        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows, layer_dims)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another shard created it first
-            shutil.rmtree(tmp)
-
-
-def _create_remote(url: str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
-                   overwrite: bool, layer_dims: dict[int, int]) -> None:
-    fs, where = fsspec.core.url_to_fs(url)
-    if overwrite and fs.exists(where):
-        fs.rm(where, recursive=True)
-    if not fs.exists(where):
-        name = where.rstrip("/").rsplit("/", 1)[-1]
-        tmp = f"{url.rsplit('/', 1)[0]}/.{name}.tmp-{uuid.uuid4().hex}"
-        _create(tmp, fingerprint, keys, dim, dtype, chunk_rows, layer_dims)
-        fs.mv(fsspec.core.url_to_fs(tmp)[1], where, recursive=True)
-
-
-@dataclass
-class CachedEmbeddings:
-    embeddings: np.ndarray  # (N, D) float32, NaN where not valid
-    valid: np.ndarray  # (N,) bool: computed from a readable image
-    manifest: Manifest
-    fingerprint: dict
-    fingerprint_id: str
-    path: Path | str | None = None  # the store, for `select_layers`
-    command: str = ""  # the `iqa extract` that makes or repairs the store, for messages
-    stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width) of each, in order
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self.manifest.targets
-
-    def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
-        """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        arrays = read_layers(EmbeddingStore(self.path), layers, self.command)
-        return replace(self, embeddings=np.concatenate(arrays, axis=1),
-                       stages=tuple((n, a.shape[1]) for n, a in zip(layers, arrays)))
-
-
-def load_cached(
-    cache: Path, dataset: str, backbone: str, tag: str | None = None, stores: Path | str | None = None,
-    allow_partial: bool = False,
-) -> CachedEmbeddings:
-    """Embeddings, validity, manifest (targets, groups) and fingerprint of one store, in one call.
-
-    The manifest comes from the local `cache`; the store from `stores` (a path or fsspec URL), default the cache.
-    An unfinished store is refused unless `allow_partial` (then only its finished rows are valid, and
-    its fingerprint id says so); a damaged one always is, naming the chunks.
-    """
-    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
-    if not store_exists(path):
-        raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
-    manifest = read_manifest(cache, dataset)  # first: a damaged manifest is named as such, not as a stale store
-    store = open_store(path, command)
-    if store.fingerprint.get("manifest_sha256") != manifest_checksum(cache, dataset):
-        raise ValueError(f"{path} is stale: the {dataset} manifest changed since extraction; re-run with --overwrite")
-    rows = read_checked(store, manifest.paths)
-    if rows.damaged:
-        raise DamagedStore(f"{path} is damaged: {rows.describe(store)}; `{command}` recomputes those chunks")
-    if changes := store.changed_images(manifest):
-        raise StaleStore(f"{path} is stale: {describe_changes(changes, manifest.paths)}; `{command}` recomputes their chunks")
-    fid = embedding_fingerprint_id(store.fingerprint)
-    if digest := content_digest(store.stamps()):
-        fid = f"{fid}-{digest}"  # the images' bytes: a replaced and re-embedded image gives a new key
-    pending = int((rows.status == PENDING).sum())
-    if pending and not allow_partial:
-        raise IncompleteStore(f"{path} is unfinished: {store.n_rows - pending} of {store.n_rows} rows done; "
-                              f"`{command}` finishes it (or --allow-partial trains on the finished rows)")
-    return CachedEmbeddings(
-        embeddings=rows.embeddings.astype(np.float32),
-        valid=rows.status == DONE,
-        manifest=manifest,
-        fingerprint=store.fingerprint,
-        # a partial store's runs are their own results: the finished store trains afresh
-        fingerprint_id=f"{fid}-partial-{store.n_rows - pending}of{store.n_rows}" if pending else fid,
-        path=path, command=command,
-    )
-
-
-def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | None = None,
-               stores: Path | str | None = None) -> np.ndarray:
-    """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
-    only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
-    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
-    return read_layers(open_store(path, command), (layer,), command)[0]
-
-
-def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = None,
-                  stores: Path | str | None = None) -> list[int]:
-    """The layers a store holds (`iqa extract --layers`), in the order they were named; [] for none."""
-    path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    if not store_exists(path):
-        raise FileNotFoundError(f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset} --layers all` first")
-    return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
-
-
-def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "iqa extract ...") -> list[np.ndarray]:
-    """The named layers' arrays, float32, each read whole and checked as `read_checked` checks the
-    embeddings; a layer the store lacks, has not finished adding, or holds damaged is refused,
-    saying how `command` (the store's `iqa extract`) mends it."""
-    missing = [n for n in layers if n not in store.layer_dims]
-    if missing:
-        raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
-                         f"`{command} --layers all` adds every layer to it")
-    check_layer_pooling(store, command)
-    status, done, out = store.status(), store.done_chunks(), []
-    for n in layers:
-        if (unfinished := done & ~store.layer_done_chunks(n)).any():
-            raise IncompleteStore(f"{store.path} is still adding layer {n} ({int(unfinished.sum())} of {store.n_chunks} "
-                                  f"chunks to go); `{command}` finishes it")
-        values, damaged = check_layer(store, n, status, None)
-        if damaged:
-            raise DamagedStore(f"{store.path} is damaged: {describe_chunks(store, damaged)}; `{command}` recomputes those chunks")
-        out.append(values.astype(np.float32))
-    return out
-
-
-class IncompleteStore(ValueError):
-    """Rows of the store are not computed yet."""
-
-
-class StaleStore(ValueError):
-    """Images changed since their rows were computed."""
-
-
-class DamagedStore(ValueError):
-    """Chunks recorded as done do not hold what a finished chunk holds."""
-
-
 def open_store(path: Path | str, command: str) -> EmbeddingStore:
     try:
         return EmbeddingStore(path)
@@ -472,187 +284,13 @@ def open_store(path: Path | str, command: str) -> EmbeddingStore:
         raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
 
 
-@dataclass
-class CheckedRows:
-    """A store's arrays as read, with what a finished chunk should hold but does not."""
-
-    embeddings: np.ndarray
-    status: np.ndarray
-    damaged: dict[int, str]  # chunk -> what is wrong in it
-    keys_wrong: bool
-
-    def describe(self, store: "EmbeddingStore") -> str:
-        return describe_chunks(store, self.damaged)
+# Names that moved to the modules around this one and that tests still import from here, imported on first use
+# (an import at the top would be a circle: each of those modules imports this one).
+MOVED = {"open_for_writing": "create", "load_cached": "load", "load_layer": "load", "verify_store": "verify",
+         "describe_store": "listing", "list_stores": "listing", "export_h5": "export_h5"}
 
 
-def describe_chunks(store: "EmbeddingStore", damaged: dict[int, str]) -> str:
-    parts = [f"chunk {c} (rows {store.rows_of_chunk(c).start}-{store.rows_of_chunk(c).stop - 1}): {why}"
-             for c, why in sorted(damaged.items())[:5]]
-    more = len(damaged) - 5
-    return "; ".join(parts) + (f"; and {more} more chunks" if more > 0 else "")
-
-
-def _read(array, store: "EmbeddingStore", fill) -> tuple[np.ndarray, set[int]]:
-    """The whole array, else chunk by chunk: a chunk file that no longer decodes is filled and named."""
-    try:
-        return array[:], set()
-    except Exception:  # zarr/numcodecs raise codec-specific errors for a garbled chunk file
-        out = np.full(array.shape, fill, dtype=array.dtype)
-        broken = set()
-        for chunk in range(store.n_chunks):
-            rows = store.rows_of_chunk(chunk)
-            try:
-                out[rows.start : rows.stop] = array[rows.start : rows.stop]
-            except Exception:
-                broken.add(chunk)
-        return out, broken
-
-
-def read_checked(store: "EmbeddingStore", manifest_paths: list[str] | None, layers: tuple[int, ...] = ()) -> CheckedRows:
-    """Read the arrays a run needs anyway and check each done chunk: every row has a status, done
-    rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory.
-    `layers` are checked too (`check_layer`), their damage named with the layer."""
-    embeddings, broken_e = _read(store.embeddings, store, np.nan)
-    status, broken_s = _read(store.group["status"], store, PENDING)
-    try:
-        keys_wrong = manifest_paths is not None and store.keys() != list(manifest_paths)
-    except Exception:  # the keys chunk no longer decodes
-        keys_wrong = manifest_paths is not None
-    damaged = _damage(store, embeddings, broken_e | broken_s, status, store.done_chunks(), manifest_paths)
-    for layer in layers:
-        for chunk, why in check_layer(store, layer, status, manifest_paths)[1].items():
-            damaged[chunk] = f"{damaged[chunk]}; {why}" if chunk in damaged else why
-    if keys_wrong:
-        damaged.setdefault(0, "keys do not match the manifest")
-    return CheckedRows(embeddings, status, damaged, keys_wrong)
-
-
-def check_layer(store: "EmbeddingStore", layer: int, status: np.ndarray,
-                manifest_paths: list[str] | None) -> tuple[np.ndarray, dict[int, str]]:
-    """One layer's array as read, and its damage in the chunks it should be written in (a chunk file
-    missing or unreadable, done rows without numbers), each named `layer<n>: ...`."""
-    values, broken = _read(store.group[layer_array(layer)], store, np.nan)
-    damage = _damage(store, values, broken, status, store.layer_done_chunks(layer), manifest_paths)
-    return values, {chunk: f"{layer_array(layer)}: {why}" for chunk, why in damage.items()}
-
-
-def _damage(store: "EmbeddingStore", values: np.ndarray, broken: set[int], status: np.ndarray, done: np.ndarray,
-            manifest_paths: list[str] | None) -> dict[int, str]:
-    """What is wrong in each chunk of `done` of one row-aligned array (chunk -> why)."""
-    damaged = {}
-    for chunk in np.flatnonzero(done):
-        chunk, rows = int(chunk), store.rows_of_chunk(int(chunk))
-        block, numbers = status[rows.start : rows.stop], values[rows.start : rows.stop]
-        if chunk in broken:
-            damaged[chunk] = "chunk file unreadable"
-        elif (block == PENDING).any():
-            damaged[chunk] = f"{int((block == PENDING).sum())} rows without a status"
-        elif (lost := (block == DONE) & ~np.isfinite(numbers.astype(np.float32)).all(axis=1)).any():
-            first = rows.start + int(np.flatnonzero(lost)[0])
-            name = manifest_paths[first] if manifest_paths is not None else f"row {first}"
-            damaged[chunk] = f"{int(lost.sum())} done rows hold NaN/inf (first: {name})"
-    return damaged
-
-
-def repair_store(store: "EmbeddingStore", manifest_paths: list[str]) -> dict[int, str]:
-    """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
-    the keys from the manifest; returns what was damaged. Damage in a layer array recomputes its
-    chunk whole, as damaged embeddings do."""
-    rows = read_checked(store, manifest_paths, tuple(store.layer_dims))
-    if rows.keys_wrong:
-        store.group["keys"][:] = np.array(manifest_paths, dtype=str)
-        if rows.damaged.get(0) == "keys do not match the manifest":
-            del rows.damaged[0]
-            rows.damaged[-1] = "keys rewritten from the manifest"
-    for chunk in rows.damaged:
-        if chunk >= 0:
-            store.group["chunk_done"][chunk] = 0
-    return rows.damaged
-
-
-@dataclass
-class StoreInfo:
-    path: Path
-    dataset: str
-    backbone: str
-    tag: str | None
-    rows: int
-    dim: int
-    dtype: str
-    chunks_done: int
-    chunks_total: int
-    invalid: list[tuple[str, str]]  # (image key, reason)
-    fingerprint_id: str
-
-
-def describe_store(path: Path) -> StoreInfo:
-    store = EmbeddingStore(path)
-    backbone, _, tag = path.name.removesuffix(".zarr").partition("@")
-    return StoreInfo(
-        path=path, dataset=path.parent.name, backbone=backbone, tag=tag or None,
-        rows=store.n_rows, dim=store.dim, dtype=str(store.embeddings.dtype),
-        chunks_done=int(store.done_chunks().sum()), chunks_total=store.n_chunks,
-        invalid=store.invalid_rows(), fingerprint_id=fingerprint_id(store.fingerprint),
-    )
-
-
-def store_dirs(cache: Path) -> list[Path]:
-    """Every store folder under a cache (temporaries, dot-names, left out)."""
-    return [p for p in sorted(cache.glob("*/*.zarr")) if not p.name.startswith(".")]
-
-
-def list_stores(cache: Path) -> list[StoreInfo]:
-    return [describe_store(p) for p in store_dirs(cache)]
-
-
-def verify_store(path: Path) -> list[str]:
-    """Problems that make a store unusable or unfinished; empty when it is complete and sound.
-
-    Invalid rows (unreadable images, recorded with their reason) are not problems of the store.
-    """
-    try:
-        store = EmbeddingStore(path)
-    except (OSError, ValueError, KeyError) as err:
-        return [f"cannot open as an embedding store: {err}"]
-    problems = []
-    manifest_file = manifest_path(path.parent.parent, path.parent.name)
-    if not manifest_file.exists():
-        problems.append(f"no manifest at {manifest_file}")
-    elif manifest_checksum(path.parent.parent, path.parent.name) != store.fingerprint.get("manifest_sha256"):
-        problems.append("stale: the manifest changed since extraction")
-    done = store.done_chunks()
-    if not done.all():
-        problems.append(f"incomplete: {int((~done).sum())} of {store.n_chunks} chunks not written")
-    if todo := store.extension_todo():
-        problems.append(f"incomplete: layers {store.extending} being added, {len(todo)} of {store.n_chunks} chunks to go; "
-                        f"`iqa extract` on this store finishes them")
-    try:
-        paths = read_manifest(path.parent.parent, path.parent.name).paths
-    except (OSError, ValueError, KeyError):  # a missing or broken manifest: no keys to compare against
-        paths = None
-    rows = read_checked(store, paths, tuple(store.layer_dims))
-    if rows.damaged:
-        problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
-    if stale_layers := layer_pooling_problem(store, "iqa extract"):
-        problems.append(f"stale: {stale_layers}")
-    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
-        problems.append(f"stale: {describe_changes(changes, paths)}; `iqa extract` on this store recomputes their chunks")
-    return problems
-
-
-def export_h5(store_dir: Path, path: Path) -> Path:
-    """The store as one HDF5 file (same arrays and names, the `layer<n>` arrays included, fingerprint as
-    a JSON attribute), written atomically."""
-    store = EmbeddingStore(store_dir)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
-        f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
-        for n, width in store.layer_dims.items():
-            f.create_dataset(layer_array(n), data=store.group[layer_array(n)][:], chunks=(rows_per_chunk, width))
-        f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("status", data=store.status())
-        reasons = store.group["reasons"][:].astype(object)
-        f.create_dataset("reasons", data=reasons, dtype=h5py.string_dtype())
-        f.attrs["fingerprint"] = json.dumps(store.fingerprint, sort_keys=True)
-        f.attrs["fingerprint_id"] = fingerprint_id(store.fingerprint)
-    return path
+def __getattr__(name: str):
+    if name in MOVED:
+        return getattr(importlib.import_module(f"iqa.cache.{MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from iqa.cache.stamps import describe_changes
-from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, open_for_writing, repair_store, store_path
+from iqa.cache.create import open_for_writing
+from iqa.cache.integrity import repair_store
+from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8

@@ -190,7 +190,8 @@ EMBEDDING_FIELDS = ("backbone", "weights_sha256", "pooling", "dim", "resolution"
 def reusable_store(model: IqaModel, cache: Path, dataset: str):
     """The model's backbone's store of `dataset` if its embeddings are the ones the model would compute
     (a fine-tuned model's never are: its backbone is not the base one), else None."""
-    from iqa.cache.store import load_cached, store_exists, store_path
+    from iqa.cache.load import load_cached
+    from iqa.cache.store import store_exists, store_path
 
     b = model.config["backbone"]
     if (b.get("tuning") or {}).get("regime", "frozen") != "frozen":

@@ -29,7 +29,7 @@ STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state sta
 
 
 class Cached(Protocol):
-    """What a loader returns for one dataset (iqa.cache.store.CachedEmbeddings has these fields)."""
+    """What a loader returns for one dataset (iqa.cache.load.CachedEmbeddings has these fields)."""
 
     embeddings: np.ndarray  # [N, D]
     valid: np.ndarray  # [N] bool, False where the image failed
@@ -137,7 +137,7 @@ def run_rows(config: RunConfig, train: Cached, test: Cached) -> tuple[np.ndarray
 
 def _stack_key(config: RunConfig) -> tuple:
     """Runs that can train in one stack agree on everything but seed, mask k and keep."""
-    d = config.as_dict()
+    d = config.to_dict()
     return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep"))
 
 
@@ -204,8 +204,8 @@ def run_grid(
         for job, results in (engine or train_here)(jobs, device, bar):
             for (c, _, k), r in zip(job.runs, results):  # weights first: a recorded run has its weights
                 if r.weights is not None:
-                    save_head(run_weights_path(db.path, k), r.weights, c.as_dict())
-            db.record([(k, c.as_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer
+                    save_head(run_weights_path(db.path, k), r.weights, c.to_dict())
+            db.record([(k, c.to_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer
             done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
     stored = {r["key"]: r for r in db.runs()}

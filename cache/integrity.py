@@ -1,0 +1,106 @@
+"""A store's integrity: read its arrays chunk by chunk where a chunk file no longer decodes, name what a done
+chunk should hold but does not, and repair by marking those chunks undone for the next extraction."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from iqa.cache.store import DONE, PENDING, EmbeddingStore, layer_array
+
+
+@dataclass
+class CheckedRows:
+    """A store's arrays as read, with what a finished chunk should hold but does not."""
+
+    embeddings: np.ndarray
+    status: np.ndarray
+    damaged: dict[int, str]  # chunk -> what is wrong in it
+    keys_wrong: bool
+
+    def describe(self, store: EmbeddingStore) -> str:
+        return describe_chunks(store, self.damaged)
+
+
+def describe_chunks(store: EmbeddingStore, damaged: dict[int, str]) -> str:
+    parts = [f"chunk {c} (rows {store.rows_of_chunk(c).start}-{store.rows_of_chunk(c).stop - 1}): {why}"
+             for c, why in sorted(damaged.items())[:5]]
+    more = len(damaged) - 5
+    return "; ".join(parts) + (f"; and {more} more chunks" if more > 0 else "")
+
+
+def _read(array, store: EmbeddingStore, fill) -> tuple[np.ndarray, set[int]]:
+    """The whole array, else chunk by chunk: a chunk file that no longer decodes is filled and named."""
+    try:
+        return array[:], set()
+    except Exception:  # zarr/numcodecs raise codec-specific errors for a garbled chunk file
+        out = np.full(array.shape, fill, dtype=array.dtype)
+        broken = set()
+        for chunk in range(store.n_chunks):
+            rows = store.rows_of_chunk(chunk)
+            try:
+                out[rows.start : rows.stop] = array[rows.start : rows.stop]
+            except Exception:
+                broken.add(chunk)
+        return out, broken
+
+
+def read_checked(store: EmbeddingStore, manifest_paths: list[str] | None, layers: tuple[int, ...] = ()) -> CheckedRows:
+    """Read the arrays a run needs anyway and check each done chunk: every row has a status, done
+    rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory.
+    `layers` are checked too (`check_layer`), their damage named with the layer."""
+    embeddings, broken_e = _read(store.embeddings, store, np.nan)
+    status, broken_s = _read(store.group["status"], store, PENDING)
+    try:
+        keys_wrong = manifest_paths is not None and store.keys() != list(manifest_paths)
+    except Exception:  # the keys chunk no longer decodes
+        keys_wrong = manifest_paths is not None
+    damaged = _damage(store, embeddings, broken_e | broken_s, status, store.done_chunks(), manifest_paths)
+    for layer in layers:
+        for chunk, why in check_layer(store, layer, status, manifest_paths)[1].items():
+            damaged[chunk] = f"{damaged[chunk]}; {why}" if chunk in damaged else why
+    if keys_wrong:
+        damaged.setdefault(0, "keys do not match the manifest")
+    return CheckedRows(embeddings, status, damaged, keys_wrong)
+
+
+def check_layer(store: EmbeddingStore, layer: int, status: np.ndarray,
+                manifest_paths: list[str] | None) -> tuple[np.ndarray, dict[int, str]]:
+    """One layer's array as read, and its damage in the chunks it should be written in (a chunk file
+    missing or unreadable, done rows without numbers), each named `layer<n>: ...`."""
+    values, broken = _read(store.group[layer_array(layer)], store, np.nan)
+    damage = _damage(store, values, broken, status, store.layer_done_chunks(layer), manifest_paths)
+    return values, {chunk: f"{layer_array(layer)}: {why}" for chunk, why in damage.items()}
+
+
+def _damage(store: EmbeddingStore, values: np.ndarray, broken: set[int], status: np.ndarray, done: np.ndarray,
+            manifest_paths: list[str] | None) -> dict[int, str]:
+    """What is wrong in each chunk of `done` of one row-aligned array (chunk -> why)."""
+    damaged = {}
+    for chunk in np.flatnonzero(done):
+        chunk, rows = int(chunk), store.rows_of_chunk(int(chunk))
+        block, numbers = status[rows.start : rows.stop], values[rows.start : rows.stop]
+        if chunk in broken:
+            damaged[chunk] = "chunk file unreadable"
+        elif (block == PENDING).any():
+            damaged[chunk] = f"{int((block == PENDING).sum())} rows without a status"
+        elif (lost := (block == DONE) & ~np.isfinite(numbers.astype(np.float32)).all(axis=1)).any():
+            first = rows.start + int(np.flatnonzero(lost)[0])
+            name = manifest_paths[first] if manifest_paths is not None else f"row {first}"
+            damaged[chunk] = f"{int(lost.sum())} done rows hold NaN/inf (first: {name})"
+    return damaged
+
+
+def repair_store(store: EmbeddingStore, manifest_paths: list[str]) -> dict[int, str]:
+    """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
+    the keys from the manifest; returns what was damaged. Damage in a layer array recomputes its
+    chunk whole, as damaged embeddings do."""
+    rows = read_checked(store, manifest_paths, tuple(store.layer_dims))
+    if rows.keys_wrong:
+        store.group["keys"][:] = np.array(manifest_paths, dtype=str)
+        if rows.damaged.get(0) == "keys do not match the manifest":
+            del rows.damaged[0]
+            rows.damaged[-1] = "keys rewritten from the manifest"
+    for chunk in rows.damaged:
+        if chunk >= 0:
+            store.group["chunk_done"][chunk] = 0
+    return rows.damaged

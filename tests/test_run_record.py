@@ -2,11 +2,12 @@
 reads back with the documented defaults and the key it was stored under."""
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import SimpleNamespace
 
 from iqa.cache.results import ResultsDB
 from iqa.heads.training.config import RunConfig, complete_run, run_key
+from iqa.heads.training.trainer import TrainSettings
 
 PLAIN = RunConfig("koniq10k", "koniq10k", "swin-t", "baseline", "relu", "relu", 8)
 CONFIGS = [
@@ -58,3 +59,11 @@ def test_values_are_taken_as_stored_so_a_stored_row_gives_back_its_own_dict():
     row = PLAIN.to_dict() | {"mask_k": 100}  # an int mask_k, as a hand-written grid may have stored it
     assert RunConfig.from_dict(row).to_dict() == row
     assert json.dumps(RunConfig.from_dict(row).to_dict(), sort_keys=True) == json.dumps(row, sort_keys=True)
+
+
+def test_a_config_sets_every_train_setting_but_the_hidden_width_the_recipe_fixes():
+    for config in CONFIGS:
+        options = config.trainer_options()
+        assert set(options) == {f.name for f in fields(TrainSettings)} - {"hidden"}
+        settings = TrainSettings(**options)
+        assert all(getattr(settings, name) == getattr(config, name) for name in options)

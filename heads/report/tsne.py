@@ -26,10 +26,7 @@ def retrained_features(run: dict, train: Cached, test: Cached, device: str = "cp
     train, test = as_read(config, train, test)
     rows = run_rows(config, train, test)
     data, members = stack_inputs([config], [rows], train, test)
-    model, (result,) = train_stack_model(
-        data, members, config.act1, config.act2, config.dropout, config.epochs, config.batch_size,
-        config.micro_batch, device, **config.trainer_options(),
-    )
+    model, (result,) = train_stack_model(data, members, device=device, **config.trainer_options())
     rng = np.random.default_rng(config.seed)
     out = {"retrained_srcc": result.best_srcc}
     model.eval()

@@ -114,10 +114,10 @@ class RunConfig:
         return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
 
     def trainer_options(self) -> dict:
-        """The keyword options of train_stack_model this config sets."""
-        return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
-                "standardize": self.standardize, "select": self.select, "fuse": self.fuse,
-                "compute_dtype": self.compute_dtype}
+        """The keyword options of train_stack_model (the fields of its TrainSettings) this config sets."""
+        names = ("act1", "act2", "dropout", "epochs", "batch_size", "micro_batch", "loss", "optimizer", "weight_decay",
+                 "standardize", "select", "fuse", "compute_dtype")
+        return {name: getattr(self, name) for name in names}
 
     @property
     def milestones(self) -> tuple[int, ...]:

@@ -295,10 +295,7 @@ class StackJob:
             for epoch in range(first.epochs) if on_epoch is not None else ():
                 on_epoch(epoch + 1)  # the progress bar counts model-epochs
             return results
-        return train_stack(
-            self.data, self.members, first.act1, first.act2, first.dropout, first.epochs, first.batch_size,
-            first.micro_batch, device, on_epoch=on_epoch, pools=pools, **first.trainer_options(),
-        )
+        return train_stack(self.data, self.members, device=device, on_epoch=on_epoch, pools=pools, **first.trainer_options())
 
 
 Engine = Callable[[list[StackJob], str, tqdm], Iterator[tuple[StackJob, list[RunResult]]]]

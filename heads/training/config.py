@@ -107,10 +107,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, stored: dict) -> "RunConfig":
         """The config `stored` holds: a `to_dict`, or a database run (its config merged with its outcome, whose
-        other keys are ignored). A field an older row lacks takes its default above, which is what runs made
-        before the field existed did: such a row reads back as the config, and under the key, it was stored with.
-        Values are taken as stored (an int `mask_k` stays an int), so `from_dict(c.to_dict()) == c` and the key
-        of a stored row is the key it was stored under."""
+        keys are ignored). A field the row lacks takes its default above, what a run without that field trains
+        with; `layers` and `fuse`, which `to_dict` leaves out where unset, so read back under the key the row was
+        stored with. Values are taken as stored (an int `mask_k` stays an int): `from_dict(c.to_dict()) == c`,
+        and a stored config reads back to the very dict, hence the key, it was stored as."""
         return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored})
 
     def trainer_options(self) -> dict:

@@ -361,7 +361,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     pages = re.findall(r'<img src="([^"]+)"', page)
     assert len(pages) == 3  # the two models share their three test images: one page each, both maps on it
     for png in pages:
-        assert Image.open(report / png).size[0] == 300 * 3  # the image, then one panel per model
+        assert Image.open(report / png).size[0] == 450 * 3  # the image, then one panel per model (with its colour bar)
     first = np.load((report / pages[0]).with_suffix(".npy"))
     image = re.search(r"<p>([^<]+) \(target [0-9.]+\)<br><img", page).group(1)
     alone = CliRunner().invoke(app, ["explain", str(sig), str(cache / "demo-src" / "images" / image), "--compare",
@@ -383,6 +383,10 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "not an iqa model folder" in bad.output, bad.output
     assert (report / "explanations.html").read_text() == page  # the earlier report stays
 
+    from browser import check_page  # last: it skips where no browser is installed
+
+    assert check_page(report / "explanations.html", "report-explanations")["images"] == 3
+
 
 @pytest.mark.parametrize("l2norm", [False, True])
 def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path, l2norm, one_thread):
@@ -390,7 +394,7 @@ def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path,
     import shutil
 
     from iqa.heads.explain.maps import input_pixels, model_subject
-    from iqa.heads.explain.evaluate import predicted
+    from iqa.heads.explain.maps import predicted
     from iqa.heads.saved.model import load_model
 
     model, images = tiny_model

@@ -184,8 +184,10 @@ def test_report_on_a_half_finished_grid_writes_every_table_figure_and_index(tmp_
     out = tmp_path / "report"
     summary = write_report(db.runs(), out, lambda d, b, t: caches[d], ["nss"], progress=False)
     names = {p.name for p in summary.tables}
-    for table in ("table1-2_backbones", "table3_cross", "table4_masking", "table6_activations", "tableS1_regimes", "tableS3_dropout"):
+    for table in ("table1-2_backbones", "table3_cross", "table4_masking", "table6_activations", "tableS3_dropout"):
         assert {f"{table}.md", f"{table}.csv", f"{table}.tex"} <= names
+    assert "tableS1_regimes.md" not in names  # one regime: it would repeat Tables 1, 2 row for row
+    assert "Table S1: regimes (frozen, lora, full): not written (same rows as Tables 1, 2 (one regime: frozen))" in summary.notes
     masking = (out / "tables" / "table4_masking.md").read_text()
     agiqa_30 = next(line for line in masking.splitlines() if line.startswith("| baseline | 30.0 |"))
     assert "incomplete" in agiqa_30  # Group 1's Δ needs kadid10k, which never ran

@@ -22,8 +22,8 @@ import torch
 
 from iqa.data.gridpg import read_gridpg
 from iqa.extract.preprocess import decode_image
-from iqa.heads.explain.attribution import attribute, normalised_input, score_target
-from iqa.heads.explain.maps import Subject, input_pixels
+from iqa.heads.explain.attribution import attribute, score_target
+from iqa.heads.explain.maps import Subject, input_pixels, predicted
 
 BLOCK = 16
 DELETION_STEPS = 8
@@ -40,10 +40,6 @@ def cell_share(cam: torch.Tensor, cell: int) -> float:
 
 
 @torch.no_grad()
-def predicted(subject: Subject, pixels: torch.Tensor) -> torch.Tensor:
-    return subject.head(subject.backbone(normalised_input(subject.backbone, pixels)).float()[None])[0].cpu()
-
-
 def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """Predicted score [DELETION_STEPS + 1] as the blocks of `order` (flat block indices) are mean-filled."""
     side = pixels.shape[-1] // block

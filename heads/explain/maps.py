@@ -88,35 +88,47 @@ def subject_maps(subject: Subject, image: Image.Image, method: str = "gradcam", 
     return to_image_size(maps, spec, image.size), [f"{subject.name} {a:g}-{b:g}%" for a, b in bands]
 
 
+PANEL_INCHES = 4.5  # at 100 dpi: 450-pixel panels, legible on a report page
+
+
 def write_page(image: Image.Image, maps: np.ndarray, labels: list[str], path: Path,
-               boxes: list[tuple[float, float, float, float] | None] | None = None) -> None:
-    """The image, then each map over it (jet, alpha 0.5; each map scaled to its own maximum |value|);
-    a map's box (`seen_box`), where it has one, is outlined: the centre crop its model saw."""
+               boxes: list[tuple[float, float, float, float] | None] | None = None, title: str = "image") -> None:
+    """The image, then each map over it (jet, alpha 0.5; each map scaled to its own maximum |value|, with a
+    colour bar of that scale); a map's box (`seen_box`), where it has one, is outlined: the centre crop its
+    model saw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = 1 + len(maps)
-    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(PANEL_INCHES * panels, PANEL_INCHES), squeeze=False,
+                             layout="constrained")
     axes[0, 0].imshow(image)
-    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, 0].set_title(title, fontsize=10)
     for ax, m, label, box in zip(axes[0, 1:], maps, labels, boxes or [None] * len(maps)):
         scale = float(np.abs(m).max()) or 1.0
         ax.imshow(image)
         signed = m.min() < 0  # IG is signed: a diverging map; Grad-CAM is not
-        ax.imshow(m / scale, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1)
+        shown = ax.imshow(m / scale, cmap="RdBu_r" if signed else "jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label(f"attribution / {scale:.3g}", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
         if box is not None:
             left, top, right, bottom = box
             ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                        edgecolor="white", linestyle="--", linewidth=1.2))
             label += " (centre crop)"
-        ax.set_title(label, fontsize=8)
+        ax.set_title(label, fontsize=10)
     for ax in axes[0]:
         ax.axis("off")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def predicted(subject: Subject, pixels: torch.Tensor) -> torch.Tensor:
+    """The model's scores [B] of input pixels [B, 3, R, R] (target units, `iqa score`'s before the MOS map)."""
+    return subject.head(subject.backbone(normalised_input(subject.backbone, pixels)).float()[None])[0].cpu()
 
 
 @dataclass
@@ -128,8 +140,11 @@ class Explained:
 
 
 def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method: str = "gradcam",
-                  target: str = "high", bands: list[tuple[float, float]] | None = None) -> list[Explained]:
-    """One page and one .npy per readable image into `out` (`prepare_out`); unreadable ones carry their reason."""
+                  target: str = "high", bands: list[tuple[float, float]] | None = None,
+                  targets: list[float] | None = None) -> list[Explained]:
+    """One page and one .npy per readable image into `out` (`prepare_out`); unreadable ones carry their reason.
+    Each model's map is titled with its predicted score; `targets` (the images' true targets, where known)
+    title the image."""
     for subject in subjects:
         explainable_blocks(subject.backbone)
     out = prepare_out(out)
@@ -141,11 +156,15 @@ def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method:
             continue
         found = [subject_maps(s, image, method, target, bands) for s in subjects]
         maps = np.concatenate([m for m, _ in found])
-        labels = [label for _, ls in found for label in ls]
+        with torch.no_grad():
+            scores = [None if s.head is None else float(predicted(s, input_pixels(s.backbone, image))[0]) for s in subjects]
+        labels = [label if score is None else f"{label}\npredicted {score:.3f}"
+                  for (_, ls), score in zip(found, scores) for label in ls]
         boxes = [seen_box(s.backbone.spec, image.size) for s, (_, ls) in zip(subjects, found) for _ in ls]
         stem = f"{index:04d}-{path.stem}"  # two images of one name in different folders stay apart
         np.save(out / f"{stem}.npy", maps)
-        write_page(image, maps, labels, out / f"{stem}.png", boxes)
+        title = "image" if targets is None else f"image\ntrue {targets[index]:.3f}"
+        write_page(image, maps, labels, out / f"{stem}.png", boxes, title)
         done.append(Explained(str(path), str(out / f"{stem}.png"), str(out / f"{stem}.npy")))
     return done
 

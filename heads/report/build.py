@@ -169,12 +169,33 @@ def check_replaceable(out: Path) -> None:
         raise ValueError(f"--out {out} holds files that are not an iqa report; give a new or empty folder")
 
 
+# Tables that lay the runs of Tables 1, 2 out along one more dimension: with a single value of it they
+# would repeat Tables 1, 2 row for row, so they are left out and the page says why.
+ADDED_DIMENSION = {
+    "table6_activations": (("act1", "act2"), "one activation pair"),
+    "tableS1_regimes": (("regime",), "one regime"),
+}
+
+
+def _repeats_tables_1_2(name: str, runs: list[dict]) -> str | None:
+    """Why the table would only repeat Tables 1, 2 (its dimension has one value), or None."""
+    if name not in ADDED_DIMENSION:
+        return None
+    fields, what = ADDED_DIMENSION[name]
+    values = {tuple(str(r.get(f)) for f in fields) for r in runs}
+    return f"same rows as Tables 1, 2 ({what}: {'/'.join(next(iter(values)))})" if len(values) == 1 else None
+
+
 def _tables(runs, folder: Path, summary: ReportSummary, page: _Page) -> None:
     (folder / "tables").mkdir(parents=True)
     for name, title, layout, select, needs, missing in TABLES:
         chosen = [r for r in runs if select(r)]
         if not chosen or (needs is not None and not any(needs(r) for r in chosen)):
             summary.notes.append(f"{title}: not written ({missing})")
+            continue
+        repeats = _repeats_tables_1_2(name, chosen)
+        if repeats:
+            summary.notes.append(f"{title}: not written ({repeats})")
             continue
         for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex")):
             path = folder / "tables" / f"{name}.{suffix}"

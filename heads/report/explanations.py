@@ -110,7 +110,7 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -
     sections = []
     for index, ((dataset, images), subjects) in enumerate(groups.items()):
         out = folder / FOLDER / f"{index}-{dataset}"
-        done = explain_files(subjects, [path for path, _ in images], out)
+        done = explain_files(subjects, [path for path, _ in images], out, targets=[target for _, target in images])
         names = ", ".join(html.escape(s.name) for s in subjects)
         parts = [f"<h3>Test images of {html.escape(dataset)}: {names}</h3>"]
         for item, (_, target) in zip(done, images):

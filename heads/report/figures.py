@@ -39,8 +39,11 @@ def save(fig, folder: Path, name: str) -> list[Path]:
     return paths
 
 
+BARE_FIELDS = {"head", "backbone", "regime"}  # values that name themselves: "gated", not "head=gated"
+
+
 def _label(run: dict, fields: list[str]) -> str:
-    return ", ".join(f"{run.get(f)}" if f == "head" else f"{f}={run.get(f)}" for f in fields)
+    return ", ".join(f"{run.get(f)}" if f in BARE_FIELDS else f"{f}={run.get(f)}" for f in fields)
 
 
 def _varying(runs: list[dict], exclude: set[str]) -> list[str]:
@@ -72,15 +75,16 @@ def ablation_figure(runs: list[dict], ablation: str):
     Error bars: the mean over those datasets of the std over seeds.
     """
     x_field, scale, x_label, x_axis = ABLATION_AXES[ablation]
-    line_fields = _varying(runs, {x_field, "train_dataset", "test_dataset", "mask_k" if ablation == "dropout" else ""})
+    not_lines = {x_field, "train_dataset", "test_dataset", "mask_k" if ablation == "dropout" else ""}
     panels = dataset_panels(sorted({r["train_dataset"] for r in runs}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 3.8), squeeze=False)
     for ax, (title, datasets) in zip(axes[0], panels):
+        panel_runs = [run for run in runs if run["train_dataset"] in datasets]
+        line_fields = _varying(panel_runs, not_lines)  # what tells this panel's lines apart, nothing more
         lines: dict[str, dict[float, dict[str, list[dict]]]] = {}
-        for run in runs:
-            if run["train_dataset"] in datasets:
-                line = lines.setdefault(_label(run, line_fields) or run["head"], {})
-                line.setdefault(float(run[x_field]) * scale, {}).setdefault(run["train_dataset"], []).append(run)
+        for run in panel_runs:
+            line = lines.setdefault(_label(run, line_fields) or run["head"], {})
+            line.setdefault(float(run[x_field]) * scale, {}).setdefault(run["train_dataset"], []).append(run)
         for label, points in sorted(lines.items()):
             xs, ys, errs = [], [], []
             for x, by_dataset in sorted(points.items()):
@@ -101,8 +105,8 @@ def ablation_figure(runs: list[dict], ablation: str):
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        if ax.lines:  # beside the axes, where it hides no line
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle("SRCC against the LoRA rank" if ablation == "lora_rank" else f"SRCC against k: {ablation}", fontsize=11)
     fig.tight_layout()
     return fig

@@ -47,27 +47,39 @@ def kept_predictions(run: dict, results_db: Path, train: Cached, test: Cached) -
 
 
 def scatter_figure(title: str, panels: list[tuple[str, dict]], test: Cached):
-    """panels: (label, `kept_predictions`) per model; axes on the test set's MOS scale."""
+    """panels: (label, `kept_predictions`) per model; every panel on the same axes, the test set's MOS scale.
+    The largest errors are red; the NAMED_ERRORS largest carry a number at the point and are named, by
+    number, in a box inside the panel (names beside crowded points overlap and run past the axes)."""
     manifest = test.manifest
     to_mos = mos_map(manifest.scores, manifest.targets)
     columns = min(COLUMNS, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 5.0 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
-    for (label, p), ax in zip(panels, axes.ravel()):
-        mos = manifest.scores[p["rows"]]
-        pred = to_mos["scale"] * p["pred"] + to_mos["offset"]
+    drawn = [(label, p, manifest.scores[p["rows"]], to_mos["scale"] * p["pred"] + to_mos["offset"]) for label, p in panels]
+    low = min(min(mos.min(), pred.min()) for _, _, mos, pred in drawn)
+    high = max(max(mos.max(), pred.max()) for _, _, mos, pred in drawn)
+    pad = 0.04 * (high - low or 1.0)
+    limits = (low - pad, high + pad)
+    for (label, p, mos, pred), ax in zip(drawn, axes.ravel()):
         error = np.abs(pred - mos)
         large = error >= np.quantile(error, 1 - LARGE_ERRORS)
-        ax.scatter(mos[~large], pred[~large], s=8, alpha=0.6, linewidths=0, color="tab:blue", label="prediction")
-        ax.scatter(mos[large], pred[large], s=10, alpha=0.9, linewidths=0, color="tab:red",
+        ax.scatter(mos[~large], pred[~large], s=18, alpha=0.6, linewidths=0, color="tab:blue", label="prediction")
+        ax.scatter(mos[large], pred[large], s=26, alpha=0.9, linewidths=0, color="tab:red",
                    label=f"largest {LARGE_ERRORS:.0%} errors")
-        for n, i in enumerate(np.argsort(-error)[:NAMED_ERRORS]):  # names stacked apart: large errors cluster
-            ax.annotate(Path(manifest.paths[p["rows"][i]]).name, (mos[i], pred[i]), fontsize=6, color="tab:red",
-                        xytext=(4, 4 + 9 * n), textcoords="offset points", arrowprops={"arrowstyle": "-", "color": "tab:red", "lw": 0.5})
-        low, high = min(mos.min(), pred.min()), max(mos.max(), pred.max())
-        ax.plot([low, high], [low, high], color="grey", lw=1, ls="--")
+        named = np.argsort(-error)[:NAMED_ERRORS]
+        for n, i in enumerate(named, start=1):
+            ax.annotate(str(n), (mos[i], pred[i]), xytext=(3, 3), textcoords="offset points", fontsize=8,
+                        color="darkred", fontweight="bold", annotation_clip=True)
+        names = "\n".join(f"{n}: {Path(manifest.paths[p['rows'][i]]).name} (error {error[i]:.2f})"
+                           for n, i in enumerate(named, start=1))
+        ax.text(0.98, 0.02, names, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="darkred",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        ax.plot(limits, limits, color="grey", lw=1, ls="--")
+        ax.set_xlim(limits)
+        ax.set_ylim(limits)
+        ax.set_aspect("equal")
         ax.set_title(f"{label}\nSRCC {p['srcc']:.3f}, {len(mos)} test images", fontsize=9)
         ax.set_xlabel(f"MOS ({manifest.score_scale.split(' (')[0]})", fontsize=8)
         ax.set_ylabel("prediction (on the MOS scale)", fontsize=8)

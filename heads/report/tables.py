@@ -149,7 +149,35 @@ def results_table(runs: list[dict], layout: str = "backbones", fmt: str = "md", 
     _mark_best(table)
     kept = "last epoch per run" if which == "last" else "; ".join(
         f"select={rule}: {RULE_NOTES[rule]}" for rule in sorted({r.get("select") or "test" for r in runs}))
+    sizes = test_sizes(runs)
+    if sizes:
+        kept += "; test images: " + ", ".join(f"{d} {'/'.join(f'{n:,}' for n in ns)}" for d, ns in sizes.items())
+    if small_test_warning(runs):
+        kept += f" (under {SMALL_TEST}: rank correlations are unreliable)"
     return _render(fields, rows, columns, table, fmt, kept)
+
+
+SMALL_TEST = 20  # fewer test images than this: a rank correlation says little (5 images give SRCC 1.0 often)
+
+
+def test_sizes(runs: list[dict]) -> dict[str, list[int]]:
+    """The test-split sizes behind each dataset column (runs record theirs as curves["test_images"])."""
+    sizes: dict[str, set[int]] = {}
+    for run in runs:
+        n = (run.get("curves") or {}).get("test_images")
+        if n is not None:
+            sizes.setdefault(dataset_column(run), set()).add(int(n))
+    return {d: sorted(ns) for d, ns in sorted(sizes.items())}
+
+
+def small_test_warning(runs: list[dict]) -> str | None:
+    """One line naming the datasets whose test split is too small to rank on, or None."""
+    small = {d: min(ns) for d, ns in test_sizes(runs).items() if min(ns) < SMALL_TEST}
+    if not small:
+        return None
+    listed = ", ".join(f"{d} ({n} images)" for d, n in small.items())
+    return (f"the test split of {listed} has fewer than {SMALL_TEST} images: its SRCC and PLCC are unreliable "
+            "(a handful of images often ranks perfectly); use more images or --split-by random")
 
 
 def _mark_best(table: list[list[Cell]]) -> None:

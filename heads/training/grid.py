@@ -203,6 +203,7 @@ def run_grid(
         done = 0
         for job, results in (engine or train_here)(jobs, device, bar):
             for (c, _, k), r in zip(job.runs, results):  # weights first: a recorded run has its weights
+                r.curves["test_images"] = len(rows[k][1])  # tables say how many images a correlation ranks
                 if r.weights is not None:
                     save_head(run_weights_path(db.path, k), r.weights, c.to_dict())
             db.record([(k, c.to_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer

@@ -298,13 +298,21 @@ def extract(
 @cache_app.command("ls")
 def cache_ls(cache: CacheOption = None) -> None:
     """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
-    from iqa.cache.store import list_stores
+    from iqa.cache.store import DamagedStore, describe_store, store_dirs
 
-    for info in list_stores(cache_dir(cache)):
+    damaged = []
+    for path in store_dirs(cache_dir(cache)):
+        try:
+            info = describe_store(path)
+        except DamagedStore as error:
+            damaged.append(str(error))
+            continue
         typer.echo(
             f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}  "
             f"chunks {info.chunks_done}/{info.chunks_total}  unreadable {len(info.invalid)}  {info.fingerprint_id}"
         )
+    if damaged:
+        fail(f"{len(damaged)} store(s) damaged: {damaged[0]}")
 
 
 @cache_app.command("verify")
@@ -337,6 +345,7 @@ def cache_export(
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
     format: Annotated[str, typer.Option("--format", help="h5 (HDF5 via h5py).")] = "h5",
     tag: Annotated[Optional[str], typer.Option("--tag")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Export an unfinished store (its missing rows NaN).")] = False,
     cache: CacheOption = None,
 ) -> None:
     """Write one store to another format for tools that do not read Zarr."""
@@ -344,10 +353,15 @@ def cache_export(
 
     if format != "h5":
         fail(f"unknown export format {format!r}; only h5 is supported")
-    path = store_path(cache_dir(cache), dataset, backbone, tag)
-    if not path.exists():
-        fail(f"no store at {path}")
-    typer.echo(export_h5(path, out))
+    try:
+        path = store_path(cache_dir(cache), dataset, backbone, tag)
+        if not path.exists():
+            fail(f"no store at {path}")
+        typer.echo(export_h5(path, out, allow_partial))
+    except ValueError as error:  # NotOurs, DamagedStore, UnsafeName
+        fail(str(error))
+    except OSError as error:
+        cannot_write(out, error)
 
 
 # ---- heads ----

@@ -41,8 +41,8 @@ import h5py
 import numpy as np
 import zarr
 
-from iqa.cache.atomic import atomic_path, remove_stale
-from iqa.cache.location import dataset_dir, is_url
+from iqa.cache.atomic import atomic_path, remove_stale, replaceable_file
+from iqa.cache.location import dataset_dir, is_url, plain_name
 from iqa.cache.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
 from iqa.cache.stamps import changed_images, content_digest, describe_changes
 
@@ -57,7 +57,7 @@ class FingerprintMismatch(ValueError):
 
 def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = None) -> Path | str:
     """The store's location under a cache (or store root URL): a Path, or a URL string."""
-    name = backbone if tag is None else f"{backbone}@{tag}"
+    name = plain_name(backbone, "backbone") if tag is None else f"{plain_name(backbone, 'backbone')}@{plain_name(tag, 'tag')}"
     return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
 
 
@@ -586,13 +586,18 @@ class StoreInfo:
 
 
 def describe_store(path: Path) -> StoreInfo:
-    store = EmbeddingStore(path)
+    """A store's summary; DamagedStore where its metadata or a chunk it reads no longer decodes."""
+    store = open_store(path, "iqa extract")
+    try:
+        chunks_done, invalid = int(store.done_chunks().sum()), store.invalid_rows()
+    except Exception as error:  # zarr/numcodecs raise codec-specific errors for a garbled chunk file
+        raise DamagedStore(f"{path} is damaged ({type(error).__name__}); `iqa cache verify` names what is wrong") from None
     backbone, _, tag = path.name.removesuffix(".zarr").partition("@")
     return StoreInfo(
         path=path, dataset=path.parent.name, backbone=backbone, tag=tag or None,
         rows=store.n_rows, dim=store.dim, dtype=str(store.embeddings.dtype),
-        chunks_done=int(store.done_chunks().sum()), chunks_total=store.n_chunks,
-        invalid=store.invalid_rows(), fingerprint_id=fingerprint_id(store.fingerprint),
+        chunks_done=chunks_done, chunks_total=store.n_chunks,
+        invalid=invalid, fingerprint_id=fingerprint_id(store.fingerprint),
     )
 
 
@@ -640,9 +645,24 @@ def verify_store(path: Path) -> list[str]:
     return problems
 
 
-def export_h5(store_dir: Path, path: Path) -> Path:
+def is_h5_export(path: Path) -> bool:
+    """Whether `path` is an HDF5 file `export_h5` wrote: it carries the store's fingerprint attributes."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {"fingerprint", "fingerprint_id"} <= set(f.attrs)
+    except (OSError, ValueError):  # not HDF5 at all
+        return False
+
+
+def export_h5(store_dir: Path, path: Path, allow_partial: bool = False) -> Path:
     """The store as one HDF5 file (same arrays and names, the `layer<n>` arrays included, fingerprint as
-    a JSON attribute), written atomically."""
+    a JSON attribute), written atomically. Only a sound, finished store is exported (an unfinished one's
+    missing rows are NaN: with `allow_partial`), and only a new file or an earlier export is replaced."""
+    replaceable_file(path, is_h5_export, "--out")
+    problems = [p for p in verify_store(store_dir) if not (allow_partial and p.startswith("incomplete"))]
+    if problems:
+        fix = "; --allow-partial exports its finished rows (the rest NaN)" if any(p.startswith("incomplete") for p in problems) else ""
+        raise DamagedStore(f"{store_dir}: {'; '.join(problems)}{fix}")
     store = EmbeddingStore(store_dir)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,8 +29,10 @@ StoresOption = Annotated[
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is the GPU when torch sees one, else the CPU. Other names pass as given: with
+    """`auto` is the GPU when torch sees one, else the CPU. Other device names pass as given: with
     `--engine ray` the device is the workers', which the driver may not have."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        fail(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if device != "auto":
         return device
     import torch
@@ -544,14 +547,19 @@ def score_command(
     cache: CacheOption = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
-    import csv
     import json
 
+    from iqa.cache.atomic import NotOurs, replaceable_file
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.saved.model import image_files, load_model, score_dataset, score_files
+    from iqa.heads.saved.model import image_files, is_scores_file, load_model, score_dataset, score_files, write_scores
 
     if bool(images) == bool(dataset):
         fail("give image files or folders, or --dataset D (one of the two)")
+    try:
+        if out is not None:  # refused before the model is loaded and the images scored
+            replaceable_file(out, is_scores_file, "--out")
+    except NotOurs as error:
+        fail(str(error))
     try:
         loaded = load_model(model, device, base)
         if dataset:
@@ -563,10 +571,12 @@ def score_command(
         fail(message(error))
     good = [s for s in scored if not s.reason]
     if out is not None:
-        with open(out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "score", "mos"])
-            writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in good)
+        try:
+            write_scores(scored, out)
+        except ValueError as error:  # NotOurs
+            fail(str(error))
+        except OSError as error:  # a full disk: the previous file stays as it was
+            cannot_write(out, error)
     else:
         for s in good:
             typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa.cache.atomic import building_folder
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
+CHECKSUM_FIELD = "config_sha256"
 CARD_FILE = "README.md"
 FORMAT = "iqa-model-1"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors")
@@ -46,7 +48,9 @@ def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
 
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
-    """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
+    """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced).
+    It is built in a temporary folder beside `out` and renamed when complete: a killed or failed export
+    leaves no `out` (the next export removes the temporary), never half a model."""
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
@@ -60,7 +64,13 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         fingerprint = json.loads((kept / FINGERPRINT_FILE).read_text())
     else:
         fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
-    out.mkdir(parents=True, exist_ok=True)
+    with building_folder(out) as building:
+        write_model_folder(building, run, weights, fingerprint, manifest)
+    return out
+
+
+def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest) -> None:
+    kept = weights.parent
     shutil.copyfile(weights, out / HEAD_FILE)
     tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
     if (kept / ADAPTER_DIR).is_dir():
@@ -88,9 +98,20 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "weights": {"file": HEAD_FILE, "sha256": file_sha256(out / HEAD_FILE)},
         "packages": {name: version(name) for name in PACKAGES},
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_config(out, config)
     (out / CARD_FILE).write_text(model_card(config))
-    return out
+
+
+def config_checksum(config: dict) -> str:
+    """sha256 of the config's canonical JSON, its own checksum field left out."""
+    return hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != CHECKSUM_FIELD}, sort_keys=True).encode()).hexdigest()
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """config.json with its checksum inside: an edited recipe (preprocessing, l2norm, the MOS map) is
+    refused on load like an altered weights file, instead of silently changing every score."""
+    config = {**config, CHECKSUM_FIELD: config_checksum(config)}
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def model_card(config: dict) -> str:

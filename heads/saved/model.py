@@ -4,6 +4,7 @@ Images go through the very path extraction uses (ImageRows decodes and resizes, 
 normalises and runs the backbone), so a score equals the head on the stored embedding.
 """
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from iqa.cache.atomic import atomic_path, replaceable_file
+from iqa.cache.location import plain_name
 from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CONFIG_FILE, file_sha256
+from iqa.heads.saved.export import CHECKSUM_FIELD, CONFIG_FILE, config_checksum, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -92,18 +96,45 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
     weights come from where training took them (config.json's model_id) unless `source` (an HF id
     or a local folder) says otherwise; either way they must be the ones trained on (checksum)."""
     folder = Path(folder)
+    config = checked_config(folder)
+    try:
+        return build_model(folder, config, device, source)
+    except (BackboneLoadError, ModelFolderError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError) as error:
+        # checksums that match contents iqa never wrote (a config without a backbone, unknown keys, other tensors)
+        raise ModelFolderError(f"{folder} does not hold a model iqa can rebuild ({type(error).__name__}: "
+                               f"{message_line(error)}); export the run again") from None
+
+
+def message_line(error: Exception) -> str:
+    return (str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)).splitlines()[0][:200]
+
+
+def checked_config(folder: Path) -> dict:
+    """config.json, refused unless its own checksum and the head's match and the head is a safetensors file."""
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ModelFolderError(f"{config_path} is missing: not an iqa model folder")
     try:
         config = json.loads(config_path.read_text())
-        weights = folder / config["weights"]["file"]
+        weights = folder / plain_name(config["weights"]["file"], "weights file")
+        expected = config["weights"]["sha256"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelFolderError(f"{config_path} is not a valid model config ({err})") from None
+        raise ModelFolderError(f"{config_path} is not a valid model config ({message_line(err)})") from None
+    if config.get(CHECKSUM_FIELD) != config_checksum(config):
+        raise ModelFolderError(f"{config_path} does not match its checksum: edited or corrupt "
+                               "(the recipe decides every score); export the run again instead of editing it")
+    if weights.suffix != ".safetensors":
+        raise ModelFolderError(f"{weights} is not a .safetensors file: iqa loads no other (pickled) weights")
     if not weights.is_file():
         raise ModelFolderError(f"{weights} is missing")
-    if file_sha256(weights) != config["weights"]["sha256"]:
+    if file_sha256(weights) != expected:
         raise ModelFolderError(f"{weights} does not match the checksum in {config_path}: altered or corrupt")
+    return config
+
+
+def build_model(folder: Path, config: dict, device: str, source: str | None) -> IqaModel:
     b = config["backbone"]
     tiny, random_init = b["tag"] == "tiny", b["tag"] == "random-init"
     spec = get_spec(b["key"], tiny=tiny)
@@ -117,26 +148,36 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
                                f"this iqa pools them as {pooling_rule(backbone.spec)}")
     backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
     if b.get("layers"):
+        if family_of(backbone.spec).in_worker:
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names stored layers, but {b['key']} computes fixed features with none")
         backbone.use_layers(tuple(b["layers"]))
-    head, _ = load_head(weights)
+    head, _ = load_head(folder / config["weights"]["file"])
     dtype = getattr(torch, b.get("compute_dtype") or "float32")
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
 
 
 def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
     """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
-    each file checked against config.json's checksum first."""
+    each file checked against config.json's checksum first, and only safetensors weights read."""
     for name, sha in tuning.get("files", {}).items():
         path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names a tuning file outside the folder: {name}")
         if not path.is_file():
             raise ModelFolderError(f"{path} is missing")
         if file_sha256(path) != sha:
             raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
+    pickled = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    if pickled:
+        raise ModelFolderError(f"{folder} holds pickled weights ({', '.join(sorted(pickled))}): iqa loads only "
+                               "safetensors; remove them or export the run again")
     if tuning["regime"] == "lora":
         from peft import PeftModel  # imports in ~2 s: only for a LoRA model
 
         from iqa.extract.tuning import lora_layout
 
+        if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+            raise ModelFolderError(f"{folder / ADAPTER_DIR / 'adapter_model.safetensors'} is missing")
         return PeftModel.from_pretrained(lora_layout(backbone), str(folder / ADAPTER_DIR)).merge_and_unload().eval()
     if tuning["regime"] == "full":
         backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
@@ -165,6 +206,8 @@ class Scored:
 def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = None, workers: int = 2,
                 progress: bool = True) -> list[Scored]:
     """One Scored per path, in order; unreadable images carry their reason, the rest are scored."""
+    if not paths:
+        raise ValueError("no images to score: the files and folders given hold none (.jpg, .png, ...)")
     rows = ImageRows(Path("/"), [str(Path(p).resolve()) for p in paths], model.spec)
     loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers)
     out: list[Scored] = []
@@ -178,6 +221,28 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
         mos = model.to_mos(scores.numpy())
         for i, reason, s, m in zip(index.tolist(), reasons, scores.tolist(), mos.tolist()):
             out.append(Scored(str(paths[i]), None if reason else s, None if reason else m, reason or ""))
+    return out
+
+
+SCORES_HEADER = "path,score,mos"  # the first line of every scores file iqa writes: how it knows its own
+
+
+def is_scores_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\r\n") == SCORES_HEADER.encode()
+    except OSError:
+        return False
+
+
+def write_scores(scored: list[Scored], out: Path) -> Path:
+    """The scored rows as a CSV file, written whole or not at all: a new file, or one an earlier
+    `iqa score --out` wrote (its header line says so); anything else is refused (NotOurs)."""
+    replaceable_file(out, is_scores_file, "--out")
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SCORES_HEADER.split(","))
+        writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in scored if not s.reason)
     return out
 
 

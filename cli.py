@@ -119,7 +119,7 @@ def existing_runs(path: Path) -> list[dict]:
     from iqa.cache.results import ResultsDB
 
     try:
-        return ResultsDB(path).runs()
+        return ResultsDB(path, read_only=True).runs()
     except (ValueError, sqlite3.DatabaseError) as error:
         fail(str(error) if isinstance(error, ValueError) else f"{path} is not a usable results database ({error}); "
              "move it away to start a new one")

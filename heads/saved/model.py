@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from iqa.cache.atomic import atomic_path, replaceable_file
 from iqa.cache.location import plain_name
-from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
+from iqa.extract.backbones import BackboneLoadError, PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CHECKSUM_FIELD, CONFIG_FILE, config_checksum, file_sha256
+from iqa.heads.saved.export import CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -125,6 +125,10 @@ def checked_config(folder: Path) -> dict:
     if config.get(CHECKSUM_FIELD) != config_checksum(config):
         raise ModelFolderError(f"{config_path} does not match its checksum: edited or corrupt "
                                "(the recipe decides every score); export the run again instead of editing it")
+    lacking = [k for k in ("format", "backbone", "head", "targets", "weights") if not isinstance(config.get(k), (dict, str))]
+    if lacking or config["format"] != FORMAT:
+        raise ModelFolderError(f"{config_path} is not an {FORMAT} config (lacking {', '.join(lacking) or 'its format'}); "
+                               "export the run again")
     if weights.suffix != ".safetensors":
         raise ModelFolderError(f"{weights} is not a .safetensors file: iqa loads no other (pickled) weights")
     if not weights.is_file():

@@ -525,8 +525,10 @@ def export_command(
     path = existing_db(db, root)
     try:
         folder = export_run(root, path, find_run(existing_runs(path), run_key), out)
-    except (LookupError, ValueError, OSError) as error:
+    except (LookupError, ValueError, FileExistsError) as error:
         fail(str(error))
+    except OSError as error:  # a full disk or an unwritable place: no half model is left
+        cannot_write(out, error)
     typer.echo(f"model written to {folder}")
 
 

@@ -58,14 +58,12 @@ class NotOurs(ValueError):
 
 
 def replaceable_file(path: Path, ours: Callable[[Path], bool], option: str) -> Path:
-    """`path` if a command may write its file there: nothing there yet, in an existing folder, or a file
-    an earlier run of it wrote (`ours` recognises it by what it writes inside). A folder, a link, a
-    missing parent folder or anyone else's file is refused (NotOurs), before anything is written."""
+    """`path` if a command may write its file there: nothing there yet (missing folders are made), or a file
+    an earlier run of it wrote (`ours` recognises it by what it writes inside). A folder, a link or
+    anyone else's file is refused (NotOurs), before anything is written."""
     path = Path(path)
     if path.is_dir():
         raise NotOurs(f"{option} {path} is a folder; give a file name (e.g. {path / 'out'})")
-    if not path.parent.is_dir():
-        raise NotOurs(f"{option} {path}: the folder {path.parent} does not exist; create it or choose another place")
     if path.is_symlink() or (path.exists() and not ours(path)):
         raise NotOurs(f"{option} {path} exists and was not written by iqa; choose a new file name or move it away")
     return path

@@ -61,15 +61,22 @@ def test_score_out_replaces_its_own_file_refuses_others_and_keeps_it_on_a_full_d
 
 
 @pytest.mark.parametrize("place, why", [("notes", "not written by iqa"), ("folder", "is a folder"),
-                                        ("missing/scores.csv", "does not exist")])
-def test_score_out_refuses_a_foreign_file_a_folder_and_a_missing_parent(model, tmp_path, place, why):
+                                        ("notes/scores.csv", "choose a writable place")])
+def test_score_out_refuses_a_foreign_file_a_folder_and_a_file_as_parent(model, tmp_path, place, why):
     cache, folder, _ = model
     notes = tmp_path / "notes"
     notes.write_text("my notes")
     (tmp_path / "folder").mkdir()
     result = iqa("score", folder, cache / "images", "--out", tmp_path / place, "--workers", 0, "--device", "cpu")
     one_error_line(result, why)
-    assert notes.read_text() == "my notes" and not (tmp_path / "missing").exists()
+    assert notes.read_text() == "my notes" and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_score_out_makes_a_missing_parent_folder(model, tmp_path):
+    cache, folder, _ = model
+    out = tmp_path / "new" / "scores.csv"
+    assert iqa("score", folder, cache / "images" / "im01.png", "--out", out, "--device", "cpu").exit_code == 0
+    assert out.read_text().startswith("path,score,mos\n")
 
 
 def test_score_on_an_empty_folder_is_an_error(model, tmp_path):

@@ -97,8 +97,8 @@ def resealed(folder, tmp_path, change_config=None, head_state=None, metadata=Tru
     shutil.copytree(folder, bad)
     config = json.loads((bad / "config.json").read_text())
     if head_state is not None:
-        save_file(head_state, str(bad / "head.safetensors"), metadata={"config": "{}"} if metadata else None)
-        config["weights"]["sha256"] = file_sha256(bad / "head.safetensors")
+        save_file(head_state, str(bad / "model.safetensors"), metadata={"config": "{}"} if metadata else None)
+        config["weights"]["sha256"] = file_sha256(bad / "model.safetensors")
     for name, data in (files or {}).items():
         (bad / name).parent.mkdir(parents=True, exist_ok=True)
         (bad / name).write_bytes(data)

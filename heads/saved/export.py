@@ -2,9 +2,9 @@
 
 The folder holds config.json (backbone and how its weights were obtained, the preprocessing recipe
 its fingerprint recorded, the head, the training set's target scale and its map back to MOS, split,
-seed, selection rule, metrics, package versions), head.safetensors (the kept epoch's head), for a
+seed, selection rule, metrics, package versions), model.safetensors (the kept epoch's head), for a
 fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors), every file checked
-by sha256 on load, and README.md, a short model card. `iqa.load_model` reads it back.
+by sha256 on load, and README.md, a model card with the Hugging Face metadata header. `iqa.load_model` reads it back.
 """
 
 import hashlib
@@ -18,9 +18,10 @@ import numpy as np
 from iqa.cache.atomic import building_folder
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
-from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
+from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
 CHECKSUM_FIELD = "config_sha256"
 CARD_FILE = "README.md"
 FORMAT = "iqa-model-1"
@@ -71,7 +72,7 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
 
 def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest) -> None:
     kept = weights.parent
-    shutil.copyfile(weights, out / HEAD_FILE)
+    shutil.copyfile(weights, out / WEIGHTS_FILE)
     tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
     if (kept / ADAPTER_DIR).is_dir():
         shutil.copytree(kept / ADAPTER_DIR, out / ADAPTER_DIR)
@@ -95,7 +96,7 @@ def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, m
             "regime", "backbone_lr", "physical_batch", "accumulate")},
         "targets": {"score_scale": manifest.score_scale, "mos": mos_map(manifest.scores, manifest.targets)},
         "metrics": {k: run[k] for k in ("best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")},
-        "weights": {"file": HEAD_FILE, "sha256": file_sha256(out / HEAD_FILE)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(out / WEIGHTS_FILE)},
         "packages": {name: version(name) for name in PACKAGES},
     }
     write_config(out, config)
@@ -112,6 +113,23 @@ def write_config(folder: Path, config: dict) -> None:
     refused on load like an altered weights file, instead of silently changing every score."""
     config = {**config, CHECKSUM_FIELD: config_checksum(config)}
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def card_header(config: dict) -> str:
+    """The model card's YAML header as the Hugging Face Hub reads it: library, tags, datasets, and the
+    test metrics with their values (model-index)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    b, t, m = config["backbone"], config["training"], config["metrics"]
+    name = f"{b['key']}{'@' + b['tag'] if b['tag'] else ''}-{config['head']['head']}-{t['train_dataset']}"
+    results = [EvalResult(task_type="image-quality-assessment", task_name="No-reference image quality assessment",
+                          dataset_type=t["test_dataset"], dataset_name=t["test_dataset"], metric_type=metric,
+                          metric_name=metric.upper(), metric_value=round(float(m[f"best_{metric}"]), 4))
+               for metric in ("srcc", "plcc") if m.get(f"best_{metric}") is not None]
+    data = ModelCardData(library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa", b["key"]],
+                         datasets=sorted({t["train_dataset"], t["test_dataset"]}), metrics=["srcc", "plcc"],
+                         model_name=name, eval_results=results or None)
+    return f"---\n{data.to_yaml()}\n---\n\n"
 
 
 def model_card(config: dict) -> str:
@@ -133,7 +151,7 @@ def model_card(config: dict) -> str:
                      "cross-validation on the training rows; it has no epochs.")
     elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
-    return "\n".join([
+    return card_header(config) + "\n".join([
         f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "

@@ -6,6 +6,7 @@ normalises and runs the backbone), so a score equals the head on the stored embe
 
 import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from huggingface_hub import ModelHubMixin
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -24,7 +26,7 @@ from iqa.extract.backbones import BackboneLoadError, PooledBackbone, family_of, 
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
+from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -34,8 +36,16 @@ class ModelFolderError(ValueError):
     """A model folder that cannot be trusted: missing or altered files."""
 
 
-class IqaModel(nn.Module):
-    """Backbone + head of one exported run; `.score` and `.embed` take paths, PIL images or a normalised batch."""
+class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa"]):
+    """Backbone + head of one exported run. `model(x)`, `.score(x)` and `.embed(x)` take any image input
+    (`as_pictures`); `lower_better`, `score_range` and `mos_range` are read as pyiqa users read them.
+
+    Shared the Hugging Face way (huggingface_hub's ModelHubMixin): `save_pretrained(dir)` writes the model
+    folder (config.json, model.safetensors, the model card README.md, any tuning or bundled backbone),
+    `from_pretrained(dir_or_hub_id, revision=...)` reads one back, `push_to_hub(repo_id)` uploads it."""
+
+    lower_better = False  # a higher score is better quality, on every dataset (targets are flipped where DMOS)
+    score_range = (0.0, 1.0)  # the training targets' range; a head without a bounded output can leave it a little
 
     def __init__(self, config: dict, embedder: Embedder, head: nn.Module):
         super().__init__()
@@ -43,26 +53,23 @@ class IqaModel(nn.Module):
         self.backbone = embedder.model
         self.spec = embedder.spec
 
+    @property
+    def mos_range(self) -> tuple[float, float]:
+        """score_range on the MOS scale of the training set (`to_mos`)."""
+        low, high = (float(v) for v in self.to_mos(np.array(self.score_range)))
+        return (low, high)
+
     def _inputs(self, images) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images
-        pictures = [self._decoded(i) if isinstance(i, (str, Path)) else to_rgb(ImageOps.exif_transpose(i)) for i in images]
         spec = self.spec
+        pictures = as_pictures(images)
         if family_of(spec).in_worker:
             return torch.from_numpy(np.stack([np.asarray(spec.features_in_worker(p), dtype=np.float32) for p in pictures]))
         return torch.stack([resize_uint8(p, spec.resolution, spec.resample, spec.shortest_side()) for p in pictures])
 
-    @staticmethod
-    def _decoded(path) -> Image.Image:
-        image, reason, _ = decode_image(Path(path))
-        if image is None:
-            raise ValueError(f"cannot read {path}: {reason}")
-        return image
-
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
-        """[B, D] pooled embeddings; a tensor is taken as already decoded (uint8 pixels, or features for NSS).
-        A head trained on stored layers gets those layers' vectors, concatenated, without the default embedding."""
+        """[B, D] pooled embeddings of `images` (anything `as_pictures` takes). A head trained on stored
+        layers gets those layers' vectors, concatenated, without the default embedding."""
         return self.head_inputs(self.embedder(self._inputs(images)).cpu())
 
     def head_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -83,12 +90,100 @@ class IqaModel(nn.Module):
         """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""
         return self.score_embeddings(self.embed(images))
 
-    def to_mos(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+    def to_mos(self, scores):
+        """Scores on the training set's MOS scale, in the type given: a tensor for a tensor (as `score`
+        returns), else a numpy array."""
         m = self.config["targets"]["mos"]
+        if isinstance(scores, torch.Tensor):
+            return m["scale"] * scores.double() + m["offset"]
         return m["scale"] * np.asarray(scores, dtype=np.float64) + m["offset"]
 
     def forward(self, images) -> torch.Tensor:
         return self.score(images)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """The model folder into `save_directory` (new or empty: nothing iqa did not write is replaced)."""
+        target = Path(save_directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target} exists and is not empty; save into a new or empty folder")
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Every file of the folder this model was loaded from, as it is (each is checksummed in config.json):
+        the model saved is bit for bit the model loaded."""
+        for name in model_files(self.folder, self.config):
+            (save_directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.folder / name, save_directory / name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, device: str = "cpu",
+                        source: str | None = None, **hub) -> "IqaModel":
+        """A model folder on disk, or a Hugging Face Hub repository id (downloaded through huggingface_hub,
+        at `revision`); `source` is where to find a frozen backbone's base weights if not where training did."""
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, revision=revision, device=device,
+                                           source=source, **hub)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError) as error:
+            raise ModelFolderError(f"{pretrained_model_name_or_path} is not a model folder here, and the Hugging Face Hub "
+                                   f"cannot give it ({type(error).__name__}: {message_line(error)}); give a local folder, "
+                                   "or go online") from None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         device: str = "cpu", source: str | None = None, **config_fields) -> "IqaModel":
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                            force_download=force_download, local_files_only=local_files_only))
+        return load_model(folder, device, source)
+
+
+def as_pictures(images) -> list[Image.Image]:
+    """Every input a user holds as RGB pictures: a path (str or Path) to an image or to a folder of them
+    (sorted), a PIL image, a numpy H x W x C uint8 array (or B x H x W x C), a float tensor C x H x W or
+    B x C x H x W in [0, 1] (torchvision's layout), or a list of any of these. The same image in any form
+    gives the same pixels, so the same score."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.is_dir():
+            found = image_files([path])
+            if not found:
+                raise ValueError(f"{path} holds no image files (.jpg, .png, ...)")
+            return [_decoded(p) for p in found]
+        return [_decoded(path)]
+    if isinstance(images, Image.Image):
+        return [to_rgb(ImageOps.exif_transpose(images))]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return [picture for one in images for picture in as_pictures(one)]
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"a numpy image is H x W x C uint8; got shape {images.shape}, {images.dtype}")
+        return [to_rgb(Image.fromarray(images[..., 0] if images.shape[-1] == 1 else images))]
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4:
+            return [picture for one in images for picture in as_pictures(one)]
+        if images.ndim != 3 or images.shape[0] not in (1, 3) or not images.is_floating_point():
+            raise ValueError(f"a tensor image is a float C x H x W (or B x C x H x W) in [0, 1]; got "
+                             f"{tuple(images.shape)}, {images.dtype}")
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError("a tensor image holds values in [0, 1] (torchvision's ToTensor); this one does not")
+        pixels = (images.detach().cpu().float() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return as_pictures(np.ascontiguousarray(pixels))
+    if isinstance(images, (list, tuple)):
+        return [picture for one in images for picture in as_pictures(one)]
+    raise TypeError(f"cannot score a {type(images).__name__}: give a path, a folder, a PIL image, a numpy "
+                    "H x W x C uint8 array, a float tensor in [0, 1], or a list of these")
+
+
+def _decoded(path) -> Image.Image:
+    image, reason, _ = decode_image(Path(path))
+    if image is None:
+        raise ValueError(f"cannot read {path}: {reason}")
+    return image
 
 
 def load_model(folder: str | Path, device: str = "cpu", source: str | None = None) -> IqaModel:
@@ -98,7 +193,9 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
     folder = Path(folder)
     config = checked_config(folder)
     try:
-        return build_model(folder, config, device, source)
+        model = build_model(folder, config, device, source)
+        model.folder = folder
+        return model
     except (BackboneLoadError, ModelFolderError):
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError) as error:
@@ -158,6 +255,14 @@ def build_model(folder: Path, config: dict, device: str, source: str | None) -> 
     head, _ = load_head(folder / config["weights"]["file"])
     dtype = getattr(torch, b.get("compute_dtype") or "float32")
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
+
+
+def model_files(folder: Path, config: dict) -> list[str]:
+    """The files of a model folder, relative to it: config.json, the model card, the head's weights, the
+    tuning files and a bundled backbone's files (every one but the card checksummed in config.json)."""
+    listed = [CONFIG_FILE, config["weights"]["file"], *(config["backbone"].get("tuning") or {}).get("files", {}),
+              *(config["backbone"].get("bundled") or {}).get("files", {})]
+    return listed + ([CARD_FILE] if (folder / CARD_FILE).is_file() else [])
 
 
 def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:

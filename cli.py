@@ -513,19 +513,36 @@ def results_command(
 
 @app.command("export")
 def export_command(
-    run_key: Annotated[str, typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")],
-    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")],
+    run_key: Annotated[Optional[str], typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")] = ...,
+    best: Annotated[bool, typer.Option("--best", help="Instead of a key: the best run on --dataset (validation SRCC where "
+                                                      "every candidate has it, else test SRCC; the rule is printed).")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="--best: the dataset trained and tested on.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="--best: only runs of this backbone.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="--best: only runs of this head.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="--best: only runs whose epoch this rule kept (test, val, last).")] = None,
+    bundle: Annotated[bool, typer.Option("--bundle", help="Copy the base backbone weights into the folder: it then loads "
+                                                          "anywhere, offline.")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
 ) -> None:
     """Write a finished run as a self-contained model folder: config.json, weights, model card."""
-    from iqa.heads.saved.export import export_run, find_run
+    from iqa.heads.saved.export import best_run, export_run, find_run
 
+    if best == (run_key is not None):
+        fail("give a run key, or --best with --dataset (not both)")
+    if best and dataset is None:
+        fail("--best needs --dataset: the dataset the run was trained and tested on")
     root = cache_dir(cache)
     path = existing_db(db, root)
     try:
-        folder = export_run(root, path, find_run(existing_runs(path), run_key), out)
-    except (LookupError, ValueError, FileExistsError) as error:
+        if best:
+            run, rule = best_run(existing_runs(path), dataset, backbone, head, select)
+            typer.echo(f"run {run['key'][:12]}: {rule}", err=True)
+        else:
+            run = find_run(existing_runs(path), run_key)
+        folder = export_run(root, path, run, out, bundle)
+    except (LookupError, ValueError, FileExistsError, FileNotFoundError) as error:
         fail(str(error))
     except OSError as error:  # a full disk or an unwritable place: no half model is left
         cannot_write(out, error)

@@ -42,16 +42,45 @@ def find_run(runs: list[dict], prefix: str) -> dict:
     return found[0]
 
 
+def best_run(runs: list[dict], dataset: str, backbone: str | None = None, head: str | None = None,
+             select: str | None = None) -> tuple[dict, str]:
+    """The run to keep for `dataset`, and the rule that chose it: among finished runs trained and tested on
+    it (of `backbone`, `head`, `select` where given), the highest validation SRCC at the kept epoch where every
+    candidate has a validation part (no test image chooses), else the highest test SRCC (optimistic: said so)."""
+    found = [r for r in runs if r["train_dataset"] == dataset == r["test_dataset"] and r["status"] == "done"
+             and r.get("best_srcc") is not None and r["best_srcc"] == r["best_srcc"]
+             and all(value is None or r.get(field) == value for field, value in
+                     (("backbone", backbone), ("head", head), ("select", select)))]
+    if not found:
+        wanted = ", ".join(f"{f} {v}" for f, v in (("backbone", backbone), ("head", head), ("select", select)) if v)
+        raise LookupError(f"no finished run trained and tested on {dataset}{' with ' + wanted if wanted else ''}; "
+                          "`iqa results --runs` lists them")
+    validated = all((r.get("curves") or {}).get("val_srcc") for r in found)
+    if validated:
+        def val_at_kept(run):
+            return run["curves"]["val_srcc"][run["best_epoch"] - 1]
+        chosen = max(found, key=lambda r: (val_at_kept(r), r["key"]))
+        return chosen, (f"the highest validation SRCC at the kept epoch ({val_at_kept(chosen):.4f}) of {len(found)} "
+                        "runs: no test image chose it")
+    chosen = max(found, key=lambda r: (r["best_srcc"], r["key"]))
+    return chosen, (f"the highest test SRCC ({chosen['best_srcc']:.4f}) of {len(found)} runs: the test set chose it, "
+                    "so its test numbers are optimistic (train with --select val for an honest choice)")
+
+
 def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
     """mos = scale * target + offset, fitted on the training set (exact for its linear normalisations)."""
     scale, offset = np.polyfit(targets, scores, 1)
     return {"scale": float(scale), "offset": float(offset)}
 
 
-def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
+def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = False) -> Path:
     """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced).
     It is built in a temporary folder beside `out` and renamed when complete: a killed or failed export
-    leaves no `out` (the next export removes the temporary), never half a model."""
+    leaves no `out` (the next export removes the temporary), never half a model.
+
+    The folder names its base backbone weights by Hugging Face id and revision, never by a path of this
+    machine; `bundle` copies the weights themselves into `backbone/` (a local checkpoint's folder or file,
+    or a hub checkpoint from this machine's Hugging Face cache), so the folder loads anywhere, offline."""
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
@@ -66,11 +95,48 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
     else:
         fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
     with building_folder(out) as building:
-        write_model_folder(building, run, weights, fingerprint, manifest)
+        write_model_folder(building, run, weights, fingerprint, manifest, bundle)
     return out
 
 
-def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest) -> None:
+BUNDLE_DIR = "backbone"
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # weights formats that run code on load: never copied or read
+
+
+def local_checkpoint(model_id: str | None) -> Path | None:
+    """The local folder or file a backbone was loaded from, or None for a hub id (or none at all)."""
+    return Path(model_id) if model_id and Path(model_id).is_absolute() else None
+
+
+def bundle_backbone(out: Path, fingerprint: dict) -> dict:
+    """Copy the base weights into out/backbone/ (safetensors and configs only); {"path", "files"} for config.json."""
+    model_id, local = fingerprint.get("model_id"), local_checkpoint(fingerprint.get("model_id"))
+    if local is None:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            local = Path(snapshot_download(model_id, revision=fingerprint.get("revision"), local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError) as error:
+            raise FileNotFoundError(f"cannot bundle {model_id}: its weights are not in this machine's Hugging Face "
+                                    f"cache ({type(error).__name__}); export without bundling") from None
+    if not local.exists():
+        raise FileNotFoundError(f"cannot bundle the backbone: {local}, where it was loaded from, is gone")
+    target = out / BUNDLE_DIR
+    target.mkdir()
+    sources = [p for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else [local]
+    for path in sources:
+        if path.suffix in PICKLED:
+            continue
+        relative = path.relative_to(local) if local.is_dir() else Path(path.name)
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / relative)  # the content behind a hub cache's symlinks
+    files = {str(p.relative_to(out)): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()}
+    path = BUNDLE_DIR if local.is_dir() else f"{BUNDLE_DIR}/{local.name}"
+    return {"path": path, "files": files}
+
+
+def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest, bundle: bool = False) -> None:
     kept = weights.parent
     shutil.copyfile(weights, out / WEIGHTS_FILE)
     tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
@@ -88,6 +154,7 @@ def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, m
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning,
+            **backbone_source(out, run, fingerprint, bundle),
             **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
         "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
                 | ({"fuse": run["fuse"]} if run.get("fuse") else {}),  # the stages fused, not concatenated
@@ -101,6 +168,17 @@ def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, m
     }
     write_config(out, config)
     (out / CARD_FILE).write_text(model_card(config))
+
+
+def backbone_source(out: Path, run: dict, fingerprint: dict, bundle: bool) -> dict:
+    """Where a loader finds the base weights: the hub id (kept), a bundled copy, or, for a local checkpoint
+    not bundled, only its name (a path of this machine would not exist on the next)."""
+    rebuilt = run["tag"] in ("tiny", "random-init")  # built from the registry's config: no weights to carry
+    local = local_checkpoint(fingerprint.get("model_id"))
+    fields = {"model_id": local.name if local else fingerprint.get("model_id"), "local_checkpoint": bool(local)}
+    if bundle and not rebuilt:
+        fields["bundled"] = bundle_backbone(out, fingerprint)
+    return fields
 
 
 def config_checksum(config: dict) -> str:

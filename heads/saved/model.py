@@ -239,9 +239,13 @@ def build_model(folder: Path, config: dict, device: str, source: str | None) -> 
     b = config["backbone"]
     tiny, random_init = b["tag"] == "tiny", b["tag"] == "random-init"
     spec = get_spec(b["key"], tiny=tiny)
-    backbone = load_backbone(spec, source=source or (None if tiny or random_init else b.get("model_id")),
-                             random_init=random_init, tiny=tiny, resolution=b.get("resolution"),
-                             preprocess=b.get("preprocess") or "square")
+    try:
+        backbone = load_backbone(spec, source=source or base_weights(folder, config), random_init=random_init,
+                                 tiny=tiny, resolution=b.get("resolution"), preprocess=b.get("preprocess") or "square")
+    except BackboneLoadError as error:  # its fix names extraction's options; a model folder has its own
+        raise ModelFolderError(f"the base {b['key']} weights of {folder} cannot be loaded here "
+                               f"({str(error).split(';')[0]}); give their folder or hub id as the model's source "
+                               "(`iqa score --base`), or export the run with --bundle") from None
     if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
         raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
     if b.get("pooling") and b["pooling"] != pooling_rule(backbone.spec):
@@ -257,6 +261,33 @@ def build_model(folder: Path, config: dict, device: str, source: str | None) -> 
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
 
 
+def base_weights(folder: Path, config: dict) -> str | None:
+    """The base backbone's weights a model folder names: its bundled copy (checked file by file), its hub id,
+    or none (a tiny or random-init backbone, rebuilt from the registry's config)."""
+    b = config["backbone"]
+    if b["tag"] in ("tiny", "random-init"):
+        return None
+    if b.get("bundled"):
+        check_files(folder, b["bundled"]["files"])
+        return str(folder / b["bundled"]["path"])
+    if b.get("local_checkpoint"):
+        raise ModelFolderError(f"{folder} was trained on a local checkpoint ({b['model_id']}) it does not carry: give "
+                               "that checkpoint as the model's source (`iqa score --base`), or export the run with --bundle")
+    return b.get("model_id")
+
+
+def check_files(folder: Path, files: dict[str, str]) -> None:
+    """Each named file is inside the folder and matches its checksum in config.json."""
+    for name, sha in files.items():
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names a file outside the folder: {name}")
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing")
+        if file_sha256(path) != sha:
+            raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
+
+
 def model_files(folder: Path, config: dict) -> list[str]:
     """The files of a model folder, relative to it: config.json, the model card, the head's weights, the
     tuning files and a bundled backbone's files (every one but the card checksummed in config.json)."""
@@ -268,14 +299,7 @@ def model_files(folder: Path, config: dict) -> list[str]:
 def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
     """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
     each file checked against config.json's checksum first, and only safetensors weights read."""
-    for name, sha in tuning.get("files", {}).items():
-        path = folder / name
-        if not path.resolve().is_relative_to(folder.resolve()):
-            raise ModelFolderError(f"{folder / CONFIG_FILE} names a tuning file outside the folder: {name}")
-        if not path.is_file():
-            raise ModelFolderError(f"{path} is missing")
-        if file_sha256(path) != sha:
-            raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
+    check_files(folder, tuning.get("files", {}))
     pickled = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     if pickled:
         raise ModelFolderError(f"{folder} holds pickled weights ({', '.join(sorted(pickled))}): iqa loads only "

@@ -286,6 +286,8 @@ def extract(
         cannot_write(stores or cache_dir(cache), err)
     if summary.changed:
         typer.echo(f"warning: {summary.store}: {summary.changed}: their chunks recomputed", err=True)
+    for note in summary.notes:
+        typer.echo(f"note: {note}", err=True)
     for chunk, why in summary.repaired.items():
         typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
@@ -542,7 +544,7 @@ def export_command(
         else:
             run = find_run(existing_runs(path), run_key)
         folder = export_run(root, path, run, out, bundle)
-    except (LookupError, ValueError, FileExistsError, FileNotFoundError) as error:
+    except (LookupError, ValueError, FileExistsError) as error:
         fail(str(error))
     except OSError as error:  # a full disk or an unwritable place: no half model is left
         cannot_write(out, error)

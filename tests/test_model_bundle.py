@@ -93,3 +93,20 @@ def test_export_best_keeps_the_run_its_stated_rule_names(local_checkpoint_runs, 
     assert json.loads((tmp_path / "best" / "config.json").read_text())["run_key"] == sig["key"]
     assert export(cache, "--best", "--dataset", "nope", "--out", tmp_path / "x").exit_code == 1
     assert export(cache, "--best", "--out", tmp_path / "y").output.startswith("error: --best needs --dataset")
+
+
+def test_a_local_checkpoint_is_named_for_itself_and_its_own_resolution_is_announced(tmp_path):
+    import transformers
+
+    checkpoint = tmp_path / "dinov2 small-224"
+    config = transformers.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       patch_size=8, image_size=224)
+    transformers.Dinov2Model(config).save_pretrained(checkpoint)
+    make_dataset(tmp_path, n=2)
+    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov2", "--dataset", "toy", "--model", str(checkpoint),
+                                      "--cache", str(tmp_path), "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "dinov2@dinov2-small-224.zarr" in result.output  # its own store, not the registry model's dinov2.zarr
+    (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert "224 px" in note and "520 px" in note and "--resolution 224" in note
+    assert not list(tmp_path.glob("**/dinov2.zarr"))

@@ -143,7 +143,7 @@ def test_a_failed_export_leaves_nothing_and_the_rerun_succeeds(model, tmp_path, 
     (killed / "head.safetensors").write_bytes(b"half")
     monkeypatch.undo()
     assert iqa("export", run["key"], "--out", out, "--cache", cache).exit_code == 0
-    assert {"config.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "the killed export's temporary is removed"
 
 

@@ -118,10 +118,10 @@ def bundle_backbone(out: Path, fingerprint: dict) -> dict:
         try:
             local = Path(snapshot_download(model_id, revision=fingerprint.get("revision"), local_files_only=True))
         except (LocalEntryNotFoundError, ValueError) as error:
-            raise FileNotFoundError(f"cannot bundle {model_id}: its weights are not in this machine's Hugging Face "
+            raise ValueError(f"cannot bundle {model_id}: its weights are not in this machine's Hugging Face "
                                     f"cache ({type(error).__name__}); export without bundling") from None
     if not local.exists():
-        raise FileNotFoundError(f"cannot bundle the backbone: {local}, where it was loaded from, is gone")
+        raise ValueError(f"cannot bundle the backbone: {local}, where it was loaded from, is gone")
     target = out / BUNDLE_DIR
     target.mkdir()
     sources = [p for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else [local]
@@ -231,6 +231,10 @@ def model_card(config: dict) -> str:
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
     return card_header(config) + "\n".join([
         f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
+        "",
+        f"Backbone: {b['key']} weights from {'the local checkpoint ' if b.get('local_checkpoint') else ''}"
+        f"`{b.get('model_id')}`{' (bundled in this folder)' if b.get('bundled') else ''}, a {b.get('dim')}-wide "
+        f"embedding at {b.get('resolution')} px.",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
         f"by the `{t['select']}` rule.",

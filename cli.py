@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,8 +29,10 @@ StoresOption = Annotated[
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is the GPU when torch sees one, else the CPU. Other names pass as given: with
+    """`auto` is the GPU when torch sees one, else the CPU. Other device names pass as given: with
     `--engine ray` the device is the workers', which the driver may not have."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        fail(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if device != "auto":
         return device
     import torch
@@ -116,7 +119,7 @@ def existing_runs(path: Path) -> list[dict]:
     from iqa.cache.results import ResultsDB
 
     try:
-        return ResultsDB(path).runs()
+        return ResultsDB(path, read_only=True).runs()
     except (ValueError, sqlite3.DatabaseError) as error:
         fail(str(error) if isinstance(error, ValueError) else f"{path} is not a usable results database ({error}); "
              "move it away to start a new one")
@@ -283,6 +286,8 @@ def extract(
         cannot_write(stores or cache_dir(cache), err)
     if summary.changed:
         typer.echo(f"warning: {summary.store}: {summary.changed}: their chunks recomputed", err=True)
+    for note in summary.notes:
+        typer.echo(f"note: {note}", err=True)
     for chunk, why in summary.repaired.items():
         typer.echo(f"warning: {summary.store}: damaged {'keys' if chunk < 0 else f'chunk {chunk}'} ({why}): repaired", err=True)
     typer.echo(
@@ -298,13 +303,22 @@ def extract(
 @cache_app.command("ls")
 def cache_ls(cache: CacheOption = None) -> None:
     """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
-    from iqa.cache.listing import list_stores
+    from iqa.cache.listing import describe_store, store_dirs
+    from iqa.cache.store import DamagedStore
 
-    for info in list_stores(cache_dir(cache)):
+    damaged = []
+    for path in store_dirs(cache_dir(cache)):
+        try:
+            info = describe_store(path)
+        except DamagedStore as error:
+            damaged.append(str(error))
+            continue
         typer.echo(
             f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}  "
             f"chunks {info.chunks_done}/{info.chunks_total}  unreadable {len(info.invalid)}  {info.fingerprint_id}"
         )
+    if damaged:
+        fail(f"{len(damaged)} store(s) damaged: {damaged[0]}")
 
 
 @cache_app.command("verify")
@@ -338,6 +352,7 @@ def cache_export(
     out: Annotated[Path, typer.Option("--out", help="Output file.")],
     format: Annotated[str, typer.Option("--format", help="h5 (HDF5 via h5py).")] = "h5",
     tag: Annotated[Optional[str], typer.Option("--tag")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Export an unfinished store (its missing rows NaN).")] = False,
     cache: CacheOption = None,
 ) -> None:
     """Write one store to another format for tools that do not read Zarr."""
@@ -346,10 +361,15 @@ def cache_export(
 
     if format != "h5":
         fail(f"unknown export format {format!r}; only h5 is supported")
-    path = store_path(cache_dir(cache), dataset, backbone, tag)
-    if not path.exists():
-        fail(f"no store at {path}")
-    typer.echo(export_h5(path, out))
+    try:
+        path = store_path(cache_dir(cache), dataset, backbone, tag)
+        if not path.exists():
+            fail(f"no store at {path}")
+        typer.echo(export_h5(path, out, allow_partial))
+    except ValueError as error:  # NotOurs, DamagedStore, UnsafeName
+        fail(str(error))
+    except OSError as error:
+        cannot_write(out, error)
 
 
 # ---- heads ----
@@ -498,20 +518,39 @@ def results_command(
 
 @app.command("export")
 def export_command(
-    run_key: Annotated[str, typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")],
-    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")],
+    run_key: Annotated[Optional[str], typer.Argument(help="A run key, or a prefix of one that is unique (`iqa results --runs`).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the model.")] = ...,
+    best: Annotated[bool, typer.Option("--best", help="Instead of a key: the best run on --dataset (validation SRCC where "
+                                                      "every candidate has it, else test SRCC; the rule is printed).")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="--best: the dataset trained and tested on.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="--best: only runs of this backbone.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="--best: only runs of this head.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="--best: only runs whose epoch this rule kept (test, val, last).")] = None,
+    bundle: Annotated[bool, typer.Option("--bundle", help="Copy the base backbone weights into the folder: it then loads "
+                                                          "anywhere, offline.")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
 ) -> None:
     """Write a finished run as a self-contained model folder: config.json, weights, model card."""
-    from iqa.heads.saved.export import export_run, find_run
+    from iqa.heads.saved.export import best_run, export_run, find_run
 
+    if best == (run_key is not None):
+        fail("give a run key, or --best with --dataset (not both)")
+    if best and dataset is None:
+        fail("--best needs --dataset: the dataset the run was trained and tested on")
     root = cache_dir(cache)
     path = existing_db(db, root)
     try:
-        folder = export_run(root, path, find_run(existing_runs(path), run_key), out)
-    except (LookupError, ValueError, OSError) as error:
+        if best:
+            run, rule = best_run(existing_runs(path), dataset, backbone, head, select)
+            typer.echo(f"run {run['key'][:12]}: {rule}", err=True)
+        else:
+            run = find_run(existing_runs(path), run_key)
+        folder = export_run(root, path, run, out, bundle)
+    except (LookupError, ValueError, FileExistsError) as error:
         fail(str(error))
+    except OSError as error:  # a full disk or an unwritable place: no half model is left
+        cannot_write(out, error)
     typer.echo(f"model written to {folder}")
 
 
@@ -532,14 +571,19 @@ def score_command(
     cache: CacheOption = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
-    import csv
     import json
 
+    from iqa.cache.atomic import NotOurs, replaceable_file
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.saved.model import image_files, load_model, score_dataset, score_files
+    from iqa.heads.saved.model import image_files, is_scores_file, load_model, score_dataset, score_files, write_scores
 
     if bool(images) == bool(dataset):
         fail("give image files or folders, or --dataset D (one of the two)")
+    try:
+        if out is not None:  # refused before the model is loaded and the images scored
+            replaceable_file(out, is_scores_file, "--out")
+    except NotOurs as error:
+        fail(str(error))
     try:
         loaded = load_model(model, device, base)
         if dataset:
@@ -551,10 +595,12 @@ def score_command(
         fail(message(error))
     good = [s for s in scored if not s.reason]
     if out is not None:
-        with open(out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "score", "mos"])
-            writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in good)
+        try:
+            write_scores(scored, out)
+        except ValueError as error:  # NotOurs
+            fail(str(error))
+        except OSError as error:  # a full disk: the previous file stays as it was
+            cannot_write(out, error)
     else:
         for s in good:
             typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")

@@ -1,12 +1,14 @@
 """Atomic writes of files and folders: a crash or an error mid-write leaves the previous one, never half of it."""
 
 import os
+import re
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
 
 
 @contextmanager
@@ -15,11 +17,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     disk and renamed onto `target` (one atomic step); on any error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target.parent, f".{target.name}-")
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-{os.getpid()}-", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file follows the umask like any other
-    os.close(fd)
-    tmp = Path(name)
+    remove_stale(target.parent, f".{target.name}-", TMP_SUFFIX)
+    tmp = target.parent / f".{target.name}-{unique_part()}{TMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, like any written file
     try:
         yield tmp
         with open(tmp, "rb") as written:
@@ -39,7 +39,7 @@ def building_folder(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("tmp", "old"):  # what killed builds left
         remove_stale(target.parent, f".{target.name}.{kind}-")
-    unique = f"{os.getpid()}-{uuid.uuid4().hex}"
+    unique = unique_part()
     building = target.parent / f".{target.name}.tmp-{unique}"
     building.mkdir()
     try:
@@ -51,6 +51,22 @@ def building_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+class NotOurs(ValueError):
+    """The place a command would write its file holds something iqa did not write there."""
+
+
+def replaceable_file(path: Path, ours: Callable[[Path], bool], option: str) -> Path:
+    """`path` if a command may write its file there: nothing there yet (missing folders are made), or a file
+    an earlier run of it wrote (`ours` recognises it by what it writes inside). A folder, a link or
+    anyone else's file is refused (NotOurs), before anything is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise NotOurs(f"{option} {path} is a folder; give a file name (e.g. {path / 'out'})")
+    if path.is_symlink() or (path.exists() and not ours(path)):
+        raise NotOurs(f"{option} {path} exists and was not written by iqa; choose a new file name or move it away")
+    return path
 
 
 def folder_state(folder: Path, mark: str) -> str:
@@ -76,15 +92,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(parent: Path, prefix: str) -> list[Path]:
-    """Remove `<prefix><pid>-...` temporaries in `parent` whose writing process is gone (killed or
-    crashed runs leave them); those of live processes, concurrent runs, are left alone."""
+def unique_part() -> str:
+    """`<pid>-<32 hex digits>`: what makes each temporary's name its writer's own (and tells whether it is alive)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove `<prefix><pid>-<32 hex><suffix>` temporaries in `parent` (exactly the names iqa gives them)
+    whose writing process is gone (killed or crashed runs leave them); those of live processes,
+    concurrent runs, are left alone, and so is every other name, however alike."""
     removed = []
     if not Path(parent).is_dir():
         return removed
-    for path in Path(parent).glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+    ours = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]{32}" + re.escape(suffix))
+    for path in Path(parent).iterdir():
+        match = ours.fullmatch(path.name)
+        if match is None or _alive(int(match.group(1))):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -92,9 +115,3 @@ def remove_stale(parent: Path, prefix: str) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

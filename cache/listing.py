@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from iqa.cache.store import EmbeddingStore, fingerprint_id
+from iqa.cache.store import DamagedStore, fingerprint_id, open_store
 
 
 @dataclass
@@ -22,13 +22,18 @@ class StoreInfo:
 
 
 def describe_store(path: Path) -> StoreInfo:
-    store = EmbeddingStore(path)
+    """A store's summary; DamagedStore where its metadata or a chunk it reads no longer decodes."""
+    store = open_store(path, "iqa extract")
+    try:
+        chunks_done, invalid = int(store.done_chunks().sum()), store.invalid_rows()
+    except Exception as error:  # zarr/numcodecs raise codec-specific errors for a garbled chunk file
+        raise DamagedStore(f"{path} is damaged ({type(error).__name__}); `iqa cache verify` names what is wrong") from None
     backbone, _, tag = path.name.removesuffix(".zarr").partition("@")
     return StoreInfo(
         path=path, dataset=path.parent.name, backbone=backbone, tag=tag or None,
         rows=store.n_rows, dim=store.dim, dtype=str(store.embeddings.dtype),
-        chunks_done=int(store.done_chunks().sum()), chunks_total=store.n_chunks,
-        invalid=store.invalid_rows(), fingerprint_id=fingerprint_id(store.fingerprint),
+        chunks_done=chunks_done, chunks_total=store.n_chunks,
+        invalid=invalid, fingerprint_id=fingerprint_id(store.fingerprint),
     )
 
 

@@ -9,6 +9,30 @@ import os
 from pathlib import Path
 
 DEFAULT_CACHE = "iqa-cache"
+# What iqa itself makes inside the cache beside the datasets' folders: a dataset of one of these names
+# would be wiped or mixed up by the command that owns it (`iqa report` rewrites report/ whole).
+RESERVED_NAMES = frozenset({"report", "models", "runs", "gridpg", "demo-src", "results.sqlite"})
+
+
+class UnsafeName(ValueError):
+    """A name that becomes a path component (dataset, tag, backbone key, run name) but is not a plain one."""
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` if it is one plain path component (no '/', '\\', '..', leading '.', NUL), else UnsafeName:
+    every name a user gives that becomes part of a path passes here before any file is touched."""
+    if (not isinstance(name, str) or not name or name != os.path.basename(name) or name.startswith(".")
+            or "\\" in name or "\0" in name):
+        raise UnsafeName(f"{what} {name!r} is not a plain folder name (no '/', '..' or leading '.'); give a plain name")
+    return name
+
+
+def dataset_name(name: str, what: str = "dataset") -> str:
+    """A plain name that is not one of the folders iqa makes in the cache."""
+    plain_name(name, what)
+    if name in RESERVED_NAMES:
+        raise UnsafeName(f"{what} {name!r} is reserved: iqa keeps its own {name} in the cache; choose another name")
+    return name
 
 
 def cache_root(path: str | os.PathLike | None = None) -> Path:
@@ -31,4 +55,5 @@ def is_url(location: str | os.PathLike) -> bool:
 
 def dataset_dir(root: Path | str, dataset: str) -> Path | str:
     """The folder of one dataset inside the cache (or a store root URL): its manifest and its embedding stores."""
+    dataset_name(dataset)
     return f"{root}/{dataset}" if is_url(root) else Path(root) / dataset

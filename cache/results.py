@@ -70,13 +70,16 @@ class ResultsDB:
     (version 0's rows keep their old keys, which no current config produces, so they stay readable in
     tables but are never re-served as finished); a newer one is refused."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ResultsDBError(f"cannot write a results database under {self.path.parent}: "
-                                 f"{error.strerror or error}; give --db a writable place") from None
+    def __init__(self, path: Path, read_only: bool = False):
+        """`read_only` (results, report, export): the file is opened read-only, and one that is not an iqa
+        results database of a known schema is refused; nothing is created, migrated or imported."""
+        self.path, self.read_only = Path(path), read_only
+        if not read_only:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ResultsDBError(f"cannot write a results database under {self.path.parent}: "
+                                     f"{error.strerror or error}; give --db a writable place") from None
         try:
             with self._connect() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -85,23 +88,30 @@ class ResultsDB:
                         f"{self.path} has schema version {version}, newer than this iqa's {SCHEMA_VERSION}; "
                         f"upgrade iqa or pass another --db"
                     )
-                db.execute(SCHEMA)
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if "runs" not in tables and (tables or read_only):  # someone else's database: not a byte written
+                    raise ResultsDBError(f"{self.path} is not an iqa results database (no runs table); pass another --db")
+                if not read_only:
+                    db.execute(SCHEMA)
                 columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
                 missing = [c for c in COLUMNS if c not in columns]
                 if missing:
                     raise ResultsDBError(
                         f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db"
                     )
-                if version < SCHEMA_VERSION:
+                if version < SCHEMA_VERSION and not read_only:
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
             if _disk_full(error):
                 raise
             raise ResultsDBError(f"{self.path} is not a usable results database ({error}); move it away to start "
                                  "a new one, or give --db another path") from None
-        self._import_spilled()
+        if not read_only:
+            self._import_spilled()
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
         return sqlite3.connect(self.path, timeout=60)
 
     def finished_keys(self) -> set[str]:

@@ -41,7 +41,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from iqa.cache.location import dataset_dir, is_url
+from iqa.cache.location import dataset_dir, is_url, plain_name
 from iqa.cache.manifest import Manifest
 from iqa.cache.stamps import changed_images
 
@@ -68,7 +68,7 @@ class DamagedStore(ValueError):
 
 def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = None) -> Path | str:
     """The store's location under a cache (or store root URL): a Path, or a URL string."""
-    name = backbone if tag is None else f"{backbone}@{tag}"
+    name = plain_name(backbone, "backbone") if tag is None else f"{plain_name(backbone, 'backbone')}@{plain_name(tag, 'tag')}"
     return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
 
 

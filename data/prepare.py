@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa.data.adapters import ADAPTERS
+from iqa.cache.location import UnsafeName, dataset_name
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.data.readers import DatasetError
 from iqa.data.splits import SplitBy, split_indices
@@ -69,10 +70,10 @@ def check_manifest(manifest: Manifest) -> None:
     if len(outside):
         found = [f"{paths[i]}={scores[i]:g}" for i in outside]
         raise DatasetError(f"{len(outside)} score(s) outside the scale [{manifest.score_scale}]: {_listing(found)}")
-    name = manifest.dataset
-    if not name or name != os.path.basename(name) or name.startswith(".") or "\\" in name:
-        raise DatasetError(f"dataset name {name!r} is not a plain folder name (no '/', '..' or leading '.'); "
-                           "give --name a plain name")
+    try:
+        dataset_name(manifest.dataset, "dataset name")
+    except UnsafeName as error:
+        raise DatasetError(f"{error} (--name)") from None
     escaping = [p for p in paths if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == ".."]
     if escaping:
         raise DatasetError(f"{len(escaping)} image path(s) lead outside the image folder: {_listing(escaping)}; "

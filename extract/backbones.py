@@ -20,6 +20,7 @@ builds the same weights).
 
 import hashlib
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -125,7 +126,10 @@ class PooledBackbone(Family, nn.Module):
                  resolution: int | None = None, preprocess: str = "square"):
         super().__init__()
         self.model = model
+        self.checkpoint_side = None  # set by at_checkpoint where the checkpoint's own side is not the one run
         self.spec, self.interpolate = self.at_checkpoint(spec, resolution, check_preprocess(preprocess))
+        if str(source).startswith(("tiny:", "random-init:")):  # built from the registry's own config
+            self.checkpoint_side = None
         self.source = source
         self.revision = revision
 
@@ -148,6 +152,8 @@ class PooledBackbone(Family, nn.Module):
         else:
             side = max(patch, round((resolution or spec.resolution) / patch) * patch)
         interpolate = spec.fixed_positions and side != native
+        if not spec.fixed_positions and resolution is None and native and native != side:
+            self.checkpoint_side = native  # the recipe's side is kept; `resolution_notes` tells the user
         return replace(spec, resolution=side, dim=dim, preprocess=preprocess), interpolate
 
 
@@ -343,6 +349,17 @@ FAMILIES: dict[str, type[Family]] = {"timm_tap": TimmTapped, "worker": WorkerFea
 def family_of(spec: BackboneSpec) -> type[Family]:
     """The family of a registry entry, named by its pooling rule."""
     return FAMILIES.get(spec.pooling, VisionTower)
+
+
+def checkpoint_tag(source: str | None) -> str | None:
+    """A local checkpoint's store tag, from its folder (or file) name: its store is never the registry
+    model's (`dinov2@my-run.zarr`, not `dinov2.zarr`), and tables and cards name it for what it is.
+    None for a hub id or the registry's weights."""
+    if not source or not Path(source).exists():
+        return None
+    path = Path(source).resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem if path.is_file() else path.name).strip(".-")
+    return name or "local"
 
 
 def model_tag(tiny: bool, random_init: bool) -> str | None:

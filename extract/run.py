@@ -24,7 +24,7 @@ from iqa.cache.create import open_for_writing
 from iqa.cache.integrity import repair_store
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
-from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
+from iqa.extract.backbones import PooledBackbone, checkpoint_tag, family_of, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
 from iqa.extract.registry import BackboneSpec, get_spec
 
@@ -72,6 +72,7 @@ class ExtractSummary:
     skip_bad: bool
     repaired: dict[int, str] = field(default_factory=dict)  # damaged chunks found and recomputed (-1: the keys)
     changed: str = ""  # images changed since extraction, whose chunks this run recomputed
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the model ran
 
     @property
     def ok(self) -> bool:
@@ -273,7 +274,17 @@ class Extraction:
             skip_bad=self.request.skip_bad,
             repaired=self.repaired,
             changed=self.changed,
+            notes=resolution_notes(self.embedder.model, self.spec),
         )
+
+
+def resolution_notes(model, spec: BackboneSpec) -> list[str]:
+    """A checkpoint whose own config names another input side than the recipe iqa runs it at, said once."""
+    side = getattr(model, "checkpoint_side", None)
+    if side is None:
+        return []
+    return [f"{model.source}'s own config says {side} px; iqa runs {spec.key} at its recipe's {spec.resolution} px "
+            f"(the same for a hub id and a local copy); to follow the checkpoint pass --resolution {side}"]
 
 
 def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.dtype) -> Extraction:
@@ -285,7 +296,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     model = load_backbone(r.spec, source=r.source, random_init=r.random_init, tiny=r.tiny,
                           resolution=r.resolution, preprocess=r.preprocess)
     spec = model.spec
-    tag, tuned = r.tag or model_tag(r.tiny, r.random_init), None
+    tag, tuned = r.tag or model_tag(r.tiny, r.random_init) or checkpoint_tag(r.source), None
     if r.adapter is not None:
         from iqa.extract.tuning import apply_run, read_run, run_tag  # imports peft (~2 s): only with an adapter
 

@@ -20,6 +20,7 @@ from iqa.extract.registry import get_spec
 from iqa.heads.explain.attribution import SpatialTap, attribute, band_masks, band_target, parse_bands, score_target
 from iqa.heads.explain.maps import Subject, subject_maps
 from iqa.heads.models.mlp import StackedMLP
+from iqa.heads.saved.export import write_config
 
 
 class QuadrantBackbone(nn.Module):
@@ -342,7 +343,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     shutil.copytree(sig, moved)
     config = json.loads((moved / "config.json").read_text())
     config["training"]["train_dataset"] = config["training"]["test_dataset"] = "demo-moved"
-    (moved / "config.json").write_text(json.dumps(config))
+    write_config(moved, config)
     manifest = json.loads(manifest_path(cache, "demo").read_text())
     manifest.update(dataset="demo-moved", image_root=str(tmp_path / "nowhere"))
     manifest_path(cache, "demo-moved").parent.mkdir(exist_ok=True)
@@ -402,7 +403,7 @@ def test_the_explained_target_is_the_score_iqa_score_gives(tiny_model, tmp_path,
     shutil.copytree(model, folder)
     config = json.loads((folder / "config.json").read_text())
     config["head"]["l2norm"] = l2norm
-    (folder / "config.json").write_text(json.dumps(config))
+    write_config(folder, config)
     photo = images / "astronaut.png"
     subject = model_subject(folder)
     explained = predicted(subject, input_pixels(subject.backbone, Image.open(photo).convert("RGB")))

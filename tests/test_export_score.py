@@ -2,6 +2,7 @@
 
 import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_exported_gated_run_scores_disk_images_as_the_head_predicted(demo_cache,
     out = tmp_path / "model"
     result = CliRunner().invoke(app, ["export", run["key"][:10], "--out", str(out), "--cache", str(demo_cache)])
     assert result.exit_code == 0, result.output
-    assert {"config.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
 
     _, test_rows = run_rows(config, cached, cached)
     paths = [f"{cached.manifest.image_root}/{cached.manifest.paths[i]}" for i in test_rows]
@@ -112,12 +113,12 @@ def test_bad_images_are_reported_and_skipped_and_altered_weights_refused(demo_ca
     skipped = CliRunner().invoke(app, ["score", str(out), str(folder), "--skip-bad", "--workers", "0"])
     assert skipped.exit_code == 0, skipped.output
 
-    (out / "head.safetensors").write_bytes((out / "head.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     refused = CliRunner().invoke(app, ["score", str(out), str(folder)])
-    assert refused.exit_code != 0 and refused.output.count("\n") == 1 and "head.safetensors" in refused.output
-    (out / "head.safetensors").unlink()
+    assert refused.exit_code != 0 and refused.output.count("\n") == 1 and "model.safetensors" in refused.output
+    (out / "model.safetensors").unlink()
     refused = CliRunner().invoke(app, ["score", str(out), str(folder)])
-    assert refused.exit_code != 0 and "head.safetensors is missing" in refused.output
+    assert refused.exit_code != 0 and "model.safetensors is missing" in refused.output
 
 
 def test_results_runs_lists_keys_metrics_and_kept_weights(demo_cache):
@@ -257,3 +258,54 @@ def test_a_model_without_spatial_features_gets_a_note_on_the_explanations_page(d
     chosen = load_explained([folder], demo_cache, grids)
     assert chosen.subjects == [] and len(chosen.notes) == 1
     assert chosen.notes[0].startswith("nss-model: not explained") and "no spatial features" in chosen.notes[0]
+
+
+def test_every_input_a_user_holds_gives_the_same_score_and_the_model_reads_as_pyiqa_models_do(demo_cache, tmp_path):
+    from PIL import Image
+
+    _, run = train(demo_cache, epochs=2)
+    out = export_run(demo_cache, default_db(demo_cache), run, tmp_path / "model")
+    model = iqa.load_model(out)
+    cached = load_cached(demo_cache, "demo", "nss")
+    path = Path(cached.manifest.image_root) / cached.manifest.paths[3]
+    alone = tmp_path / "one"
+    alone.mkdir()
+    (alone / path.name).write_bytes(path.read_bytes())
+    picture = Image.open(path)
+    array = np.asarray(picture.convert("RGB"))
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255  # torchvision's ToTensor layout
+    expected = model.score([path])
+    assert expected.shape == (1,)
+    for given in (str(path), path, alone, [str(path)], picture, array, array[None], tensor, tensor[None], [picture]):
+        assert torch.equal(model(given), expected), type(given)
+    assert torch.allclose(model.score([path, picture]), expected.repeat(2), atol=1e-6)  # a batch of two: rounding only
+
+    assert model.lower_better is False and model.score_range == (0.0, 1.0)
+    assert model.mos_range == pytest.approx(tuple(model.to_mos(np.array([0.0, 1.0]))))
+    assert isinstance(model.to_mos(expected), torch.Tensor) and isinstance(model.to_mos(expected.numpy()), np.ndarray)
+    for bad, error in ((123, TypeError), (tensor * 255, ValueError), (array.astype(np.float32), ValueError)):
+        with pytest.raises(error):
+            model.score(bad)
+
+
+def test_save_pretrained_and_from_pretrained_round_trip_and_a_hub_id_offline_is_one_clear_error(demo_cache, tmp_path, monkeypatch):
+    from iqa.heads.saved.model import IqaModel, ModelFolderError
+
+    _, run = train(demo_cache, epochs=2)
+    model = iqa.load_model(export_run(demo_cache, default_db(demo_cache), run, tmp_path / "model"))
+    model.save_pretrained(tmp_path / "saved")
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md"} <= saved
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: iqa" in card and "model-index" in card
+    assert f"value: {round(run['best_srcc'], 4)}" in card  # the test metric with its value
+    again = IqaModel.from_pretrained(tmp_path / "saved")
+    cached = load_cached(demo_cache, "demo", "nss")
+    images = [Path(cached.manifest.image_root) / p for p in cached.manifest.paths[:2]]
+    assert torch.equal(again.score(images), model.score(images)) and again.config == model.config
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(tmp_path / "saved")  # a folder with files in it is never written over
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelFolderError, match="not a model folder here, and the Hugging Face Hub cannot give it"):
+        IqaModel.from_pretrained("someone/no-such-iqa-model")

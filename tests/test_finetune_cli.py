@@ -4,6 +4,7 @@ from typer.testing import CliRunner
 
 from iqa.cache.store import load_cached
 from iqa.cli import app
+from iqa.heads.saved.export import write_config
 from test_finetune import bright_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,7 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
     if backbone == "perception":  # a model pooled at another block than this iqa taps is refused
         moved = tmp_path / "moved"
         shutil.copytree(out, moved)
-        (moved / "config.json").write_text(json.dumps(dict(config, backbone=dict(config["backbone"], pooling="timm_tap:block0"))))
+        write_config(moved, dict(config, backbone=dict(config["backbone"], pooling="timm_tap:block0")))
         refused = iqa("score", moved, images[0], "--device", "cpu", "--workers", "0")
         assert refused.exit_code == 1 and "pooled as timm_tap:block0, this iqa pools them as timm_tap:block1" in refused.stderr
 

@@ -60,8 +60,8 @@ def test_report_replaces_its_own_marked_folder_and_an_empty_one(tmp_path, small_
 
 def test_report_removes_temporaries_of_dead_runs_only(tmp_path, small_db):
     out = tmp_path / "rep"
-    dead = tmp_path / ".rep.tmp-999999999-abc"  # no such process
-    live = tmp_path / f".rep.tmp-{os.getpid()}-def"  # a concurrent report still building
+    dead = tmp_path / f".rep.tmp-999999999-{'a' * 32}"  # no such process
+    live = tmp_path / f".rep.tmp-{os.getpid()}-{'d' * 32}"  # a concurrent report still building
     dead.mkdir(), live.mkdir()
     assert report(small_db, out).exit_code == 0
     assert not dead.exists() and live.exists()
@@ -374,8 +374,8 @@ def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
 # ---- tidy: temporaries of killed runs go on the next run; files follow the umask ----
 def test_extract_removes_store_temporaries_of_dead_runs_and_manifests_follow_the_umask(tmp_path):
     toy_dataset(tmp_path, n=8)
-    dead = tmp_path / "toy" / ".dinov2@tiny.zarr.tmp-999999999-abc"
-    dead_manifest = tmp_path / "toy" / ".manifest.json-999999999-x.tmp"
+    dead = tmp_path / "toy" / f".dinov2@tiny.zarr.tmp-999999999-{'a' * 32}"
+    dead_manifest = tmp_path / "toy" / f".manifest.json-999999999-{'b' * 32}.tmp"
     dead.mkdir(), dead_manifest.write_text("{")
     old = os.umask(0o022)
     try:

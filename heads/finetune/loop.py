@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from iqa.cache.location import dataset_name, plain_name
 from iqa.cache.store import fingerprint_id
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
@@ -54,7 +55,7 @@ from iqa.heads.models.mlp import StackedMLP, head_activations, member_seed
 from iqa.cache.results import ResultsDB, default_db
 from iqa.heads.training.config import RunConfig, rows_digest, run_key
 from iqa.heads.training.selection import check_rule, improved
-from iqa.heads.saved.weights import run_weights_path, save_tuned
+from iqa.heads.saved.weights import RUNS_DIR, run_weights_path, save_tuned
 from iqa.heads.training.trainer import (
     RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,
     result_from_curves,
@@ -133,7 +134,7 @@ def load_trained_backbone_state(model: FinetuneModel, state: dict[str, torch.Ten
 def default_run_dir(cache: Path, config: dict) -> Path:
     """<cache>/runs/<dataset>/<backbone>[@tag]-<mode>[-r<rank>]-<head>-s<seed>."""
     name = config["backbone"] + (f"@{config['tag']}" if config["tag"] else "")
-    return Path(cache) / "runs" / config["train_dataset"] / f"{name}-{run_name(config)}"
+    return Path(cache) / RUNS_DIR / dataset_name(config["train_dataset"]) / plain_name(f"{name}-{run_name(config)}", "run name")
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 The folder holds config.json (backbone and how its weights were obtained, the preprocessing recipe
 its fingerprint recorded, the head, the training set's target scale and its map back to MOS, split,
-seed, selection rule, metrics, package versions), head.safetensors (the kept epoch's head), for a
+seed, selection rule, metrics, package versions), model.safetensors (the kept epoch's head), for a
 fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors), every file checked
-by sha256 on load, and README.md, a short model card. `iqa.load_model` reads it back.
+by sha256 on load, and README.md, a model card with the Hugging Face metadata header. `iqa.load_model` reads it back.
 """
 
 import hashlib
@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa.cache.atomic import building_folder
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import read_manifest
 from iqa.heads.training.config import complete_run
-from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
+from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
+CHECKSUM_FIELD = "config_sha256"
 CARD_FILE = "README.md"
 FORMAT = "iqa-model-1"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors")
@@ -40,14 +43,45 @@ def find_run(runs: list[dict], prefix: str) -> dict:
     return found[0]
 
 
+def best_run(runs: list[dict], dataset: str, backbone: str | None = None, head: str | None = None,
+             select: str | None = None) -> tuple[dict, str]:
+    """The run to keep for `dataset`, and the rule that chose it: among finished runs trained and tested on
+    it (of `backbone`, `head`, `select` where given), the highest validation SRCC at the kept epoch where every
+    candidate has a validation part (no test image chooses), else the highest test SRCC (optimistic: said so)."""
+    found = [r for r in runs if r["train_dataset"] == dataset == r["test_dataset"] and r["status"] == "done"
+             and r.get("best_srcc") is not None and r["best_srcc"] == r["best_srcc"]
+             and all(value is None or r.get(field) == value for field, value in
+                     (("backbone", backbone), ("head", head), ("select", select)))]
+    if not found:
+        wanted = ", ".join(f"{f} {v}" for f, v in (("backbone", backbone), ("head", head), ("select", select)) if v)
+        raise LookupError(f"no finished run trained and tested on {dataset}{' with ' + wanted if wanted else ''}; "
+                          "`iqa results --runs` lists them")
+    validated = all((r.get("curves") or {}).get("val_srcc") for r in found)
+    if validated:
+        def val_at_kept(run):
+            return run["curves"]["val_srcc"][run["best_epoch"] - 1]
+        chosen = max(found, key=lambda r: (val_at_kept(r), r["key"]))
+        return chosen, (f"the highest validation SRCC at the kept epoch ({val_at_kept(chosen):.4f}) of {len(found)} "
+                        "runs: no test image chose it")
+    chosen = max(found, key=lambda r: (r["best_srcc"], r["key"]))
+    return chosen, (f"the highest test SRCC ({chosen['best_srcc']:.4f}) of {len(found)} runs: the test set chose it, "
+                    "so its test numbers are optimistic (train with --select val for an honest choice)")
+
+
 def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
     """mos = scale * target + offset, fitted on the training set (exact for its linear normalisations)."""
     scale, offset = np.polyfit(targets, scores, 1)
     return {"scale": float(scale), "offset": float(offset)}
 
 
-def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
-    """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced)."""
+def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = False) -> Path:
+    """Write `run`'s model folder to `out` (a new or empty folder: nothing iqa did not write is replaced).
+    It is built in a temporary folder beside `out` and renamed when complete: a killed or failed export
+    leaves no `out` (the next export removes the temporary), never half a model.
+
+    The folder names its base backbone weights by Hugging Face id and revision, never by a path of this
+    machine; `bundle` copies the weights themselves into `backbone/` (a local checkpoint's folder or file,
+    or a hub checkpoint from this machine's Hugging Face cache), so the folder loads anywhere, offline."""
     run = complete_run(run)
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
@@ -62,9 +96,52 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         fingerprint = json.loads((kept / FINGERPRINT_FILE).read_text())
     else:
         fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out / HEAD_FILE)
-    tuning = {"regime": run["regime"], "lora_rank": run["lora_rank"], "files": {}}
+    with building_folder(out) as building:
+        write_model_folder(building, run, weights, fingerprint, manifest, bundle)
+    return out
+
+
+BUNDLE_DIR = "backbone"
+PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # weights formats that run code on load: never copied or read
+
+
+def local_checkpoint(model_id: str | None) -> Path | None:
+    """The local folder or file a backbone was loaded from, or None for a hub id (or none at all)."""
+    return Path(model_id) if model_id and Path(model_id).is_absolute() else None
+
+
+def bundle_backbone(out: Path, fingerprint: dict) -> dict:
+    """Copy the base weights into out/backbone/ (safetensors and configs only); {"path", "files"} for config.json."""
+    model_id, local = fingerprint.get("model_id"), local_checkpoint(fingerprint.get("model_id"))
+    if local is None:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            local = Path(snapshot_download(model_id, revision=fingerprint.get("revision"), local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError) as error:
+            raise ValueError(f"cannot bundle {model_id}: its weights are not in this machine's Hugging Face "
+                                    f"cache ({type(error).__name__}); export without bundling") from None
+    if not local.exists():
+        raise ValueError(f"cannot bundle the backbone: {local}, where it was loaded from, is gone")
+    target = out / BUNDLE_DIR
+    target.mkdir()
+    sources = [p for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else [local]
+    for path in sources:
+        if path.suffix in PICKLED:
+            continue
+        relative = path.relative_to(local) if local.is_dir() else Path(path.name)
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / relative)  # the content behind a hub cache's symlinks
+    files = {str(p.relative_to(out)): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()}
+    path = BUNDLE_DIR if local.is_dir() else f"{BUNDLE_DIR}/{local.name}"
+    return {"path": path, "files": files}
+
+
+def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest, bundle: bool = False) -> None:
+    kept = weights.parent
+    shutil.copyfile(weights, out / WEIGHTS_FILE)
+    tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
     if (kept / ADAPTER_DIR).is_dir():
         shutil.copytree(kept / ADAPTER_DIR, out / ADAPTER_DIR)
     if (kept / BACKBONE_FILE).is_file():
@@ -79,6 +156,7 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
         "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
             "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
             "preprocessing", "compute_dtype")}, "tuning": tuning,
+            **backbone_source(out, run, fingerprint, bundle),
             **({"layers": list(run["layers"])} if run["layers"] else {})},  # the head reads these stored layers
         "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
                 | ({"fuse": run["fuse"]} if run["fuse"] else {}),  # the stages fused, not concatenated
@@ -87,12 +165,51 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
             "regime", "backbone_lr", "physical_batch", "accumulate")},
         "targets": {"score_scale": manifest.score_scale, "mos": mos_map(manifest.scores, manifest.targets)},
         "metrics": {k: run[k] for k in ("best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")},
-        "weights": {"file": HEAD_FILE, "sha256": file_sha256(out / HEAD_FILE)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(out / WEIGHTS_FILE)},
         "packages": {name: version(name) for name in PACKAGES},
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_config(out, config)
     (out / CARD_FILE).write_text(model_card(config))
-    return out
+
+
+def backbone_source(out: Path, run: dict, fingerprint: dict, bundle: bool) -> dict:
+    """Where a loader finds the base weights: the hub id (kept), a bundled copy, or, for a local checkpoint
+    not bundled, only its name (a path of this machine would not exist on the next)."""
+    rebuilt = run["tag"] in ("tiny", "random-init")  # built from the registry's config: no weights to carry
+    local = local_checkpoint(fingerprint.get("model_id"))
+    fields = {"model_id": local.name if local else fingerprint.get("model_id"), "local_checkpoint": bool(local)}
+    if bundle and not rebuilt:
+        fields["bundled"] = bundle_backbone(out, fingerprint)
+    return fields
+
+
+def config_checksum(config: dict) -> str:
+    """sha256 of the config's canonical JSON, its own checksum field left out."""
+    return hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != CHECKSUM_FIELD}, sort_keys=True).encode()).hexdigest()
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """config.json with its checksum inside: an edited recipe (preprocessing, l2norm, the MOS map) is
+    refused on load like an altered weights file, instead of silently changing every score."""
+    config = {**config, CHECKSUM_FIELD: config_checksum(config)}
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def card_header(config: dict) -> str:
+    """The model card's YAML header as the Hugging Face Hub reads it: library, tags, datasets, and the
+    test metrics with their values (model-index)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    b, t, m = config["backbone"], config["training"], config["metrics"]
+    name = f"{b['key']}{'@' + b['tag'] if b['tag'] else ''}-{config['head']['head']}-{t['train_dataset']}"
+    results = [EvalResult(task_type="image-quality-assessment", task_name="No-reference image quality assessment",
+                          dataset_type=t["test_dataset"], dataset_name=t["test_dataset"], metric_type=metric,
+                          metric_name=metric.upper(), metric_value=round(float(m[f"best_{metric}"]), 4))
+               for metric in ("srcc", "plcc") if m.get(f"best_{metric}") is not None]
+    data = ModelCardData(library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa", b["key"]],
+                         datasets=sorted({t["train_dataset"], t["test_dataset"]}), metrics=["srcc", "plcc"],
+                         model_name=name, eval_results=results or None)
+    return f"---\n{data.to_yaml()}\n---\n\n"
 
 
 def model_card(config: dict) -> str:
@@ -114,8 +231,12 @@ def model_card(config: dict) -> str:
                      "cross-validation on the training rows; it has no epochs.")
     elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
-    return "\n".join([
+    return card_header(config) + "\n".join([
         f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
+        "",
+        f"Backbone: {b['key']} weights from {'the local checkpoint ' if b.get('local_checkpoint') else ''}"
+        f"`{b.get('model_id')}`{' (bundled in this folder)' if b.get('bundled') else ''}, a {b.get('dim')}-wide "
+        f"embedding at {b.get('resolution')} px.",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
         f"by the `{t['select']}` rule.",

@@ -4,23 +4,29 @@ Images go through the very path extraction uses (ImageRows decodes and resizes, 
 normalises and runs the backbone), so a score equals the head on the stored embedding.
 """
 
+import csv
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from huggingface_hub import ModelHubMixin
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
+from iqa.cache.atomic import atomic_path, replaceable_file
+from iqa.cache.location import plain_name
+from iqa.extract.backbones import BackboneLoadError, PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CONFIG_FILE, file_sha256
+from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -30,8 +36,16 @@ class ModelFolderError(ValueError):
     """A model folder that cannot be trusted: missing or altered files."""
 
 
-class IqaModel(nn.Module):
-    """Backbone + head of one exported run; `.score` and `.embed` take paths, PIL images or a normalised batch."""
+class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa"]):
+    """Backbone + head of one exported run. `model(x)`, `.score(x)` and `.embed(x)` take any image input
+    (`as_pictures`); `lower_better`, `score_range` and `mos_range` are read as pyiqa users read them.
+
+    Shared the Hugging Face way (huggingface_hub's ModelHubMixin): `save_pretrained(dir)` writes the model
+    folder (config.json, model.safetensors, the model card README.md, any tuning or bundled backbone),
+    `from_pretrained(dir_or_hub_id, revision=...)` reads one back, `push_to_hub(repo_id)` uploads it."""
+
+    lower_better = False  # a higher score is better quality, on every dataset (targets are flipped where DMOS)
+    score_range = (0.0, 1.0)  # the training targets' range; a head without a bounded output can leave it a little
 
     def __init__(self, config: dict, embedder: Embedder, head: nn.Module):
         super().__init__()
@@ -39,26 +53,23 @@ class IqaModel(nn.Module):
         self.backbone = embedder.model
         self.spec = embedder.spec
 
+    @property
+    def mos_range(self) -> tuple[float, float]:
+        """score_range on the MOS scale of the training set (`to_mos`)."""
+        low, high = (float(v) for v in self.to_mos(np.array(self.score_range)))
+        return (low, high)
+
     def _inputs(self, images) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images
-        pictures = [self._decoded(i) if isinstance(i, (str, Path)) else to_rgb(ImageOps.exif_transpose(i)) for i in images]
         spec = self.spec
+        pictures = as_pictures(images)
         if family_of(spec).in_worker:
             return torch.from_numpy(np.stack([np.asarray(spec.features_in_worker(p), dtype=np.float32) for p in pictures]))
         return torch.stack([resize_uint8(p, spec.resolution, spec.resample, spec.shortest_side()) for p in pictures])
 
-    @staticmethod
-    def _decoded(path) -> Image.Image:
-        image, reason, _ = decode_image(Path(path))
-        if image is None:
-            raise ValueError(f"cannot read {path}: {reason}")
-        return image
-
     @torch.no_grad()
     def embed(self, images) -> torch.Tensor:
-        """[B, D] pooled embeddings; a tensor is taken as already decoded (uint8 pixels, or features for NSS).
-        A head trained on stored layers gets those layers' vectors, concatenated, without the default embedding."""
+        """[B, D] pooled embeddings of `images` (anything `as_pictures` takes). A head trained on stored
+        layers gets those layers' vectors, concatenated, without the default embedding."""
         return self.head_inputs(self.embedder(self._inputs(images)).cpu())
 
     def head_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -79,12 +90,100 @@ class IqaModel(nn.Module):
         """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""
         return self.score_embeddings(self.embed(images))
 
-    def to_mos(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+    def to_mos(self, scores):
+        """Scores on the training set's MOS scale, in the type given: a tensor for a tensor (as `score`
+        returns), else a numpy array."""
         m = self.config["targets"]["mos"]
+        if isinstance(scores, torch.Tensor):
+            return m["scale"] * scores.double() + m["offset"]
         return m["scale"] * np.asarray(scores, dtype=np.float64) + m["offset"]
 
     def forward(self, images) -> torch.Tensor:
         return self.score(images)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """The model folder into `save_directory` (new or empty: nothing iqa did not write is replaced)."""
+        target = Path(save_directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target} exists and is not empty; save into a new or empty folder")
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Every file of the folder this model was loaded from, as it is (each is checksummed in config.json):
+        the model saved is bit for bit the model loaded."""
+        for name in model_files(self.folder, self.config):
+            (save_directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.folder / name, save_directory / name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, device: str = "cpu",
+                        source: str | None = None, **hub) -> "IqaModel":
+        """A model folder on disk, or a Hugging Face Hub repository id (downloaded through huggingface_hub,
+        at `revision`); `source` is where to find a frozen backbone's base weights if not where training did."""
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, revision=revision, device=device,
+                                           source=source, **hub)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError) as error:
+            raise ModelFolderError(f"{pretrained_model_name_or_path} is not a model folder here, and the Hugging Face Hub "
+                                   f"cannot give it ({type(error).__name__}: {message_line(error)}); give a local folder, "
+                                   "or go online") from None
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         device: str = "cpu", source: str | None = None, **config_fields) -> "IqaModel":
+        folder = Path(model_id)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                            force_download=force_download, local_files_only=local_files_only))
+        return load_model(folder, device, source)
+
+
+def as_pictures(images) -> list[Image.Image]:
+    """Every input a user holds as RGB pictures: a path (str or Path) to an image or to a folder of them
+    (sorted), a PIL image, a numpy H x W x C uint8 array (or B x H x W x C), a float tensor C x H x W or
+    B x C x H x W in [0, 1] (torchvision's layout), or a list of any of these. The same image in any form
+    gives the same pixels, so the same score."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.is_dir():
+            found = image_files([path])
+            if not found:
+                raise ValueError(f"{path} holds no image files (.jpg, .png, ...)")
+            return [_decoded(p) for p in found]
+        return [_decoded(path)]
+    if isinstance(images, Image.Image):
+        return [to_rgb(ImageOps.exif_transpose(images))]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return [picture for one in images for picture in as_pictures(one)]
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"a numpy image is H x W x C uint8; got shape {images.shape}, {images.dtype}")
+        return [to_rgb(Image.fromarray(images[..., 0] if images.shape[-1] == 1 else images))]
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4:
+            return [picture for one in images for picture in as_pictures(one)]
+        if images.ndim != 3 or images.shape[0] not in (1, 3) or not images.is_floating_point():
+            raise ValueError(f"a tensor image is a float C x H x W (or B x C x H x W) in [0, 1]; got "
+                             f"{tuple(images.shape)}, {images.dtype}")
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError("a tensor image holds values in [0, 1] (torchvision's ToTensor); this one does not")
+        pixels = (images.detach().cpu().float() * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return as_pictures(np.ascontiguousarray(pixels))
+    if isinstance(images, (list, tuple)):
+        return [picture for one in images for picture in as_pictures(one)]
+    raise TypeError(f"cannot score a {type(images).__name__}: give a path, a folder, a PIL image, a numpy "
+                    "H x W x C uint8 array, a float tensor in [0, 1], or a list of these")
+
+
+def _decoded(path) -> Image.Image:
+    image, reason, _ = decode_image(Path(path))
+    if image is None:
+        raise ValueError(f"cannot read {path}: {reason}")
+    return image
 
 
 def load_model(folder: str | Path, device: str = "cpu", source: str | None = None) -> IqaModel:
@@ -92,24 +191,61 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
     weights come from where training took them (config.json's model_id) unless `source` (an HF id
     or a local folder) says otherwise; either way they must be the ones trained on (checksum)."""
     folder = Path(folder)
+    config = checked_config(folder)
+    try:
+        model = build_model(folder, config, device, source)
+        model.folder = folder
+        return model
+    except (BackboneLoadError, ModelFolderError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError) as error:
+        # checksums that match contents iqa never wrote (a config without a backbone, unknown keys, other tensors)
+        raise ModelFolderError(f"{folder} does not hold a model iqa can rebuild ({type(error).__name__}: "
+                               f"{message_line(error)}); export the run again") from None
+
+
+def message_line(error: Exception) -> str:
+    return (str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)).splitlines()[0][:200]
+
+
+def checked_config(folder: Path) -> dict:
+    """config.json, refused unless its own checksum and the head's match and the head is a safetensors file."""
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ModelFolderError(f"{config_path} is missing: not an iqa model folder")
     try:
         config = json.loads(config_path.read_text())
-        weights = folder / config["weights"]["file"]
+        weights = folder / plain_name(config["weights"]["file"], "weights file")
+        expected = config["weights"]["sha256"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelFolderError(f"{config_path} is not a valid model config ({err})") from None
+        raise ModelFolderError(f"{config_path} is not a valid model config ({message_line(err)})") from None
+    if config.get(CHECKSUM_FIELD) != config_checksum(config):
+        raise ModelFolderError(f"{config_path} does not match its checksum: edited or corrupt "
+                               "(the recipe decides every score); export the run again instead of editing it")
+    lacking = [k for k in ("format", "backbone", "head", "targets", "weights") if not isinstance(config.get(k), (dict, str))]
+    if lacking or config["format"] != FORMAT:
+        raise ModelFolderError(f"{config_path} is not an {FORMAT} config (lacking {', '.join(lacking) or 'its format'}); "
+                               "export the run again")
+    if weights.suffix != ".safetensors":
+        raise ModelFolderError(f"{weights} is not a .safetensors file: iqa loads no other (pickled) weights")
     if not weights.is_file():
         raise ModelFolderError(f"{weights} is missing")
-    if file_sha256(weights) != config["weights"]["sha256"]:
+    if file_sha256(weights) != expected:
         raise ModelFolderError(f"{weights} does not match the checksum in {config_path}: altered or corrupt")
+    return config
+
+
+def build_model(folder: Path, config: dict, device: str, source: str | None) -> IqaModel:
     b = config["backbone"]
     tiny, random_init = b["tag"] == "tiny", b["tag"] == "random-init"
     spec = get_spec(b["key"], tiny=tiny)
-    backbone = load_backbone(spec, source=source or (None if tiny or random_init else b.get("model_id")),
-                             random_init=random_init, tiny=tiny, resolution=b.get("resolution"),
-                             preprocess=b.get("preprocess") or "square")
+    try:
+        backbone = load_backbone(spec, source=source or base_weights(folder, config), random_init=random_init,
+                                 tiny=tiny, resolution=b.get("resolution"), preprocess=b.get("preprocess") or "square")
+    except BackboneLoadError as error:  # its fix names extraction's options; a model folder has its own
+        raise ModelFolderError(f"the base {b['key']} weights of {folder} cannot be loaded here "
+                               f"({str(error).split(';')[0]}); give their folder or hub id as the model's source "
+                               "(`iqa score --base`), or export the run with --bundle") from None
     if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
         raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
     if b.get("pooling") and b["pooling"] != pooling_rule(backbone.spec):
@@ -117,26 +253,64 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
                                f"this iqa pools them as {pooling_rule(backbone.spec)}")
     backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
     if b.get("layers"):
+        if family_of(backbone.spec).in_worker:
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names stored layers, but {b['key']} computes fixed features with none")
         backbone.use_layers(tuple(b["layers"]))
-    head, _ = load_head(weights)
+    head, _ = load_head(folder / config["weights"]["file"])
     dtype = getattr(torch, b.get("compute_dtype") or "float32")
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
 
 
-def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
-    """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
-    each file checked against config.json's checksum first."""
-    for name, sha in tuning.get("files", {}).items():
+def base_weights(folder: Path, config: dict) -> str | None:
+    """The base backbone's weights a model folder names: its bundled copy (checked file by file), its hub id,
+    or none (a tiny or random-init backbone, rebuilt from the registry's config)."""
+    b = config["backbone"]
+    if b["tag"] in ("tiny", "random-init"):
+        return None
+    if b.get("bundled"):
+        check_files(folder, b["bundled"]["files"])
+        return str(folder / b["bundled"]["path"])
+    if b.get("local_checkpoint"):
+        raise ModelFolderError(f"{folder} was trained on a local checkpoint ({b['model_id']}) it does not carry: give "
+                               "that checkpoint as the model's source (`iqa score --base`), or export the run with --bundle")
+    return b.get("model_id")
+
+
+def check_files(folder: Path, files: dict[str, str]) -> None:
+    """Each named file is inside the folder and matches its checksum in config.json."""
+    for name, sha in files.items():
         path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names a file outside the folder: {name}")
         if not path.is_file():
             raise ModelFolderError(f"{path} is missing")
         if file_sha256(path) != sha:
             raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
+
+
+def model_files(folder: Path, config: dict) -> list[str]:
+    """The files of a model folder, relative to it: config.json, the model card, the head's weights, the
+    tuning files and a bundled backbone's files (every one but the card checksummed in config.json)."""
+    listed = [CONFIG_FILE, config["weights"]["file"], *(config["backbone"].get("tuning") or {}).get("files", {}),
+              *(config["backbone"].get("bundled") or {}).get("files", {})]
+    return listed + ([CARD_FILE] if (folder / CARD_FILE).is_file() else [])
+
+
+def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
+    """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
+    each file checked against config.json's checksum first, and only safetensors weights read."""
+    check_files(folder, tuning.get("files", {}))
+    pickled = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    if pickled:
+        raise ModelFolderError(f"{folder} holds pickled weights ({', '.join(sorted(pickled))}): iqa loads only "
+                               "safetensors; remove them or export the run again")
     if tuning["regime"] == "lora":
         from peft import PeftModel  # imports in ~2 s: only for a LoRA model
 
         from iqa.extract.tuning import lora_layout
 
+        if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+            raise ModelFolderError(f"{folder / ADAPTER_DIR / 'adapter_model.safetensors'} is missing")
         return PeftModel.from_pretrained(lora_layout(backbone), str(folder / ADAPTER_DIR)).merge_and_unload().eval()
     if tuning["regime"] == "full":
         backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
@@ -165,6 +339,8 @@ class Scored:
 def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = None, workers: int = 2,
                 progress: bool = True) -> list[Scored]:
     """One Scored per path, in order; unreadable images carry their reason, the rest are scored."""
+    if not paths:
+        raise ValueError("no images to score: the files and folders given hold none (.jpg, .png, ...)")
     rows = ImageRows(Path("/"), [str(Path(p).resolve()) for p in paths], model.spec)
     loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers)
     out: list[Scored] = []
@@ -178,6 +354,28 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
         mos = model.to_mos(scores.numpy())
         for i, reason, s, m in zip(index.tolist(), reasons, scores.tolist(), mos.tolist()):
             out.append(Scored(str(paths[i]), None if reason else s, None if reason else m, reason or ""))
+    return out
+
+
+SCORES_HEADER = "path,score,mos"  # the first line of every scores file iqa writes: how it knows its own
+
+
+def is_scores_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\r\n") == SCORES_HEADER.encode()
+    except OSError:
+        return False
+
+
+def write_scores(scored: list[Scored], out: Path) -> Path:
+    """The scored rows as a CSV file, written whole or not at all: a new file, or one an earlier
+    `iqa score --out` wrote (its header line says so); anything else is refused (NotOurs)."""
+    replaceable_file(out, is_scores_file, "--out")
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SCORES_HEADER.split(","))
+        writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in scored if not s.reason)
     return out
 
 

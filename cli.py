@@ -397,6 +397,7 @@ def head_command(
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
+    knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.training.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
@@ -435,7 +436,7 @@ def head_command(
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
-            compute_dtype=head_dtype(dtype, device), fuse=fuse,
+            compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k,
         )
         from iqa.heads.training.selection import check_rule
 

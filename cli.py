@@ -763,7 +763,9 @@ def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | Non
     if json_out:
         typer.echo(json.dumps(result.as_dict()))
     else:
-        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {result.grids} grids; "
+        pointed = result.grids - result.discarded
+        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {pointed} of {result.grids} "
+                   f"grids ({result.discarded} without positive attribution discarded); "
                    f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
 
 

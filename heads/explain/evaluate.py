@@ -2,7 +2,9 @@
 
 - Distortion pointing game: on a grid set (data/gridpg.py) the share of the positive attribution
   for "low quality" (`--target low`) that falls inside the one distorted cell, averaged over the
-  grids; chance is 0.25 (a map spread evenly).
+  grids whose map has any positive attribution (ALOE: grids with zero positive mass are discarded,
+  and counted apart); chance is 0.25 (a map spread evenly). The four cells split the map's rows and
+  columns at ceil(R / 2), so with an odd side every pixel still lies in exactly one cell.
 - Deletion: the BLOCK x BLOCK blocks of the backbone's input are blanked (filled with the image's
   mean colour) in order of their attribution for the score (`--target high`, what raises quality),
   most attributed first, in DELETION_STEPS steps; the predicted score after each step gives a curve
@@ -30,13 +32,15 @@ DELETION_STEPS = 8
 RANDOM_ORDERS = 3
 
 
-def cell_share(cam: torch.Tensor, cell: int) -> float:
-    """The share of a map's positive mass [R, R] inside 2x2 cell `cell` (row-major); 0.25 for a flat map."""
+def cell_share(cam: torch.Tensor, cell: int) -> float | None:
+    """The share of a map's positive mass [H, W] inside 2x2 cell `cell` (row-major); 0.25 for a flat map;
+    None for a map with no positive mass (a grid the pointing game discards)."""
     positive = cam.clamp(min=0)
-    half = cam.shape[-1] // 2
-    r, c = divmod(cell, 2)
     total = float(positive.sum())
-    return float(positive[r * half:(r + 1) * half, c * half:(c + 1) * half].sum()) / total if total > 0 else 0.25
+    if total <= 0:
+        return None
+    rows = torch.tensor_split(positive, 2, dim=0)[cell // 2]  # the first half takes the odd centre row
+    return float(torch.tensor_split(rows, 2, dim=1)[cell % 2].sum()) / total
 
 
 @torch.no_grad()
@@ -73,11 +77,12 @@ def block_order(cam: torch.Tensor, block: int = BLOCK) -> np.ndarray:
 
 @dataclass
 class Evaluation:
-    pointing_game: float  # mean share in the distorted cell (chance 0.25)
+    pointing_game: float  # mean share in the distorted cell over the grids not discarded (chance 0.25); NaN if none
     deletion_auc: float  # area under the score-vs-deleted-fraction curve, attribution order
     deletion_auc_random: float  # the same for random block orders (the control)
     grids: int
     method: str
+    discarded: int = 0  # grids left out of the pointing game: no positive attribution
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,4 +104,6 @@ def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam") -> Evalu
         deleted.append(area(deletion_curve(subject, pixels, order)))
         control.append(np.mean([area(deletion_curve(subject, pixels, rng.permutation(len(order))))
                                 for _ in range(RANDOM_ORDERS)]))
-    return Evaluation(float(np.mean(shares)), float(np.mean(deleted)), float(np.mean(control)), len(shares), method)
+    pointed = [share for share in shares if share is not None]
+    return Evaluation(float(np.mean(pointed)) if pointed else float("nan"), float(np.mean(deleted)),
+                      float(np.mean(control)), len(shares), method, len(shares) - len(pointed))

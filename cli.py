@@ -692,7 +692,7 @@ def finetune_command(
 @app.command("explain")
 def explain_command(
     inputs: Annotated[list[Path], typer.Argument(help="MODEL (an `iqa export` folder; not with --backbone), then image files and folders.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image; with --evaluate, the deletion curves (deletion.png).")] = None,
     method: Annotated[str, typer.Option("--method", help="gradcam (on the backbone's spatial features) or ig (Integrated Gradients).")] = "gradcam",
     target: Annotated[str, typer.Option("--target", help="high: what raises the score; low: what lowers it.")] = "high",
     compare: Annotated[Optional[str], typer.Option("--compare", help="More model folders, comma-separated, side by side.")] = None,
@@ -704,6 +704,7 @@ def explain_command(
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
     grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set [default: <cache>/gridpg, built once].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="--evaluate: one JSON object.")] = False,
+    deletion_fill: Annotated[str, typer.Option("--deletion-fill", help="--evaluate: deleted pixels set to zero (ALOE's) or the image's mean colour.")] = "zero",
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -720,7 +721,7 @@ def explain_command(
     if backbone is not None and (compare or not bands or evaluate):
         fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20), no --compare, no --evaluate")
     if evaluate:
-        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache)
+        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache, deletion_fill, out)
     if out is None:
         fail("--out DIR is needed: the folder for the pages and maps")
     try:
@@ -747,19 +748,27 @@ def explain_command(
 
 
 def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
-                           cache: Path | None) -> None:
+                           cache: Path | None, fill: str, out: Path | None) -> None:
+    """The measures of one model's maps; with `out`, the deletion curves drawn there (deletion.png|pdf)."""
     from iqa.data.gridpg import grid_set_or_default
-    from iqa.heads.explain.maps import model_subject
-    from iqa.heads.explain.evaluate import evaluate
+    from iqa.heads.explain.maps import model_subject, prepare_out
+    from iqa.heads.explain.evaluate import FILLS, evaluate
+    from iqa.heads.report.figures import deletion_figure, save
     from iqa.heads.saved.model import ModelFolderError
 
     if len(inputs) != 1:
         fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
+    if fill not in FILLS:
+        fail(f"--deletion-fill must be one of {', '.join(FILLS)}, got {fill!r}")
     try:
         subject = model_subject(inputs[0], device)
-        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method)
-    except (ModelFolderError, FileNotFoundError, KeyError, ValueError) as err:
+        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method, fill)
+        if out is not None:
+            save(deletion_figure({subject.name: result.as_dict()}), prepare_out(out), "deletion")
+    except (ModelFolderError, FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
         fail(message(err))
+    except OSError as err:
+        cannot_write(out, err)
     if json_out:
         typer.echo(json.dumps(result.as_dict()))
     else:

@@ -475,7 +475,8 @@ def results_command(
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
     list_runs: Annotated[bool, typer.Option("--runs", help="List runs: key, config, metrics, kept weights.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --runs: one JSON object per run.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --runs or --compare: JSON.")] = False,
+    paired: Annotated[Optional[str], typer.Option("--compare", help="KEY_A,KEY_B: the configurations of two runs compared over the seeds both ran: per-seed differences and a bootstrap interval over test images.")] = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.report.paper import compare, render
@@ -483,6 +484,8 @@ def results_command(
 
     path = existing_db(db, cache_dir(cache))
     runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
+    if paired:
+        return _paired_comparison(runs, paired, path, cache_dir(cache), format, json_out)
     if list_runs:
         from iqa.heads.report.run_listing import run_listing
 
@@ -493,6 +496,22 @@ def results_command(
         typer.echo(table, nl=False)
     except ValueError as error:
         fail(str(error))
+
+
+def _paired_comparison(runs: list[dict], keys: str, results_db: Path, root: Path, fmt: str, json_out: bool) -> None:
+    from iqa.cache.store import load_cached
+    from iqa.heads.report.paired import compare_keys, paired_table
+
+    pair = _csv([keys])
+    if len(pair) != 2:
+        fail(f"--compare takes two run keys (or unique prefixes), KEY_A,KEY_B; got {keys!r}")
+    if fmt not in ("md", "csv") and not json_out:
+        fail(f"--compare prints md or csv (or --json), not {fmt}")
+    try:
+        result = compare_keys(runs, *pair, results_db, partial(load_cached, root))
+    except (LookupError, ValueError, FileNotFoundError) as error:  # KeyError is a LookupError
+        fail(message(error))
+    typer.echo(json.dumps(result.as_dict()) if json_out else paired_table(result, fmt), nl=json_out)
 
 
 @app.command("export")
@@ -596,6 +615,7 @@ def report_command(
     paper: Annotated[bool, typer.Option("--paper", help="Add paper.html: the published numbers beside the measured.")] = False,
     explain: Annotated[Optional[str], typer.Option("--explain", help="Exported model folders, comma-separated: add explanations.html (maps and their measures).")] = None,
     explain_set: Annotated[Optional[Path], typer.Option("--explain-set", help="--explain: the grid set measured on [default: <cache>/gridpg, built once].")] = None,
+    paired: Annotated[list[str], typer.Option("--compare", help="KEY_A,KEY_B (repeatable): a paired comparison of the two runs' configurations, as `iqa results --compare` prints it.")] = [],
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -608,9 +628,12 @@ def report_command(
     runs = existing_runs(results_db)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     explained = _explained_models(explain, explain_set, root, device) if explain else None
+    pairs = [tuple(_csv([p])) for p in paired]
+    if any(len(p) != 2 for p in pairs):
+        fail("--compare takes two run keys (or unique prefixes), KEY_A,KEY_B")
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
-                               paper=paper, explanations=explained, results_db=results_db)
+                               paper=paper, explanations=explained, results_db=results_db, paired=pairs)
     except ValueError as error:
         fail(str(error))
     except OSError as error:

@@ -396,7 +396,7 @@ def head_command(
     val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
-    fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
+    fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
     knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""

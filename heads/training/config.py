@@ -70,7 +70,7 @@ class RunConfig:
     select: str = "test"  # which epoch the run keeps and reports: iqa.heads.training.selection
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
-    fuse: str | None = None  # "attention": the layers fused by heads/models/fusion.py instead of read concatenated
+    fuse: str | None = None  # "attention" or "smart": the layers fused by heads/models/fusion.py instead of read concatenated
     compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
     knn_k: int | None = None  # the knn probe's k fixed (ALOE: 20); None: chosen by cross-validation
     # fine-tuning only
@@ -122,7 +122,7 @@ class RunConfig:
         the fusion their sizes, a run on stored layers how they were pooled)."""
         probe = {"probe": probe_recipe(self.head, self.knn_k)} if self.head in PROBES else {}
         hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
-        fusion = {"fusion": fusion_recipe()} if self.fuse is not None else {}
+        fusion = {"fusion": fusion_recipe(self.fuse)} if self.fuse is not None else {}
         layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
         return probe | hyper | fusion | layered | {
             "trainer_version": TRAINER_VERSION,

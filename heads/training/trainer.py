@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from iqa.heads.models.activations import GATE_INIT, GatedActivation
-from iqa.heads.models.fusion import FUSE_WIDTH, StackedFusion, check_fusion
+from iqa.heads.models.fusion import StackedFusion, check_fusion, fused_width
 from iqa.heads.models.hyper import HYPER, StackedHyper
 from iqa.heads.training.loss import iqa_loss
 from iqa.heads.training.metrics import plcc, srcc
@@ -59,8 +59,8 @@ def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list
         check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
         if sum(w for _, w in stages) != in_dim:
             raise ValueError(f"the stages' widths {[w for _, w in stages]} do not add up to the input width {in_dim}")
-        head = make_stack(FUSE_WIDTH, seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden)
-        return StackedFusion(stages, seeds, mask_k, head)
+        head = make_stack(fused_width(fuse, len(stages)), seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden)
+        return StackedFusion(stages, seeds, mask_k, head, fuse)
     if HYPER in (act1, act2):
         if (act1, act2) != (HYPER, HYPER):
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")

@@ -37,7 +37,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, or l1 (SMART-IQA's).")]
+LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, l1 (SMART-IQA's); its loss study's rank, fidelity, srcc (with --micro-batch the whole batch).")]
 OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw (SMART-IQA's).")]
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
 L2normOption = Annotated[bool, typer.Option(
@@ -372,8 +372,9 @@ def head_command(
     split_by: Annotated[str, typer.Option(help="random, group (content groups held out whole) or official (the published split; with --select val its validation set selects).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
-    micro_batch: Annotated[int, typer.Option(help="Rows of the batch of 12 the loss scores alone: 2 (the paper's "
-                                                  "accumulation of six), or 12 (the whole batch ranked at once).")] = 2,
+    batch: Annotated[int, typer.Option("--batch", help="Rows per optimiser step (12, the paper's; SMART-IQA's is 32).")] = 12,
+    micro_batch: Annotated[int, typer.Option(help="Rows of the batch the loss scores alone: 2 (the paper's "
+                                                  "accumulation of six), or the batch (all of it ranked at once).")] = 2,
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
@@ -433,7 +434,7 @@ def head_command(
         held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
+            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
             compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k,

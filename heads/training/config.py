@@ -21,7 +21,7 @@ import torch
 
 from iqa.heads.models.fusion import check_fusion, fusion_recipe
 from iqa.cache.store import LAYER_POOLING
-from iqa.heads.training.loss import LOSSES, MARGIN_SCALE
+from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
 from iqa.heads.models.hyper import HYPER, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
 from iqa.heads.models.probes import PROBES, check_knn_k, probe_recipe
@@ -124,7 +124,7 @@ class RunConfig:
         hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
         fusion = {"fusion": fusion_recipe(self.fuse)} if self.fuse is not None else {}
         layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
-        return probe | hyper | fusion | layered | {
+        return probe | hyper | fusion | layered | loss_recipe(self.loss) | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,

@@ -399,6 +399,7 @@ def head_command(
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
     knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
+    hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) [default: iqa's 16-wide code].")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.training.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
@@ -437,7 +438,7 @@ def head_command(
             dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
-            compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k,
+            compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k, hyper_target=hyper_target,
         )
         from iqa.heads.training.selection import check_rule
 

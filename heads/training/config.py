@@ -22,7 +22,7 @@ import torch
 from iqa.heads.models.fusion import check_fusion, fusion_recipe
 from iqa.cache.store import LAYER_POOLING
 from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
-from iqa.heads.models.hyper import HYPER, hyper_recipe
+from iqa.heads.models.hyper import HYPER, check_hyper_target, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
 from iqa.heads.models.probes import PROBES, check_knn_k, probe_recipe
 
@@ -40,7 +40,7 @@ def lr_milestones(train_dataset: str) -> tuple[int, ...]:
 
 
 # fields left out of a config's dict (and so its key) while None: added after runs were stored under keys without them
-OPTIONAL_FIELDS = ("layers", "fuse", "knn_k")
+OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class RunConfig:
     fuse: str | None = None  # "attention" or "smart": the layers fused by heads/models/fusion.py instead of read concatenated
     compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
     knn_k: int | None = None  # the knn probe's k fixed (ALOE: 20); None: chosen by cross-validation
+    hyper_target: str | None = None  # the hyper head as SMART-IQA's App. A sizes it: eq16 or table4; None: iqa's
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -92,6 +93,7 @@ class RunConfig:
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
         check_knn_k(self.head, self.knn_k)
+        check_hyper_target(self.head, self.hyper_target, self.dropout)
         if self.fuse is not None:
             check_fusion(self.fuse, self.layers)
             if self.head in PROBES:
@@ -111,7 +113,8 @@ class RunConfig:
         """The keyword options of train_stack_model this config sets."""
         return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
                 "standardize": self.standardize, "select": self.select, "fuse": self.fuse,
-                "compute_dtype": self.compute_dtype}
+                "compute_dtype": self.compute_dtype,
+                **({"hyper_target": self.hyper_target} if self.hyper_target else {})}
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -121,7 +124,7 @@ class RunConfig:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
         the fusion their sizes, a run on stored layers how they were pooled)."""
         probe = {"probe": probe_recipe(self.head, self.knn_k)} if self.head in PROBES else {}
-        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
+        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers, self.hyper_target)} if self.head == HYPER else {}
         fusion = {"fusion": fusion_recipe(self.fuse)} if self.fuse is not None else {}
         layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
         return probe | hyper | fusion | layered | loss_recipe(self.loss) | {

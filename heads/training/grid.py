@@ -60,6 +60,7 @@ def expand_grid(
     layer_sets: list[tuple[int, ...] | None] = (None,),
     compute_dtype: str | None = None,
     knn_k: int | None = None,
+    hyper_target: str | None = None,
     **shared,
 ) -> list[RunConfig]:
     """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, fuse, ... for all runs.
@@ -67,16 +68,20 @@ def expand_grid(
     `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's).
     `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed.
     `compute_dtype` (`head_dtype`) applies to the trained heads; the probes are closed-form float64 fits.
-    `knn_k` fixes the knn probe's k (None: cross-validated); the other heads of the grid ignore it."""
+    `knn_k` fixes the knn probe's k (None: cross-validated), `hyper_target` sizes the hyper head (None: iqa's);
+    the other heads of the grid ignore them."""
     if dropout is not None and any(name in PROBES for name, _, _ in heads):
         raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
     if knn_k is not None and all(name != "knn" for name, _, _ in heads):
         raise ValueError("--knn-k fixes the knn probe's k: give --act knn with it")
+    if hyper_target is not None and all(name != HYPER for name, _, _ in heads):
+        raise ValueError("--hyper-target sizes the hyper head: give --act hyper with it")
     return [
         RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), layers=layers,
                   standardize=name in PROBES if standardize is None else standardize,
                   compute_dtype=None if name in PROBES else compute_dtype,
-                  knn_k=knn_k if name == "knn" else None, **shared)
+                  knn_k=knn_k if name == "knn" else None, hyper_target=hyper_target if name == HYPER else None,
+                  **shared)
         for layers, (train, test), (name, act1, act2), k, p, seed in product(layer_sets, pairs, heads, mask_ks, keeps, seeds)
     ]
 

@@ -51,7 +51,7 @@ class Member:
 def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
                keep: list[float], hidden: int = HIDDEN, fuse: str | None = None,
                stages: tuple[tuple[int, int], ...] | None = None,
-               content: tuple[int, int] | None = None) -> StackedMLP | StackedHyper | StackedFusion:
+               content: tuple[int, int] | None = None, hyper_target: str | None = None) -> StackedMLP | StackedHyper | StackedFusion:
     """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper"), its hyper-network
     reading the `content` columns (all where None), or the MLP, which reads every column; with `fuse`,
     that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
@@ -59,14 +59,15 @@ def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list
         check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
         if sum(w for _, w in stages) != in_dim:
             raise ValueError(f"the stages' widths {[w for _, w in stages]} do not add up to the input width {in_dim}")
-        head = make_stack(fused_width(fuse, len(stages)), seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden)
+        head = make_stack(fused_width(fuse, len(stages)), seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden,
+                          hyper_target=hyper_target)
         return StackedFusion(stages, seeds, mask_k, head, fuse)
     if HYPER in (act1, act2):
         if (act1, act2) != (HYPER, HYPER):
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
-        if any(p != 1 for p in keep):
+        if hyper_target is None and any(p != 1 for p in keep):
             raise ValueError("the hyper head takes no dropout keep below 1")
-        return StackedHyper(in_dim, seeds, mask_k, dropout, content)
+        return StackedHyper(in_dim, seeds, mask_k, dropout, content, hyper_target, keep)
     return StackedMLP(in_dim, seeds, act1, act2, mask_k=mask_k, dropout=dropout, keep=keep, hidden=hidden)
 
 
@@ -292,6 +293,7 @@ def train_stack_model(
     fuse: str | None = None,
     compute_dtype: str | None = None,
     pools: PoolCache | None = None,
+    hyper_target: str | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
@@ -332,7 +334,7 @@ def train_stack_model(
 
     model = make_stack(
         x_train.shape[1], [m.seed for m in members], act1, act2, [m.mask_k for m in members], dropout,
-        [m.keep for m in members], hidden, fuse, data.stages, data.content_columns,
+        [m.keep for m in members], hidden, fuse, data.stages, data.content_columns, hyper_target,
     ).to(device)
     loss_name = loss
     optimizer = _stack_optimizer(model, members, optimizer, weight_decay)

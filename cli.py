@@ -248,6 +248,8 @@ def extract(
         "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
+    layer_pool: Annotated[str, typer.Option(
+        "--layer-pool", help="perception: tokens (each layer's patch mean and class token) or head (each layer through the default embedding's norm, attention pooling and projection, as Suppl. B.1).")] = "tokens",
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -269,7 +271,7 @@ def extract(
             cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess, layers=layers,
+            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray

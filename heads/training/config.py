@@ -113,8 +113,7 @@ class RunConfig:
         """The keyword options of train_stack_model this config sets."""
         return {"loss": self.loss, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
                 "standardize": self.standardize, "select": self.select, "fuse": self.fuse,
-                "compute_dtype": self.compute_dtype,
-                **({"hyper_target": self.hyper_target} if self.hyper_target else {})}
+                "compute_dtype": self.compute_dtype, "hyper_target": self.hyper_target}
 
     @property
     def milestones(self) -> tuple[int, ...]:

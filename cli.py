@@ -40,7 +40,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, or l1 (SMART-IQA's).")]
+LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, l1 (SMART-IQA's); its loss study's rank, fidelity, srcc (with --micro-batch the whole batch).")]
 OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw (SMART-IQA's).")]
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
 L2normOption = Annotated[bool, typer.Option(
@@ -251,6 +251,8 @@ def extract(
         "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
+    layer_pool: Annotated[str, typer.Option(
+        "--layer-pool", help="perception: tokens (each layer's patch mean and class token) or head (each layer through the default embedding's norm, attention pooling and projection, as Suppl. B.1).")] = "tokens",
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -272,7 +274,7 @@ def extract(
             cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess, layers=layers,
+            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
@@ -394,8 +396,9 @@ def head_command(
     split_by: Annotated[str, typer.Option(help="random, group (content groups held out whole) or official (the published split; with --select val its validation set selects).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
-    micro_batch: Annotated[int, typer.Option(help="Rows of the batch of 12 the loss scores alone: 2 (the paper's "
-                                                  "accumulation of six), or 12 (the whole batch ranked at once).")] = 2,
+    batch: Annotated[int, typer.Option("--batch", help="Rows per optimiser step (12, the paper's; SMART-IQA's is 32).")] = 12,
+    micro_batch: Annotated[int, typer.Option(help="Rows of the batch the loss scores alone: 2 (the paper's "
+                                                  "accumulation of six), or the batch (all of it ranked at once).")] = 2,
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
@@ -418,7 +421,9 @@ def head_command(
     val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
-    fuse: Annotated[Optional[str], typer.Option(help="With --layers: attention, a learned per-image weight per stage (SMART-IQA) instead of the concatenation.")] = None,
+    fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
+    knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
+    hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) [default: iqa's 16-wide code].")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.training.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
@@ -454,10 +459,10 @@ def head_command(
         held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
         configs = expand_grid(
             pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, micro_batch=micro_batch, tag=tag, split_by=split_by,
+            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, tag=tag, split_by=split_by,
             loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
             select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
-            compute_dtype=head_dtype(dtype, device), fuse=fuse,
+            compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k, hyper_target=hyper_target,
         )
         from iqa.heads.training.selection import check_rule
 
@@ -496,7 +501,8 @@ def results_command(
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
     list_runs: Annotated[bool, typer.Option("--runs", help="List runs: key, config, metrics, kept weights.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --runs: one JSON object per run.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --runs or --compare: JSON.")] = False,
+    paired: Annotated[Optional[str], typer.Option("--compare", help="KEY_A,KEY_B: the configurations of two runs compared over the seeds both ran: per-seed differences and a bootstrap interval over test images.")] = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
     from iqa.heads.report.paper import compare, render
@@ -504,6 +510,8 @@ def results_command(
 
     path = existing_db(db, cache_dir(cache))
     runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
+    if paired:
+        return _paired_comparison(runs, paired, path, cache_dir(cache), format, json_out)
     if list_runs:
         from iqa.heads.report.run_listing import run_listing
 
@@ -514,6 +522,22 @@ def results_command(
         typer.echo(table, nl=False)
     except ValueError as error:
         fail(str(error))
+
+
+def _paired_comparison(runs: list[dict], keys: str, results_db: Path, root: Path, fmt: str, json_out: bool) -> None:
+    from iqa.cache.store import load_cached
+    from iqa.heads.report.paired import compare_keys, paired_table
+
+    pair = _csv([keys])
+    if len(pair) != 2:
+        fail(f"--compare takes two run keys (or unique prefixes), KEY_A,KEY_B; got {keys!r}")
+    if fmt not in ("md", "csv") and not json_out:
+        fail(f"--compare prints md or csv (or --json), not {fmt}")
+    try:
+        result = compare_keys(runs, *pair, results_db, partial(load_cached, root))
+    except (LookupError, ValueError, FileNotFoundError) as error:  # KeyError is a LookupError
+        fail(message(error))
+    typer.echo(json.dumps(result.as_dict()) if json_out else paired_table(result, fmt), nl=json_out)
 
 
 @app.command("export")
@@ -643,6 +667,7 @@ def report_command(
     paper: Annotated[bool, typer.Option("--paper", help="Add paper.html: the published numbers beside the measured.")] = False,
     explain: Annotated[Optional[str], typer.Option("--explain", help="Exported model folders, comma-separated: add explanations.html (maps and their measures).")] = None,
     explain_set: Annotated[Optional[Path], typer.Option("--explain-set", help="--explain: the grid set measured on [default: <cache>/gridpg, built once].")] = None,
+    paired: Annotated[list[str], typer.Option("--compare", help="KEY_A,KEY_B (repeatable): a paired comparison of the two runs' configurations, as `iqa results --compare` prints it.")] = [],
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -655,9 +680,12 @@ def report_command(
     runs = existing_runs(results_db)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
     explained = _explained_models(explain, explain_set, root, device) if explain else None
+    pairs = [tuple(_csv([p])) for p in paired]
+    if any(len(p) != 2 for p in pairs):
+        fail("--compare takes two run keys (or unique prefixes), KEY_A,KEY_B")
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
-                               paper=paper, explanations=explained, results_db=results_db)
+                               paper=paper, explanations=explained, results_db=results_db, paired=pairs)
     except ValueError as error:
         fail(str(error))
     except OSError as error:
@@ -739,7 +767,7 @@ def finetune_command(
 @app.command("explain")
 def explain_command(
     inputs: Annotated[list[Path], typer.Argument(help="MODEL (an `iqa export` folder; not with --backbone), then image files and folders.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for one page (.png) and the raw maps (.npy) per image; with --evaluate, the deletion curves (deletion.png).")] = None,
     method: Annotated[str, typer.Option("--method", help="gradcam (on the backbone's spatial features) or ig (Integrated Gradients).")] = "gradcam",
     target: Annotated[str, typer.Option("--target", help="high: what raises the score; low: what lowers it.")] = "high",
     compare: Annotated[Optional[str], typer.Option("--compare", help="More model folders, comma-separated, side by side.")] = None,
@@ -751,6 +779,7 @@ def explain_command(
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
     grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set [default: <cache>/gridpg, built once].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="--evaluate: one JSON object.")] = False,
+    deletion_fill: Annotated[str, typer.Option("--deletion-fill", help="--evaluate: deleted pixels set to zero (ALOE's) or the image's mean colour.")] = "zero",
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
@@ -767,7 +796,7 @@ def explain_command(
     if backbone is not None and (compare or not bands or evaluate):
         fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20), no --compare, no --evaluate")
     if evaluate:
-        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache)
+        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache, deletion_fill, out)
     if out is None:
         fail("--out DIR is needed: the folder for the pages and maps")
     try:
@@ -794,23 +823,33 @@ def explain_command(
 
 
 def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
-                           cache: Path | None) -> None:
+                           cache: Path | None, fill: str, out: Path | None) -> None:
+    """The measures of one model's maps; with `out`, the deletion curves drawn there (deletion.png|pdf)."""
     from iqa.data.gridpg import grid_set_or_default
-    from iqa.heads.explain.maps import model_subject
-    from iqa.heads.explain.evaluate import evaluate
+    from iqa.heads.explain.maps import model_subject, prepare_out
+    from iqa.heads.explain.evaluate import FILLS, evaluate
+    from iqa.heads.report.figures import deletion_figure, save
     from iqa.heads.saved.model import ModelFolderError
 
     if len(inputs) != 1:
         fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
+    if fill not in FILLS:
+        fail(f"--deletion-fill must be one of {', '.join(FILLS)}, got {fill!r}")
     try:
         subject = model_subject(inputs[0], device)
-        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method)
-    except (ModelFolderError, FileNotFoundError, KeyError, ValueError) as err:
+        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method, fill)
+        if out is not None:
+            save(deletion_figure({subject.name: result.as_dict()}), prepare_out(out), "deletion")
+    except (ModelFolderError, FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
         fail(message(err))
+    except OSError as err:
+        cannot_write(out, err)
     if json_out:
         typer.echo(json.dumps(result.as_dict()))
     else:
-        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {result.grids} grids; "
+        pointed = result.grids - result.discarded
+        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {pointed} of {result.grids} "
+                   f"grids ({result.discarded} without positive attribution discarded); "
                    f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
 
 

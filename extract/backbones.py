@@ -296,6 +296,10 @@ class TimmTapped(PooledBackbone):
     def use_layers(self, layers: tuple[int, ...]) -> None:
         self.layers = tuple(layers)
 
+    def use_layer_pool(self, layer_pool: str) -> None:
+        """How each stored layer is pooled (extract/timm_tower.py LAYER_POOLS)."""
+        self.model = TimmTap(self.model.model, self.spec.tap_block, layer_pool)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values, self.layers)
 

@@ -219,6 +219,7 @@ class ExtractRequest:
     resolution: int | None = None
     preprocess: str = "square"
     layers: str | None = None  # "all" or "4,3": also store these blocks'/stages' pooled vectors (from 1)
+    layer_pool: str = "tokens"  # timm towers: "head" pools each layer like the default embedding (extract/timm_tower.py)
 
     def __post_init__(self):
         index, count = self.shard
@@ -315,6 +316,11 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
             raise ValueError("--layers is not available with --adapter (a tuned backbone); extract its default embedding")
         if not family_of(spec).layer_taps:
             raise ValueError(f"--layers works for transformers and timm backbones; {spec.key} has no layer taps")
+        if r.layer_pool != "tokens":
+            if not hasattr(model, "use_layer_pool"):
+                raise ValueError(f"--layer-pool {r.layer_pool} is for the timm tower (perception); {spec.key}'s layers "
+                                 "are pooled by the store's rule")
+            model.use_layer_pool(r.layer_pool)
         widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
     fingerprint = make_fingerprint(
@@ -322,6 +328,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     )
     if layer_dims:  # only where asked: stores without layers keep their fingerprint
         fingerprint["layers"] = list(layer_dims)
+        if r.layer_pool != "tokens":  # likewise: stores pooled by the default rule keep theirs
+            fingerprint["layer_pool"] = r.layer_pool
     store = open_for_writing(
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,

@@ -2,9 +2,12 @@
 tapped block, each block's pooled vector for `--layers`, and query/key projections LoRA can target.
 
 The default embedding is timm's own head on the tapped block: block `tap_block` -> the final norm
--> attention pooling -> projection. A layer's vector (`--layers`, layer n = block n-1) is the mean
-over the patch tokens of that block's output followed by its class token, no norm applied (PE's own
-intermediate features are un-normalised). So layer tap_block+1 is not the default embedding.
+-> attention pooling -> projection. A layer's vector (`--layers`, layer n = block n-1) is, by default
+(`layer_pool="tokens"`), the mean over the patch tokens of that block's output followed by its class
+token, no norm applied (PE's own intermediate features are un-normalised), so layer tap_block+1 is not
+the default embedding. With `layer_pool="head"` each layer goes through the default embedding's own
+head (final norm, attention pooling, projection), as the supplement's "tapped at layer 20, pooled,
+projected" reads: layer tap_block+1 is then the default embedding, and a sweep's layers compare with it.
 
 The whole tower is kept (no block is pruned: `--layers` reaches past the tap, and the weights
 checksum covers the checkpoint as published); a pass stops at the last block it needs.
@@ -18,34 +21,48 @@ float rounding); LoRA then targets `attn.qkv.q` and `attn.qkv.k` alone.
 import torch
 from torch import nn
 
+LAYER_POOLS = ("tokens", "head")  # a layer's vector: patch mean + class token, or the default embedding's head
+
 
 class TimmTap(nn.Module):
     """A timm ViT [B, 3, H, W] -> the default embedding, then the pooled vector of each layer asked."""
 
-    def __init__(self, model: nn.Module, tap_block: int):
+    def __init__(self, model: nn.Module, tap_block: int, layer_pool: str = "tokens"):
         super().__init__()
+        if layer_pool not in LAYER_POOLS:
+            raise ValueError(f"--layer-pool must be one of {', '.join(LAYER_POOLS)}, got {layer_pool!r}")
         self.model = model
         self.tap_block = tap_block
+        self.layer_pool = layer_pool
 
     @property
     def class_token(self) -> bool:
         return getattr(self.model, "cls_token", None) is not None
 
     def layer_widths(self) -> list[int]:
-        return [self.model.embed_dim * (2 if self.class_token else 1)] * len(self.model.blocks)
+        width = self.model.embed_dim * (2 if self.class_token else 1)
+        if self.layer_pool == "head":  # the head's output width (a projection, where the model has one)
+            tokens = torch.zeros(1, max(self.model.num_prefix_tokens, 1) + 1, self.model.embed_dim)
+            with torch.no_grad():
+                width = self._head(tokens[:, 1:], tokens[:, :1]).shape[1]
+        return [width] * len(self.model.blocks)
+
+    def _head(self, patches: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(torch.cat([prefix, patches], dim=1)))
+
+    def _pooled(self, patches: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """A layer's vector: the default embedding's head on it, or its patch tokens' mean then its class token
+        (as extract/backbones.pool_layer; no norm: PE's own intermediate features are un-normed)."""
+        if self.layer_pool == "head":
+            return self._head(patches, prefix)
+        return torch.cat([patches.mean(dim=1), *([prefix[:, 0]] if self.class_token else [])], dim=1)
 
     def forward(self, x: torch.Tensor, layers: tuple[int, ...] = ()) -> torch.Tensor:
         blocks = sorted({self.tap_block, *(n - 1 for n in layers)})
         states = self.model.forward_intermediates(x, indices=blocks, return_prefix_tokens=True, norm=False,
                                                   stop_early=True, output_fmt="NLC", intermediates_only=True)
         by_block = dict(zip(blocks, states))
-        patches, prefix = by_block[self.tap_block]
-        tapped = self.model.forward_head(self.model.norm(torch.cat([prefix, patches], dim=1)))
-        # as extract/backbones.pool_layer: the patch tokens' mean, then the class token (no norm here: PE's own
-        # intermediate features are un-normed)
-        pooled = [torch.cat([by_block[n - 1][0].mean(dim=1), *([by_block[n - 1][1][:, 0]] if self.class_token else [])], dim=1)
-                  for n in layers]
-        return torch.cat([tapped, *pooled], dim=1)
+        return torch.cat([self._head(*by_block[self.tap_block]), *(self._pooled(*by_block[n - 1]) for n in layers)], dim=1)
 
 
 class SplitQkv(nn.Module):

@@ -241,12 +241,14 @@ def test_deletion_curve_runs_from_the_image_to_the_blank_image(tiny_model, one_t
     pixels = torch.from_numpy(np.array(Image.open(images / "astronaut.png").resize((64, 64)))).permute(2, 0, 1)[None]
     order = block_order(torch.rand(64, 64))
     assert sorted(order.tolist()) == list(range(16))
-    curve = deletion_curve(subject, pixels, order)
+    fractions, curve = deletion_curve(subject, pixels, order, fill="mean")
     blank = pixels.float().mean((2, 3), keepdim=True).round().to(torch.uint8).expand_as(pixels)
-    assert curve.shape == (9,)
+    assert curve.shape == (9,) and fractions.tolist() == [i / 8 for i in range(9)]
     assert curve[0] == pytest.approx(float(predicted(subject, pixels)[0]), abs=1e-5)
     assert curve[-1] == pytest.approx(float(predicted(subject, blank.contiguous())[0]), abs=1e-5)
-    assert area(np.ones(9)) == pytest.approx(1.0)
+    _, zeroed = deletion_curve(subject, pixels, order)  # ALOE's fill, the default: black
+    assert zeroed[-1] == pytest.approx(float(predicted(subject, torch.zeros_like(pixels))[0]), abs=1e-5)
+    assert area(fractions, np.ones(9)) == pytest.approx(1.0)
 
 
 def test_evaluate_prints_pointing_game_and_deletion_as_json(tiny_model, tmp_path, one_thread):
@@ -260,6 +262,10 @@ def test_evaluate_prints_pointing_game_and_deletion_as_json(tiny_model, tmp_path
     scores = json.loads(result.output)
     assert scores["grids"] == 4 and 0 <= scores["pointing_game"] <= 1
     assert {"pointing_game", "deletion_auc", "deletion_auc_random"} <= set(scores)
+    drawn = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path / "grids"),
+                                     "--deletion-fill", "mean", "--out", str(tmp_path / "curves")])
+    assert drawn.exit_code == 0 and "of 4 grids" in drawn.output, drawn.output
+    assert (tmp_path / "curves" / "deletion.png").stat().st_size > 0
     missing = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path)])
     assert missing.exit_code == 1 and "not a grid set" in missing.output
 
@@ -359,7 +365,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     for name in ("model", "model-baseline", "moved"):
         assert f"<td>{name}</td>" in page  # a row of the table each
     assert "moved: no maps, none of its" in page and "demo-moved is on disk" in page
-    pages = re.findall(r'<img src="([^"]+)"', page)
+    pages = re.findall(r'<img src="(explanations/0-[^"]+)"', page)
     assert len(pages) == 3  # the two models share their three test images: one page each, both maps on it
     for png in pages:
         assert Image.open(report / png).size[0] == 450 * 3  # the image, then one panel per model (with its colour bar)
@@ -370,6 +376,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     assert alone.exit_code == 0, alone.output
     assert np.array_equal(first, np.load(next((tmp_path / "alone").glob("*.npy"))))
 
+    assert (report / "explanations" / "deletion.png").stat().st_size > 0 and 'src="explanations/deletion.png"' in page
     with open(report / "explanations" / "evaluation.csv", newline="") as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
     assert set(rows) == {"model", "model-baseline", "moved"}

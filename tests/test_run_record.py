@@ -15,7 +15,8 @@ CONFIGS = [
     replace(PLAIN, layers=(4, 3)),
     replace(PLAIN, layers=(4, 3), fuse="attention", head="sig", act1="sigmoid", act2="lrelu"),
     replace(PLAIN, head="ridge", act1="ridge", act2="ridge"),
-    replace(PLAIN, head="hyper", act1="hyper", act2="hyper", layers=(2,), mask_k=50.0, dropout="layers", keep=0.5),
+    replace(PLAIN, head="hyper", act1="hyper", act2="hyper", layers=(2,), mask_k=50.0),
+    replace(PLAIN, head="hyper", act1="hyper", act2="hyper", hyper_target="eq16", dropout="input", keep=0.7),
     replace(PLAIN, regime="lora", tag="tiny", lora_rank=8, backbone_lr=1e-5, physical_batch=4, accumulate=3,
             optimizer="adamw", weight_decay=0.01, compute_dtype="bfloat16", select="val", l2norm=True),
 ]

@@ -2,19 +2,25 @@
 
 - Distortion pointing game: on a grid set (data/gridpg.py) the share of the positive attribution
   for "low quality" (`--target low`) that falls inside the one distorted cell, averaged over the
-  grids; chance is 0.25 (a map spread evenly).
-- Deletion: the BLOCK x BLOCK blocks of the backbone's input are blanked (filled with the image's
-  mean colour) in order of their attribution for the score (`--target high`, what raises quality),
-  most attributed first, in DELETION_STEPS steps; the predicted score after each step gives a curve
-  over the deleted fraction 0..1 and its area (trapezoids). A faithful map makes the score fall
-  early: an area below the random-order control's (the mean over RANDOM_ORDERS fixed orders).
+  grids whose map has any positive attribution (ALOE: grids with zero positive mass are discarded,
+  and counted apart); chance is 0.25 (a map spread evenly). The four cells split the map's rows and
+  columns at ceil(R / 2), so with an odd side every pixel still lies in exactly one cell.
+- Deletion: the BLOCK x BLOCK blocks of the backbone's input are blanked in order of their mean
+  attribution for the score (`--target high`, what raises quality), most attributed first, in
+  DELETION_STEPS steps; the predicted score after each step gives a curve over the deleted pixel
+  fraction 0..1 and its area (trapezoids). A faithful map makes the score fall early: an area below
+  the random-order control's (the mean over RANDOM_ORDERS fixed orders). Blanked pixels are set to
+  zero (black, before the backbone's normalisation: ALOE's "set to zero"), or (`fill="mean"`) to the
+  image's mean colour. A side that BLOCK does not divide (518 = 32 x 16 + 6) ends in a row and a
+  column of narrower blocks, so every pixel can be deleted. The curves, averaged over the grids, are
+  kept for `deletion_figure`.
 
 Both work at the backbone's input side. A centre-cropping model (`--preprocess native`) sees the
 centre of a square grid, and the centre of its crop is the grid's centre, so the crop's quadrants
 are still the grid's cells (trimmed at the border).
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,59 +34,84 @@ from iqa.heads.explain.maps import Subject, input_pixels, predicted
 BLOCK = 16
 DELETION_STEPS = 8
 RANDOM_ORDERS = 3
+FILLS = ("zero", "mean")  # what a deleted pixel becomes: ALOE's zero, or the image's mean colour
 
 
-def cell_share(cam: torch.Tensor, cell: int) -> float:
-    """The share of a map's positive mass [R, R] inside 2x2 cell `cell` (row-major); 0.25 for a flat map."""
+def cell_share(cam: torch.Tensor, cell: int) -> float | None:
+    """The share of a map's positive mass [H, W] inside 2x2 cell `cell` (row-major); 0.25 for a flat map;
+    None for a map with no positive mass (a grid the pointing game discards)."""
     positive = cam.clamp(min=0)
-    half = cam.shape[-1] // 2
-    r, c = divmod(cell, 2)
     total = float(positive.sum())
-    return float(positive[r * half:(r + 1) * half, c * half:(c + 1) * half].sum()) / total if total > 0 else 0.25
+    if total <= 0:
+        return None
+    rows = torch.tensor_split(positive, 2, dim=0)[cell // 2]  # the first half takes the odd centre row
+    return float(torch.tensor_split(rows, 2, dim=1)[cell % 2].sum()) / total
 
 
 @torch.no_grad()
-def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK) -> np.ndarray:
-    """Predicted score [DELETION_STEPS + 1] as the blocks of `order` (flat block indices) are mean-filled."""
-    side = pixels.shape[-1] // block
-    mean = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype)
-    cuts = np.linspace(0, len(order), DELETION_STEPS + 1).round().astype(int)
-    stages = []
-    for cut in cuts:
-        blanked = pixels.clone()
-        for b in order[:cut]:
-            r, c = divmod(int(b), side)
-            blanked[..., r * block:(r + 1) * block, c * block:(c + 1) * block] = mean
-        stages.append(blanked)
-    return predicted(subject, torch.cat(stages)).numpy()
-
-
-def area(curve: np.ndarray) -> float:
-    """Area under a curve sampled evenly over the deleted fraction 0..1."""
-    return float(((curve[1:] + curve[:-1]) / 2).mean())
+def blocks(height: int, width: int, block: int = BLOCK) -> list[tuple[slice, slice]]:
+    """(rows, cols) of each block, row-major, covering every pixel once: the last row and column of blocks
+    are narrower where `block` does not divide the side."""
+    rows = [slice(top, min(top + block, height)) for top in range(0, height, block)]
+    cols = [slice(left, min(left + block, width)) for left in range(0, width, block)]
+    return [(r, c) for r in rows for c in cols]
 
 
 def block_order(cam: torch.Tensor, block: int = BLOCK) -> np.ndarray:
-    """Flat block indices, most attributed (block sum) first."""
-    side = cam.shape[-1] // block
-    sums = cam[: side * block, : side * block].reshape(side, block, side, block).sum((1, 3)).flatten()
-    return torch.argsort(sums, descending=True, stable=True).numpy()
+    """Flat block indices (`blocks`), most attributed first: by mean attribution, so a narrow edge block
+    ranks by its pixels, not its size (for full blocks the same order as the sum)."""
+    means = torch.stack([cam[rows, cols].mean() for rows, cols in blocks(*cam.shape[-2:], block)])
+    return torch.argsort(means, descending=True, stable=True).numpy()
+
+
+def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK,
+                   fill: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+    """(deleted pixel fraction, predicted score), each [DELETION_STEPS + 1], as the blocks of `order` (flat
+    indices into `blocks`) are blanked: set to zero, or to the image's mean colour (`fill="mean"`)."""
+    if fill not in FILLS:
+        raise ValueError(f"--deletion-fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    cells = blocks(*pixels.shape[-2:], block)
+    if len(order) != len(cells):
+        raise ValueError(f"a deletion order of {len(order)} blocks for an input of {len(cells)}")
+    blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
+    cuts = np.linspace(0, len(order), DELETION_STEPS + 1).round().astype(int)
+    stages, fractions = [], []
+    for cut in cuts:
+        blanked = pixels.clone()
+        for b in order[:cut]:
+            rows, cols = cells[int(b)]
+            blanked[..., rows, cols] = blank
+        stages.append(blanked)
+        fractions.append(sum((r.stop - r.start) * (c.stop - c.start) for r, c in (cells[int(b)] for b in order[:cut])))
+    return np.array(fractions) / (pixels.shape[-2] * pixels.shape[-1]), predicted(subject, torch.cat(stages)).numpy()
+
+
+def area(fractions: np.ndarray, curve: np.ndarray) -> float:
+    """Area under a curve over the deleted fraction 0..1 (trapezoids)."""
+    return float(np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(fractions)))
 
 
 @dataclass
 class Evaluation:
-    pointing_game: float  # mean share in the distorted cell (chance 0.25)
+    pointing_game: float  # mean share in the distorted cell over the grids not discarded (chance 0.25); NaN if none
     deletion_auc: float  # area under the score-vs-deleted-fraction curve, attribution order
     deletion_auc_random: float  # the same for random block orders (the control)
     grids: int
     method: str
+    discarded: int = 0  # grids left out of the pointing game: no positive attribution
+    deletion_fill: str = "zero"
+    deletion_fraction: list[float] = field(default_factory=list)  # the curves' x: deleted pixel fraction
+    deletion_curve: list[float] = field(default_factory=list)  # mean predicted score over the grids, attribution order
+    deletion_curve_random: list[float] = field(default_factory=list)  # the same, random orders
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam") -> Evaluation:
-    """Pointing game and deletion of `subject`'s maps over every grid of `grid_set`."""
+def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam", fill: str = "zero") -> Evaluation:
+    """Pointing game and deletion of `subject`'s maps over every grid of `grid_set`. Each curve's area is taken
+    over its own deleted fractions (an order that deletes the narrow edge blocks early deletes less); the
+    stored curves average fraction and score step by step."""
     shares, deleted, control = [], [], []
     rng = np.random.default_rng(0)
     for path, cell in read_gridpg(grid_set):
@@ -92,7 +123,11 @@ def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam") -> Evalu
         shares.append(cell_share(low, cell))
         high = attribute(subject.backbone, score_target(subject.head, "high"), pixels, method)[0]
         order = block_order(high)
-        deleted.append(area(deletion_curve(subject, pixels, order)))
-        control.append(np.mean([area(deletion_curve(subject, pixels, rng.permutation(len(order))))
-                                for _ in range(RANDOM_ORDERS)]))
-    return Evaluation(float(np.mean(shares)), float(np.mean(deleted)), float(np.mean(control)), len(shares), method)
+        deleted.append(deletion_curve(subject, pixels, order, fill=fill))
+        control += [deletion_curve(subject, pixels, rng.permutation(len(order)), fill=fill) for _ in range(RANDOM_ORDERS)]
+    pointed = [share for share in shares if share is not None]
+    fraction, curve = np.mean(deleted, axis=0)
+    _, curve_random = np.mean(control, axis=0)
+    return Evaluation(float(np.mean(pointed)) if pointed else float("nan"), float(np.mean([area(*c) for c in deleted])),
+                      float(np.mean([area(*c) for c in control])), len(shares), method, len(shares) - len(pointed),
+                      fill, fraction.tolist(), curve.tolist(), curve_random.tolist())

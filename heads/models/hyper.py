@@ -1,25 +1,34 @@
 """StackedHyper: M HyperIQA-style content-adaptive heads on pooled features (SMART-IQA Sec. III-D, App. A).
 
-A hyper-network reads the image's features and generates the weights of a small target network,
-which maps the feature vector to the score (Eq. 14-16):
+A hyper-network reads the image's content features and generates the weights of a small target
+network, which maps the feature vector to the score. Three variants (`target`), every generated tensor
+linear in the content code c' = [c, 1] (a constant for the fixed part):
 
-    c    = LeakyReLU(H x_c + h)                     content code: the hyper-network's reading of x_c
-    v    = P x + p                                  target input (HyperIQA's 224-wide pooled vector)
-    W1   = sum_k c'_k G1_k,  b1 = c' B1             generated from c' = [c, 1] (a constant for the biases)
-    h    = sigmoid(W1 v + b1)                       target hidden layer, 128 wide, sigmoid (Eq. 16)
-    q    = (c' G2) . h + c' B2                      generated output layer
+    c    = the content code, from x_c (the part of x the hyper-network reads)
+    v    = the target input, from x
+    h_l  = sigmoid(W_l v_l + b_l),  W_l = sum_k c'_k G_lk,  b_l = c' B_l      each hidden layer, generated
+    q    = (c' G_out) . h_L + c' B_out                                       the generated output layer
+
+- None (iqa's, `--act hyper`): c = LeakyReLU(H x_c + h), 16 wide; v = P x + p, 224 wide (HyperIQA's
+  target input); one hidden layer of 128. Rank 17 in the code: cheap on any width.
+- "eq16" (App. A, Eq. 14-16 on a pooled F^K): c = x_c itself, the content features (Eq. 14's 1 x 1
+  convolution of a 1 x 1 map is a linear map of the pooled vector, Eq. 15's FC of its GAP too); v = x,
+  the whole input (d wide); one hidden layer of d_target = 128. It generates d x 128 + 128 + 128 + 1
+  parameters per image (Eq. 17) from C x (d x 128 + ...) generator weights.
+- "table4" (Table IV's "target FC sizes [112, 224, 112, 56]", HyperIQA's constructor sizes: hyper-network
+  input 112, target input 224, hidden layers 112 and 56): c = ReLU(H x_c + h), 112 wide; v = P x + p,
+  224 wide; hidden layers 112 and 56. (HyperIQA itself continues with 28 and 14; Table IV stops at 56.)
+The paper variants take dropout on the code and the target input (Table IV: rate 0.3, `--dropout input
+--keep 0.7`); iqa's takes none.
 
 x_c is the part of x the hyper-network reads (`content`): on stored layers the deepest one, as the
 paper's hyper-network reads Swin's deepest stage F^K while the target network maps all stages; on
 one pooled embedding, that whole vector. Kept apart, the content sets the weights and the target
-network maps the features with them: given the code, the score is a target network whose weights
-are linear in the code, so a score that multiplies two feature groups is a simple function for
-this head and a hard one for an MLP (tests/test_heads_train.py). The paper's 1x1 convolution over
-a 7x7 map has no counterpart on a pooled vector, so the generator is linear in a small content
-code (width 16):
-W1 v = sum_k c'_k (G1_k v) is computed as one matmul of v with all G1_k, never one weight matrix
-per image. Every tensor is [M, ...], row m drawn from member m's generator in a fixed order, and no
-operation mixes rows: members train as if alone, as the MLP's do (heads/models/mlp.py).
+network maps the features with them: a score that multiplies two feature groups is a simple function
+for this head and a hard one for an MLP (tests/test_heads_train.py). W_l v = sum_k c'_k (G_lk v) is
+computed as one matmul of v with all G_lk, never one weight matrix per image. Every tensor is
+[M, ...], row m drawn from member m's generator in a fixed order, and no operation mixes rows:
+members train as if alone, as the MLP's do (heads/models/mlp.py).
 """
 
 import math
@@ -27,18 +36,44 @@ import math
 import torch
 from torch import nn
 
-from iqa.heads.models.mlp import StackedLinear, TopkMasked, member_seed
+from iqa.heads.models.mlp import MemberDropout, StackedLinear, TopkMasked, member_seed
 
 HYPER = "hyper"
-CODE = 16  # width of the content code c
+CODE = 16  # width of iqa's content code c
 TARGET_IN = 224  # HyperIQA's target-network input size
 TARGET_HIDDEN = 128  # SMART-IQA's d_target (App. A)
+# target -> (code width or None: the content itself, its activation, target input width or None: x itself, hidden widths)
+TARGETS = {
+    None: (CODE, "leaky_relu", TARGET_IN, (TARGET_HIDDEN,)),
+    "eq16": (None, None, None, (TARGET_HIDDEN,)),
+    "table4": (112, "relu", TARGET_IN, (112, 56)),
+}
+HYPER_TARGETS = ("eq16", "table4")
+MAX_GENERATOR = 200_000_000  # generator weights per member: a larger eq16 head cannot be stacked
 
 
-def hyper_recipe(layers: tuple[int, ...] | None = None) -> dict:
+def hyper_recipe(layers: tuple[int, ...] | None = None, target: str | None = None) -> dict:
     """The sizes, and on stored layers which one the hyper-network reads (part of a run's key)."""
     reads = {"hyper_reads": "the deepest of the layers"} if layers else {}
-    return {"code": CODE, "target_in": TARGET_IN, "target_hidden": TARGET_HIDDEN, "target_act": "sigmoid"} | reads
+    if target is None:
+        return {"code": CODE, "target_in": TARGET_IN, "target_hidden": TARGET_HIDDEN, "target_act": "sigmoid"} | reads
+    code, act, target_in, hidden = TARGETS[target]
+    return {"code": code or "the content features", "code_act": act, "target_in": target_in or "the input",
+            "target_hidden": list(hidden), "target_act": "sigmoid", "generated": "linear in [code, 1]"} | reads
+
+
+def check_hyper_target(head: str, target: str | None, dropout: str | None = None) -> None:
+    if target is None:
+        if head == HYPER and dropout is not None:
+            raise ValueError("--act hyper takes no --dropout; the paper's variants (--hyper-target eq16|table4) take "
+                             "--dropout input")
+        return
+    if head != HYPER:
+        raise ValueError(f"--hyper-target sets the sizes of --act hyper, not of {head!r}")
+    if target not in HYPER_TARGETS:
+        raise ValueError(f"unknown --hyper-target {target!r}; choose from {', '.join(HYPER_TARGETS)}")
+    if dropout not in (None, "input"):
+        raise ValueError("the hyper head's dropout is --dropout input (on its code and target input)")
 
 
 def _uniform(generators: list[torch.Generator], shape: tuple[int, ...], bound: float) -> nn.Parameter:
@@ -46,57 +81,75 @@ def _uniform(generators: list[torch.Generator], shape: tuple[int, ...], bound: f
     return nn.Parameter(torch.stack([torch.empty(shape).uniform_(-bound, bound, generator=g) for g in generators]))
 
 
-class StackedHyper(TopkMasked):
-    """M hyper heads; they differ in seed and mask k (no dropout: the target network is generated).
+class StackedHyper(TopkMasked, MemberDropout):
+    """M hyper heads; they differ in seed, mask k and (paper variants) dropout keep.
 
     `content` (start, stop): the input columns the hyper-network reads; None reads all of them.
     Given, it is kept as the buffer `content_columns` ([M, 2]), so a saved head reads the same columns.
+    Generated layer l's tensors are `w{l+1}` ([M, n_l, coded * n_{l+1}]; the output layer's [M, coded, n_L])
+    and `b{l+1}` ([M, coded, n_{l+1}]), coded = code width + 1.
     """
 
     def __init__(self, in_dim: int, seeds: list[int], mask_k: list[float] | None = None, dropout: str | None = None,
-                 content: tuple[int, int] | None = None):
+                 content: tuple[int, int] | None = None, target: str | None = None, keep: list[float] | None = None):
         super().__init__()
-        if dropout is not None:
-            raise ValueError("the hyper head takes no --dropout")
+        check_hyper_target(HYPER, target, dropout)
         members = len(seeds)
-        self.seeds, self.dropout, self.keep = list(seeds), None, [1.0] * members
+        self.seeds, self.dropout, self.target = list(seeds), dropout, target
+        self.keep = [1.0] * members if keep is None or dropout is None else [float(p) for p in keep]
+        if len(self.keep) != members or any(not 0 < p <= 1 for p in self.keep):
+            raise ValueError("keep needs one value per member, each in (0, 1]")
         self.register_masks(mask_k, members)
         if content is not None:
             if not 0 <= content[0] < content[1] <= in_dim:
                 raise ValueError(f"content columns {content} are not a part of the {in_dim} inputs")
             self.register_buffer("content_columns", torch.tensor([content] * members))  # [M, 2], as every entry
         self.content = None if content is None else slice(*map(int, content))
+        read = in_dim if content is None else content[1] - content[0]
+        code, self.code_act, target_in, hidden = TARGETS[target]
+        self.sizes = [target_in or in_dim, *hidden]
+        coded = (code or read) + 1
+        generator = sum(n * coded * m for n, m in zip(self.sizes, self.sizes[1:] + [1]))
+        if generator > MAX_GENERATOR:
+            raise ValueError(f"--hyper-target {target} on {in_dim} features read from {read} needs {generator:,} generator "
+                             f"weights per member (more than {MAX_GENERATOR:,}); use --hyper-target table4")
 
         init = [torch.Generator().manual_seed(member_seed(s, "init")) for s in seeds]
-        coded = CODE + 1
-        self.code = StackedLinear(init, in_dim if content is None else content[1] - content[0], CODE)
-        self.project = StackedLinear(init, in_dim, TARGET_IN)
+        self.code = None if code is None else StackedLinear(init, read, code)
+        self.project = None if target_in is None else StackedLinear(init, in_dim, target_in)
         # generated layers start at nn.Linear's scale for their fan-in, shared across the code's entries
-        self.w1 = _uniform(init, (TARGET_IN, coded * TARGET_HIDDEN), 1 / math.sqrt(TARGET_IN * coded))
-        self.b1 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_IN * coded))
-        self.w2 = _uniform(init, (coded, TARGET_HIDDEN), 1 / math.sqrt(TARGET_HIDDEN * coded))
-        self.b2 = _uniform(init, (coded, 1), 1 / math.sqrt(TARGET_HIDDEN * coded))
+        for l, (n, m) in enumerate(zip(self.sizes, self.sizes[1:])):
+            setattr(self, f"w{l + 1}", _uniform(init, (n, coded * m), 1 / math.sqrt(n * coded)))
+            setattr(self, f"b{l + 1}", _uniform(init, (coded, m), 1 / math.sqrt(n * coded)))
+        out = len(self.sizes)
+        setattr(self, f"w{out}", _uniform(init, (coded, self.sizes[-1]), 1 / math.sqrt(self.sizes[-1] * coded)))
+        setattr(self, f"b{out}", _uniform(init, (coded, 1), 1 / math.sqrt(self.sizes[-1] * coded)))
 
     def _code(self, x: torch.Tensor) -> torch.Tensor:
-        """c' = [LeakyReLU(H x_content + h), 1]: [M, B, CODE + 1]."""
-        c = nn.functional.leaky_relu(self.code(x if self.content is None else x[..., self.content]))
+        """c' = [c, 1]: [M, B, code width + 1]."""
+        c = x if self.content is None else x[..., self.content]
+        if self.code is not None:
+            c = getattr(nn.functional, self.code_act)(self.code(c))
+        c = self._drop(c)
         return torch.cat([c, torch.ones_like(c[..., :1])], -1)
 
     def features(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
-        """The target network's hidden layer h, [M, B, TARGET_HIDDEN] (for t-SNE)."""
+        """The target network's last hidden layer, [M, B, its width] (for t-SNE)."""
         return self._hidden(x if inputs_masked else self.mask_inputs(x))[0]
 
     def _hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self._code(x)
-        v = self.project(x)
-        m, b, _ = v.shape
-        per_code = torch.bmm(v, self.w1.to(v.dtype)).view(m, b, CODE + 1, TARGET_HIDDEN)  # G1_k v for every k
-        pre = (c[..., None] * per_code).sum(-2) + torch.bmm(c, self.b1.to(v.dtype))
-        return torch.sigmoid(pre), c
+        v = self._drop(x if self.project is None else self.project(x))
+        m, b, coded = c.shape
+        for l, width in enumerate(self.sizes[1:]):
+            per_code = torch.bmm(v, getattr(self, f"w{l + 1}").to(v.dtype)).view(m, b, coded, width)  # G_lk v for every k
+            v = torch.sigmoid((c[..., None] * per_code).sum(-2) + torch.bmm(c, getattr(self, f"b{l + 1}").to(v.dtype)))
+        return v, c
 
     def forward(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
         """x [M, B, in_dim] -> predicted quality [M, B]."""
         h, c = self._hidden(x if inputs_masked else self.mask_inputs(x))
-        w2 = torch.bmm(c, self.w2.to(h.dtype))  # [M, B, TARGET_HIDDEN], generated per image
-        b2 = torch.bmm(c, self.b2.to(h.dtype))[..., 0]
-        return (w2 * h).sum(-1) + b2
+        out = len(self.sizes)
+        w = torch.bmm(c, getattr(self, f"w{out}").to(h.dtype))  # [M, B, last hidden width], generated per image
+        b = torch.bmm(c, getattr(self, f"b{out}").to(h.dtype))[..., 0]
+        return (w * h).sum(-1) + b

@@ -67,6 +67,28 @@ class TopkMasked(nn.Module):
         return topk_mask(x, self.mask_k) if self.masking else x
 
 
+class MemberDropout:
+    """Dropout with rate 1 - keep per member (`self.keep`), each member's mask from its own generator (`self.seeds`)."""
+
+    _dropout_generators: list[torch.Generator] | None = None
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training or all(p == 1 for p in self.keep):
+            return h
+        if self._dropout_generators is None or self._dropout_generators[0].device.type != h.device.type:
+            self._dropout_generators = [
+                torch.Generator(h.device).manual_seed(member_seed(s, "dropout")) for s in self.seeds
+            ]
+        scales = []
+        for p, g in zip(self.keep, self._dropout_generators):
+            if p == 1:
+                scales.append(torch.ones(h.shape[1:], device=h.device, dtype=h.dtype))
+            else:
+                kept = torch.rand(h.shape[1:], generator=g, device=h.device) < p
+                scales.append(kept.to(h.dtype) / p)
+        return h * torch.stack(scales)
+
+
 class StackedLinear(nn.Module):
     """M linear layers: weight [M, in, out], bias [M, out]; member m gets nn.Linear's init from its own generator."""
 
@@ -89,7 +111,7 @@ class StackedLinear(nn.Module):
         return [self.weight[m], self.bias[m]]
 
 
-class StackedMLP(TopkMasked):
+class StackedMLP(TopkMasked, MemberDropout):
     """M heads sharing one architecture (act1, act2, dropout placement); they differ in seed, mask k and keep."""
 
     def __init__(
@@ -120,7 +142,6 @@ class StackedMLP(TopkMasked):
         self.layer2 = StackedLinear(init, hidden, hidden)
         self.act2 = make_activation(act2, members, hidden)
         self.layer3 = StackedLinear(init, hidden, 1)
-        self._dropout_generators: list[torch.Generator] | None = None
 
     def member_tensors(self, m: int) -> list[torch.Tensor]:
         """Member m's weights, biases and gate parameters, in layer order (views into the stack)."""
@@ -128,23 +149,6 @@ class StackedMLP(TopkMasked):
         for layer, act in ((self.layer1, self.act1), (self.layer2, self.act2), (self.layer3, None)):
             tensors += layer.member_tensors(m) + (activation_member_tensors(act, m) if act else [])
         return tensors
-
-    def _drop(self, h: torch.Tensor) -> torch.Tensor:
-        """Dropout with rate 1 - keep, each member's mask from its own generator."""
-        if not self.training or all(p == 1 for p in self.keep):
-            return h
-        if self._dropout_generators is None or self._dropout_generators[0].device.type != h.device.type:
-            self._dropout_generators = [
-                torch.Generator(h.device).manual_seed(member_seed(s, "dropout")) for s in self.seeds
-            ]
-        scales = []
-        for p, g in zip(self.keep, self._dropout_generators):
-            if p == 1:
-                scales.append(torch.ones(h.shape[1:], device=h.device, dtype=h.dtype))
-            else:
-                kept = torch.rand(h.shape[1:], generator=g, device=h.device) < p
-                scales.append(kept.to(h.dtype) / p)
-        return h * torch.stack(scales)
 
     def features(self, x: torch.Tensor, inputs_masked: bool = False) -> torch.Tensor:
         """Hidden features before the output layer, [M, B, hidden] (for t-SNE).

@@ -12,7 +12,8 @@ The inputs are z-scored with the run's own training rows (`standardize`, the pro
 then top-k masked like the MLP's (`mask_k`). The regularisation alpha, or k, is chosen by K-fold
 cross-validation on the training rows alone: folds drawn from the run's seed, the candidate whose
 pooled out-of-fold predictions have the best SRCC wins (the first on ties). No test row is seen
-before the chosen probe is fitted on all training rows.
+before the chosen probe is fitted on all training rows. `knn_k` fixes k instead (ALOE's Table B2:
+k = 20), so no cross-validation runs.
 """
 
 import numpy as np
@@ -29,8 +30,10 @@ CV_FOLDS = 5
 QUERY_CHUNK = 1024  # query rows per similarity matrix in knn
 
 
-def probe_recipe(head: str) -> dict:
-    """What the code decides for a probe run (part of its key)."""
+def probe_recipe(head: str, knn_k: int | None = None) -> dict:
+    """What the code decides for a probe run (part of its key); a fixed k (`knn_k`) leaves nothing to choose."""
+    if head == "knn" and knn_k is not None:
+        return {"k": int(knn_k), "metric": "cosine"}
     grid = {"ridge": {"alphas": list(RIDGE_ALPHAS)}, "knn": {"ks": list(KNN_KS), "metric": "cosine"}}[head]
     return {**grid, "cv_folds": CV_FOLDS, "cv_score": "SRCC of the pooled out-of-fold predictions"}
 
@@ -143,12 +146,24 @@ def _out_of_fold(z: np.ndarray, y: np.ndarray, head: str, seed: int) -> tuple[tu
     return candidates, pred
 
 
+def check_knn_k(head: str, knn_k: int | None, n_train: int | None = None) -> None:
+    """A fixed k belongs to the knn probe, is at least 1 and (given n_train) at most the training rows."""
+    if knn_k is None:
+        return
+    if head != "knn":
+        raise ValueError(f"--knn-k fixes the neighbours of the knn probe; the {head!r} head takes none")
+    if knn_k < 1 or (n_train is not None and knn_k > n_train):
+        raise ValueError(f"--knn-k must be between 1 and the {n_train or 'number of'} training rows, got {knn_k}")
+
+
 def fit_probe(head: str, x: np.ndarray, y: np.ndarray, seed: int, mask_k: float = 100.0,
-              standardize: bool = True) -> tuple[Probe, dict]:
-    """The probe fitted on training rows x [n, D], y [n], its hyper-parameter chosen by CV on them alone;
-    and the choice (`{"alpha"|"k": value, "cv_srcc": {candidate: score}}`)."""
+              standardize: bool = True, knn_k: int | None = None) -> tuple[Probe, dict]:
+    """The probe fitted on training rows x [n, D], y [n], its hyper-parameter chosen by CV on them alone
+    (or k fixed by `knn_k`); and the choice (`{"alpha"|"k": value, "cv_srcc": {candidate: score}}`, no
+    scores for a fixed k)."""
     if head not in PROBES:
         raise ValueError(f"unknown probe {head!r}; choose from {', '.join(PROBES)}")
+    check_knn_k(head, knn_k, len(y))
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if standardize:
         mean, std = x.mean(0), x.std(0)
@@ -157,6 +172,8 @@ def fit_probe(head: str, x: np.ndarray, y: np.ndarray, seed: int, mask_k: float 
         mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
     transform = Probe(torch.as_tensor(mean), torch.as_tensor(std), mask_k)
     z = transform.inputs(torch.as_tensor(x)[None])[0].numpy()
+    if knn_k is not None:
+        return KnnProbe(mean, std, mask_k, z, y, knn_k), {"k": int(knn_k), "cv_srcc": {}}
     candidates, pred = _out_of_fold(z, y, head, seed)
     scores = srcc(torch.as_tensor(pred), torch.as_tensor(y)).nan_to_num(nan=-np.inf).tolist()
     chosen = candidates[int(np.argmax(scores))]

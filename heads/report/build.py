@@ -9,7 +9,9 @@ Layout of the report folder (default <cache>/report):
 - `index.html`: all of it on one static page (relative links; opens from disk);
 - with `paper`: `paper.html|.md|.csv`, the published numbers beside the measured (heads/report/paper.py);
 - with `explanations`: `explanations.html` and `explanations/`, exported models' maps and their measures
-  (heads/report/explanations.py).
+  (heads/report/explanations.py);
+- with `paired`: `paired_<key a>_<key b>.md|.csv`, two configurations compared seed by seed and image by image
+  (heads/report/paired.py).
 A table or figure with no runs behind it is left out and the page says why. The report is built in
 a temporary folder beside its destination and swapped in at the end: a crash leaves the old one.
 The folder carries a `.iqa-report` mark; only a marked folder (or an empty one) is ever replaced.
@@ -33,6 +35,7 @@ from iqa.heads.models.mlp import HEADS
 from iqa.heads.models.probes import PROBES
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
+from iqa.heads.report.paired import compare_keys, paired_table
 from iqa.heads.report.scatter import kept_predictions, scatter_figure
 from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
@@ -114,11 +117,13 @@ def write_report(
     paper: bool = False,
     explanations: ExplainedModels | None = None,
     results_db: Path | None = None,
+    paired: list[tuple[str, str]] = (),
 ) -> ReportSummary:
     """Write every table and figure the runs allow into `out`; `load` gives embeddings for t-SNE and, with
     `results_db` (the runs' database, their kept weights beside it), for the prediction-against-MOS scatters;
     `paper` adds paper.html|.md|.csv: the published numbers beside the measured ones (heads/report/paper.py);
-    `explanations` adds explanations.html (heads/report/explanations.py)."""
+    `explanations` adds explanations.html (heads/report/explanations.py); `paired` (pairs of run keys, with `load`
+    and `results_db`) adds a paired comparison of each pair's configurations (heads/report/paired.py)."""
     out = Path(out)
     if not runs:
         raise ValueError("no runs in the results database")
@@ -137,6 +142,8 @@ def write_report(
             _scatter_figures(runs, load, Path(results_db), building, summary, page)
         else:
             summary.notes.append("prediction against MOS: no embedding cache and results database given")
+        if paired:
+            _paired_tables(runs, paired, load, results_db, building, summary, page)
         _profile(runs, profile, building, device, summary, page)
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
@@ -344,6 +351,26 @@ def _scatter_figures(runs, load: Loader, results_db: Path, folder: Path, summary
         title = f"Prediction against MOS on the test split: {label}"
         _add_figure(scatter_figure(title, panels, cached[test]), folder,
                     figures.stem("scatter", backbone, tag or "", data, *layers), title, summary, page)
+
+
+def _paired_tables(runs, pairs: list[tuple[str, str]], load: Loader | None, results_db: Path | None, folder: Path,
+                   summary: ReportSummary, page: _Page) -> None:
+    """paired_<a>_<b>.md|csv and a table on the page per pair of run keys; a pair that cannot be compared is a note."""
+    for key_a, key_b in pairs:
+        if load is None or results_db is None:
+            summary.notes.append(f"paired comparison {key_a} vs {key_b}: no embedding cache and results database given")
+            continue
+        try:
+            result = compare_keys(runs, key_a, key_b, Path(results_db), load)
+        except (LookupError, ValueError, FileNotFoundError) as error:
+            summary.notes.append(f"paired comparison {key_a} vs {key_b}: skipped ({str(error).strip(chr(39))})")
+            continue
+        for fmt in ("md", "csv"):
+            path = folder / f"{figures.stem('paired', key_a, key_b)}.{fmt}"
+            path.write_text(paired_table(result, fmt))
+            summary.tables.append(path)
+        page.tables.append((f"Paired comparison: {html.escape(key_a)} (A) and {html.escape(key_b)} (B)",
+                            paired_table(result, "html")))
 
 
 def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page) -> None:

@@ -10,7 +10,8 @@ model's explanations measured (pointing game, deletion AUC) in one table.
   (built once) unless another is given: the numbers `iqa explain MODEL --evaluate --json` prints.
 
 Layout inside the report folder: `explanations.html`, `explanations/<n>-<dataset>/` (the pages and the
-raw maps, as `iqa explain` writes them), `explanations/evaluation.md|csv`.
+raw maps, as `iqa explain` writes them), `explanations/evaluation.md|csv`, `explanations/deletion.png|pdf` (the
+deletion curves).
 """
 
 import csv
@@ -27,11 +28,13 @@ from iqa.data.splits import split_indices
 from iqa.heads.explain.attribution import explainable_blocks
 from iqa.heads.explain.maps import Subject, explain_files, model_subject
 from iqa.heads.explain.evaluate import evaluate
+from iqa.heads.report.figures import deletion_figure, save
 from iqa.heads.report.tables import text_table
 
 PAGE = "explanations.html"
 FOLDER = "explanations"
 EXPLAINED_IMAGES = 3
+DELETION_FIGURE = "deletion"
 COLUMNS = ("model", "folder", "backbone", "head", "trained on", "tested on", "pointing_game", "deletion_auc",
            "deletion_auc_random", "grids")
 
@@ -121,17 +124,19 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -
             parts.append(f'<p>{name} (target {target:.3f})<br><img src="{page}" alt="{names} on {name}"></p>')
         sections.append("\n".join(parts))
     grid_set = models.grid_set
-    rows = [evaluation_row(folder_path, subject, grid_set) for folder_path, subject in zip(models.folders, models.subjects)]
+    measured = [evaluate(subject, grid_set).as_dict() for subject in models.subjects]
+    rows = [evaluation_row(f, s, m) for f, s, m in zip(models.folders, models.subjects, measured)]
     (folder / FOLDER).mkdir(parents=True, exist_ok=True)
+    if measured:
+        save(deletion_figure({s.name: m for s, m in zip(models.subjects, measured)}), folder / FOLDER, DELETION_FIGURE)
     (folder / FOLDER / "evaluation.csv").write_text(evaluation_table(rows, "csv"))
     (folder / FOLDER / "evaluation.md").write_text(evaluation_table(rows, "md"))
     (folder / PAGE).write_text(_page(rows, grid_set, sections, notes, style))
     return notes
 
 
-def evaluation_row(folder: Path, subject: Subject, grid_set: Path) -> dict:
+def evaluation_row(folder: Path, subject: Subject, measured: dict) -> dict:
     config = subject.config
-    measured = evaluate(subject, grid_set).as_dict()
     return {"model": subject.name, "folder": str(folder),
             "backbone": config["backbone"]["key"] + (f"@{config['backbone']['tag']}" if config["backbone"].get("tag") else ""),
             "head": config["head"]["head"], "trained on": config["training"]["train_dataset"],
@@ -157,10 +162,12 @@ def _page(rows: list[dict], grid_set: Path, sections: list[str], notes: list[str
         f"<style>{style}</style></head><body>", '<h1>Explanations</h1><p><a href="index.html">back to the report</a></p>',
         f"<h2>Measured on {html.escape(str(grid_set))}</h2>",
         "<p>Pointing game: share of the positive Grad-CAM mass for \"low quality\" inside each grid's one "
-        "distorted cell (chance 0.25). Deletion: area under the predicted score as the most attributed 16x16 "
-        "blocks are mean-filled, beside the same for random block orders (lower than random is faithful). "
+        "distorted cell (chance 0.25; grids without positive attribution discarded). Deletion: area under the "
+        "predicted score as the most attributed 16x16 blocks are set to zero, beside the same for random block "
+        "orders (lower than random is faithful). "
         f'(<a href="{FOLDER}/evaluation.md">md</a> <a href="{FOLDER}/evaluation.csv">csv</a>)</p>',
         evaluation_table(rows, "html"),
+        f'<p><img src="{FOLDER}/{DELETION_FIGURE}.png" alt="deletion curves"></p>' if rows else "",
         "<h2>Grad-CAM of the score (what raises quality)</h2>",
         *sections,
     ]

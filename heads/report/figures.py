@@ -6,6 +6,8 @@
 - `gate_figures`: the gate weight s(g) across channels per epoch (Fig. S7) and at the final epoch (Fig. 2).
 - `learning_curve_figures`: train loss and test SRCC per epoch, mean over seeds, one figure per run group.
 - `tsne_figure`: 2-D maps of head features coloured by quality bucket, test left and train right (Fig. 4).
+- `deletion_figure`: explanations' deletion curves, predicted score against the deleted pixel fraction, each
+  model's attribution order beside its random-order control (ALOE Fig. B3).
 """
 
 import re
@@ -260,4 +262,22 @@ def layer_figure(runs: list[dict]):
         ax.legend(fontsize=8)
     ax.set_title("SRCC against layer", fontsize=11)
     fig.tight_layout()
+    return fig
+
+
+def deletion_figure(curves: dict[str, dict]):
+    """One line per model (`Evaluation.as_dict()` by name): the attribution order solid, random orders dashed."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for index, (name, measured) in enumerate(curves.items()):
+        colour = f"C{index % 10}"
+        ax.plot(measured["deletion_fraction"], measured["deletion_curve"], color=colour, marker="o", ms=3,
+                label=f"{name} (AUC {measured['deletion_auc']:.3f})")
+        ax.plot(measured["deletion_fraction"], measured["deletion_curve_random"], color=colour, ls="--",
+                label=f"{name}, random order ({measured['deletion_auc_random']:.3f})")
+    fills = sorted({measured["deletion_fill"] for measured in curves.values()})
+    ax.set_xlabel(f"deleted pixel fraction (16x16 blocks set to {' / '.join(fills)})")
+    ax.set_ylabel("predicted score")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Deletion: a faithful map makes the score fall early")
     return fig

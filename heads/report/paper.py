@@ -113,10 +113,12 @@ def _measure(runs: list[dict], match: dict, column: str, metric: str) -> tuple[s
     return None, float(np.mean([r[f"best_{metric}"] for r in chosen])), len(chosen)
 
 
-def _measured_cell(runs, table, match, column, metric) -> tuple[str | None, float | None, int]:
-    """A dataset column, the table's average over its dataset columns, or a Δ group column."""
+def _measured_cell(runs, table, match, column, metric, unpublished=()) -> tuple[str | None, float | None, int]:
+    """A dataset column, the table's average over its dataset columns (but the `unpublished` ones, which the
+    paper's average leaves out: CDIFT +Sig's NaN SPAQ), or a Δ group column."""
     if column == "average":
-        parts = [_measure(runs, match, c, metric) for c in table["columns"] if c != "average" and not c.startswith("delta:")]
+        parts = [_measure(runs, match, c, metric) for c in table["columns"]
+                 if c != "average" and not c.startswith("delta:") and c not in unpublished]
         missing = next((why for why, _, _ in parts if why), None)
         return (missing, None, 0) if missing else (None, float(np.mean([v for _, v, _ in parts])), min(n for _, _, n in parts))
     if column.startswith("delta:"):
@@ -147,20 +149,23 @@ def _sd(tables: dict, table: dict, row: dict, column: str, metric: str) -> float
 def compare_row(tables: dict, tid: str, row: dict, runs: list[dict], protocol: bool = False) -> list[Compared]:
     """Each printed cell of `row` beside its measured value; `protocol`: a classical stand-in, never judged."""
     table, out = tables[tid], []
+    width = len(table["metrics"] or [None])
+    marked = [cell is not None and printed_value(cell) is None for cell in row["cells"]]  # the paper's "-" and "—"
     for i, printed in enumerate(row["cells"]):
         column, metric = table["columns"][i // len(table["metrics"])], table["metrics"][i % len(table["metrics"])]
+        unpublished = [c for j, c in enumerate(table["columns"]) if marked[j * width + i % width]]
         if "match" not in row:  # another method's row, or one of the paper's with no iqa backbone (its note says)
             absent = "not run" if row.get("kind") == "ours" else "published only"
             out.append(Compared(printed, "unreadable" if printed is None else absent))
             continue
-        why, measured, seeds = _measured_cell(runs, table, row["match"], column, metric)
+        why, measured, seeds = _measured_cell(runs, table, row["match"], column, metric, unpublished)
         sd = _sd(tables, table, row, column, metric)
         if printed is None:
             verdict = "unreadable"
-        elif why:
-            verdict = why
         elif printed_value(printed) is None:
             verdict = "no published value"
+        elif why:
+            verdict = why
         elif protocol:
             verdict = "different protocol"
         elif sd is None:

@@ -84,7 +84,9 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     fuse = config.get("fuse")
     inner = "head." if fuse else ""  # a fusion's own head sits under "head."
     mlp = f"{inner}layer1.weight" in state
-    first = state[f"{inner}layer1.weight" if mlp else f"{inner}project.weight"]  # [1, in, out]: the MLP's or the hyper head's
+    # [1, in, out]: the MLP's first layer, the hyper head's projection, or (eq16: no projection) its first generated layer
+    first = state[f"{inner}layer1.weight" if mlp else f"{inner}project.weight" if f"{inner}project.weight" in state
+                  else f"{inner}w1"]
     hidden = first.shape[2] if mlp else None
     content = tuple(state["content_columns"][0].tolist()) if "content_columns" in state else None
     stages = None
@@ -93,7 +95,7 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     in_dim = first.shape[1] if stages is None else sum(w for _, w in stages)
     head = make_stack(in_dim, [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
                       config["dropout"], [config["keep"]], *([hidden] if hidden else []), fuse=fuse, stages=stages,
-                      content=content)
+                      content=content, hyper_target=config.get("hyper_target"))
     head.load_state_dict(state)
     if scaling[0] is not None:
         head = StandardizedHead(head, *scaling)

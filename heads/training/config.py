@@ -21,10 +21,10 @@ import torch
 
 from iqa.heads.models.fusion import check_fusion, fusion_recipe
 from iqa.cache.store import LAYER_POOLING
-from iqa.heads.training.loss import LOSSES, MARGIN_SCALE
-from iqa.heads.models.hyper import HYPER, hyper_recipe
+from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
+from iqa.heads.models.hyper import HYPER, check_hyper_target, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
-from iqa.heads.models.probes import PROBES, probe_recipe
+from iqa.heads.models.probes import PROBES, check_knn_k, probe_recipe
 
 # 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
 TRAINER_VERSION = 2
@@ -37,6 +37,10 @@ LR_DECAY = 0.2
 def lr_milestones(train_dataset: str) -> tuple[int, ...]:
     """Large sets decay x0.2 at epochs 15 and 25; small sets keep a constant lr."""
     return LARGE_MILESTONES if train_dataset in LARGE_DATASETS else ()
+
+
+# fields left out of a config's dict (and so its key) while None: added after runs were stored under keys without them
+OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target")
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,10 @@ class RunConfig:
     select: str = "test"  # which epoch the run keeps and reports: iqa.heads.training.selection
     val_fraction: float = 0.1  # of the seed's training rows, held out when select == "val"
     layers: tuple[int, ...] | None = None  # heads see these stored layers concatenated (from 1); None: the default embedding
-    fuse: str | None = None  # "attention": the layers fused by heads/models/fusion.py instead of read concatenated
+    fuse: str | None = None  # "attention" or "smart": the layers fused by heads/models/fusion.py instead of read concatenated
     compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
+    knn_k: int | None = None  # the knn probe's k fixed (ALOE: 20); None: chosen by cross-validation
+    hyper_target: str | None = None  # the hyper head as SMART-IQA's App. A sizes it: eq16 or table4; None: iqa's
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -86,16 +92,18 @@ class RunConfig:
                              f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        check_knn_k(self.head, self.knn_k)
+        check_hyper_target(self.head, self.hyper_target, self.dropout)
         if self.fuse is not None:
             check_fusion(self.fuse, self.layers)
             if self.head in PROBES:
                 raise ValueError(f"--fuse trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
 
     def to_dict(self) -> dict:
-        """What the results database stores and the key hashes: the fields, `layers` and `fuse` only where set,
-        so configs without them keep the keys they always had."""
+        """What the results database stores and the key hashes: the fields, the optional ones (OPTIONAL_FIELDS)
+        only where set, so configs without them keep the keys they always had."""
         d = asdict(self)
-        for name in ("layers", "fuse"):
+        for name in OPTIONAL_FIELDS:
             if d[name] is None:
                 del d[name]
         if "layers" in d:
@@ -116,7 +124,7 @@ class RunConfig:
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model (the fields of its TrainSettings) this config sets."""
         names = ("act1", "act2", "dropout", "epochs", "batch_size", "micro_batch", "loss", "optimizer", "weight_decay",
-                 "standardize", "select", "fuse", "compute_dtype")
+                 "standardize", "select", "fuse", "compute_dtype", "hyper_target")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -126,11 +134,11 @@ class RunConfig:
     def recipe(self) -> dict:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
         the fusion their sizes, a run on stored layers how they were pooled)."""
-        probe = {"probe": probe_recipe(self.head)} if self.head in PROBES else {}
-        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers)} if self.head == HYPER else {}
-        fusion = {"fusion": fusion_recipe()} if self.fuse is not None else {}
+        probe = {"probe": probe_recipe(self.head, self.knn_k)} if self.head in PROBES else {}
+        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers, self.hyper_target)} if self.head == HYPER else {}
+        fusion = {"fusion": fusion_recipe(self.fuse)} if self.fuse is not None else {}
         layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
-        return probe | hyper | fusion | layered | {
+        return probe | hyper | fusion | layered | loss_recipe(self.loss) | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),
             "lr_decay": LR_DECAY,

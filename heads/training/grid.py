@@ -59,19 +59,29 @@ def expand_grid(
     standardize: bool | None = None,
     layer_sets: list[tuple[int, ...] | None] = (None,),
     compute_dtype: str | None = None,
+    knn_k: int | None = None,
+    hyper_target: str | None = None,
     **shared,
 ) -> list[RunConfig]:
     """Every combination, in a stable order; `shared` sets epochs, lr, batch_size, fuse, ... for all runs.
 
     `standardize` None is each head's default: on for the probes, off for the MLP heads (the paper's).
     `layer_sets` are the heads' inputs (`layer_choices`): a layer sweep is one run per layer x head x seed.
-    `compute_dtype` (`head_dtype`) applies to the trained heads; the probes are closed-form float64 fits."""
+    `compute_dtype` (`head_dtype`) applies to the trained heads; the probes are closed-form float64 fits.
+    `knn_k` fixes the knn probe's k (None: cross-validated), `hyper_target` sizes the hyper head (None: iqa's);
+    the other heads of the grid ignore them."""
     if dropout is not None and any(name in PROBES for name, _, _ in heads):
         raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
+    if knn_k is not None and all(name != "knn" for name, _, _ in heads):
+        raise ValueError("--knn-k fixes the knn probe's k: give --act knn with it")
+    if hyper_target is not None and all(name != HYPER for name, _, _ in heads):
+        raise ValueError("--hyper-target sizes the hyper head: give --act hyper with it")
     return [
         RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), layers=layers,
                   standardize=name in PROBES if standardize is None else standardize,
-                  compute_dtype=None if name in PROBES else compute_dtype, **shared)
+                  compute_dtype=None if name in PROBES else compute_dtype,
+                  knn_k=knn_k if name == "knn" else None, hyper_target=hyper_target if name == HYPER else None,
+                  **shared)
         for layers, (train, test), (name, act1, act2), k, p, seed in product(layer_sets, pairs, heads, mask_ks, keeps, seeds)
     ]
 
@@ -292,7 +302,7 @@ class StackJob:
               pools: PoolCache | None = None) -> list[RunResult]:
         first = self.runs[0][0]
         if first.head in PROBES:  # closed form on the CPU: the device does not matter
-            results = train_probes(self.data, self.members, first.head, first.standardize)
+            results = train_probes(self.data, self.members, first.head, first.standardize, first.knn_k)
             for epoch in range(first.epochs) if on_epoch is not None else ():
                 on_epoch(epoch + 1)  # the progress bar counts model-epochs
             return results

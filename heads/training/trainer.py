@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from iqa.heads.models.activations import GATE_INIT, GatedActivation
-from iqa.heads.models.fusion import FUSE_WIDTH, StackedFusion, check_fusion
+from iqa.heads.models.fusion import StackedFusion, check_fusion, fused_width
 from iqa.heads.models.hyper import HYPER, StackedHyper
 from iqa.heads.training.loss import iqa_loss
 from iqa.heads.training.metrics import plcc, srcc
@@ -56,7 +56,7 @@ class Member:
 def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
                keep: list[float], hidden: int = HIDDEN, fuse: str | None = None,
                stages: tuple[tuple[int, int], ...] | None = None,
-               content: tuple[int, int] | None = None) -> StackedMLP | StackedHyper | StackedFusion:
+               content: tuple[int, int] | None = None, hyper_target: str | None = None) -> StackedMLP | StackedHyper | StackedFusion:
     """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper"), its hyper-network
     reading the `content` columns (all where None), or the MLP, which reads every column; with `fuse`,
     that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
@@ -64,14 +64,15 @@ def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list
         check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
         if sum(w for _, w in stages) != in_dim:
             raise ValueError(f"the stages' widths {[w for _, w in stages]} do not add up to the input width {in_dim}")
-        head = make_stack(FUSE_WIDTH, seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden)
-        return StackedFusion(stages, seeds, mask_k, head)
+        head = make_stack(fused_width(fuse, len(stages)), seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden,
+                          hyper_target=hyper_target)
+        return StackedFusion(stages, seeds, mask_k, head, fuse)
     if HYPER in (act1, act2):
         if (act1, act2) != (HYPER, HYPER):
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
-        if any(p != 1 for p in keep):
+        if hyper_target is None and any(p != 1 for p in keep):
             raise ValueError("the hyper head takes no dropout keep below 1")
-        return StackedHyper(in_dim, seeds, mask_k, dropout, content)
+        return StackedHyper(in_dim, seeds, mask_k, dropout, content, hyper_target, keep)
     return StackedMLP(in_dim, seeds, act1, act2, mask_k=mask_k, dropout=dropout, keep=keep, hidden=hidden)
 
 
@@ -291,6 +292,7 @@ class TrainSettings:
     select: str = "test"
     fuse: str | None = None
     compute_dtype: str | None = None
+    hyper_target: str | None = None  # SMART-IQA's hyper head (eq16 or table4); None: iqa's own
 
     def check(self, data: StackData, n_members: int) -> None:
         """Refuse settings and data that cannot train together, before anything is built."""
@@ -371,7 +373,7 @@ def start_training(on: DeviceData, members: list[Member], settings: TrainSetting
     device = on.x_train.device
     model = make_stack(
         on.x_train.shape[1], [m.seed for m in members], settings.act1, settings.act2, [m.mask_k for m in members],
-        settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content,
+        settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content, settings.hyper_target,
     ).to(device)
     optimizer = _stack_optimizer(model, members, settings.optimizer, settings.weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
@@ -484,6 +486,7 @@ def train_stack_model(
     fuse: str | None = None,
     compute_dtype: str | None = None,
     pools: PoolCache | None = None,
+    hyper_target: str | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
@@ -497,7 +500,7 @@ def train_stack_model(
     `PoolCache`).
     """
     settings = TrainSettings(act1, act2, dropout, epochs, batch_size, micro_batch, hidden, loss, optimizer,
-                             weight_decay, standardize, select, fuse, compute_dtype)
+                             weight_decay, standardize, select, fuse, compute_dtype, hyper_target)
     settings.check(data, len(members))
     on = stack_on_device(data, torch.device(device), pools)
     run = start_training(on, members, settings, data.stages, data.content_columns, pools)

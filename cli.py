@@ -563,6 +563,39 @@ def score_command(
         fail(f"{len(bad)} of {len(scored)} images could not be scored (listed above); --skip-bad to accept")
 
 
+@app.command("zeroshot")
+def zeroshot_command(
+    backbone: Annotated[str, typer.Option(help="CLIP or SigLIP store(s), comma-separated: clip,siglip2.")],
+    dataset: Annotated[list[str], typer.Option(help="Dataset(s) whose stores to score, comma-separated.")],
+    prompts: Annotated[list[str], typer.Option(help="A prompt set: pyiqa (five pairs, the default), clipiqa (the "
+                                                    "paper's pair) or pairs 'Good photo.|Bad photo.;...'; repeatable.")] = [],
+    prompts_file: Annotated[Optional[Path], typer.Option(help="Prompt sets, one per line ('name = pairs'): a sweep.")] = None,
+    template: Annotated[str, typer.Option(help="Each prompt is put into {} of this text.")] = "{}",
+    seeds: Annotated[str, typer.Option(help="Seeds whose test rows each run is evaluated on (as heads are).")] = "8,19,25",
+    split_by: Annotated[str, typer.Option(help="random, group or official: the heads' split rule.")] = "random",
+    tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    stores: StoresOption = None,
+    cache: CacheOption = None,
+) -> None:
+    """Zero-shot quality (CLIP-IQA) from the store's own checkpoint's text tower: no training, no image pass."""
+    from iqa.cache.location import store_root
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.zeroshot.prompts import prompt_sets
+    from iqa.heads.zeroshot.runs import run_zeroshot, sweep_table
+
+    root = cache_dir(cache)
+    try:
+        rows = run_zeroshot(root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
+                            ResultsDB(db or default_db(root)), split_by, template, tag, store_root(stores) if stores else None)
+    except (BackboneLoadError, FileNotFoundError, ValueError, KeyError) as error:
+        fail(message(error))
+    except OSError as error:
+        fail(error.strerror or str(error))
+    typer.echo(sweep_table(rows), nl=False)
+
+
 # ---- demo ----
 @app.command()
 def demo(

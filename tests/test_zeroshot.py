@@ -1,0 +1,204 @@
+"""Zero-shot quality from the backbones' own text towers: tiny CLIP and SigLIP models (both towers,
+random weights) saved to disk, a small dataset extracted through them, scores checked against the
+models' own logits computed by hand from the images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from typer.testing import CliRunner
+
+from iqa.cache.results import ResultsDB, default_db
+from iqa.cache.store import load_cached
+from iqa.cli import app
+from iqa.data.prepare import prepare_dataset
+from iqa.data.splits import split_indices
+from iqa.extract.preprocess import decode_image, normalise, resize_uint8
+from iqa.extract.registry import get_spec
+from iqa.extract.run import ExtractRequest, extract_dataset
+from iqa.heads.zeroshot.prompts import NAMED, parse_set, prompt_sets, read_prompts_file
+from iqa.heads.zeroshot.runs import run_zeroshot
+from iqa.heads.zeroshot.text import text_cache_path
+
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+PAD, BOS, EOS = 0, 2, 3
+SETS = [NAMED["clipiqa"], NAMED["pyiqa"], parse_set("Sharp photo.|Blurry photo.;Clean photo.|Noisy photo.")]
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer built offline: <s> prompt </s>, end token last as CLIP's tower expects."""
+    vocab = {"<pad>": PAD, "<unk>": 1, "<s>": BOS, "</s>": EOS, **{chr(c): c - 28 for c in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", BOS), ("</s>", EOS)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
+def save_model(folder, kind: str):
+    text = dict(TOWER, vocab_size=99, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vision = dict(TOWER, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = transformers.CLIPConfig(text_config=dict(text, max_position_embeddings=77, projection_dim=16),
+                                         vision_config=dict(vision, projection_dim=16), projection_dim=16)
+        model = transformers.CLIPModel(config)
+    else:
+        config = transformers.SiglipConfig(text_config=dict(text, max_position_embeddings=64), vision_config=vision)
+        model = transformers.SiglipModel(config)
+        with torch.no_grad():
+            model.logit_bias.fill_(-3.0)  # a bias that must cancel
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)
+    model.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A cache with a 12-image dataset and float32 stores from a saved tiny CLIP and SigLIP."""
+    root = tmp_path_factory.mktemp("zs")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["image,score"]
+    for i in range(12):
+        noise = rng.normal(0, 8 * i, (40, 48, 3))
+        base = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
+        Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(images / f"im{i}.png")
+        lines.append(f"im{i}.png,{95 - 7 * i + rng.normal()}")
+    (images / "labels.csv").write_text("\n".join(lines) + "\n")
+    cache = root / "cache"
+    prepare_dataset("csv", images, cache, labels="labels.csv", image_col="image", score_col="score",
+                    score_range="0,100", name="toy")
+    models_ = {}
+    for backbone, kind in (("clip", "clip"), ("siglip2", "siglip")):
+        folder = root / kind
+        models_[backbone] = save_model(folder, kind), folder
+        request = ExtractRequest(cache, "toy", backbone, source=str(folder), dtype="float32", store_dtype="float32",
+                                 progress=False)
+        assert extract_dataset(request, num_workers=0).ok
+    return cache, models_
+
+
+def by_hand(model, folder, backbone: str, cache, prompts: list[str]) -> torch.Tensor:
+    """The model's own logits_per_image from the images (preprocessed as the store's recipe says),
+    softmaxed over each pair, the positives' probabilities averaged."""
+    cached = load_cached(cache, "toy", backbone)
+    spec = get_spec(backbone)
+    side = cached.fingerprint["resolution"]
+    pixels = torch.stack([resize_uint8(decode_image(cache.parent / "images" / p)[0], side, spec.resample, None)
+                          for p in cached.manifest.paths])
+    pixels = normalise(pixels, spec.mean, spec.std)
+    siglip = backbone == "siglip2"
+    tokens = tokenizer()(prompts, return_tensors="pt", **(dict(padding="max_length", max_length=64) if siglip else dict(padding=True)))
+    inputs = {"input_ids": tokens["input_ids"]} if siglip else dict(tokens)
+    with torch.no_grad():
+        logits = model(pixel_values=pixels, **inputs).logits_per_image
+    return logits.reshape(len(pixels), -1, 2).softmax(-1)[..., 0].mean(-1)
+
+
+@pytest.mark.parametrize("backbone", ["clip", "siglip2"])
+def test_scores_equal_the_models_own_logits(setup, backbone, one_thread):
+    cache, models_ = setup
+    model, folder = models_[backbone]
+    db = ResultsDB(default_db(cache))
+    rows = run_zeroshot(cache, [backbone], ["toy"], SETS, [8, 19], db)
+    cached = load_cached(cache, "toy", backbone)
+    for row in rows:
+        expected = by_hand(model, folder, backbone, cache, row.prompts.prompts)
+        targets = torch.as_tensor(cached.manifest.targets, dtype=torch.float64)
+        from iqa.heads.training.metrics import plcc, srcc
+
+        whole = [r for r in row.records if r["evaluated_on"] == "all"][0]
+        assert whole["best_srcc"] == pytest.approx(float(srcc(expected[None].double(), targets[None])[0]), abs=1e-5)
+        assert whole["best_plcc"] == pytest.approx(float(plcc(expected[None].double(), targets[None])[0]), abs=1e-5)
+        for record in row.records[:2]:  # the seeds' runs: the heads' test rows of that seed
+            _, test = split_indices(cached.manifest.paths, record["seed"])
+            assert record["best_srcc"] == pytest.approx(float(srcc(expected[test][None].double(), targets[test][None])[0]), abs=1e-5)
+            assert record["head"] == "zeroshot" and record["prompts"] == row.prompts.name
+    # the scores themselves, to 1e-5
+    from iqa.heads.zeroshot.scoring import zero_shot_scores
+    from iqa.heads.zeroshot.text import text_embeddings
+
+    text = text_embeddings(cache, cached.fingerprint, "store", NAMED["pyiqa"].prompts)
+    scores = zero_shot_scores(torch.as_tensor(cached.embeddings), torch.as_tensor(text.embeddings), text.logit_scale, text.logit_bias)
+    assert torch.allclose(scores, by_hand(model, folder, backbone, cache, NAMED["pyiqa"].prompts), atol=1e-5)
+    assert scores.std() > 1e-4  # the images are told apart: the comparison is not between constants
+
+
+def test_sweep_reads_no_image_and_reuses_cached_text(setup, monkeypatch, one_thread):
+    """A sweep over cached text loads no model; over new prompts it loads one and runs only its text tower."""
+    cache, models_ = setup
+    calls = {"vision": 0, "text": 0}
+    for cls, kind in ((transformers.CLIPVisionModel, "vision"), (transformers.CLIPVisionModelWithProjection, "vision"),
+                      (transformers.SiglipVisionModel, "vision"), (transformers.CLIPTextModel, "text"),
+                      (transformers.SiglipTextModel, "text")):
+        forward = cls.forward
+
+        def counted(self, *args, _forward=forward, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    db = ResultsDB(cache / "sweep.sqlite")
+    new = parse_set("Crisp picture.|Smeared picture.")
+    rows = run_zeroshot(cache, ["clip", "siglip2"], ["toy"], [*SETS, new], [8, 19, 25], db)
+    assert calls == {"vision": 0, "text": 2}  # the new prompts once per checkpoint, no image
+    assert len(rows) == 8 and len(db.runs()) == 8 * 4
+    loaded = []
+    monkeypatch.setattr("iqa.heads.zeroshot.text.load_vision_language", lambda *a: loaded.append(a))
+    run_zeroshot(cache, ["clip", "siglip2"], ["toy"], [*SETS, new], [8, 19, 25], db)
+    assert loaded == [] and calls["text"] == 2  # all cached: no model at all
+    entries = json.loads(text_cache_path(cache, load_cached(cache, "toy", "clip").fingerprint).read_text())["entries"]
+    assert {e["prompt"] for e in entries.values()} >= set(new.prompts)
+    by_hand(*models_["clip"], "clip", cache, new.prompts)
+    assert calls["vision"] > 0  # the counters see an image pass where there is one
+
+
+def test_cli_sweep_records_runs_and_names_the_best(setup, tmp_path):
+    cache, _ = setup
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two sets\nsharpness = Sharp photo.|Blurry photo.\nclipiqa\n")
+    result = CliRunner().invoke(app, ["zeroshot", "--backbone", "clip,siglip2", "--dataset", "toy", "--prompts-file",
+                                      str(prompts), "--seeds", "8,19", "--cache", str(cache), "--db", str(tmp_path / "r.sqlite")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("**best**") == 2  # one per store
+    table = CliRunner().invoke(app, ["results", "--layout", "variants", "--db", str(tmp_path / "r.sqlite"), "--cache", str(cache)])
+    assert table.exit_code == 0 and "zeroshot" in table.output and "sharpness" in table.output, table.output
+
+
+def test_store_without_text_tower_is_refused_in_one_line(setup, tmp_path):
+    cache, _ = setup
+    vision_only = tmp_path / "vision-only"
+    config = transformers.CLIPVisionConfig(**TOWER, image_size=32, patch_size=8, projection_dim=16)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision_only)
+    assert extract_dataset(ExtractRequest(cache, "toy", "clip", source=str(vision_only), tag="vision", dtype="float32",
+                                          progress=False), num_workers=0).ok
+    assert extract_dataset(ExtractRequest(cache, "toy", "clip", tiny=True, dtype="float32", progress=False), num_workers=0).ok
+    for tag in ("vision", "tiny"):
+        result = CliRunner().invoke(app, ["zeroshot", "--backbone", "clip", "--dataset", "toy", "--tag", tag, "--cache", str(cache)])
+        assert result.exit_code == 1
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "text tower" in lines[0], result.output
+
+
+def test_prompt_sets_parse_and_refuse(tmp_path):
+    assert prompt_sets([], None) == [NAMED["pyiqa"]]
+    assert len(NAMED["pyiqa"].pairs) == 5 and NAMED["clipiqa"].pairs == (("Good photo.", "Bad photo."),)
+    two = parse_set("Good photo.|Bad photo.; Sharp.|Blurry.")
+    assert two.pairs == (("Good photo.", "Bad photo."), ("Sharp.", "Blurry.")) and two.prompts[1] == "Bad photo."
+    for bad in ("Good photo.", "a|b|c", "|bad", ""):
+        with pytest.raises(ValueError):
+            parse_set(bad)
+    with pytest.raises(ValueError, match="twice"):
+        prompt_sets(["clipiqa", "clipiqa"], None)
+    lines = tmp_path / "p.txt"
+    lines.write_text("x = a|b\nbroken\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompts_file(lines)

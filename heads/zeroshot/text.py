@@ -18,6 +18,7 @@ has not seen and a sweep of seen prompts costs no model at all.
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,26 @@ def load_vision_language(source: str, fingerprint: dict, store: str):
     class_name, pooling = VISION_LANGUAGE[kind]
     if not str(fingerprint.get("pooling")).startswith(pooling):
         raise NoTextTower(f"{store} holds {fingerprint.get('pooling')} features; {kind} text embeddings match its {pooling}")
-    vision = load_backbone(get_spec(fingerprint["backbone"]), source=source)  # as extraction loaded it: same checksum
+    with quiet_loading():  # the vision class reports the text tower's weights as unexpected: they are
+        vision = load_backbone(get_spec(fingerprint["backbone"]), source=source)  # as extraction loaded it
     if weights_sha256(vision) != fingerprint.get("weights_sha256"):
         raise ValueError(f"{source!r} no longer holds the vision weights {store} was extracted with (checksum differs); "
                          "re-extract the store, or restore the checkpoint it was made from")
     model = getattr(transformers, class_name).from_pretrained(source, local_files_only=offline, dtype=torch.float32)
     return model.eval(), kind
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' load report at error level only, for the duration."""
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
 
 
 @torch.inference_mode()

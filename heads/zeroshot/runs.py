@@ -17,27 +17,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from iqa.cache.results import ResultsDB
 from iqa.cache.store import load_cached
-from iqa.data.splits import split_indices
-from iqa.heads.training.config import rows_digest, run_key
+from iqa.heads.training.config import LR_DECAY, lr_milestones, rows_digest, run_key
+from iqa.heads.training.grid import run_rows, validation_rows
+from iqa.heads.training.loss import MARGIN_SCALE
 from iqa.heads.training.metrics import plcc, srcc
 from iqa.heads.training.trainer import RunResult
+from iqa.heads.saved.weights import run_weights_path, save_head
+from iqa.heads.zeroshot.learn import CONTEXT_STD, LearnSettings, PromptLearner, train_prompts
 from iqa.heads.zeroshot.prompts import PromptSet
 from iqa.heads.zeroshot.scoring import zero_shot_scores
-from iqa.heads.zeroshot.text import TEMPLATE, TextEmbeddings, text_embeddings
+from iqa.heads.zeroshot.text import (TEMPLATE, TextEmbeddings, checkpoint_of, load_vision_language, text_embeddings,
+                                     tokenizer_of)
 
 HEAD = "zeroshot"
+LEARNED = "learned-prompts"
 ZEROSHOT_VERSION = 1  # bumped whenever the scoring changes the numbers a config gives
 SCORING = "mean over pairs of the positive prompt's two-way softmax of the model's logits"
 
 
 @dataclass(frozen=True)
 class ZeroShotConfig:
-    """One zero-shot run; the fields heads' configs share keep their names, so tables read both alike."""
+    """One zero-shot or learned-prompts run; the fields heads' configs share keep their names, so tables read both alike."""
 
-    train_dataset: str  # nothing is trained: the dataset whose rows are scored, as test_dataset
+    train_dataset: str  # zero-shot trains nothing: the dataset whose rows are scored, as test_dataset
     test_dataset: str
     backbone: str
     prompts: str  # the prompt set's name
@@ -48,15 +54,32 @@ class ZeroShotConfig:
     tag: str | None = None
     head: str = HEAD
     regime: str = HEAD
+    learn: LearnSettings | None = None  # learned prompts (learn.py), trained on the seed's training rows
+
+    @classmethod
+    def learned(cls, dataset: str, backbone: str, prompt_set: PromptSet, seed: int, split_by: str, template: str,
+                tag: str | None, settings: LearnSettings) -> "ZeroShotConfig":
+        return cls(dataset, dataset, backbone, prompt_set.name, prompt_set.pairs, seed, split_by, template, tag,
+                   LEARNED, "frozen", settings)
+
+    @property
+    def val_fraction(self) -> float:
+        return self.learn.val_fraction
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        learn = d.pop("learn") or {}
         d["prompt_pairs"] = [list(pair) for pair in self.prompt_pairs]
         d["evaluated_on"] = "all" if self.seed is None else "test"
-        return d
+        return d | learn
 
     def recipe(self) -> dict:
-        return {"zeroshot_version": ZEROSHOT_VERSION, "scoring": SCORING}
+        recipe = {"zeroshot_version": ZEROSHOT_VERSION, "scoring": SCORING}
+        if self.learn is None:
+            return recipe
+        return recipe | {"milestones": list(lr_milestones(self.train_dataset)), "lr_decay": LR_DECAY,
+                         "margin_scale": MARGIN_SCALE, "context_std": CONTEXT_STD,
+                         "batches": "floor(n_train / batch_size) full batches per epoch, order from (seed, epoch)"}
 
 
 def text_digest(text: TextEmbeddings) -> str:
@@ -88,37 +111,102 @@ class SweepRow:
         return float(np.mean(values)) if values else float("nan")
 
 
+@dataclass
+class ScoredStore:
+    """One store's embeddings with the text embeddings of every prompt the sets name."""
+
+    cached: object  # iqa.cache.store.CachedEmbeddings
+    text: TextEmbeddings
+
+    def text_of(self, prompt_set: PromptSet) -> TextEmbeddings:
+        rows = [self.text.prompts.index(p) for p in prompt_set.prompts]
+        return TextEmbeddings(prompt_set.prompts, self.text.embeddings[rows], self.text.logit_scale, self.text.logit_bias)
+
+    def fingerprint(self, prompt_set: PromptSet) -> str:
+        """The store's fingerprint id and a digest of the set's text: a run's data."""
+        return f"{self.cached.fingerprint_id}-text-{text_digest(self.text_of(prompt_set))}"
+
+
+def scored_store(cache: Path, backbone: str, dataset: str, sets: list[PromptSet], template: str, tag: str | None,
+                 stores: Path | str | None) -> ScoredStore:
+    cached = load_cached(cache, dataset, backbone, tag, stores)
+    prompts = list(dict.fromkeys(p for s in sets for p in s.prompts))
+    return ScoredStore(cached, text_embeddings(cache, cached.fingerprint, str(cached.path), prompts, template))
+
+
+def record(db: ResultsDB, runs: list[tuple[str, dict, str, RunResult]]) -> list[dict]:
+    """Record the runs (their kept weights first, as heads' are) and return their stored records, in order."""
+    for key, config, _, result in runs:
+        if result.weights is not None:
+            save_head(run_weights_path(db.path, key), result.weights, config)
+    db.record(runs)
+    stored = {r["key"]: r for r in db.runs()}
+    return [stored[key] for key, *_ in runs]
+
+
 def run_zeroshot(cache: Path, backbones: list[str], datasets: list[str], sets: list[PromptSet], seeds: list[int],
                  db: ResultsDB, split_by: str = "random", template: str = TEMPLATE, tag: str | None = None,
                  stores: Path | str | None = None) -> list[SweepRow]:
     """Score every prompt set on every (backbone, dataset) store and record one run per seed and one on
     the whole set; the text embeddings come from each store's own checkpoint (cached, text.py)."""
     out = []
-    prompts = list(dict.fromkeys(p for s in sets for p in s.prompts))
     for backbone in backbones:
         for dataset in datasets:
-            cached = load_cached(cache, dataset, backbone, tag, stores)
-            text = text_embeddings(cache, cached.fingerprint, str(cached.path), prompts, template)
+            store = scored_store(cache, backbone, dataset, sets, template, tag, stores)
+            cached, m = store.cached, store.cached.manifest
             images = torch.as_tensor(cached.embeddings)
-            valid = np.flatnonzero(cached.valid)
-            m = cached.manifest
-            splits = {seed: split_indices(m.paths, seed, by=split_by, groups=m.groups, sets=m.extras.get("set"))[1]
-                      for seed in seeds}
             for prompt_set in sets:
-                rows = [prompts.index(p) for p in prompt_set.prompts]
-                chosen = TextEmbeddings(prompt_set.prompts, text.embeddings[rows], text.logit_scale, text.logit_bias)
-                scores = zero_shot_scores(images, torch.as_tensor(chosen.embeddings), text.logit_scale, text.logit_bias)
-                fingerprint = f"{cached.fingerprint_id}-text-{text_digest(chosen)}"
+                text = store.text_of(prompt_set)
+                scores = zero_shot_scores(images, torch.as_tensor(text.embeddings), text.logit_scale, text.logit_bias)
                 runs = []
                 for seed in [*seeds, None]:
-                    test_rows = valid if seed is None else splits[seed][cached.valid[splits[seed]]]
                     config = ZeroShotConfig(dataset, dataset, backbone, prompt_set.name, prompt_set.pairs, seed,
                                             split_by, template, tag)
+                    test_rows = np.flatnonzero(cached.valid) if seed is None else run_rows(config, cached, cached)[1]
+                    fingerprint = store.fingerprint(prompt_set)
                     key = run_key(config, fingerprint, rows_digest(np.array([], dtype=np.int64), test_rows))
                     runs.append((key, config.as_dict(), fingerprint, evaluate(scores, m.targets, test_rows)))
-                db.record(runs)
-                stored = {r["key"]: r for r in db.runs() if r["key"] in {k for k, *_ in runs}}
-                out.append(SweepRow(backbone, dataset, prompt_set, [stored[k] for k, *_ in runs]))
+                out.append(SweepRow(backbone, dataset, prompt_set, record(db, runs)))
+    return out
+
+
+def run_learned(cache: Path, backbones: list[str], datasets: list[str], sets: list[PromptSet], seeds: list[int],
+                db: ResultsDB, settings: LearnSettings, split_by: str = "random", template: str = TEMPLATE,
+                tag: str | None = None, stores: Path | str | None = None, progress: bool = True) -> list[SweepRow]:
+    """Learn each set's context vectors (learn.py) once per seed on that seed's training rows, tested on its
+    test rows; finished runs in `db` are not trained again. The kept text embeddings are the run's weights."""
+    out = []
+    for backbone in backbones:
+        for dataset in datasets:
+            store = scored_store(cache, backbone, dataset, sets, template, tag, stores)
+            cached = store.cached
+            images = torch.as_tensor(cached.embeddings)
+            model = None
+            for prompt_set in sets:
+                runs = []
+                for seed in tqdm(seeds, desc=f"{backbone}/{dataset}/{prompt_set.name[:30]}", disable=not progress):
+                    config = ZeroShotConfig.learned(dataset, backbone, prompt_set, seed, split_by, template, tag, settings)
+                    train_rows, test_rows = run_rows(config, cached, cached)
+                    val_rows = None
+                    if settings.select == "val":
+                        train_rows, val_rows = validation_rows(config, train_rows, cached)
+                    fingerprint = store.fingerprint(prompt_set)
+                    key = run_key(config, fingerprint, rows_digest(train_rows, test_rows))
+                    if key in db.finished_keys():
+                        runs.append((key, None, None, None))
+                        continue
+                    if model is None:
+                        source = checkpoint_of(cached.fingerprint, str(cached.path))
+                        model, kind = load_vision_language(source, cached.fingerprint, str(cached.path))
+                        tokenizer = tokenizer_of(source)
+                    learner = PromptLearner(model, kind, tokenizer, [template.format(p) for p in prompt_set.prompts],
+                                            settings.context, seed)
+                    result = train_prompts(learner, images, cached.manifest.targets, train_rows, test_rows, val_rows,
+                                           seed, settings, lr_milestones(dataset))
+                    runs.append((key, config.as_dict(), fingerprint, result))
+                record(db, [r for r in runs if r[1] is not None])
+                stored = {r["key"]: r for r in db.runs()}
+                out.append(SweepRow(backbone, dataset, prompt_set, [stored[key] for key, *_ in runs]))
     return out
 
 
@@ -141,6 +229,7 @@ def sweep_table(rows: list[SweepRow]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         mark = " **best**" if id(row) in best and several else ""
-        lines.append(f"| {row.backbone} | {row.dataset} | {row.prompts.name}{mark} | {row.mean():.4f} | "
-                     f"{row.mean('plcc'):.4f} | {row.mean(on='all'):.4f} | {row.mean('plcc', 'all'):.4f} |")
+        values = [row.mean(), row.mean("plcc"), row.mean(on="all"), row.mean("plcc", "all")]
+        cells = " | ".join("—" if np.isnan(v) else f"{v:.4f}" for v in values)  # learned prompts: no whole-set run
+        lines.append(f"| {row.backbone} | {row.dataset} | {row.prompts.name}{mark} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -140,18 +140,32 @@ def quiet_loading():
         logging.set_verbosity(before)
 
 
-@torch.inference_mode()
-def encode(model, kind: str, source: str, texts: list[str]) -> np.ndarray:
-    """The text tower's embeddings [P, D] (unnormalised, as get_text_features returns them)."""
+def tokenizer_of(source: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=Path(source).is_dir())
+    return AutoTokenizer.from_pretrained(source, local_files_only=Path(source).is_dir())
+
+
+def pad_inputs(tokenizer, model, kind: str, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token ids (special tokens included) padded as the tower was trained: SigLIP to its full length
+    with no mask, CLIP to the longest with the mask."""
     if kind == "siglip":
-        tokens = tokenizer(texts, padding="max_length", max_length=model.config.text_config.max_position_embeddings,
-                           truncation=True, return_tensors="pt")
-    else:
-        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    features = model.get_text_features(input_ids=tokens["input_ids"],
-                                       **({"attention_mask": tokens["attention_mask"]} if kind == "clip" else {}))
-    features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
-    return features.float().numpy()
+        length = model.config.text_config.max_position_embeddings
+        padded = tokenizer.pad({"input_ids": [row[:length] for row in ids]}, padding="max_length", max_length=length,
+                               return_tensors="pt")
+        return {"input_ids": padded["input_ids"]}
+    padded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+
+def text_features(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The text tower's embeddings [P, D] (unnormalised, as get_text_features returns them)."""
+    features = model.get_text_features(**inputs)
+    return getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+
+
+@torch.inference_mode()
+def encode(model, kind: str, source: str, texts: list[str]) -> np.ndarray:
+    tokenizer = tokenizer_of(source)
+    ids = [tokenizer(text, truncation=True)["input_ids"] for text in texts]
+    return text_features(model, pad_inputs(tokenizer, model, kind, ids)).float().numpy()

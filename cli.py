@@ -575,6 +575,14 @@ def zeroshot_command(
     split_by: Annotated[str, typer.Option(help="random, group or official: the heads' split rule.")] = "random",
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    learn_prompts: Annotated[bool, typer.Option("--learn-prompts", help="Train context vectors before each prompt "
+                                                "(CLIP-IQA+; text tower frozen) on each seed's training rows.")] = False,
+    context: Annotated[int, typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt.")] = 16,
+    epochs: Annotated[int, typer.Option(min=1, help="--learn-prompts: epochs.")] = 30,
+    lr: Annotated[float, typer.Option(help="--learn-prompts: learning rate (CoOp's 2e-3).")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=2, help="--learn-prompts: rows per optimiser step (as heads).")] = 12,
+    loss: LossOption = "mse+margin",
+    select: Annotated[str, typer.Option(help="--learn-prompts: epoch kept, test, val or last (as for heads).")] = "test",
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -582,13 +590,17 @@ def zeroshot_command(
     from iqa.cache.location import store_root
     from iqa.cache.results import ResultsDB, default_db
     from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.zeroshot.learn import LearnSettings
     from iqa.heads.zeroshot.prompts import prompt_sets
-    from iqa.heads.zeroshot.runs import run_zeroshot, sweep_table
+    from iqa.heads.zeroshot.runs import run_learned, run_zeroshot, sweep_table
 
     root = cache_dir(cache)
     try:
-        rows = run_zeroshot(root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
-                            ResultsDB(db or default_db(root)), split_by, template, tag, store_root(stores) if stores else None)
+        common = (root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
+                  ResultsDB(db or default_db(root)))
+        where = dict(split_by=split_by, template=template, tag=tag, stores=store_root(stores) if stores else None)
+        settings = LearnSettings(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss, select=select)
+        rows = run_learned(*common, settings, **where) if learn_prompts else run_zeroshot(*common, **where)
     except (BackboneLoadError, FileNotFoundError, ValueError, KeyError) as error:
         fail(message(error))
     except OSError as error:

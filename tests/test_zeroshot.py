@@ -173,6 +173,23 @@ def test_cli_sweep_records_runs_and_names_the_best(setup, tmp_path):
     assert table.exit_code == 0 and "zeroshot" in table.output and "sharpness" in table.output, table.output
 
 
+
+def test_cli_learns_prompts_and_refuses_bad_settings_in_one_line(setup, tmp_path):
+    cache, _ = setup
+    base = ["zeroshot", "--backbone", "clip", "--dataset", "toy", "--prompts", "clipiqa", "--seeds", "8", "--learn-prompts",
+            "--cache", str(cache), "--db", str(tmp_path / "r.sqlite")]
+    result = CliRunner().invoke(app, [*base, "--epochs", "2", "--batch-size", "4", "--context", "2"])
+    assert result.exit_code == 0, result.output
+    (run,) = ResultsDB(tmp_path / "r.sqlite").runs()
+    assert run["head"] == "learned-prompts" and run["epochs"] == 2 and len(run["curves"]["srcc"]) == 2
+    for extra, said in ((["--select", "best"], "selection rule"), (["--loss", "hinge"], "unknown loss"),
+                        (["--batch-size", "12"], "cannot fill one batch")):  # the toy split trains on 10 rows
+        result = CliRunner().invoke(app, [*base, *extra])
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # beside progress bars
+        assert result.exit_code == 1 and len(errors) == 1 and said in errors[0], result.output
+        assert "Traceback" not in result.output and result.output.rstrip().endswith(errors[0])
+
+
 def test_store_without_text_tower_is_refused_in_one_line(setup, tmp_path):
     cache, _ = setup
     vision_only = tmp_path / "vision-only"
@@ -202,3 +219,56 @@ def test_prompt_sets_parse_and_refuse(tmp_path):
     lines.write_text("x = a|b\nbroken\n")
     with pytest.raises(ValueError, match="line 2"):
         read_prompts_file(lines)
+
+
+@pytest.mark.parametrize("backbone", ["clip", "siglip2"])
+def test_learned_prompts_reduce_the_loss_and_keep_their_text(setup, backbone, one_thread):
+    from iqa.heads.saved.weights import run_weights_path
+    from iqa.heads.training.metrics import srcc
+    from iqa.heads.zeroshot.learn import LearnSettings
+    from iqa.heads.zeroshot.runs import run_learned
+    from iqa.heads.zeroshot.scoring import zero_shot_scores
+    from safetensors.torch import load_file
+
+    cache, models_ = setup
+    db = ResultsDB(cache / f"learn-{backbone}.sqlite")
+    settings = LearnSettings(context=4, epochs=6, lr=0.05, batch_size=4, select="test")
+    (row,) = run_learned(cache, [backbone], ["toy"], [NAMED["clipiqa"]], [8], db, settings, progress=False)
+    (run,) = row.records
+    assert run["head"] == "learned-prompts" and run["context"] == 4 and run["status"] == "done"
+    losses = run["curves"]["train_loss"]
+    assert losses[-1] < losses[0], losses
+    weights = load_file(run_weights_path(db.path, run["key"]))
+    cached = load_cached(cache, "toy", backbone)
+    scores = zero_shot_scores(torch.as_tensor(cached.embeddings), weights["text_embeddings"], float(weights["logit_scale"]),
+                              float(weights["logit_bias"]))
+    _, test = split_indices(cached.manifest.paths, 8)
+    targets = torch.as_tensor(cached.manifest.targets[test], dtype=torch.float64)
+    assert float(srcc(scores[test][None].double(), targets[None])[0]) == pytest.approx(run["best_srcc"], abs=1e-6)
+    assert weights["context"].shape[:2] == (2, 4)
+    again = run_learned(cache, [backbone], ["toy"], [NAMED["clipiqa"]], [8], db, settings, progress=False)
+    assert again[0].records[0]["finished_at"] == run["finished_at"]  # finished: not trained again
+
+
+
+def test_prompt_learner_trains_only_its_context(setup, one_thread):
+    """Through the text tower and back: the context gets gradients, the model's own weights none; with the
+    context equal to the placeholders' own embeddings the learner gives the written prompts' embeddings."""
+    from iqa.extract.backbones import state_sha256
+    from iqa.heads.zeroshot.learn import PromptLearner
+    from iqa.heads.zeroshot.text import text_features
+
+    _, models_ = setup
+    model = transformers.CLIPModel.from_pretrained(models_["clip"][1]).eval()
+    before = state_sha256(model.state_dict())
+    learner = PromptLearner(model, "clip", tokenizer(), ["Good photo.", "Bad photo."], 3, seed=8)
+    learner().sum().backward()
+    assert learner.context.grad is not None and learner.context.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert state_sha256(model.state_dict()) == before
+    with torch.no_grad():  # the placeholders' own word vectors in place: the tower sees the token ids as written
+        learner.context.copy_(model.text_model.get_input_embeddings()(learner.inputs["input_ids"][:, learner.span]))
+        plain = text_features(model, learner.inputs)
+        assert torch.allclose(learner(), plain, atol=1e-6)
+        learner.context.add_(torch.randn(learner.context.shape, generator=torch.Generator().manual_seed(0)))
+        assert not torch.allclose(learner(), plain, atol=1e-3)  # the hook's vectors are what the tower reads

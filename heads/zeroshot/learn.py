@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from iqa.heads.models.mlp import member_seed
-from iqa.heads.training.loss import iqa_loss
-from iqa.heads.training.selection import improved
+from iqa.heads.training.config import OPTIMIZERS
+from iqa.heads.training.loss import LOSSES, iqa_loss
+from iqa.heads.training.selection import check_rule, improved
 from iqa.heads.training.trainer import (RunResult, epoch_metrics, epoch_order, make_optimizer, make_scheduler,
                                         new_curves, record_epoch, result_from_curves)
 from iqa.heads.zeroshot.scoring import zero_shot_scores
@@ -79,6 +80,17 @@ class LearnSettings:
     select: str = "test"
     val_fraction: float = 0.1
 
+    def __post_init__(self):
+        check_rule(self.select)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+
+    def check_rows(self, n_train: int) -> None:
+        if n_train < self.batch_size:
+            raise ValueError(f"{n_train} training rows cannot fill one batch of {self.batch_size}; give a smaller --batch-size")
+
 
 def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndarray, train_rows: np.ndarray,
                   test_rows: np.ndarray, val_rows: np.ndarray | None, seed: int, settings: LearnSettings,
@@ -86,8 +98,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
     """One run: the context vectors trained on `train_rows`; the kept epoch's text embeddings, context,
     scale and bias in RunResult.weights."""
     s = settings
-    if len(train_rows) < s.batch_size:
-        raise ValueError(f"{len(train_rows)} training rows cannot fill one batch of {s.batch_size}")
+    s.check_rows(len(train_rows))
     y = torch.as_tensor(targets, dtype=torch.float32)
     optimizer = make_optimizer([{"params": [learner.context], "lr": s.lr}], s.optimizer)
     scheduler = make_scheduler(optimizer, milestones)
@@ -105,7 +116,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         with torch.no_grad():
             text = learner()
             scores = zero_shot_scores(images, text, scale, bias)

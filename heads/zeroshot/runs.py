@@ -195,6 +195,7 @@ def run_learned(cache: Path, backbones: list[str], datasets: list[str], sets: li
                     if key in db.finished_keys():
                         runs.append((key, None, None, None))
                         continue
+                    settings.check_rows(len(train_rows))  # before the model loads
                     if model is None:
                         source = checkpoint_of(cached.fingerprint, str(cached.path))
                         model, kind = load_vision_language(source, cached.fingerprint, str(cached.path))

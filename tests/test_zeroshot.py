@@ -272,3 +272,40 @@ def test_prompt_learner_trains_only_its_context(setup, one_thread):
         assert torch.allclose(learner(), plain, atol=1e-6)
         learner.context.add_(torch.randn(learner.context.shape, generator=torch.Generator().manual_seed(0)))
         assert not torch.allclose(learner(), plain, atol=1e-3)  # the hook's vectors are what the tower reads
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_exported_text_runs_score_images_from_disk_as_the_cache_did(setup, tmp_path, learned, one_thread):
+    """`iqa export` of a zero-shot or learned-prompts run, then `iqa score` on the image files: the scores the
+    stored embeddings give with the run's kept text, to 1e-5."""
+    from safetensors.torch import load_file
+
+    from iqa.heads.saved.weights import run_weights_path
+    from iqa.heads.zeroshot.learn import LearnSettings
+    from iqa.heads.zeroshot.runs import run_learned
+    from iqa.heads.zeroshot.scoring import zero_shot_scores
+
+    cache, _ = setup
+    db = ResultsDB(tmp_path / "r.sqlite")
+    if learned:
+        settings = LearnSettings(context=2, epochs=2, lr=0.05, batch_size=4)
+        (row,) = run_learned(cache, ["siglip2"], ["toy"], [NAMED["clipiqa"]], [8], db, settings, progress=False)
+    else:
+        (row,) = run_zeroshot(cache, ["siglip2"], ["toy"], [NAMED["pyiqa"]], [8], db)
+    run = row.records[0]
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["export", run["key"][:12], "--out", str(out), "--cache", str(cache), "--db", str(db.path)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["head"]["prompts"] == row.prompts.name and "text tower" in (out / "README.md").read_text()
+
+    cached = load_cached(cache, "toy", "siglip2")
+    paths = [f"{cached.manifest.image_root}/{p}" for p in cached.manifest.paths]
+    scored = CliRunner().invoke(app, ["score", str(out), *paths, "--json", "--workers", "0", "--device", "cpu"])
+    assert scored.exit_code == 0, scored.output
+    scores = torch.tensor([json.loads(line)["score"] for line in scored.stdout.splitlines() if line.startswith("{")])
+    kept = load_file(run_weights_path(db.path, run["key"]))
+    expected = zero_shot_scores(torch.as_tensor(cached.embeddings), kept["text_embeddings"], kept["logit_scale"],
+                                kept["logit_bias"])
+    assert len(scores) == 12 and torch.allclose(scores, expected, atol=1e-5)
+    assert scores.std() > 1e-4

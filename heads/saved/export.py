@@ -79,7 +79,8 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path) -> Path:
             "preprocessing", "compute_dtype")}, "tuning": tuning,
             **({"layers": run["layers"]} if run.get("layers") else {})},  # the head reads these stored layers
         "head": {k: run.get(k) for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
-                | ({"fuse": run["fuse"]} if run.get("fuse") else {}),  # the stages fused, not concatenated
+                | ({"fuse": run["fuse"]} if run.get("fuse") else {})  # the stages fused, not concatenated
+                | {k: run[k] for k in ("prompts", "prompt_pairs", "template", "context") if k in run},  # a text head's
         "training": {k: run.get(k) for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},
@@ -106,7 +107,13 @@ def model_card(config: dict) -> str:
         notes.append(f"The head weighs the stored stages {b['layers']} per image ({config['head']['fuse']} fusion) "
                      "before the head reads them; the weights come from the deepest stage.")
     probe = config["head"].get("probe")
-    if probe:
+    if "prompt_pairs" in config["head"]:
+        h = config["head"]
+        learned = f", behind {h['context']} context vectors learned per prompt (CLIP-IQA+)" if h.get("context") else ""
+        notes.append(f"The head is the backbone's own text tower: the image's two-way softmax against each pair of the "
+                     f"`{h['prompts']}` prompts, averaged over pairs (CLIP-IQA){learned}; its text embeddings, logit "
+                     "scale and bias are in head.safetensors.")
+    elif probe:
         chosen = {k: v for k, v in probe.items() if k != "cv_srcc"}
         notes.append(f"The head is a {config['head']['head']} probe fitted in closed form, {chosen} chosen by "
                      "cross-validation on the training rows; it has no epochs.")

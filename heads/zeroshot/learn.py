@@ -132,7 +132,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
         if improved([chosen], kept_score, s.select)[0]:
             kept_score = [chosen]
             kept = {"text_embeddings": text.detach().clone(), "context": learner.context.detach().clone(),
-                    "logit_scale": torch.tensor([scale]), "logit_bias": torch.tensor([bias])}
+                    "logit_scale": torch.tensor([scale]), "logit_bias": torch.tensor([bias])}  # scoring.TextHead's
         record_epoch(curve, train_loss=total / steps, srcc=test_srcc, plcc=test_plcc, lr=lr, **validation)
         scheduler.step()
     result = result_from_curves(curve, diverged, None, s.select)

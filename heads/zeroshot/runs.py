@@ -89,6 +89,12 @@ def text_digest(text: TextEmbeddings) -> str:
     return h.hexdigest()[:16]
 
 
+def text_weights(text: TextEmbeddings) -> dict[str, torch.Tensor]:
+    """What scoring needs besides an image embedding (scoring.TextHead)."""
+    return {"text_embeddings": torch.as_tensor(text.embeddings), "logit_scale": torch.tensor([text.logit_scale]),
+            "logit_bias": torch.tensor([text.logit_bias])}
+
+
 def evaluate(scores: torch.Tensor, targets: np.ndarray, rows: np.ndarray) -> RunResult:
     """SRCC and PLCC of the scores on `rows`: a run with one "epoch", recorded as best and last alike."""
     pred = scores[torch.as_tensor(rows)][None]
@@ -165,7 +171,9 @@ def run_zeroshot(cache: Path, backbones: list[str], datasets: list[str], sets: l
                     test_rows = np.flatnonzero(cached.valid) if seed is None else run_rows(config, cached, cached)[1]
                     fingerprint = store.fingerprint(prompt_set)
                     key = run_key(config, fingerprint, rows_digest(np.array([], dtype=np.int64), test_rows))
-                    runs.append((key, config.as_dict(), fingerprint, evaluate(scores, m.targets, test_rows)))
+                    result = evaluate(scores, m.targets, test_rows)
+                    result.weights = text_weights(text)  # kept like a head's, so `iqa export` takes the run
+                    runs.append((key, config.as_dict(), fingerprint, result))
                 out.append(SweepRow(backbone, dataset, prompt_set, record(db, runs)))
     return out
 

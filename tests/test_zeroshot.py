@@ -198,8 +198,10 @@ def test_store_without_text_tower_is_refused_in_one_line(setup, tmp_path):
     assert extract_dataset(ExtractRequest(cache, "toy", "clip", source=str(vision_only), tag="vision", dtype="float32",
                                           progress=False), num_workers=0).ok
     assert extract_dataset(ExtractRequest(cache, "toy", "clip", tiny=True, dtype="float32", progress=False), num_workers=0).ok
-    for tag in ("vision", "tiny"):
-        result = CliRunner().invoke(app, ["zeroshot", "--backbone", "clip", "--dataset", "toy", "--tag", tag, "--cache", str(cache)])
+    assert extract_dataset(ExtractRequest(cache, "toy", "nss", progress=False), num_workers=0).ok
+    for backbone, tag in (("clip", "vision"), ("clip", "tiny"), ("nss", None)):
+        chosen = ["--tag", tag] if tag else []
+        result = CliRunner().invoke(app, ["zeroshot", "--backbone", backbone, "--dataset", "toy", *chosen, "--cache", str(cache)])
         assert result.exit_code == 1
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "text tower" in lines[0], result.output

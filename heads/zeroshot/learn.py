@@ -120,7 +120,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
         with torch.no_grad():
             text = learner()
             scores = zero_shot_scores(images, text, scale, bias)
-        if not (np.isfinite(total) and torch.isfinite(scores).all()):
+        if not (np.isfinite(total) and torch.isfinite(scores[test_rows]).all()):  # rows of failed images are NaN
             diverged = epoch + 1
             break
         (test_srcc,), (test_plcc,) = epoch_metrics(scores[test_rows][None], y[test_rows][None])

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from iqa.cache.results import ResultsDB
-from iqa.cache.store import load_cached
+from iqa.cache.store import CachedEmbeddings, load_cached
 from iqa.heads.training.config import LR_DECAY, lr_milestones, rows_digest, run_key
 from iqa.heads.training.grid import run_rows, validation_rows
 from iqa.heads.training.loss import MARGIN_SCALE
@@ -121,7 +121,7 @@ class SweepRow:
 class ScoredStore:
     """One store's embeddings with the text embeddings of every prompt the sets name."""
 
-    cached: object  # iqa.cache.store.CachedEmbeddings
+    cached: CachedEmbeddings
     text: TextEmbeddings
 
     def text_of(self, prompt_set: PromptSet) -> TextEmbeddings:
@@ -164,12 +164,11 @@ def run_zeroshot(cache: Path, backbones: list[str], datasets: list[str], sets: l
             for prompt_set in sets:
                 text = store.text_of(prompt_set)
                 scores = zero_shot_scores(images, torch.as_tensor(text.embeddings), text.logit_scale, text.logit_bias)
-                runs = []
+                runs, fingerprint = [], store.fingerprint(prompt_set)
                 for seed in [*seeds, None]:
                     config = ZeroShotConfig(dataset, dataset, backbone, prompt_set.name, prompt_set.pairs, seed,
                                             split_by, template, tag)
                     test_rows = np.flatnonzero(cached.valid) if seed is None else run_rows(config, cached, cached)[1]
-                    fingerprint = store.fingerprint(prompt_set)
                     key = run_key(config, fingerprint, rows_digest(np.array([], dtype=np.int64), test_rows))
                     result = evaluate(scores, m.targets, test_rows)
                     result.weights = text_weights(text)  # kept like a head's, so `iqa export` takes the run

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from iqa.cache.atomic import atomic_path
+from iqa.extract.registry import BACKBONES, get_spec
 
 # model_type of the checkpoint's config -> (transformers class with both towers, the pooling its image embedding is)
 VISION_LANGUAGE = {"clip": ("CLIPModel", "image_embeds"), "siglip": ("SiglipModel", "pooler_output")}
+VISION_TOWERS = ("CLIPVisionModelWithProjection", "SiglipVisionModel")  # registry classes of vision-language towers
 TEXT_DIR = "zeroshot/text"
 TEMPLATE = "{}"  # the prompt as written
 
@@ -49,6 +51,10 @@ class TextEmbeddings:
 
 def checkpoint_of(fingerprint: dict, store: str) -> str:
     """The checkpoint a store was made from, refused in one line when it cannot have a matching text tower."""
+    backbone = fingerprint.get("backbone")
+    if getattr(BACKBONES.get(backbone), "model_class", None) not in VISION_TOWERS:
+        raise NoTextTower(f"{store} holds {backbone} features, a backbone with no text tower; zero-shot scoring takes "
+                          f"the vision-language backbones ({', '.join(k for k, v in BACKBONES.items() if v.model_class in VISION_TOWERS)})")
     source = fingerprint.get("model_id") or ""
     if source.startswith(("tiny:", "random-init:")) or not source:
         raise NoTextTower(f"{store} was made from {source or 'no checkpoint'}, a random model with no text tower; "
@@ -103,7 +109,6 @@ def load_vision_language(source: str, fingerprint: dict, store: str):
     import transformers
 
     from iqa.extract.backbones import BackboneLoadError, load_backbone, weights_sha256
-    from iqa.extract.registry import get_spec
 
     offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     try:

@@ -311,3 +311,7 @@ def test_exported_text_runs_score_images_from_disk_as_the_cache_did(setup, tmp_p
                                 kept["logit_bias"])
     assert len(scores) == 12 and torch.allclose(scores, expected, atol=1e-5)
     assert scores.std() > 1e-4
+    from_store = CliRunner().invoke(app, ["score", str(out), "--dataset", "toy", "--json", "--cache", str(cache), "--device", "cpu"])
+    assert from_store.exit_code == 0 and "scored from its embedding store" in from_store.stderr, from_store.output
+    stored = torch.tensor([json.loads(line)["score"] for line in from_store.stdout.splitlines() if line.startswith("{")])
+    assert torch.allclose(stored, expected, atol=1e-6)

@@ -119,11 +119,15 @@ def model_card(config: dict) -> str:
                      "cross-validation on the training rows; it has no epochs.")
     elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
+    trained = config["head"]["head"] != "zeroshot"  # a zero-shot head learns nothing: no epoch, no training rows
+    rows = "every image" if t["seed"] is None else f"the test rows of seed {t['seed']} ({t['split_by']} split)"
     return "\n".join([
-        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
+        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, "
+        f"{'trained' if trained else 'evaluated'} on {t['train_dataset']}",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
-        f"by the `{t['select']}` rule.",
+        f"by the `{t['select']}` rule." if trained else f"Run `{config['run_key']}`: zero-shot, nothing trained; "
+        f"evaluated on {rows} of {t['test_dataset']}.",
         "",
         f"| test set | SRCC | PLCC |\n|---|---|---|\n| {t['test_dataset']} | {m['best_srcc']:.4f} | {m['best_plcc']:.4f} |",
         "",

@@ -53,14 +53,14 @@ class ZeroShotConfig:
     template: str = TEMPLATE
     tag: str | None = None
     head: str = HEAD
-    regime: str = HEAD
+    regime: str = "frozen"  # the backbone's, as for cached heads: scoring uses its stored, untuned embeddings
     learn: LearnSettings | None = None  # learned prompts (learn.py), trained on the seed's training rows
 
     @classmethod
     def learned(cls, dataset: str, backbone: str, prompt_set: PromptSet, seed: int, split_by: str, template: str,
                 tag: str | None, settings: LearnSettings) -> "ZeroShotConfig":
         return cls(dataset, dataset, backbone, prompt_set.name, prompt_set.pairs, seed, split_by, template, tag,
-                   LEARNED, "frozen", settings)
+                   LEARNED, learn=settings)
 
     @property
     def val_fraction(self) -> float:

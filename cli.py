@@ -583,6 +583,7 @@ def zeroshot_command(
     batch_size: Annotated[int, typer.Option(min=2, help="--learn-prompts: rows per optimiser step (as heads).")] = 12,
     loss: LossOption = "mse+margin",
     select: Annotated[str, typer.Option(help="--learn-prompts: epoch kept, test, val or last (as for heads).")] = "test",
+    device: DeviceOption = "auto",
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -595,12 +596,13 @@ def zeroshot_command(
     from iqa.heads.zeroshot.runs import run_learned, run_zeroshot, sweep_table
 
     root = cache_dir(cache)
+    check_device(device)
     try:
         common = (root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
                   ResultsDB(db or default_db(root)))
         where = dict(split_by=split_by, template=template, tag=tag, stores=store_root(stores) if stores else None)
         settings = LearnSettings(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss, select=select)
-        rows = run_learned(*common, settings, **where) if learn_prompts else run_zeroshot(*common, **where)
+        rows = run_learned(*common, settings, device=device, **where) if learn_prompts else run_zeroshot(*common, **where)
     except (BackboneLoadError, FileNotFoundError, ValueError, KeyError) as error:
         fail(message(error))
     except OSError as error:

@@ -217,6 +217,12 @@ def test_prompt_sets_parse_and_refuse(tmp_path):
             parse_set(bad)
     with pytest.raises(ValueError, match="twice"):
         prompt_sets(["clipiqa", "clipiqa"], None)
+    from iqa.heads.zeroshot.text import check_template
+
+    check_template("a photo that looks {}")
+    for bad in ("no slot", "{x} photo", "{} and {}", "{0} {1}"):
+        with pytest.raises(ValueError, match="--template"):
+            check_template(bad)
     lines = tmp_path / "p.txt"
     lines.write_text("x = a|b\nbroken\n")
     with pytest.raises(ValueError, match="line 2"):

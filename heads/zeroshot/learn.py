@@ -61,7 +61,7 @@ class PromptLearner(nn.Module):
     def forward(self) -> torch.Tensor:
         hook = self.embedding.register_forward_hook(self._place_context)  # only for this pass through the tower
         try:
-            return text_features(self.model, self.inputs)
+            return text_features(self.model, {k: v.to(self.context.device) for k, v in self.inputs.items()})
         finally:
             hook.remove()
 
@@ -99,7 +99,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
     scale and bias in RunResult.weights."""
     s = settings
     s.check_rows(len(train_rows))
-    y = torch.as_tensor(targets, dtype=torch.float32)
+    y = torch.as_tensor(targets, dtype=torch.float32, device=images.device)
     optimizer = make_optimizer([{"params": [learner.context], "lr": s.lr}], s.optimizer)
     scheduler = make_scheduler(optimizer, milestones)
     curve = new_curves(validation=val_rows is not None)
@@ -131,7 +131,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
         chosen = validation["val_srcc"] if s.select == "val" else test_srcc
         if improved([chosen], kept_score, s.select)[0]:
             kept_score = [chosen]
-            kept = {"text_embeddings": text.detach().clone(), "context": learner.context.detach().clone(),
+            kept = {"text_embeddings": text.detach().cpu(), "context": learner.context.detach().cpu(),
                     "logit_scale": torch.tensor([scale]), "logit_bias": torch.tensor([bias])}  # scoring.TextHead's
         record_epoch(curve, train_loss=total / steps, srcc=test_srcc, plcc=test_plcc, lr=lr, **validation)
         scheduler.step()

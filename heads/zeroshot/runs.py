@@ -179,42 +179,41 @@ def run_zeroshot(cache: Path, backbones: list[str], datasets: list[str], sets: l
 
 def run_learned(cache: Path, backbones: list[str], datasets: list[str], sets: list[PromptSet], seeds: list[int],
                 db: ResultsDB, settings: LearnSettings, split_by: str = "random", template: str = TEMPLATE,
-                tag: str | None = None, stores: Path | str | None = None, progress: bool = True) -> list[SweepRow]:
+                tag: str | None = None, stores: Path | str | None = None, device: str = "cpu",
+                progress: bool = True) -> list[SweepRow]:
     """Learn each set's context vectors (learn.py) once per seed on that seed's training rows, tested on its
-    test rows; finished runs in `db` are not trained again. The kept text embeddings are the run's weights."""
+    test rows; each run is recorded as it finishes, and finished runs in `db` are not trained again. The kept
+    text embeddings are the run's weights."""
     out = []
     for backbone in backbones:
         for dataset in datasets:
             store = scored_store(cache, backbone, dataset, sets, template, tag, stores)
             cached = store.cached
-            images = torch.as_tensor(cached.embeddings)
+            images = torch.as_tensor(cached.embeddings, device=device)
             model = None
             for prompt_set in sets:
-                runs = []
+                keys, finished, fingerprint = [], db.finished_keys(), store.fingerprint(prompt_set)
                 for seed in tqdm(seeds, desc=f"{backbone}/{dataset}/{prompt_set.name[:30]}", disable=not progress):
                     config = ZeroShotConfig.learned(dataset, backbone, prompt_set, seed, split_by, template, tag, settings)
                     train_rows, test_rows = run_rows(config, cached, cached)
                     val_rows = None
                     if settings.select == "val":
                         train_rows, val_rows = validation_rows(config, train_rows, cached)
-                    fingerprint = store.fingerprint(prompt_set)
-                    key = run_key(config, fingerprint, rows_digest(train_rows, test_rows))
-                    if key in db.finished_keys():
-                        runs.append((key, None, None, None))
+                    keys.append(run_key(config, fingerprint, rows_digest(train_rows, test_rows)))
+                    if keys[-1] in finished:
                         continue
                     settings.check_rows(len(train_rows))  # before the model loads
                     if model is None:
                         source = checkpoint_of(cached.fingerprint, str(cached.path))
                         model, kind = load_vision_language(source, cached.fingerprint, str(cached.path))
-                        tokenizer = tokenizer_of(source)
+                        model, tokenizer = model.to(device), tokenizer_of(source)
                     learner = PromptLearner(model, kind, tokenizer, [template.format(p) for p in prompt_set.prompts],
-                                            settings.context, seed)
+                                            settings.context, seed).to(device)
                     result = train_prompts(learner, images, cached.manifest.targets, train_rows, test_rows, val_rows,
                                            seed, settings, lr_milestones(dataset))
-                    runs.append((key, config.as_dict(), fingerprint, result))
-                record(db, [r for r in runs if r[1] is not None])
+                    record(db, [(keys[-1], config.as_dict(), fingerprint, result)])
                 stored = {r["key"]: r for r in db.runs()}
-                out.append(SweepRow(backbone, dataset, prompt_set, [stored[key] for key, *_ in runs]))
+                out.append(SweepRow(backbone, dataset, prompt_set, [stored[key] for key in keys]))
     return out
 
 

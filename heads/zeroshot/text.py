@@ -65,6 +65,15 @@ def checkpoint_of(fingerprint: dict, store: str) -> str:
     return source
 
 
+def check_template(template: str) -> None:
+    try:
+        placed = template.format("\0")
+    except (IndexError, KeyError, ValueError):
+        placed = ""
+    if "\0" not in placed:
+        raise ValueError(f"--template must hold one {{}} where the prompt goes (literal braces doubled), got {template!r}")
+
+
 def checkpoint_id(fingerprint: dict) -> str:
     """The cache file name of a checkpoint's text embeddings: its source, revision and vision weights."""
     named = {k: fingerprint.get(k) for k in ("model_id", "revision", "weights_sha256")}
@@ -83,8 +92,7 @@ def text_embeddings(cache: Path, fingerprint: dict, store: str, prompts: list[st
                     template: str = TEMPLATE) -> TextEmbeddings:
     """The prompts' embeddings from the store's checkpoint: from the disk cache, computing only the missing ones."""
     checkpoint = checkpoint_of(fingerprint, store)
-    if "{}" not in template:
-        raise ValueError(f"--template must hold {{}} where the prompt goes, got {template!r}")
+    check_template(template)
     path = text_cache_path(cache, fingerprint)
     held = json.loads(path.read_text()) if path.is_file() else {"entries": {}}
     missing = list(dict.fromkeys(p for p in prompts if entry_key(p, template) not in held["entries"]))

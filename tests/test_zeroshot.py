@@ -321,3 +321,29 @@ def test_exported_text_runs_score_images_from_disk_as_the_cache_did(setup, tmp_p
     assert from_store.exit_code == 0 and "scored from its embedding store" in from_store.stderr, from_store.output
     stored = torch.tensor([json.loads(line)["score"] for line in from_store.stdout.splitlines() if line.startswith("{")])
     assert torch.allclose(stored, expected, atol=1e-6)
+
+
+def test_unreadable_images_are_left_out(setup, tmp_path, one_thread):
+    """A store with an invalid row (a corrupt file): zero-shot and learned runs score the readable rows only."""
+    import shutil
+
+    from iqa.heads.zeroshot.learn import LearnSettings
+    from iqa.heads.zeroshot.runs import run_learned
+
+    cache, models_ = setup
+    images = tmp_path / "images"
+    shutil.copytree(cache.parent / "images", images)
+    (images / "im3.png").write_bytes(b"not a png")
+    prepare_dataset("csv", images, cache, labels="labels.csv", image_col="image", score_col="score",
+                    score_range="0,100", name="toybad")
+    request = ExtractRequest(cache, "toybad", "clip", source=str(models_["clip"][1]), dtype="float32",
+                             store_dtype="float32", skip_bad=True, progress=False)
+    assert len(extract_dataset(request, num_workers=0).invalid) == 1
+    db = ResultsDB(tmp_path / "r.sqlite")
+    (row,) = run_zeroshot(cache, ["clip"], ["toybad"], [NAMED["pyiqa"]], [8, 19], db)
+    (good,) = run_zeroshot(cache, ["clip"], ["toy"], [NAMED["pyiqa"]], [8, 19], db)
+    assert all(np.isfinite(r["best_srcc"]) for r in row.records)
+    assert row.records[-1]["best_srcc"] != good.records[-1]["best_srcc"]  # 11 rows, not the 12 of the clean set
+    settings = LearnSettings(context=2, epochs=2, lr=0.05, batch_size=4)
+    (learned,) = run_learned(cache, ["clip"], ["toybad"], [NAMED["clipiqa"]], [8], db, settings, progress=False)
+    assert learned.records[0]["status"] == "done" and np.isfinite(learned.records[0]["best_srcc"])

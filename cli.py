@@ -577,12 +577,12 @@ def zeroshot_command(
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     learn_prompts: Annotated[bool, typer.Option("--learn-prompts", help="Train context vectors before each prompt "
                                                 "(CLIP-IQA+; text tower frozen) on each seed's training rows.")] = False,
-    context: Annotated[int, typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt.")] = 16,
-    epochs: Annotated[int, typer.Option(min=1, help="--learn-prompts: epochs.")] = 30,
-    lr: Annotated[float, typer.Option(help="--learn-prompts: learning rate (CoOp's 2e-3).")] = 2e-3,
-    batch_size: Annotated[int, typer.Option(min=2, help="--learn-prompts: rows per optimiser step (as heads).")] = 12,
-    loss: LossOption = "mse+margin",
-    select: Annotated[str, typer.Option(help="--learn-prompts: epoch kept, test, val or last (as for heads).")] = "test",
+    context: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt [16].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: epochs [30].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="--learn-prompts: learning rate [CoOp's 2e-3].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="--learn-prompts: rows per optimiser step [12].")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="--learn-prompts: mse+margin (the paper's, default), mse or l1.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="--learn-prompts: epoch kept, test (default), val or last.")] = None,
     device: DeviceOption = "auto",
     stores: StoresOption = None,
     cache: CacheOption = None,
@@ -597,11 +597,15 @@ def zeroshot_command(
 
     root = cache_dir(cache)
     check_device(device)
+    given = {k: v for k, v in dict(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
+                                   select=select).items() if v is not None}
+    if given and not learn_prompts:
+        fail(f"{', '.join('--' + k.replace('_', '-') for k in given)} set how prompts are learned: add --learn-prompts")
     try:
         common = (root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
                   ResultsDB(db or default_db(root)))
         where = dict(split_by=split_by, template=template, tag=tag, stores=store_root(stores) if stores else None)
-        settings = LearnSettings(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss, select=select)
+        settings = LearnSettings(**given)
         rows = run_learned(*common, settings, device=device, **where) if learn_prompts else run_zeroshot(*common, **where)
     except (BackboneLoadError, FileNotFoundError, ValueError, KeyError) as error:
         fail(message(error))

@@ -188,6 +188,8 @@ def test_cli_learns_prompts_and_refuses_bad_settings_in_one_line(setup, tmp_path
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # beside progress bars
         assert result.exit_code == 1 and len(errors) == 1 and said in errors[0], result.output
         assert "Traceback" not in result.output and result.output.rstrip().endswith(errors[0])
+    result = CliRunner().invoke(app, [*base[:-7], "--epochs", "3", "--cache", str(cache)])  # no --learn-prompts
+    assert result.exit_code == 1 and result.output.startswith("error: --epochs set how prompts are learned"), result.output
 
 
 def test_store_without_text_tower_is_refused_in_one_line(setup, tmp_path):

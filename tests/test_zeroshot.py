@@ -159,6 +159,12 @@ def test_sweep_reads_no_image_and_reuses_cached_text(setup, monkeypatch, one_thr
     assert {e["prompt"] for e in entries.values()} >= set(new.prompts)
     by_hand(*models_["clip"], "clip", cache, new.prompts)
     assert calls["vision"] > 0  # the counters see an image pass where there is one
+    clip_text = text_cache_path(cache, load_cached(cache, "toy", "clip").fingerprint)
+    clip_text.write_text("{half a file")  # a damaged cache file is recomputed, not trusted
+    monkeypatch.undo()
+    again = run_zeroshot(cache, ["clip"], ["toy"], [new], [8], db)
+    assert again[0].records[-1]["best_srcc"] == rows[3].records[-1]["best_srcc"]
+    assert json.loads(clip_text.read_text())["entries"]
 
 
 def test_cli_sweep_records_runs_and_names_the_best(setup, tmp_path):

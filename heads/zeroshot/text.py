@@ -9,7 +9,8 @@ and each prompt goes through the text tower as it was trained:
   longest prompt; the projected `text_embeds`.
 - SigLIP / SigLIP2: padded to the text tower's `max_position_embeddings` (64 in every released
   checkpoint: "padding='max_length', max_length=64" as the transformers docs require, since the
-  tower pools the last position and was trained on padded text).
+  tower pools the last position and was trained on padded text), with no attention mask, as the
+  model's own forward pass is called there.
 Each embedding is kept under `<cache>/zeroshot/text/<checkpoint>.json` by (prompt, template), with
 the model's `logit_scale` and `logit_bias`, so a prompt sweep loads the model only for prompts it
 has not seen and a sweep of seen prompts costs no model at all.
@@ -94,7 +95,7 @@ def text_embeddings(cache: Path, fingerprint: dict, store: str, prompts: list[st
     checkpoint = checkpoint_of(fingerprint, store)
     check_template(template)
     path = text_cache_path(cache, fingerprint)
-    held = json.loads(path.read_text()) if path.is_file() else {"entries": {}}
+    held = read_text_cache(path, fingerprint)
     missing = list(dict.fromkeys(p for p in prompts if entry_key(p, template) not in held["entries"]))
     if missing:
         model, kind = load_vision_language(checkpoint, fingerprint, store)
@@ -110,6 +111,18 @@ def text_embeddings(cache: Path, fingerprint: dict, store: str, prompts: list[st
             tmp.write_text(json.dumps(held))
     vectors = np.array([held["entries"][entry_key(p, template)]["embedding"] for p in prompts], dtype=np.float32)
     return TextEmbeddings(list(prompts), vectors, held["logit_scale"], held["logit_bias"])
+
+
+def read_text_cache(path: Path, fingerprint: dict) -> dict:
+    """The cached entries of the store's checkpoint; an unreadable file, or one of another checkpoint, is
+    started afresh (it is iqa's own cache: its entries are recomputed and the file rewritten whole)."""
+    try:
+        held = json.loads(path.read_text())
+        if all(held.get(k) == fingerprint.get(k) for k in ("model_id", "revision", "weights_sha256")):
+            return held
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"entries": {}}
 
 
 def load_vision_language(source: str, fingerprint: dict, store: str):

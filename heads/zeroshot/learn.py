@@ -135,6 +135,7 @@ def train_prompts(learner: PromptLearner, images: torch.Tensor, targets: np.ndar
                     "logit_scale": torch.tensor([scale]), "logit_bias": torch.tensor([bias])}  # scoring.TextHead's
         record_epoch(curve, train_loss=total / steps, srcc=test_srcc, plcc=test_plcc, lr=lr, **validation)
         scheduler.step()
+    curve["test_images"] = len(test_rows)  # as heads record theirs: tables name the test-split size
     result = result_from_curves(curve, diverged, None, s.select)
     result.weights = kept if result.status == "done" else None
     return result

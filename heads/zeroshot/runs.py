@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from iqa.cache.results import ResultsDB
-from iqa.cache.store import CachedEmbeddings, load_cached
+from iqa.cache.store import load_cached
 from iqa.heads.training.config import LR_DECAY, lr_milestones, rows_digest, run_key
-from iqa.heads.training.grid import run_rows, validation_rows
+from iqa.heads.training.grid import Cached, run_rows, validation_rows
 from iqa.heads.training.loss import MARGIN_SCALE
 from iqa.heads.training.metrics import plcc, srcc
 from iqa.heads.training.trainer import RunResult
@@ -53,6 +53,8 @@ class ZeroShotConfig:
     template: str = TEMPLATE
     tag: str | None = None
     head: str = HEAD
+    act1: str = HEAD  # a head without an activation pair repeats its name here, as the probes do
+    act2: str = HEAD
     regime: str = "frozen"  # the backbone's, as for cached heads: scoring uses its stored, untuned embeddings
     learn: LearnSettings | None = None  # learned prompts (learn.py), trained on the seed's training rows
 
@@ -60,18 +62,21 @@ class ZeroShotConfig:
     def learned(cls, dataset: str, backbone: str, prompt_set: PromptSet, seed: int, split_by: str, template: str,
                 tag: str | None, settings: LearnSettings) -> "ZeroShotConfig":
         return cls(dataset, dataset, backbone, prompt_set.name, prompt_set.pairs, seed, split_by, template, tag,
-                   LEARNED, learn=settings)
+                   LEARNED, LEARNED, LEARNED, learn=settings)
 
     @property
     def val_fraction(self) -> float:
         return self.learn.val_fraction
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
+        """What the results database stores and the key hashes: the fields, a learned run's settings among them."""
         d = asdict(self)
         learn = d.pop("learn") or {}
         d["prompt_pairs"] = [list(pair) for pair in self.prompt_pairs]
         d["evaluated_on"] = "all" if self.seed is None else "test"
         return d | learn
+
+    as_dict = to_dict  # RunConfig's two names for it: run_key reads either, by version
 
     def recipe(self) -> dict:
         recipe = {"zeroshot_version": ZEROSHOT_VERSION, "scoring": SCORING}
@@ -100,7 +105,7 @@ def evaluate(scores: torch.Tensor, targets: np.ndarray, rows: np.ndarray) -> Run
     pred = scores[torch.as_tensor(rows)][None]
     target = torch.as_tensor(targets[rows], dtype=torch.float64)[None]
     s, p = float(srcc(pred, target)[0]), float(plcc(pred, target)[0])
-    return RunResult("done", None, s, p, s, p, curves={"srcc": [s], "plcc": [p]})
+    return RunResult("done", None, s, p, s, p, curves={"srcc": [s], "plcc": [p], "test_images": len(rows)})
 
 
 @dataclass
@@ -121,7 +126,7 @@ class SweepRow:
 class ScoredStore:
     """One store's embeddings with the text embeddings of every prompt the sets name."""
 
-    cached: CachedEmbeddings
+    cached: Cached  # load_cached's CachedEmbeddings
     text: TextEmbeddings
 
     def text_of(self, prompt_set: PromptSet) -> TextEmbeddings:
@@ -172,7 +177,7 @@ def run_zeroshot(cache: Path, backbones: list[str], datasets: list[str], sets: l
                     key = run_key(config, fingerprint, rows_digest(np.array([], dtype=np.int64), test_rows))
                     result = evaluate(scores, m.targets, test_rows)
                     result.weights = text_weights(text)  # kept like a head's, so `iqa export` takes the run
-                    runs.append((key, config.as_dict(), fingerprint, result))
+                    runs.append((key, config.to_dict(), fingerprint, result))
                 out.append(SweepRow(backbone, dataset, prompt_set, record(db, runs)))
     return out
 
@@ -211,7 +216,7 @@ def run_learned(cache: Path, backbones: list[str], datasets: list[str], sets: li
                                             settings.context, seed).to(device)
                     result = train_prompts(learner, images, cached.manifest.targets, train_rows, test_rows, val_rows,
                                            seed, settings, lr_milestones(dataset))
-                    record(db, [(keys[-1], config.as_dict(), fingerprint, result)])
+                    record(db, [(keys[-1], config.to_dict(), fingerprint, result)])
                 stored = {r["key"]: r for r in db.runs()}
                 out.append(SweepRow(backbone, dataset, prompt_set, [stored[key] for key in keys]))
     return out

@@ -635,6 +635,57 @@ def score_command(
         fail(f"{len(bad)} of {len(scored)} images could not be scored (listed above); --skip-bad to accept")
 
 
+@app.command("zeroshot")
+def zeroshot_command(
+    backbone: Annotated[str, typer.Option(help="CLIP or SigLIP store(s), comma-separated: clip,siglip2.")],
+    dataset: Annotated[list[str], typer.Option(help="Dataset(s) whose stores to score, comma-separated.")],
+    prompts: Annotated[list[str], typer.Option(help="A prompt set: pyiqa (five pairs, the default), clipiqa (the "
+                                                    "paper's pair) or pairs 'Good photo.|Bad photo.;...'; repeatable.")] = [],
+    prompts_file: Annotated[Optional[Path], typer.Option(help="Prompt sets, one per line ('name = pairs'): a sweep.")] = None,
+    template: Annotated[str, typer.Option(help="Each prompt is put into {} of this text.")] = "{}",
+    seeds: Annotated[str, typer.Option(help="Seeds whose test rows each run is evaluated on (as heads are).")] = "8,19,25",
+    split_by: Annotated[str, typer.Option(help="random, group or official: the heads' split rule.")] = "random",
+    tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    learn_prompts: Annotated[bool, typer.Option("--learn-prompts", help="Train context vectors before each prompt "
+                                                "(CLIP-IQA+; text tower frozen) on each seed's training rows.")] = False,
+    context: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt [16].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: epochs [30].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="--learn-prompts: learning rate [CoOp's 2e-3].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="--learn-prompts: rows per optimiser step [12].")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="--learn-prompts: mse+margin (the paper's, default), mse or l1.")] = None,
+    select: Annotated[Optional[str], typer.Option(help="--learn-prompts: epoch kept, test (default), val or last.")] = None,
+    device: DeviceOption = "auto",
+    stores: StoresOption = None,
+    cache: CacheOption = None,
+) -> None:
+    """Zero-shot quality (CLIP-IQA) from the store's own checkpoint's text tower: no training, no image pass."""
+    from iqa.cache.location import store_root
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.extract.backbones import BackboneLoadError
+    from iqa.heads.zeroshot.learn import LearnSettings
+    from iqa.heads.zeroshot.prompts import prompt_sets
+    from iqa.heads.zeroshot.runs import run_learned, run_zeroshot, sweep_table
+
+    root = cache_dir(cache)
+    check_device(device)
+    given = {k: v for k, v in dict(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
+                                   select=select).items() if v is not None}
+    if given and not learn_prompts:
+        fail(f"{', '.join('--' + k.replace('_', '-') for k in given)} set how prompts are learned: add --learn-prompts")
+    try:
+        common = (root, _csv([backbone]), _csv(dataset), prompt_sets(prompts, prompts_file), parse_seeds(seeds),
+                  ResultsDB(db or default_db(root)))
+        where = dict(split_by=split_by, template=template, tag=tag, stores=store_root(stores) if stores else None)
+        settings = LearnSettings(**given)
+        rows = run_learned(*common, settings, device=device, **where) if learn_prompts else run_zeroshot(*common, **where)
+    except (BackboneLoadError, FileNotFoundError, ValueError, KeyError) as error:
+        fail(message(error))
+    except OSError as error:
+        fail(error.strerror or str(error))
+    typer.echo(sweep_table(rows), nl=False)
+
+
 # ---- demo ----
 @app.command()
 def demo(

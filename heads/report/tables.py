@@ -49,7 +49,7 @@ LAYOUTS = {
     "regimes": Layout(("backbone", "regime", "head")),  # Table S1: frozen vs LoRA vs full
 }
 REFERENCE_LEVEL = {"mask_k": 100.0, "keep": 1.0}
-NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed"}
+NOT_ROW_FIELDS = {"train_dataset", "test_dataset", "seed", "prompt_pairs"}  # a zero-shot set's name stands for its pairs
 OUTCOME_FIELDS = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc",
                   "last_plcc", "diverged_epoch", "curves", "gates", "finished_at"}
 

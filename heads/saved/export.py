@@ -159,7 +159,8 @@ def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, m
             **backbone_source(out, run, fingerprint, bundle),
             **({"layers": list(run["layers"])} if run["layers"] else {})},  # the head reads these stored layers
         "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
-                | ({"fuse": run["fuse"]} if run["fuse"] else {}),  # the stages fused, not concatenated
+                | ({"fuse": run["fuse"]} if run["fuse"] else {})  # the stages fused, not concatenated
+                | {k: run[k] for k in ("prompts", "prompt_pairs", "template", "context") if k in run},  # a text head's
         "training": {k: run[k] for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
             "regime", "backbone_lr", "physical_batch", "accumulate")},
@@ -225,21 +226,31 @@ def model_card(config: dict) -> str:
         notes.append(f"The head weighs the stored stages {b['layers']} per image ({config['head']['fuse']} fusion) "
                      "before the head reads them; the weights come from the deepest stage.")
     probe = config["head"].get("probe")
-    if probe:
+    if "prompt_pairs" in config["head"]:
+        h = config["head"]
+        learned = f", behind {h['context']} context vectors learned per prompt (CLIP-IQA+)" if h.get("context") else ""
+        notes.append(f"The head is the backbone's own text tower: the image's two-way softmax against each pair of the "
+                     f"`{h['prompts']}` prompts, averaged over pairs (CLIP-IQA){learned}; its text embeddings, logit "
+                     "scale and bias are in head.safetensors.")
+    elif probe:
         chosen = {k: v for k, v in probe.items() if k != "cv_srcc"}
         notes.append(f"The head is a {config['head']['head']} probe fitted in closed form, {chosen} chosen by "
                      "cross-validation on the training rows; it has no epochs.")
     elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
+    trained = config["head"]["head"] != "zeroshot"  # a zero-shot head learns nothing: no epoch, no training rows
+    rows = "every image" if t["seed"] is None else f"the test rows of seed {t['seed']} ({t['split_by']} split)"
     return card_header(config) + "\n".join([
-        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
+        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, "
+        f"{'trained' if trained else 'evaluated'} on {t['train_dataset']}",
         "",
         f"Backbone: {b['key']} weights from {'the local checkpoint ' if b.get('local_checkpoint') else ''}"
         f"`{b.get('model_id')}`{' (bundled in this folder)' if b.get('bundled') else ''}, a {b.get('dim')}-wide "
         f"embedding at {b.get('resolution')} px.",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
-        f"by the `{t['select']}` rule.",
+        f"by the `{t['select']}` rule." if trained else f"Run `{config['run_key']}`: zero-shot, nothing trained; "
+        f"evaluated on {rows} of {t['test_dataset']}.",
         "",
         f"| test set | SRCC | PLCC |\n|---|---|---|\n| {t['test_dataset']} | {m['best_srcc']:.4f} | {m['best_plcc']:.4f} |",
         "",

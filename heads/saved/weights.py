@@ -4,7 +4,8 @@
 StackedFusion in front of either) state dict (float32, so scoring from it reproduces the recorded
 predictions exactly), plus
 `input_mean`/`input_std` for a run trained with `standardize`; a probe's file holds its state dict
-(heads/models/probes.py). Its safetensors metadata carries the run's config, so the head can be rebuilt
+(heads/models/probes.py), a zero-shot or learned-prompts run's its text embeddings, logit scale and bias
+(heads/zeroshot/scoring.TextHead). Its safetensors metadata carries the run's config, so the head can be rebuilt
 from the file alone. A fine-tuning run keeps, beside it, what it changed in the backbone at that
 epoch: `adapter/` (LoRA, PEFT's own format, loadable with `PeftModel.from_pretrained`) or
 `backbone.safetensors` (full), and `fingerprint.json`, the base backbone it started from. The
@@ -23,6 +24,7 @@ from iqa.cache.atomic import atomic_path, building_folder
 from iqa.heads.models.mlp import StackedMLP
 from iqa.heads.models.probes import PROBES, probe_from_state
 from iqa.heads.training.trainer import make_stack
+from iqa.heads.zeroshot.scoring import TEXT_HEADS, TextHead
 
 RUNS_DIR = "runs"
 HEAD_FILE = "head.safetensors"
@@ -78,6 +80,8 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
         state = {k: f.get_tensor(k) for k in f.keys()}
     if config["head"] in PROBES:
         return probe_from_state(config["head"], state), config
+    if config["head"] in TEXT_HEADS:  # zero-shot or learned prompts: the backbone's own text embeddings
+        return TextHead.from_state(state).eval(), config
     scaling = [state.pop(name, None) for name in ("input_mean", "input_std")]
     if config.get("standardize") and scaling[0] is None:
         raise ValueError(f"{path} was saved without its input statistics (before they were kept); train the run again")

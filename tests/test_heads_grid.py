@@ -217,5 +217,5 @@ def test_one_training_set_against_several_test_sets_in_one_call():
     assert dataset_pairs(["clive"], ["a", "b"], ["c", "d"]) == [("clive", "clive"), ("a", "c"), ("b", "d")]
     with pytest.raises(ValueError, match="come in pairs"):
         dataset_pairs([], ["a", "b"], ["c", "d", "e"])
-    with pytest.raises(ValueError, match="give --dataset"):
+    with pytest.raises(ValueError, match="give dataset"):
         dataset_pairs([], [], [])

@@ -23,6 +23,7 @@ from torch import nn
 
 from iqa.extract.backbones import family_of
 from iqa.extract.preprocess import normalise
+from iqa.errors import SettingError
 
 BLOCK_LISTS = ("layer", "layers", "blocks", "stages")  # what transformers and timm call their block lists
 CLS_POOLED = ("image_embeds",)  # poolings that read the CLS token only
@@ -94,7 +95,7 @@ class SpatialTap(nn.Module):
 def score_target(head: nn.Module, target: str = "high") -> Target:
     """The head's predicted quality (`high`: what raises it) or its negative (`low`: what lowers it)."""
     if target not in TARGETS:
-        raise ValueError(f"--target must be high or low, got {target!r}")
+        raise SettingError(f"`target` must be high or low, got {target!r}")
     sign = 1.0 if target == "high" else -1.0
     return lambda pooled: sign * head(pooled.float()[None])[0]
 
@@ -125,7 +126,7 @@ def parse_bands(text: str) -> list[tuple[float, float]]:
         try:
             a, b = (float(x) for x in part.split("-"))
         except ValueError:
-            raise ValueError(f"--bands takes ranges like 0-1,1-10 (percent from the top), got {part!r}") from None
+            raise SettingError(f"`bands` takes ranges like 0-1,1-10 (percent from the top), got {part!r}") from None
         if not 0 <= a < b <= 100:
             raise ValueError(f"band {part!r} must satisfy 0 <= low < high <= 100")
         bands.append((a, b))
@@ -143,7 +144,7 @@ def attribute(backbone: nn.Module, target: Target, pixels: torch.Tensor, method:
     Grad-CAM is ReLU'd (the regions that raise the target) and upsampled bilinearly from the patch
     grid; IG is summed over colour channels, from the mean image (zero after normalisation)."""
     if method not in METHODS:
-        raise ValueError(f"--method must be gradcam or ig, got {method!r}")
+        raise SettingError(f"`method` must be gradcam or ig, got {method!r}")
     inputs = normalised_input(backbone, pixels)
 
     def forward(x):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from iqa.heads.models.mlp import StackedLinear, TopkMasked, member_seed
+from iqa.errors import SettingError
 
 HYPER = "hyper"
 CODE = 16  # width of the content code c
@@ -57,7 +58,7 @@ class StackedHyper(TopkMasked):
                  content: tuple[int, int] | None = None):
         super().__init__()
         if dropout is not None:
-            raise ValueError("the hyper head takes no --dropout")
+            raise SettingError("the hyper head takes no `dropout`")
         members = len(seeds)
         self.seeds, self.dropout, self.keep = list(seeds), None, [1.0] * members
         self.register_masks(mask_k, members)

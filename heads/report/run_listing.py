@@ -7,6 +7,13 @@ from iqa.heads.saved.weights import run_weights_path
 
 SUMMARY = ("regime", "backbone", "tag", "train_dataset", "test_dataset", "head", "mask_k", "keep", "seed", "epochs", "select")
 METRICS = ("status", "best_epoch", "best_srcc", "best_plcc", "last_srcc")
+GRID_FIELDS = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep", "seed",
+               "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
+
+
+def run_summary(record: dict) -> dict:
+    """A trained run as `iqa head --json` prints it: the grid's fields and the metrics."""
+    return {**{k: record[k] for k in GRID_FIELDS}, "layers": record.get("layers"), "fuse": record.get("fuse")}
 
 
 def run_listing(runs: list[dict], db_path: Path, as_json: bool = False) -> str:

@@ -22,11 +22,12 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
 from iqa.heads.saved.export import CONFIG_FILE, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
+from iqa.errors import IqaError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(IqaError, ValueError):
     """A model folder that cannot be trusted: missing or altered files."""
 
 

@@ -30,6 +30,10 @@ CLS_POOLED = ("image_embeds",)  # poolings that read the CLS token only
 METHODS = ("gradcam", "ig")
 TARGETS = ("high", "low")
 IG_STEPS = 32
+UNEXPLAINABLE = {  # why a backbone without spatial features has none, in a user's words
+    "worker": "its features are image statistics computed on the CPU, not a network's feature maps",
+    "cleandift": "its features are pooled inside the diffusion model, before any map could be read",
+}
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,7 +56,8 @@ def patch_size(model: nn.Module) -> int:
 def explainable_blocks(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's blocks; refuses a backbone with no spatial features (NSS, CleanDIFT's pooled taps)."""
     if not family_of(backbone.spec).spatial:
-        raise ValueError(f"{backbone.spec.key} has no spatial features to explain (pooling {backbone.spec.pooling})")
+        why = UNEXPLAINABLE.get(backbone.spec.pooling, "its features are pooled inside the backbone")
+        raise SettingError(f"{backbone.spec.key} has no spatial features to explain: {why}")
     return blocks_of(backbone.model)
 
 

@@ -47,7 +47,8 @@ class Commands(TyperGroup):
         except (IqaError, *USER_ERRORS) as error:
             fail(message(error))
         except OSError as error:  # a full disk while writing: ResultsSpilled says where the finished runs went
-            fail(error.strerror and f"{error.strerror}{f' ({error.filename})' if error.filename else ''}" or str(error))
+            where = f" ({error.filename})" if error.filename else ""
+            fail(f"{error.strerror}{where}" if error.strerror else str(error))
 
 
 app = typer.Typer(cls=Commands, help="No-reference IQA on foundation backbones: extract once, train heads fast.",
@@ -557,7 +558,7 @@ def score_command(
             writer = csv.writer(f)
             writer.writerow(["path", "score", "mos"])
             writer.writerows([s.path, f"{s.score:.6f}", f"{s.mos:.6f}"] for s in good)
-        typer.echo(f"{len(good)} scores written to {out}", err=True)
+        typer.echo(f"{len(good)} of {len(scored)} images scored -> {out}")
     else:
         for s in good:
             typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")

@@ -62,7 +62,7 @@ def test_cache_ls_and_export_and_score_speak_json_and_confirm(trained, tmp_path)
     image = sorted((cache / "images").iterdir())[0]
     scored = iqa("score", tmp_path / "model", image, "--out", tmp_path / "scores.csv", "--device", "cpu", "--workers", "0")
     assert scored.exit_code == 0, scored.output
-    assert f"1 scores written to {tmp_path / 'scores.csv'}" in scored.stderr
+    assert scored.stdout == f"1 of 1 images scored -> {tmp_path / 'scores.csv'}\n"
     assert (tmp_path / "scores.csv").read_text().splitlines()[0] == "path,score,mos"
 
 

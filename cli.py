@@ -708,31 +708,23 @@ def explain_command(
     cache: CacheOption = None,
 ) -> None:
     """Attribution maps of predicted quality (Grad-CAM or IG), per image, for one or more models."""
-    from iqa.heads.explain.attribution import METHODS, TARGETS, parse_bands
-    from iqa.heads.explain.maps import backbone_subject, explain_files, model_subject
-    from iqa.heads.saved.model import image_files
+    from iqa.heads.explain.request import ExplainRequest, evaluate_maps, explain_images
 
-    if method not in METHODS or target not in TARGETS:
-        fail(f"--method must be one of {', '.join(METHODS)} and --target one of {', '.join(TARGETS)}")
-    if backbone is None and (model or random_init or tiny):
-        fail("--model, --random-init and --tiny choose the weights of --backbone; a model folder brings its own")
-    if backbone is not None and (compare or not bands or evaluate):
-        fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20), no --compare, no --evaluate")
+    request = ExplainRequest(tuple(inputs), method=method, target=target, compare=tuple(map(Path, _csv([compare or ""]))),
+                             bands=bands, backbone=backbone, model=model, random_init=random_init, tiny=tiny, evaluate=evaluate)
     if evaluate:
-        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache)
+        result = evaluate_maps(request, cache_dir(cache), grid_set, device)
+        if json_out:
+            typer.echo(json.dumps(result.as_dict()))
+        else:
+            typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {result.grids} grids; "
+                       f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; "
+                       "lower is more faithful)")
+        return
     if out is None:
         fail("--out DIR is needed: the folder for the pages and maps")
     try:
-        band_list = parse_bands(bands) if bands else None
-        if backbone is not None:
-            subjects, images = [backbone_subject(backbone, model, random_init, tiny, device)], inputs
-        else:
-            folders = [inputs[0], *map(Path, _csv([compare] if compare else []))]
-            subjects, images = [model_subject(f, device) for f in folders], inputs[1:]
-        paths = image_files(images)
-        if not paths:
-            fail("no images given: name image files or folders after the model")
-        done = explain_files(subjects, paths, out, method, target, band_list)
+        done = explain_images(request, out, device)
     except FileExistsError:
         raise  # the library's refusal to replace a folder it did not make
     except OSError as err:
@@ -745,22 +737,6 @@ def explain_command(
     bad = [item for item in done if item.reason]
     if bad:
         fail(f"{len(bad)} of {len(done)} images could not be explained (listed above)")
-
-
-def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
-                           cache: Path | None) -> None:
-    from iqa.data.gridpg import grid_set_or_default
-    from iqa.heads.explain.maps import model_subject
-    from iqa.heads.explain.evaluate import evaluate
-
-    if len(inputs) != 1:
-        fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
-    result = evaluate(model_subject(inputs[0], device), grid_set_or_default(cache_dir(cache), grid_set), method)
-    if json_out:
-        typer.echo(json.dumps(result.as_dict()))
-    else:
-        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {result.grids} grids; "
-                   f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
 
 
 @data_app.command("make-gridpg")

@@ -1,4 +1,8 @@
-"""The `iqa` command. Each command is a few lines over library functions that tests call directly."""
+"""The `iqa` command. Each command parses its options, calls one library function and prints.
+
+Library errors end in one place (`Commands.invoke`) as one `error:` line; the heavy libraries (torch,
+transformers, zarr, matplotlib) are imported inside the commands, so `--help` and argument errors answer at once.
+"""
 
 import errno
 import json
@@ -8,24 +12,60 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from iqa.cache.location import cache_root
-from iqa.cache.manifest import read_manifest
-from iqa.data.prepare import dataset_summary, prepare_dataset
-from iqa.data.readers import DatasetError
-from iqa.data.splits import PAPER_SEEDS
+from iqa.errors import IqaError
 
-app = typer.Typer(help="No-reference IQA on foundation backbones: extract once, train heads fast.", no_args_is_help=True)
+PAPER_SEEDS = "8,19,25"  # iqa.data.splits.PAPER_SEEDS, spelt here so that --help imports no numpy
+USER_ERRORS = (ValueError, LookupError, FileNotFoundError, FileExistsError, ImportError)  # raised for bad input
+
+
+def flag(setting: str) -> str:
+    """A library setting as the command line spells it: micro_batch -> --micro-batch."""
+    return "--" + setting.replace("_", "-")
+
+
+def message(error: Exception) -> str:
+    """An exception as one line: settings as flags, a KeyError's repr quotes dropped, every other message kept whole."""
+    if isinstance(error, IqaError):
+        return error.phrased(flag)
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])
+    return str(error)
+
+
+def fail(text: str, code: int = 1) -> None:
+    """One clear line on stderr and a non-zero exit, instead of a traceback."""
+    typer.secho(f"error: {text}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+class Commands(TyperGroup):
+    """The `iqa` group: whatever the library raises for bad input, from any command, ends here as one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (IqaError, *USER_ERRORS) as error:
+            fail(message(error))
+        except OSError as error:  # a full disk while writing: ResultsSpilled says where the finished runs went
+            where = f" ({error.filename})" if error.filename else ""
+            fail(f"{error.strerror}{where}" if error.strerror else str(error))
+
+
+app = typer.Typer(cls=Commands, help="No-reference IQA on foundation backbones: extract once, train heads fast.",
+                  no_args_is_help=True)
 data_app = typer.Typer(help="Prepare and inspect datasets (one manifest per dataset).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 CacheOption = Annotated[
-    Optional[Path], typer.Option("--cache", help="Cache directory [default: $IQA_CACHE or ./iqa-cache].")
+    Optional[Path], typer.Option("--cache", help="Cache directory (default: $IQA_CACHE or ./iqa-cache).")
 ]
 StoresOption = Annotated[
     Optional[str], typer.Option("--stores", help="Embedding stores under this folder or fsspec URL (s3://...) "
-                                                 "[default: the cache; manifests stay in the cache].")
+                                                 "(default: the cache; manifests stay in the cache).")
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 
 
 def resolve_device(device: str) -> str:
@@ -48,12 +88,20 @@ L2normOption = Annotated[bool, typer.Option(
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
 ]
+EngineHelp = "local, or ray ({}; pip install 'iqa\\[ray]')."  # \\[: a literal bracket in the help's markup
 
 
-def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr and a non-zero exit, instead of a traceback."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
+def _csv(values: list[str]) -> list[str]:
+    """Options may be repeated or comma-separated: --dataset a,b --dataset c."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def parse_numbers(text: str, option: str, kind: type = float) -> tuple:
+    """A comma list of numbers, e.g. --mask-k 100,90,70; anything else is one error line naming the option."""
+    try:
+        return tuple(kind(part) for part in _csv([text]))
+    except ValueError:
+        fail(f"{option} takes {'integers' if kind is int else 'numbers'} separated by commas, got {text!r}")
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -76,13 +124,6 @@ def check_device(device: str, engine: str = "local") -> None:
             fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
 
 
-def message(error: Exception) -> str:
-    """An exception as one line: a KeyError's repr quotes are dropped, every other message kept whole."""
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
-    return str(error)
-
-
 def cannot_write(where, error: OSError) -> None:
     """A write that failed (read-only place, a file where a folder must be, a full disk) as one line."""
     fix = "free some space" if error.errno == errno.ENOSPC else "choose a writable place"
@@ -91,6 +132,8 @@ def cannot_write(where, error: OSError) -> None:
 
 def cache_dir(cache: Path | None) -> Path:
     """The chosen cache folder; a file in its place is refused here, before anything reads or writes under it."""
+    from iqa.cache.location import cache_root
+
     root = cache_root(cache)
     if root.is_file():
         fail(f"the cache {root} is a file; give --cache a folder")
@@ -108,7 +151,7 @@ def existing_db(db: Path | None, root: Path) -> Path:
 
     path = db or default_db(root)
     if not path.exists():
-        fail(f"no results database at {path}; train with `iqa head --cached` first")
+        fail(f"no results database at {path}; train with `iqa head` first")
     return path
 
 
@@ -125,8 +168,19 @@ def existing_runs(path: Path) -> list[dict]:
              "move it away to start a new one")
 
 
+def show_version(shown: bool) -> None:
+    if shown:
+        from iqa import __version__
+
+        typer.echo(f"iqa {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """No-reference IQA on foundation backbones: extract once, train heads fast."""
 
 
@@ -145,41 +199,39 @@ def data_prepare(
     score_range: Annotated[Optional[str], typer.Option(help="csv: the score scale as LO,HI, e.g. 0,100.")] = None,
     lower_better: Annotated[bool, typer.Option(help="csv: lower scores are better (e.g. DMOS).")] = False,
     group_col: Annotated[Optional[str], typer.Option(help="csv: column of content groups.")] = None,
-    save_as: Annotated[Optional[str], typer.Option("--name", help="csv: dataset name in the cache [default: csv].")] = None,
+    save_as: Annotated[Optional[str], typer.Option("--name", help="csv: dataset name in the cache (default: csv).")] = None,
 ) -> None:
     """Read a dataset's label files as released and write its manifest into the cache."""
     given = dict(images=images, labels=labels, image_col=image_col, score_col=score_col, score_range=score_range,
                  lower_better=lower_better or None, group_col=group_col, name=save_as)
     options = {option: value for option, value in given.items() if value is not None}
+    from iqa.data.prepare import prepare_dataset
+
+    root_dir = cache_dir(cache)
     try:
-        manifest, path, warnings = prepare_dataset(name, root, cache_dir(cache), **options)
-    except DatasetError as e:
-        fail(str(e))
+        manifest, path, warnings = prepare_dataset(name, root, root_dir, **options)
     except OSError as e:
-        cannot_write(cache_dir(cache), e)
+        cannot_write(root_dir, e)
     for warning in warnings:
         typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"{manifest.dataset}: {len(manifest):,} images, {manifest.score_scale} -> {path}")
+    if name == "csv" and save_as is None:
+        typer.echo(f"saved as dataset {manifest.dataset!r} (--name NAME gives it another); "
+                   f"`iqa extract --dataset {manifest.dataset}` and the other commands use that name")
 
 
 @data_app.command("show")
 def data_show(
     name: Annotated[str, typer.Argument(help="Dataset name in the cache.")],
     cache: CacheOption = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = ",".join(map(str, PAPER_SEEDS)),
+    seeds: Annotated[str, typer.Option(help="Comma-separated split seeds.")] = PAPER_SEEDS,
     split_by: Annotated[str, typer.Option(help="random, group (content groups kept on one side) or official (the published split).")] = "random",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Counts, score range and the train/test split of each seed."""
-    from iqa.data.splits import SPLIT_RULES
+    from iqa.data.prepare import summarise_dataset
 
-    seed_list = parse_seeds(seeds)
-    if split_by not in SPLIT_RULES:
-        fail(f"--split-by must be {', '.join(SPLIT_RULES)}, got {split_by!r}")
-    try:
-        summary = dataset_summary(read_manifest(cache_dir(cache), name), seed_list, split_by)
-    except (FileNotFoundError, ValueError) as e:  # DatasetError, a damaged manifest
-        fail(str(e))
+    summary = summarise_dataset(cache_dir(cache), name, parse_seeds(seeds), split_by)
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -195,7 +247,7 @@ def data_show(
 # ---- demo set ----
 @data_app.command("make-demo")
 def make_demo_command(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: <cache>/demo-src].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <cache>/demo-src).")] = None,
     cache: CacheOption = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild and replace an existing folder.")] = False,
 ) -> None:
@@ -210,7 +262,7 @@ def build_data_set(make, out: Path, force: bool, what: str) -> None:
     try:
         labels = make(out, force=force)
     except FileExistsError as e:
-        fail(str(e).replace("force=True (--force)", "--force"))
+        fail(message(e))
     except OSError as e:
         cannot_write(out, e)
     typer.echo(f"{what}: {labels}")
@@ -229,12 +281,12 @@ def extract(
     random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
     resolution: Annotated[Optional[int], typer.Option(
-        "--resolution", min=1, help="Input side [default: the checkpoint's own, or the registry's for rotary models].")] = None,
+        "--resolution", min=1, help="Input side (default: the checkpoint's own, or the registry's for rotary models).")] = None,
     preprocess: Annotated[str, typer.Option(
         "--preprocess", help="square (whole image, the paper's resize) or native (shortest side, centre crop).")] = "square",
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="[default: 4 on CPU, 32 on GPU]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="(default: 4 on CPU, 32 on GPU)")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
     shard: Annotated[str, typer.Option("--shard", help="i/n: this process takes every n-th chunk from i.")] = "0/1",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Unreadable images warn instead of failing.")] = False,
@@ -243,10 +295,10 @@ def extract(
     store_dtype: Annotated[str, typer.Option("--store-dtype", help="float16 or float32.")] = "float16",
     adapter: Annotated[Optional[Path], typer.Option(
         "--adapter", help="A fine-tuning run folder: embed with its tuned backbone (store tagged with the run).")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data on a cluster; pip install 'iqa[ray]').")] = "local",
-    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    engine: Annotated[str, typer.Option("--engine", help=EngineHelp.format("Ray Data on a cluster"))] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address (default: a local one).")] = None,
     actors: Annotated[Optional[int], typer.Option(
-        "--actors", min=1, help="ray: embedding actors [default: one per GPU share, else one per CPU].")] = None,
+        "--actors", min=1, help="ray: embedding actors (default: one per GPU share, else one per CPU).")] = None,
     gpus_per_actor: Annotated[float, typer.Option(
         "--gpus-per-actor", min=0.01, help="ray: GPU share of each actor (0.5 puts two on a GPU).")] = 1.0,
     layers: Annotated[Optional[str], typer.Option(
@@ -258,8 +310,6 @@ def extract(
 ) -> None:
     """Run a backbone over every image of a dataset once; resumable, shardable."""
     from iqa.cache.location import store_root
-    from iqa.cache.store import FingerprintMismatch
-    from iqa.extract.backbones import BackboneLoadError
     from iqa.extract.run import ExtractRequest, extract_dataset
 
     index, _, count = shard.partition("/")
@@ -282,8 +332,8 @@ def extract(
             summary = extract_with_ray(request, address=address, actors=actors, gpus_per_actor=gpus_per_actor)
         else:
             summary = extract_dataset(request, device=device, num_workers=workers)
-    except (BackboneLoadError, FingerprintMismatch, FileNotFoundError, ImportError, KeyError, ValueError) as err:
-        fail(message(err))
+    except FileNotFoundError:
+        raise  # a missing input, said by the library
     except OSError as err:  # a full disk or a read-only store: the chunks written so far are kept
         cannot_write(stores or cache_dir(cache), err)
     if summary.changed:
@@ -303,8 +353,10 @@ def extract(
 
 
 @cache_app.command("ls")
-def cache_ls(cache: CacheOption = None) -> None:
+def cache_ls(cache: CacheOption = None, json_lines: JsonOption = False) -> None:
     """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
+    from dataclasses import asdict
+
     from iqa.cache.listing import describe_store, store_dirs
     from iqa.cache.store import DamagedStore
 
@@ -356,6 +408,7 @@ def cache_export(
     tag: Annotated[Optional[str], typer.Option("--tag")] = None,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Export an unfinished store (its missing rows NaN).")] = False,
     cache: CacheOption = None,
+    json_lines: JsonOption = False,
 ) -> None:
     """Write one store to another format for tools that do not read Zarr."""
     from iqa.cache.export_h5 import export_h5
@@ -363,36 +416,32 @@ def cache_export(
 
     if format != "h5":
         fail(f"unknown export format {format!r}; only h5 is supported")
+    path = store_path(cache_dir(cache), dataset, backbone, tag)
+    if not path.exists():
+        fail(f"no store at {path}")
     try:
-        path = store_path(cache_dir(cache), dataset, backbone, tag)
-        if not path.exists():
-            fail(f"no store at {path}")
-        typer.echo(export_h5(path, out, allow_partial))
-    except ValueError as error:  # NotOurs, DamagedStore, UnsafeName
-        fail(str(error))
+        written = export_h5(path, out, allow_partial)
     except OSError as error:
         cannot_write(out, error)
+    typer.echo(json.dumps({"store": str(path), "out": str(written)}) if json_lines else written)
 
 
 # ---- heads ----
-def _csv(values: list[str]) -> list[str]:
-    """Options may be repeated or comma-separated: --dataset a,b --dataset c."""
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
 
 @app.command("head")
 def head_command(
     backbone: Annotated[str, typer.Option(help="Backbone key whose cached embeddings to train on.")],
-    cached: Annotated[bool, typer.Option("--cached", help="Train on cached embeddings (frozen backbone).")] = False,
+    cached: Annotated[bool, typer.Option("--cached", hidden=True, help="Kept for old scripts: heads always train on "
+                                                                       "cached embeddings.")] = True,
     dataset: Annotated[list[str], typer.Option(help="Dataset(s), trained and tested on their own split.")] = [],
     train: Annotated[list[str], typer.Option(help="Cross-dataset: train on this set (pairs with --test).")] = [],
     test: Annotated[list[str], typer.Option(help="Cross-dataset: test on all of this set (several after one --train: one run each).")] = [],
-    act: Annotated[str, typer.Option(help="Named heads: baseline, sig, gated; probes ridge, knn (comma-separated).")] = "baseline",
+    act: Annotated[str, typer.Option(help="Named heads: baseline, sig, gated, hyper; probes ridge, knn (comma-separated).")] = "baseline",
     act_pair: Annotated[list[str], typer.Option(help="Extra head as an act1,act2 pair, e.g. sigmoid,gelu.")] = [],
     mask_k: Annotated[str, typer.Option(help="Top-k percentile feature masking levels, e.g. 100,90,70.")] = "100",
     dropout: Annotated[Optional[str], typer.Option(help="Dropout placement: input or layers (with --keep).")] = None,
     keep: Annotated[str, typer.Option(help="Dropout keep probabilities (rate = 1 - keep).")] = "1.0",
-    seeds: Annotated[str, typer.Option(help="Seeds: split, init, data order, dropout.")] = "8,19,25",
+    seeds: Annotated[str, typer.Option(help="Seeds: split, init, data order, dropout.")] = PAPER_SEEDS,
     split_by: Annotated[str, typer.Option(help="random, group (content groups held out whole) or official (the published split; with --select val its validation set selects).")] = "random",
     epochs: int = 30,
     lr: float = 1e-4,
@@ -402,17 +451,17 @@ def head_command(
     loss: LossOption = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
-    standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Z-score features with each run's train rows [default: on for ridge/knn, off for MLP heads].")] = None,
+    standardize: Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="Z-score features with each run's train rows (default: on for ridge/knn, off for MLP heads).")] = None,
     l2norm: L2normOption = False,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs, the paper's mixed precision; float32 on CPUs, where "
                                             "autocast is slower at batch 12), float32 or bfloat16.")] = "auto",
-    stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once [default: 2 on CPU, 64 on GPU].")] = None,
+    stack_size: Annotated[Optional[int], typer.Option(help="Runs trained at once (default: 2 on CPU, 64 on GPU).")] = None,
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print one JSON object per run.")] = False,
-    engine: Annotated[str, typer.Option("--engine", help="local, or ray (each stack a Ray task).")] = "local",
-    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    engine: Annotated[str, typer.Option("--engine", help=EngineHelp.format("each stack a Ray task"))] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address (default: a local one).")] = None,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Train on an unfinished store's finished rows "
                                                                        "(recorded with a partial fingerprint).")] = False,
     stores: StoresOption = None,
@@ -426,67 +475,31 @@ def head_command(
     hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) [default: iqa's 16-wide code].")] = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
-    from iqa.heads.training.grid import dataset_pairs, expand_grid, head_choices, head_dtype, run_grid
-    from iqa.cache.results import ResultsDB, default_db
-    from iqa.heads.report.tables import results_table
+    from iqa.heads.report.run_listing import run_summary
+    from iqa.heads.report.tables import results_table, small_test_warning
+    from iqa.heads.training.grid_request import GridRequest, train_grid
 
-    if not cached:
-        fail("only --cached (frozen-backbone heads) is available; fine-tuning has its own command")
-    try:
-        pairs = dataset_pairs(_csv(dataset), _csv(train), _csv(test))
-    except ValueError as error:
-        fail(str(error))
-    check_engine(engine)
+    request = GridRequest(
+        backbone, datasets=tuple(_csv(dataset)), train=tuple(_csv(train)), test=tuple(_csv(test)),
+        heads=tuple(_csv([act])), act_pairs=tuple(tuple(_csv([pair])) for pair in act_pair),
+        seeds=tuple(parse_seeds(seeds)), mask_ks=parse_numbers(mask_k, "--mask-k"), dropout=dropout,
+        keeps=parse_numbers(keep, "--keep"), epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, split_by=split_by,
+        loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
+        select=select, val_fraction=val_fraction, layer=layer, layers=layers, fuse=fuse, dtype=dtype, tag=tag,
+        stack_size=stack_size, knn_k=knn_k, hyper_target=hyper_target,
+    )
     check_device(device, engine)
-    if epochs < 1:
-        fail(f"--epochs must be at least 1, got {epochs}")
-    if stack_size is not None and stack_size < 1:
-        fail(f"--stack-size must be at least 1, got {stack_size}")
-    if dropout is None and _csv([keep]) != ["1.0"]:
-        fail("--keep sets dropout's keep probability: give --dropout input or --dropout layers with it")
-    if not _csv([act]) and not act_pair:
-        fail("--act names no head; give baseline, sig, gated or --act-pair")
-    try:
-        pair_acts = [tuple(_csv([p])) for p in act_pair]
-        if any(len(p) != 2 for p in pair_acts):
-            fail("--act-pair takes two activations, e.g. sigmoid,gelu")
-        heads = head_choices(_csv([act]) if act else [], pair_acts)
-        from iqa.cache.location import store_root
-        from iqa.cache.load import load_cached, stored_layers
-        from iqa.heads.training.grid import layer_choices
-
-        root, where = cache_dir(cache), store_root(stores) if stores else None
-        held = stored_layers(root, pairs[0][0], backbone, tag, where) if layer == "all" else []
-        configs = expand_grid(
-            pairs, backbone, heads, parse_seeds(seeds), [float(k) for k in _csv([mask_k])],
-            dropout, [float(p) for p in _csv([keep])], epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, tag=tag, split_by=split_by,
-            loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
-            select=select, val_fraction=val_fraction, layer_sets=layer_choices(layer, layers, held),
-            compute_dtype=head_dtype(dtype, device), fuse=fuse, knn_k=knn_k, hyper_target=hyper_target,
-        )
-        from iqa.heads.training.selection import check_rule
-
-        check_rule(select)
-        run_stacks = None
-        if engine == "ray":
-            from iqa.heads.training.ray_grid import train_on_ray
-
-            run_stacks = train_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
-        records = run_grid(configs, lambda name: load_cached(root, name, backbone, tag, where, allow_partial), ResultsDB(db or default_db(root)),
-                           device, stack_size, engine=run_stacks)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as error:
-        fail(message(error))
-    except OSError as error:  # a full disk: ResultsSpilled says where the finished runs went
-        fail(error.strerror or str(error))
+    records = train_grid(request, cache_dir(cache), device, db, stores, allow_partial, engine, address)
     undefined = [r for r in records if r["best_srcc"] is None or r["best_srcc"] != r["best_srcc"]]
     if undefined:  # NaN: constant targets or predictions on the test rows, where rank correlation means nothing
         typer.secho(f"warning: {len(undefined)} of {len(records)} runs have no defined SRCC (constant scores or "
                     "predictions on their test rows); their numbers are NaN", err=True, fg=typer.colors.YELLOW)
+    small = small_test_warning(records)
+    if small:
+        typer.secho(f"warning: {small}", err=True, fg=typer.colors.YELLOW)
     if json_lines:
-        fields = ("train_dataset", "test_dataset", "backbone", "head", "act1", "act2", "mask_k", "dropout", "keep",
-                  "seed", "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
         for record in records:
-            typer.echo(json.dumps({**{k: record[k] for k in fields}, "layers": record.get("layers"), "fuse": record.get("fuse")}))
+            typer.echo(json.dumps(run_summary(record)))
     else:
         typer.echo(results_table(records, layout="variants"), nl=False)
 
@@ -498,10 +511,10 @@ def results_command(
     which: Annotated[str, typer.Option(help="best (best epoch per run, the paper's) or last epoch.")] = "best",
     regime: Annotated[Optional[str], typer.Option(help="Only runs of this regime: frozen, lora or full.")] = None,
     paper: Annotated[bool, typer.Option("--paper", help="Every table of the paper, published beside measured (md, csv or html).")] = False,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
     cache: CacheOption = None,
     list_runs: Annotated[bool, typer.Option("--runs", help="List runs: key, config, metrics, kept weights.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --runs or --compare: JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per run (what --runs lists), one a line; with --compare: the comparison.")] = False,
     paired: Annotated[Optional[str], typer.Option("--compare", help="KEY_A,KEY_B: the configurations of two runs compared over the seeds both ran: per-seed differences and a bootstrap interval over test images.")] = None,
 ) -> None:
     """Mean ± std over seeds, laid out like the paper's tables."""
@@ -512,16 +525,13 @@ def results_command(
     runs = [r for r in existing_runs(path) if regime is None or r["regime"] == regime]
     if paired:
         return _paired_comparison(runs, paired, path, cache_dir(cache), format, json_out)
-    if list_runs:
+    if list_runs or json_out:
         from iqa.heads.report.run_listing import run_listing
 
         typer.echo(run_listing(runs, path, json_out), nl=False)
         return
-    try:
-        table = render(compare(runs), format) if paper else results_table(runs, layout=layout, fmt=format, which=which)
-        typer.echo(table, nl=False)
-    except ValueError as error:
-        fail(str(error))
+    table = render(compare(runs), format) if paper else results_table(runs, layout=layout, fmt=format, which=which)
+    typer.echo(table, nl=False)
 
 
 def _paired_comparison(runs: list[dict], keys: str, results_db: Path, root: Path, fmt: str, json_out: bool) -> None:
@@ -554,6 +564,7 @@ def export_command(
                                                           "anywhere, offline.")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
+    json_lines: JsonOption = False,
 ) -> None:
     """Write a finished run as a self-contained model folder: config.json, weights, model card."""
     from iqa.heads.saved.export import best_run, export_run, find_run
@@ -564,18 +575,18 @@ def export_command(
         fail("--best needs --dataset: the dataset the run was trained and tested on")
     root = cache_dir(cache)
     path = existing_db(db, root)
+    if best:
+        run, rule = best_run(existing_runs(path), dataset, backbone, head, select)
+        typer.echo(f"run {run['key'][:12]}: {rule}", err=True)
+    else:
+        run = find_run(existing_runs(path), run_key)
     try:
-        if best:
-            run, rule = best_run(existing_runs(path), dataset, backbone, head, select)
-            typer.echo(f"run {run['key'][:12]}: {rule}", err=True)
-        else:
-            run = find_run(existing_runs(path), run_key)
         folder = export_run(root, path, run, out, bundle)
-    except (LookupError, ValueError, FileExistsError) as error:
-        fail(str(error))
+    except FileExistsError:
+        raise
     except OSError as error:  # a full disk or an unwritable place: no half model is left
         cannot_write(out, error)
-    typer.echo(f"model written to {folder}")
+    typer.echo(json.dumps({"key": run["key"], "model": str(folder)}) if json_lines else f"model written to {folder}")
 
 
 @app.command("score")
@@ -587,7 +598,7 @@ def score_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write path,score,mos rows to this CSV file.")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Exit 0 even if some images are unreadable.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass [default: 4 on CPU, 32 on GPU].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default: 4 on CPU, 32 on GPU).")] = None,
     device: DeviceOption = "auto",
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 2,
     base: Annotated[Optional[str], typer.Option(
@@ -595,36 +606,25 @@ def score_command(
     cache: CacheOption = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
-    import json
-
-    from iqa.cache.atomic import NotOurs, replaceable_file
-    from iqa.extract.backbones import BackboneLoadError
     from iqa.heads.saved.model import image_files, is_scores_file, load_model, score_dataset, score_files, write_scores
 
     if bool(images) == bool(dataset):
         fail("give image files or folders, or --dataset D (one of the two)")
-    try:
-        if out is not None:  # refused before the model is loaded and the images scored
-            replaceable_file(out, is_scores_file, "--out")
-    except NotOurs as error:
-        fail(str(error))
-    try:
-        loaded = load_model(model, device, base)
-        if dataset:
-            scored, source = score_dataset(loaded, cache_dir(cache), dataset, batch_size, workers, progress=out is not None)
-            typer.echo(f"{dataset}: scored from its {'embedding store' if source == 'store' else 'images'}", err=True)
-        else:
-            scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
-    except (BackboneLoadError, FileNotFoundError, ValueError) as error:  # ModelFolderError is a ValueError
-        fail(message(error))
+    if out is not None:  # refused before the model is loaded and the images scored
+        replaceable_file(out, is_scores_file, "--out")
+    loaded = load_model(model, device, base)
+    if dataset:
+        scored, source = score_dataset(loaded, cache_dir(cache), dataset, batch_size, workers, progress=out is not None)
+        typer.echo(f"{dataset}: scored from its {'embedding store' if source == 'store' else 'images'}", err=True)
+    else:
+        scored = score_files(loaded, image_files(images), batch_size, workers, progress=out is not None)
     good = [s for s in scored if not s.reason]
     if out is not None:
         try:
             write_scores(scored, out)
-        except ValueError as error:  # NotOurs
-            fail(str(error))
         except OSError as error:  # a full disk: the previous file stays as it was
             cannot_write(out, error)
+        typer.echo(f"{len(good)} of {len(scored)} images scored -> {out}")
     else:
         for s in good:
             typer.echo(json.dumps({"path": s.path, "score": s.score, "mos": s.mos}) if json_lines else f"{s.path}\t{s.score:.4f}\t{s.mos:.4f}")
@@ -689,7 +689,7 @@ def zeroshot_command(
 # ---- demo ----
 @app.command()
 def demo(
-    seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = ",".join(map(str, PAPER_SEEDS)),
+    seeds: Annotated[str, typer.Option(help="Seeds of the content-held-out splits.")] = PAPER_SEEDS,
     epochs: int = 30,
     device: DeviceOption = "auto",
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Leave t-SNE out of the report (it retrains runs).")] = False,
@@ -711,18 +711,20 @@ def demo(
 # ---- report ----
 @app.command("report")
 def report_command(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder [default: <cache>/report].")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
-    profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip [default: those in the runs].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: <cache>/report).")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Backbones to profile, e.g. siglip2,clip (default: those in the runs).")] = None,
     no_tsne: Annotated[bool, typer.Option("--no-tsne", help="Skip t-SNE (it retrains each shown run).")] = False,
     paper: Annotated[bool, typer.Option("--paper", help="Add paper.html: the published numbers beside the measured.")] = False,
     explain: Annotated[Optional[str], typer.Option("--explain", help="Exported model folders, comma-separated: add explanations.html (maps and their measures).")] = None,
-    explain_set: Annotated[Optional[Path], typer.Option("--explain-set", help="--explain: the grid set measured on [default: <cache>/gridpg, built once].")] = None,
+    explain_set: Annotated[Optional[Path], typer.Option("--explain-set", help="--explain: the grid set measured on (default: <cache>/gridpg, built once).")] = None,
     paired: Annotated[list[str], typer.Option("--compare", help="KEY_A,KEY_B (repeatable): a paired comparison of the two runs' configurations, as `iqa results --compare` prints it.")] = [],
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
     """Tables, figures, compute profile and index.html from the results database."""
+    from functools import partial
+
     from iqa.cache.load import load_cached
     from iqa.heads.report.build import default_profile, write_report
 
@@ -737,8 +739,6 @@ def report_command(
     try:
         summary = write_report(runs, out or root / "report", partial(load_cached, root), backbones, device, tsne=not no_tsne,
                                paper=paper, explanations=explained, results_db=results_db, paired=pairs)
-    except ValueError as error:
-        fail(str(error))
     except OSError as error:
         cannot_write(out or root / "report", error)
     for note in summary.notes:
@@ -750,15 +750,10 @@ def report_command(
 
 def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: str):
     """`--explain`'s model folders loaded (a bad one is one error line, before any report is built)."""
-    from iqa.extract.backbones import BackboneLoadError
     from iqa.heads.report.explanations import load_explained
-    from iqa.heads.saved.model import ModelFolderError
 
     check_device(device)
-    try:
-        return load_explained([Path(f) for f in _csv([explain])], cache, grid_set, device)
-    except (ModelFolderError, BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
-        fail(message(err))
+    return load_explained([Path(f) for f in _csv([explain])], cache, grid_set, device)
 
 
 # ---- fine-tuning ----
@@ -828,85 +823,54 @@ def explain_command(
     random_init: Annotated[bool, typer.Option("--random-init", help="--backbone: full-size architecture, random weights.")] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="--backbone: tiny random model of the same class.")] = False,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
-    grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set [default: <cache>/gridpg, built once].")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="--evaluate: one JSON object.")] = False,
+    grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set (default: <cache>/gridpg, built once).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image (with --evaluate: one for the set).")] = False,
     deletion_fill: Annotated[str, typer.Option("--deletion-fill", help="--evaluate: deleted pixels set to zero (ALOE's) or the image's mean colour.")] = "zero",
     device: DeviceOption = "auto",
     cache: CacheOption = None,
 ) -> None:
     """Attribution maps of predicted quality (Grad-CAM or IG), per image, for one or more models."""
-    from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.explain.attribution import METHODS, TARGETS, parse_bands
-    from iqa.heads.explain.maps import backbone_subject, explain_files, model_subject
-    from iqa.heads.saved.model import ModelFolderError, image_files
+    from iqa.heads.explain.request import ExplainRequest, evaluate_maps, explain_images
 
-    if method not in METHODS or target not in TARGETS:
-        fail(f"--method must be one of {', '.join(METHODS)} and --target one of {', '.join(TARGETS)}")
-    if backbone is None and (model or random_init or tiny):
-        fail("--model, --random-init and --tiny choose the weights of --backbone; a model folder brings its own")
-    if backbone is not None and (compare or not bands or evaluate):
-        fail("--backbone explains feature bands: give --bands (e.g. 0-1,1-10,10-20), no --compare, no --evaluate")
+    request = ExplainRequest(tuple(inputs), method=method, target=target, compare=tuple(map(Path, _csv([compare or ""]))),
+                             bands=bands, backbone=backbone, model=model, random_init=random_init, tiny=tiny, evaluate=evaluate,
+                             deletion_fill=deletion_fill)
     if evaluate:
-        return _evaluate_explanations(inputs, method, grid_set, json_out, device, cache, deletion_fill, out)
+        try:
+            result = evaluate_maps(request, cache_dir(cache), grid_set, device, out)
+        except FileExistsError:
+            raise  # the library's refusal to replace a folder it did not make
+        except OSError as err:
+            cannot_write(out, err)
+        if json_out:
+            typer.echo(json.dumps(result.as_dict()))
+        else:
+            pointed = result.grids - result.discarded
+            typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {pointed} of "
+                       f"{result.grids} grids ({result.discarded} without positive attribution discarded); deletion AUC "
+                       f"{result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
+        return
     if out is None:
         fail("--out DIR is needed: the folder for the pages and maps")
     try:
-        band_list = parse_bands(bands) if bands else None
-        if backbone is not None:
-            subjects, images = [backbone_subject(backbone, model, random_init, tiny, device)], inputs
-        else:
-            folders = [inputs[0], *map(Path, _csv([compare] if compare else []))]
-            subjects, images = [model_subject(f, device) for f in folders], inputs[1:]
-        paths = image_files(images)
-        if not paths:
-            fail("no images given: name image files or folders after the model")
-        done = explain_files(subjects, paths, out, method, target, band_list)
-    except (ModelFolderError, BackboneLoadError, FileExistsError, KeyError, ValueError) as err:
-        fail(message(err))
+        done = explain_images(request, out, device)
+    except FileExistsError:
+        raise  # the library's refusal to replace a folder it did not make
     except OSError as err:
         cannot_write(out, err)
     for item in done:
-        typer.echo(f"{item.path}\t{item.page}" if not item.reason else f"unreadable: {item.path}: {item.reason}",
-                   err=bool(item.reason))
+        if item.reason:
+            typer.echo(f"unreadable: {item.path}: {item.reason}", err=True)
+        else:
+            typer.echo(json.dumps({"path": str(item.path), "page": str(item.page)}) if json_out else f"{item.path}\t{item.page}")
     bad = [item for item in done if item.reason]
     if bad:
         fail(f"{len(bad)} of {len(done)} images could not be explained (listed above)")
 
 
-def _evaluate_explanations(inputs: list[Path], method: str, grid_set: Path | None, json_out: bool, device: str,
-                           cache: Path | None, fill: str, out: Path | None) -> None:
-    """The measures of one model's maps; with `out`, the deletion curves drawn there (deletion.png|pdf)."""
-    from iqa.data.gridpg import grid_set_or_default
-    from iqa.heads.explain.maps import model_subject, prepare_out
-    from iqa.heads.explain.evaluate import FILLS, evaluate
-    from iqa.heads.report.figures import deletion_figure, save
-    from iqa.heads.saved.model import ModelFolderError
-
-    if len(inputs) != 1:
-        fail("--evaluate takes one MODEL folder and no images (the grid set is the images)")
-    if fill not in FILLS:
-        fail(f"--deletion-fill must be one of {', '.join(FILLS)}, got {fill!r}")
-    try:
-        subject = model_subject(inputs[0], device)
-        result = evaluate(subject, grid_set_or_default(cache_dir(cache), grid_set), method, fill)
-        if out is not None:
-            save(deletion_figure({subject.name: result.as_dict()}), prepare_out(out), "deletion")
-    except (ModelFolderError, FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
-        fail(message(err))
-    except OSError as err:
-        cannot_write(out, err)
-    if json_out:
-        typer.echo(json.dumps(result.as_dict()))
-    else:
-        pointed = result.grids - result.discarded
-        typer.echo(f"{inputs[0]}: pointing game {result.pointing_game:.3f} (chance 0.25) over {pointed} of {result.grids} "
-                   f"grids ({result.discarded} without positive attribution discarded); "
-                   f"deletion AUC {result.deletion_auc:.4f} (random order {result.deletion_auc_random:.4f}; lower is more faithful)")
-
-
 @data_app.command("make-gridpg")
 def make_gridpg_command(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: <cache>/gridpg].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <cache>/gridpg).")] = None,
     cache: CacheOption = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild and replace an existing folder.")] = False,
 ) -> None:

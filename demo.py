@@ -28,6 +28,7 @@ HEADS = ("baseline", "sig", "gated")
 # (backbone, tiny): what each store holds
 BACKBONES = (("nss", False), ("dinov2", True))
 SWEEP_BACKBONE = "swin-t"  # tiny: two stages, each stored, one baseline head per stage
+HEAD_DTYPE = "float32"  # on a GPU too: the demo's runs keep the keys they were first trained under
 
 
 @dataclass
@@ -56,9 +57,9 @@ def run_demo(
     from iqa.data.prepare import prepare_dataset
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.training.grid import expand_grid, head_choices, run_grid
+    from iqa.heads.training.grid_request import GridRequest, train_grid
     from iqa.heads.report.build import default_profile, write_report
-    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.results import default_db
     from iqa.heads.report.tables import results_table
 
     source = cache / DEMO_DIR
@@ -68,45 +69,37 @@ def run_demo(
         "csv", source, cache, labels=LABELS_FILE, image_col="image", score_col="score",
         score_range="0,1", group_col="ref", name=DATASET,
     )
-    db = ResultsDB(default_db(cache))
+    db = default_db(cache)
     records = []
     for backbone, tiny in BACKBONES:
         summary = extract_dataset(ExtractRequest(cache, DATASET, backbone, tiny=tiny, progress=progress), device=device)
         if not summary.ok:
             raise RuntimeError(f"extraction of {backbone} over the demo set failed: {summary}")
-        tag = model_tag(tiny, random_init=False)
-        configs = expand_grid(
-            [(DATASET, DATASET)], backbone, head_choices(list(HEADS), []), list(seeds),
-            epochs=epochs, tag=tag, split_by="group",
-        )
-        load = partial(load_cached, cache, backbone=backbone, tag=tag)
-        records += run_grid(configs, load, db, device=device, progress=progress)
-    sweep = layer_sweep(cache, db, seeds, epochs, device, progress)
+        request = GridRequest(backbone, datasets=(DATASET,), heads=HEADS, seeds=seeds, epochs=epochs,
+                              split_by="group", tag=model_tag(tiny, random_init=False), dtype=HEAD_DTYPE)
+        records += train_grid(request, cache, device, progress=progress)
+    sweep = layer_sweep(cache, seeds, epochs, device, progress)
     report = write_report(
         records + sweep, cache / "report", partial(load_cached, cache), default_profile(records), device, tsne=tsne,
-        progress=progress, results_db=db.path,
+        progress=progress, results_db=db,
     )
-    model, sample = export_best_nss(cache, db.path, records)
-    return DemoResult(results_table(records, layout="backbones"), records, sweep, cache, db.path, report.out, model, sample)
+    model, sample = export_best_nss(cache, db, records)
+    return DemoResult(results_table(records, layout="backbones"), records, sweep, cache, db, report.out, model, sample)
 
 
-def layer_sweep(cache: Path, db, seeds: tuple[int, ...], epochs: int, device: str, progress: bool) -> list[dict]:
+def layer_sweep(cache: Path, seeds: tuple[int, ...], epochs: int, device: str, progress: bool) -> list[dict]:
     """Step 5: every stage of the tiny Swin stored in one pass, then a baseline head per stage and seed."""
-    from iqa.cache.load import load_cached, stored_layers
     from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
-    from iqa.heads.training.grid import expand_grid, head_choices, layer_choices, run_grid
+    from iqa.heads.training.grid_request import GridRequest, train_grid
 
-    request = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, tiny=True, layers="all", progress=progress)
-    summary = extract_dataset(request, device=device)
+    extraction = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, tiny=True, layers="all", progress=progress)
+    summary = extract_dataset(extraction, device=device)
     if not summary.ok:
         raise RuntimeError(f"extraction of {SWEEP_BACKBONE} over the demo set failed: {summary}")
-    tag = model_tag(True, random_init=False)
-    layers = layer_choices("all", None, stored_layers(cache, DATASET, SWEEP_BACKBONE, tag))
-    configs = expand_grid([(DATASET, DATASET)], SWEEP_BACKBONE, head_choices(["baseline"], []), list(seeds),
-                          layer_sets=layers, epochs=epochs, tag=tag, split_by="group")
-    load = partial(load_cached, cache, backbone=SWEEP_BACKBONE, tag=tag)
-    return run_grid(configs, load, db, device=device, progress=progress)
+    request = GridRequest(SWEEP_BACKBONE, datasets=(DATASET,), seeds=seeds, epochs=epochs, split_by="group",
+                          tag=model_tag(True, random_init=False), layer="all", dtype=HEAD_DTYPE)
+    return train_grid(request, cache, device, progress=progress)
 
 
 def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, tuple[str, float]]:

@@ -15,6 +15,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from iqa.errors import IqaError
+
 RESULTS_FILE = "results.sqlite"
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; 0: before versioning (keys without the recipe)
@@ -40,7 +42,7 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
-class ResultsDBError(ValueError):
+class ResultsDBError(IqaError, ValueError):
     """A results database this version cannot read safely."""
 
 
@@ -79,14 +81,14 @@ class ResultsDB:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise ResultsDBError(f"cannot write a results database under {self.path.parent}: "
-                                     f"{error.strerror or error}; give --db a writable place") from None
+                                     f"{error.strerror or error}; give `db` a writable place") from None
         try:
             with self._connect() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise ResultsDBError(
                         f"{self.path} has schema version {version}, newer than this iqa's {SCHEMA_VERSION}; "
-                        f"upgrade iqa or pass another --db"
+                        f"upgrade iqa or pass another `db`"
                     )
                 tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if "runs" not in tables and (tables or read_only):  # someone else's database: not a byte written
@@ -97,7 +99,7 @@ class ResultsDB:
                 missing = [c for c in COLUMNS if c not in columns]
                 if missing:
                     raise ResultsDBError(
-                        f"{self.path} is not an iqa results database (no column {missing[0]}); pass another --db"
+                        f"{self.path} is not an iqa results database (no column {missing[0]}); pass another `db`"
                     )
                 if version < SCHEMA_VERSION and not read_only:
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -105,7 +107,7 @@ class ResultsDB:
             if _disk_full(error):
                 raise
             raise ResultsDBError(f"{self.path} is not a usable results database ({error}); move it away to start "
-                                 "a new one, or give --db another path") from None
+                                 "a new one, or give `db` another path") from None
         if not read_only:
             self._import_spilled()
 

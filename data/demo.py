@@ -41,6 +41,7 @@ from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from iqa.cache.atomic import building_folder, folder_state
+from iqa.errors import ExistsError
 
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
@@ -200,9 +201,9 @@ def build_folder(out_dir: Path, build: Callable[[Path], None], force: bool = Fal
     carries the mark and `force` is given; a folder of anything else is never replaced."""
     state = folder_state(out_dir, MARK)
     if state in ("file", "foreign"):
-        raise FileExistsError(f"{out_dir} exists and is not an iqa data set; give a new or empty folder")
+        raise ExistsError(f"{out_dir} exists and is not an iqa data set; give a new or empty folder")
     if state == "marked" and not force:
-        raise FileExistsError(f"{out_dir} already exists; pass force=True (--force) to rebuild it")
+        raise ExistsError(f"{out_dir} already exists; pass `force` to rebuild it")
     with building_folder(out_dir) as building:
         build(building)
         (building / MARK).write_text("built by iqa; --force replaces this folder\n")

@@ -13,9 +13,10 @@ import numpy as np
 
 from iqa.data.adapters import ADAPTERS
 from iqa.cache.location import UnsafeName, dataset_name
-from iqa.cache.manifest import Manifest, write_manifest
+from iqa.cache.manifest import Manifest, read_manifest, write_manifest
 from iqa.data.readers import DatasetError
-from iqa.data.splits import SplitBy, split_indices
+from iqa.data.splits import SPLIT_RULES, SplitBy, split_indices
+from iqa.errors import SettingError
 
 SHOWN = 5  # how many offending names an error message lists
 
@@ -25,9 +26,9 @@ def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:SHOWN]) + more
 
 
-def _as_flags(options) -> str:
-    """Adapter options as the command line spells them: image_col -> --image-col."""
-    return ", ".join("--" + option.replace("_", "-") for option in sorted(options)) or "no options"
+def _as_settings(options) -> str:
+    """Adapter options as settings (errors.py: `image_col`, the flag --image-col on the command line)."""
+    return ", ".join(f"`{option}`" for option in sorted(options)) or "no options"
 
 
 def drop_known_duplicates(manifest: Manifest, known: frozenset[str]) -> tuple[Manifest, list[str]]:
@@ -73,7 +74,7 @@ def check_manifest(manifest: Manifest) -> None:
     try:
         dataset_name(manifest.dataset, "dataset name")
     except UnsafeName as error:
-        raise DatasetError(f"{error} (--name)") from None
+        raise DatasetError(f"{error} (`name`)") from None
     escaping = [p for p in paths if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == ".."]
     if escaping:
         raise DatasetError(f"{len(escaping)} image path(s) lead outside the image folder: {_listing(escaping)}; "
@@ -85,7 +86,8 @@ def check_manifest(manifest: Manifest) -> None:
     root = manifest.image_root
     missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        raise DatasetError(f"{len(missing)} of {len(paths)} listed images are missing under {root}: {_listing(missing)}")
+        nowhere = "; if they sit in a sub-folder of the root, name it with `images` SUB" if len(missing) == len(paths) else ""
+        raise DatasetError(f"{len(missing)} of {len(paths)} listed images are missing under {root}: {_listing(missing)}{nowhere}")
 
 
 def count_warnings(manifest: Manifest, release_count: int | None) -> list[str]:
@@ -106,7 +108,7 @@ def prepare_dataset(name: str, root: Path, cache: Path, /, **adapter_options) ->
     accepted = set(inspect.signature(adapter.load).parameters) - {"root"}
     unknown = sorted(set(adapter_options) - accepted)
     if unknown:
-        raise DatasetError(f"{name} does not take {_as_flags(unknown)}; it takes {_as_flags(accepted)}")
+        raise DatasetError(f"{name} does not take {_as_settings(unknown)}; it takes {_as_settings(accepted)}")
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root is not a folder: {root}")
@@ -117,10 +119,17 @@ def prepare_dataset(name: str, root: Path, cache: Path, /, **adapter_options) ->
     return manifest, write_manifest(manifest, Path(cache)), warnings
 
 
+def summarise_dataset(cache: Path, name: str, seeds: tuple[int, ...] | list[int], split_by: SplitBy = "random") -> dict:
+    """`dataset_summary` of the dataset `name` prepared in `cache`; an unknown split rule is refused before anything is read."""
+    if split_by not in SPLIT_RULES:
+        raise SettingError(f"`split_by` must be {', '.join(SPLIT_RULES)}, got {split_by!r}")
+    return dataset_summary(read_manifest(cache, name), seeds, split_by)
+
+
 def dataset_summary(manifest: Manifest, seeds: tuple[int, ...] | list[int], split_by: SplitBy = "random") -> dict:
     """Counts, score and target ranges, and the train/test sizes of each seed's split."""
     if split_by == "group" and manifest.groups is None:
-        raise DatasetError(f"{manifest.dataset} has no content groups; use --split-by random")
+        raise DatasetError(f"{manifest.dataset} has no content groups; use `split_by` random")
     splits = {}
     for seed in seeds:
         train, test = split_indices(manifest.paths, seed, by=split_by, groups=manifest.groups,

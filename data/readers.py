@@ -9,9 +9,10 @@ import csv
 import math
 from pathlib import Path
 
+from iqa.errors import IqaError
 
 
-class DatasetError(ValueError):
+class DatasetError(IqaError, ValueError):
     """Bad dataset input: the message is one line that says what to fix."""
 
 

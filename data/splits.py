@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from iqa.errors import SettingError
+
 PAPER_SEEDS = (8, 19, 25)
 TRAIN_FRACTION = 0.8
 SplitBy = Literal["random", "group", "official"]
@@ -52,7 +54,7 @@ def split_indices(
         train, test = order[:n_train], order[n_train:]
     elif by == "group":
         if groups is None:
-            raise ValueError("--split-by group needs a dataset with content groups")
+            raise SettingError("`split_by` group needs a dataset with content groups")
         names = sorted(set(groups))
         rows_of = {name: [] for name in names}
         for row, name in enumerate(groups):
@@ -64,14 +66,14 @@ def split_indices(
             side.extend(rows_of[names[g]])
         train, test = np.array(train_rows, dtype=np.int64), np.array(test_rows, dtype=np.int64)
     else:
-        raise ValueError(f"unknown split rule {by!r}; use {', '.join(SPLIT_RULES)}")
+        raise SettingError(f"unknown split rule {by!r} for `split_by`; use {', '.join(SPLIT_RULES)}")
     return np.sort(train), np.sort(test)
 
 
 def official_split(sets: list[str] | None) -> dict[str, np.ndarray]:
     """Sorted rows of each published set (training, validation, test) from a manifest's `set` column."""
     if sets is None:
-        raise ValueError("--split-by official needs the dataset's published split (a `set` column); of the "
+        raise SettingError("`split_by` official needs the dataset's published split (a 'set' column); of the "
                          "adapters only koniq10k has one: add koniq10k_distributions_sets.csv to its --root "
                          "and run `iqa data prepare koniq10k` again")
     unknown = sorted(set(sets) - set(OFFICIAL_SETS))

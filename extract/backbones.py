@@ -32,12 +32,13 @@ from torch import nn
 
 from iqa.extract.registry import BackboneSpec
 from iqa.extract.timm_tower import TimmTap
+from iqa.errors import IqaError, SettingError
 
 INIT_SEED = 0
 _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(IqaError, RuntimeError):
     """Weights could not be loaded; the message is one line meant for the user."""
 
 
@@ -114,7 +115,7 @@ class Family:
 
 def check_preprocess(preprocess: str) -> str:
     if preprocess not in ("square", "native"):
-        raise ValueError(f"--preprocess must be square or native, got {preprocess!r}")
+        raise SettingError(f"`preprocess` must be square or native, got {preprocess!r}")
     return preprocess
 
 
@@ -146,7 +147,7 @@ class PooledBackbone(Family, nn.Module):
         the patch size. `resolution` overrides either. Width comes from the loaded config."""
         native, patch, dim = self.geometry(spec)
         if resolution is not None and resolution < patch:
-            raise ValueError(f"--resolution must be at least the patch size {patch}, got {resolution}")
+            raise SettingError(f"`resolution` must be at least the patch size {patch}, got {resolution}")
         if spec.fixed_positions:
             side = resolution or native
         else:
@@ -199,7 +200,7 @@ class VisionTower(PooledBackbone):
 
             raise BackboneLoadError(
                 f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
-                f"download them where you can and pass the folder with --model /path/to/dir, or use --random-init"
+                f"download them where you can and pass the folder with `model` /path/to/dir, or use `random_init`"
             ) from None
         return cls(model.eval(), spec, source, getattr(model.config, "_commit_hash", None), **geometry)
 
@@ -276,7 +277,7 @@ class TimmTapped(PooledBackbone):
         except (OSError, RuntimeError, ValueError) as err:
             raise BackboneLoadError(
                 f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
-                f"pass a local weights file with --model /path/to/open_clip_model.safetensors"
+                f"pass a local weights file with `model` /path/to/open_clip_model.safetensors"
             ) from None
         return cls(TimmTap(model, spec.tap_block).eval(), spec, source, None, resolution=resolution, preprocess=preprocess)
 
@@ -339,7 +340,7 @@ class CleanDift(Family):
                 model = cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
                                                   f"{model_tag(tiny, random_init)}:{spec.model_class}")
         elif source is None or not Path(source).is_dir():
-            raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass --model DIR")
+            raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass `model` DIR")
         else:
             model = cleandift.load_cleandift(source).eval()
         model.spec = replace(spec, resolution=resolution or spec.resolution, preprocess=preprocess)

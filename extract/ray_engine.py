@@ -25,6 +25,7 @@ from iqa.extract.registry import BackboneSpec, get_spec
 from iqa.extract.run import (
     COMPUTE_DTYPES, Embedder, ExtractRequest, ExtractSummary, ImageRows, compute_dtype_for, default_batch_size, open_extraction,
 )
+from iqa.errors import SettingError
 
 FAIL_ONCE_ENV = "IQA_RAY_FAIL_ONCE"  # fault injection for tests: a folder of chunk-<i> marker files
 
@@ -106,7 +107,7 @@ def extract_with_ray(
     if request.adapter is not None:
         raise ValueError("tuned backbones (adapter runs) are extracted by the local engine")
     if request.layers is not None:
-        raise ValueError("--layers runs on the local engine: drop --engine ray")
+        raise SettingError("`layers` runs on the local engine: drop `engine` ray")
     ray = connect(address)
     pool_size, resources = actor_pool(ray.cluster_resources(), gpus_per_actor)
     device = "cuda" if "num_gpus" in resources else "cpu"
@@ -115,7 +116,7 @@ def extract_with_ray(
     job = open_extraction(request, "cpu", compute_dtype)
     store = job.store
     if store.layer_dims:  # the actors compute the default embedding only
-        raise ValueError(f"{store.path} holds layers {list(store.layer_dims)}; it is filled by the local engine: drop --engine ray")
+        raise ValueError(f"{store.path} holds layers {list(store.layer_dims)}; it is filled by the local engine: drop `engine` ray")
     todo = job.todo()
     items = [
         {"chunk": c, "rows": list(store.rows_of_chunk(c)), "paths": [job.paths[r] for r in store.rows_of_chunk(c)]}

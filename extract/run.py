@@ -27,6 +27,7 @@ from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, checkpoint_tag, family_of, load_backbone, model_tag, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
 from iqa.extract.registry import BackboneSpec, get_spec
+from iqa.errors import SettingError
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACKAGES = ("torch", "transformers", "numpy", "pillow", "zarr")
@@ -101,7 +102,7 @@ def compute_dtype_for(device: str, dtype: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"--dtype must be auto, {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
+        raise SettingError(f"`dtype` must be auto, {', '.join(COMPUTE_DTYPES)}; got {dtype!r}")
     return COMPUTE_DTYPES[dtype]
 
 
@@ -226,7 +227,7 @@ class ExtractRequest:
         if not 0 <= index < count:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise SettingError(f"`batch_size` must be at least 1, got {self.batch_size}")
 
     @property
     def spec(self) -> BackboneSpec:
@@ -313,13 +314,13 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     layer_dims = {}
     if r.layers is not None:
         if r.adapter is not None:
-            raise ValueError("--layers is not available with --adapter (a tuned backbone); extract its default embedding")
+            raise SettingError("`layers` is not available with `adapter` (a tuned backbone); extract its default embedding")
         if not family_of(spec).layer_taps:
-            raise ValueError(f"--layers works for transformers and timm backbones; {spec.key} has no layer taps")
+            raise SettingError(f"`layers` works for transformers and timm backbones; {spec.key} has no layer taps")
         if r.layer_pool != "tokens":
             if not hasattr(model, "use_layer_pool"):
-                raise ValueError(f"--layer-pool {r.layer_pool} is for the timm tower (perception); {spec.key}'s layers "
-                                 "are pooled by the store's rule")
+                raise SettingError(f"`layer_pool` {r.layer_pool} is for the timm tower (perception); {spec.key}'s "
+                                   "layers are pooled by the store's rule")
             model.use_layer_pool(r.layer_pool)
         widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
@@ -351,10 +352,10 @@ def parse_layers(text: str, count: int) -> list[int]:
     try:
         layers = list(dict.fromkeys(int(part) for part in text.split(",")))
     except ValueError:
-        raise ValueError(f"--layers must be all or a comma list of layer numbers like 4,3; got {text!r}") from None
+        raise SettingError(f"`layers` must be all or a comma list of layer numbers like 4,3; got {text!r}") from None
     wrong = [n for n in layers if not 1 <= n <= count]
     if wrong:
-        raise ValueError(f"--layers {text}: this model has layers 1..{count} (counted from 1), not {wrong}")
+        raise SettingError(f"`layers` {text}: this model has layers 1..{count} (counted from 1), not {wrong}")
     return layers
 
 

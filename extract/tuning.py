@@ -43,7 +43,7 @@ def read_run(run_dir: Path) -> dict:
     if state is None:
         raise BackboneLoadError(f"no fine-tuning checkpoint at {checkpoint_path(run_dir)}")
     if state["config"]["regime"] == "frozen":
-        raise BackboneLoadError(f"{run_dir} is a frozen-backbone run: its backbone is the base one, use no --adapter")
+        raise BackboneLoadError(f"{run_dir} is a frozen-backbone run: its backbone is the base one, use no `adapter`")
     return state
 
 
@@ -67,7 +67,7 @@ def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path, state
     if weights_sha256(backbone) != base_sha:
         raise BackboneLoadError(
             f"{run_dir} started from other {spec.key} weights ({state['fingerprint']['model_id']}); "
-            f"pass the same --model / --tiny / --random-init as the run"
+            f"pass the same `model` / `tiny` / `random_init` as the run"
         )
     if config["regime"] == "lora":
         wrapped = add_lora(backbone, spec, config["lora_rank"])

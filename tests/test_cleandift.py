@@ -78,7 +78,7 @@ def test_full_mode_leaves_the_vae_frozen():
 def test_pretrained_needs_a_local_folder_and_missing_diffusers_says_how_to_install(monkeypatch, tmp_path):
     from iqa.extract.backbones import BackboneLoadError
 
-    with pytest.raises(BackboneLoadError, match="--model DIR"):
+    with pytest.raises(BackboneLoadError, match="pass model DIR"):
         load_backbone(get_spec("cleandift"))
     with pytest.raises(BackboneLoadError, match="could not load cleandift weights"):
         load_backbone(get_spec("cleandift"), source=str(tmp_path))

@@ -72,7 +72,7 @@ def test_cuda_on_a_machine_without_it_is_one_line_and_keeps_the_store(store, com
 
 
 def test_extract_batch_size_below_one_is_refused(store):
-    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
         ExtractRequest(store, "toy", "dinov2", tiny=True, batch_size=-2)
     one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--batch-size", "-2",
                   "--device", "cpu", "--cache", store), "--batch-size must be at least 1")

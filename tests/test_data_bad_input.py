@@ -111,7 +111,7 @@ def test_a_failed_prepare_leaves_the_earlier_manifest_byte_identical(tmp_path):
 
 def test_unknown_dataset_option_and_root(tmp_path):
     prepare_fails("imagenet", tmp_path, tmp_path / "cache", r"unknown dataset 'imagenet'; known: koniq10k, clive")
-    prepare_fails("spaq", tmp_path, tmp_path / "cache", r"spaq does not take --lower-better; it takes --images",
+    prepare_fails("spaq", tmp_path, tmp_path / "cache", r"spaq does not take lower_better; it takes images",
                   lower_better=True)
     prepare_fails("spaq", tmp_path / "nowhere", tmp_path / "cache", r"dataset root is not a folder")
     assert not manifest_path(tmp_path / "cache", "spaq").exists()
@@ -128,7 +128,7 @@ def test_custom_csv_needs_its_options_and_a_valid_range(tmp_path):
 def test_group_split_needs_groups(tmp_path):
     spaq_release(tmp_path)
     manifest, _, _ = prepare_dataset("spaq", tmp_path, tmp_path / "cache")
-    with pytest.raises(DatasetError, match="spaq has no content groups; use --split-by random"):
+    with pytest.raises(DatasetError, match="spaq has no content groups; use split_by random"):
         dataset_summary(manifest, [8], "group")
     assert np.isfinite(dataset_summary(manifest, [8])["target_max"])
 

@@ -195,8 +195,9 @@ def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_
     width, height = Image.open(photo).size
     assert maps.shape == (2, height, width) and np.allclose(maps[0], maps[1])  # the same model twice
     assert Image.open(npy.with_suffix(".png")).size[0] > 2 * width // 2  # three panels
-    again = CliRunner().invoke(app, ["explain", str(model), str(photo), "--out", str(out), "--method", "ig"])
+    again = CliRunner().invoke(app, ["explain", str(model), str(photo), "--out", str(out), "--method", "ig", "--json"])
     assert again.exit_code == 0, again.output  # iqa's own folder is written again
+    assert [json.loads(line) for line in again.stdout.splitlines()] == [{"path": str(photo), "page": str(npy.with_suffix(".png"))}]
 
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -84,7 +84,10 @@ def test_missing_weights_fail_in_one_line_naming_the_id(monkeypatch, tmp_path):
     with pytest.raises(BackboneLoadError) as err:
         load_backbone(get_spec("siglip2"))
     message = str(err.value)
-    assert "google/siglip2-so400m-patch16-512" in message and "--model" in message and "\n" not in message
+    assert "google/siglip2-so400m-patch16-512" in message and "with model /path/to/dir" in message and "\n" not in message
+    from iqa.cli import message as cli_message
+
+    assert "with --model /path/to/dir, or use --random-init" in cli_message(err.value)  # the command line names flags
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("timm") is not None, reason="timm is installed here")

@@ -193,7 +193,7 @@ def test_layers_are_not_added_to_a_store_whose_embeddings_the_model_does_not_giv
 def test_parse_layers_counts_from_one():
     assert parse_layers("all", 3) == [1, 2, 3] and parse_layers("4,3,4", 4) == [4, 3]
     for bad in ("0", "5", "x"):
-        with pytest.raises(ValueError, match="--layers"):
+        with pytest.raises(ValueError, match="^layers"):
             parse_layers(bad, 4)
 
 

@@ -23,12 +23,17 @@ from torch import nn
 
 from iqa.extract.backbones import family_of
 from iqa.extract.preprocess import normalise
+from iqa.errors import SettingError
 
 BLOCK_LISTS = ("layer", "layers", "blocks", "stages")  # what transformers and timm call their block lists
 CLS_POOLED = ("image_embeds",)  # poolings that read the CLS token only
 METHODS = ("gradcam", "ig")
 TARGETS = ("high", "low")
 IG_STEPS = 32
+UNEXPLAINABLE = {  # why a backbone without spatial features has none, in a user's words
+    "worker": "its features are image statistics computed on the CPU, not a network's feature maps",
+    "cleandift": "its features are pooled inside the diffusion model, before any map could be read",
+}
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 
@@ -51,7 +56,8 @@ def patch_size(model: nn.Module) -> int:
 def explainable_blocks(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's blocks; refuses a backbone with no spatial features (NSS, CleanDIFT's pooled taps)."""
     if not family_of(backbone.spec).spatial:
-        raise ValueError(f"{backbone.spec.key} has no spatial features to explain (pooling {backbone.spec.pooling})")
+        why = UNEXPLAINABLE.get(backbone.spec.pooling, "its features are pooled inside the backbone")
+        raise SettingError(f"{backbone.spec.key} has no spatial features to explain: {why}")
     return blocks_of(backbone.model)
 
 
@@ -94,7 +100,7 @@ class SpatialTap(nn.Module):
 def score_target(head: nn.Module, target: str = "high") -> Target:
     """The head's predicted quality (`high`: what raises it) or its negative (`low`: what lowers it)."""
     if target not in TARGETS:
-        raise ValueError(f"--target must be high or low, got {target!r}")
+        raise SettingError(f"`target` must be high or low, got {target!r}")
     sign = 1.0 if target == "high" else -1.0
     return lambda pooled: sign * head(pooled.float()[None])[0]
 
@@ -125,7 +131,7 @@ def parse_bands(text: str) -> list[tuple[float, float]]:
         try:
             a, b = (float(x) for x in part.split("-"))
         except ValueError:
-            raise ValueError(f"--bands takes ranges like 0-1,1-10 (percent from the top), got {part!r}") from None
+            raise SettingError(f"`bands` takes ranges like 0-1,1-10 (percent from the top), got {part!r}") from None
         if not 0 <= a < b <= 100:
             raise ValueError(f"band {part!r} must satisfy 0 <= low < high <= 100")
         bands.append((a, b))
@@ -143,7 +149,7 @@ def attribute(backbone: nn.Module, target: Target, pixels: torch.Tensor, method:
     Grad-CAM is ReLU'd (the regions that raise the target) and upsampled bilinearly from the patch
     grid; IG is summed over colour channels, from the mean image (zero after normalisation)."""
     if method not in METHODS:
-        raise ValueError(f"--method must be gradcam or ig, got {method!r}")
+        raise SettingError(f"`method` must be gradcam or ig, got {method!r}")
     inputs = normalised_input(backbone, pixels)
 
     def forward(x):

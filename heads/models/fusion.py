@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from iqa.heads.models.mlp import StackedLinear, TopkMasked, member_seed
+from iqa.errors import SettingError
 
 FUSIONS = ("attention", "smart")
 FUSE_WIDTH = 512  # SMART-IQA's C_unified (App. B)
@@ -47,7 +48,7 @@ def check_fusion(fuse: str, layers: tuple[int, ...] | None) -> None:
     if fuse not in FUSIONS:
         raise ValueError(f"unknown fusion {fuse!r}; choose from {', '.join(FUSIONS)}")
     if layers is None or len(layers) < 2:
-        raise ValueError("--fuse weighs stages against each other: give two or more with --layers, e.g. --layers 4,3")
+        raise SettingError("`fuse` weighs stages against each other: give two or more with `layers`, e.g. `layers` 4,3")
 
 
 class StackedFusion(TopkMasked):

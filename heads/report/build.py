@@ -39,6 +39,7 @@ from iqa.heads.report.paired import compare_keys, paired_table
 from iqa.heads.report.scatter import kept_predictions, scatter_figure
 from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
+from iqa.errors import SettingError
 
 MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces
 MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
@@ -171,9 +172,9 @@ def check_replaceable(out: Path) -> None:
     folder is replaced, so `--out` pointing at a file or a folder of one's own loses nothing."""
     state = folder_state(out, MARK)
     if state == "file":
-        raise ValueError(f"--out {out} is a file, not a report folder; give a new or empty folder")
+        raise SettingError(f"`out` {out} is a file, not a report folder; give a new or empty folder")
     if state == "foreign":
-        raise ValueError(f"--out {out} holds files that are not an iqa report; give a new or empty folder")
+        raise SettingError(f"`out` {out} holds files that are not an iqa report; give a new or empty folder")
 
 
 # Tables that lay the runs of Tables 1, 2 out along one more dimension: with a single value of it they

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from iqa.heads.report.tables import GROUPS, OUTCOME_FIELDS
+from iqa.errors import SettingError
 
 PAPER_FILE = Path(__file__).with_name("paper_values.json")
 COMPARED = ("1", "2", "3", "4", "5a", "5b", "6", "S1", "S3")  # the tables with measured cells beside them
@@ -299,5 +300,5 @@ def comparison_html(comparisons: list[TableComparison]) -> str:
 def render(comparisons: list[TableComparison], fmt: str) -> str:
     renderers = {"md": comparison_md, "csv": comparison_csv, "html": comparison_html}
     if fmt not in renderers:
-        raise ValueError(f"unknown format {fmt!r} for --paper; use md, csv or html")
+        raise SettingError(f"unknown format {fmt!r} for `paper`; use md, csv or html")
     return renderers[fmt](comparisons)

@@ -192,8 +192,10 @@ def _mark_best(table: list[list[Cell]]) -> None:
 
 
 def _label(value) -> str:
-    """A row label: an unset field (no tag, no dropout) is blank, not "None"."""
-    return "" if value is None else str(value)
+    """A row label: an unset field (no tag, no dropout) is blank, not "None"; a whole number as one (mask k 100, not 100.0)."""
+    if value is None:
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 RULE_NOTES = {

@@ -28,11 +28,12 @@ from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
 from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
+from iqa.errors import IqaError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(IqaError, ValueError):
     """A model folder that cannot be trusted: missing or altered files."""
 
 

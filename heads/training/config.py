@@ -25,6 +25,7 @@ from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
 from iqa.heads.models.hyper import HYPER, check_hyper_target, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
 from iqa.heads.models.probes import PROBES, check_knn_k, probe_recipe
+from iqa.errors import SettingError
 
 # 2: one data order (seed, epoch) and torch's MultiStepLR for the cached and fine-tuning paths.
 TRAINER_VERSION = 2
@@ -88,16 +89,16 @@ class RunConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.micro_batch is not None and (self.micro_batch < 2 or self.batch_size % self.micro_batch):
-            raise ValueError(f"--micro-batch {self.micro_batch} must be at least 2 (the loss scores pairs) and divide "
+            raise SettingError(f"`micro_batch` {self.micro_batch} must be at least 2 (the loss scores pairs) and divide "
                              f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+            raise SettingError(f"`weight_decay` must be at least 0, got {self.weight_decay}")
         check_knn_k(self.head, self.knn_k)
         check_hyper_target(self.head, self.hyper_target, self.dropout)
         if self.fuse is not None:
             check_fusion(self.fuse, self.layers)
             if self.head in PROBES:
-                raise ValueError(f"--fuse trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
+                raise SettingError(f"`fuse` trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
 
     def to_dict(self) -> dict:
         """What the results database stores and the key hashes: the fields, the optional ones (OPTIONAL_FIELDS)

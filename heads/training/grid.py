@@ -24,6 +24,7 @@ from iqa.heads.training.config import RunConfig, rows_digest, run_key
 from iqa.heads.training.selection import carve_validation
 from iqa.heads.training.trainer import Member, PoolCache, RunResult, StackData, train_stack
 from iqa.heads.saved.weights import run_weights_path, save_head
+from iqa.errors import SettingError
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 
@@ -44,7 +45,7 @@ def head_choices(acts: list[str], act_pairs: list[tuple[str, str]]) -> list[tupl
     The hyper head and the probes have no activation pair: act1 and act2 repeat the name, so tables keep them apart."""
     unknown = [a for a in acts if a not in HEADS and a not in (HYPER, *PROBES)]
     if unknown:
-        raise ValueError(f"unknown head variant(s) {unknown}; choose from {', '.join((*HEADS, HYPER, *PROBES))}")
+        raise SettingError(f"unknown head variant(s) {unknown}; choose from {', '.join((*HEADS, HYPER, *PROBES))}")
     return [(a, *HEADS[a]) if a in HEADS else (a, a, a) for a in acts] + [(f"{a1}+{a2}", a1, a2) for a1, a2 in act_pairs]
 
 
@@ -71,11 +72,11 @@ def expand_grid(
     `knn_k` fixes the knn probe's k (None: cross-validated), `hyper_target` sizes the hyper head (None: iqa's);
     the other heads of the grid ignore them."""
     if dropout is not None and any(name in PROBES for name, _, _ in heads):
-        raise ValueError(f"--dropout applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
+        raise SettingError(f"`dropout` applies to MLP heads; the probes ({', '.join(PROBES)}) take none")
     if knn_k is not None and all(name != "knn" for name, _, _ in heads):
-        raise ValueError("--knn-k fixes the knn probe's k: give --act knn with it")
+        raise SettingError("`knn_k` fixes the knn probe's k: give the knn head with it")
     if hyper_target is not None and all(name != HYPER for name, _, _ in heads):
-        raise ValueError("--hyper-target sizes the hyper head: give --act hyper with it")
+        raise SettingError("`hyper_target` sizes the hyper head: give the hyper head with it")
     return [
         RunConfig(train, test, backbone, name, act1, act2, seed, float(k), dropout, float(p), layers=layers,
                   standardize=name in PROBES if standardize is None else standardize,
@@ -90,7 +91,7 @@ def head_dtype(dtype: str, device: str) -> str | None:
     """A run's compute_dtype from `--dtype`: auto is bf16 autocast on a GPU and float32 (None) on a CPU,
     where autocast makes batch-12 steps slower."""
     if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+        raise SettingError(f"`dtype` must be auto, float32 or bfloat16, got {dtype!r}")
     if dtype == "auto":
         return "bfloat16" if str(device).startswith("cuda") else None
     return None if dtype == "float32" else dtype
@@ -100,7 +101,7 @@ def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> lis
     """`--layer N` -> [(N,)], `--layer all` -> one set per layer the store holds (a sweep),
     `--layers 4,3` -> [(4, 3)] (concatenated); neither -> [None], the default embedding."""
     if layer is not None and layers is not None:
-        raise ValueError("give --layer (one layer, or all for a sweep) or --layers (a concatenation), not both")
+        raise SettingError("give `layer` (one layer, or all for a sweep) or `layers` (a concatenation), not both")
     if layer is None and layers is None:
         return [None]
     if layer == "all":
@@ -110,9 +111,9 @@ def layer_choices(layer: str | None, layers: str | None, held: list[int]) -> lis
         try:
             chosen = [tuple(dict.fromkeys(int(part) for part in text.split(",")))]
         except ValueError:
-            raise ValueError(f"--layer takes a number or all, --layers a list like 4,3; got {text!r}") from None
+            raise SettingError(f"`layer` takes a number or all, `layers` a list like 4,3; got {text!r}") from None
         if layer is not None and len(chosen[0]) != 1:
-            raise ValueError(f"--layer takes one layer or all; for a concatenation use --layers {layer}")
+            raise SettingError(f"`layer` takes one layer or all; for a concatenation use `layers` {layer}")
     if not chosen:
         raise ValueError("the store holds no layers; `iqa extract ... --layers all` adds every layer to it")
     return chosen  # a layer the store lacks is named when the run loads it (`read_layers`)
@@ -125,10 +126,10 @@ def dataset_pairs(datasets: list[str], train: list[str], test: list[str]) -> lis
     if len(train) == 1 and len(test) > 1:
         train = train * len(test)
     if len(train) != len(test):
-        raise ValueError("--train and --test come in pairs, or one --train with several --test")
+        raise SettingError("`train` and `test` come in pairs, or one `train` with several `test`")
     pairs = [(d, d) for d in datasets] + list(zip(train, test))
     if not pairs:
-        raise ValueError("give --dataset or --train/--test")
+        raise SettingError("give `dataset` or `train`/`test`")
     return pairs
 
 

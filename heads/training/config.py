@@ -73,6 +73,7 @@ class RunConfig:
     accumulate: int | None = None
     lora_rank: int | None = None
     backbone_lr: float | None = None
+    lora_alpha: float | None = None  # None: 2 x lora_rank (the paper's rank 4, alpha 8)
 
     def __post_init__(self):
         if self.layers is not None:  # a list when read back from JSON; a tuple keeps configs hashable
@@ -92,9 +93,10 @@ class RunConfig:
                 raise ValueError(f"--fuse trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
 
     def as_dict(self) -> dict:
-        """The fields; `layers` and `fuse` only where set, so configs without them keep the keys they always had."""
+        """The fields; `layers`, `fuse` and `lora_alpha` only where set, so configs without them keep the keys they
+        always had."""
         d = asdict(self)
-        for name in ("layers", "fuse"):
+        for name in ("layers", "fuse", "lora_alpha"):
             if d[name] is None:
                 del d[name]
         if "layers" in d:

@@ -222,6 +222,20 @@ class TunePlan:
         return self.key if not self.cross else hashlib.sha256("+".join(self.keys).encode()).hexdigest()
 
 
+def split_rows(manifest: Manifest, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(train, fit, validation, test) rows of a run: the seed's split, and under `select="val"` the
+    validation part carved from its training rows as a cached run's (fit = train otherwise)."""
+    train_rows, test_rows = split_indices(manifest.paths, config.seed, by=config.split_by, groups=manifest.groups,
+                                           sets=manifest.extras.get("set"))
+    fit_rows, val_rows = train_rows, None
+    if config.select == "val":
+        every_image = SimpleNamespace(manifest=manifest, valid=np.ones(len(manifest.paths), dtype=bool))
+        fit_rows, val_rows = validation_rows(config, train_rows, every_image)
+    if len(fit_rows) < config.batch_size:
+        raise ValueError(f"{len(fit_rows)} training images cannot fill one batch of {config.batch_size}")
+    return train_rows, fit_rows, val_rows, test_rows
+
+
 def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: Path | None = None) -> TunePlan:
     """Load the base model, fingerprint it with the manifest(s) and key the run; nothing trains yet."""
     config = run.config
@@ -230,14 +244,7 @@ def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: P
         raise ValueError(f"{config.backbone} computes fixed features: it has no backbone weights to fine-tune")
     manifest = read_manifest(cache, config.train_dataset)
     tests = [read_manifest(cache, name) for name in run.tests]  # a missing one fails before the weights load
-    train_rows, test_rows = split_indices(manifest.paths, config.seed, by=config.split_by, groups=manifest.groups,
-                                           sets=manifest.extras.get("set"))
-    fit_rows, val_rows = train_rows, None
-    if config.select == "val":
-        fit_rows, val_rows = validation_rows(config, train_rows, SimpleNamespace(
-            manifest=manifest, valid=np.ones(len(manifest.paths), dtype=bool)))
-    if len(fit_rows) < config.batch_size:
-        raise ValueError(f"{len(fit_rows)} training images cannot fill one batch of {config.batch_size}")
+    train_rows, fit_rows, val_rows, test_rows = split_rows(manifest, config)
     compute_dtype = compute_dtype_for(runtime.device, runtime.dtype)
     config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
     base = load_backbone(spec, source=runtime.source, random_init=config.tag == model_tag(False, True),

@@ -260,3 +260,45 @@ def test_bad_grid_input_fails_in_one_line_before_any_run(images, tmp_path, args,
     result = iqa("finetune", *[a for flag, value in options.items() for a in ((flag,) if value is None else (flag, value))])
     assert result.exit_code == 1 and result.stderr.startswith("error: ") and message in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not (cache / "runs").exists()
+
+
+def test_masking_and_dropout_train_inside_fine_tuning_and_resume_exactly(tmp_path):
+    """The cached heads' masking and dropout in a tuned head; the dropout generators' state is checkpointed,
+    so a run killed after epoch 1 ends where an uninterrupted one does."""
+    from test_finetune import bright_dataset, straight_and_resumed
+    from iqa.extract.checkpoint import load_checkpoint
+
+    bright_dataset(tmp_path, n=20)
+    options = dict(mode="lora", epochs=2, batch_size=2, accumulate=2, mask_k=50.0, dropout="layers", keep=0.5,
+                   head="sigmoid+gelu", db=ResultsDB(tmp_path / "a.sqlite"))
+    straight, resumed = straight_and_resumed(tmp_path, "dinov2", **options)
+    assert resumed.epochs_trained == 1 and resumed.result == straight.result and resumed.key == straight.key
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])
+    assert len(a["dropout_rng"]) == 1 and torch.equal(a["dropout_rng"][0], b["dropout_rng"][0])
+    assert float(a["head"]["mask_k"][0]) == 50.0 and straight.config["keep"] == 0.5
+
+
+def test_the_ray_engine_equals_the_local_one_and_reports_a_failing_run(images, grid, tmp_path):
+    """Two runs on a local Ray's workers record what the local engine recorded in the grid; a run on a
+    set with an unreadable image fails, is tried again, is reported, and the others are recorded."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'iqa[ray]')")
+    from iqa.heads.finetune.ray_grid import tune_on_ray
+
+    cache = new_cache(images, tmp_path / "cache")
+    broken = bright_images(tmp_path / "images", "broken", 10, 5)
+    (Path(broken.image_root) / broken.paths[3]).write_bytes(b"not a png")
+    write_manifest(broken, cache)
+    runs = expand_finetune_grid(["dinov2"], ["clive", "broken"], ["gated"], [8, 19], ["lora"], lrs=[1e-3], tests=["koniq10k"],
+                                epochs=2, accumulate=2, tiny=True)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        outcome = finetune_grid(cache, runs, runtime=Runtime(dtype="float32", num_workers=0, progress=False),
+                                engine=tune_on_ray())
+    finally:
+        ray.shutdown()
+    assert sorted((run.config.train_dataset, run.config.seed) for run, _ in outcome.failed) == [("broken", 8), ("broken", 19)]
+    assert all("cannot read im03.png" in why for _, why in outcome.failed)
+    assert len(outcome.records) == 4 and len(stored(cache)) == 4
+    assert_same_records(grid[0], cache)

@@ -302,3 +302,30 @@ def test_the_ray_engine_equals_the_local_one_and_reports_a_failing_run(images, g
     assert all("cannot read im03.png" in why for _, why in outcome.failed)
     assert len(outcome.records) == 4 and len(stored(cache)) == 4
     assert_same_records(grid[0], cache)
+
+
+def test_tuned_runs_keep_their_test_features_and_the_report_draws_their_t_sne(tmp_path):
+    """The kept epoch's test embeddings and head features are stored beside its weights; the kept head
+    turns them into predictions whose SRCC is the recorded one; the report draws them (Fig. 4 for tuned runs)."""
+    from scipy.stats import spearmanr
+    from test_finetune import bright_dataset
+    from iqa.heads.finetune.features import tuned_features
+    from iqa.heads.report.build import write_report
+    from iqa.heads.saved.weights import load_head
+
+    bright_dataset(tmp_path, n=20)
+    db = ResultsDB(tmp_path / "results.sqlite")
+    for head in ("baseline", "gated"):
+        run = finetune(tmp_path, finetune_config("bright", "dinov2", head, "lora", 8, epochs=2, lr=1e-3, tiny=True),
+                       dtype="float32", num_workers=0, progress=False, db=db)
+    kept = run_weights_path(db.path, run.key)
+    features = tuned_features(kept.parent)
+    assert features["hidden"].shape == (4, 512) and len(features["rows"]) == len(features["targets"]) == 4
+    head, _ = load_head(kept)
+    with torch.no_grad():
+        from_hidden = head.layer3(torch.as_tensor(features["hidden"])[None])[0, :, 0]
+        from_embeddings = head(torch.as_tensor(features["embeddings"])[None])[0]
+    torch.testing.assert_close(from_hidden, from_embeddings)
+    assert spearmanr(from_hidden.numpy(), features["targets"])[0] == pytest.approx(run.result.best_srcc, abs=1e-6)
+    summary = write_report(db.runs(), tmp_path / "report", None, [], "cpu", tsne=True, results_db=db.path)
+    assert (tmp_path / "report" / "figures" / "tsne_tuned_dinov2_tiny_bright_lora.png") in summary.figures

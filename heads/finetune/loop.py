@@ -57,6 +57,7 @@ from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
+from iqa.heads.finetune.features import save_features
 from iqa.heads.finetune.config import MICRO_BATCH, MODES, TuneRun, finetune_config  # noqa: F401 (the loop's API)
 from iqa.heads.models.activations import GatedActivation
 from iqa.heads.models.mlp import StackedMLP, head_activations, member_seed
@@ -88,12 +89,14 @@ class FinetuneModel(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding [B, D] the head reads."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
             features = self.backbone(pixels).float()
-        if self.l2norm:
-            features = nn.functional.normalize(features, dim=1)
-        return self.head(features[None])[0]
+        return nn.functional.normalize(features, dim=1) if self.l2norm else features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixels)[None])[0]
 
 
 def embedding_dim(backbone: PooledBackbone, spec) -> int:
@@ -337,10 +340,11 @@ class Tuning:
         so validation and cross datasets leave the training numbers as they are without them."""
         device, workers = self.runtime.device, self.runtime.num_workers
 
-        def on(scored: Scored) -> torch.Tensor:
-            return predict(self.model, scored.images.batches(scored.chunks(), device, workers), self.cast)
+        def on(scored: Scored, features: dict | None = None) -> torch.Tensor:
+            return predict(self.model, scored.images.batches(scored.chunks(), device, workers), self.cast, features)
 
-        preds = {"test": on(self.plan.scored["test"])}
+        self.test_features = {}  # kept with the epoch's weights, for the report's t-SNE
+        preds = {"test": on(self.plan.scored["test"], self.test_features)}
         with torch.random.fork_rng(devices=cuda_devices(device)):
             preds |= {name: on(scored) for name, scored in self.plan.scored.items() if name != "test"}
         return preds
@@ -365,6 +369,8 @@ class Tuning:
             self.kept_score = score
             save_tuned(self.kept, self.model.head.state_dict(), self.model.backbone, config.regime, config.as_dict(),
                        self.plan.fingerprint)
+            test = self.plan.scored["test"]
+            save_features(self.kept, test.rows, test.images.targets[test.rows].numpy(), self.test_features)
 
     def save(self) -> None:
         plan, curves = self.plan, self.curves
@@ -487,11 +493,18 @@ def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: 
 
 
 @torch.no_grad()
-def predict(model: FinetuneModel, batches, cast: dict) -> torch.Tensor:
-    """Predictions [n] in eval mode (no dropout) for the batches' rows, in their order, on the CPU."""
+def predict(model: FinetuneModel, batches, cast: dict, features: dict | None = None) -> torch.Tensor:
+    """Predictions [n] in eval mode (no dropout) for the batches' rows, in their order, on the CPU; with
+    `features` (a dict), also its "embeddings" [n, D] and the head's last "hidden" features [n, H]."""
     model.eval()
-    out = []
+    out, parts = [], {"embeddings": [], "hidden": []}
     for _, pixels in batches:
         with torch.autocast(**cast):
-            out.append(model(pixels).float().cpu())
+            embeddings = model.embed(pixels)
+            out.append(model.head(embeddings[None])[0].float().cpu())
+            if features is not None:
+                parts["embeddings"].append(embeddings.float().cpu())
+                parts["hidden"].append(model.head.features(embeddings[None])[0].float().cpu())
+    if features is not None:
+        features.update({name: torch.cat(chunks).numpy() for name, chunks in parts.items()})
     return torch.cat(out)

@@ -48,7 +48,8 @@ def tune(cache: Path, run: TuneRun, db_path: Path, runtime: Runtime, finished: s
     return plan.keys, rows
 
 
-Engine = Callable[[Path, list[TuneRun], Path, Runtime, set[str]], Iterator[tuple[TuneRun, tuple | Exception]]]
+# (cache, runs, database path, runtime, finished keys, run folder of a grid of one) -> (run, outcome) as each finishes
+Engine = Callable[[Path, list[TuneRun], Path, Runtime, set[str], Path | None], Iterator[tuple[TuneRun, tuple | Exception]]]
 
 
 def tune_here(cache: Path, runs: list[TuneRun], db_path: Path, runtime: Runtime, finished: set[str],
@@ -88,7 +89,7 @@ def finetune_grid(
     db = db if db is not None else ResultsDB(default_db(cache))
     quiet = Runtime(runtime.device, runtime.dtype, runtime.source, runtime.num_workers, progress=False)
     finished, outcome = db.finished_keys(), GridOutcome()
-    tuned = (engine or tune_here)(cache, runs, db.path, quiet, finished, *([run_dir] if run_dir else []))
+    tuned = (engine or tune_here)(cache, runs, db.path, quiet, finished, run_dir)
     waiting = list(runs)
     with tqdm(total=len(runs), unit="run", disable=not runtime.progress, desc=run_label(runs[0])) as bar:
         for run, done in tuned:

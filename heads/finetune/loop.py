@@ -12,20 +12,23 @@ micro-batch of 2 scored alone (its own MSE and margin) and the micro-batch losse
 floor(n_train / 12) optimiser steps over the seed's 80% train split, in the cached trainer's order
 (heads/training/trainer.py `epoch_order`, drawn from (seed, epoch) alone: a frozen run sees the batches a
 cached-head run of the same seed sees); Adam; the same schedule (`make_scheduler`: x0.2 at epochs
-15 and 25 on large sets). Where
-the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
-(bf16, or fp16 with a grad scaler); the weights stay float32 and the gated activation computes in
-float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epoch (and on the validation part carved from the training
-split under `select="val"`, as cached runs carve it, and on every `tests` dataset whole); a checkpoint
-after every epoch (extract/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
-checkpoint stays and it is recorded as diverged. The finished run goes to the results database
-with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
-Each `tests` dataset gives a cross-dataset record of its own (test_dataset = that set, keyed by
-both fingerprints and its rows, selected on its own curve as a cached cross run is); the extra
-evaluations run on a forked RNG, so a run trains the same numbers with or without them. Gated heads
-add their gate vector g per epoch to the curves (g_act1, g_act2), as cached runs do.
-The epoch the selection rule keeps (`test`: best test SRCC, `val`: best validation SRCC, or `last`) leaves its head and adapter
-(or full backbone weights) under the database's runs/<key>/ (heads/saved/weights.py), for `iqa export`.
+15 and 25 on large sets). Where the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs)
+the forward runs under autocast (bf16, or fp16 with a grad scaler); the weights stay float32 and the
+gated activation computes in float32 whatever the autocast dtype.
+
+After every epoch: SRCC/PLCC on the test split (and on the validation part carved from the training
+split under `select="val"`, as cached runs carve it, and on every `tests` dataset whole), then a
+checkpoint (extract/checkpoint.py) from which a killed run resumes exactly. A loss or prediction
+that goes NaN/inf stops the run: its last good checkpoint stays and it is recorded as diverged.
+The finished run goes to the results database with regime = mode, keyed by its config and the
+fingerprint of the base weights and the manifest. Each `tests` dataset gives a cross-dataset
+record of its own (test_dataset = that set, keyed by both fingerprints and its rows, selected on
+its own curve as a cached cross run is); the extra evaluations run on a forked RNG, so a run trains
+the same numbers with or without them. Gated heads add their gate vector g per epoch to the curves
+(g_act1, g_act2), as cached runs do. The epoch the selection rule keeps (`test`: best test SRCC,
+`val`: best validation SRCC, or `last`) leaves its head and adapter (or full backbone weights), and
+its test features (heads/finetune/features.py), under the database's runs/<key>/
+(heads/saved/weights.py), for `iqa export` and the report.
 
 BatchNorm layers (ResNet) keep their running statistics in every regime: a batch of 2 cannot
 estimate them.
@@ -72,6 +75,7 @@ from iqa.heads.training.trainer import (
 )
 
 EVAL_BATCH = 16
+TEST_SPLIT, VALIDATION = "<test split>", "<validation>"  # beside cross datasets' names, which never hold "<"
 
 
 class FinetuneModel(nn.Module):
@@ -189,7 +193,7 @@ class Images:
 
 @dataclass
 class Scored:
-    """Rows of a dataset scored after every epoch: "test" (the seed's test split), "val", or a cross dataset."""
+    """Rows of a dataset scored after every epoch: the seed's test split, the validation part, or a cross dataset."""
 
     images: Images
     rows: np.ndarray
@@ -211,7 +215,7 @@ class TunePlan:
     run_dir: Path
     train: Images
     fit_rows: np.ndarray  # the training rows it learns from (the validation part left out)
-    scored: dict[str, Scored]  # "test" first, "val" under select="val", then each cross dataset
+    scored: dict[str, Scored]  # TEST_SPLIT first, VALIDATION under select="val", then each cross dataset by name
     cross: dict[str, tuple[str, str, RunConfig]] = field(default_factory=dict)  # dataset: (key, fingerprint id, config)
 
     @property
@@ -259,7 +263,9 @@ def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: P
     fingerprint = make_fingerprint(*identity, manifest_checksum(cache, config.train_dataset))
     fp_id = fingerprint_id(fingerprint)
     train = Images.of(manifest, spec)
-    scored = {"test": Scored(train, test_rows)} | ({"val": Scored(train, val_rows)} if val_rows is not None else {})
+    scored = {TEST_SPLIT: Scored(train, test_rows)}
+    if val_rows is not None:
+        scored[VALIDATION] = Scored(train, val_rows)
     cross = {}
     for name, other in zip(run.tests, tests):
         cross_fp = f"{fp_id}+{fingerprint_id(make_fingerprint(*identity, manifest_checksum(cache, name)))}"
@@ -288,8 +294,8 @@ class Tuning:
         self.scheduler = make_scheduler(self.optimizer, config.milestones)
         self.scaler = torch.amp.GradScaler(self.cast["device_type"], enabled=compute_dtype == torch.float16)
         self.gated = [n for n in ("act1", "act2") if isinstance(getattr(self.model.head, n), GatedActivation)]
-        validation = "val" in plan.scored
-        self.curves = {name: new_curves(self.gated, validation) for name in plan.scored if name != "val"}
+        validation = VALIDATION in plan.scored
+        self.curves = {name: new_curves(self.gated, validation) for name in plan.scored if name != VALIDATION}
         self.epoch, self.diverged_epoch = 0, None
         self.kept_score = -np.inf
 
@@ -311,9 +317,9 @@ class Tuning:
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"])
         set_dropout_states(self.model.head, state.get("dropout_rng", []))
-        self.epoch, self.curves = state["epoch"], {"test": state["curves"], **state.get("cross_curves", {})}
+        self.epoch, self.curves = state["epoch"], {TEST_SPLIT: state["curves"], **state.get("cross_curves", {})}
         if self.config.select != "last":  # the kept epoch's score
-            self.kept_score = max([s for s in self.curves["test"][SCORE_CURVE[self.config.select]] if s == s],
+            self.kept_score = max([s for s in self.curves[TEST_SPLIT][SCORE_CURVE[self.config.select]] if s == s],
                                   default=-np.inf)
 
     def train_one_epoch(self, on_step: Callable[[], None]) -> bool:
@@ -344,19 +350,20 @@ class Tuning:
             return predict(self.model, scored.images.batches(scored.chunks(), device, workers), self.cast, features)
 
         self.test_features = {}  # kept with the epoch's weights, for the report's t-SNE
-        preds = {"test": on(self.plan.scored["test"], self.test_features)}
+        preds = {TEST_SPLIT: on(self.plan.scored[TEST_SPLIT], self.test_features)}
         with torch.random.fork_rng(devices=cuda_devices(device)):
-            preds |= {name: on(scored) for name, scored in self.plan.scored.items() if name != "test"}
+            preds |= {name: on(scored) for name, scored in self.plan.scored.items() if name != TEST_SPLIT}
         return preds
 
     def record(self, train_loss: float, preds: dict[str, torch.Tensor]) -> None:
-        metrics = {name: epoch_metrics(pred[None], self.plan.scored[name].images.targets[self.plan.scored[name].rows][None])
+        scored = self.plan.scored
+        metrics = {name: epoch_metrics(pred[None], scored[name].images.targets[scored[name].rows][None])
                    for name, pred in preds.items()}
         shared = {"train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}  # the head's lr
         shared |= {f"g_{n}": getattr(self.model.head, n).g.detach().cpu().numpy().round(4).tolist()[0]
                    for n in self.gated}
-        if "val" in metrics:
-            (val_srcc,), (val_plcc,) = metrics["val"]
+        if VALIDATION in metrics:
+            (val_srcc,), (val_plcc,) = metrics[VALIDATION]
             shared |= {"val_srcc": val_srcc, "val_plcc": val_plcc}
         for name, curve in self.curves.items():
             (srcc,), (plcc,) = metrics[name]
@@ -364,12 +371,12 @@ class Tuning:
 
     def keep_if_selected(self) -> None:
         config = self.config
-        score = self.curves["test"][SCORE_CURVE.get(config.select, "srcc")][-1]
+        score = self.curves[TEST_SPLIT][SCORE_CURVE.get(config.select, "srcc")][-1]
         if improved([score], [self.kept_score], config.select)[0]:
             self.kept_score = score
             save_tuned(self.kept, self.model.head.state_dict(), self.model.backbone, config.regime, config.as_dict(),
                        self.plan.fingerprint)
-            test = self.plan.scored["test"]
+            test = self.plan.scored[TEST_SPLIT]
             save_features(self.kept, test.rows, test.images.targets[test.rows].numpy(), self.test_features)
 
     def save(self) -> None:
@@ -379,7 +386,7 @@ class Tuning:
             "epoch": self.epoch, "backbone": trained_backbone_state(self.model), "head": self.model.head.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(), "rng": rng_states(), "dropout_rng": dropout_states(self.model.head),
-            "curves": curves["test"], "cross_curves": {k: v for k, v in curves.items() if k != "test"},
+            "curves": curves[TEST_SPLIT], "cross_curves": {k: v for k, v in curves.items() if k != TEST_SPLIT},
         })
 
     def results(self) -> list[tuple[str, dict, str, RunResult]]:
@@ -387,9 +394,10 @@ class Tuning:
         gates = gate_parameters(self.model.head, 0) if self.diverged_epoch is None else None
         plan, select = self.plan, self.config.select
         rows = [(plan.key, self.config.as_dict(), plan.fingerprint_id,
-                 result_from_curves(self.curves["test"], self.diverged_epoch, gates, select))]
+                 result_from_curves(self.curves[TEST_SPLIT], self.diverged_epoch, gates, select))]
         for name, (key, fp_id, config) in plan.cross.items():
-            rows.append((key, config.as_dict(), fp_id, result_from_curves(self.curves[name], self.diverged_epoch, gates, select)))
+            result = result_from_curves(self.curves[name], self.diverged_epoch, gates, select)
+            rows.append((key, config.as_dict(), fp_id, result))
         return rows
 
 
@@ -420,7 +428,7 @@ def train_run(plan: TunePlan, kept: Path, runtime: Runtime = Runtime(),
         label = f"{config.train_dataset}/{plan.run_dir.name}"
         with tqdm(total=(config.epochs - start) * steps, unit="step", desc=label, disable=not runtime.progress) as bar:
             while tuning.epoch < config.epochs and tuning.train_one_epoch(bar.update):
-                curve = tuning.curves["test"]
+                curve = tuning.curves[TEST_SPLIT]
                 bar.set_postfix(loss=f"{curve['train_loss'][-1]:.4f}", srcc=f"{curve['srcc'][-1]:.3f}")
                 if on_epoch is not None:
                     on_epoch(tuning.epoch)

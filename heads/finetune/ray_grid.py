@@ -21,15 +21,15 @@ TRIES = 2
 def tune_on_ray(address: str | None = None, num_gpus: float = 0.0) -> Engine:
     """An engine for `finetune_grid` that trains every run as a Ray task on the cluster at `address`."""
 
-    def engine(cache: Path, runs: list[TuneRun], db_path: Path, runtime: Runtime,
-               finished: set[str]) -> Iterator[tuple[TuneRun, tuple | Exception]]:
+    def engine(cache: Path, runs: list[TuneRun], db_path: Path, runtime: Runtime, finished: set[str],
+               run_dir: Path | None = None) -> Iterator[tuple[TuneRun, tuple | Exception]]:
         ray = connect(address)
         task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=0)(tune)
         tries = {}
 
         def submit(run: TuneRun):
             tries[run] = tries.get(run, 0) + 1
-            return task.remote(cache, run, db_path, runtime, finished)
+            return task.remote(cache, run, db_path, runtime, finished, run_dir)
 
         running = {submit(run): run for run in runs}
         while running:

@@ -759,54 +759,110 @@ def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: 
 # ---- fine-tuning ----
 @app.command("finetune")
 def finetune_command(
-    backbone: Annotated[str, typer.Option(help="Registry key, e.g. siglip2, dinov3, resnet152.")],
-    dataset: Annotated[str, typer.Option(help="A prepared dataset (see `iqa data`).")],
-    head: Annotated[str, typer.Option(help="baseline, sig, gated, or an activation pair act1+act2 (e.g. sigmoid+gelu).")] = "sig",
-    mode: Annotated[str, typer.Option(help="lora, full (every weight) or frozen (head only, live features).")] = "lora",
-    seed: Annotated[int, typer.Option(help="Split, head init, LoRA init and data order.")] = 8,
+    backbone: Annotated[str, typer.Option(help="Registry keys, comma-separated, e.g. siglip2,dinov3,resnet152.")],
+    dataset: Annotated[str, typer.Option(help="Prepared datasets (see `iqa data`), comma-separated.")],
+    head: Annotated[str, typer.Option(help="baseline, sig, gated, or activation pairs act1+act2 (e.g. sigmoid+gelu); comma-separated.")] = "sig",
+    act_pair: Annotated[list[str], typer.Option(help="Extra head as an act1,act2 pair, e.g. sigmoid,gelu (as `iqa head`).")] = [],
+    mode: Annotated[str, typer.Option(help="lora, full (every weight), frozen (head only, live features); comma-separated.")] = "lora",
+    seeds: Annotated[str, typer.Option("--seeds", "--seed", help="Seeds: split, head init, LoRA init, data order.")] = "8",
+    test: Annotated[Optional[str], typer.Option(help="Datasets also scored whole after every epoch: cross-dataset records (Table 3).")] = None,
     epochs: int = 30,
     batch_size: Annotated[int, typer.Option(help="Physical batch (a multiple of 2).")] = 2,
     accumulate: Annotated[int, typer.Option(help="Physical batches per optimiser step.")] = 6,
     micro_batch: Annotated[int, typer.Option(help="Rows the loss scores alone: 2 (the paper's), or the physical batch "
                                                   "(the whole batch ranked at once).")] = 2,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 4,
-    lr: Annotated[float, typer.Option(help="Head (and LoRA adapter) learning rate.")] = 1e-4,
+    lora_rank: Annotated[str, typer.Option(help="LoRA ranks, e.g. 1,2,4,8,16.")] = "4",
+    lora_alpha: Annotated[Optional[str], typer.Option(help="LoRA alphas, e.g. 8 [default: 2 x rank].")] = None,
+    lr: Annotated[str, typer.Option(help="Head (and LoRA adapter) learning rates, comma-separated.")] = "1e-4",
     backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
-    loss: LossOption = "mse+margin",
+    mask_k: Annotated[str, typer.Option(help="Top-k percentile feature masking levels, e.g. 100,90,70.")] = "100",
+    dropout: Annotated[Optional[str], typer.Option(help="Dropout placement in the head: input or layers (with --keep).")] = None,
+    keep: Annotated[str, typer.Option(help="Dropout keep probabilities (rate = 1 - keep).")] = "1.0",
+    loss: Annotated[str, typer.Option(help="Losses, comma-separated: mse+margin (the paper's), mse, l1.")] = "mse+margin",
     optimizer: OptimizerOption = "adam",
     weight_decay: WeightDecayOption = 0.0,
     l2norm: L2normOption = False,
-    select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic) or last.")] = "test",
+    select: Annotated[str, typer.Option(help="Epoch kept: test (best test SRCC, the paper's, optimistic), val (best SRCC on a validation part of the training split) or last.")] = "test",
+    val_fraction: Annotated[float, typer.Option(help="With --select val: the share of each seed's training rows held out.")] = 0.1,
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
     split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
-    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder [default: <cache>/runs/<dataset>/...].")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of a single run [default: <cache>/runs/<dataset>/...].")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (each run a Ray task, one GPU each).")] = "local",
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON line per finished record, with its key.")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
 ) -> None:
-    """Tune a backbone and a head end to end on images; resumes from the run folder's last checkpoint."""
+    """Tune backbones and heads end to end on images, a grid of every combination of the comma lists;
+    finished runs are skipped, a killed one resumes from its last checkpoint."""
     from iqa.extract.backbones import BackboneLoadError
-    from iqa.heads.finetune.loop import finetune, finetune_config
+    from iqa.heads.finetune.config import expand_finetune_grid
+    from iqa.heads.finetune.grid import finetune_grid, run_label
+    from iqa.heads.finetune.loop import Runtime
     from iqa.cache.results import ResultsDB
 
-    check_device(device)
+    check_engine(engine)
+    check_device(device, engine)
     root = cache_dir(cache)
+    pairs = [tuple(_csv([p])) for p in act_pair]
+    if any(len(p) != 2 for p in pairs):
+        fail("--act-pair takes two activations, e.g. sigmoid,gelu")
     try:
-        config = finetune_config(dataset, backbone, head, mode, seed, epochs, batch_size, accumulate, lora_rank, lr,
-                                 backbone_lr, split_by, tiny, random_init, loss, optimizer, weight_decay, l2norm,
-                                 select, micro_batch)
-        run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
-    except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
+        runs = expand_finetune_grid(
+            _csv([backbone]), _csv([dataset]), _csv([head]) + ["+".join(p) for p in pairs], parse_seeds(seeds),
+            _csv([mode]), _numbers(lora_rank, int, "--lora-rank"),
+            _numbers(lora_alpha, float, "--lora-alpha") if lora_alpha else [None], _numbers(mask_k, float, "--mask-k"),
+            _numbers(keep, float, "--keep"), _numbers(lr, float, "--lr"), _csv([loss]), _csv([test] if test else []),
+            epochs=epochs, batch_size=batch_size, accumulate=accumulate, micro_batch=micro_batch, backbone_lr=backbone_lr,
+            tiny=tiny, random_init=random_init, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
+            select=select, val_fraction=val_fraction, split_by=split_by, dropout=dropout,
+        )
+        tuned_on = None
+        if engine == "ray":
+            from iqa.heads.finetune.ray_grid import tune_on_ray
+
+            tuned_on = tune_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
+        outcome = finetune_grid(root, runs, ResultsDB(db) if db else None, Runtime(device, dtype, model, workers),
+                                tuned_on, run_dir, on_record=_finetune_line if json_lines else None)
+    except (BackboneLoadError, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(message(err))
-    r = run.result
-    if r.status == "diverged":
-        fail(f"{run.run_dir}: diverged in epoch {r.diverged_epoch}; its last good checkpoint is kept and the run is recorded")
-    typer.echo(f"{run.run_dir}: best SRCC {r.best_srcc:.4f} PLCC {r.best_plcc:.4f} (epoch {r.best_epoch}), "
-               f"last SRCC {r.last_srcc:.4f} PLCC {r.last_plcc:.4f}")
+    if not json_lines:
+        for record in outcome.records:
+            _finetune_summary(record)
+    for run, why in outcome.failed:
+        typer.secho(f"failed twice: {run_label(run)}: {why}", err=True, fg=typer.colors.RED)
+    diverged = [r for r in outcome.records if r["status"] == "diverged"]
+    if outcome.failed or diverged:
+        fail(f"{len(outcome.failed)} runs failed, {len(diverged)} records diverged (their last good checkpoints are kept "
+             f"and the diverged ones recorded); the others are recorded")
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(part) for part in _csv([text])]
+    except ValueError:
+        fail(f"{flag} takes comma-separated numbers, got {text!r}")
+
+
+def _finetune_line(record: dict) -> None:
+    fields = ("key", "train_dataset", "test_dataset", "backbone", "regime", "lora_rank", "lora_alpha", "head", "seed",
+              "status", "best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")
+    typer.echo(json.dumps({k: record.get(k) for k in fields}))
+
+
+def _finetune_summary(r: dict) -> None:
+    where = f"{r['backbone']} {r['regime']} {r['head']} s{r['seed']} {r['train_dataset']}" + (
+        f"->{r['test_dataset']}" if r["test_dataset"] != r["train_dataset"] else "")
+    if r["status"] == "diverged":
+        typer.echo(f"{where}: diverged in epoch {r['diverged_epoch']} ({r['key'][:10]})")
+        return
+    typer.echo(f"{where}: best SRCC {r['best_srcc']:.4f} PLCC {r['best_plcc']:.4f} (epoch {r['best_epoch']}), "
+               f"last SRCC {r['last_srcc']:.4f} PLCC {r['last_plcc']:.4f} ({r['key'][:10]})")
 
 
 # ---- explanations ----

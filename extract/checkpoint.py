@@ -25,9 +25,22 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def run_name(config: dict) -> str:
-    """A run's short name, <regime>[-r<rank>]-<head>-s<seed>: its folder's and its tuned store's."""
-    mode = config["regime"] + (f"-r{config['lora_rank']}" if config["regime"] == "lora" else "")
-    return f"{mode}-{config['head']}-s{config['seed']}"
+    """A run's short name, <regime>[-r<rank>[-a<alpha>]]-<head>-s<seed>[variant_suffix]: its folder's and its
+    tuned store's."""
+    alpha = f"-a{config['lora_alpha']:g}" if config.get("lora_alpha") is not None else ""
+    mode = config["regime"] + (f"-r{config['lora_rank']}{alpha}" if config["regime"] == "lora" else "")
+    return f"{mode}-{config['head']}-s{config['seed']}{variant_suffix(config)}"
+
+
+def variant_suffix(config: dict) -> str:
+    """What a grid varies besides the name's fields, where it is not the default: -k<mask k>, -<dropout><keep>,
+    -lr<lr>, -<loss>, -sel<rule>; so the runs of one grid keep their checkpoints in folders of their own."""
+    parts = [f"k{config['mask_k']:g}" if config.get("mask_k", 100.0) != 100.0 else "",
+             f"{config['dropout']}{config['keep']:g}" if config.get("dropout") else "",
+             f"lr{config['lr']:g}" if config.get("lr", 1e-4) != 1e-4 else "",
+             config["loss"] if config.get("loss", "mse+margin") != "mse+margin" else "",
+             f"sel{config['select']}" if config.get("select", "test") != "test" else ""]
+    return "".join(f"-{part}" for part in parts if part)
 
 
 def checkpoint_path(run_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 """Tuned backbones: LoRA on the registry's target modules, and a fine-tuning run's weights read back.
 
-`add_lora` wraps a loaded backbone with PEFT LoRA (rank r, alpha 2r, dropout 0.05: the paper's
-rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
+`add_lora` wraps a loaded backbone with PEFT LoRA (rank r, alpha 2r unless given, dropout 0.05: the
+paper's rank 4, alpha 8) on the modules the registry names: attention query and key projections, or the
 convolutions inside ResNet's residual blocks. Only the adapter weights train. A timm tower's fused
 qkv projections are split first (`lora_layout`), so that the values stay untouched.
 
@@ -30,10 +30,10 @@ def lora_layout(backbone: PooledBackbone) -> PooledBackbone:
     return split_qkv(backbone) if backbone.spec.pooling == "timm_tap" else backbone
 
 
-def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int) -> PeftModel:
+def add_lora(backbone: PooledBackbone, spec: BackboneSpec, rank: int, alpha: float | None = None) -> PeftModel:
     backbone = lora_layout(backbone)
     targets = lora_target_modules(spec, [name for name, _ in backbone.named_modules()])
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=LORA_DROPOUT, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=LORA_DROPOUT, target_modules=targets)
     return get_peft_model(backbone, config)
 
 
@@ -70,7 +70,7 @@ def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path, state
             f"pass the same `model` / `tiny` / `random_init` as the run"
         )
     if config["regime"] == "lora":
-        wrapped = add_lora(backbone, spec, config["lora_rank"])
+        wrapped = add_lora(backbone, spec, config["lora_rank"], config.get("lora_alpha"))
         set_peft_model_state_dict(wrapped, trained)
         backbone = wrapped.merge_and_unload()
     else:

@@ -21,7 +21,7 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
     tuned = iqa("finetune", "--backbone", "siglip2", "--epochs", "2", *common)
     assert tuned.exit_code == 0, tuned.output
     run_dir = tmp_path / "runs" / "bright" / "siglip2@tiny-lora-r4-sig-s8"
-    assert tuned.stdout.startswith(f"{run_dir}: best SRCC") and (run_dir / "checkpoint.pt").exists()
+    assert tuned.stdout.startswith("siglip2 lora sig s8 bright: best SRCC") and (run_dir / "checkpoint.pt").exists()
 
     extracted = iqa("extract", "--backbone", "siglip2", "--adapter", run_dir, *common)
     assert extracted.exit_code == 0, extracted.output

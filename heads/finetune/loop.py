@@ -12,23 +12,33 @@ micro-batch of 2 scored alone (its own MSE and margin) and the micro-batch losse
 floor(n_train / 12) optimiser steps over the seed's 80% train split, in the cached trainer's order
 (heads/training/trainer.py `epoch_order`, drawn from (seed, epoch) alone: a frozen run sees the batches a
 cached-head run of the same seed sees); Adam; the same schedule (`make_scheduler`: x0.2 at epochs
-15 and 25 on large sets). Where
-the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs) the forward runs under autocast
-(bf16, or fp16 with a grad scaler); the weights stay float32 and the gated activation computes in
-float32 whatever the autocast dtype. SRCC/PLCC on the test split after every epoch; a checkpoint
-after every epoch (extract/checkpoint.py), from which a killed run resumes exactly. A loss or prediction that goes NaN/inf stops the run: its last good
-checkpoint stays and it is recorded as diverged. The finished run goes to the results database
-with regime = mode, keyed by its config and the fingerprint of the base weights and the manifest.
-The epoch the selection rule keeps (`test`: best test SRCC, or `last`) leaves its head and adapter
-(or full backbone weights) under the database's runs/<key>/ (heads/saved/weights.py), for `iqa export`.
+15 and 25 on large sets). Where the hardware has bf16 (`--dtype auto`: GPUs, AVX512-BF16/AMX CPUs)
+the forward runs under autocast (bf16, or fp16 with a grad scaler); the weights stay float32 and the
+gated activation computes in float32 whatever the autocast dtype.
+
+After every epoch: SRCC/PLCC on the test split (and on the validation part carved from the training
+split under `select="val"`, as cached runs carve it, and on every `tests` dataset whole), then a
+checkpoint (extract/checkpoint.py) from which a killed run resumes exactly. A loss or prediction
+that goes NaN/inf stops the run: its last good checkpoint stays and it is recorded as diverged.
+The finished run goes to the results database with regime = mode, keyed by its config and the
+fingerprint of the base weights and the manifest. Each `tests` dataset gives a cross-dataset
+record of its own (test_dataset = that set, keyed by both fingerprints and its rows, selected on
+its own curve as a cached cross run is); the extra evaluations run on a forked RNG, so a run trains
+the same numbers with or without them. Gated heads add their gate vector g per epoch to the curves
+(g_act1, g_act2), as cached runs do. The epoch the selection rule keeps (`test`: best test SRCC,
+`val`: best validation SRCC, or `last`) leaves its head and adapter (or full backbone weights), and
+its test features (heads/finetune/features.py), under the database's runs/<key>/
+(heads/saved/weights.py), for `iqa export` and the report.
 
 BatchNorm layers (ResNet) keep their running statistics in every regime: a batch of 2 cannot
 estimate them.
 """
 
+import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -39,31 +49,34 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from iqa.cache.location import dataset_name, plain_name
+from iqa.cache.manifest import Manifest, manifest_checksum, read_manifest
+from iqa.cache.results import ResultsDB, default_db
 from iqa.cache.store import fingerprint_id
-from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
 from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
+from iqa.extract.checkpoint import (
+    load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
+)
 from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
-from iqa.extract.checkpoint import (
-    load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
-)
-from iqa.heads.training.loss import iqa_loss
+from iqa.heads.finetune.features import save_features
+from iqa.heads.finetune.config import MICRO_BATCH, MODES, TuneRun, finetune_config  # noqa: F401 (the loop's API)
+from iqa.heads.models.activations import GatedActivation
 from iqa.heads.models.mlp import StackedMLP, head_activations, member_seed
-from iqa.cache.results import ResultsDB, default_db
-from iqa.heads.training.config import RunConfig, rows_digest, run_key
-from iqa.heads.training.selection import check_rule, improved
 from iqa.heads.saved.weights import RUNS_DIR, run_weights_path, save_tuned
+from iqa.heads.training.config import RunConfig, rows_digest, run_key
+from iqa.heads.training.grid import validation_rows
+from iqa.heads.training.loss import iqa_loss
+from iqa.heads.training.selection import SCORE_CURVE, improved
 from iqa.heads.training.trainer import (
     RunResult, epoch_metrics, epoch_order, gate_parameters, make_optimizer, make_scheduler, new_curves, record_epoch,
     result_from_curves,
 )
 
-MODES = ("lora", "full", "frozen")
-MICRO_BATCH = 2  # the paper's physical batch: the unit the loss scores alone
 EVAL_BATCH = 16
+TEST_SPLIT, VALIDATION = "<test split>", "<validation>"  # beside cross datasets' names, which never hold "<"
 
 
 class FinetuneModel(nn.Module):
@@ -81,12 +94,14 @@ class FinetuneModel(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding [B, D] the head reads."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
             features = self.backbone(pixels).float()
-        if self.l2norm:
-            features = nn.functional.normalize(features, dim=1)
-        return self.head(features[None])[0]
+        return nn.functional.normalize(features, dim=1) if self.l2norm else features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixels)[None])[0]
 
 
 def embedding_dim(backbone: PooledBackbone, spec) -> int:
@@ -95,15 +110,17 @@ def embedding_dim(backbone: PooledBackbone, spec) -> int:
 
 
 def build_model(backbone: PooledBackbone, spec, mode: str, head: str, seed: int, lora_rank: int, dim: int,
-                l2norm: bool = False) -> FinetuneModel:
+                l2norm: bool = False, lora_alpha: float | None = None, mask_k: float = 100.0,
+                dropout: str | None = None, keep: float = 1.0) -> FinetuneModel:
     """The model of one run on a backbone of `dim`-wide embeddings (`embedding_dim`); LoRA's initial A
-    matrices come from torch's global RNG (seed it first)."""
+    matrices come from torch's global RNG (seed it first). The head is the cached trainer's, masking
+    (`mask_k`) and dropout (`keep`) included."""
     if mode == "lora":
-        backbone = add_lora(backbone, spec, lora_rank)
+        backbone = add_lora(backbone, spec, lora_rank, lora_alpha)
     else:
         backbone.requires_grad_(mode == "full")
-    return FinetuneModel(backbone, StackedMLP(dim, [seed], *head_activations(head)), frozen_backbone=mode == "frozen",
-                         l2norm=l2norm)
+    mlp = StackedMLP(dim, [seed], *head_activations(head), mask_k=[mask_k], dropout=dropout, keep=[keep])
+    return FinetuneModel(backbone, mlp, frozen_backbone=mode == "frozen", l2norm=l2norm)
 
 
 def finetune_optimizer(model: FinetuneModel, config: RunConfig) -> torch.optim.Optimizer:
@@ -131,10 +148,293 @@ def load_trained_backbone_state(model: FinetuneModel, state: dict[str, torch.Ten
         model.backbone.load_state_dict(state)
 
 
-def default_run_dir(cache: Path, config: dict) -> Path:
-    """<cache>/runs/<dataset>/<backbone>[@tag]-<mode>[-r<rank>]-<head>-s<seed>."""
+def default_run_dir(cache: Path, config: dict, tests: tuple[str, ...] = ()) -> Path:
+    """<cache>/runs/<dataset>/<backbone>[@tag]-<run_name>[-x-<test>+<test>]."""
     name = config["backbone"] + (f"@{config['tag']}" if config["tag"] else "")
-    return Path(cache) / RUNS_DIR / dataset_name(config["train_dataset"]) / plain_name(f"{name}-{run_name(config)}", "run name")
+    cross = f"-x-{'+'.join(tests)}" if tests else ""
+    return (Path(cache) / RUNS_DIR / dataset_name(config["train_dataset"])
+            / plain_name(f"{name}-{run_name(config)}{cross}", "run name"))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How runs train, not what they learn: nothing here is in a key (the compute dtype it resolves to is)."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    source: str | None = None  # base weights: HF id or folder, instead of the registry's
+    num_workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class Images:
+    """One dataset's images and targets, read onto the device in batches of rows."""
+
+    rows: ImageRows
+    manifest: Manifest
+    targets: torch.Tensor
+
+    @classmethod
+    def of(cls, manifest: Manifest, spec) -> "Images":
+        return cls(ImageRows(Path(manifest.image_root), manifest.paths, spec), manifest,
+                   torch.as_tensor(manifest.targets, dtype=torch.float32))
+
+    def batches(self, rows: list[list[int]], device: str, num_workers: int):
+        """(targets, normalised images) on the device; an unreadable image stops the run with its name."""
+        cuda = torch.device(device).type == "cuda"
+        loader = DataLoader(self.rows, batch_sampler=rows, num_workers=num_workers, pin_memory=cuda)
+        spec = self.rows.spec
+        for row_ids, pixels, reasons, _ in loader:
+            bad = [f"{self.manifest.paths[r]}: {why}" for r, why in zip(row_ids.tolist(), reasons) if why]
+            if bad:
+                raise ValueError(f"cannot read {bad[0]}; fix or remove it and prepare the dataset again")
+            pixels = normalise(pixels.to(device, non_blocking=True), spec.mean, spec.std)
+            yield self.targets[row_ids].to(device, non_blocking=True), pixels
+
+
+@dataclass
+class Scored:
+    """Rows of a dataset scored after every epoch: the seed's test split, the validation part, or a cross dataset."""
+
+    images: Images
+    rows: np.ndarray
+
+    def chunks(self) -> list[list[int]]:
+        return [chunk.tolist() for chunk in np.array_split(self.rows, -(-len(self.rows) // EVAL_BATCH))]
+
+
+@dataclass
+class TunePlan:
+    """One run ready to train: its config, base model, fingerprint, key(s), rows and where it checkpoints."""
+
+    config: RunConfig  # with the compute dtype it runs in
+    base: PooledBackbone
+    dim: int
+    fingerprint: dict
+    fingerprint_id: str
+    key: str
+    run_dir: Path
+    train: Images
+    fit_rows: np.ndarray  # the training rows it learns from (the validation part left out)
+    scored: dict[str, Scored]  # TEST_SPLIT first, VALIDATION under select="val", then each cross dataset by name
+    cross: dict[str, tuple[str, str, RunConfig]] = field(default_factory=dict)  # dataset: (key, fingerprint id, config)
+
+    @property
+    def keys(self) -> list[str]:
+        """The results this run records: its own, then one per cross dataset."""
+        return [self.key, *(key for key, _, _ in self.cross.values())]
+
+    @property
+    def checkpoint_key(self) -> str:
+        """What its checkpoint must hold: the run's key, or with cross datasets a digest of every key."""
+        return self.key if not self.cross else hashlib.sha256("+".join(self.keys).encode()).hexdigest()
+
+
+def split_rows(manifest: Manifest, config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(train, fit, validation, test) rows of a run: the seed's split, and under `select="val"` the
+    validation part carved from its training rows as a cached run's (fit = train otherwise)."""
+    train_rows, test_rows = split_indices(manifest.paths, config.seed, by=config.split_by, groups=manifest.groups,
+                                           sets=manifest.extras.get("set"))
+    fit_rows, val_rows = train_rows, None
+    if config.select == "val":
+        every_image = SimpleNamespace(manifest=manifest, valid=np.ones(len(manifest.paths), dtype=bool))
+        fit_rows, val_rows = validation_rows(config, train_rows, every_image)
+    if len(fit_rows) < config.batch_size:
+        raise ValueError(f"{len(fit_rows)} training images cannot fill one batch of {config.batch_size}")
+    return train_rows, fit_rows, val_rows, test_rows
+
+
+def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: Path | None = None) -> TunePlan:
+    """Load the base model, fingerprint it with the manifest(s) and key the run; nothing trains yet."""
+    config = run.config
+    spec = get_spec(config.backbone, config.tag == model_tag(True, False))
+    if not family_of(spec).tunable:
+        raise ValueError(f"{config.backbone} computes fixed features: it has no backbone weights to fine-tune")
+    manifest = read_manifest(cache, config.train_dataset)
+    tests = [read_manifest(cache, name) for name in run.tests]  # a missing one fails before the weights load
+    train_rows, fit_rows, val_rows, test_rows = split_rows(manifest, config)
+    compute_dtype = compute_dtype_for(runtime.device, runtime.dtype)
+    config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
+    base = load_backbone(spec, source=runtime.source, random_init=config.tag == model_tag(False, True),
+                         tiny=config.tag == model_tag(True, False))
+    spec = base.spec  # at the loaded checkpoint's geometry: its own image_size, width and resample
+    # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
+    dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once
+    identity = (spec, base, weights_sha256(base), dim, compute_dtype, "live")
+    fingerprint = make_fingerprint(*identity, manifest_checksum(cache, config.train_dataset))
+    fp_id = fingerprint_id(fingerprint)
+    train = Images.of(manifest, spec)
+    scored = {TEST_SPLIT: Scored(train, test_rows)}
+    if val_rows is not None:
+        scored[VALIDATION] = Scored(train, val_rows)
+    cross = {}
+    for name, other in zip(run.tests, tests):
+        cross_fp = f"{fp_id}+{fingerprint_id(make_fingerprint(*identity, manifest_checksum(cache, name)))}"
+        rows = np.arange(len(other.paths))  # all of it, as a cached cross-dataset run tests
+        cross_config = replace(config, test_dataset=name)
+        cross[name] = (run_key(cross_config, cross_fp, rows_digest(train_rows, rows)), cross_fp, cross_config)
+        scored[name] = Scored(Images.of(other, spec), rows)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict(), run.tests)
+    return TunePlan(config, base, dim, fingerprint, fp_id, run_key(config, fp_id, rows_digest(train_rows, test_rows)),
+                    run_dir, train, fit_rows, scored, cross)
+
+
+class Tuning:
+    """The training state of one planned run (model, optimiser, schedule, scaler, curves) and its epochs."""
+
+    def __init__(self, plan: TunePlan, runtime: Runtime, kept: Path):
+        config = self.config = plan.config
+        self.plan, self.runtime, self.kept = plan, runtime, kept
+        compute_dtype = getattr(torch, config.compute_dtype)
+        self.cast = dict(device_type=torch.device(runtime.device).type, dtype=compute_dtype,
+                         enabled=compute_dtype != torch.float32)
+        self.model = build_model(plan.base, plan.base.spec, config.regime, config.head, config.seed, config.lora_rank,
+                                 plan.dim, config.l2norm, config.lora_alpha, config.mask_k, config.dropout,
+                                 config.keep).to(runtime.device)
+        self.optimizer = finetune_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config.milestones)
+        self.scaler = torch.amp.GradScaler(self.cast["device_type"], enabled=compute_dtype == torch.float16)
+        self.gated = [n for n in ("act1", "act2") if isinstance(getattr(self.model.head, n), GatedActivation)]
+        validation = VALIDATION in plan.scored
+        self.curves = {name: new_curves(self.gated, validation) for name in plan.scored if name != VALIDATION}
+        self.epoch, self.diverged_epoch = 0, None
+        self.kept_score = -np.inf
+
+    def resume(self) -> None:
+        """Go on from the run folder's checkpoint, if it has one of this run."""
+        state = load_checkpoint(self.plan.run_dir)
+        if state is None:
+            return
+        if state["key"] != self.plan.checkpoint_key:
+            mine = self.config.as_dict()
+            differ = sorted(k for k in mine | state["config"] if mine.get(k) != state["config"].get(k))
+            what = ", ".join(differ) or "base weights, manifest or test sets"
+            raise ValueError(f"{self.plan.run_dir} holds another run (differs in {what}); pass another --run-dir or "
+                             "delete it")
+        load_trained_backbone_state(self.model, state["backbone"])
+        self.model.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_scheduler_state(self.scheduler, state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_states(state["rng"])
+        set_dropout_states(self.model.head, state.get("dropout_rng", []))
+        self.epoch, self.curves = state["epoch"], {TEST_SPLIT: state["curves"], **state.get("cross_curves", {})}
+        if self.config.select != "last":  # the kept epoch's score
+            self.kept_score = max([s for s in self.curves[TEST_SPLIT][SCORE_CURVE[self.config.select]] if s == s],
+                                  default=-np.inf)
+
+    def train_one_epoch(self, on_step: Callable[[], None]) -> bool:
+        """Train, score and checkpoint one epoch; False when it diverged (the last good checkpoint stays)."""
+        plan, config, runtime = self.plan, self.config, self.runtime
+        per_step, steps = config.batch_size, len(plan.fit_rows) // config.batch_size
+        order = epoch_order(plan.fit_rows, config.seed, self.epoch)[: steps * per_step].reshape(-1, config.physical_batch)
+        loss_sum = train_epoch(self.model, self.optimizer, self.scaler,
+                               plan.train.batches(order.tolist(), runtime.device, runtime.num_workers),
+                               config.accumulate, self.cast, on_step, config.loss, config.micro_batch)
+        preds = None if loss_sum is None else self.score()
+        if preds is None or not all(torch.isfinite(p).all() for p in preds.values()):
+            self.diverged_epoch = self.epoch + 1
+            return False
+        self.record(loss_sum / steps, preds)
+        self.scheduler.step()
+        self.epoch += 1
+        self.keep_if_selected()  # before the checkpoint: a kill redoes the epoch
+        self.save()
+        return True
+
+    def score(self) -> dict[str, torch.Tensor]:
+        """Predictions on every scored set; beyond the test split on a forked RNG (a data loader draws a seed),
+        so validation and cross datasets leave the training numbers as they are without them."""
+        device, workers = self.runtime.device, self.runtime.num_workers
+
+        def on(scored: Scored, features: dict | None = None) -> torch.Tensor:
+            return predict(self.model, scored.images.batches(scored.chunks(), device, workers), self.cast, features)
+
+        self.test_features = {}  # kept with the epoch's weights, for the report's t-SNE
+        preds = {TEST_SPLIT: on(self.plan.scored[TEST_SPLIT], self.test_features)}
+        with torch.random.fork_rng(devices=cuda_devices(device)):
+            preds |= {name: on(scored) for name, scored in self.plan.scored.items() if name != TEST_SPLIT}
+        return preds
+
+    def record(self, train_loss: float, preds: dict[str, torch.Tensor]) -> None:
+        scored = self.plan.scored
+        metrics = {name: epoch_metrics(pred[None], scored[name].images.targets[scored[name].rows][None])
+                   for name, pred in preds.items()}
+        shared = {"train_loss": train_loss, "lr": self.optimizer.param_groups[-1]["lr"]}  # the head's lr
+        shared |= {f"g_{n}": getattr(self.model.head, n).g.detach().cpu().numpy().round(4).tolist()[0]
+                   for n in self.gated}
+        if VALIDATION in metrics:
+            (val_srcc,), (val_plcc,) = metrics[VALIDATION]
+            shared |= {"val_srcc": val_srcc, "val_plcc": val_plcc}
+        for name, curve in self.curves.items():
+            (srcc,), (plcc,) = metrics[name]
+            record_epoch(curve, srcc=srcc, plcc=plcc, **shared)
+
+    def keep_if_selected(self) -> None:
+        config = self.config
+        score = self.curves[TEST_SPLIT][SCORE_CURVE.get(config.select, "srcc")][-1]
+        if improved([score], [self.kept_score], config.select)[0]:
+            self.kept_score = score
+            save_tuned(self.kept, self.model.head.state_dict(), self.model.backbone, config.regime, config.as_dict(),
+                       self.plan.fingerprint)
+            test = self.plan.scored[TEST_SPLIT]
+            save_features(self.kept, test.rows, test.images.targets[test.rows].numpy(), self.test_features)
+
+    def save(self) -> None:
+        plan, curves = self.plan, self.curves
+        save_checkpoint(plan.run_dir, {
+            "key": plan.checkpoint_key, "config": self.config.as_dict(), "fingerprint": plan.fingerprint,
+            "epoch": self.epoch, "backbone": trained_backbone_state(self.model), "head": self.model.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": scheduler_state(self.scheduler),
+            "scaler": self.scaler.state_dict(), "rng": rng_states(), "dropout_rng": dropout_states(self.model.head),
+            "curves": curves[TEST_SPLIT], "cross_curves": {k: v for k, v in curves.items() if k != TEST_SPLIT},
+        })
+
+    def results(self) -> list[tuple[str, dict, str, RunResult]]:
+        """The rows the results database takes: the run's own, then one per cross dataset."""
+        gates = gate_parameters(self.model.head, 0) if self.diverged_epoch is None else None
+        plan, select = self.plan, self.config.select
+        rows = [(plan.key, self.config.as_dict(), plan.fingerprint_id,
+                 result_from_curves(self.curves[TEST_SPLIT], self.diverged_epoch, gates, select))]
+        for name, (key, fp_id, config) in plan.cross.items():
+            result = result_from_curves(self.curves[name], self.diverged_epoch, gates, select)
+            rows.append((key, config.as_dict(), fp_id, result))
+        return rows
+
+
+def cuda_devices(device: str) -> list[int]:
+    return [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+
+
+def dropout_states(head: StackedMLP) -> list[torch.Tensor]:
+    """The head's dropout generators (seeded on first use), so a resumed run draws the masks it would have."""
+    return [g.get_state() for g in head._dropout_generators or []]
+
+
+def set_dropout_states(head: StackedMLP, states: list[torch.Tensor]) -> None:
+    if states:
+        head._dropout_generators = [torch.Generator().set_state(s) for s in states]
+
+
+def train_run(plan: TunePlan, kept: Path, runtime: Runtime = Runtime(),
+              on_epoch: Callable[[int], None] | None = None) -> tuple[list[tuple], int]:
+    """Train (or resume) a planned run; (its results database rows, epochs trained by this call).
+    `kept` is the folder the selected epoch's weights go to; `on_epoch(epoch)` runs after each checkpoint."""
+    config = plan.config
+    with torch.random.fork_rng(devices=cuda_devices(runtime.device)):  # the caller's RNG is left as it was
+        torch.manual_seed(member_seed(config.seed, "torch"))  # LoRA init and dropout
+        tuning = Tuning(plan, runtime, kept)
+        tuning.resume()
+        start, steps = tuning.epoch, len(plan.fit_rows) // config.batch_size
+        label = f"{config.train_dataset}/{plan.run_dir.name}"
+        with tqdm(total=(config.epochs - start) * steps, unit="step", desc=label, disable=not runtime.progress) as bar:
+            while tuning.epoch < config.epochs and tuning.train_one_epoch(bar.update):
+                curve = tuning.curves[TEST_SPLIT]
+                bar.set_postfix(loss=f"{curve['train_loss'][-1]:.4f}", srcc=f"{curve['srcc'][-1]:.3f}")
+                if on_epoch is not None:
+                    on_epoch(tuning.epoch)
+    return tuning.results(), tuning.epoch - start
 
 
 @dataclass
@@ -145,51 +445,7 @@ class FinetuneRun:
     config: dict
     result: RunResult
     epochs_trained: int  # by this call (0 when the checkpoint had already finished)
-
-
-def finetune_config(
-    dataset: str,
-    backbone: str,
-    head: str = "sig",
-    mode: str = "lora",
-    seed: int = 8,
-    epochs: int = 30,
-    batch_size: int = 2,
-    accumulate: int = 6,
-    lora_rank: int = 4,
-    lr: float = 1e-4,
-    backbone_lr: float = 5e-6,
-    split_by: str = "random",
-    tiny: bool = False,
-    random_init: bool = False,
-    loss: str = "mse+margin",
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    l2norm: bool = False,
-    select: str = "test",
-    micro_batch: int = MICRO_BATCH,
-) -> RunConfig:
-    """The RunConfig of one fine-tuning run, checked; `batch_size` is the physical batch, which the loss
-    scores in micro-batches of `micro_batch` rows (= batch_size: the whole physical batch ranked at once)."""
-    check_rule(select)
-    if select == "val":
-        raise ValueError("fine-tuning selects by --select test or last (no validation part is carved on images yet)")
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    act1, act2 = head_activations(head)
-    if micro_batch < 2 or batch_size % micro_batch:
-        raise ValueError(f"--batch-size must be a multiple of --micro-batch {micro_batch} (at least 2: the loss "
-                         f"scores pairs), got {batch_size}")
-    if accumulate < 1 or epochs < 1 or lora_rank < 1:
-        raise ValueError("--accumulate, --epochs and --lora-rank must be at least 1")
-    return RunConfig(
-        dataset, dataset, backbone, head, act1, act2, seed, epochs=epochs, lr=lr,
-        batch_size=batch_size * accumulate, micro_batch=micro_batch, split_by=split_by, regime=mode,
-        tag=model_tag(tiny, random_init), physical_batch=batch_size, accumulate=accumulate,
-        lora_rank=lora_rank if mode == "lora" else None, backbone_lr=backbone_lr if mode == "full" else None,
-        loss=loss, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
-        select=select,
-    )
+    rows: list[tuple] = field(default_factory=list)  # every record it made: its own, then its cross datasets'
 
 
 def finetune(
@@ -203,112 +459,17 @@ def finetune(
     num_workers: int = 2,
     progress: bool = True,
     on_epoch: Callable[[int], None] | None = None,
+    tests: tuple[str, ...] = (),
 ) -> FinetuneRun:
-    """Train (or resume) the run of `config` (`finetune_config`); `on_epoch(epoch)` is called after
-    each epoch's checkpoint. `source` overrides where the base weights come from (HF id or folder)."""
-    dataset, backbone, seed, mode = config.train_dataset, config.backbone, config.seed, config.regime
-    tiny, random_init = config.tag == model_tag(True, False), config.tag == model_tag(False, True)
-    spec = get_spec(backbone, tiny)
-    if not family_of(spec).tunable:
-        raise ValueError(f"{backbone} computes fixed features: it has no backbone weights to fine-tune")
-    manifest = read_manifest(cache, dataset)
-    train_rows, test_rows = split_indices(manifest.paths, seed, by=config.split_by, groups=manifest.groups,
-                                           sets=manifest.extras.get("set"))
-    per_step, batch_size, accumulate, epochs = config.batch_size, config.physical_batch, config.accumulate, config.epochs
-    steps = len(train_rows) // per_step
-    if steps == 0:
-        raise ValueError(f"{len(train_rows)} training images cannot fill one batch of {per_step}")
-    compute_dtype = compute_dtype_for(device, dtype)
-    cast = dict(device_type=torch.device(device).type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
-
-    base = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
-    spec = base.spec  # at the loaded checkpoint's geometry: its own image_size, width and resample
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict())
+    """Train (or resume) the run of `config` (`finetune_config`) and record it; `tests` are datasets also
+    scored after every epoch (cross-dataset records). `source` overrides where the base weights come from."""
+    runtime = Runtime(device, dtype, source, num_workers, progress)
     db = db if db is not None else ResultsDB(default_db(cache))
-    # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
-    dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once
-    fingerprint = make_fingerprint(spec, base, weights_sha256(base), dim, compute_dtype, "live",
-                                   manifest_checksum(cache, dataset))
-    fp_id = fingerprint_id(fingerprint)
-    key = run_key(config, fp_id, rows_digest(train_rows, test_rows))
-    cuda = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # the caller's RNG is left as it was
-        torch.manual_seed(member_seed(seed, "torch"))  # LoRA init and dropout
-        model = build_model(base, spec, mode, config.head, seed, config.lora_rank, dim, config.l2norm).to(device)
-        optimizer = finetune_optimizer(model, config)
-        scheduler = make_scheduler(optimizer, config.milestones)
-        scaler = torch.amp.GradScaler(cast["device_type"], enabled=compute_dtype == torch.float16)
-        curves = new_curves()
-
-        start = 0
-        state = load_checkpoint(run_dir)
-        if state is not None:
-            if state["key"] != key:
-                mine = config.as_dict()
-                differ = sorted(k for k in mine | state["config"] if mine.get(k) != state["config"].get(k))
-                raise ValueError(
-                    f"{run_dir} holds another run (differs in {', '.join(differ) or 'base weights or manifest'}); "
-                    f"pass another --run-dir or delete it"
-                )
-            load_trained_backbone_state(model, state["backbone"])
-            model.head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            load_scheduler_state(scheduler, state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng_states(state["rng"])
-            start, curves = state["epoch"], state["curves"]
-        kept = run_weights_path(db.path, key).parent
-        kept_srcc = max([s for s in curves["srcc"] if s == s], default=-np.inf)  # the kept epoch's, on a resume
-
-        targets = torch.as_tensor(manifest.targets, dtype=torch.float32)
-        images = ImageRows(Path(manifest.image_root), manifest.paths, spec)
-
-        def batches(rows: list[list[int]]):
-            """(targets, normalised images) on the device; an unreadable image stops the run with its name."""
-            loader = DataLoader(images, batch_sampler=rows, num_workers=num_workers, pin_memory=bool(cuda))
-            for row_ids, pixels, reasons, _ in loader:
-                bad = [f"{manifest.paths[r]}: {why}" for r, why in zip(row_ids.tolist(), reasons) if why]
-                if bad:
-                    raise ValueError(f"cannot read {bad[0]}; fix or remove it and prepare the dataset again")
-                pixels = normalise(pixels.to(device, non_blocking=True), spec.mean, spec.std)
-                yield targets[row_ids].to(device, non_blocking=True), pixels
-
-        test_batches = [chunk.tolist() for chunk in np.array_split(test_rows, -(-len(test_rows) // EVAL_BATCH))]
-        diverged_epoch = None
-        y_test = targets[test_rows][None]
-        bar = tqdm(total=(epochs - start) * steps, unit="step", desc=f"{dataset}/{run_dir.name}", disable=not progress)
-        for epoch in range(start, epochs):
-            order = epoch_order(train_rows, seed, epoch)[: steps * per_step].reshape(-1, batch_size)
-            loss_sum = train_epoch(model, optimizer, scaler, batches(order.tolist()), accumulate, cast, bar.update,
-                                   config.loss, config.micro_batch)
-            pred = None if loss_sum is None else predict(model, batches(test_batches), cast)
-            if pred is None or not torch.isfinite(pred).all():
-                diverged_epoch = epoch + 1
-                break  # the last good checkpoint stays as it is
-            (epoch_srcc,), (epoch_plcc,) = epoch_metrics(pred[None], y_test)
-            record_epoch(curves, train_loss=loss_sum / steps, srcc=epoch_srcc, plcc=epoch_plcc,
-                         lr=optimizer.param_groups[-1]["lr"])  # the head's lr
-            scheduler.step()
-            if improved([epoch_srcc], [kept_srcc], config.select)[0]:  # before the checkpoint: a kill redoes the epoch
-                kept_srcc = epoch_srcc
-                save_tuned(kept, model.head.state_dict(), model.backbone, mode, config.as_dict(), fingerprint)
-            save_checkpoint(run_dir, {
-                "key": key, "config": config.as_dict(), "fingerprint": fingerprint, "epoch": epoch + 1,
-                "backbone": trained_backbone_state(model), "head": model.head.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
-                "scaler": scaler.state_dict(), "rng": rng_states(), "curves": curves,
-            })
-            bar.set_postfix(loss=f"{curves['train_loss'][-1]:.4f}", srcc=f"{curves['srcc'][-1]:.3f}")
-            if on_epoch is not None:
-                on_epoch(epoch + 1)
-        bar.close()
-
-    gates = gate_parameters(model.head, 0) if diverged_epoch is None else None
-    result = result_from_curves(curves, diverged_epoch, gates, config.select)
-    db.record([(key, config.as_dict(), fp_id, result)])
-    trained = (diverged_epoch or epochs + 1) - 1 - start
-    return FinetuneRun(run_dir, key, fp_id, config.as_dict(), result, trained)
+    plan = plan_run(cache, TuneRun(config, tuple(tests)), runtime, run_dir)
+    rows, trained = train_run(plan, run_weights_path(db.path, plan.key).parent, runtime, on_epoch)
+    db.record(rows)
+    key, config_dict, fp_id, result = rows[0]
+    return FinetuneRun(plan.run_dir, key, fp_id, config_dict, result, trained, rows)
 
 
 def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -342,11 +503,18 @@ def train_epoch(model: FinetuneModel, optimizer: torch.optim.Optimizer, scaler: 
 
 
 @torch.no_grad()
-def predict(model: FinetuneModel, batches, cast: dict) -> torch.Tensor:
-    """Predictions [n] in eval mode (no dropout) for the batches' rows, in their order, on the CPU."""
+def predict(model: FinetuneModel, batches, cast: dict, features: dict | None = None) -> torch.Tensor:
+    """Predictions [n] in eval mode (no dropout) for the batches' rows, in their order, on the CPU; with
+    `features` (a dict), also its "embeddings" [n, D] and the head's last "hidden" features [n, H]."""
     model.eval()
-    out = []
+    out, parts = [], {"embeddings": [], "hidden": []}
     for _, pixels in batches:
         with torch.autocast(**cast):
-            out.append(model(pixels).float().cpu())
+            embeddings = model.embed(pixels)
+            out.append(model.head(embeddings[None])[0].float().cpu())
+            if features is not None:
+                parts["embeddings"].append(embeddings.float().cpu())
+                parts["hidden"].append(model.head.features(embeddings[None])[0].float().cpu())
+    if features is not None:
+        features.update({name: torch.cat(chunks).numpy() for name, chunks in parts.items()})
     return torch.cat(out)

@@ -40,6 +40,8 @@ from iqa.heads.report.scatter import kept_predictions, scatter_figure
 from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
 from iqa.errors import SettingError
+from iqa.heads.finetune.features import tuned_features
+from iqa.heads.saved.weights import run_weights_path
 
 MARK = ".iqa-report"  # a report folder's mark: the only kind of folder a new report replaces
 MAX_TSNE_HEADS = 4  # heads per t-SNE figure besides the encoder (Fig. 4 shows three)
@@ -139,6 +141,8 @@ def write_report(
         _figures(runs, building, summary, page, load if tsne else None, device, progress)
         if load is None or not tsne:
             summary.notes.append("t-SNE: skipped (--no-tsne)" if load is not None else "t-SNE: no embedding cache given")
+        if tsne and results_db is not None:
+            _tuned_tsne_figures(runs, Path(results_db), building, summary, page)
         if load is not None and results_db is not None:
             _scatter_figures(runs, load, Path(results_db), building, summary, page)
         else:
@@ -292,6 +296,28 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
         title = f"t-SNE of the last hidden features: {label}"
         _add_figure(figures.tsne_figure(title, panels), folder, figures.stem("tsne", backbone, tag or "", dataset),
                     title, summary, page)
+
+
+def _tuned_tsne_figures(runs, results_db: Path, folder: Path, summary: ReportSummary, page: _Page) -> None:
+    """Per (backbone, tag, dataset, regime) of fine-tuning runs without ablation: the kept epoch's test
+    embeddings, then each head's features (first seed), as `iqa finetune` stored them (heads/finetune/features.py)."""
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for run in runs:
+        kept = tuned_features(run_weights_path(results_db, run["key"]).parent) if run.get("physical_batch") else None
+        if kept is not None and within(run) and plain(run) and run["status"] == "done":
+            groups.setdefault((run["backbone"], run.get("tag"), run["train_dataset"], run["regime"]), []).append((run, kept))
+    for (backbone, tag, dataset, regime), members in sorted(groups.items(), key=str):
+        seed = min(r["seed"] for r, _ in members)
+        chosen = sorted(((r, f) for r, f in members if r["seed"] == seed), key=lambda m: _head_order(m[0]["head"]))
+        chosen = chosen[:MAX_TSNE_HEADS]
+        first = chosen[0][1]
+        panels = [("encoder only", tsne_2d(first["embeddings"], seed), first["targets"], None, None)]
+        panels += [(f"{r['head']} head (SRCC {r['best_srcc']:.3f})", tsne_2d(f["hidden"], seed), f["targets"], None, None)
+                   for r, f in chosen]
+        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}, {regime}, seed {seed}"
+        title = f"t-SNE of the tuned model's last hidden features (test split, kept epoch): {label}"
+        _add_figure(figures.tsne_figure(title, panels), folder,
+                    figures.stem("tsne_tuned", backbone, tag or "", dataset, regime), title, summary, page)
 
 
 def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summary: ReportSummary, page: _Page) -> None:

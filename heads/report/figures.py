@@ -222,11 +222,15 @@ def quality_bucket(targets: np.ndarray) -> np.ndarray:
 
 
 def tsne_figure(title: str, panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
-    """panels: (label, test 2-D points, test targets, train 2-D points, train targets); one row each."""
-    fig, axes = plt.subplots(len(panels), 2, figsize=(8.5, 3.4 * len(panels)), squeeze=False, layout="constrained")
+    """panels: (label, test 2-D points, test targets, train 2-D points, train targets); one row each. Train
+    points None: the test side alone (a tuned run keeps its test features only)."""
+    columns = 1 if panels[0][3] is None else 2
+    fig, axes = plt.subplots(len(panels), columns, figsize=(4.5 * columns - 0.5 * (columns - 1), 3.4 * len(panels)),
+                             squeeze=False, layout="constrained")
     colours = plt.get_cmap("viridis", QUALITY_BUCKETS)
     for (label, test_xy, test_y, train_xy, train_y), row in zip(panels, axes):
-        for ax, xy, y, side in ((row[0], test_xy, test_y, "test"), (row[1], train_xy, train_y, "train")):
+        sides = [(row[0], test_xy, test_y, "test")] + ([(row[1], train_xy, train_y, "train")] if columns == 2 else [])
+        for ax, xy, y, side in sides:
             points = ax.scatter(xy[:, 0], xy[:, 1], c=quality_bucket(y), cmap=colours, vmin=-0.5,
                                 vmax=QUALITY_BUCKETS - 0.5, s=8, alpha=0.8, linewidths=0)
             ax.set_title(f"{side} ({len(xy)} images)", fontsize=9)

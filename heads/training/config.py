@@ -41,7 +41,7 @@ def lr_milestones(train_dataset: str) -> tuple[int, ...]:
 
 
 # fields left out of a config's dict (and so its key) while None: added after runs were stored under keys without them
-OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target")
+OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target", "lora_alpha")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class RunConfig:
     accumulate: int | None = None
     lora_rank: int | None = None
     backbone_lr: float | None = None
+    lora_alpha: float | None = None  # None: 2 x lora_rank (the paper's rank 4, alpha 8)
 
     def __post_init__(self):
         if self.layers is not None:  # a list when read back from JSON; a tuple keeps configs hashable

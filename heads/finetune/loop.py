@@ -275,7 +275,7 @@ def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: P
         cross_config = replace(config, test_dataset=name)
         cross[name] = (run_key(cross_config, cross_fp, rows_digest(train_rows, rows)), cross_fp, cross_config)
         scored[name] = Scored(Images.of(other, spec), rows)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict(), run.tests)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.to_dict(), run.tests)
     return TunePlan(config, base, dim, fingerprint, fp_id, run_key(config, fp_id, rows_digest(train_rows, test_rows)),
                     run_dir, train, fit_rows, scored, cross)
 
@@ -307,7 +307,7 @@ class Tuning:
         if state is None:
             return
         if state["key"] != self.plan.checkpoint_key:
-            mine = self.config.as_dict()
+            mine = self.config.to_dict()
             differ = sorted(k for k in mine | state["config"] if mine.get(k) != state["config"].get(k))
             what = ", ".join(differ) or "base weights, manifest or test sets"
             raise ValueError(f"{self.plan.run_dir} holds another run (differs in {what}); pass another --run-dir or "
@@ -376,7 +376,7 @@ class Tuning:
         score = self.curves[TEST_SPLIT][SCORE_CURVE.get(config.select, "srcc")][-1]
         if improved([score], [self.kept_score], config.select)[0]:
             self.kept_score = score
-            save_tuned(self.kept, self.model.head.state_dict(), self.model.backbone, config.regime, config.as_dict(),
+            save_tuned(self.kept, self.model.head.state_dict(), self.model.backbone, config.regime, config.to_dict(),
                        self.plan.fingerprint)
             test = self.plan.scored[TEST_SPLIT]
             save_features(self.kept, test.rows, test.images.targets[test.rows].numpy(), self.test_features)
@@ -384,7 +384,7 @@ class Tuning:
     def save(self) -> None:
         plan, curves = self.plan, self.curves
         save_checkpoint(plan.run_dir, {
-            "key": plan.checkpoint_key, "config": self.config.as_dict(), "fingerprint": plan.fingerprint,
+            "key": plan.checkpoint_key, "config": self.config.to_dict(), "fingerprint": plan.fingerprint,
             "epoch": self.epoch, "backbone": trained_backbone_state(self.model), "head": self.model.head.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(), "rng": rng_states(), "dropout_rng": dropout_states(self.model.head),
@@ -395,11 +395,11 @@ class Tuning:
         """The rows the results database takes: the run's own, then one per cross dataset."""
         gates = gate_parameters(self.model.head, 0) if self.diverged_epoch is None else None
         plan, select = self.plan, self.config.select
-        rows = [(plan.key, self.config.as_dict(), plan.fingerprint_id,
+        rows = [(plan.key, self.config.to_dict(), plan.fingerprint_id,
                  result_from_curves(self.curves[TEST_SPLIT], self.diverged_epoch, gates, select))]
         for name, (key, fp_id, config) in plan.cross.items():
             result = result_from_curves(self.curves[name], self.diverged_epoch, gates, select)
-            rows.append((key, config.as_dict(), fp_id, result))
+            rows.append((key, config.to_dict(), fp_id, result))
         return rows
 
 

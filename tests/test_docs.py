@@ -2,6 +2,7 @@
 repository, nothing points at ../shared (a clone has no such folder), and every `iqa` command is in
 the README's table."""
 
+import os
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
 MAX_README_LINES = 150
-SKIPPED = {"tests", ".git", ".venv", "build", "iqa-cache", "__pycache__"}
+SKIPPED = {"tests", "build", "iqa-cache", "__pycache__"}
 OUTSIDE = re.compile(r"\.\./shared|\bshared/(SPEC\.md|paper|notes|labels|reference)\b")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
@@ -72,10 +73,13 @@ def test_a_broken_link_is_found(tmp_path):
 
 
 def repository_files():
-    for path in ROOT.rglob("*"):
-        relative = path.relative_to(ROOT)
-        if path.is_file() and path.suffix in {".py", ".md", ".toml", ".json"} and not SKIPPED & set(relative.parts):
-            yield relative
+    """Source and documentation files outside tests/ (which may read ../shared where it exists);
+    caches, virtual environments and hidden folders are not walked."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIPPED and not d.startswith(".")]
+        for name in files:
+            if Path(name).suffix in {".py", ".md", ".toml", ".json"}:
+                yield (Path(folder) / name).relative_to(ROOT)
 
 
 def test_nothing_points_outside_the_repository():

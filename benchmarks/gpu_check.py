@@ -1,4 +1,4 @@
-"""Every GPU figure the README promises, from one command on one GPU, in under 8 minutes.
+"""Every GPU figure docs/benchmarks.md promises, from one command on one GPU, in under 8 minutes.
 
 1. Extraction, SigLIP2-SO400M at 512 px (random init, bf16): `iqa extract` images/s against the bare
    forward pass on a ready batch, and the decode workers' capacity alone (which of the two bounds a

@@ -1,5 +1,5 @@
 """AGIQA-3K with the alignment MOS (how well the image matches its prompt, 0-5) as the target, / 5:
-the optional target SPEC names for AGIQA-3K. Same release, images and extra columns as `agiqa3k`
+the optional target the recipe names for AGIQA-3K (docs/recipe.md). Same release, images and extra columns as `agiqa3k`
 (the quality MOS kept as an extra); prepared under its own name, so its runs never mix with quality's.
 """
 

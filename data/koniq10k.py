@@ -2,7 +2,7 @@
 
 Two label files are published and both are read:
 - `koniq10k_scores_and_distributions.csv` (the main release, the paper's file): `MOS` on the
-  1-5 scale, target = MOS / 5 (SPEC.md);
+  1-5 scale, target = MOS / 5 (docs/recipe.md);
 - `koniq10k_distributions_sets.csv` (the repository's metadata variant): `MOS` on the 0-100
   z-score scale plus the official `set` column (training/validation/test), target = MOS / 100.
 The main file is used when both are present, and the `set` column is then read from the sets file

@@ -3,7 +3,7 @@
 Most benchmarks are exactly that, so their adapters are declarations of a `TableRelease`
 (which file, which columns, which score range), not code. Targets follow one rule,
 target = (y - lo) / (hi - lo) over the released score range [lo, hi] (flipped when lower
-is better), which gives every entry of SPEC.md's table: y/5 is the range 0-5, (y-1)/4 is 1-5.
+is better), which gives every entry of the recipe's data table (docs/recipe.md): y/5 is the range 0-5, (y-1)/4 is 1-5.
 """
 
 from dataclasses import dataclass

@@ -1,8 +1,8 @@
 """CleanDIFT (Stable Diffusion 2.1) as a frozen feature extractor: normalised pixels [B, 3, H, W] ->
 pooled decoder features [B, D].
 
-The recipe (see ../shared/notes/CLEANDIFT.md; the sources are silent on a cacheable embedding, so
-these are iqa's choices, all in `RECIPE` and so in the store's fingerprint through `revision`):
+The recipe (what the sources say: docs/backbones.md, "CleanDIFT"; they are silent on a cacheable
+embedding, so these are iqa's choices, all in `RECIPE` and so in the store's fingerprint through `revision`):
 pixels in [-1, 1] (the registry's mean/std 0.5), the VAE latent *mean* (not a sample: deterministic)
 x 0.18215, the empty-prompt text embedding computed once at load, a fixed timestep (CleanDIFT's
 initial value 261, or the trained value when the folder holds CleanDIFT's full checkpoint

@@ -38,7 +38,7 @@ def test_group_split_without_groups_is_an_error():
 
 
 def test_splits_and_member_seeds_are_pinned():
-    """The README promises the same split on every machine and library version: these are fixed values."""
+    """docs/datasets.md promises the same split on every machine and library version: these are fixed values."""
     paths = [f"img_{i:02d}.jpg" for i in range(20)]
     tests = {seed: split_indices(paths, seed)[1].tolist() for seed in (8, 19, 25)}
     assert tests == {8: [2, 8, 14, 15], 19: [1, 9, 11, 16], 25: [3, 12, 13, 14]}

@@ -80,6 +80,21 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+MlflowOption = Annotated[Optional[str], typer.Option(
+    "--mlflow", help="Also log the finished runs to MLflow: a tracking URI, or `cache` for an SQLite store inside the cache "
+                     "(<cache>/mlflow, no server); needs pip install 'iqa[mlflow]'. The results database stays the record.")]
+
+
+def log_to_mlflow(records: list[dict], db: Path | None, root: Path, uri: str) -> None:
+    """`--mlflow`: the finished runs among `records` copied to the tracking store (each once, by key)."""
+    from iqa.cache.results import default_db
+    from iqa.heads.report.tracker import default_tracking_uri, log_runs
+
+    target = None if uri == "cache" else uri
+    logged = log_runs(records, db or default_db(root), root, target)
+    typer.echo(f"mlflow: {logged} new runs logged to {target or default_tracking_uri(root)}", err=True)
+
+
 LossOption = Annotated[str, typer.Option(help="mse+margin (the paper's), mse, l1 (SMART-IQA's); its loss study's rank, fidelity, srcc (with --micro-batch the whole batch).")]
 OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw (SMART-IQA's).")]
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
@@ -473,6 +488,7 @@ def head_command(
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
     knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
     hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) [default: iqa's 16-wide code].")] = None,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
     from iqa.heads.report.run_listing import run_summary
@@ -490,6 +506,8 @@ def head_command(
     )
     check_device(device, engine)
     records = train_grid(request, cache_dir(cache), device, db, stores, allow_partial, engine, address)
+    if mlflow:
+        log_to_mlflow(records, db, cache_dir(cache), mlflow)
     undefined = [r for r in records if r["best_srcc"] is None or r["best_srcc"] != r["best_srcc"]]
     if undefined:  # NaN: constant targets or predictions on the test rows, where rank correlation means nothing
         typer.secho(f"warning: {len(undefined)} of {len(records)} runs have no defined SRCC (constant scores or "
@@ -658,6 +676,7 @@ def zeroshot_command(
     device: DeviceOption = "auto",
     stores: StoresOption = None,
     cache: CacheOption = None,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Zero-shot quality (CLIP-IQA) from the store's own checkpoint's text tower: no training, no image pass."""
     from iqa.cache.location import store_root
@@ -683,6 +702,8 @@ def zeroshot_command(
         fail(message(error))
     except OSError as error:
         fail(error.strerror or str(error))
+    if mlflow:
+        log_to_mlflow([record for row in rows for record in row.records], db, root, mlflow)
     typer.echo(sweep_table(rows), nl=False)
 
 
@@ -797,6 +818,7 @@ def finetune_command(
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON line per finished record, with its key.")] = False,
     db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
     cache: CacheOption = None,
+    mlflow: MlflowOption = None,
 ) -> None:
     """Tune backbones and heads end to end on images, a grid of every combination of the comma lists;
     finished runs are skipped, a killed one resumes from its last checkpoint."""
@@ -834,6 +856,8 @@ def finetune_command(
     if not json_lines:
         for record in outcome.records:
             _finetune_summary(record)
+    if mlflow:
+        log_to_mlflow(outcome.records, db, root, mlflow)
     for run, why in outcome.failed:
         typer.secho(f"failed twice: {run_label(run)}: {why}", err=True, fg=typer.colors.RED)
     diverged = [r for r in outcome.records if r["status"] == "diverged"]

@@ -1,0 +1,5 @@
+"""The error a backbone load raises, apart from the loaders so every family's module can raise it."""
+
+
+class BackboneLoadError(RuntimeError):
+    """Weights could not be loaded; the message is one line meant for the user."""

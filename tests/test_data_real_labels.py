@@ -10,8 +10,8 @@ import numpy as np
 import openpyxl
 import pytest
 
-from iqa.data import flive
 from iqa.cache.manifest import file_sha256, read_manifest
+from iqa.data.adapters import ADAPTERS
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.readers import DatasetError
 from iqa.data.splits import official_split
@@ -105,8 +105,8 @@ def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):
 def test_flive_all_rows_parse_with_their_sub_folders(tmp_path):
     root = real_release(tmp_path / "flive", "flive_labels_image.csv", "labels_image.csv")
     rows = csv_rows("flive_labels_image.csv")
-    manifest = flive.load(root)  # the parser alone: 39,810 placeholder files would dominate the suite
-    assert len(manifest) == 39_810 == flive.RELEASE_COUNT
+    manifest = ADAPTERS["flive"].load(root)  # the parser alone: 39,810 placeholder files would dominate the suite
+    assert len(manifest) == 39_810 == ADAPTERS["flive"].release_count
     assert manifest.paths == [r["name"] for r in rows]
     assert {p.split("/")[0] for p in manifest.paths} == {"voc_emotic_ava", "blur_dataset", "EE371R"}
     np.testing.assert_allclose(manifest.targets, [float(r["mos"]) / 100 for r in rows])

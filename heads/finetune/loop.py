@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from iqa.cache.location import backbone_label
 from iqa.cache.store import fingerprint_id
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.data.splits import split_indices
@@ -132,7 +133,7 @@ def load_trained_backbone_state(model: FinetuneModel, state: dict[str, torch.Ten
 
 def default_run_dir(cache: Path, config: dict) -> Path:
     """<cache>/runs/<dataset>/<backbone>[@tag]-<mode>[-r<rank>]-<head>-s<seed>."""
-    name = config["backbone"] + (f"@{config['tag']}" if config["tag"] else "")
+    name = backbone_label(config["backbone"], config["tag"])
     return Path(cache) / "runs" / config["train_dataset"] / f"{name}-{run_name(config)}"
 
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from iqa.cache.location import backbone_label
 from iqa.heads.saved.weights import run_weights_path
 
 SUMMARY = ("regime", "backbone", "tag", "train_dataset", "test_dataset", "head", "mask_k", "keep", "seed", "epochs", "select")
@@ -22,8 +23,7 @@ def run_listing(runs: list[dict], db_path: Path, as_json: bool = False) -> str:
     head = ["key", "backbone", "train->test", "head", "seed", "select", "epoch", "srcc", "plcc", "weights"]
     lines = ["\t".join(head)]
     for row in rows:
-        backbone = row["backbone"] + (f"@{row['tag']}" if row["tag"] else "")
-        lines.append("\t".join(map(fmt, (row["key"][:12], backbone, f"{row['train_dataset']}->{row['test_dataset']}", row["head"],
+        lines.append("\t".join(map(fmt, (row["key"][:12], backbone_label(row["backbone"], row["tag"]), f"{row['train_dataset']}->{row['test_dataset']}", row["head"],
                                           row["seed"], row["select"] or "test", row["best_epoch"], row["best_srcc"],
                                           row["best_plcc"], "yes" if row["weights"] else "no"))))
     return "\n".join(lines) + "\n"

@@ -7,7 +7,6 @@ fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors),
 by sha256 on load, and README.md, a short model card. `iqa.load_model` reads it back.
 """
 
-import hashlib
 import json
 import shutil
 from importlib.metadata import version
@@ -15,18 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa.cache.location import backbone_label
 from iqa.cache.store import EmbeddingStore, store_path
-from iqa.cache.manifest import read_manifest
+from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, HEAD_FILE, load_head, run_weights_path
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 FORMAT = "iqa-model-1"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def find_run(runs: list[dict], prefix: str) -> dict:
@@ -113,7 +109,7 @@ def model_card(config: dict) -> str:
     elif t["select"] == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
     return "\n".join([
-        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, trained on {t['train_dataset']}",
+        f"# {backbone_label(b['key'], b['tag'])} + {config['head']['head']} head, trained on {t['train_dataset']}",
         "",
         f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
         f"by the `{t['select']}` rule.",

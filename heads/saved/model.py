@@ -20,7 +20,8 @@ from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weig
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CONFIG_FILE, file_sha256
+from iqa.cache.manifest import file_sha256
+from iqa.heads.saved.export import CONFIG_FILE
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}

@@ -1,19 +1,30 @@
-"""Release files for the dataset tests: the real label files, and small ones in released formats.
+"""What several test files share: small datasets and release files, a CLI runner, results rows, fake caches.
 
-Imported by the other test_data_* files (pytest puts tests/ on sys.path); holds no tests.
+Every test file imports them as `from helpers import ...` (tests/conftest.py puts tests/ on sys.path);
+this module holds no tests. Torch, the extractor and the fine-tuning loop are imported inside the
+helpers that use them, so the data tests do not pay for them.
 """
 
 import csv
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import openpyxl
 import pytest
 import scipy.io
+from PIL import Image
+from typer.testing import CliRunner
+
+from iqa.cache.manifest import Manifest, write_manifest
+from iqa.cli import app
 
 
+# ---- the dataset tests: the real label files, and small ones in released formats ----
 def _shared_labels() -> Path | None:
     # CI clones the repository with shared/ beside it; a worktree may sit elsewhere under /work.
     for candidate in (Path(__file__).resolve().parents[1] / ".." / "shared" / "labels", Path("/work/shared/labels")):
@@ -122,3 +133,155 @@ def spaq_release(root: Path, rows: list[list] | None = None) -> list[list]:
     write_xlsx(root / SPAQ_LABELS, SPAQ_HEADER, rows)
     touch_images(root / "TestImage", [row[0] for row in rows])
     return rows
+
+
+# ---- the command line ----
+runner = CliRunner()
+
+
+def iqa(*args):
+    """`iqa ARGS` through the real command (arguments made text), its result kept for the test to read."""
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# ---- images and stores ----
+QUIET = dict(progress=False)
+
+
+def make_dataset(cache: Path, n: int = 12, extra: dict | None = None) -> list[str]:
+    """n random RGB images of varied sizes, plus `extra` {name: writer(path)} files, as dataset "toy"."""
+    root = cache / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (20 + 3 * i, 40 - i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"im{i:02d}.png")
+        paths.append(f"im{i:02d}.png")
+    for name, write in (extra or {}).items():
+        write(root / name)
+        paths.append(name)
+    write_manifest(Manifest("toy", str(root), paths, np.arange(len(paths)), np.zeros(len(paths)), "test"), cache)
+    return paths
+
+
+def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
+    """Each image alone: PIL decode, the checkpoint's resize filter, numpy normalisation, the model, the pooling rule."""
+    import torch
+
+    rows = []
+    for path in paths:
+        image = Image.open(root / path).convert("RGB").resize((spec.resolution,) * 2, Image.Resampling[spec.resample.upper()])
+        x = (np.asarray(image, np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+        with torch.no_grad():
+            rows.append(backbone(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0].numpy())
+    return np.stack(rows)
+
+
+def toy_dataset(cache, n=40):
+    """`make_dataset` with targets spread over 0.1-0.9, so heads have something to learn."""
+    paths = make_dataset(cache, n=n)
+    targets = np.linspace(0.1, 0.9, n)
+    write_manifest(Manifest("toy", str(cache / "images"), paths, targets, targets, "test"), cache)
+    return paths
+
+
+def extract(cache, shard=(0, 1)):
+    """The tiny dinov2 over dataset "toy" in chunks of 8 rows: the store `toy/dinov2@tiny.zarr`."""
+    from iqa.extract.run import ExtractRequest, extract_dataset
+
+    request = ExtractRequest(cache, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
+                             shard=shard, progress=False)
+    return extract_dataset(request, num_workers=0)
+
+
+def head(cache, *extra):
+    """`iqa head` on the tiny dinov2 store of "toy": one seed, two epochs, JSON lines out."""
+    return iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--seeds", "8",
+               "--epochs", "2", "--device", "cpu", "--json", "--cache", cache, *extra)
+
+
+# ---- fine-tuning ----
+def bright_dataset(cache: Path, n: int = 15) -> np.ndarray:
+    """Dataset "bright": noisy grey 32-px images whose mean brightness is their score (a learnable task)."""
+    root = cache / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(0.1, 0.9, n)
+    for i, b in enumerate(targets):
+        pixels = np.clip(b * 255 + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"im{i:02d}.png")
+    paths = [f"im{i:02d}.png" for i in range(n)]
+    write_manifest(Manifest("bright", str(root), paths, targets, targets, "brightness"), cache)
+    return targets
+
+
+RUNTIME = {"device", "dtype", "source", "run_dir", "db", "num_workers", "progress", "on_epoch"}
+
+
+def run(cache: Path, backbone: str = "dinov2", **options):
+    """A fine-tuning run on "bright" (tiny model, one epoch unless asked); `options` go to the config or the run."""
+    from iqa.heads.finetune.loop import finetune, finetune_config
+
+    # float32 unless a test asks: `auto` means bf16 on some CPUs, and tests must mean the same everywhere
+    options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
+    config = finetune_config("bright", backbone, **{k: v for k, v in options.items() if k not in RUNTIME})
+    return finetune(cache, config, **{k: v for k, v in options.items() if k in RUNTIME})
+
+
+class Killed(Exception):
+    pass
+
+
+def straight_and_resumed(cache: Path, backbone: str, **options):
+    """A two-epoch run in <cache>/straight, and the same run killed after epoch 1 in <cache>/resumed
+    and run again to the end."""
+    from iqa.extract.checkpoint import load_checkpoint
+
+    straight = run(cache, backbone, run_dir=cache / "straight", **options)
+
+    def kill_after_first(epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cache, backbone, run_dir=cache / "resumed", on_epoch=kill_after_first, **options)
+    assert load_checkpoint(cache / "resumed")["epoch"] == 1
+    return straight, run(cache, backbone, run_dir=cache / "resumed", **options)
+
+
+# ---- results and fake caches ----
+def db_row(config: dict, fingerprint_id: str, result) -> tuple:
+    """A (key, config, fingerprint_id, result) row for ResultsDB.record, keyed by the config itself."""
+    key = hashlib.sha256(json.dumps([config, fingerprint_id], sort_keys=True).encode()).hexdigest()
+    return key, config, fingerprint_id, result
+
+
+def record(dataset, head, seed, srcc, status="done", test=None, regime="frozen", k=100.0):
+    """A results row of a siglip2 run of `head` (a HEADS name or "act1+act2") on `dataset`, recorded as given."""
+    from iqa.heads.models.mlp import HEADS
+
+    act1, act2 = HEADS[head] if head in HEADS else head.split("+")
+    config = dict(train_dataset=dataset, test_dataset=test or dataset, backbone="siglip2", head=head, act1=act1,
+                  act2=act2, mask_k=k, dropout=None, keep=1.0, seed=seed, regime=regime)
+    result = SimpleNamespace(status=status, best_epoch=2, best_srcc=srcc, best_plcc=srcc - 0.05, last_srcc=srcc,
+                             last_plcc=srcc, diverged_epoch=None, curves={}, gates=None)
+    return db_row(config, "fp", result)
+
+
+def fake_cache(name, n=120, d=16, fingerprint="fp1"):
+    """A cache stand-in of `n` float16 embeddings whose targets a head can learn; image 5 failed."""
+    rng = np.random.default_rng(len(name))
+    x = rng.normal(size=(n, d)).astype(np.float16)
+    y = 1 / (1 + np.exp(-x.astype(float) @ rng.normal(size=d) / 3))
+    manifest = Manifest(name, "/img", [f"{i}.png" for i in range(n)], y, y, "synthetic")
+    valid = np.ones(n, dtype=bool)
+    valid[5] = False  # one image failed: it must never be trained or tested on
+    return SimpleNamespace(embeddings=x, valid=valid, manifest=manifest, fingerprint_id=fingerprint)
+
+
+def small_grid(**kw):
+    """Two heads and an activation pair, two seeds, two mask sizes on clive: 16 runs of two epochs."""
+    from iqa.heads.training.grid import expand_grid, head_choices
+
+    heads = head_choices(["baseline", "sig"], [("sigmoid", "gelu")])
+    return expand_grid([("clive", "clive")], "siglip2", heads, [8, 19], mask_ks=[100, 50], epochs=2, **kw)

@@ -14,7 +14,7 @@ paper's hyper-network reads Swin's deepest stage F^K while the target network ma
 one pooled embedding, that whole vector. Kept apart, the content sets the weights and the target
 network maps the features with them: given the code, the score is a target network whose weights
 are linear in the code, so a score that multiplies two feature groups is a simple function for
-this head and a hard one for an MLP (tests/test_heads_train.py). The paper's 1x1 convolution over
+this head and a hard one for an MLP (tests/heads/training/test_train.py). The paper's 1x1 convolution over
 a 7x7 map has no counterpart on a pooled vector, so the generator is linear in a small content
 code (width 16):
 W1 v = sum_k c'_k (G1_k v) is computed as one matmul of v with all G1_k, never one weight matrix

@@ -1,6 +1,6 @@
 import pytest
 
-from iqa.cache.atomic import atomic_path, folder_state
+from iqa.cache.atomic import atomic_path, folder_state, remove_stale
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -32,3 +32,8 @@ def test_folder_state_tells_iqa_outputs_from_what_the_user_made(tmp_path):
     assert folder_state(tmp_path / "notes.txt", ".mark") == "file"
     (tmp_path / "link").symlink_to(tmp_path / "ours")  # swapping or writing through it touches the user's link
     assert folder_state(tmp_path / "link", ".mark") == "file"
+
+
+def test_remove_stale_skips_names_without_a_pid(tmp_path):
+    (tmp_path / ".x.tmp-notapid").mkdir()
+    assert remove_stale(tmp_path, ".x.tmp-") == [] and (tmp_path / ".x.tmp-notapid").exists()

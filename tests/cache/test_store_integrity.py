@@ -1,160 +1,17 @@
-"""Nothing lost, nothing silently wrong: what iqa replaces, what it keeps on a full disk, what it
-refuses to train on."""
+"""An unfinished, damaged or stale store is named and refused, and the next extraction repairs it;
+`cache verify` never says nothing; temporaries of killed runs go on the next run."""
 
-import errno
+import json
 import os
-import sqlite3
 
+import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from iqa.cache.atomic import remove_stale
-from iqa.cli import app
-from iqa.heads.report.build import MARK
+from iqa.cache.store import (DamagedStore, EmbeddingStore, IncompleteStore, load_cached, load_layer, store_path,
+                             verify_store)
 from iqa.cache.results import ResultsDB
-from test_report import record
-
-runner = CliRunner()
-
-
-def iqa(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture
-def small_db(tmp_path):
-    db = ResultsDB(tmp_path / "r.sqlite")
-    db.record([record("clive", "baseline", 8, 0.80), record("clive", "baseline", 19, 0.84)])
-    return tmp_path / "r.sqlite"
-
-
-def report(db, out):
-    return iqa("report", "--db", db, "--out", out, "--no-tsne", "--profile", "", "--cache", db.parent)
-
-
-# ---- item 1: report --out never deletes what iqa did not write ----
-def test_report_refuses_a_folder_of_ones_own_and_a_file(tmp_path, small_db):
-    own = tmp_path / "u"
-    (own / "sub").mkdir(parents=True)
-    (own / "notes.txt").write_text("precious")
-    result = report(small_db, own)
-    assert result.exit_code == 1 and "not an iqa report" in result.stderr
-    assert (own / "notes.txt").read_text() == "precious" and (own / "sub").is_dir()
-
-    file = tmp_path / "f.txt"
-    file.write_text("mine")
-    result = report(small_db, file)
-    assert result.exit_code == 1 and "is a file" in result.stderr and file.read_text() == "mine"
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-def test_report_replaces_its_own_marked_folder_and_an_empty_one(tmp_path, small_db):
-    out = tmp_path / "rep"
-    out.mkdir()  # empty: nothing to lose
-    assert report(small_db, out).exit_code == 0
-    assert (out / MARK).exists() and (out / "index.html").exists()
-    (out / "stale.txt").write_text("from the last report")
-    assert report(small_db, out).exit_code == 0, "a marked report folder is replaced whole"
-    assert not (out / "stale.txt").exists() and (out / "index.html").exists()
-
-
-def test_report_removes_temporaries_of_dead_runs_only(tmp_path, small_db):
-    out = tmp_path / "rep"
-    dead = tmp_path / ".rep.tmp-999999999-abc"  # no such process
-    live = tmp_path / f".rep.tmp-{os.getpid()}-def"  # a concurrent report still building
-    dead.mkdir(), live.mkdir()
-    assert report(small_db, out).exit_code == 0
-    assert not dead.exists() and live.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".rep")) == [live.name]
-
-
-def test_report_on_an_unwritable_path_is_one_line(tmp_path, small_db):
-    result = report(small_db, "/proc/iqa-report")
-    assert result.exit_code == 1 and result.stderr.startswith("error: ")
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
-def test_remove_stale_skips_names_without_a_pid(tmp_path):
-    (tmp_path / ".x.tmp-notapid").mkdir()
-    assert remove_stale(tmp_path, ".x.tmp-") == [] and (tmp_path / ".x.tmp-notapid").exists()
-
-
-# ---- item 2: a full disk keeps the runs just trained ----
-def test_full_disk_spills_finished_runs_and_the_next_run_imports_them(tmp_path, monkeypatch):
-    import iqa.cache.results as results
-
-    db = ResultsDB(tmp_path / "r.sqlite")
-    db.record([record("clive", "baseline", 8, 0.80)])
-    real_write = ResultsDB._write
-
-    def full(self, rows):
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(ResultsDB, "_write", full)
-    monkeypatch.setattr(results.time, "sleep", lambda s: None)
-    with pytest.raises(results.ResultsSpilled) as spilled:
-        db.record([record("clive", "baseline", 19, 0.84), record("clive", "sig", 8, 0.9)])
-    assert spilled.value.errno == errno.ENOSPC and "2 finished runs saved to" in spilled.value.strerror
-    assert spilled.value.spill.exists() and spilled.value.spill.parent == tmp_path
-    assert len(db.runs()) == 1
-
-    monkeypatch.setattr(ResultsDB, "_write", real_write)  # space again
-    again = ResultsDB(tmp_path / "r.sqlite")
-    assert sorted((r["head"], r["seed"], r["best_srcc"]) for r in again.runs()) == [
-        ("baseline", 8, 0.80), ("baseline", 19, 0.84), ("sig", 8, 0.9)]
-    assert not spilled.value.spill.exists()
-
-
-def test_full_disk_retries_before_spilling(tmp_path, monkeypatch):
-    import iqa.cache.results as results
-
-    db = ResultsDB(tmp_path / "r.sqlite")
-    real_write, calls = ResultsDB._write, []
-
-    def full_once(self, rows):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, rows)
-
-    monkeypatch.setattr(ResultsDB, "_write", full_once)
-    monkeypatch.setattr(results.time, "sleep", lambda s: None)
-    db.record([record("clive", "baseline", 8, 0.80)])
-    assert len(calls) == 2 and len(db.runs()) == 1
-    assert not list(tmp_path.glob("*.pending-*"))
-
-
-def test_other_database_errors_are_not_spilled(tmp_path, monkeypatch):
-    db = ResultsDB(tmp_path / "r.sqlite")
-    monkeypatch.setattr(ResultsDB, "_write", lambda self, rows: (_ for _ in ()).throw(sqlite3.OperationalError("locked")))
-    with pytest.raises(sqlite3.OperationalError, match="locked"):
-        db.record([record("clive", "baseline", 8, 0.80)])
-    assert not list(tmp_path.glob("*.pending-*"))
-
-
-# ---- items 3 and 4: an unfinished or damaged store is refused, repaired by the next extraction ----
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from iqa.cache.store import (DamagedStore, EmbeddingStore, IncompleteStore, load_cached, load_layer,  # noqa: E402
-                             store_path, verify_store)
-from iqa.cache.manifest import Manifest, write_manifest  # noqa: E402
-from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402
-from test_extract_run import make_dataset  # noqa: E402
-
-
-def toy_dataset(cache, n=40):
-    paths = make_dataset(cache, n=n)
-    targets = np.linspace(0.1, 0.9, n)
-    write_manifest(Manifest("toy", str(cache / "images"), paths, targets, targets, "test"), cache)
-    return paths
-
-
-def extract(cache, shard=(0, 1)):
-    request = ExtractRequest(cache, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
-                             shard=shard, progress=False)
-    return extract_dataset(request, num_workers=0)
+from iqa.extract.run import ExtractRequest, extract_dataset
+from helpers import extract, head, iqa, toy_dataset
 
 
 @pytest.fixture
@@ -163,11 +20,6 @@ def half_store(tmp_path):
     toy_dataset(tmp_path)
     assert extract(tmp_path, shard=(0, 2)).chunks_missing == 2
     return tmp_path
-
-
-def head(cache, *extra):
-    return iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--seeds", "8",
-               "--epochs", "2", "--device", "cpu", "--json", "--cache", cache, *extra)
 
 
 def test_head_refuses_an_unfinished_store_in_one_line(half_store):
@@ -272,7 +124,7 @@ def test_export_h5_carries_the_layer_arrays(tmp_path):
         np.testing.assert_array_equal(f["embeddings"][:], load_cached(tmp_path, "toy", "dinov2", "tiny").embeddings)
 
 
-# ---- item 5: an image changed or deleted after extraction is noticed ----
+# ---- an image changed or deleted after extraction is noticed ----
 def test_changed_and_deleted_images_are_reported_refused_and_recomputed(tmp_path):
     from PIL import Image
 
@@ -329,7 +181,7 @@ def test_garbage_store_metadata_is_one_line(tmp_path):
     assert "is damaged" in result.stderr and "--overwrite" in result.stderr
 
 
-# ---- item 7: cache verify never says nothing ----
+# ---- cache verify never says nothing ----
 @pytest.mark.parametrize("kind", ["missing", "file", "empty"])
 def test_cache_verify_without_stores_is_an_error(tmp_path, kind):
     cache = tmp_path / "cache"
@@ -348,27 +200,6 @@ def test_cache_verify_names_a_store_with_lost_keys(tmp_path):
     chunk_file(tmp_path, "keys", 0).unlink()
     result = iqa("cache", "verify", "--cache", tmp_path)
     assert result.exit_code == 1 and "keys do not match the manifest" in result.stdout
-
-
-# ---- item 6: prepare refuses rows that escape the root, aliases of one file, and unsafe names ----
-from test_data_builders import touch_images, write_csv  # noqa: E402
-
-
-@pytest.mark.parametrize("names, name, needle", [
-    (["a.png", "../../../../etc/passwd"], "mine", "lead outside the image folder"),
-    (["a.png", "/etc/hostname"], "mine", "lead outside the image folder"),
-    (["img/a.png", "./img/a.png"], "mine", "two spellings of one file"),
-    (["a.png", "b.png"], "../../evil", "not a plain folder name"),
-])
-def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
-    root = tmp_path / "set" / "inner"
-    touch_images(root, [n for n in names if not n.startswith(("/", ".."))])
-    write_csv(root / "labels.csv", ["file", "mos"], [[n, 5] for n in names])
-    cache = tmp_path / "cache"
-    result = iqa("data", "prepare", "csv", "--root", root, "--cache", cache, "--labels", "labels.csv", "--image-col",
-                 "file", "--score-col", "mos", "--score-range", "0,10", "--name", name)
-    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
-    assert not list(tmp_path.rglob("manifest.json")), "nothing written, inside the cache or out"
 
 
 # ---- tidy: temporaries of killed runs go on the next run; files follow the umask ----

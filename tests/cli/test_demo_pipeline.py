@@ -3,12 +3,14 @@
 import shutil
 import sqlite3
 
+import pytest
 from typer.testing import CliRunner
 
 from iqa.cli import app
 from iqa.data.demo import DEMO_DIR
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, demo_labels):
     shutil.copytree(demo_labels.parent, tmp_path / DEMO_DIR)  # the session's build: the set is tested in test_demo_set
     args = ["demo", "--cache", str(tmp_path), "--seeds", "8", "--epochs", "5", "--no-tsne"]

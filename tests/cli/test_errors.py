@@ -4,18 +4,10 @@ import os
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from iqa.cache.store import store_path
-from iqa.cli import app
 from iqa.extract.run import ExtractRequest
-from test_integrity import extract, toy_dataset
-
-runner = CliRunner()
-
-
-def iqa(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import extract, iqa, record, touch_images, toy_dataset, write_csv
 
 
 def one_error(result, *needles):
@@ -80,7 +72,6 @@ def test_extract_batch_size_below_one_is_refused(store):
 
 def test_report_to_an_unwritable_path(store, tmp_path):
     from iqa.cache.results import ResultsDB
-    from test_report import record
 
     ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.8)])
     one_error(iqa("report", "--db", tmp_path / "r.sqlite", "--out", "/proc/iqa/report", "--no-tsne", "--profile", "",
@@ -104,8 +95,6 @@ def test_a_broken_manifest_is_named_damaged_not_stale(tmp_path):
 
 
 def test_prepare_and_make_demo_under_an_unwritable_path_are_one_line(tmp_path):
-    from test_data_builders import touch_images, write_csv
-
     touch_images(tmp_path / "set", ["a.png", "b.png"])
     write_csv(tmp_path / "set" / "l.csv", ["file", "mos"], [["a.png", 1], ["b.png", 2]])
     prepare = ["data", "prepare", "csv", "--root", tmp_path / "set", "--labels", "l.csv", "--image-col", "file",
@@ -120,7 +109,6 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, mo
     import errno
 
     import iqa.cache.atomic as atomic
-    from test_data_builders import touch_images, write_csv
 
     touch_images(tmp_path / "set", ["a.png", "b.png"])
     write_csv(tmp_path / "set" / "l.csv", ["file", "mos"], [["a.png", 1], ["b.png", 2]])
@@ -197,7 +185,6 @@ def test_extract_on_a_full_disk_is_one_line_and_keeps_the_chunks_written(tmp_pat
 def test_report_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import iqa.cache.atomic as atomic
     from iqa.cache.results import ResultsDB
-    from test_report import record
 
     ResultsDB(tmp_path / "r.sqlite").record([record("clive", "baseline", 8, 0.80)])
     monkeypatch.setattr(atomic.os, "rename", full_disk)

@@ -7,13 +7,15 @@ from iqa.data.custom_csv import parse_score_range
 from iqa.cache.manifest import manifest_path
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.readers import DatasetError
-from test_data_builders import (
+from helpers import (
     SPAQ_LABELS,
     clive_release,
+    iqa,
     kadid_release,
     kadid_rows,
     spaq_release,
     spaq_rows,
+    touch_images,
     write_clive,
     write_csv,
     write_xlsx,
@@ -132,3 +134,20 @@ def test_group_split_needs_groups(tmp_path):
         dataset_summary(manifest, [8], "group")
     assert np.isfinite(dataset_summary(manifest, [8])["target_max"])
 
+
+# prepare refuses rows that escape the root, aliases of one file, and unsafe names
+@pytest.mark.parametrize("names, name, needle", [
+    (["a.png", "../../../../etc/passwd"], "mine", "lead outside the image folder"),
+    (["a.png", "/etc/hostname"], "mine", "lead outside the image folder"),
+    (["img/a.png", "./img/a.png"], "mine", "two spellings of one file"),
+    (["a.png", "b.png"], "../../evil", "not a plain folder name"),
+])
+def test_prepare_refuses_unsafe_rows_and_names(tmp_path, names, name, needle):
+    root = tmp_path / "set" / "inner"
+    touch_images(root, [n for n in names if not n.startswith(("/", ".."))])
+    write_csv(root / "labels.csv", ["file", "mos"], [[n, 5] for n in names])
+    cache = tmp_path / "cache"
+    result = iqa("data", "prepare", "csv", "--root", root, "--cache", cache, "--labels", "labels.csv", "--image-col",
+                 "file", "--score-col", "mos", "--score-range", "0,10", "--name", name)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert not list(tmp_path.rglob("manifest.json")), "nothing written, inside the cache or out"

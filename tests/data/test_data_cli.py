@@ -3,18 +3,10 @@
 import json
 
 import numpy as np
-from typer.testing import CliRunner
 
-from iqa.cli import app
 from iqa.cache.manifest import read_manifest
 from iqa.data.splits import split_indices
-from test_data_builders import kadid_release, touch_images, write_csv
-
-runner = CliRunner()
-
-
-def iqa(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import iqa, kadid_release, touch_images, write_csv
 
 
 def test_prepare_then_show_json_is_one_object_with_counts_and_splits(tmp_path):

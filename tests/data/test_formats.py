@@ -4,7 +4,7 @@ import numpy as np
 
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.splits import split_indices
-from test_data_builders import (
+from helpers import (
     CLIVE_TRAINING,
     clive_release,
     kadid_release,

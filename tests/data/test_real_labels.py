@@ -15,7 +15,7 @@ from iqa.data.adapters import ADAPTERS
 from iqa.data.prepare import dataset_summary, prepare_dataset
 from iqa.data.readers import DatasetError
 from iqa.data.splits import official_split
-from test_data_builders import SHARED_LABELS, needs_shared_labels, real_release, touch_images, write_csv
+from helpers import SHARED_LABELS, needs_shared_labels, real_release, touch_images, write_csv
 
 pytestmark = needs_shared_labels
 

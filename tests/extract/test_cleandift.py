@@ -10,8 +10,7 @@ from iqa.extract.cleandift import LATENT_SCALE, RECIPE, TIMESTEP, tap_modules
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.cache.results import ResultsDB
-from tests.test_extract_run import by_hand, make_dataset
-from tests.test_finetune import bright_dataset, straight_and_resumed
+from helpers import bright_dataset, by_hand, make_dataset, straight_and_resumed
 
 pytest.importorskip("diffusers")
 

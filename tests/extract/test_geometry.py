@@ -13,7 +13,7 @@ from iqa.cli import app
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import resize_uint8
 from iqa.extract.registry import get_spec
-from test_extract_run import make_dataset
+from helpers import bright_dataset, make_dataset
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
 
@@ -49,7 +49,6 @@ def test_extract_runs_at_the_checkpoints_own_geometry(tmp_path, cls, backbone, c
 def test_finetuning_runs_at_the_checkpoints_own_geometry(tmp_path):
     """A fixed-position checkpoint at 48 px fine-tunes at 48 px (the registry's 512 would not fit its positions)."""
     from iqa.heads.finetune.loop import finetune, finetune_config
-    from test_finetune import bright_dataset
 
     bright_dataset(tmp_path, n=20)
     source = save(tmp_path, "SiglipVisionModel", "siglip-48", image_size=48)
@@ -121,30 +120,3 @@ def test_perception_fingerprint_names_the_tapped_block():
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         assert not torch.allclose(last(x), first(x))
-
-
-def test_l2norm_at_head_time_gives_unit_rows_and_is_part_of_the_run_key():
-    from types import SimpleNamespace
-
-    from iqa.heads.training.grid import _stack_key, stack_inputs
-    from iqa.heads.training.config import RunConfig
-
-    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32) * 5
-    cached = SimpleNamespace(embeddings=x, manifest=SimpleNamespace(targets=np.zeros(6)))
-    config = RunConfig("toy", "toy", "clip", "sigmoid", "sigmoid", "relu", 0, l2norm=True)
-    data, _ = stack_inputs([config], [(np.arange(4), np.arange(4, 6))], cached, cached)
-    assert np.allclose(np.linalg.norm(data.x_train, axis=1), 1.0) and not np.allclose(np.linalg.norm(x, axis=1), 1.0)
-    assert _stack_key(config) != _stack_key(RunConfig("toy", "toy", "clip", "sigmoid", "sigmoid", "relu", 0))
-
-
-def test_head_l2norm_option_reaches_the_run_and_its_key(tmp_path):
-    from iqa.cache.results import ResultsDB
-    from test_integrity import extract, head, toy_dataset
-
-    toy_dataset(tmp_path)
-    extract(tmp_path)
-    assert head(tmp_path).exit_code == 0
-    assert head(tmp_path, "--l2norm").exit_code == 0
-    runs = ResultsDB(tmp_path / "results.sqlite").runs()
-    assert [r["l2norm"] for r in runs] == [False, True] and runs[0]["key"] != runs[1]["key"]
-    assert runs[0]["best_srcc"] != runs[1]["best_srcc"]

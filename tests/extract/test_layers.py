@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision_stub
-from test_extract_run import QUIET, make_dataset
+from helpers import QUIET, make_dataset
 from typer.testing import CliRunner
 
 from iqa.cache.store import (EmbeddingStore, FingerprintMismatch, IncompleteStore, load_cached, load_layer,

@@ -131,7 +131,7 @@ def test_feature_order_puts_horizontal_products_first():
 
 # CI clones the repository with shared/ beside it; a worktree may sit elsewhere under /work.
 REFERENCE = next(
-    (p for p in (Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "brisque", Path("/work/shared/reference/brisque")) if p.is_dir()),
+    (p for p in (Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "brisque", Path("/work/shared/reference/brisque")) if p.is_dir()),
     Path("missing"),
 )
 

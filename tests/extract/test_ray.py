@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'iqa[ray]')")
 
-from test_extract_run import make_dataset  # noqa: E402
-from test_heads_grid import fake_cache, small_grid  # noqa: E402
+from helpers import fake_cache, make_dataset, small_grid  # noqa: E402
 
 from iqa.cache.store import EmbeddingStore, load_cached, store_path, verify_store  # noqa: E402
 from iqa.cli import app  # noqa: E402

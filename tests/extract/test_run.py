@@ -4,7 +4,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,40 +13,10 @@ from typer.testing import CliRunner
 
 from iqa.cache.store import EmbeddingStore, load_cached, verify_store
 from iqa.cli import app
-from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import BACKBONES, BackboneSpec, get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset
-
-QUIET = dict(progress=False)
-
-
-def make_dataset(cache: Path, n: int = 12, extra: dict | None = None) -> list[str]:
-    """n random RGB images of varied sizes, plus `extra` {name: writer(path)} files, as dataset "toy"."""
-    root = cache / "images"
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        pixels = np.random.default_rng(i).integers(0, 256, (20 + 3 * i, 40 - i, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"im{i:02d}.png")
-        paths.append(f"im{i:02d}.png")
-    for name, write in (extra or {}).items():
-        write(root / name)
-        paths.append(name)
-    write_manifest(Manifest("toy", str(root), paths, np.arange(len(paths)), np.zeros(len(paths)), "test"), cache)
-    return paths
-
-
-def by_hand(spec, backbone, root: Path, paths: list[str]) -> np.ndarray:
-    """Each image alone: PIL decode, the checkpoint's resize filter, numpy normalisation, the model, the pooling rule."""
-    rows = []
-    for path in paths:
-        image = Image.open(root / path).convert("RGB").resize((spec.resolution,) * 2, Image.Resampling[spec.resample.upper()])
-        x = (np.asarray(image, np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
-        with torch.no_grad():
-            rows.append(backbone(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])[0].numpy())
-    return np.stack(rows)
-
+from helpers import QUIET, by_hand, make_dataset
 
 @pytest.mark.parametrize("key", ["siglip2", "clip", "dinov2", "dinov3", "resnet152"])
 def test_extraction_matches_per_image_computation(tmp_path, key):

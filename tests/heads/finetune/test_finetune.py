@@ -1,6 +1,5 @@
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torchvision_stub
 from PIL import Image
 
 from iqa.cache.store import load_cached
-from iqa.cache.manifest import Manifest, write_manifest
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules
@@ -24,6 +22,7 @@ from iqa.heads.finetune.loop import build_model, embedding_dim, finetune, finetu
 from iqa.heads.models.mlp import HEADS, StackedMLP
 from iqa.cache.results import ResultsDB
 from iqa.heads.report.tables import results_table
+from helpers import bright_dataset, run, straight_and_resumed
 
 CLASSES = ["siglip2", "clip", "dinov2", "dinov3", "resnet152", "perception"]
 
@@ -31,30 +30,6 @@ torchvision_stub.install()  # perception loads through timm, which imports torch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def bright_dataset(cache: Path, n: int = 15) -> np.ndarray:
-    """Dataset "bright": noisy grey 32-px images whose mean brightness is their score (a learnable task)."""
-    root = cache / "images"
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    targets = rng.uniform(0.1, 0.9, n)
-    for i, b in enumerate(targets):
-        pixels = np.clip(b * 255 + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"im{i:02d}.png")
-    paths = [f"im{i:02d}.png" for i in range(n)]
-    write_manifest(Manifest("bright", str(root), paths, targets, targets, "brightness"), cache)
-    return targets
-
-
-RUNTIME = {"device", "dtype", "source", "run_dir", "db", "num_workers", "progress", "on_epoch"}
-
-
-def run(cache: Path, backbone: str = "dinov2", **options):
-    # float32 unless a test asks: `auto` means bf16 on some CPUs, and tests must mean the same everywhere
-    options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
-    config = finetune_config("bright", backbone, **{k: v for k, v in options.items() if k not in RUNTIME})
-    return finetune(cache, config, **{k: v for k, v in options.items() if k in RUNTIME})
 
 
 @pytest.mark.parametrize("key", CLASSES)
@@ -175,25 +150,6 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
         assert info["regime"] == "full" and all(torch.equal(v, state["backbone"][k]) for k, v in tuned.state_dict().items())
     else:
         assert 0.9e-4 < max(t.abs().max().item() for k, t in state["backbone"].items() if "lora_B" in k) <= 1.0001e-4
-
-
-class Killed(Exception):
-    pass
-
-
-def straight_and_resumed(cache: Path, backbone: str, **options):
-    """A two-epoch run in <cache>/straight, and the same run killed after epoch 1 in <cache>/resumed
-    and run again to the end."""
-    straight = run(cache, backbone, run_dir=cache / "straight", **options)
-
-    def kill_after_first(epoch):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cache, backbone, run_dir=cache / "resumed", on_epoch=kill_after_first, **options)
-    assert load_checkpoint(cache / "resumed")["epoch"] == 1
-    return straight, run(cache, backbone, run_dir=cache / "resumed", **options)
 
 
 @pytest.mark.parametrize("key", ["dinov3", "perception"])

@@ -1,17 +1,10 @@
 import pytest
 import torchvision_stub
-from typer.testing import CliRunner
 
 from iqa.cache.store import load_cached
-from iqa.cli import app
-from test_finetune import bright_dataset
+from helpers import bright_dataset, iqa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-runner = CliRunner()
-
-
-def iqa(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):

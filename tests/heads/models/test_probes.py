@@ -15,7 +15,7 @@ from iqa.heads.training.probe_runs import train_probes
 from iqa.heads.models.probes import RIDGE_ALPHAS, fit_probe, ridge_solution
 from iqa.heads.training.trainer import Member, StackData
 from iqa.heads.saved.weights import load_head, run_weights_path
-from test_heads_grid import fake_cache
+from helpers import fake_cache
 
 
 def mixed_scale_set(n=300, d=20, seed=0):

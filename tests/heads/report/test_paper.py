@@ -9,7 +9,7 @@ import pytest
 from iqa.heads.models.mlp import HEADS
 from iqa.heads.report.paper import PAPER_FILE, compare, load_paper, printed_value, render
 from iqa.cache.results import ResultsDB
-from conftest import db_row
+from helpers import db_row
 
 SHAPES = {  # table: (rows, columns, metrics) as the paper prints them
     "1": (14, 8, 2), "2": (7, 8, 2), "3": (10, 5, 1), "4": (12, 6, 2), "5a": (18, 8, 2), "5b": (5, 8, 2),

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from iqa.cache.manifest import Manifest
-from iqa.heads.models.mlp import HEADS
 from iqa.heads.report import figures
 from iqa.heads.training.grid import expand_grid, head_choices, run_grid
 from iqa.heads.report.profile import count_macs, head_profile, profile_backbone, profile_table
@@ -18,16 +17,7 @@ from iqa.cache.results import ResultsDB
 from iqa.heads.report.tables import results_table
 from iqa.heads.training.trainer import Member, StackData, train_stack
 from iqa.heads.report.tsne import retrained_features
-from conftest import db_row
-
-
-def record(dataset, head, seed, srcc, status="done", test=None, regime="frozen", k=100.0):
-    act1, act2 = HEADS[head] if head in HEADS else head.split("+")
-    config = dict(train_dataset=dataset, test_dataset=test or dataset, backbone="siglip2", head=head, act1=act1,
-                  act2=act2, mask_k=k, dropout=None, keep=1.0, seed=seed, regime=regime)
-    result = SimpleNamespace(status=status, best_epoch=2, best_srcc=srcc, best_plcc=srcc - 0.05, last_srcc=srcc,
-                             last_plcc=srcc, diverged_epoch=None, curves={}, gates=None)
-    return db_row(config, "fp", result)
+from helpers import db_row, record
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tm
     """The backbone rebuilds deterministically from its config: disk scores equal the head on the stored
     rows (scaled to unit length for an --l2norm run)."""
     from iqa.extract import registry
-    from test_integrity import toy_dataset
+    from helpers import toy_dataset
 
     if untrained == "random-init":  # the full-size architecture is minutes on a CPU: shrink its config, not the code path
         spec = registry.get_spec("dinov2")

@@ -7,29 +7,13 @@ import numpy as np
 import pytest
 
 import iqa.heads.training.grid as grid
-from iqa.cache.manifest import Manifest
 from iqa.data.splits import split_indices
 from iqa.heads.training.grid import expand_grid, head_choices, run_grid, run_rows
 from iqa.heads.training import config as run_config
 from iqa.cache.results import SCHEMA, SCHEMA_VERSION, ResultsDB, ResultsDBError
 from iqa.heads.report.tables import results_table
 from iqa.heads.training.config import RunConfig, rows_digest, run_key
-from conftest import db_row
-
-
-def fake_cache(name, n=120, d=16, fingerprint="fp1"):
-    rng = np.random.default_rng(len(name))
-    x = rng.normal(size=(n, d)).astype(np.float16)
-    y = 1 / (1 + np.exp(-x.astype(float) @ rng.normal(size=d) / 3))
-    manifest = Manifest(name, "/img", [f"{i}.png" for i in range(n)], y, y, "synthetic")
-    valid = np.ones(n, dtype=bool)
-    valid[5] = False  # one image failed: it must never be trained or tested on
-    return SimpleNamespace(embeddings=x, valid=valid, manifest=manifest, fingerprint_id=fingerprint)
-
-
-def small_grid(**kw):
-    heads = head_choices(["baseline", "sig"], [("sigmoid", "gelu")])
-    return expand_grid([("clive", "clive")], "siglip2", heads, [8, 19], mask_ks=[100, 50], epochs=2, **kw)
+from helpers import db_row, fake_cache, small_grid
 
 
 def test_expand_grid_every_combination():

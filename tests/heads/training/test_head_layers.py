@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_extract_run import QUIET, make_dataset
+from helpers import QUIET, make_dataset
 from typer.testing import CliRunner
 
 from iqa.cache.manifest import Manifest, write_manifest

@@ -25,11 +25,18 @@ def csv_rows(name: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def prepared(tmp_path, dataset: str, shared_name: str, release_name: str, images: str, name_column: str):
+    """The real label file as released, a placeholder for each image it lists under `images`, prepared:
+    (its rows, the root, and what prepare_dataset returns: manifest, path, warnings)."""
+    root = real_release(tmp_path / dataset, shared_name, release_name)
+    rows = csv_rows(shared_name)
+    touch_images(root / images, [r[name_column] for r in rows])
+    return rows, root, *prepare_dataset(dataset, root, tmp_path / "cache")
+
+
 def test_koniq10k_sets_variant_is_read_on_its_0_100_scale(tmp_path):
-    root = real_release(tmp_path / "koniq", "koniq10k_distributions_sets.csv", "koniq10k_distributions_sets.csv")
-    rows = csv_rows("koniq10k_distributions_sets.csv")
-    touch_images(root / "1024x768", [r["image_name"] for r in rows])
-    manifest, path, warnings = prepare_dataset("koniq10k", root, tmp_path / "cache")
+    rows, root, manifest, path, warnings = prepared(tmp_path, "koniq10k", "koniq10k_distributions_sets.csv",
+                                                   "koniq10k_distributions_sets.csv", "1024x768", "image_name")
     assert warnings == [] and len(manifest) == 10_073
     assert manifest.paths == [r["image_name"] for r in rows]
     np.testing.assert_allclose(manifest.targets, [float(r["MOS"]) / 100 for r in rows])
@@ -86,10 +93,7 @@ def test_koniq10k_official_split_with_the_main_file_reads_the_sets_file_beside_i
 
 
 def test_agiqa3k_targets_quality_and_keeps_alignment(tmp_path):
-    root = real_release(tmp_path / "agiqa3k", "agiqa3k_data.csv", "data.csv")
-    rows = csv_rows("agiqa3k_data.csv")
-    touch_images(root / "file", [r["name"] for r in rows])
-    manifest, _, warnings = prepare_dataset("agiqa3k", root, tmp_path / "cache")
+    rows, root, manifest, _, warnings = prepared(tmp_path, "agiqa3k", "agiqa3k_data.csv", "data.csv", "file", "name")
     assert warnings == [] and len(manifest) == 2_982
     np.testing.assert_allclose(manifest.targets, [float(r["mos_quality"]) / 5 for r in rows])
     np.testing.assert_allclose(manifest.extras["mos_align"], [float(r["mos_align"]) for r in rows])

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from iqa.data.demo import DATASET
 from iqa.data.splits import PAPER_SEEDS
 
-DATASET = "demo"
 HEADS = ("baseline", "sig", "gated")
 # (backbone, tiny): what each store holds
 BACKBONES = (("nss", False), ("dinov2", True))

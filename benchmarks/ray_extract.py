@@ -21,6 +21,7 @@ import torch
 from extract_throughput import make_images  # noqa: E402 (benchmarks/ is the script's folder)
 
 from iqa.cache.load import load_cached
+from iqa.cache.location import backbone_label
 from iqa.extract.ray_engine import extract_with_ray
 from iqa.extract.run import ExtractRequest, extract_dataset
 
@@ -53,7 +54,7 @@ def main() -> None:
                               load_cached(cache, "bench", args.backbone, "ray").embeddings, equal_nan=True)
 
     result = {
-        "backbone": args.backbone + ("@tiny" if tiny else "@random-init"),
+        "backbone": backbone_label(args.backbone, "tiny" if tiny else "random-init"),
         "images": n,
         "device": torch.cuda.get_device_name() if gpus else f"cpu x{os.cpu_count()}",
         "local_images_per_s": round(n / local.seconds, 1),

@@ -1,5 +1,8 @@
 """Where the cache lives: `--cache`, else the IQA_CACHE variable, else ./iqa-cache.
 
+A store is named by its backbone and the tag of its weights: `<backbone>@<tag>.zarr`, or
+`<backbone>.zarr` without a tag (`backbone_label`); listings and reports name runs the same way.
+
 Embedding stores may live elsewhere, under an fsspec URL (`s3://bucket/iqa`, `gs://...`,
 `memory://...`): a location is then a string, and `dataset_dir` joins it with "/". Manifests and the
 results database always stay in the local cache.
@@ -57,3 +60,8 @@ def dataset_dir(root: Path | str, dataset: str) -> Path | str:
     """The folder of one dataset inside the cache (or a store root URL): its manifest and its embedding stores."""
     dataset_name(dataset)
     return f"{root}/{dataset}" if is_url(root) else Path(root) / dataset
+
+
+def backbone_label(backbone: str, tag: str | None = None) -> str:
+    """`backbone@tag` (tiny, random-init, a tuning), or the backbone alone when it has no tag."""
+    return f"{backbone}@{tag}" if tag else backbone

@@ -15,7 +15,6 @@ import numpy as np
 from iqa.cache.manifest import Manifest, file_sha256
 from iqa.data.readers import DatasetError, image_folder, require_file
 
-RELEASE_COUNT = 1_162
 TRAINING_IMAGES = 7  # leading entries of the release lists that only trained the subjects
 
 

@@ -12,8 +12,6 @@ from iqa.cache.manifest import Manifest
 from iqa.data.readers import DatasetError
 from iqa.data.table_release import TableRelease
 
-RELEASE_COUNT = None  # no published count to compare with
-
 
 def parse_score_range(text: str) -> tuple[float, float]:
     """'LO,HI' as given on the command line, e.g. '0,100' or '1,5'."""

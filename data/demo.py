@@ -36,13 +36,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
-from skimage import data as skimage_data
-from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from iqa.cache.atomic import building_folder, folder_state
 from iqa.errors import ExistsError
 
+DATASET = "demo"  # the name the demo set is prepared under
 DEMO_DIR = "demo-src"  # default folder inside the cache
 LABELS_FILE = "labels.csv"
 MARK = ".iqa-data"  # what makes a folder one that `force` may replace (demo and grid sets)
@@ -51,24 +50,25 @@ SHORT_SIDE = 256
 NOISE_SEED = 6
 PNG_COMPRESS_LEVEL = 1  # fast; level 6 saves only ~7% here
 
-# Photographs bundled in the scikit-image wheel (loaded without pooch downloads); the last
-# seven are grey. Left out: synthetic images, scans of text and the motion-blurred clock.
-PHOTOS: dict[str, Callable[[], np.ndarray]] = {
-    "astronaut": skimage_data.astronaut,
-    "chelsea": skimage_data.chelsea,
-    "coffee": skimage_data.coffee,
-    "rocket": skimage_data.rocket,
-    "ihc": skimage_data.immunohistochemistry,
-    "motorcycle": lambda: skimage_data.stereo_motorcycle()[0],
-    "retina": skimage_data.retina,
-    "hubble": skimage_data.hubble_deep_field,
-    "camera": skimage_data.camera,
-    "moon": skimage_data.moon,
-    "coins": skimage_data.coins,
-    "grass": skimage_data.grass,
-    "gravel": skimage_data.gravel,
-    "brick": skimage_data.brick,
-    "cell": skimage_data.cell,
+# Photographs bundled in the scikit-image wheel (loaded without pooch downloads), each by its
+# function in `skimage.data`; the last seven are grey. Left out: synthetic images, scans of text and
+# the motion-blurred clock.
+PHOTOS: dict[str, str] = {
+    "astronaut": "astronaut",
+    "chelsea": "chelsea",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "ihc": "immunohistochemistry",
+    "motorcycle": "stereo_motorcycle",
+    "retina": "retina",
+    "hubble": "hubble_deep_field",
+    "camera": "camera",
+    "moon": "moon",
+    "coins": "coins",
+    "grass": "grass",
+    "gravel": "gravel",
+    "brick": "brick",
+    "cell": "cell",
 }
 COLOUR_ONLY = {"saturation"}  # distortions that leave a grey photo unchanged
 
@@ -114,6 +114,8 @@ CHANNEL_WEIGHTS = np.array([6.0, 1.0, 1.0]) / 8.0
 
 def colour_ssim(reference: Image.Image, distorted: Image.Image) -> float:
     """The documented score: 6:1:1 weighted SSIM over Y, Cb, Cr, clipped below at 0."""
+    from skimage.metrics import structural_similarity  # here: scikit-image is slow to import
+
     ref, dist = ycbcr(reference), ycbcr(distorted)
     per_channel = [
         structural_similarity(
@@ -126,7 +128,11 @@ def colour_ssim(reference: Image.Image, distorted: Image.Image) -> float:
 
 def load_photo(name: str, short_side: int = SHORT_SIDE) -> tuple[Image.Image, bool]:
     """The pristine RGB image of a photo, and whether the photo has colour."""
-    pixels = PHOTOS[name]()
+    from skimage import data  # here: scikit-image is slow to import
+
+    pixels = getattr(data, PHOTOS[name])()
+    if isinstance(pixels, tuple):  # stereo_motorcycle: (left, right, disparity); the left view
+        pixels = pixels[0]
     image = Image.fromarray(pixels).convert("RGB")
     w, h = image.size
     size = (round(w * short_side / min(w, h)), round(h * short_side / min(w, h)))

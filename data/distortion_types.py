@@ -10,7 +10,7 @@ Other datasets have no types in their names: `distortion_types` gives None for t
 import re
 from pathlib import PurePosixPath
 
-from iqa.demo import DATASET as DEMO_DATASET
+from iqa.data.demo import DATASET as DEMO_DATASET, DISTORTIONS as DEMO_DISTORTIONS
 
 KADID_TYPES = (
     "gaussian blur", "lens blur", "motion blur", "color diffusion", "color shift", "color quantization",
@@ -46,7 +46,5 @@ def distortion_types(dataset: str, paths: list[str]) -> list[str] | None:
     if dataset == "kadid10k":
         return [kadid_type(p) for p in paths]
     if dataset == DEMO_DATASET:
-        from iqa.data.demo import DISTORTIONS  # here: scikit-image is slow to import
-
-        return [demo_type(p, tuple(DISTORTIONS)) for p in paths]
+        return [demo_type(p, tuple(DEMO_DISTORTIONS)) for p in paths]
     return None

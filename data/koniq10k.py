@@ -10,49 +10,30 @@ by image name, so `--split-by official` works on the paper's targets; `score_sca
 and scale used, `sources` every file read.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 from iqa.cache.manifest import Manifest, file_sha256
 from iqa.data.readers import DatasetError, read_csv_columns, to_names
 from iqa.data.table_release import TableRelease
 
-RELEASE_COUNT = 10_073
 IMAGE_FOLDERS = ("1024x768", "512x384")
-VARIANTS = (
-    TableRelease(
-        dataset="koniq10k",
-        labels="koniq10k_scores_and_distributions.csv",
-        name_column="image_name",
-        score_column="MOS",
-        score_range=(0, 5),
-        scale="MOS 1-5",
-        image_folders=IMAGE_FOLDERS,
-        number_extras=("SD", "MOS_zscore"),
-    ),
-    TableRelease(
-        dataset="koniq10k",
-        labels="koniq10k_distributions_sets.csv",
-        name_column="image_name",
-        score_column="MOS",
-        score_range=(0, 100),
-        scale="MOS 0-100 z-score",
-        image_folders=IMAGE_FOLDERS,
-        number_extras=("SD",),
-        text_extras=("set",),
-    ),
-)
+MAIN = TableRelease(dataset="koniq10k", labels="koniq10k_scores_and_distributions.csv", name_column="image_name",
+                    score_column="MOS", score_range=(0, 5), scale="MOS 1-5", image_folders=IMAGE_FOLDERS,
+                    number_extras=("SD", "MOS_zscore"))
+SETS = replace(MAIN, labels="koniq10k_distributions_sets.csv", score_range=(0, 100), scale="MOS 0-100 z-score",
+               number_extras=("SD",), text_extras=("set",))
 
 
 def load(root: Path, images: str | None = None) -> Manifest:
-    main, sets = VARIANTS
-    if not (root / main.labels).is_file():
-        if (root / sets.labels).is_file():
-            return sets.load(root, images)
-        raise DatasetError(f"label file not found: neither {' nor '.join(v.labels for v in VARIANTS)} in {root}")
-    manifest = main.load(root, images)
-    if (root / sets.labels).is_file():
-        manifest.extras["set"] = published_sets(root / sets.labels, manifest.paths)
-        manifest.sources[sets.labels] = file_sha256(root / sets.labels)
+    if not (root / MAIN.labels).is_file():
+        if (root / SETS.labels).is_file():
+            return SETS.load(root, images)
+        raise DatasetError(f"label file not found: neither {MAIN.labels} nor {SETS.labels} in {root}")
+    manifest = MAIN.load(root, images)
+    if (root / SETS.labels).is_file():
+        manifest.extras["set"] = published_sets(root / SETS.labels, manifest.paths)
+        manifest.sources[SETS.labels] = file_sha256(root / SETS.labels)
     return manifest
 
 

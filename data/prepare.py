@@ -113,9 +113,9 @@ def prepare_dataset(name: str, root: Path, cache: Path, /, **adapter_options) ->
     if not root.is_dir():
         raise DatasetError(f"dataset root is not a folder: {root}")
     manifest = adapter.load(root.resolve(), **adapter_options)
-    manifest, warnings = drop_known_duplicates(manifest, getattr(adapter, "KNOWN_DUPLICATES", frozenset()))
+    manifest, warnings = drop_known_duplicates(manifest, adapter.known_duplicates)
     check_manifest(manifest)
-    warnings += count_warnings(manifest, adapter.RELEASE_COUNT)
+    warnings += count_warnings(manifest, adapter.release_count)
     return manifest, write_manifest(manifest, Path(cache)), warnings
 
 

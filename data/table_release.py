@@ -1,7 +1,7 @@
 """A dataset released as one label table (.csv or .xlsx): one row per image, one score column.
 
-Most benchmarks are exactly that, so their adapters are declarations of a `TableRelease`
-(which file, which columns, which score range), not code. Targets follow one rule,
+Most benchmarks are exactly that, so their adapters are `TableRelease` rows of one table
+(data/adapters.py: which file, which columns, which score range), not code. Targets follow one rule,
 target = (y - lo) / (hi - lo) over the released score range [lo, hi] (flipped when lower
 is better), which gives every entry of the recipe's data table (docs/recipe.md): y/5 is the range 0-5, (y-1)/4 is 1-5.
 """

@@ -30,16 +30,13 @@ import torch
 import transformers
 from torch import nn
 
+from iqa.extract.errors import BackboneLoadError
 from iqa.extract.registry import BackboneSpec
 from iqa.extract.timm_tower import TimmTap
 from iqa.errors import IqaError, SettingError
 
 INIT_SEED = 0
 _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a time per process
-
-
-class BackboneLoadError(IqaError, RuntimeError):
-    """Weights could not be loaded; the message is one line meant for the user."""
 
 
 @contextmanager

@@ -17,6 +17,8 @@ diffusers is an optional dependency (`pip install 'iqa[diffusion]'`), imported o
 import torch
 from torch import nn
 
+from iqa.extract.errors import BackboneLoadError
+
 LATENT_SCALE = 0.18215
 TIMESTEP = 261
 TAPS = ("us3", "us6", "us9", "us10")
@@ -31,8 +33,6 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        from iqa.extract.backbones import BackboneLoadError
-
         raise BackboneLoadError("the cleandift backbone needs diffusers: `pip install 'iqa[diffusion]'`") from None
     return diffusers
 
@@ -106,8 +106,6 @@ def learned_timestep(folder: str) -> float:
 
     from safetensors import SafetensorError, safe_open
 
-    from iqa.extract.backbones import BackboneLoadError
-
     path = Path(folder) / FULL_CHECKPOINT
     if not path.is_file():
         return TIMESTEP
@@ -128,8 +126,6 @@ def load_cleandift(source: str) -> CleanDiftBackbone:
     """A local SD-2.1 folder (unet/ holding the CleanDIFT UNet, vae/, text_encoder/, tokenizer/, and
     optionally `FULL_CHECKPOINT` for the learned timestep)."""
     import transformers
-
-    from iqa.extract.backbones import BackboneLoadError
 
     diffusers = _diffusers()
     try:

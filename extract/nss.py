@@ -22,7 +22,7 @@ eta = (beta_r - beta_l) Gamma(2/nu) / Gamma(1/nu) and the two variances are sigm
 Scale 2 repeats all of this on the grey image downsampled to (H // 2, W // 2) by MATLAB's
 imresize bicubic with antialiasing (symmetric borders), as the release, piq and pyiqa do.
 
-Checked against piq 0.8.0 and pyiqa 0.1.16 on a reference image set (tests/test_nss.py; docs/backbones.md).
+Checked against piq 0.8.0 and pyiqa 0.1.16 on a reference image set (tests/extract/test_nss.py; docs/backbones.md).
 
 Feature order (index: meaning), scale s in {0, 1} adds 18 * s:
    0 GGD shape, 1 GGD variance of the MSCN coefficients,

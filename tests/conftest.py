@@ -1,7 +1,5 @@
-"""Helpers shared by several test files."""
+"""Fixtures and settings for every test; shared helper functions live in helpers.py."""
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -14,12 +12,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
-
-
-def db_row(config: dict, fingerprint_id: str, result) -> tuple:
-    """A (key, config, fingerprint_id, result) row for ResultsDB.record, keyed by the config itself."""
-    key = hashlib.sha256(json.dumps([config, fingerprint_id], sort_keys=True).encode()).hexdigest()
-    return key, config, fingerprint_id, result
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from iqa.cache.atomic import folder_state
+from iqa.cache.location import backbone_label
 from iqa.extract.preprocess import centre_crop, decode_image, resize_uint8
 from iqa.heads.explain.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
 
@@ -198,5 +199,4 @@ def backbone_subject(key: str, source: str | None = None, random_init: bool = Fa
     from iqa.extract.registry import get_spec
 
     backbone = load_backbone(get_spec(key, tiny), source=source, random_init=random_init, tiny=tiny)
-    tag = model_tag(tiny, random_init)
-    return Subject(key + (f"@{tag}" if tag else ""), backbone.to(device).eval())
+    return Subject(backbone_label(key, model_tag(tiny, random_init)), backbone.to(device).eval())

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from iqa.cache.location import dataset_name, plain_name
+from iqa.cache.location import backbone_label, dataset_name, plain_name
 from iqa.cache.manifest import Manifest, manifest_checksum, read_manifest
 from iqa.cache.results import ResultsDB, default_db
 from iqa.cache.store import fingerprint_id
@@ -150,7 +150,7 @@ def load_trained_backbone_state(model: FinetuneModel, state: dict[str, torch.Ten
 
 def default_run_dir(cache: Path, config: dict, tests: tuple[str, ...] = ()) -> Path:
     """<cache>/runs/<dataset>/<backbone>[@tag]-<run_name>[-x-<test>+<test>]."""
-    name = config["backbone"] + (f"@{config['tag']}" if config["tag"] else "")
+    name = backbone_label(config["backbone"], config["tag"])
     cross = f"-x-{'+'.join(tests)}" if tests else ""
     return (Path(cache) / RUNS_DIR / dataset_name(config["train_dataset"])
             / plain_name(f"{name}-{run_name(config)}{cross}", "run name"))

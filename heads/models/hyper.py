@@ -25,7 +25,7 @@ x_c is the part of x the hyper-network reads (`content`): on stored layers the d
 paper's hyper-network reads Swin's deepest stage F^K while the target network maps all stages; on
 one pooled embedding, that whole vector. Kept apart, the content sets the weights and the target
 network maps the features with them: a score that multiplies two feature groups is a simple function
-for this head and a hard one for an MLP (tests/test_heads_train.py). W_l v = sum_k c'_k (G_lk v) is
+for this head and a hard one for an MLP (tests/heads/training/test_train.py). W_l v = sum_k c'_k (G_lk v) is
 computed as one matmul of v with all G_lk, never one weight matrix per image. Every tensor is
 [M, ...], row m drawn from member m's generator in a fixed order, and no operation mixes rows:
 members train as if alone, as the MLP's do (heads/models/mlp.py).

@@ -25,6 +25,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from iqa.cache.atomic import building_folder, folder_state
+from iqa.cache.location import backbone_label
 from iqa.extract.registry import BACKBONES
 from iqa.data.distortion_types import distortion_types
 from iqa.heads.report import figures, stages
@@ -33,6 +34,7 @@ from iqa.heads.training.config import complete_run
 from iqa.heads.training.grid import Cached
 from iqa.heads.models.mlp import HEADS
 from iqa.heads.models.probes import PROBES
+from iqa.heads.report.page import html_page
 from iqa.heads.report.paper import compare, render
 from iqa.heads.report.profile import profile_backbone, profile_table
 from iqa.heads.report.paired import compare_keys, paired_table
@@ -277,7 +279,7 @@ def _tsne_figures(runs, load: Loader, folder: Path, device: str, progress: bool,
     for (backbone, tag, dataset), members in tqdm(sorted(groups.items(), key=str), desc="t-SNE", disable=not progress):
         seed = min(r["seed"] for r in members)
         chosen = sorted((r for r in members if r["seed"] == seed), key=lambda r: _head_order(r["head"]))
-        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}, seed {seed}"
+        label = f"{backbone_label(backbone, tag)}, {dataset}, seed {seed}"
         if len(chosen) > MAX_TSNE_HEADS:
             summary.notes.append(f"t-SNE {label}: showing {MAX_TSNE_HEADS} of {len(chosen)} heads")
             chosen = chosen[:MAX_TSNE_HEADS]
@@ -327,7 +329,7 @@ def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summar
                      for d in (r["train_dataset"], r["test_dataset"])}, key=str)
     shown = 0
     for backbone, tag, dataset in tqdm(groups, desc="stage t-SNE", disable=not progress):
-        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}"
+        label = f"{backbone_label(backbone, tag)}, {dataset}"
         try:
             cached = load(dataset, backbone, tag)
             types = distortion_types(dataset, cached.manifest.paths)
@@ -362,7 +364,7 @@ def _scatter_figures(runs, load: Loader, results_db: Path, folder: Path, summary
         seed = min(r["seed"] for r in members)
         chosen = sorted((r for r in members if r["seed"] == seed), key=lambda r: _head_order(r["head"]))
         data = train if train == test else f"{train}->{test}"
-        label = f"{backbone}{'@' + tag if tag else ''}{' layers ' + '+'.join(map(str, layers)) if layers else ''}, {data}, seed {seed}"
+        label = f"{backbone_label(backbone, tag)}{' layers ' + '+'.join(map(str, layers)) if layers else ''}, {data}, seed {seed}"
         if len(chosen) > MAX_SCATTER_MODELS:
             summary.notes.append(f"prediction against MOS {label}: showing {MAX_SCATTER_MODELS} of {len(chosen)} models")
             chosen = chosen[:MAX_SCATTER_MODELS]
@@ -428,8 +430,7 @@ caption{caption-side:bottom;font-size:12px;color:#666;text-align:left}"""
 def _index_html(runs: list[dict], page: _Page, notes: list[str]) -> str:
     regimes = sorted({r["regime"] for r in runs})
     parts = [
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>iqa report</title>',
-        f"<style>{STYLE}</style></head><body>", "<h1>iqa report</h1>",
+        "<h1>iqa report</h1>",
         f"<p>{len(runs)} runs ({sum(r['status'] == 'done' for r in runs)} finished, "
         f"{sum(r['status'] != 'done' for r in runs)} diverged); regimes: {', '.join(regimes)}.</p>",
     ]
@@ -452,4 +453,4 @@ def _index_html(runs: list[dict], page: _Page, notes: list[str]) -> str:
                   '<a href="profile.csv">csv</a></p>', page.profile]
     if notes:
         parts += ["<h2>Not in this report</h2>", "<ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
-    return "\n".join(parts + ["</body></html>"]) + "\n"
+    return html_page("iqa report", STYLE, parts)

@@ -14,14 +14,13 @@ raw maps, as `iqa explain` writes them), `explanations/evaluation.md|csv`, `expl
 deletion curves).
 """
 
-import csv
 import html
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from iqa.cache.location import backbone_label
 from iqa.cache.manifest import read_manifest
 from iqa.data.gridpg import grid_set_or_default, read_gridpg
 from iqa.data.splits import split_indices
@@ -29,7 +28,7 @@ from iqa.heads.explain.attribution import explainable_blocks
 from iqa.heads.explain.maps import Subject, explain_files, model_subject
 from iqa.heads.explain.evaluate import evaluate
 from iqa.heads.report.figures import deletion_figure, save
-from iqa.heads.report.tables import text_table
+from iqa.heads.report.page import csv_text, html_page, text_table
 
 PAGE = "explanations.html"
 FOLDER = "explanations"
@@ -138,7 +137,7 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -
 def evaluation_row(folder: Path, subject: Subject, measured: dict) -> dict:
     config = subject.config
     return {"model": subject.name, "folder": str(folder),
-            "backbone": config["backbone"]["key"] + (f"@{config['backbone']['tag']}" if config["backbone"].get("tag") else ""),
+            "backbone": backbone_label(config["backbone"]["key"], config["backbone"].get("tag")),
             "head": config["head"]["head"], "trained on": config["training"]["train_dataset"],
             "tested on": config["training"]["test_dataset"], **{k: measured[k] for k in COLUMNS[6:]}}
 
@@ -146,11 +145,7 @@ def evaluation_row(folder: Path, subject: Subject, measured: dict) -> dict:
 def evaluation_table(rows: list[dict], fmt: str) -> str:
     """csv (full precision) or md / html (3 and 4 decimals)."""
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
+        return csv_text([list(COLUMNS), *([r[c] for c in COLUMNS] for r in rows)])
     cells = [[str(r[c]) for c in COLUMNS[:6]] + [f"{r['pointing_game']:.3f}", f"{r['deletion_auc']:.4f}",
                                                  f"{r['deletion_auc_random']:.4f}", str(r["grids"])] for r in rows]
     return text_table(list(COLUMNS), cells, fmt)
@@ -158,8 +153,7 @@ def evaluation_table(rows: list[dict], fmt: str) -> str:
 
 def _page(rows: list[dict], grid_set: Path, sections: list[str], notes: list[str], style: str) -> str:
     parts = [
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>iqa report: explanations</title>',
-        f"<style>{style}</style></head><body>", '<h1>Explanations</h1><p><a href="index.html">back to the report</a></p>',
+        '<h1>Explanations</h1><p><a href="index.html">back to the report</a></p>',
         f"<h2>Measured on {html.escape(str(grid_set))}</h2>",
         "<p>Pointing game: share of the positive Grad-CAM mass for \"low quality\" inside each grid's one "
         "distorted cell (chance 0.25; grids without positive attribution discarded). Deletion: area under the "
@@ -173,4 +167,4 @@ def _page(rows: list[dict], grid_set: Path, sections: list[str], notes: list[str
     ]
     if notes:
         parts += ["<h2>Not shown</h2>", "<ul>", *(f"<li>{html.escape(n)}</li>" for n in notes), "</ul>"]
-    return "\n".join(parts + ["</body></html>"]) + "\n"
+    return html_page("iqa report: explanations", style, parts)

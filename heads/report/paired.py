@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from iqa.heads.report.tables import text_table
+from iqa.heads.report.page import text_table
 from iqa.heads.training.config import RunConfig
 from iqa.heads.training.metrics import plcc, srcc
 

@@ -7,9 +7,7 @@ A measured cell is *reproduced* when |measured - published| <= 2 sd + half a uni
 value's last digit (the printed mean is itself only known to that precision); *off* otherwise.
 """
 
-import csv
 import html
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iqa.heads.report.page import csv_text, html_page
 from iqa.heads.report.tables import GROUPS, OUTCOME_FIELDS
 from iqa.errors import SettingError
 
@@ -255,16 +254,14 @@ def comparison_md(comparisons: list[TableComparison]) -> str:
 
 
 def comparison_csv(comparisons: list[TableComparison]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["table", "row", "column", "published", "measured", "seeds", "diff", "paper_sd", "verdict"])
+    rows = [["table", "row", "column", "published", "measured", "seeds", "diff", "paper_sd", "verdict"]]
     for t in comparisons:
         for label, cells in t.rows:
             for header, c in zip(t.headers, cells):
-                writer.writerow([t.tid, label, header, "" if c.printed is None else c.printed,
-                                 "" if c.measured is None else f"{c.measured:.4f}", c.seeds or "",
-                                 "" if c.diff is None else f"{c.diff:+.4f}", "" if c.sd is None else c.sd, c.verdict])
-    return buffer.getvalue()
+                rows.append([t.tid, label, header, "" if c.printed is None else c.printed,
+                             "" if c.measured is None else f"{c.measured:.4f}", c.seeds or "",
+                             "" if c.diff is None else f"{c.diff:+.4f}", "" if c.sd is None else c.sd, c.verdict])
+    return csv_text(rows)
 
 
 PAGE_STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12px}
@@ -276,8 +273,7 @@ p.summary{font-weight:bold}"""
 
 def comparison_html(comparisons: list[TableComparison]) -> str:
     esc = html.escape
-    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>iqa: beside the paper</title>',
-             f"<style>{PAGE_STYLE}</style></head><body>", "<h1>Measured beside the paper</h1>",
+    parts = ["<h1>Measured beside the paper</h1>",
              "<p>Each cell: published / measured (measured &minus; published). Green: within two of the paper's "
              "standard deviations for the cell (Table S2/S4) plus half the printed precision; red: off; yellow: "
              "measured but not judged (no published sd, or a different protocol); grey: not run or published only.</p>",
@@ -294,7 +290,7 @@ def comparison_html(comparisons: list[TableComparison]) -> str:
         parts.append("</table>")
         if t.notes:
             parts += ["<ul>", *(f"<li>{esc(n)}</li>" for n in t.notes), "</ul>"]
-    return "\n".join(parts + ["</body></html>"]) + "\n"
+    return html_page("iqa: beside the paper", PAGE_STYLE, parts)
 
 
 def render(comparisons: list[TableComparison], fmt: str) -> str:

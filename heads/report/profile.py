@@ -21,7 +21,7 @@ from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
 from iqa.extract.registry import get_spec
 from iqa.heads.models.hyper import HYPER
 from iqa.heads.models.mlp import HEADS
-from iqa.heads.report.tables import text_table
+from iqa.heads.report.page import text_table
 from iqa.heads.training.trainer import make_stack
 
 ATTENTION_OPS = ("bmm", "scaled_dot_product")  # the score and value matmuls of attention
@@ -125,6 +125,4 @@ def profile_table(rows: list[ProfileRow], fmt: str = "md") -> str:
          f"{r.head_params:,}", g(r.head_macs, 1e6), r.peak_memory, r.weights, r.note]
         for r in rows
     ]
-    if fmt == "csv":
-        return "\n".join(",".join(f'"{c}"' if "," in c else c for c in line) for line in [header] + body) + "\n"
     return text_table(header, body, fmt)

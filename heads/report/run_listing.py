@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from iqa.cache.location import backbone_label
 from iqa.heads.saved.weights import run_weights_path
 
 SUMMARY = ("regime", "backbone", "tag", "train_dataset", "test_dataset", "head", "mask_k", "keep", "seed", "epochs", "select")
@@ -45,7 +46,7 @@ def run_listing(runs: list[dict], db_path: Path, as_json: bool = False) -> str:
     head = ["key", "backbone", "train->test", "head", "seed", "select", *extra, "epoch", "srcc", "plcc", "weights"]
     lines = ["\t".join(head)]
     for run, row in zip(runs, rows):
-        backbone = row["backbone"] + (f"@{row['tag']}" if row["tag"] else "")
+        backbone = backbone_label(row["backbone"], row["tag"])
         lines.append("\t".join(map(fmt, (row["key"][:12], backbone, f"{row['train_dataset']}->{row['test_dataset']}", row["head"],
                                           row["seed"], row["select"] or "test", *(run.get(k) for k in extra),
                                           row["best_epoch"], row["best_srcc"], row["best_plcc"],

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iqa.cache.location import backbone_label  # noqa: E402
 from iqa.heads.report.figures import QUALITY_BUCKETS, quality_bucket, stem  # noqa: E402
 from iqa.heads.report.tables import dataset_column  # noqa: E402
 
@@ -53,7 +54,7 @@ def stage_weight_figures(runs: list[dict]) -> list[tuple[str, object]]:
         axes[0, 0].set_ylim(0, 1)
         axes[0, -1].legend(fontsize=7)
         seeds = sorted(r["seed"] for r in members)
-        label = f"{backbone}{'@' + tag if tag else ''}, {dataset}, {head}, stages {'+'.join(map(str, layers))}"
+        label = f"{backbone_label(backbone, tag)}, {dataset}, {head}, stages {'+'.join(map(str, layers))}"
         fig.suptitle(f"stage weights against quality: {label} (test images, seeds {seeds} pooled)", fontsize=10)
         fig.tight_layout()
         figures.append((stem("stage_weights", backbone, tag or "", dataset, head, *layers), fig))

@@ -7,20 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iqa.heads.report.page import csv_text
+
 GROUPS = {"Group 1": ("agiqa1k", "kadid10k"), "Group 2": ("clive", "koniq10k")}  # Table 4 / S3
-
-
-def text_table(header: list[str], rows: list[list[str]], fmt: str) -> str:
-    """Cells already written as text, as a Markdown table or an HTML <table> (escaped), ending in a newline."""
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-    if fmt == "html":
-        def cells(row, tag):
-            return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row) + "</tr>"
-
-        return "\n".join(["<table>", cells(header, "th"), *(cells(row, "td") for row in rows), "</table>"]) + "\n"
-    raise ValueError(f"unknown format {fmt!r}; use md, csv or html")
 
 
 def grouped(datasets: list[str]) -> list[tuple[str | None, list[str]]]:
@@ -236,7 +225,7 @@ def _render(fields, rows, columns, table, fmt, kept) -> str:
             head += [f"{header}"] if header.startswith("Δ") else [f"{header} {s}" for s in ("mean", "std")]
             head.append(f"{header} best")
         head += [f"{h} seeds" for h, _ in columns if not h.startswith("Δ")]
-        lines = [",".join(head)]
+        lines = [head]
         for row, cells in zip(rows, table):
             out = [_label(v) for v in row]
             for c in cells:
@@ -248,8 +237,8 @@ def _render(fields, rows, columns, table, fmt, kept) -> str:
                     out += [c.kind] + ([] if c.kind == "incomplete" else [""])
                 out.append("*" if c.best else "")
             out += [str(cells[2 * j].seeds) for j, (h, _) in enumerate(columns) if not h.startswith("Δ")]
-            lines.append(",".join(out))
-        return "\n".join(lines) + "\n"
+            lines.append(out)
+        return csv_text(lines)
     if fmt == "md":
         lines = [f"<!-- {note} -->", "| " + " | ".join(fields + metric_headers) + " |"]
         lines.append("|" + "---|" * (len(fields) + len(metric_headers)))

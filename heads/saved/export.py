@@ -7,7 +7,6 @@ fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors),
 by sha256 on load, and README.md, a model card with the Hugging Face metadata header. `iqa.load_model` reads it back.
 """
 
-import hashlib
 import json
 import shutil
 from importlib.metadata import version
@@ -16,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from iqa.cache.atomic import building_folder
+from iqa.cache.location import backbone_label
 from iqa.cache.store import EmbeddingStore, store_path
-from iqa.cache.manifest import read_manifest
+from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.heads.training.config import complete_run
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
 
@@ -27,10 +27,6 @@ CHECKSUM_FIELD = "config_sha256"
 CARD_FILE = "README.md"
 FORMAT = "iqa-model-1"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def find_run(runs: list[dict], prefix: str) -> dict:
@@ -241,7 +237,7 @@ def model_card(config: dict) -> str:
     trained = config["head"]["head"] != "zeroshot"  # a zero-shot head learns nothing: no epoch, no training rows
     rows = "every image" if t["seed"] is None else f"the test rows of seed {t['seed']} ({t['split_by']} split)"
     return card_header(config) + "\n".join([
-        f"# {b['key']}{'@' + b['tag'] if b['tag'] else ''} + {config['head']['head']} head, "
+        f"# {backbone_label(b['key'], b['tag'])} + {config['head']['head']} head, "
         f"{'trained' if trained else 'evaluated'} on {t['train_dataset']}",
         "",
         f"Backbone: {b['key']} weights from {'the local checkpoint ' if b.get('local_checkpoint') else ''}"

@@ -26,7 +26,8 @@ from iqa.extract.backbones import BackboneLoadError, PooledBackbone, family_of, 
 from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
-from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum, file_sha256
+from iqa.cache.manifest import file_sha256
+from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 from iqa.errors import IqaError
 

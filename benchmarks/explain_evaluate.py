@@ -1,0 +1,140 @@
+"""`iqa explain --evaluate`'s evaluation (heads/explain/evaluate.py) timed against a per-step loop, in one run.
+
+(a) before: the evaluation as a careful researcher writes it with one forward pass per deletion step: the
+    same maps, orders and pointing game, then for each curve (the attribution order and RANDOM_ORDERS
+    random ones) the image blanked step by step (each step blanks only the blocks it adds, on the previous
+    step's image) and scored alone under no_grad;
+(b) after: iqa's `evaluate`, which scores each grid's blanked images, of all its curves, in forward passes
+    of at most DELETION_BATCH images.
+The model is a tiny random DINOv2 (2 blocks, width 32, patch 8) at --resolution px with a one-member head;
+the grids are the default grid set's layout (2x2 photos of 128 px, one cell distorted), --grids of them.
+(a) and (b) must give the same numbers (pointing game, both deletion areas, to 1e-5); each is timed
+--repeats times, alternating, and the fastest kept. Beside the whole evaluation, the deletion curves alone
+(the maps computed once beforehand) are timed both ways: the part the batching changes. Prints seconds,
+the speed-ups and the deletion share of (a); the last line is one JSON object.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iqa.data.gridpg import make_gridpg, read_gridpg
+from iqa.extract.backbones import load_backbone
+from iqa.extract.preprocess import decode_image
+from iqa.extract.registry import get_spec
+from iqa.heads.explain.attribution import attribute, score_target
+from iqa.heads.explain.evaluate import (DELETION_STEPS, RANDOM_ORDERS, area, block_order, blocks, cell_share,
+                                        deletion_curves, evaluate, predicted)
+from iqa.heads.explain.maps import Subject, input_pixels
+from iqa.heads.models.mlp import StackedMLP
+
+
+def tiny_subject(resolution: int) -> Subject:
+    torch.manual_seed(0)
+    backbone = load_backbone(get_spec("dinov2", tiny=True), tiny=True, resolution=resolution).eval()
+    return Subject("tiny-dinov2", backbone, StackedMLP(backbone.spec.config["hidden_size"], [8]).eval())
+
+
+def per_step_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, fill: str) -> tuple[np.ndarray, np.ndarray]:
+    """(deleted fraction, score) per step: the image blanked incrementally, one forward pass per step."""
+    cells = blocks(*pixels.shape[-2:])
+    blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
+    blanked, done, area_done = pixels.clone(), 0, 0
+    fractions, scores = [], []
+    for cut in np.linspace(0, len(order), DELETION_STEPS + 1).round().astype(int):
+        for b in order[done:cut]:
+            rows, cols = cells[int(b)]
+            blanked[..., rows, cols] = blank
+            area_done += (rows.stop - rows.start) * (cols.stop - cols.start)
+        done = cut
+        fractions.append(area_done / pixels[0, 0].numel())
+        scores.append(float(predicted(subject, blanked)[0]))
+    return np.array(fractions), np.array(scores)
+
+
+def maps_and_orders(subject: Subject, grid_set: Path, method: str) -> list[tuple]:
+    """Per grid: (pixels, pointing-game share, the deletion orders), drawn as `evaluate` draws them."""
+    rng, found = np.random.default_rng(0), []
+    for path, cell in read_gridpg(grid_set):
+        image, _, _ = decode_image(path)
+        pixels = input_pixels(subject.backbone, image)
+        share = cell_share(attribute(subject.backbone, score_target(subject.head, "low"), pixels, method)[0], cell)
+        order = block_order(attribute(subject.backbone, score_target(subject.head, "high"), pixels, method)[0])
+        found.append((pixels, share, [order, *(rng.permutation(len(order)) for _ in range(RANDOM_ORDERS))]))
+    return found
+
+
+def per_step_evaluation(subject: Subject, grid_set: Path, method: str, fill: str) -> tuple[dict, float]:
+    """(a): the measures `evaluate` gives, and the seconds spent in the deletion curves."""
+    found = maps_and_orders(subject, grid_set, method)
+    start = time.perf_counter()
+    curves = [[per_step_curve(subject, pixels, order, fill) for order in orders] for pixels, _, orders in found]
+    deletion_seconds = time.perf_counter() - start
+    pointed = [share for _, share, _ in found if share is not None]
+    return {"pointing_game": float(np.mean(pointed)) if pointed else float("nan"),
+            "deletion_auc": float(np.mean([area(*c[0]) for c in curves])),
+            "deletion_auc_random": float(np.mean([area(*x) for c in curves for x in c[1:]]))}, deletion_seconds
+
+
+def timed(work) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = work()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--grids", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--fill", default="zero")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on shared cores two threads' syncing costs more than a tiny model)")
+    parser.add_argument("--smoke", action="store_true", help="64 px, 2 grids, once: seconds")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.resolution, args.grids, args.repeats = 64, 2, 1
+    subject = tiny_subject(args.resolution)
+    with tempfile.TemporaryDirectory() as tmp:
+        grid_set = make_gridpg(Path(tmp) / "grids", grids=args.grids, progress=False).parent
+        found = maps_and_orders(subject, grid_set, args.method)
+        before, after, deletion_before, deletion_after, deletion_in_before = [], [], [], [], []
+        for _ in range(args.repeats):  # alternating, so a shared machine's drift reaches both
+            seconds, (measured, in_deletion) = timed(lambda: per_step_evaluation(subject, grid_set, args.method, args.fill))
+            before.append(seconds)
+            deletion_in_before.append(in_deletion)
+            seconds, ours = timed(lambda: evaluate(subject, grid_set, args.method, args.fill, progress=False))
+            after.append(seconds)
+            deletion_before.append(timed(lambda: [[per_step_curve(subject, p, o, args.fill) for o in orders]
+                                                  for p, _, orders in found])[0])
+            deletion_after.append(timed(lambda: [deletion_curves(subject, p, orders, fill=args.fill)
+                                                 for p, _, orders in found])[0])
+        for key, value in measured.items():
+            if not np.isclose(value, getattr(ours, key), rtol=0, atol=1e-5, equal_nan=True):
+                raise SystemExit(f"{key}: per-step {value} != batched {getattr(ours, key)}")
+    figures = {"resolution": args.resolution, "grids": args.grids, "blocks": len(blocks(args.resolution, args.resolution)),
+               "curves_per_grid": 1 + RANDOM_ORDERS, "steps": DELETION_STEPS + 1, "repeats": args.repeats,
+               "per_step_seconds": min(before), "batched_seconds": min(after), "speedup": min(before) / min(after),
+               "deletion_per_step_seconds": min(deletion_before), "deletion_batched_seconds": min(deletion_after),
+               "deletion_speedup": min(deletion_before) / min(deletion_after),
+               "deletion_share_of_per_step": float(np.median(np.array(deletion_in_before) / np.array(before))),
+               "threads": torch.get_num_threads(), "smoke": args.smoke}
+    print(f"evaluation of {args.grids} grids at {args.resolution} px ({figures['blocks']} blocks, "
+          f"{1 + RANDOM_ORDERS} curves x {DELETION_STEPS + 1} steps each), best of {args.repeats}:")
+    print(f"  per-step loop {figures['per_step_seconds']:.2f} s, batched (iqa) {figures['batched_seconds']:.2f} s: "
+          f"x{figures['speedup']:.2f}")
+    print(f"  deletion curves alone: per-step {figures['deletion_per_step_seconds']:.2f} s, batched "
+          f"{figures['deletion_batched_seconds']:.2f} s: x{figures['deletion_speedup']:.2f}; the curves were "
+          f"{figures['deletion_share_of_per_step']:.0%} of the per-step evaluation")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

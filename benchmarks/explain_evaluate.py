@@ -3,7 +3,8 @@
 (a) before: the evaluation as a careful researcher writes it with one forward pass per deletion step: the
     same maps, orders and pointing game, then for each curve (the attribution order and RANDOM_ORDERS
     random ones) the image blanked step by step (each step blanks only the blocks it adds, on the previous
-    step's image) and scored alone under no_grad;
+    step's image) and scored alone under no_grad; the image and the blank image, every curve's first and
+    last step, scored once per grid (as (b) does), so the figure is the batching's;
 (b) after: iqa's `evaluate`, which scores each grid's blanked images, of all its curves, in forward passes
     of at most DELETION_BATCH images.
 The model is a tiny random DINOv2 (2 blocks, width 32, patch 8) at --resolution px with a one-member head;
@@ -40,21 +41,27 @@ def tiny_subject(resolution: int) -> Subject:
     return Subject("tiny-dinov2", backbone, StackedMLP(backbone.spec.config["hidden_size"], [8]).eval())
 
 
-def per_step_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, fill: str) -> tuple[np.ndarray, np.ndarray]:
-    """(deleted fraction, score) per step: the image blanked incrementally, one forward pass per step."""
+def per_step_curves(subject: Subject, pixels: torch.Tensor, orders: list[np.ndarray], fill: str) -> list[tuple]:
+    """[(deleted fraction, score) per step] per order: the image blanked incrementally, one forward pass per
+    step; the image and the blank image (every order's first and last step) scored once."""
     cells = blocks(*pixels.shape[-2:])
     blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
-    blanked, done, area_done = pixels.clone(), 0, 0
-    fractions, scores = [], []
-    for cut in np.linspace(0, len(order), DELETION_STEPS + 1).round().astype(int):
-        for b in order[done:cut]:
-            rows, cols = cells[int(b)]
-            blanked[..., rows, cols] = blank
-            area_done += (rows.stop - rows.start) * (cols.stop - cols.start)
-        done = cut
-        fractions.append(area_done / pixels[0, 0].numel())
-        scores.append(float(predicted(subject, blanked)[0]))
-    return np.array(fractions), np.array(scores)
+    first, last = float(predicted(subject, pixels)[0]), float(predicted(subject, torch.zeros_like(pixels) + blank)[0])
+    cuts = np.linspace(0, len(cells), DELETION_STEPS + 1).round().astype(int)
+    curves = []
+    for order in orders:
+        blanked, done, area_done = pixels.clone(), 0, 0
+        fractions, scores = [0.0], [first]
+        for cut in cuts[1:]:
+            for b in order[done:cut]:
+                rows, cols = cells[int(b)]
+                blanked[..., rows, cols] = blank
+                area_done += (rows.stop - rows.start) * (cols.stop - cols.start)
+            done = cut
+            fractions.append(area_done / pixels[0, 0].numel())
+            scores.append(last if cut == cuts[-1] else float(predicted(subject, blanked)[0]))
+        curves.append((np.array(fractions), np.array(scores)))
+    return curves
 
 
 def maps_and_orders(subject: Subject, grid_set: Path, method: str) -> list[tuple]:
@@ -73,7 +80,7 @@ def per_step_evaluation(subject: Subject, grid_set: Path, method: str, fill: str
     """(a): the measures `evaluate` gives, and the seconds spent in the deletion curves."""
     found = maps_and_orders(subject, grid_set, method)
     start = time.perf_counter()
-    curves = [[per_step_curve(subject, pixels, order, fill) for order in orders] for pixels, _, orders in found]
+    curves = [per_step_curves(subject, pixels, orders, fill) for pixels, _, orders in found]
     deletion_seconds = time.perf_counter() - start
     pointed = [share for _, share, _ in found if share is not None]
     return {"pointing_game": float(np.mean(pointed)) if pointed else float("nan"),
@@ -112,8 +119,7 @@ def main() -> None:
             deletion_in_before.append(in_deletion)
             seconds, ours = timed(lambda: evaluate(subject, grid_set, args.method, args.fill, progress=False))
             after.append(seconds)
-            deletion_before.append(timed(lambda: [[per_step_curve(subject, p, o, args.fill) for o in orders]
-                                                  for p, _, orders in found])[0])
+            deletion_before.append(timed(lambda: [per_step_curves(subject, p, orders, args.fill) for p, _, orders in found])[0])
             deletion_after.append(timed(lambda: [deletion_curves(subject, p, orders, fill=args.fill)
                                                  for p, _, orders in found])[0])
         for key, value in measured.items():

@@ -50,7 +50,7 @@ def test_batched_curves_equal_one_forward_pass_per_step(key, fill, batch, one_th
               *(rng.permutation(9) for _ in range(3))]
     fractions, scores = deletion_curves(subject, pixels, orders, fill=fill, batch=batch)
     assert fractions.shape == scores.shape == (4, DELETION_STEPS + 1)
-    assert len(set(np.round(scores[:, -1], 6))) == 1 and len(set(np.round(scores[:, 3], 6))) > 1  # orders differ
+    assert len(set(np.round(scores[:, 3], 6))) > 1  # the orders blank different blocks
     for order, batched_fractions, batched_scores in zip(orders, fractions, scores):
         hand_fractions, hand_scores = per_step_curve(subject, pixels, order, fill)
         np.testing.assert_allclose(batched_fractions, hand_fractions, rtol=1e-12)

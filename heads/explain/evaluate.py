@@ -14,8 +14,9 @@
   image's mean colour. A side that BLOCK does not divide (518 = 32 x 16 + 6) ends in a row and a
   column of narrower blocks, so every pixel can be deleted. The curves, averaged over the grids, are
   kept for `deletion_figure`. A grid's blanked images, of its curve and of the controls, are scored
-  together in forward passes of at most DELETION_BATCH images (the same scores as one pass per step,
-  to float rounding; benchmarks/explain_evaluate.py times the two).
+  together in forward passes of at most DELETION_BATCH images, the image and the blank image once for
+  all curves (the same scores as one pass per step, to float rounding; benchmarks/explain_evaluate.py
+  times the two).
 
 Both work at the backbone's input side. A centre-cropping model (`--preprocess native`) sees the
 centre of a square grid, and the centre of its crop is the grid's centre, so the crop's quadrants
@@ -90,10 +91,14 @@ def deletion_curves(subject: Subject, pixels: torch.Tensor, orders: list[np.ndar
     ranks = torch.stack([torch.from_numpy(np.argsort(order)) for order in orders])  # rank[o, b]: step of b's deletion
     deleted = ranks[:, block_of_pixel][:, None] < cuts[None, :, None, None]  # [orders, steps, H, W]
     blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
-    stages = torch.where(deleted.flatten(0, 1)[:, None], blank, pixels)
-    scores = torch.cat([predicted(subject, part) for part in stages.tensor_split(-(-len(stages) // batch))])
+    # every order starts from the image and ends at the blank image: those two are scored once
+    unique = torch.cat([deleted[0, :1], deleted[:, 1:-1].flatten(0, 1), deleted[0, -1:]])
+    stages = torch.where(unique[:, None], blank, pixels)
+    scored = torch.cat([predicted(subject, part) for part in stages.tensor_split(-(-len(stages) // batch))])
+    ends = scored[[0, -1]].expand(len(orders), 2)
+    scores = torch.cat([ends[:, :1], scored[1:-1].reshape(len(orders), DELETION_STEPS - 1), ends[:, 1:]], dim=1)
     fractions = deleted.sum((2, 3)).double() / (height * width)
-    return fractions.numpy(), scores.reshape(deleted.shape[:2]).numpy()
+    return fractions.numpy(), scores.numpy()
 
 
 def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK,

@@ -10,9 +10,10 @@
 The model is a tiny random DINOv2 (2 blocks, width 32, patch 8) at --resolution px with a one-member head;
 the grids are the default grid set's layout (2x2 photos of 128 px, one cell distorted), --grids of them.
 (a) and (b) must give the same numbers (pointing game, both deletion areas, to 1e-5); each is timed
---repeats times, alternating, and the fastest kept. Beside the whole evaluation, the deletion curves alone
-(the maps computed once beforehand) are timed both ways: the part the batching changes. Prints seconds,
-the speed-ups and the deletion share of (a); the last line is one JSON object.
+--repeats times, alternating, and the fastest kept, in wall and in process CPU seconds (the steadier on
+shared cores). Beside the whole evaluation, the deletion curves alone (the maps computed once beforehand)
+are timed both ways: the part the batching changes. Prints seconds and speed-ups; the last line is one
+JSON object.
 """
 
 import argparse
@@ -76,22 +77,23 @@ def maps_and_orders(subject: Subject, grid_set: Path, method: str) -> list[tuple
     return found
 
 
-def per_step_evaluation(subject: Subject, grid_set: Path, method: str, fill: str) -> tuple[dict, float]:
-    """(a): the measures `evaluate` gives, and the seconds spent in the deletion curves."""
+def per_step_evaluation(subject: Subject, grid_set: Path, method: str, fill: str) -> dict:
+    """(a): the measures `evaluate` gives."""
     found = maps_and_orders(subject, grid_set, method)
-    start = time.perf_counter()
     curves = [per_step_curves(subject, pixels, orders, fill) for pixels, _, orders in found]
-    deletion_seconds = time.perf_counter() - start
     pointed = [share for _, share, _ in found if share is not None]
     return {"pointing_game": float(np.mean(pointed)) if pointed else float("nan"),
             "deletion_auc": float(np.mean([area(*c[0]) for c in curves])),
-            "deletion_auc_random": float(np.mean([area(*x) for c in curves for x in c[1:]]))}, deletion_seconds
+            "deletion_auc_random": float(np.mean([area(*x) for c in curves for x in c[1:]]))}
 
 
-def timed(work) -> tuple[float, object]:
-    start = time.perf_counter()
+def timed(work, times: list) -> object:
+    """`work()`, its (wall, process CPU) seconds appended to `times`: on shared cores a single-threaded run's
+    CPU seconds do not count the time other processes held the core."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = work()
-    return time.perf_counter() - start, result
+    times.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return result
 
 
 def main() -> None:
@@ -109,36 +111,33 @@ def main() -> None:
     if args.smoke:
         args.resolution, args.grids, args.repeats = 64, 2, 1
     subject = tiny_subject(args.resolution)
+    times = {"per_step": [], "batched": [], "deletion_per_step": [], "deletion_batched": []}
     with tempfile.TemporaryDirectory() as tmp:
         grid_set = make_gridpg(Path(tmp) / "grids", grids=args.grids, progress=False).parent
         found = maps_and_orders(subject, grid_set, args.method)
-        before, after, deletion_before, deletion_after, deletion_in_before = [], [], [], [], []
         for _ in range(args.repeats):  # alternating, so a shared machine's drift reaches both
-            seconds, (measured, in_deletion) = timed(lambda: per_step_evaluation(subject, grid_set, args.method, args.fill))
-            before.append(seconds)
-            deletion_in_before.append(in_deletion)
-            seconds, ours = timed(lambda: evaluate(subject, grid_set, args.method, args.fill, progress=False))
-            after.append(seconds)
-            deletion_before.append(timed(lambda: [per_step_curves(subject, p, orders, args.fill) for p, _, orders in found])[0])
-            deletion_after.append(timed(lambda: [deletion_curves(subject, p, orders, fill=args.fill)
-                                                 for p, _, orders in found])[0])
+            measured = timed(lambda: per_step_evaluation(subject, grid_set, args.method, args.fill), times["per_step"])
+            ours = timed(lambda: evaluate(subject, grid_set, args.method, args.fill, progress=False), times["batched"])
+            timed(lambda: [per_step_curves(subject, p, orders, args.fill) for p, _, orders in found],
+                  times["deletion_per_step"])
+            timed(lambda: [deletion_curves(subject, p, orders, fill=args.fill) for p, _, orders in found],
+                  times["deletion_batched"])
         for key, value in measured.items():
             if not np.isclose(value, getattr(ours, key), rtol=0, atol=1e-5, equal_nan=True):
                 raise SystemExit(f"{key}: per-step {value} != batched {getattr(ours, key)}")
+    best = {f"{name}_{clock}_seconds": min(t[i] for t in runs) for name, runs in times.items()
+            for i, clock in enumerate(("wall", "cpu"))}
     figures = {"resolution": args.resolution, "grids": args.grids, "blocks": len(blocks(args.resolution, args.resolution)),
-               "curves_per_grid": 1 + RANDOM_ORDERS, "steps": DELETION_STEPS + 1, "repeats": args.repeats,
-               "per_step_seconds": min(before), "batched_seconds": min(after), "speedup": min(before) / min(after),
-               "deletion_per_step_seconds": min(deletion_before), "deletion_batched_seconds": min(deletion_after),
-               "deletion_speedup": min(deletion_before) / min(deletion_after),
-               "deletion_share_of_per_step": float(np.median(np.array(deletion_in_before) / np.array(before))),
+               "curves_per_grid": 1 + RANDOM_ORDERS, "steps": DELETION_STEPS + 1, "repeats": args.repeats, **best,
+               **{f"{part}speedup_{clock}": best[f"{part}per_step_{clock}_seconds"] / best[f"{part}batched_{clock}_seconds"]
+                  for part in ("", "deletion_") for clock in ("wall", "cpu")},
                "threads": torch.get_num_threads(), "smoke": args.smoke}
     print(f"evaluation of {args.grids} grids at {args.resolution} px ({figures['blocks']} blocks, "
-          f"{1 + RANDOM_ORDERS} curves x {DELETION_STEPS + 1} steps each), best of {args.repeats}:")
-    print(f"  per-step loop {figures['per_step_seconds']:.2f} s, batched (iqa) {figures['batched_seconds']:.2f} s: "
-          f"x{figures['speedup']:.2f}")
-    print(f"  deletion curves alone: per-step {figures['deletion_per_step_seconds']:.2f} s, batched "
-          f"{figures['deletion_batched_seconds']:.2f} s: x{figures['deletion_speedup']:.2f}; the curves were "
-          f"{figures['deletion_share_of_per_step']:.0%} of the per-step evaluation")
+          f"{1 + RANDOM_ORDERS} curves x {DELETION_STEPS + 1} steps each), best of {args.repeats}, wall | CPU seconds:")
+    for part, what in (("", "whole evaluation"), ("deletion_", "deletion curves alone")):
+        print(f"  {what}: per-step loop {best[f'{part}per_step_wall_seconds']:.2f} | {best[f'{part}per_step_cpu_seconds']:.2f}, "
+              f"batched (iqa) {best[f'{part}batched_wall_seconds']:.2f} | {best[f'{part}batched_cpu_seconds']:.2f}: "
+              f"x{figures[f'{part}speedup_wall']:.2f} | x{figures[f'{part}speedup_cpu']:.2f}")
     print(json.dumps(figures))
 
 

@@ -44,7 +44,7 @@ def test_extract_throughput_smoke_reports_both_limits_and_the_share_in_the_model
 
 def test_explain_evaluate_smoke_times_the_per_step_loop_and_ours_on_equal_numbers(tmp_path):
     figures = smoke(tmp_path, "explain_evaluate.py")  # it exits non-zero where the two evaluations disagree
-    for key in ("per_step_seconds", "batched_seconds", "speedup", "deletion_per_step_seconds",
-                "deletion_batched_seconds", "deletion_speedup"):
+    for key in ("per_step_wall_seconds", "batched_wall_seconds", "speedup_wall", "speedup_cpu",
+                "deletion_per_step_cpu_seconds", "deletion_batched_cpu_seconds", "deletion_speedup_wall"):
         assert figures[key] > 0, key
     assert figures["grids"] == 2 and figures["curves_per_grid"] * figures["steps"] == 36

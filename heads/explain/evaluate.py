@@ -88,7 +88,7 @@ def deletion_curves(subject: Subject, pixels: torch.Tensor, orders: list[np.ndar
     per_row = -(-width // block)
     block_of_pixel = torch.arange(height)[:, None] // block * per_row + torch.arange(width)[None] // block
     cuts = torch.from_numpy(np.linspace(0, len(cells), DELETION_STEPS + 1).round().astype(int))
-    ranks = torch.stack([torch.from_numpy(np.argsort(order)) for order in orders])  # rank[o, b]: step of b's deletion
+    ranks = torch.stack([torch.from_numpy(np.argsort(order)) for order in orders])  # [o, b]: block b's place in order o
     deleted = ranks[:, block_of_pixel][:, None] < cuts[None, :, None, None]  # [orders, steps, H, W]
     blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
     # every order starts from the image and ends at the blank image: those two are scored once

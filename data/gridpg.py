@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from iqa.data.demo import DISTORTIONS, PHOTOS, _save_png, _seed, build_folder, load_photo
 
@@ -56,12 +57,13 @@ def make_grid(index: int, cell_side: int = CELL, distortions: tuple[str, ...] = 
 
 
 def make_gridpg(out_dir: Path, grids: int = GRIDS, cell_side: int = CELL, force: bool = False,
-                distortions: tuple[str, ...] = GRID_DISTORTIONS) -> Path:
-    """Build the grid set into `out_dir` (built aside and renamed into place); its labels CSV."""
+                distortions: tuple[str, ...] = GRID_DISTORTIONS, progress: bool = True) -> Path:
+    """Build the grid set into `out_dir` (built aside and renamed into place; a bar naming `out_dir` on stderr
+    with `progress`); its labels CSV."""
     def build(folder: Path) -> None:
         (folder / "images").mkdir()
         rows = []
-        for index in range(grids):
+        for index in tqdm(range(grids), desc=f"building the grid set {out_dir}", disable=not progress):
             grid, row = make_grid(index, cell_side, distortions)
             _save_png(grid, folder / row["image"])
             rows.append(row)
@@ -74,13 +76,13 @@ def make_gridpg(out_dir: Path, grids: int = GRIDS, cell_side: int = CELL, force:
     return Path(out_dir) / LABELS_FILE
 
 
-def grid_set_or_default(cache: Path, given: Path | None = None) -> Path:
-    """`given`, else the default set `<cache>/gridpg`, built on first use."""
+def grid_set_or_default(cache: Path, given: Path | None = None, progress: bool = True) -> Path:
+    """`given`, else the default set `<cache>/gridpg`, built on first use (saying where, with `progress`)."""
     if given is not None:
         return Path(given)
     default = Path(cache) / GRIDPG_DIR
     if not default.exists():
-        make_gridpg(default)
+        make_gridpg(default, progress=progress)
     return default
 
 

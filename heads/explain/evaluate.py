@@ -13,7 +13,10 @@
   zero (black, before the backbone's normalisation: ALOE's "set to zero"), or (`fill="mean"`) to the
   image's mean colour. A side that BLOCK does not divide (518 = 32 x 16 + 6) ends in a row and a
   column of narrower blocks, so every pixel can be deleted. The curves, averaged over the grids, are
-  kept for `deletion_figure`.
+  kept for `deletion_figure`. A grid's blanked images, of its curve and of the controls, are scored
+  together in forward passes of at most DELETION_BATCH images, the image and the blank image once for
+  all curves (the same scores as one pass per step, to float rounding; benchmarks/explain_evaluate.py
+  times the two).
 
 Both work at the backbone's input side. A centre-cropping model (`--preprocess native`) sees the
 centre of a square grid, and the centre of its crop is the grid's centre, so the crop's quadrants
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from iqa.data.gridpg import read_gridpg
 from iqa.extract.preprocess import decode_image
@@ -35,6 +39,7 @@ BLOCK = 16
 DELETION_STEPS = 8
 RANDOM_ORDERS = 3
 FILLS = ("zero", "mean")  # what a deleted pixel becomes: ALOE's zero, or the image's mean colour
+DELETION_BATCH = 32  # blanked images per forward pass: a grid's curves in a few passes, memory bounded at 518 px
 
 
 def cell_share(cam: torch.Tensor, cell: int) -> float | None:
@@ -64,26 +69,39 @@ def block_order(cam: torch.Tensor, block: int = BLOCK) -> np.ndarray:
     return torch.argsort(means, descending=True, stable=True).numpy()
 
 
-def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK,
-                   fill: str = "zero") -> tuple[np.ndarray, np.ndarray]:
-    """(deleted pixel fraction, predicted score), each [DELETION_STEPS + 1], as the blocks of `order` (flat
-    indices into `blocks`) are blanked: set to zero, or to the image's mean colour (`fill="mean"`)."""
+def deletion_curves(subject: Subject, pixels: torch.Tensor, orders: list[np.ndarray], block: int = BLOCK,
+                    fill: str = "zero", batch: int = DELETION_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """(deleted pixel fraction, predicted score), each [len(orders), DELETION_STEPS + 1], as the blocks of each
+    order (flat indices into `blocks`) are blanked: set to zero, or to the image's mean colour (`fill="mean"`).
+    Every blanked image of every order is scored in passes of at most `batch` images."""
     if fill not in FILLS:
         raise ValueError(f"--deletion-fill must be one of {', '.join(FILLS)}, got {fill!r}")
-    cells = blocks(*pixels.shape[-2:], block)
-    if len(order) != len(cells):
-        raise ValueError(f"a deletion order of {len(order)} blocks for an input of {len(cells)}")
+    height, width = pixels.shape[-2:]
+    cells = blocks(height, width, block)
+    for order in orders:
+        if len(order) != len(cells):
+            raise ValueError(f"a deletion order of {len(order)} blocks for an input of {len(cells)}")
+    per_row = -(-width // block)
+    block_of_pixel = torch.arange(height)[:, None] // block * per_row + torch.arange(width)[None] // block
+    cuts = torch.from_numpy(np.linspace(0, len(cells), DELETION_STEPS + 1).round().astype(int))
+    ranks = torch.stack([torch.from_numpy(np.argsort(order)) for order in orders])  # [o, b]: block b's place in order o
+    deleted = ranks[:, block_of_pixel][:, None] < cuts[None, :, None, None]  # [orders, steps, H, W]
     blank = pixels.float().mean((2, 3), keepdim=True).round().to(pixels.dtype) if fill == "mean" else 0
-    cuts = np.linspace(0, len(order), DELETION_STEPS + 1).round().astype(int)
-    stages, fractions = [], []
-    for cut in cuts:
-        blanked = pixels.clone()
-        for b in order[:cut]:
-            rows, cols = cells[int(b)]
-            blanked[..., rows, cols] = blank
-        stages.append(blanked)
-        fractions.append(sum((r.stop - r.start) * (c.stop - c.start) for r, c in (cells[int(b)] for b in order[:cut])))
-    return np.array(fractions) / (pixels.shape[-2] * pixels.shape[-1]), predicted(subject, torch.cat(stages)).numpy()
+    # every order starts from the image and ends at the blank image: those two are scored once
+    unique = torch.cat([deleted[0, :1], deleted[:, 1:-1].flatten(0, 1), deleted[0, -1:]])
+    stages = torch.where(unique[:, None], blank, pixels)
+    scored = torch.cat([predicted(subject, part) for part in stages.tensor_split(-(-len(stages) // batch))])
+    ends = scored[[0, -1]].expand(len(orders), 2)
+    scores = torch.cat([ends[:, :1], scored[1:-1].reshape(len(orders), DELETION_STEPS - 1), ends[:, 1:]], dim=1)
+    fractions = deleted.sum((2, 3)).double() / (height * width)
+    return fractions.numpy(), scores.numpy()
+
+
+def deletion_curve(subject: Subject, pixels: torch.Tensor, order: np.ndarray, block: int = BLOCK,
+                   fill: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+    """One order's curve (`deletion_curves`): fractions and scores, each [DELETION_STEPS + 1]."""
+    fractions, scores = deletion_curves(subject, pixels, [order], block, fill)
+    return fractions[0], scores[0]
 
 
 def area(fractions: np.ndarray, curve: np.ndarray) -> float:
@@ -108,13 +126,14 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam", fill: str = "zero") -> Evaluation:
-    """Pointing game and deletion of `subject`'s maps over every grid of `grid_set`. Each curve's area is taken
-    over its own deleted fractions (an order that deletes the narrow edge blocks early deletes less); the
-    stored curves average fraction and score step by step."""
+def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam", fill: str = "zero",
+             progress: bool = True) -> Evaluation:
+    """Pointing game and deletion of `subject`'s maps over every grid of `grid_set` (a bar over the grids on
+    stderr with `progress`). Each curve's area is taken over its own deleted fractions (an order that deletes
+    the narrow edge blocks early deletes less); the stored curves average fraction and score step by step."""
     shares, deleted, control = [], [], []
     rng = np.random.default_rng(0)
-    for path, cell in read_gridpg(grid_set):
+    for path, cell in tqdm(read_gridpg(grid_set), desc=f"evaluating {subject.name}'s maps (grids)", disable=not progress):
         image, reason, _ = decode_image(path)
         if image is None:
             raise ValueError(f"cannot read grid {path}: {reason}")
@@ -123,8 +142,10 @@ def evaluate(subject: Subject, grid_set: Path, method: str = "gradcam", fill: st
         shares.append(cell_share(low, cell))
         high = attribute(subject.backbone, score_target(subject.head, "high"), pixels, method)[0]
         order = block_order(high)
-        deleted.append(deletion_curve(subject, pixels, order, fill=fill))
-        control += [deletion_curve(subject, pixels, rng.permutation(len(order)), fill=fill) for _ in range(RANDOM_ORDERS)]
+        orders = [order, *(rng.permutation(len(order)) for _ in range(RANDOM_ORDERS))]
+        fractions, scores = deletion_curves(subject, pixels, orders, fill=fill)
+        deleted.append((fractions[0], scores[0]))
+        control += list(zip(fractions[1:], scores[1:]))
     pointed = [share for share in shares if share is not None]
     fraction, curve = np.mean(deleted, axis=0)
     _, curve_random = np.mean(control, axis=0)

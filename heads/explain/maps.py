@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from iqa.cache.atomic import folder_state
 from iqa.cache.location import backbone_label
@@ -142,15 +143,16 @@ class Explained:
 
 def explain_files(subjects: list[Subject], paths: list[Path], out: Path, method: str = "gradcam",
                   target: str = "high", bands: list[tuple[float, float]] | None = None,
-                  targets: list[float] | None = None) -> list[Explained]:
-    """One page and one .npy per readable image into `out` (`prepare_out`); unreadable ones carry their reason.
-    Each model's map is titled with its predicted score; `targets` (the images' true targets, where known)
-    title the image."""
+                  targets: list[float] | None = None, progress: bool = True) -> list[Explained]:
+    """One page and one .npy per readable image into `out` (`prepare_out`), a bar over the images on stderr with
+    `progress`; unreadable ones carry their reason. Each model's map is titled with its predicted score; `targets`
+    (the images' true targets, where known) title the image."""
     for subject in subjects:
         explainable_blocks(subject.backbone)
     out = prepare_out(out)
     done = []
-    for index, path in enumerate(map(Path, paths)):
+    names = ", ".join(s.name for s in subjects)
+    for index, path in enumerate(tqdm(list(map(Path, paths)), desc=f"maps of {names} (images)", disable=not progress)):
         image, reason, _ = decode_image(path)
         if image is None:
             done.append(Explained(str(path), None, None, reason))

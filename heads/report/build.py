@@ -155,7 +155,7 @@ def write_report(
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
         if explanations is not None:
-            summary.notes += [f"explanations: {n}" for n in write_explanations(explanations, building, STYLE)]
+            summary.notes += [f"explanations: {n}" for n in write_explanations(explanations, building, STYLE, progress)]
             page.explanations = [s.name for s in explanations.subjects]
         (building / "index.html").write_text(_index_html(runs, page, summary.notes))
         (building / MARK).write_text("written by iqa report; a new report replaces this folder\n")

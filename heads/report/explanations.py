@@ -50,14 +50,15 @@ class ExplainedModels:
     notes: list[str] = field(default_factory=list)  # models that cannot be explained at all, and why
 
 
-def load_explained(folders: list[Path], cache: Path, grid_set: Path | None = None, device: str = "cpu") -> ExplainedModels:
+def load_explained(folders: list[Path], cache: Path, grid_set: Path | None = None, device: str = "cpu",
+                   progress: bool = True) -> ExplainedModels:
     """Each folder as a model (refusing a missing or altered file, as `iqa score` does); a model with no
     spatial features (NSS, CleanDIFT) is kept out with a note. Names are the folder names, or the paths
     as given where two folders share a name. The grid set is `grid_set`, else the cache's default
     (built here on first use); one without its labels is refused."""
     folders = [Path(f) for f in folders]
     names = [f.name for f in folders]
-    grid_set = grid_set_or_default(cache, grid_set)
+    grid_set = grid_set_or_default(cache, grid_set, progress)
     read_gridpg(grid_set)
     chosen = ExplainedModels([], [], Path(cache), grid_set)
     for folder in folders:
@@ -98,8 +99,9 @@ def shown_images(subject: Subject, cache: Path) -> tuple[str, list[tuple[Path, f
     return dataset, [(root / manifest.paths[present[i]], float(manifest.targets[present[i]])) for i in picks]
 
 
-def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -> list[str]:
-    """explanations.html and its files into the report folder being built; the notes (what is not shown)."""
+def write_explanations(models: ExplainedModels, folder: Path, style: str = "", progress: bool = True) -> list[str]:
+    """explanations.html and its files into the report folder being built (bars over each group's images and
+    each model's grids on stderr with `progress`); the notes (what is not shown)."""
     notes = list(models.notes)
     groups: dict[tuple, list[Subject]] = {}  # (dataset, images) -> the models tested on them
     for subject in models.subjects:
@@ -112,7 +114,8 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -
     sections = []
     for index, ((dataset, images), subjects) in enumerate(groups.items()):
         out = folder / FOLDER / f"{index}-{dataset}"
-        done = explain_files(subjects, [path for path, _ in images], out, targets=[target for _, target in images])
+        done = explain_files(subjects, [path for path, _ in images], out, targets=[target for _, target in images],
+                             progress=progress)
         names = ", ".join(html.escape(s.name) for s in subjects)
         parts = [f"<h3>Test images of {html.escape(dataset)}: {names}</h3>"]
         for item, (_, target) in zip(done, images):
@@ -123,7 +126,7 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "") -
             parts.append(f'<p>{name} (target {target:.3f})<br><img src="{page}" alt="{names} on {name}"></p>')
         sections.append("\n".join(parts))
     grid_set = models.grid_set
-    measured = [evaluate(subject, grid_set).as_dict() for subject in models.subjects]
+    measured = [evaluate(subject, grid_set, progress=progress).as_dict() for subject in models.subjects]
     rows = [evaluation_row(f, s, m) for f, s, m in zip(models.folders, models.subjects, measured)]
     (folder / FOLDER).mkdir(parents=True, exist_ok=True)
     if measured:

@@ -1,5 +1,5 @@
 """The benchmarks run end to end on tiny sizes (`--smoke`), so a real run cannot die of a typo: the GPU check the
-day a GPU is lent, the head sweep and the extraction throughput."""
+day a GPU is lent, the head sweep, the extraction throughput and the explanation evaluation."""
 
 import json
 import subprocess
@@ -44,3 +44,11 @@ def test_extract_throughput_smoke_reports_both_limits_and_the_share_in_the_model
                 "decode_images_per_s", "share_of_bound"):
         assert figures[key] > 0, key
     assert figures["bound"] in ("forward", "decode") and 0 < figures["share_of_run_in_model"] < 1
+
+
+def test_explain_evaluate_smoke_times_the_per_step_loop_and_ours_on_equal_numbers(tmp_path):
+    figures = smoke(tmp_path, "explain_evaluate.py")  # it exits non-zero where the two evaluations disagree
+    for key in ("per_step_wall_seconds", "batched_wall_seconds", "speedup_wall", "speedup_cpu",
+                "deletion_per_step_cpu_seconds", "deletion_batched_cpu_seconds", "deletion_speedup_wall"):
+        assert figures[key] > 0, key
+    assert figures["grids"] == 2 and figures["curves_per_grid"] * figures["steps"] == 36

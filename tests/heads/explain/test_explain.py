@@ -260,7 +260,8 @@ def test_evaluate_prints_pointing_game_and_deletion_as_json(tiny_model, tmp_path
     assert [cell for _, cell in read_gridpg(tmp_path / "grids")] == [0, 1, 2, 3]
     result = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path / "grids"), "--json"])
     assert result.exit_code == 0, result.output
-    scores = json.loads(result.output)
+    scores = json.loads(result.stdout)  # the bar over the grids goes to stderr
+    assert "4/4" in result.stderr and "(grids)" in result.stderr
     assert scores["grids"] == 4 and 0 <= scores["pointing_game"] <= 1
     assert {"pointing_game", "deletion_auc", "deletion_auc_random"} <= set(scores)
     drawn = CliRunner().invoke(app, ["explain", str(model), "--evaluate", "--set", str(tmp_path / "grids"),
@@ -383,7 +384,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
     assert set(rows) == {"model", "model-baseline", "moved"}
     for folder in (sig, baseline):
         printed = CliRunner().invoke(app, ["explain", str(folder), "--evaluate", "--set", str(grids), "--json"])
-        measured = json.loads(printed.output)
+        measured = json.loads(printed.stdout)  # the bar over the grids goes to stderr
         for key in ("pointing_game", "deletion_auc", "deletion_auc_random"):
             assert float(rows[folder.name][key]) == pytest.approx(measured[key], rel=1e-6, abs=1e-9), key
         assert int(rows[folder.name]["grids"]) == measured["grids"] == 4

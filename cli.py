@@ -319,8 +319,11 @@ def cache_ls(cache: CacheOption = None) -> None:
 
 
 @cache_app.command("verify")
-def cache_verify(cache: CacheOption = None) -> None:
-    """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
+def cache_verify(
+    cache: CacheOption = None,
+    rehash: Annotated[bool, typer.Option("--rehash", help="Hash every image again (finds changes a file's stat hides; reads every image).")] = False,
+) -> None:
+    """Check every store (fingerprint vs manifest, completeness, NaN rows, changed images); non-zero exit on any problem."""
     from iqa.cache.store import describe_store, store_dirs, verify_store
 
     root = cache_dir(cache)
@@ -331,7 +334,7 @@ def cache_verify(cache: CacheOption = None) -> None:
         fail(f"no embedding stores under {root}; `iqa extract --backbone B --dataset D --cache {root}` makes one")
     failed = 0
     for path in stores:
-        problems = verify_store(path)
+        problems = verify_store(path, rehash)
         failed += bool(problems)
         typer.echo(f"{path.parent.name}/{path.name}: {'; '.join(problems) or 'ok'}")
         if not problems:

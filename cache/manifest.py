@@ -101,10 +101,13 @@ def read_manifest(cache: Path, dataset: str) -> Manifest:
             f"no manifest for dataset {dataset!r} at {path}; run `iqa data prepare {dataset} --root DIR` first"
         )
     try:
-        return Manifest.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as error:  # a truncated or hand-edited file
+        manifest = Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # a truncated or hand-edited file
         raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); "
                          f"run `iqa data prepare {dataset} --root DIR` again to rewrite it") from None
+    if not len(manifest):
+        raise ValueError(f"{path} lists no images; run `iqa data prepare {dataset} --root DIR` again to rewrite it")
+    return manifest
 
 
 def manifest_checksum(cache: Path, dataset: str) -> str:

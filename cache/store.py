@@ -6,8 +6,9 @@ contract other tools read:
   rows not (yet) computed or invalid hold NaN.
 - `keys` (N,) the manifest's relative image paths.
 - `status` (N,) uint8: 0 pending, 1 done, 2 invalid; `reasons` (N,) why a row is invalid.
-- `image_stamps` (N, 3) int64: each row's image file (size, mtime, content hash) when it was read
-  (cache/stamps.py); all zero where unknown (rows of stores made before stamps were kept).
+- `image_stamps` (N, 5) int64: each row's image file (size, mtime, content hash, ctime, inode) when it
+  was read (cache/stamps.py; (N, 3) in stores made before ctime and inode were kept); all zero where
+  unknown (rows of stores made before stamps were kept).
 - `chunk_done` (N_chunks,) uint8, one element per Zarr chunk, set only after a whole row block
   (embeddings, status, reasons) is written: a set flag is the record of done work.
 - `layer<n>` (N, D_n), only for layers named at extraction (`iqa extract --layers`, counted from
@@ -44,6 +45,7 @@ import zarr
 from iqa.cache.atomic import atomic_path, remove_stale, replaceable_file
 from iqa.cache.location import dataset_dir, is_url, plain_name
 from iqa.cache.manifest import Manifest, manifest_checksum, manifest_path, read_manifest
+from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.stamps import changed_images, content_digest, describe_changes
 
 STORE_FORMAT = 1
@@ -161,16 +163,16 @@ class EmbeddingStore:
 
     def stamps(self) -> np.ndarray:
         if "image_stamps" not in self.group:
-            return np.zeros((self.n_rows, 3), dtype=np.int64)
+            return np.zeros((self.n_rows, STAMP_WIDTH), dtype=np.int64)
         return self.group["image_stamps"][:]
 
-    def changed_images(self, manifest: Manifest) -> dict[int, str]:
+    def changed_images(self, manifest: Manifest, rehash: bool = False) -> dict[int, str]:
         """Rows whose image file is no longer what was embedded; empty when the image folder is
         absent altogether (a cache moved to a machine without the images)."""
         root = Path(manifest.image_root)
         if not root.is_dir():
             return {}
-        return changed_images(self.stamps(), root, manifest.paths)
+        return changed_images(self.stamps(), root, manifest.paths, rehash)
 
     def undo_chunks_of(self, rows) -> list[int]:
         """Mark the chunks holding `rows` not done, so the next extraction recomputes them."""
@@ -201,7 +203,8 @@ class EmbeddingStore:
         self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
         self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
         if stamps is not None:
-            self.group["image_stamps"][rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)
+            kept = self.group["image_stamps"]  # an older store keeps the first 3 columns
+            kept[rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)[:, : kept.shape[1]]
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
         if self.extending:
             self.group["extension_done"][chunk] = 1
@@ -284,7 +287,7 @@ def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtyp
 
 
 def add_stamps(group, n: int, chunk_rows: int) -> None:
-    group.create_array("image_stamps", shape=(n, 3), dtype="int64", chunks=(chunk_rows, 3), fill_value=0)
+    group.create_array("image_stamps", shape=(n, STAMP_WIDTH), dtype="int64", chunks=(chunk_rows, STAMP_WIDTH), fill_value=0)
 
 
 def open_for_writing(
@@ -610,8 +613,9 @@ def list_stores(cache: Path) -> list[StoreInfo]:
     return [describe_store(p) for p in store_dirs(cache)]
 
 
-def verify_store(path: Path) -> list[str]:
+def verify_store(path: Path, rehash: bool = False) -> list[str]:
     """Problems that make a store unusable or unfinished; empty when it is complete and sound.
+    `rehash` hashes every image file again instead of trusting an unchanged stat.
 
     Invalid rows (unreadable images, recorded with their reason) are not problems of the store.
     """
@@ -640,7 +644,7 @@ def verify_store(path: Path) -> list[str]:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
     if stale_layers := layer_pooling_problem(store, "iqa extract"):
         problems.append(f"stale: {stale_layers}")
-    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
+    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name), rehash)):
         problems.append(f"stale: {describe_changes(changes, paths)}; `iqa extract` on this store recomputes their chunks")
     return problems
 

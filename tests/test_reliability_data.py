@@ -1,0 +1,120 @@
+"""Changed images are noticed, score ranges are finite, odd manifests and copied caches are one line or work."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from iqa.cache.store import EmbeddingStore, store_path, verify_store
+from iqa.cli import app
+from iqa.extract.run import ExtractRequest, extract_dataset
+from test_integrity import toy_dataset
+
+
+def iqa(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result, *words):
+    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, result.output
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def nss_store(cache, n=8):
+    toy_dataset(cache, n=n)
+    assert extract_dataset(ExtractRequest(cache, "toy", "nss", chunk_rows=4, progress=False), num_workers=0).ok
+    return store_path(cache, "toy", "nss")
+
+
+def rewrite_keeping_size_and_mtime(path):
+    """Other bytes of the same length, the old mtime put back (an archive extracted with preserved mtimes)."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.unlink()  # a new file (new inode), as tar and unzip write them
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+# ---- item 7 ----
+def test_an_image_changed_with_its_size_and_mtime_kept_is_noticed(tmp_path):
+    store = nss_store(tmp_path)
+    assert verify_store(store) == []
+    rewrite_keeping_size_and_mtime(tmp_path / "images" / "im01.png")
+    problems = verify_store(store)
+    assert len(problems) == 1 and "im01.png changed" in problems[0]
+    one_error_line(iqa("cache", "verify", "--cache", tmp_path), "1 of 1 stores")
+    head = iqa("head", "--cached", "--backbone", "nss", "--dataset", "toy", "--seeds", "8", "--epochs", "1",
+               "--device", "cpu", "--cache", tmp_path)
+    one_error_line(head, "im01.png")
+
+
+def test_copying_the_images_changes_nothing(tmp_path):
+    store = nss_store(tmp_path)
+    shutil.copytree(tmp_path / "images", tmp_path / "copy")  # new mtimes, ctimes and inodes; the same bytes
+    shutil.rmtree(tmp_path / "images")
+    (tmp_path / "copy").rename(tmp_path / "images")
+    assert verify_store(store) == []
+
+
+def test_rehash_finds_what_a_three_column_store_cannot_see(tmp_path):
+    store = nss_store(tmp_path)
+    group = zarr.open_group(str(store), mode="r+")
+    old = group["image_stamps"][:, :3]  # a store written before ctime and inode were kept
+    del group["image_stamps"]
+    group.create_array("image_stamps", shape=old.shape, dtype="int64", chunks=(4, 3), fill_value=0)[:] = old
+    image = tmp_path / "images" / "im02.png"
+    rewrite_keeping_size_and_mtime(image)
+    assert verify_store(store) == []  # size and mtime agree: a stat cannot tell
+    assert "im02.png changed" in verify_store(store, rehash=True)[0]
+    one_error_line(iqa("cache", "verify", "--rehash", "--cache", tmp_path), "1 of 1 stores")
+    assert EmbeddingStore(store).stamps().shape == (8, 3)
+
+
+# ---- item 9 ----
+@pytest.mark.parametrize("score_range", ["-inf,inf", "0,inf", "nan,1", "0,1e400"])
+def test_non_finite_score_ranges_are_refused(tmp_path, score_range):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a.png").write_bytes(b"x")
+    (tmp_path / "root" / "labels.csv").write_text("image,score\na.png,0.5\n")
+    result = iqa("data", "prepare", "csv", "--root", tmp_path / "root", "--labels", "labels.csv", "--image-col", "image",
+                 "--score-col", "score", f"--score-range={score_range}", "--cache", tmp_path / "cache")
+    one_error_line(result, "finite")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("manifest.json"))
+
+
+# ---- tracebacks: data show on an empty manifest ----
+def test_data_show_on_an_empty_manifest_is_one_line(tmp_path):
+    toy_dataset(tmp_path, n=4)
+    import json
+
+    from iqa.cache.manifest import manifest_path
+
+    raw = json.loads(manifest_path(tmp_path, "toy").read_text())
+    raw.update(paths=[], scores=[], targets=[])
+    manifest_path(tmp_path, "toy").write_text(json.dumps(raw))
+    one_error_line(iqa("data", "show", "toy", "--cache", tmp_path), "no images")
+    manifest_path(tmp_path, "toy").write_text("[]")
+    one_error_line(iqa("data", "show", "toy", "--cache", tmp_path), "damaged")
+
+
+def test_an_absolute_labels_path_gives_the_manifest_a_relative_one_gives(tmp_path):
+    from iqa.cache.manifest import manifest_path
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "a.png").write_bytes(b"x")
+    (tmp_path / "root" / "labels.csv").write_text("image,score\na.png,0.5\n")
+    written = []
+    for labels in ("labels.csv", tmp_path / "root" / "labels.csv"):
+        result = iqa("data", "prepare", "csv", "--root", tmp_path / "root", "--labels", labels, "--image-col", "image",
+                     "--score-col", "score", "--score-range", "0,1", "--name", "t", "--cache", tmp_path / "cache")
+        assert result.exit_code == 0, result.output
+        written.append(manifest_path(tmp_path / "cache", "t").read_bytes())
+    assert written[0] == written[1]

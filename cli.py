@@ -709,6 +709,8 @@ def finetune_command(
         run = finetune(root, config, device, dtype, model, run_dir, ResultsDB(db) if db else None, workers)
     except (BackboneLoadError, FileNotFoundError, KeyError, ValueError) as err:
         fail(message(err))
+    except OSError as err:  # a full disk: the last checkpoint written is kept, and a rerun resumes from it
+        cannot_write(run_dir or root, err)
     r = run.result
     if r.status == "diverged":
         fail(f"{run.run_dir}: diverged in epoch {r.diverged_epoch}; its last good checkpoint is kept and the run is recorded")

@@ -177,7 +177,7 @@ def finetune_config(
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     act1, act2 = head_activations(head)
-    if micro_batch < 2 or batch_size % micro_batch:
+    if micro_batch < 2 or batch_size < micro_batch or batch_size % micro_batch:
         raise ValueError(f"--batch-size must be a multiple of --micro-batch {micro_batch} (at least 2: the loss "
                          f"scores pairs), got {batch_size}")
     if accumulate < 1 or epochs < 1 or lora_rank < 1:
@@ -225,6 +225,8 @@ def finetune(
     base = load_backbone(spec, source=source, random_init=random_init, tiny=tiny)
     spec = base.spec  # at the loaded checkpoint's geometry: its own image_size, width and resample
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.as_dict())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run-dir {run_dir} is a file; give a folder (new, or an earlier run's to resume it)")
     db = db if db is not None else ResultsDB(default_db(cache))
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
     dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once

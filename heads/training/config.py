@@ -86,6 +86,9 @@ class RunConfig:
                              f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be at least 0, got {self.weight_decay}")
+        for option, rate in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
+            if rate is not None and not 0 < rate < float("inf"):
+                raise ValueError(f"{option} must be a positive number, got {rate}")
         if self.fuse is not None:
             check_fusion(self.fuse, self.layers)
             if self.head in PROBES:

@@ -63,6 +63,13 @@ def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = 
     return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
 
 
+def extract_command(backbone: str, dataset: str, tag: str | None) -> str:
+    """The `iqa extract` command that makes (or resumes) a store: the untrained models' tags are
+    the flags that make them (`--tag tiny` would embed with the pretrained weights)."""
+    model = {"tiny": " --tiny", "random-init": " --random-init"}.get(tag, f" --tag {tag}" if tag else "")
+    return f"iqa extract --backbone {backbone} --dataset {dataset}{model}"
+
+
 def store_exists(path: Path | str) -> bool:
     if is_url(path):
         fs, where = fsspec.core.url_to_fs(path)
@@ -385,7 +392,7 @@ def load_cached(
     its fingerprint id says so); a damaged one always is, naming the chunks.
     """
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
+    command = extract_command(backbone, dataset, tag)
     if not store_exists(path):
         raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
     manifest = read_manifest(cache, dataset)  # first: a damaged manifest is named as such, not as a stale store
@@ -420,7 +427,7 @@ def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | 
     """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
     only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
+    command = extract_command(backbone, dataset, tag)
     return read_layers(open_store(path, command), (layer,), command)[0]
 
 
@@ -429,8 +436,8 @@ def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = No
     """The layers a store holds (`iqa extract --layers`), in the order they were named; [] for none."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
     if not store_exists(path):
-        raise FileNotFoundError(f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset} --layers all` first")
-    return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
+        raise FileNotFoundError(f"no embeddings at {path}; run `{extract_command(backbone, dataset, tag)} --layers all` first")
+    return list(open_store(path, extract_command(backbone, dataset, tag)).layer_dims)
 
 
 def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "iqa extract ...") -> list[np.ndarray]:

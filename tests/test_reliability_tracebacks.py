@@ -75,3 +75,23 @@ def test_a_head_grid_on_a_full_disk_is_one_line_and_keeps_no_half_weights(tmp_pa
                  "--device", "cpu", "--cache", tmp_path)
     one_error_line(result, "disk is full")
     assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and p.name.startswith(".")]
+
+
+# ---- smaller: resume hints name the flags that made the store; the score range is said as it is ----
+def test_the_resume_hint_of_a_tiny_store_names_tiny(tmp_path):
+    from test_integrity import extract
+
+    toy_dataset(tmp_path, n=16)
+    assert extract(tmp_path, shard=(0, 2)).chunks_missing == 1
+    result = iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--seeds", "8",
+                 "--epochs", "1", "--device", "cpu", "--cache", tmp_path)
+    one_error_line(result, "iqa extract --backbone dinov2 --dataset toy --tiny")
+    assert "--tag tiny" not in result.output
+
+
+def test_the_model_card_says_scores_may_leave_zero_to_one(tmp_path):
+    from reliability_setup import nss_model
+
+    folder, _ = nss_model(tmp_path / "cache", tmp_path / "model")
+    card = (folder / "README.md").read_text()
+    assert "unclipped" in card and "Scores are in [0, 1]" not in card

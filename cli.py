@@ -606,7 +606,12 @@ def demo(
 
     root = cache_dir(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
-    result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
+    try:
+        result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # FingerprintMismatch: a store of other images
+        fail(message(error))
+    except OSError as error:
+        cannot_write(root, error)
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
     typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")

@@ -118,3 +118,36 @@ def test_an_absolute_labels_path_gives_the_manifest_a_relative_one_gives(tmp_pat
         assert result.exit_code == 0, result.output
         written.append(manifest_path(tmp_path / "cache", "t").read_bytes())
     assert written[0] == written[1]
+
+
+# ---- tracebacks: a copied cache ----
+def test_a_copied_cache_reads_its_own_images_and_keeps_its_stores(tmp_path):
+    from iqa.cache.manifest import manifest_path, read_manifest
+    from iqa.cache.store import load_cached
+
+    cache = tmp_path / "cache"
+    nss_store(cache)
+    assert '"image_root": "images"' in manifest_path(cache, "toy").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy, symlinks=True)  # cp -a
+    shutil.rmtree(cache / "images")  # the copy must not read the original's images
+    assert read_manifest(copy, "toy").image_root == str(copy / "images")
+    assert load_cached(copy, "toy", "nss").valid.all()
+    assert verify_store(store_path(copy, "toy", "nss")) == []
+    again = extract_dataset(ExtractRequest(copy, "toy", "nss", chunk_rows=4, progress=False), num_workers=0)
+    assert again.ok and again.rows_computed == 0
+
+
+def test_an_absolute_root_already_on_disk_keeps_its_spelling(tmp_path):
+    import json
+
+    from iqa.cache.manifest import manifest_path, read_manifest, write_manifest
+
+    nss_store(tmp_path)
+    path = manifest_path(tmp_path, "toy")
+    raw = json.loads(path.read_text())
+    raw["image_root"] = str(tmp_path / "images")  # as manifests were written before
+    path.write_text(json.dumps(raw, sort_keys=True))
+    before = path.read_bytes()
+    write_manifest(read_manifest(tmp_path, "toy"), tmp_path)
+    assert path.read_bytes() == before

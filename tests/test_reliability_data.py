@@ -3,27 +3,13 @@
 import os
 import shutil
 
-import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from iqa.cache.store import EmbeddingStore, store_path, verify_store
-from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
+from reliability_setup import iqa, one_error_line
 from test_integrity import toy_dataset
-
-
-def iqa(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, result.output
-    for word in words:
-        assert word in lines[-1], lines[-1]
 
 
 def nss_store(cache, n=8):

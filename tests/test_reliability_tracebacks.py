@@ -2,23 +2,9 @@
 
 import pytest
 from safetensors import SafetensorError
-from typer.testing import CliRunner
 
-from iqa.cli import app
-from reliability_setup import nss_cache
+from reliability_setup import iqa, nss_cache, one_error_line
 from test_integrity import toy_dataset
-
-
-def iqa(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
-    lines = [l for l in result.output.strip().splitlines() if l.strip()]
-    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, result.output
-    for word in words:
-        assert word in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("command", [

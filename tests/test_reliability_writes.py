@@ -7,25 +7,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from iqa.cache.atomic import NotOurs, atomic_path, remove_stale, replaceable_file
 from iqa.cache.results import default_db
-from iqa.cli import app
-from reliability_setup import nss_cache, nss_model
-
-
-def iqa(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, result.output
-    for word in words:
-        assert word in lines[-1], lines[-1]
+from reliability_setup import iqa, nss_cache, nss_model, one_error_line
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+import numpy as np
 import zarr
 
 from iqa.cache.store import EmbeddingStore, store_path, verify_store
@@ -137,3 +138,39 @@ def test_an_absolute_root_already_on_disk_keeps_its_spelling(tmp_path):
     before = path.read_bytes()
     write_manifest(read_manifest(tmp_path, "toy"), tmp_path)
     assert path.read_bytes() == before
+
+
+# ---- smaller: under --split-by group, --select val carves validation by group ----
+def test_group_split_carves_validation_by_whole_groups():
+    from iqa.heads.training.selection import carve_validation
+
+    groups = [f"photo{i // 5}" for i in range(100)]
+    train_rows = np.arange(0, 80)
+    for seed in (8, 19, 25):
+        fit, val = carve_validation(train_rows, seed, 0.1, groups)
+        assert {groups[r] for r in fit}.isdisjoint({groups[r] for r in val})
+        assert len(val) >= 8 and len(val) % 5 == 0 and sorted([*fit, *val]) == list(train_rows)
+    plain = carve_validation(train_rows, 8, 0.1)  # a random split carves rows, as before
+    assert len(plain[1]) == 8
+
+
+def test_a_grouped_val_grid_trains_seeds_whose_validation_sizes_differ(tmp_path):
+    from functools import partial
+
+    from iqa.cache.manifest import Manifest, write_manifest
+    from iqa.cache.results import ResultsDB, default_db
+    from iqa.cache.store import load_cached
+    from iqa.heads.training.grid import expand_grid, head_choices, run_grid
+    from test_extract_run import make_dataset
+
+    paths = make_dataset(tmp_path, n=24)
+    targets = np.linspace(0.1, 0.9, 24)
+    write_manifest(Manifest("toy", str(tmp_path / "images"), paths, targets, targets, "test",
+                            groups=[f"g{j}" for j, size in enumerate([2, 2, 3, 3, 4, 4, 6]) for _ in range(size)]), tmp_path)
+    assert extract_dataset(ExtractRequest(tmp_path, "toy", "nss", progress=False), num_workers=0).ok
+    load = partial(load_cached, tmp_path, backbone="nss")
+    configs = expand_grid([("toy", "toy")], "nss", head_choices(["baseline"], []), [8, 19, 25], epochs=2,
+                          split_by="group", select="val", val_fraction=0.2)
+    records = run_grid(configs, load, ResultsDB(default_db(tmp_path)), progress=False)
+    assert len(records) == 3 and all(r["status"] == "done" and "val_srcc" in r["curves"] for r in records)
+    assert len({r["key"] for r in records}) == 3

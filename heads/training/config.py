@@ -131,10 +131,10 @@ class RunConfig:
         }
 
 
-def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray) -> str:
-    """A short digest of the exact rows a run trains and tests on."""
+def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray, *more_rows: np.ndarray) -> str:
+    """A short digest of the exact rows a run trains and tests on (and selects on, where given)."""
     h = hashlib.sha256()
-    for rows in (train_rows, test_rows):
+    for rows in (train_rows, test_rows, *more_rows):
         h.update(np.asarray(rows, dtype=np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]

@@ -152,9 +152,14 @@ class EmbeddingStore:
     def finish_extension(self) -> bool:
         """Once every chunk holds the added layers, drop the extension's bookkeeping (attribute first:
         an array left behind by a crash is harmless and recreated by the next `add_layers`)."""
-        if not self.extending or not self.group["extension_done"][:].all():
+        if not self.extending:
             return False
-        del self.group.attrs["extending"]
+        try:
+            if not self.group["extension_done"][:].all():
+                return False
+            del self.group.attrs["extending"]
+        except (KeyError, FileNotFoundError):  # a concurrent extraction finished it first
+            pass
         self.extending = []
         try:
             del self.group["extension_done"]
@@ -242,7 +247,10 @@ class EmbeddingStore:
                 block = np.where(bad, np.nan, embeddings[:, start : start + layer_dim])
                 self.group[layer_array(n)][rows.start : rows.stop] = block.astype(self.embeddings.dtype)
             start += layer_dim
-        self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
+        try:
+            self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
+        except (KeyError, FileNotFoundError):  # a concurrent extraction finished the extension: every chunk holds the layers
+            pass
 
 
 # A recomputed default embedding may differ from the stored one by float16 rounding (~5e-4) and by

@@ -174,3 +174,27 @@ def test_a_grouped_val_grid_trains_seeds_whose_validation_sizes_differ(tmp_path)
     records = run_grid(configs, load, ResultsDB(default_db(tmp_path)), progress=False)
     assert len(records) == 3 and all(r["status"] == "done" and "val_srcc" in r["curves"] for r in records)
     assert len({r["key"] for r in records}) == 3
+
+
+# ---- smaller: two extractions adding the same layers at once ----
+def test_two_concurrent_layer_extensions_both_finish(tmp_path):
+    from test_integrity import extract
+
+    toy_dataset(tmp_path, n=16)
+    extract(tmp_path)  # dinov2@tiny, chunks of 8 rows
+    path = store_path(tmp_path, "toy", "dinov2", "tiny")
+    first = EmbeddingStore(path, mode="r+")
+    first.add_layers({2: 8})
+    second = EmbeddingStore(path, mode="r+")  # a second process, opened while the first is extending
+    assert second.extending == [2]
+
+    def rows(store, chunk):  # the stored default embedding, then the new layer's columns
+        stored = store.embeddings[chunk * 8 : (chunk + 1) * 8].astype(np.float32)
+        return np.concatenate([stored, np.ones((8, 8), np.float32)], axis=1)
+
+    for chunk in (0, 1):
+        first.write_layers(chunk, rows(first, chunk))
+    assert first.finish_extension()
+    second.write_layers(1, rows(second, 1))  # the extension is gone under it
+    assert second.finish_extension()
+    assert EmbeddingStore(path).extending == [] and verify_store(path) == []

@@ -142,6 +142,9 @@ def test_demo_export_is_reused_or_rebuilt_after_a_killed_export(model, tmp_path,
     (cache / "models").mkdir(exist_ok=True)
     killed = cache / "models" / f".{run['key'][:12]}.tmp-999999999-{'b' * 32}"
     killed.mkdir()
+    half = cache / "models" / run["key"][:12]  # what an export killed before exports were atomic left
+    half.mkdir()
+    (half / "head.safetensors").write_bytes(b"cut")
     folder, (_, score) = export_best_nss(cache, default_db(cache), [run])
     assert (folder / "config.json").is_file() and np.isfinite(score) and not killed.exists()
     assert export_best_nss(cache, default_db(cache), [run])[0] == folder

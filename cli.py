@@ -391,8 +391,11 @@ def cache_ls(cache: CacheOption = None, json_lines: JsonOption = False) -> None:
 
 
 @cache_app.command("verify")
-def cache_verify(cache: CacheOption = None) -> None:
-    """Check every store (fingerprint vs manifest, completeness, NaN rows); non-zero exit on any problem."""
+def cache_verify(
+    cache: CacheOption = None,
+    rehash: Annotated[bool, typer.Option("--rehash", help="Hash every image again (finds changes a file's stat hides; reads every image).")] = False,
+) -> None:
+    """Check every store (fingerprint vs manifest, completeness, NaN rows, changed images); non-zero exit on any problem."""
     from iqa.cache.listing import describe_store, store_dirs
     from iqa.cache.verify import verify_store
 
@@ -404,7 +407,7 @@ def cache_verify(cache: CacheOption = None) -> None:
         fail(f"no embedding stores under {root}; `iqa extract --backbone B --dataset D --cache {root}` makes one")
     failed = 0
     for path in stores:
-        problems = verify_store(path)
+        problems = verify_store(path, rehash)
         failed += bool(problems)
         typer.echo(f"{path.parent.name}/{path.name}: {'; '.join(problems) or 'ok'}")
         if not problems:
@@ -721,7 +724,12 @@ def demo(
 
     root = cache_dir(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
-    result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
+    try:
+        result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # FingerprintMismatch: a store of other images
+        fail(message(error))
+    except OSError as error:
+        cannot_write(root, error)
     typer.echo(result.table, nl=False)
     typer.echo(f"results database: {result.db} (`iqa results --cache {root}` lays it out again)")
     typer.echo(f"report: {result.report / 'index.html'} (`iqa report --cache {root}` writes it again)")
@@ -853,6 +861,8 @@ def finetune_command(
                                 tuned_on, run_dir, on_record=_finetune_line if json_lines else None)
     except (BackboneLoadError, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(message(err))
+    except OSError as err:  # a full disk: the last checkpoint written is kept, and a rerun resumes from it
+        cannot_write(run_dir or root, err)
     if not json_lines:
         for record in outcome.records:
             _finetune_summary(record)

@@ -17,6 +17,7 @@ Every stage writes under the cache and resumes: running the demo again reuses th
 stores and every finished run in the results database.
 """
 
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -111,6 +112,8 @@ def export_best_nss(cache: Path, db: Path, records: list[dict]) -> tuple[Path, t
     best = max((r for r in records if r["backbone"] == "nss" and r["status"] == "done"), key=lambda r: r["best_srcc"])
     folder = cache / "models" / best["key"][:12]
     if not (folder / "config.json").exists():
+        if folder.is_dir() and not folder.is_symlink():  # half an export, killed before iqa exported atomically
+            shutil.rmtree(folder)
         export_run(cache, db, best, folder)
     manifest = read_manifest(cache, DATASET)
     image = Path(manifest.image_root) / manifest.paths[0]

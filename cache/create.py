@@ -12,6 +12,7 @@ import zarr
 
 from iqa.cache.atomic import remove_stale
 from iqa.cache.location import is_url
+from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.store import (DEFAULT_CHUNK_ROWS, LAYER_POOLING, PENDING, STORE_FORMAT, EmbeddingStore, FingerprintMismatch,
                              fingerprint_difference, fingerprint_id, layer_array)
 
@@ -36,7 +37,7 @@ def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtyp
 
 
 def add_stamps(group, n: int, chunk_rows: int) -> None:
-    group.create_array("image_stamps", shape=(n, 3), dtype="int64", chunks=(chunk_rows, 3), fill_value=0)
+    group.create_array("image_stamps", shape=(n, STAMP_WIDTH), dtype="int64", chunks=(chunk_rows, STAMP_WIDTH), fill_value=0)
 
 
 def open_for_writing(

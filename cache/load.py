@@ -10,6 +10,7 @@ from iqa.cache.integrity import check_layer, describe_chunks, read_checked
 from iqa.cache.manifest import Manifest, manifest_checksum, read_manifest
 from iqa.cache.stamps import content_digest, describe_changes
 from iqa.cache.store import (DONE, PENDING, DamagedStore, EmbeddingStore, IncompleteStore, StaleStore, check_layer_pooling,
+                             extract_command,
                              embedding_fingerprint_id, open_store, store_exists, store_path)
 
 
@@ -46,7 +47,7 @@ def load_cached(
     its fingerprint id says so); a damaged one always is, naming the chunks.
     """
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
+    command = extract_command(backbone, dataset, tag)
     if not store_exists(path):
         raise FileNotFoundError(f"no embeddings at {path}; run `{command}` first")
     manifest = read_manifest(cache, dataset)  # first: a damaged manifest is named as such, not as a stale store
@@ -81,7 +82,7 @@ def load_layer(cache: Path, dataset: str, backbone: str, layer: int, tag: str | 
     """One layer's pooled vectors for every row (N, D_layer) float32, NaN where the row is not valid;
     only that layer's array is read. The store must hold the layer (`iqa extract --layers`)."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
-    command = f"iqa extract --backbone {backbone} --dataset {dataset}{f' --tag {tag}' if tag else ''}"
+    command = extract_command(backbone, dataset, tag)
     return read_layers(open_store(path, command), (layer,), command)[0]
 
 
@@ -90,8 +91,8 @@ def stored_layers(cache: Path, dataset: str, backbone: str, tag: str | None = No
     """The layers a store holds (`iqa extract --layers`), in the order they were named; [] for none."""
     path = store_path(cache if stores is None else stores, dataset, backbone, tag)
     if not store_exists(path):
-        raise FileNotFoundError(f"no embeddings at {path}; run `iqa extract --backbone {backbone} --dataset {dataset} --layers all` first")
-    return list(open_store(path, f"iqa extract --backbone {backbone} --dataset {dataset}").layer_dims)
+        raise FileNotFoundError(f"no embeddings at {path}; run `{extract_command(backbone, dataset, tag)} --layers all` first")
+    return list(open_store(path, extract_command(backbone, dataset, tag)).layer_dims)
 
 
 def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "iqa extract ...") -> list[np.ndarray]:

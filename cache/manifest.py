@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 @dataclass
 class Manifest:
     dataset: str
-    image_root: str  # absolute folder that `paths` are relative to
+    image_root: str  # absolute folder that `paths` are relative to (stored relative to the cache when inside it)
     paths: list[str]  # relative image paths, unique, the row order of every embedding store
     scores: np.ndarray  # raw score as released
     targets: np.ndarray  # in [0, 1], higher is better
@@ -46,12 +46,12 @@ class Manifest:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def to_json(self) -> str:
+    def to_json(self, stored_root: str | None = None) -> str:
         return json.dumps(
             {
                 "format": FORMAT_VERSION,
                 "dataset": self.dataset,
-                "image_root": self.image_root,
+                "image_root": self.image_root if stored_root is None else stored_root,
                 "score_scale": self.score_scale,
                 "sources": self.sources,
                 "paths": self.paths,
@@ -89,9 +89,25 @@ def manifest_path(cache: Path, dataset: str) -> Path:
 def write_manifest(manifest: Manifest, cache: Path) -> Path:
     """Write atomically: a crash or a failed prepare leaves any earlier manifest intact."""
     target = manifest_path(cache, manifest.dataset)
+    text = manifest.to_json(stored_root(manifest.image_root, Path(cache), target))
     with atomic_path(target) as tmp:
-        tmp.write_text(manifest.to_json())
+        tmp.write_text(text)
     return target
+
+
+def stored_root(image_root: str, cache: Path, target: Path) -> str:
+    """How the manifest spells its image folder: relative to the cache where the images live inside it, so a
+    copied or moved cache (`cp -a`) finds its own images and keeps its stores; absolute otherwise. A manifest
+    already on disk that spells the same folder absolutely keeps doing so: its stores' fingerprints hold its bytes."""
+    root, cache = Path(image_root), Path(cache).resolve()
+    if not root.is_relative_to(cache):
+        return image_root
+    try:
+        if json.loads(target.read_text())["image_root"] == image_root:
+            return image_root
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: written anew
+        pass
+    return root.relative_to(cache).as_posix()
 
 
 def read_manifest(cache: Path, dataset: str) -> Manifest:
@@ -101,10 +117,15 @@ def read_manifest(cache: Path, dataset: str) -> Manifest:
             f"no manifest for dataset {dataset!r} at {path}; run `iqa data prepare {dataset} --root DIR` first"
         )
     try:
-        return Manifest.from_json(path.read_text())
-    except (ValueError, KeyError, TypeError) as error:  # a truncated or hand-edited file
+        manifest = Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # a truncated or hand-edited file
         raise ValueError(f"{path} is damaged ({type(error).__name__}: {error}); "
                          f"run `iqa data prepare {dataset} --root DIR` again to rewrite it") from None
+    if not len(manifest):
+        raise ValueError(f"{path} lists no images; run `iqa data prepare {dataset} --root DIR` again to rewrite it")
+    if not Path(manifest.image_root).is_absolute():  # images inside the cache: wherever the cache now is
+        manifest.image_root = str(Path(cache).resolve() / manifest.image_root)
+    return manifest
 
 
 def manifest_checksum(cache: Path, dataset: str) -> str:

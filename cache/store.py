@@ -6,8 +6,9 @@ contract other tools read:
   rows not (yet) computed or invalid hold NaN.
 - `keys` (N,) the manifest's relative image paths.
 - `status` (N,) uint8: 0 pending, 1 done, 2 invalid; `reasons` (N,) why a row is invalid.
-- `image_stamps` (N, 3) int64: each row's image file (size, mtime, content hash) when it was read
-  (cache/stamps.py); all zero where unknown (rows of stores made before stamps were kept).
+- `image_stamps` (N, 5) int64: each row's image file (size, mtime, content hash, ctime, inode) when it
+  was read (cache/stamps.py; (N, 3) in stores made before ctime and inode were kept); all zero where
+  unknown (rows of stores made before stamps were kept).
 - `chunk_done` (N_chunks,) uint8, one element per Zarr chunk, set only after a whole row block
   (embeddings, status, reasons) is written: a set flag is the record of done work.
 - `layer<n>` (N, D_n), only for layers named at extraction (`iqa extract --layers`, counted from
@@ -43,6 +44,7 @@ import zarr
 
 from iqa.cache.location import dataset_dir, is_url, plain_name
 from iqa.cache.manifest import Manifest
+from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.stamps import changed_images
 
 STORE_FORMAT = 1
@@ -70,6 +72,13 @@ def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = 
     """The store's location under a cache (or store root URL): a Path, or a URL string."""
     name = plain_name(backbone, "backbone") if tag is None else f"{plain_name(backbone, 'backbone')}@{plain_name(tag, 'tag')}"
     return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
+
+
+def extract_command(backbone: str, dataset: str, tag: str | None) -> str:
+    """The `iqa extract` command that makes (or resumes) a store: the untrained models' tags are
+    the flags that make them (`--tag tiny` would embed with the pretrained weights)."""
+    model = {"tiny": " --tiny", "random-init": " --random-init"}.get(tag, f" --tag {tag}" if tag else "")
+    return f"iqa extract --backbone {backbone} --dataset {dataset}{model}"
 
 
 def store_exists(path: Path | str) -> bool:
@@ -154,9 +163,14 @@ class EmbeddingStore:
     def finish_extension(self) -> bool:
         """Once every chunk holds the added layers, drop the extension's bookkeeping (attribute first:
         an array left behind by a crash is harmless and recreated by the next `add_layers`)."""
-        if not self.extending or not self.group["extension_done"][:].all():
+        if not self.extending:
             return False
-        del self.group.attrs["extending"]
+        try:
+            if not self.group["extension_done"][:].all():
+                return False
+            del self.group.attrs["extending"]
+        except (KeyError, FileNotFoundError):  # a concurrent extraction finished it first
+            pass
         self.extending = []
         try:
             del self.group["extension_done"]
@@ -172,16 +186,16 @@ class EmbeddingStore:
 
     def stamps(self) -> np.ndarray:
         if "image_stamps" not in self.group:
-            return np.zeros((self.n_rows, 3), dtype=np.int64)
+            return np.zeros((self.n_rows, STAMP_WIDTH), dtype=np.int64)
         return self.group["image_stamps"][:]
 
-    def changed_images(self, manifest: Manifest) -> dict[int, str]:
+    def changed_images(self, manifest: Manifest, rehash: bool = False) -> dict[int, str]:
         """Rows whose image file is no longer what was embedded; empty when the image folder is
         absent altogether (a cache moved to a machine without the images)."""
         root = Path(manifest.image_root)
         if not root.is_dir():
             return {}
-        return changed_images(self.stamps(), root, manifest.paths)
+        return changed_images(self.stamps(), root, manifest.paths, rehash)
 
     def undo_chunks_of(self, rows) -> list[int]:
         """Mark the chunks holding `rows` not done, so the next extraction recomputes them."""
@@ -212,7 +226,8 @@ class EmbeddingStore:
         self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
         self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
         if stamps is not None:
-            self.group["image_stamps"][rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)
+            kept = self.group["image_stamps"]  # an older store keeps the first 3 columns
+            kept[rows.start : rows.stop] = np.asarray(stamps, dtype=np.int64)[:, : kept.shape[1]]
         self.group["chunk_done"][chunk] = 1  # last: only now is this block done work
         if self.extending:
             self.group["extension_done"][chunk] = 1
@@ -243,7 +258,10 @@ class EmbeddingStore:
                 block = np.where(bad, np.nan, embeddings[:, start : start + layer_dim])
                 self.group[layer_array(n)][rows.start : rows.stop] = block.astype(self.embeddings.dtype)
             start += layer_dim
-        self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
+        try:
+            self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
+        except (KeyError, FileNotFoundError):  # a concurrent extraction finished the extension: every chunk holds the layers
+            pass
 
 
 # A recomputed default embedding may differ from the stored one by float16 rounding (~5e-4) and by

@@ -8,8 +8,9 @@ from iqa.cache.stamps import describe_changes
 from iqa.cache.store import EmbeddingStore, layer_pooling_problem
 
 
-def verify_store(path: Path) -> list[str]:
+def verify_store(path: Path, rehash: bool = False) -> list[str]:
     """Problems that make a store unusable or unfinished; empty when it is complete and sound.
+    `rehash` hashes every image file again instead of trusting an unchanged stat.
 
     Invalid rows (unreadable images, recorded with their reason) are not problems of the store.
     """
@@ -38,6 +39,6 @@ def verify_store(path: Path) -> list[str]:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
     if stale_layers := layer_pooling_problem(store, "iqa extract"):
         problems.append(f"stale: {stale_layers}")
-    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name))):
+    if paths is not None and (changes := store.changed_images(read_manifest(path.parent.parent, path.parent.name), rehash)):
         problems.append(f"stale: {describe_changes(changes, paths)}; `iqa extract` on this store recomputes their chunks")
     return problems

@@ -6,6 +6,7 @@ other "lower is better" scales). An optional group column marks content groups f
 `--split-by group`. Image paths are relative to the root, or to `images` under it.
 """
 
+import math
 from pathlib import Path
 
 from iqa.cache.manifest import Manifest
@@ -19,8 +20,15 @@ def parse_score_range(text: str) -> tuple[float, float]:
         lo, hi = (float(part) for part in text.split(","))
     except ValueError:
         raise DatasetError(f"score range must be LO,HI (two numbers), got {text!r}") from None
+    return checked_range(lo, hi)
+
+
+def checked_range(lo: float, hi: float) -> tuple[float, float]:
+    """LO < HI, both finite and HI - LO too: an infinite or NaN bound maps every score to NaN or 0."""
+    if not all(math.isfinite(v) for v in (lo, hi, hi - lo)):
+        raise DatasetError(f"score range must be two finite numbers, got {lo:g},{hi:g}; give the scale's real ends, e.g. 0,100")
     if not lo < hi:
-        raise DatasetError(f"score range must have LO < HI, got {text!r}")
+        raise DatasetError(f"score range must have LO < HI, got {lo:g},{hi:g}")
     return lo, hi
 
 
@@ -41,7 +49,7 @@ def load(
         raise DatasetError(f"a custom csv dataset needs {' '.join(missing)}")
     if isinstance(score_range, str):
         score_range = parse_score_range(score_range)
-    lo, hi = score_range
+    lo, hi = checked_range(*score_range)
     release = TableRelease(
         dataset=name,
         labels=labels,  # relative to the root, or absolute (pathlib keeps an absolute one)

@@ -50,6 +50,9 @@ class TableRelease:
 
     def load(self, root: Path, images: str | None = None) -> Manifest:
         labels = root / self.labels
+        # an absolute path to a file under the root is named as a relative one would be: the manifest (and
+        # every store's fingerprint of it) must not depend on how the same file was spelled
+        named = labels.relative_to(root).as_posix() if Path(self.labels).is_absolute() and labels.is_relative_to(root) else self.labels
         lo, hi = self.score_range
         if not lo < hi:
             raise DatasetError(f"score range must have LO < HI, got {lo:g},{hi:g}")
@@ -66,8 +69,8 @@ class TableRelease:
             paths=to_names(table[self.name_column], self.name_column, labels),
             scores=scores,
             targets=scale_scores(scores, lo, hi, self.lower_better),
-            score_scale=f"{self.scale} ({self.labels}), {target_rule(lo, hi, self.lower_better)}",
+            score_scale=f"{self.scale} ({named}), {target_rule(lo, hi, self.lower_better)}",
             groups=to_names(table[self.group_column], self.group_column, labels) if self.group_column else None,
             extras=extras,
-            sources={self.labels: file_sha256(labels)},
+            sources={named: file_sha256(labels)},
         )

@@ -292,7 +292,15 @@ def small_grid(**kw):
     return expand_grid([("clive", "clive")], "siglip2", heads, [8, 19], mask_ks=[100, 50], epochs=2, **kw)
 
 
-# ---- the reliability tests: a tiny NSS cache, one trained run, its model folder ----
+# ---- the reliability tests: one-line refusals, a tiny NSS cache, one trained run, its model folder ----
+def one_error_line(result, *words):
+    """A refusal: non-zero exit, no exception but the exit, and exactly one `error:` line, the last, holding `words`."""
+    assert result.exit_code != 0 and isinstance(result.exception, (SystemExit, type(None))), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.output.rstrip().endswith(errors[0]), result.output
+    assert all(word in errors[0] for word in words), errors[0]
+
+
 def nss_cache(cache, n=16):
     """The toy dataset, its NSS store written in chunks of 4 rows, one 1-epoch baseline run; the run."""
     from functools import partial

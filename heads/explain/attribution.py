@@ -3,7 +3,7 @@
 Both come from captum (pure PyTorch). Grad-CAM needs a [B, C, h, w] layer; a ViT's blocks give
 tokens [B, N, C], so `SpatialTap` hooks the last block and routes its patch tokens through an
 identity module as a [B, C, h, w] grid (the prefix tokens, CLS and registers, pass around it
-unchanged). captum's LayerGradCam then hooks that identity: the same forward numbers, a map on the
+unchanged; Swin and PVT stages have none, and a grid their downsampling shrank). captum's LayerGradCam then hooks that identity: the same forward numbers, a map on the
 patch grid. A CNN's last stage already yields a map.
 
 Which block: the last one's output, except where the pooled vector is read from the CLS token
@@ -15,6 +15,7 @@ A target is a function of the pooled embedding [B, D] -> [B]: the head's score (
 its negative (what lowers quality), or a feature band's sum (`band_target`).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,13 +47,6 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no list of blocks to take spatial features from")
 
 
-def patch_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None:
-        return int(getattr(config, "patch_size", 1))
-    return int(model.model.patch_embed.patch_size[0])  # timm, inside _TimmTap
-
-
 def explainable_blocks(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's blocks; refuses a backbone with no spatial features (NSS, CleanDIFT's pooled taps)."""
     if not family_of(backbone.spec).spatial:
@@ -78,16 +72,16 @@ class SpatialTap(nn.Module):
         return grid
 
     def _reroute(self, module, args, output):
-        tokens = output[0] if isinstance(output, tuple) else output
+        tokens = first_tensor(output)
         if tokens.dim() == 4:  # a CNN stage: already a map
-            routed = self(tokens)
-        else:
-            b, n, c = tokens.shape
-            side = self.backbone[0].spec.resolution // patch_size(self.backbone[0].model)
-            prefix = n - side * side  # CLS and register tokens come first
-            grid = tokens[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
-            routed = torch.cat([tokens[:, :prefix], self(grid).flatten(2).transpose(1, 2)], dim=1)
-        return (routed, *output[1:]) if isinstance(output, tuple) else routed
+            return with_first_tensor(output, self(tokens))
+        # [B, N, C]: the patch grid is the largest square in N, the rest the prefix (CLS, registers) that
+        # ViTs put first; a hierarchical model (Swin, PVT) has no prefix and a grid its stages shrank
+        b, n, c = tokens.shape
+        side = math.isqrt(n)
+        prefix = n - side * side
+        grid = tokens[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
+        return with_first_tensor(output, torch.cat([tokens[:, :prefix], self(grid).flatten(2).transpose(1, 2)], dim=1))
 
     def __enter__(self) -> "SpatialTap":
         self._handle = self.block.register_forward_hook(self._reroute)
@@ -95,6 +89,19 @@ class SpatialTap(nn.Module):
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
+
+
+def first_tensor(output) -> torch.Tensor:
+    """A block's main output: the tensor itself, or the first one in its (nested) tuple (Swin's stages return
+    (tokens, tokens before downsampling, sizes), PVT-v2's ((tokens,), height, width))."""
+    return output if isinstance(output, torch.Tensor) else first_tensor(output[0])
+
+
+def with_first_tensor(output, tensor: torch.Tensor):
+    """`output` with its main tensor replaced, the rest of its structure as it was."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    return (with_first_tensor(output[0], tensor), *output[1:])
 
 
 def score_target(head: nn.Module, target: str = "high") -> Target:

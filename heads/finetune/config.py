@@ -55,7 +55,7 @@ def finetune_config(
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     act1, act2 = head_activations(head)
-    if micro_batch < 2 or batch_size % micro_batch:
+    if micro_batch < 2 or batch_size < micro_batch or batch_size % micro_batch:
         raise ValueError(f"--batch-size must be a multiple of --micro-batch {micro_batch} (at least 2: the loss "
                          f"scores pairs), got {batch_size}")
     if accumulate < 1 or epochs < 1 or lora_rank < 1:

@@ -57,6 +57,7 @@ from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, mode
 from iqa.extract.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
+from iqa.errors import SettingError
 from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
@@ -276,6 +277,8 @@ def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: P
         cross[name] = (run_key(cross_config, cross_fp, rows_digest(train_rows, rows)), cross_fp, cross_config)
         scored[name] = Scored(Images.of(other, spec), rows)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cache, config.to_dict(), run.tests)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SettingError(f"`run_dir` {run_dir} is a file; give a folder (new, or an earlier run's to resume it)")
     return TunePlan(config, base, dim, fingerprint, fp_id, run_key(config, fp_id, rows_digest(train_rows, test_rows)),
                     run_dir, train, fit_rows, scored, cross)
 

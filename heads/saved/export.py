@@ -250,8 +250,9 @@ def model_card(config: dict) -> str:
         "",
         f"| test set | SRCC | PLCC |\n|---|---|---|\n| {t['test_dataset']} | {m['best_srcc']:.4f} | {m['best_plcc']:.4f} |",
         "",
-        f"Scores are in [0, 1]; on the MOS scale of {t['train_dataset']} ({config['targets']['score_scale']}): "
-        "mos = scale * score + offset with config.json's targets.mos.",
+        f"Scores are on the training targets' scale, [0, 1] for the images of {t['train_dataset']}; the head's last "
+        "layer is linear and unclipped, so an image unlike them can score below 0 or above 1. On the MOS scale of "
+        f"{t['train_dataset']} ({config['targets']['score_scale']}): mos = scale * score + offset with config.json's targets.mos.",
         "",
         *notes,
         "",

@@ -89,7 +89,9 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
         return self.head(self.unit_length(embeddings.float())[None].to(device))[0].cpu()
 
     def score(self, images) -> torch.Tensor:
-        """[B] predicted quality in [0, 1] (the training set's target scale; `to_mos` maps it back)."""
+        """[B] predicted quality on the training set's target scale, where its images lie in [0, 1]; the head's
+        last layer is linear, unclipped (as the paper trains it), so an image unlike them can score outside
+        (`to_mos` maps a score back to the MOS scale)."""
         return self.score_embeddings(self.embed(images))
 
     def to_mos(self, scores):

@@ -12,11 +12,12 @@ epoch: `adapter/` (LoRA, PEFT's own format, loadable with `PeftModel.from_pretra
 folder is replaced whole each time a better epoch is kept.
 """
 
+import errno
 import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,8 +42,18 @@ def save_head(path: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     """Write one head's state dict with its config; atomically, so a killed write leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"config": json.dumps(config, sort_keys=True)})
+        write_safetensors(tmp, state, {"config": json.dumps(config, sort_keys=True)})
     return path
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """save_file, its failed write (safetensors' own error) raised as the OSError it is."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    except SafetensorError as error:
+        full = "No space left" in str(error)
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      f"cannot write {path}: {'the disk is full; free some space and run again' if full else error}") from None
 
 
 def save_tuned(folder: Path, head: dict[str, torch.Tensor], backbone, regime: str, config: dict,
@@ -54,8 +65,7 @@ def save_tuned(folder: Path, head: dict[str, torch.Tensor], backbone, regime: st
         if regime == "lora":
             backbone.save_pretrained(building / ADAPTER_DIR)
         elif regime == "full":
-            save_file({k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()},
-                      str(building / BACKBONE_FILE))
+            write_safetensors(building / BACKBONE_FILE, backbone.state_dict())
         (building / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, sort_keys=True, indent=1))
     return folder
 

@@ -94,6 +94,9 @@ class RunConfig:
                              f"the batch of {self.batch_size}")
         if self.weight_decay < 0:
             raise SettingError(f"`weight_decay` must be at least 0, got {self.weight_decay}")
+        for option, rate in (("lr", self.lr), ("backbone_lr", self.backbone_lr)):
+            if rate is not None and not 0 < rate < float("inf"):
+                raise SettingError(f"`{option}` must be a positive number, got {rate}")
         check_knn_k(self.head, self.knn_k)
         check_hyper_target(self.head, self.hyper_target, self.dropout)
         if self.fuse is not None:
@@ -156,10 +159,10 @@ def complete_run(run: dict) -> dict:
     return run | asdict(RunConfig.from_dict(run))
 
 
-def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray) -> str:
-    """A short digest of the exact rows a run trains and tests on."""
+def rows_digest(train_rows: np.ndarray, test_rows: np.ndarray, *more_rows: np.ndarray) -> str:
+    """A short digest of the exact rows a run trains and tests on (and selects on, where given)."""
     h = hashlib.sha256()
-    for rows in (train_rows, test_rows):
+    for rows in (train_rows, test_rows, *more_rows):
         h.update(np.asarray(rows, dtype=np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]

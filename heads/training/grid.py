@@ -187,15 +187,24 @@ def run_grid(
             splits[group] = run_rows(c, cached(c.train_dataset), cached(c.test_dataset))
         return splits[group]
 
+    def validation_of(c: RunConfig, r: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """A run's validation rows where they are carved by content group: they enter its key (other runs'
+        keys stay as they were) and its stack's shape (their number varies with the groups drawn)."""
+        if c.select != "val" or c.split_by != "group":
+            return ()
+        return (validation_rows(c, r[0], cached(c.train_dataset))[1],)
+
     rows_of = [rows_for(c) for c in configs]
-    keys = [run_key(c, fingerprint(c), rows_digest(*r)) for c, r in zip(configs, rows_of)]
+    carved = [validation_of(c, r) for c, r in zip(configs, rows_of)]
+    keys = [run_key(c, fingerprint(c), rows_digest(*r, *v)) for c, r, v in zip(configs, rows_of, carved)]
     rows = dict(zip(keys, rows_of))
+    val_sizes = {k: tuple(map(len, v)) for k, v in zip(keys, carved)}
     finished = db.finished_keys()
     pending = list(dict.fromkeys((c, k) for c, k in zip(configs, keys) if k not in finished))
     def shape(pending_run: tuple[RunConfig, str]) -> tuple:
         """Architecture and row counts: runs that agree on them can share a stack (rows must be rectangular)."""
         config, key = pending_run
-        return (_stack_key(config), *map(len, rows[key]))
+        return (_stack_key(config), *map(len, rows[key]), *val_sizes[key])
 
     size = stack_size or STACK_SIZE.get(str(device).split(":")[0], 1)
     stacks = []
@@ -277,7 +286,8 @@ def validation_rows(config: RunConfig, train_rows: np.ndarray, train: Cached) ->
     """(fit, validation) rows of a `select="val"` run: the published validation set (failed images left out)
     beside the published training set, or a part carved from the seed's training rows."""
     if config.split_by != "official":
-        return carve_validation(train_rows, config.seed, config.val_fraction)
+        groups = train.manifest.groups if config.split_by == "group" else None
+        return carve_validation(train_rows, config.seed, config.val_fraction, groups)
     validation = official_split(train.manifest.extras.get("set"))["validation"]
     return train_rows, validation[train.valid[validation]]
 

@@ -1,27 +1,11 @@
 """Every name that becomes a path component is one plain folder name, and iqa's own folders are no dataset's."""
 
 import pytest
-from typer.testing import CliRunner
 
 from iqa.cache.location import RESERVED_NAMES, UnsafeName, dataset_dir, dataset_name, plain_name
-from iqa.cli import app
-from helpers import toy_dataset
+from helpers import iqa, one_error_line, toy_dataset
 
 UNSAFE = ["../../victim", "..", ".", "", "a/b", "/abs", ".hidden", "a\\b", "x\0y"]
-
-
-def iqa(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("name", UNSAFE)

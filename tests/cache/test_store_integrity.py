@@ -26,7 +26,7 @@ def test_head_refuses_an_unfinished_store_in_one_line(half_store):
     result = head(half_store)
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "unfinished: 24 of 40 rows done" in result.stderr
-    assert "iqa extract --backbone dinov2 --dataset toy --tag tiny" in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --tiny" in result.stderr
     with pytest.raises(IncompleteStore):
         load_cached(half_store, "toy", "dinov2", "tiny")
 
@@ -99,7 +99,7 @@ def test_a_damaged_layer_chunk_is_named_refused_by_a_layer_run_and_repaired(tmp_
     result = head(tmp_path, "--layer", "2")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert result.stderr.startswith("error: ") and str(store) in result.stderr and "layer2: " in result.stderr
-    assert "iqa extract --backbone dinov2 --dataset toy --tag tiny` recomputes those chunks" in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --tiny` recomputes those chunks" in result.stderr
     assert load_cached(tmp_path, "toy", "dinov2", "tiny").valid.all(), "runs on the embeddings do not read layer2"
 
     summary = extract_dataset(request, num_workers=0)

@@ -7,25 +7,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from iqa.cache.atomic import NotOurs, atomic_path, remove_stale, replaceable_file
 from iqa.cache.results import default_db
-from iqa.cli import app
-from helpers import nss_cache, nss_model
-
-
-def iqa(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit), result.output
-    assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, result.output
-    for word in words:
-        assert word in lines[-1], lines[-1]
+from helpers import iqa, nss_cache, nss_model, one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +142,9 @@ def test_demo_export_is_reused_or_rebuilt_after_a_killed_export(model, tmp_path,
     (cache / "models").mkdir(exist_ok=True)
     killed = cache / "models" / f".{run['key'][:12]}.tmp-999999999-{'b' * 32}"
     killed.mkdir()
+    half = cache / "models" / run["key"][:12]  # what an export killed before exports were atomic left
+    half.mkdir()
+    (half / "head.safetensors").write_bytes(b"cut")
     folder, (_, score) = export_best_nss(cache, default_db(cache), [run])
     assert (folder / "config.json").is_file() and np.isfinite(score) and not killed.exists()
     assert export_best_nss(cache, default_db(cache), [run])[0] == folder

@@ -112,7 +112,7 @@ def test_force_replaces_only_a_demo_set_and_an_existing_one_needs_it(tmp_path):
         make_demo(out, photos=("chelsea",), distortions=("jpeg",), short_side=32, force=True)
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()  # an empty folder is fine
-    dead = tmp_path / ".demo-src.tmp-999999999-abc"  # a killed build's temporary
+    dead = tmp_path / f".demo-src.tmp-999999999-{'a' * 32}"  # a killed build's temporary
     dead.mkdir()
     make_demo(out, photos=("chelsea",), distortions=("jpeg",), short_side=32)
     (out / "stale.txt").write_text("old")

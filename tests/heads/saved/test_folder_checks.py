@@ -7,25 +7,11 @@ import sqlite3
 import pytest
 import torch
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from iqa.cache.results import ResultsDB, ResultsDBError
-from iqa.cli import app
 from iqa.heads.saved.export import file_sha256, write_config
 from iqa.heads.saved.model import ModelFolderError, load_model
-from helpers import nss_model
-
-
-def iqa(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, *words):
-    assert result.exit_code != 0 and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
+from helpers import iqa, nss_model, one_error_line
 
 
 @pytest.fixture(scope="module")

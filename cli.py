@@ -382,6 +382,9 @@ def cache_ls(cache: CacheOption = None, json_lines: JsonOption = False) -> None:
         except DamagedStore as error:
             damaged.append(str(error))
             continue
+        if json_lines:
+            typer.echo(json.dumps({**asdict(info), "path": str(info.path), "invalid": [list(i) for i in info.invalid]}))
+            continue
         typer.echo(
             f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}  "
             f"chunks {info.chunks_done}/{info.chunks_total}  unreadable {len(info.invalid)}  {info.fingerprint_id}"
@@ -489,8 +492,8 @@ def head_command(
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
-    knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) [default: chosen by 5-fold CV on the training rows].")] = None,
-    hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) [default: iqa's 16-wide code].")] = None,
+    knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) (default: chosen by 5-fold CV on the training rows).")] = None,
+    hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) (default: iqa's 16-wide code).")] = None,
     mlflow: MlflowOption = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
@@ -583,7 +586,7 @@ def export_command(
     select: Annotated[Optional[str], typer.Option(help="--best: only runs whose epoch this rule kept (test, val, last).")] = None,
     bundle: Annotated[bool, typer.Option("--bundle", help="Copy the base backbone weights into the folder: it then loads "
                                                           "anywhere, offline.")] = False,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
     cache: CacheOption = None,
     json_lines: JsonOption = False,
 ) -> None:
@@ -627,6 +630,7 @@ def score_command(
     cache: CacheOption = None,
 ) -> None:
     """Score images with exactly the preprocessing the model was trained on."""
+    from iqa.cache.atomic import replaceable_file
     from iqa.heads.saved.model import image_files, is_scores_file, load_model, score_dataset, score_files, write_scores
 
     if bool(images) == bool(dataset):
@@ -667,13 +671,13 @@ def zeroshot_command(
     seeds: Annotated[str, typer.Option(help="Seeds whose test rows each run is evaluated on (as heads are).")] = "8,19,25",
     split_by: Annotated[str, typer.Option(help="random, group or official: the heads' split rule.")] = "random",
     tag: Annotated[Optional[str], typer.Option(help="Embedding store tag inside the cache.")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
     learn_prompts: Annotated[bool, typer.Option("--learn-prompts", help="Train context vectors before each prompt "
                                                 "(CLIP-IQA+; text tower frozen) on each seed's training rows.")] = False,
-    context: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt [16].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: epochs [30].")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="--learn-prompts: learning rate [CoOp's 2e-3].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=2, help="--learn-prompts: rows per optimiser step [12].")] = None,
+    context: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: learned word vectors per prompt (default: 16).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="--learn-prompts: epochs (default: 30).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="--learn-prompts: learning rate (default: CoOp's 2e-3).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="--learn-prompts: rows per optimiser step (default: 12).")] = None,
     loss: Annotated[Optional[str], typer.Option(help="--learn-prompts: mse+margin (the paper's, default), mse or l1.")] = None,
     select: Annotated[Optional[str], typer.Option(help="--learn-prompts: epoch kept, test (default), val or last.")] = None,
     device: DeviceOption = "auto",
@@ -801,7 +805,7 @@ def finetune_command(
     micro_batch: Annotated[int, typer.Option(help="Rows the loss scores alone: 2 (the paper's), or the physical batch "
                                                   "(the whole batch ranked at once).")] = 2,
     lora_rank: Annotated[str, typer.Option(help="LoRA ranks, e.g. 1,2,4,8,16.")] = "4",
-    lora_alpha: Annotated[Optional[str], typer.Option(help="LoRA alphas, e.g. 8 [default: 2 x rank].")] = None,
+    lora_alpha: Annotated[Optional[str], typer.Option(help="LoRA alphas, e.g. 8 (default: 2 x rank).")] = None,
     lr: Annotated[str, typer.Option(help="Head (and LoRA adapter) learning rates, comma-separated.")] = "1e-4",
     backbone_lr: Annotated[float, typer.Option(help="Backbone learning rate in full mode.")] = 5e-6,
     mask_k: Annotated[str, typer.Option(help="Top-k percentile feature masking levels, e.g. 100,90,70.")] = "100",
@@ -819,12 +823,12 @@ def finetune_command(
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
     split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
-    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of a single run [default: <cache>/runs/<dataset>/...].")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of a single run (default: <cache>/runs/<dataset>/...).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (each run a Ray task, one GPU each).")] = "local",
-    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address [default: a local one].")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address (default: a local one).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON line per finished record, with its key.")] = False,
-    db: Annotated[Optional[Path], typer.Option(help="Results database [default: <cache>/results.sqlite].")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="Results database (default: <cache>/results.sqlite).")] = None,
     cache: CacheOption = None,
     mlflow: MlflowOption = None,
 ) -> None:

@@ -53,7 +53,6 @@ def cell_share(cam: torch.Tensor, cell: int) -> float | None:
     return float(torch.tensor_split(rows, 2, dim=1)[cell % 2].sum()) / total
 
 
-@torch.no_grad()
 def blocks(height: int, width: int, block: int = BLOCK) -> list[tuple[slice, slice]]:
     """(rows, cols) of each block, row-major, covering every pixel once: the last row and column of blocks
     are narrower where `block` does not divide the side."""
@@ -69,6 +68,7 @@ def block_order(cam: torch.Tensor, block: int = BLOCK) -> np.ndarray:
     return torch.argsort(means, descending=True, stable=True).numpy()
 
 
+@torch.no_grad()
 def deletion_curves(subject: Subject, pixels: torch.Tensor, orders: list[np.ndarray], block: int = BLOCK,
                     fill: str = "zero", batch: int = DELETION_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """(deleted pixel fraction, predicted score), each [len(orders), DELETION_STEPS + 1], as the blocks of each

@@ -7,6 +7,7 @@ fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors),
 by sha256 on load, and README.md, a model card with the Hugging Face metadata header. `iqa.load_model` reads it back.
 """
 
+import hashlib
 import json
 import shutil
 from importlib.metadata import version

@@ -381,7 +381,7 @@ def test_report_explanations_page_shows_each_models_maps_and_the_evaluate_number
 
     from helpers import check_page  # last: it skips where no browser is installed
 
-    assert check_page(report / "explanations.html", "report-explanations")["images"] == 3
+    assert check_page(report / "explanations.html", "report-explanations")["images"] == 3 + 1  # the maps, the deletion curves
 
 
 @pytest.mark.parametrize("l2norm", [False, True])

@@ -47,7 +47,7 @@ def test_fixed_k_is_in_the_key_only_when_set():
 def test_bad_fixed_k_is_refused(head, k, match):
     with pytest.raises(ValueError, match=match):
         RunConfig("clive", "clive", "siglip2", head, head, head, 8, knn_k=k)
-    with pytest.raises(ValueError, match="--act knn"):
+    with pytest.raises(ValueError, match="give the knn head"):
         expand_grid([("clive", "clive")], "siglip2", head_choices(["ridge"], []), [8], knn_k=20)
     x, y = noisy_set(n=30)
     with pytest.raises(ValueError, match="between 1 and the 30"):

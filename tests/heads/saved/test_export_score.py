@@ -186,8 +186,9 @@ def test_score_dataset_reuses_a_matching_store_else_reads_the_images(demo_cache,
 
     elsewhere = tmp_path / "cache"  # the same manifest, no store: computed from the images
     shutil.copytree(demo_cache / "demo", elsewhere / "demo", ignore=shutil.ignore_patterns("*.zarr"))
+    shutil.copytree(demo_cache / "demo-src", elsewhere / "demo-src")  # images inside a cache travel with it
     from_images = CliRunner().invoke(app, [*command, str(elsewhere)])
-    assert from_images.exit_code == 0 and "scored from its images" in from_images.stderr
+    assert from_images.exit_code == 0 and "scored from its images" in from_images.stderr, from_images.output
     computed = torch.tensor([json.loads(line)["score"] for line in from_images.stdout.splitlines()])
     assert torch.allclose(computed, scores, atol=5e-3)  # the store holds float16
     neither = CliRunner().invoke(app, ["score", str(out)])

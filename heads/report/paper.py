@@ -153,7 +153,7 @@ def compare_row(tables: dict, tid: str, row: dict, runs: list[dict], protocol: b
     marked = [cell is not None and printed_value(cell) is None for cell in row["cells"]]  # the paper's "-" and "—"
     for i, printed in enumerate(row["cells"]):
         column, metric = table["columns"][i // len(table["metrics"])], table["metrics"][i % len(table["metrics"])]
-        unpublished = [c for j, c in enumerate(table["columns"]) if marked[j * width + i % width]]
+        unpublished = [] if row.get("measured_only") else [c for j, c in enumerate(table["columns"]) if marked[j * width + i % width]]
         if "match" not in row:  # another method's row, or one of the paper's with no iqa backbone (its note says)
             absent = "not run" if row.get("kind") == "ours" else "published only"
             out.append(Compared(printed, "unreadable" if printed is None else absent))
@@ -191,6 +191,25 @@ def _classical_rows(tables: dict, tid: str, runs: list[dict]) -> list[tuple[int,
     return out
 
 
+ZERO_SHOT = ("zeroshot", "learned-prompts")  # heads/zeroshot's runs: no published counterpart, shown in Table 5a
+ZERO_SHOT_TABLE, ZERO_SHOT_BEFORE = "5a", "B"  # among the compared methods, above the paper's own rows
+
+
+def _zero_shot_rows(tables: dict, tid: str, runs: list[dict]) -> list[tuple[int, dict]]:
+    """(index of the row they go above, a row) per backbone, head and prompt set of `iqa zeroshot` runs on the
+    seeds' test rows: measured beside the published methods, with no printed value of their own."""
+    if tid != ZERO_SHOT_TABLE:
+        return []
+    table = tables[tid]
+    at = next(i for i, r in enumerate(table["rows"]) if r["label"] == ZERO_SHOT_BEFORE)
+    width = len(table["columns"]) * len(table["metrics"] or [None])
+    found = sorted({(r["backbone"], r["head"], r["prompts"]) for r in runs
+                    if r.get("head") in ZERO_SHOT and r.get("evaluated_on") == "test"})
+    return [(at - 1, {"label": f"iqa {head} ({backbone}, {prompts} prompts)", "cells": ["—"] * width, "measured_only": True,
+                      "match": {"backbone": backbone, "head": head, "prompts": prompts, "evaluated_on": "test"}})
+            for backbone, head, prompts in found]
+
+
 @dataclass
 class TableComparison:
     tid: str
@@ -224,7 +243,7 @@ def compare(runs: list[dict], tables: dict | None = None) -> list[TableCompariso
         headers = [f"{c.replace('delta:', 'Δ ')} {m.upper()}" for c in table["columns"] for m in table["metrics"]]
         rows = [(r["label"], compare_row(tables, tid, r, runs)) for r in table["rows"]]
         notes = [f"{r['label']}: {r['note']}" for r in table["rows"] if r.get("note")]
-        for shift, (at, row) in enumerate(_classical_rows(tables, tid, runs)):
+        for shift, (at, row) in enumerate(_classical_rows(tables, tid, runs) + _zero_shot_rows(tables, tid, runs)):
             rows.insert(at + 1 + shift, (row["label"], compare_row(tables, tid, row, runs, protocol=True)))
         if not table.get("sd_table"):
             notes.append("the paper publishes no standard deviations for this table: measured cells are shown, not judged")

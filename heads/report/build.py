@@ -151,7 +151,7 @@ def write_report(
             summary.notes.append("prediction against MOS: no embedding cache and results database given")
         if paired:
             _paired_tables(runs, paired, load, results_db, building, summary, page)
-        _profile(runs, profile, building, device, summary, page)
+        _profile(runs, profile, building, device, summary, page, load)
         if paper:
             page.paper = summary.paper = _paper(runs, building, summary)
         if explanations is not None:
@@ -402,18 +402,31 @@ def _paired_tables(runs, pairs: list[tuple[str, str]], load: Loader | None, resu
                             paired_table(result, "html")))
 
 
-def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page) -> None:
+def _profile(runs, backbones: list[str], folder: Path, device: str, summary: ReportSummary, page: _Page,
+             load: Loader | None = None) -> None:
     if not backbones:
         summary.notes.append("compute profile: no backbone named (--profile siglip2,...)")
         return
     rows = []
     for backbone in backbones:
-        heads = sorted({r["head"] for r in runs if r["backbone"] == backbone and r["head"] not in PROBES},
-                       key=_head_order) or list(HEADS)
-        rows += profile_backbone(backbone, heads, device)
+        own = [r for r in runs if r["backbone"] == backbone]
+        for tag in sorted({r["tag"] for r in own}, key=str) or [None]:
+            tagged = [r for r in own if r["tag"] == tag]
+            heads = sorted({r["head"] for r in tagged if r["head"] not in PROBES}, key=_head_order) or list(HEADS)
+            rows += profile_backbone(backbone, heads, device, tag, _checkpoint_of(tagged, load))
     (folder / "profile.md").write_text(profile_table(rows, "md"))
     (folder / "profile.csv").write_text(profile_table(rows, "csv"))
     page.profile = profile_table(rows, "html")
+
+
+def _checkpoint_of(runs: list[dict], load: Loader | None) -> str | None:
+    """The weights a tagged store was embedded with (its fingerprint's model_id), where the store can be read."""
+    if not runs or load is None or runs[0]["tag"] in (None, "tiny", "random-init"):
+        return None
+    try:
+        return load(runs[0]["train_dataset"], runs[0]["backbone"], runs[0]["tag"]).fingerprint.get("model_id")
+    except (FileNotFoundError, ValueError):  # a store moved or rebuilt since: the registry's model is profiled
+        return None
 
 
 def default_profile(runs: list[dict]) -> list[str]:

@@ -13,10 +13,12 @@ the column says so.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from iqa.cache.location import backbone_label
 from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
 from iqa.extract.registry import get_spec
 from iqa.heads.models.hyper import HYPER
@@ -84,13 +86,24 @@ def _peak_memory(spec, device: str) -> str:
     return f"{peak:.0f} MiB (bf16 autocast, fp32 weights)"
 
 
-def profile_backbone(key: str, heads: list[str], device: str = "cpu") -> list[ProfileRow]:
-    """One row per head on this backbone."""
-    spec = get_spec(key)
+def profile_backbone(key: str, heads: list[str], device: str = "cpu", tag: str | None = None,
+                     source: str | None = None) -> list[ProfileRow]:
+    """One row per head on this backbone: the registry's full-size model, or the model the runs used where
+    that was another (`tag` tiny: the tiny config; `source` a local checkpoint: that checkpoint, loaded, at
+    the side it ran at), so the profile counts the model that ran."""
+    spec = get_spec(key, tiny=tag == "tiny")
+    checkpoint = source if source and Path(source).exists() else None
     if family_of(spec).in_worker:  # computed on the CPU in the decode workers, not a network
         counted = dict(resolution=None, backbone_params=0, backbone_macs=None, attention_macs=None,
                        peak_memory="n/a (CPU features)", weights="none (worker features)",
                        note="features computed in the decode workers: no network MACs")
+    elif checkpoint is not None or tag == "tiny":
+        model = load_backbone(spec, source=checkpoint, tiny=checkpoint is None)
+        side = model.spec.resolution
+        macs, attention = count_macs(model, torch.zeros(1, 3, side, side))
+        counted = dict(resolution=side, backbone_params=family_of(spec).parameters_used(model), backbone_macs=macs,
+                       attention_macs=attention, peak_memory="n/a (not the registry model)",
+                       weights=f"local checkpoint {Path(checkpoint).name}" if checkpoint else "tiny config, random init")
     else:
         try:
             with torch.device("meta"):
@@ -103,10 +116,11 @@ def profile_backbone(key: str, heads: list[str], device: str = "cpu") -> list[Pr
         except BackboneLoadError as error:
             counted = dict(resolution=spec.resolution, backbone_params=None, backbone_macs=None, attention_macs=None,
                            peak_memory="n/a", weights="not built", note=str(error).split(":")[0])
+    width = model.spec.dim if checkpoint is not None or tag == "tiny" else spec.dim
     rows = []
     for head in heads:
-        params, macs = head_profile(spec.dim, head)
-        rows.append(ProfileRow(key, head, head_params=params, head_macs=macs, **counted))
+        params, macs = head_profile(width, head)
+        rows.append(ProfileRow(backbone_label(key, tag), head, head_params=params, head_macs=macs, **counted))
     return rows
 
 

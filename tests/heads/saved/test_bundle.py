@@ -110,3 +110,19 @@ def test_a_local_checkpoint_is_named_for_itself_and_its_own_resolution_is_announ
     (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert "224 px" in note and "520 px" in note and "--resolution 224" in note
     assert not list(tmp_path.glob("**/dinov2.zarr"))
+
+
+def test_the_reports_compute_profile_counts_the_checkpoint_that_ran(local_checkpoint_runs, tmp_path):
+    from iqa.heads.report.build import write_report
+
+    checkpoint, cache, runs = local_checkpoint_runs
+    ran = load_backbone(get_spec("clip"), source=str(checkpoint))
+    write_report(runs, tmp_path / "report", lambda d, b, t: load_cached(cache, d, b, t), ["clip"], tsne=False,
+                 progress=False)
+    rows = [line.split(" | ") for line in (tmp_path / "report" / "profile.md").read_text().splitlines()
+            if line.startswith("| clip")]
+    assert rows and all(row[0] == "| clip@mine" for row in rows)  # the store's tag names the model that ran
+    million = sum(p.numel() for p in ran.parameters()) / 1e6
+    for row in rows:  # params column: backbone + head; the tiny checkpoint, not the 400 M registry model
+        assert float(row[3]) == pytest.approx(million + int(row[6].replace(",", "")) / 1e6, abs=0.006)
+        assert row[2] == f"{ran.spec.resolution}x{ran.spec.resolution}" and "local checkpoint my-clip" in row[9]

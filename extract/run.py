@@ -335,6 +335,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,
     )
+    if getattr(model, "checkpoint_side", None):  # beside the fingerprint's side (the one run): the checkpoint's own
+        store.group.attrs["checkpoint_resolution"] = model.checkpoint_side
     if store.layer_dims:  # the store's layers (a resumed or extended store's, in its order)
         model.use_layers(tuple(store.layer_dims))
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them

@@ -110,6 +110,8 @@ def test_a_local_checkpoint_is_named_for_itself_and_its_own_resolution_is_announ
     (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert "224 px" in note and "520 px" in note and "--resolution 224" in note
     assert not list(tmp_path.glob("**/dinov2.zarr"))
+    store = json.loads(next(tmp_path.glob("**/dinov2@dinov2-small-224.zarr/zarr.json")).read_text())["attributes"]
+    assert (store["fingerprint"]["resolution"], store["checkpoint_resolution"]) == (520, 224)  # both recorded
 
 
 def test_the_reports_compute_profile_counts_the_checkpoint_that_ran(local_checkpoint_runs, tmp_path):

@@ -132,13 +132,20 @@ def main() -> None:
                **{f"{part}speedup_{clock}": best[f"{part}per_step_{clock}_seconds"] / best[f"{part}batched_{clock}_seconds"]
                   for part in ("", "deletion_") for clock in ("wall", "cpu")},
                "threads": torch.get_num_threads(), "smoke": args.smoke}
-    print(f"evaluation of {args.grids} grids at {args.resolution} px ({figures['blocks']} blocks, "
-          f"{1 + RANDOM_ORDERS} curves x {DELETION_STEPS + 1} steps each), best of {args.repeats}, wall | CPU seconds:")
-    for part, what in (("", "whole evaluation"), ("deletion_", "deletion curves alone")):
-        print(f"  {what}: per-step loop {best[f'{part}per_step_wall_seconds']:.2f} | {best[f'{part}per_step_cpu_seconds']:.2f}, "
-              f"batched (iqa) {best[f'{part}batched_wall_seconds']:.2f} | {best[f'{part}batched_cpu_seconds']:.2f}: "
-              f"x{figures[f'{part}speedup_wall']:.2f} | x{figures[f'{part}speedup_cpu']:.2f}")
+    print_figures(figures)
     print(json.dumps(figures))
+
+
+def print_figures(figures: dict) -> None:
+    """Both evaluations' wall and CPU seconds, and the speed-up, for a reader."""
+    print(f"evaluation of {figures['grids']} grids at {figures['resolution']} px ({figures['blocks']} blocks, "
+          f"{figures['curves_per_grid']} curves x {figures['steps']} steps each), best of {figures['repeats']}, "
+          "wall | CPU seconds:")
+    for part, what in (("", "whole evaluation"), ("deletion_", "deletion curves alone")):
+        loop = [figures[f"{part}per_step_{clock}_seconds"] for clock in ("wall", "cpu")]
+        ours = [figures[f"{part}batched_{clock}_seconds"] for clock in ("wall", "cpu")]
+        print(f"  {what}: per-step loop {loop[0]:.2f} | {loop[1]:.2f}, batched (iqa) {ours[0]:.2f} | {ours[1]:.2f}: "
+              f"x{figures[f'{part}speedup_wall']:.2f} | x{figures[f'{part}speedup_cpu']:.2f}")
 
 
 if __name__ == "__main__":

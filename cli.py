@@ -825,6 +825,7 @@ def finetune_command(
     split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
     run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of a single run (default: <cache>/runs/<dataset>/...).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
+    explain_every: Annotated[Optional[int], typer.Option("--explain-every", min=1, help="Keep Grad-CAM maps of 3 fixed test images every N optimiser steps (the report draws them as a strip; Fig. S6).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (each run a Ray task, one GPU each).")] = "local",
     address: Annotated[Optional[str], typer.Option("--address", help="ray: cluster address (default: a local one).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON line per finished record, with its key.")] = False,
@@ -861,7 +862,7 @@ def finetune_command(
             from iqa.heads.finetune.ray_grid import tune_on_ray
 
             tuned_on = tune_on_ray(address, num_gpus=1.0 if device.startswith("cuda") else 0.0)
-        outcome = finetune_grid(root, runs, ResultsDB(db) if db else None, Runtime(device, dtype, model, workers),
+        outcome = finetune_grid(root, runs, ResultsDB(db) if db else None, Runtime(device, dtype, model, workers, explain_every=explain_every),
                                 tuned_on, run_dir, on_record=_finetune_line if json_lines else None)
     except (BackboneLoadError, FileNotFoundError, ImportError, KeyError, ValueError) as err:
         fail(message(err))

@@ -11,7 +11,7 @@ task (one GPU each on a GPU cluster, one CPU each on local workers otherwise). A
 is tried once more, then reported in `GridOutcome.failed` while the others go on.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -87,7 +87,7 @@ def finetune_grid(
         raise ValueError(f"--run-dir is the folder of one run; this grid has {len(runs)} (leave it out)")
     check_grid(cache, runs)
     db = db if db is not None else ResultsDB(default_db(cache))
-    quiet = Runtime(runtime.device, runtime.dtype, runtime.source, runtime.num_workers, progress=False)
+    quiet = replace(runtime, progress=False)
     finished, outcome = db.finished_keys(), GridOutcome()
     tuned = (engine or tune_here)(cache, runs, db.path, quiet, finished, run_dir)
     waiting = list(runs)

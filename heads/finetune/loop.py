@@ -62,6 +62,7 @@ from iqa.extract.preprocess import normalise
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
+from iqa.heads.finetune.explain_every import MapsOverTraining
 from iqa.heads.finetune.features import save_features
 from iqa.heads.finetune.config import MICRO_BATCH, MODES, TuneRun, finetune_config  # noqa: F401 (the loop's API)
 from iqa.heads.models.activations import GatedActivation
@@ -166,6 +167,7 @@ class Runtime:
     source: str | None = None  # base weights: HF id or folder, instead of the registry's
     num_workers: int = 2
     progress: bool = True
+    explain_every: int | None = None  # Grad-CAM of a few fixed test images every N steps (explain_every.py)
 
 
 @dataclass
@@ -332,9 +334,16 @@ class Tuning:
         plan, config, runtime = self.plan, self.config, self.runtime
         per_step, steps = config.batch_size, len(plan.fit_rows) // config.batch_size
         order = epoch_order(plan.fit_rows, config.seed, self.epoch)[: steps * per_step].reshape(-1, config.physical_batch)
+        if runtime.explain_every:
+            maps = MapsOverTraining(plan, TEST_SPLIT, self.model, self.kept, runtime.explain_every, self.epoch * steps)
+
+            def step_and_maps() -> None:
+                on_step()
+                maps.after_step()
         loss_sum = train_epoch(self.model, self.optimizer, self.scaler,
                                plan.train.batches(order.tolist(), runtime.device, runtime.num_workers),
-                               config.accumulate, self.cast, on_step, config.loss, config.micro_batch)
+                               config.accumulate, self.cast, step_and_maps if runtime.explain_every else on_step,
+                               config.loss, config.micro_batch)
         preds = None if loss_sum is None else self.score()
         if preds is None or not all(torch.isfinite(p).all() for p in preds.values()):
             self.diverged_epoch = self.epoch + 1

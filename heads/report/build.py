@@ -42,6 +42,7 @@ from iqa.heads.report.scatter import kept_predictions, scatter_figure
 from iqa.heads.report.tables import results_table
 from iqa.heads.report.tsne import retrained_features, tsne_2d
 from iqa.errors import SettingError
+from iqa.heads.finetune.explain_every import kept_maps, maps_folder
 from iqa.heads.finetune.features import tuned_features
 from iqa.heads.saved.weights import run_weights_path
 
@@ -145,6 +146,8 @@ def write_report(
             summary.notes.append("t-SNE: skipped (--no-tsne)" if load is not None else "t-SNE: no embedding cache given")
         if tsne and results_db is not None:
             _tuned_tsne_figures(runs, Path(results_db), building, summary, page)
+        if results_db is not None:
+            _maps_over_training(runs, Path(results_db), building, summary, page)
         if load is not None and results_db is not None:
             _scatter_figures(runs, load, Path(results_db), building, summary, page)
         else:
@@ -320,6 +323,19 @@ def _tuned_tsne_figures(runs, results_db: Path, folder: Path, summary: ReportSum
         title = f"t-SNE of the tuned model's last hidden features (test split, kept epoch): {label}"
         _add_figure(figures.tsne_figure(title, panels), folder,
                     figures.stem("tsne_tuned", backbone, tag or "", dataset, regime), title, summary, page)
+
+
+def _maps_over_training(runs, results_db: Path, folder: Path, summary: ReportSummary, page: _Page) -> None:
+    """Fig. S6: the Grad-CAM maps a fine-tuning run kept every N steps (`iqa finetune --explain-every`), a strip each."""
+    for run in runs:
+        kept = kept_maps(maps_folder(run_weights_path(results_db, run["key"]).parent))
+        if kept is None:
+            continue
+        names, steps, maps = kept
+        label = f"{backbone_label(run['backbone'], run['tag'])}, {run['train_dataset']}, {run['regime']}, {run['head']}, seed {run['seed']}"
+        title = f"Grad-CAM over training (Fig. S6): {label}"
+        _add_figure(figures.maps_strip(title, names, steps, maps), folder,
+                    figures.stem("gradcam_training", run["key"][:12]), title, summary, page)
 
 
 def _stage_tsne_figures(runs, load: Loader, folder: Path, progress: bool, summary: ReportSummary, page: _Page) -> None:

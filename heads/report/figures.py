@@ -285,3 +285,25 @@ def deletion_figure(curves: dict[str, dict]):
     ax.legend(fontsize=7)
     ax.set_title("Deletion: a faithful map makes the score fall early")
     return fig
+
+
+MAX_STRIP_STEPS = 8  # columns of a maps-over-training strip: the kept steps, evenly thinned
+
+
+def maps_strip(title: str, names: list[str], steps: list[int], maps: np.ndarray):
+    """maps [steps, images, R, R]: one row per image, one column per kept step (each map scaled to its maximum)."""
+    shown = sorted(set(np.linspace(0, len(steps) - 1, min(len(steps), MAX_STRIP_STEPS)).round().astype(int)))
+    fig, axes = plt.subplots(len(names), len(shown), figsize=(2.2 * len(shown), 2.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        for column, s in enumerate(shown):
+            ax = axes[row][column]
+            m = maps[s, row]
+            ax.imshow(m / (m.max() or 1.0), cmap="jet", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"step {steps[s]}", fontsize=8)
+            if column == 0:
+                ax.set_ylabel(Path(name).name, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -116,7 +116,7 @@ def parse_numbers(text: str, option: str, kind: type = float) -> tuple:
     try:
         return tuple(kind(part) for part in _csv([text]))
     except ValueError:
-        fail(f"{option} takes {'integers' if kind is int else 'numbers'} separated by commas, got {text!r}")
+        fail(f"{option} takes comma-separated numbers, got {text!r}")
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -559,7 +559,7 @@ def results_command(
 
 
 def _paired_comparison(runs: list[dict], keys: str, results_db: Path, root: Path, fmt: str, json_out: bool) -> None:
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
     from iqa.heads.report.paired import compare_keys, paired_table
 
     pair = _csv([keys])
@@ -850,9 +850,9 @@ def finetune_command(
     try:
         runs = expand_finetune_grid(
             _csv([backbone]), _csv([dataset]), _csv([head]) + ["+".join(p) for p in pairs], parse_seeds(seeds),
-            _csv([mode]), _numbers(lora_rank, int, "--lora-rank"),
-            _numbers(lora_alpha, float, "--lora-alpha") if lora_alpha else [None], _numbers(mask_k, float, "--mask-k"),
-            _numbers(keep, float, "--keep"), _numbers(lr, float, "--lr"), _csv([loss]), _csv([test] if test else []),
+            _csv([mode]), parse_numbers(lora_rank, "--lora-rank", int),
+            parse_numbers(lora_alpha, "--lora-alpha") if lora_alpha else [None], parse_numbers(mask_k, "--mask-k"),
+            parse_numbers(keep, "--keep"), parse_numbers(lr, "--lr"), _csv([loss]), _csv([test] if test else []),
             epochs=epochs, batch_size=batch_size, accumulate=accumulate, micro_batch=micro_batch, backbone_lr=backbone_lr,
             tiny=tiny, random_init=random_init, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
             select=select, val_fraction=val_fraction, split_by=split_by, dropout=dropout,
@@ -879,13 +879,6 @@ def finetune_command(
     if outcome.failed or diverged:
         fail(f"{len(outcome.failed)} runs failed, {len(diverged)} records diverged (their last good checkpoints are kept "
              f"and the diverged ones recorded); the others are recorded")
-
-
-def _numbers(text: str, kind: type, flag: str) -> list:
-    try:
-        return [kind(part) for part in _csv([text])]
-    except ValueError:
-        fail(f"{flag} takes comma-separated numbers, got {text!r}")
 
 
 def _finetune_line(record: dict) -> None:

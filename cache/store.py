@@ -34,7 +34,6 @@ training, `verify` says what is wrong with one, `listing` lists a cache's, `expo
 """
 
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from iqa.cache.location import dataset_dir, is_url, plain_name
+from iqa.cache.location import backbone_label, dataset_dir, is_url, plain_name
 from iqa.cache.manifest import Manifest
 from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.stamps import changed_images
@@ -70,7 +69,7 @@ class DamagedStore(ValueError):
 
 def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = None) -> Path | str:
     """The store's location under a cache (or store root URL): a Path, or a URL string."""
-    name = plain_name(backbone, "backbone") if tag is None else f"{plain_name(backbone, 'backbone')}@{plain_name(tag, 'tag')}"
+    name = backbone_label(plain_name(backbone, "backbone"), None if tag is None else plain_name(tag, "tag"))
     return f"{dataset_dir(root, dataset)}/{name}.zarr" if is_url(root) else dataset_dir(root, dataset) / f"{name}.zarr"
 
 
@@ -300,15 +299,3 @@ def open_store(path: Path | str, command: str) -> EmbeddingStore:
         if "not an iqa embedding store" in str(error):
             raise
         raise DamagedStore(f"{path} is damaged, its metadata unreadable ({error}); `{command} --overwrite` rebuilds it") from None
-
-
-# Names that moved to the modules around this one and that tests still import from here, imported on first use
-# (an import at the top would be a circle: each of those modules imports this one).
-MOVED = {"open_for_writing": "create", "load_cached": "load", "load_layer": "load", "verify_store": "verify",
-         "describe_store": "listing", "list_stores": "listing", "export_h5": "export_h5"}
-
-
-def __getattr__(name: str):
-    if name in MOVED:
-        return getattr(importlib.import_module(f"iqa.cache.{MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

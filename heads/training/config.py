@@ -115,8 +115,6 @@ class RunConfig:
             d["layers"] = list(d["layers"])
         return d
 
-    as_dict = to_dict  # the name fine-tuning calls
-
     @classmethod
     def from_dict(cls, stored: dict) -> "RunConfig":
         """The config `stored` holds: a `to_dict`, or a database run (its config merged with its outcome, whose

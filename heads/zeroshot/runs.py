@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from iqa.cache.results import ResultsDB
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.heads.training.config import LR_DECAY, lr_milestones, rows_digest, run_key
 from iqa.heads.training.grid import Cached, run_rows, validation_rows
 from iqa.heads.training.loss import MARGIN_SCALE
@@ -75,8 +75,6 @@ class ZeroShotConfig:
         d["prompt_pairs"] = [list(pair) for pair in self.prompt_pairs]
         d["evaluated_on"] = "all" if self.seed is None else "test"
         return d | learn
-
-    as_dict = to_dict  # RunConfig's two names for it: run_key reads either, by version
 
     def recipe(self) -> dict:
         recipe = {"zeroshot_version": ZEROSHOT_VERSION, "scoring": SCORING}

@@ -4,16 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from iqa.cache.store import (
-    FingerprintMismatch,
-    describe_store,
-    export_h5,
-    list_stores,
-    load_cached,
-    open_for_writing,
-    store_path,
-    verify_store,
-)
+from iqa.cache.store import FingerprintMismatch, store_path
+from iqa.cache.create import open_for_writing
+from iqa.cache.export_h5 import export_h5
+from iqa.cache.listing import describe_store, list_stores
+from iqa.cache.load import load_cached
+from iqa.cache.verify import verify_store
 from iqa.cache.manifest import Manifest, manifest_checksum, write_manifest
 
 N, D = 7, 4

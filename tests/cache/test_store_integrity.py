@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from iqa.cache.store import (DamagedStore, EmbeddingStore, IncompleteStore, load_cached, load_layer, store_path,
-                             verify_store)
+from iqa.cache.store import DamagedStore, EmbeddingStore, IncompleteStore, store_path
+from iqa.cache.load import load_cached, load_layer
+from iqa.cache.verify import verify_store
 from iqa.cache.results import ResultsDB
 from iqa.extract.run import ExtractRequest, extract_dataset
 from helpers import extract, head, iqa, toy_dataset
@@ -111,7 +112,7 @@ def test_a_damaged_layer_chunk_is_named_refused_by_a_layer_run_and_repaired(tmp_
 def test_export_h5_carries_the_layer_arrays(tmp_path):
     import h5py
 
-    from iqa.cache.store import export_h5
+    from iqa.cache.export_h5 import export_h5
 
     toy_dataset(tmp_path, n=10)
     extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", store_dtype="float32",

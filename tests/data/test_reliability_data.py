@@ -7,7 +7,8 @@ import pytest
 import numpy as np
 import zarr
 
-from iqa.cache.store import EmbeddingStore, store_path, verify_store
+from iqa.cache.store import EmbeddingStore, store_path
+from iqa.cache.verify import verify_store
 from iqa.extract.run import ExtractRequest, extract_dataset
 from helpers import iqa, one_error_line
 from helpers import toy_dataset
@@ -110,7 +111,7 @@ def test_an_absolute_labels_path_gives_the_manifest_a_relative_one_gives(tmp_pat
 # ---- tracebacks: a copied cache ----
 def test_a_copied_cache_reads_its_own_images_and_keeps_its_stores(tmp_path):
     from iqa.cache.manifest import manifest_path, read_manifest
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
 
     cache = tmp_path / "cache"
     nss_store(cache)
@@ -159,7 +160,7 @@ def test_a_grouped_val_grid_trains_seeds_whose_validation_sizes_differ(tmp_path)
 
     from iqa.cache.manifest import Manifest, write_manifest
     from iqa.cache.results import ResultsDB, default_db
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
     from iqa.heads.training.grid import expand_grid, head_choices, run_grid
     from helpers import make_dataset
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.extract.backbones import load_backbone
 from iqa.extract.cleandift import LATENT_SCALE, RECIPE, TIMESTEP, tap_modules
 from iqa.extract.registry import get_spec

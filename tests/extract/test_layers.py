@@ -10,8 +10,9 @@ import torchvision_stub
 from helpers import QUIET, make_dataset, timm_blocks_by_hand
 from typer.testing import CliRunner
 
-from iqa.cache.store import (EmbeddingStore, FingerprintMismatch, IncompleteStore, load_cached, load_layer,
-                             store_path, verify_store)
+from iqa.cache.store import EmbeddingStore, FingerprintMismatch, IncompleteStore, store_path
+from iqa.cache.load import load_cached, load_layer
+from iqa.cache.verify import verify_store
 from iqa.cli import app
 from iqa.extract.backbones import load_backbone
 from iqa.extract.preprocess import decode_image, normalise, resize_uint8

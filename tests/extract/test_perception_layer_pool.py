@@ -8,7 +8,8 @@ import torchvision_stub
 from helpers import timm_blocks_by_hand
 from helpers import QUIET, make_dataset
 
-from iqa.cache.store import FingerprintMismatch, load_cached
+from iqa.cache.store import FingerprintMismatch
+from iqa.cache.load import load_cached
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import ExtractRequest, extract_dataset

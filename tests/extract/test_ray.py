@@ -18,7 +18,9 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install '
 
 from helpers import fake_cache, make_dataset, small_grid  # noqa: E402
 
-from iqa.cache.store import EmbeddingStore, load_cached, store_path, verify_store  # noqa: E402
+from iqa.cache.store import EmbeddingStore, store_path
+from iqa.cache.load import load_cached
+from iqa.cache.verify import verify_store  # noqa: E402
 from iqa.cli import app  # noqa: E402
 from iqa.extract.ray_engine import FAIL_ONCE_ENV, actor_pool, extract_with_ray  # noqa: E402
 from iqa.extract.run import ExtractRequest, extract_dataset  # noqa: E402

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from iqa.cache.store import EmbeddingStore, load_cached, verify_store
+from iqa.cache.store import EmbeddingStore
+from iqa.cache.load import load_cached
+from iqa.cache.verify import verify_store
 from iqa.cli import app
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import BACKBONES, BackboneSpec, get_spec

@@ -158,7 +158,7 @@ def tiny_model(tmp_path_factory):
 def _exported_head(cache: Path, head: str, out: Path) -> Path:
     """A `head` trained 2 epochs on the cache's tiny-DINOv2 demo embeddings (seed 8), exported to `out`."""
     from iqa.cache.results import ResultsDB, default_db
-    from iqa.cache.store import load_cached
+    from iqa.cache.load import load_cached
     from iqa.heads.training.grid import expand_grid, head_choices, run_grid
 
     configs = expand_grid([("demo", "demo")], "dinov2", head_choices([head], []), [8], epochs=2, tag="tiny")

@@ -8,7 +8,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 import torchvision_stub
 from PIL import Image
 
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.extract.backbones import BackboneLoadError, load_backbone
 from iqa.extract.preprocess import normalise, resize_uint8
 from iqa.extract.registry import get_spec, lora_target_modules

@@ -1,7 +1,7 @@
 import pytest
 import torchvision_stub
 
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.heads.saved.export import write_config
 from helpers import bright_dataset, iqa
 

@@ -234,9 +234,9 @@ def test_select_val_never_looks_at_the_test_labels(tmp_path):
 
 def test_lora_alpha_is_its_own_option_and_in_the_key_only_when_it_changes_the_run():
     default = finetune_config("clive", "siglip2", lora_rank=4)
-    assert finetune_config("clive", "siglip2", lora_rank=4, lora_alpha=8).as_dict() == default.as_dict()
+    assert finetune_config("clive", "siglip2", lora_rank=4, lora_alpha=8).to_dict() == default.to_dict()
     fixed = finetune_config("clive", "siglip2", lora_rank=8, lora_alpha=8)
-    assert fixed.lora_alpha == 8.0 and "lora_alpha" not in default.as_dict()
+    assert fixed.lora_alpha == 8.0 and "lora_alpha" not in default.to_dict()
     runs = expand_finetune_grid(["siglip2"], ["clive"], ["sig"], [8], ["lora", "frozen"], [2, 4], [8.0], tests=["clive", "kadid10k"])
     # rank and alpha mean nothing outside lora: one frozen run; the training set is not its own cross set
     assert [(r.config.regime, r.config.lora_rank, r.config.lora_alpha) for r in runs] == [

@@ -67,7 +67,7 @@ def test_a_saved_smart_fusion_loads_back_to_the_same_predictions(tmp_path):
 
     model = fusion("smart", seeds=(8,))
     config = RunConfig("toy", "toy", "swin-t", "baseline", "lrelu", "lrelu", 8, layers=(3, 4), fuse="smart")
-    path = save_head(tmp_path / "head.safetensors", {k: t.detach() for k, t in model.state_dict().items()}, config.as_dict())
+    path = save_head(tmp_path / "head.safetensors", {k: t.detach() for k, t in model.state_dict().items()}, config.to_dict())
     loaded, saved = load_head(path)
     x = torch.randn(1, 7, 16)
     with torch.no_grad():

@@ -81,7 +81,7 @@ def test_paper_variants_take_dropout_and_save_and_load_back(tmp_path):
     with torch.no_grad():
         assert not torch.equal(model.train()(x), model.eval()(x))  # dropout acts in training only
     config = RunConfig("toy", "toy", "nss", "hyper", "hyper", "hyper", 8, dropout="input", keep=0.7, hyper_target="eq16")
-    path = save_head(tmp_path / "head.safetensors", {k: t.detach() for k, t in model.state_dict().items()}, config.as_dict())
+    path = save_head(tmp_path / "head.safetensors", {k: t.detach() for k, t in model.state_dict().items()}, config.to_dict())
     loaded, saved = load_head(path)
     with torch.no_grad():
         assert saved["hyper_target"] == "eq16" and torch.equal(loaded(x), model.eval()(x))
@@ -89,7 +89,7 @@ def test_paper_variants_take_dropout_and_save_and_load_back(tmp_path):
 
 def test_the_target_is_in_the_key_only_when_set_and_bad_choices_are_refused():
     plain = RunConfig("toy", "toy", "nss", "hyper", "hyper", "hyper", 8)
-    assert "hyper_target" not in plain.as_dict()
+    assert "hyper_target" not in plain.to_dict()
     keys = {run_key(RunConfig("toy", "toy", "nss", "hyper", "hyper", "hyper", 8, hyper_target=t), "f", "r")
             for t in (None, "eq16", "table4")}
     assert len(keys) == 3

@@ -35,9 +35,9 @@ def test_fixed_k_equals_scikit_learn_k_nearest_neighbours():
 
 def test_fixed_k_is_in_the_key_only_when_set():
     default = RunConfig("clive", "clive", "siglip2", "knn", "knn", "knn", 8, standardize=True)
-    assert "knn_k" not in default.as_dict()  # keys of existing runs unchanged
+    assert "knn_k" not in default.to_dict()  # keys of existing runs unchanged
     fixed = RunConfig("clive", "clive", "siglip2", "knn", "knn", "knn", 8, standardize=True, knn_k=20)
-    assert fixed.as_dict()["knn_k"] == 20 and fixed.recipe()["probe"] == {"k": 20, "metric": "cosine"}
+    assert fixed.to_dict()["knn_k"] == 20 and fixed.recipe()["probe"] == {"k": 20, "metric": "cosine"}
     assert run_key(default, "fp", "rows") != run_key(fixed, "fp", "rows")
     grid = expand_grid([("clive", "clive")], "siglip2", head_choices(["knn", "ridge", "baseline"], []), [8], knn_k=20)
     assert [c.knn_k for c in grid] == [20, None, None]  # only the knn probe takes it

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import iqa
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.cache.results import ResultsDB, default_db
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.cli import app
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import iqa
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.cli import app
 from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
 from iqa.data.prepare import prepare_dataset

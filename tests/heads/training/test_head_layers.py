@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from iqa.cache.manifest import Manifest, write_manifest
 from iqa.cache.results import ResultsDB
-from iqa.cache.store import load_cached, load_layer
+from iqa.cache.load import load_cached, load_layer
 from iqa.cli import app
 from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.saved.export import export_run
@@ -81,14 +81,14 @@ def test_layer_sets_sweep_and_concatenate():
 
 def test_default_configs_keep_their_keys_and_layer_configs_round_trip():
     config = RunConfig("a", "a", "swin-t", "baseline", "relu", "relu", 8)
-    assert "layers" not in config.as_dict() and "fuse" not in config.as_dict()  # keys made before them are unchanged
+    assert "layers" not in config.to_dict() and "fuse" not in config.to_dict()  # keys made before them are unchanged
     # the key this config had before `fuse` existed (TRAINER_VERSION 2): a field left at its default adds nothing
     assert run_key(config, "f", "r") == "987571350937d50a6b9a519460c360fc7d066ce2e45f6417a02d78191cb849bf"
     layered = replace(config, layers=(4, 3))
-    assert RunConfig(**json.loads(json.dumps(layered.as_dict()))) == layered
+    assert RunConfig(**json.loads(json.dumps(layered.to_dict()))) == layered
     assert run_key(layered, "f", "r") != run_key(config, "f", "r")
     fused = replace(layered, fuse="attention")
-    assert RunConfig(**json.loads(json.dumps(fused.as_dict()))) == fused
+    assert RunConfig(**json.loads(json.dumps(fused.to_dict()))) == fused
     assert len({run_key(c, "f", "r") for c in (config, layered, fused)}) == 3
 
 

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
 from iqa.cache.results import ResultsDB, default_db
-from iqa.cache.store import load_cached
+from iqa.cache.load import load_cached
 from iqa.cli import app
 from iqa.data.prepare import prepare_dataset
 from iqa.data.splits import split_indices

@@ -66,21 +66,28 @@ def epoch_metrics(curves: dict) -> list[tuple[str, float, int]]:
     return out
 
 
-def _experiment_id(mlflow, cache: Path, uri: str) -> str:
-    found = mlflow.get_experiment_by_name(EXPERIMENT)
+def _experiment_id(client, cache: Path, uri: str) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None:
         return found.experiment_id
     artifacts = (Path(cache) / TRACKING_DIR / "artifacts").resolve() if uri == default_tracking_uri(cache) else None
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri() if artifacts else None)
+    return client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri() if artifacts else None)
 
 
-def logged_keys(mlflow, experiment_id: str) -> set[str]:
-    found = mlflow.search_runs([experiment_id], output_format="list", max_results=50000)
-    return {run.data.tags[KEY_TAG] for run in found if KEY_TAG in run.data.tags}
+def logged_keys(client, experiment_id: str) -> set[str]:
+    """The run keys already in the experiment, page by page."""
+    keys, token = set(), None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        keys |= {run.data.tags[KEY_TAG] for run in page if KEY_TAG in run.data.tags}
+        token = page.token
+        if not token:
+            return keys
 
 
 def log_runs(runs: list[dict], results_db: Path, cache: Path, uri: str | None = None) -> int:
-    """Log each finished run not yet in the tracking store; returns how many were logged."""
+    """Log each finished run not yet in the tracking store; returns how many were logged. The tracking URI is
+    the client's alone: MLflow's process-wide URI is left as the caller set it."""
     mlflow = _mlflow()
     from mlflow.entities import Metric, Param
 
@@ -88,9 +95,8 @@ def log_runs(runs: list[dict], results_db: Path, cache: Path, uri: str | None = 
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(uri)
-    experiment = _experiment_id(mlflow, cache, uri)
-    done = logged_keys(mlflow, experiment)
+    experiment = _experiment_id(client, cache, uri)
+    done = logged_keys(client, experiment)
     logged = 0
     for run in runs:
         if run.get("status") != "done" or run["key"] in done:

@@ -100,6 +100,9 @@ OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw 
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
 L2normOption = Annotated[bool, typer.Option(
     "--l2norm", help="Heads see unit-length embeddings (CLIP/SigLIP's normalised image_embeds); stores keep the raw vector.")]
+WeightsOption = Annotated[str, typer.Option(
+    "--weights", help="pretrained (the registry's checkpoint, or --model), random-init (full-size architecture, "
+    "random weights) or tiny (a tiny random model of the same class).")]
 DeviceOption = Annotated[
     str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
 ]
@@ -293,8 +296,7 @@ def extract(
     backbone: Annotated[str, typer.Option("--backbone", help="Registry key, e.g. siglip2, dinov3, resnet152.")],
     dataset: Annotated[str, typer.Option("--dataset", help="A prepared dataset (see `iqa data`).")],
     model: Annotated[Optional[str], typer.Option("--model", help="Weights: HF id or local directory.")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
-    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
+    weights: WeightsOption = "pretrained",
     resolution: Annotated[Optional[int], typer.Option(
         "--resolution", min=1, help="Input side (default: the checkpoint's own, or the registry's for rotary models).")] = None,
     preprocess: Annotated[str, typer.Option(
@@ -336,7 +338,7 @@ def extract(
         fail("--actors and --gpus-per-actor are for --engine ray")
     try:
         request = ExtractRequest(
-            cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
+            cache_dir(cache), dataset, backbone, source=model, weights=weights, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
             resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool,
@@ -820,8 +822,7 @@ def finetune_command(
     device: DeviceOption = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 autocast on GPUs and AVX512-BF16/AMX CPUs), float32, bfloat16, float16 (grad scaler).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Base weights: HF id or local directory.")] = None,
-    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny random model of the same class.")] = False,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Full-size architecture, random weights.")] = False,
+    weights: WeightsOption = "pretrained",
     split_by: Annotated[str, typer.Option(help="random, or group (content groups kept on one side).")] = "random",
     run_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint folder of a single run (default: <cache>/runs/<dataset>/...).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Decode worker processes.")] = 2,
@@ -854,7 +855,7 @@ def finetune_command(
             parse_numbers(lora_alpha, "--lora-alpha") if lora_alpha else [None], parse_numbers(mask_k, "--mask-k"),
             parse_numbers(keep, "--keep"), parse_numbers(lr, "--lr"), _csv([loss]), _csv([test] if test else []),
             epochs=epochs, batch_size=batch_size, accumulate=accumulate, micro_batch=micro_batch, backbone_lr=backbone_lr,
-            tiny=tiny, random_init=random_init, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
+            weights=weights, optimizer=optimizer, weight_decay=weight_decay, l2norm=l2norm,
             select=select, val_fraction=val_fraction, split_by=split_by, dropout=dropout,
         )
         tuned_on = None
@@ -908,8 +909,7 @@ def explain_command(
     bands: Annotated[Optional[str], typer.Option("--bands", help="Feature-band maps, percent from the top of |embedding|: 0-1,1-10,...")] = None,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="Explain a bare backbone's feature bands (no model).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="--backbone weights: HF id or local directory.")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="--backbone: full-size architecture, random weights.")] = False,
-    tiny: Annotated[bool, typer.Option("--tiny", help="--backbone: tiny random model of the same class.")] = False,
+    weights: Annotated[str, typer.Option("--weights", help="--backbone: pretrained, random-init or tiny (as `iqa extract`).")] = "pretrained",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
     grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set (default: <cache>/gridpg, built once).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image (with --evaluate: one for the set).")] = False,
@@ -921,7 +921,7 @@ def explain_command(
     from iqa.heads.explain.request import ExplainRequest, evaluate_maps, explain_images
 
     request = ExplainRequest(tuple(inputs), method=method, target=target, compare=tuple(map(Path, _csv([compare or ""]))),
-                             bands=bands, backbone=backbone, model=model, random_init=random_init, tiny=tiny, evaluate=evaluate,
+                             bands=bands, backbone=backbone, model=model, weights=weights, evaluate=evaluate,
                              deletion_fill=deletion_fill)
     if evaluate:
         try:

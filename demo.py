@@ -26,8 +26,8 @@ from iqa.data.demo import DATASET
 from iqa.data.splits import PAPER_SEEDS
 
 HEADS = ("baseline", "sig", "gated")
-# (backbone, tiny): what each store holds
-BACKBONES = (("nss", False), ("dinov2", True))
+# (backbone, weights): what each store holds
+BACKBONES = (("nss", "pretrained"), ("dinov2", "tiny"))
 SWEEP_BACKBONE = "swin-t"  # tiny: two stages, each stored, one baseline head per stage
 HEAD_DTYPE = "float32"  # on a GPU too: the demo's runs keep the keys they were first trained under
 
@@ -56,7 +56,7 @@ def run_demo(
     from iqa.cache.load import load_cached
     from iqa.data.demo import DEMO_DIR, LABELS_FILE, make_demo
     from iqa.data.prepare import prepare_dataset
-    from iqa.extract.backbones import model_tag
+    from iqa.extract.registry import weights_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.training.grid_request import GridRequest, train_grid
     from iqa.heads.report.build import default_profile, write_report
@@ -72,12 +72,12 @@ def run_demo(
     )
     db = default_db(cache)
     records = []
-    for backbone, tiny in BACKBONES:
-        summary = extract_dataset(ExtractRequest(cache, DATASET, backbone, tiny=tiny, progress=progress), device=device)
+    for backbone, weights in BACKBONES:
+        summary = extract_dataset(ExtractRequest(cache, DATASET, backbone, weights=weights, progress=progress), device=device)
         if not summary.ok:
             raise RuntimeError(f"extraction of {backbone} over the demo set failed: {summary}")
         request = GridRequest(backbone, datasets=(DATASET,), heads=HEADS, seeds=seeds, epochs=epochs,
-                              split_by="group", tag=model_tag(tiny, random_init=False), dtype=HEAD_DTYPE)
+                              split_by="group", tag=weights_tag(weights), dtype=HEAD_DTYPE)
         records += train_grid(request, cache, device, progress=progress)
     sweep = layer_sweep(cache, seeds, epochs, device, progress)
     report = write_report(
@@ -90,16 +90,15 @@ def run_demo(
 
 def layer_sweep(cache: Path, seeds: tuple[int, ...], epochs: int, device: str, progress: bool) -> list[dict]:
     """Step 5: every stage of the tiny Swin stored in one pass, then a baseline head per stage and seed."""
-    from iqa.extract.backbones import model_tag
     from iqa.extract.run import ExtractRequest, extract_dataset
     from iqa.heads.training.grid_request import GridRequest, train_grid
 
-    extraction = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, tiny=True, layers="all", progress=progress)
+    extraction = ExtractRequest(cache, DATASET, SWEEP_BACKBONE, weights="tiny", layers="all", progress=progress)
     summary = extract_dataset(extraction, device=device)
     if not summary.ok:
         raise RuntimeError(f"extraction of {SWEEP_BACKBONE} over the demo set failed: {summary}")
     request = GridRequest(SWEEP_BACKBONE, datasets=(DATASET,), seeds=seeds, epochs=epochs, split_by="group",
-                          tag=model_tag(True, random_init=False), layer="all", dtype=HEAD_DTYPE)
+                          tag="tiny", layer="all", dtype=HEAD_DTYPE)
     return train_grid(request, cache, device, progress=progress)
 
 

@@ -38,7 +38,7 @@ from iqa.heads.models.mlp import StackedMLP
 
 def tiny_subject(resolution: int) -> Subject:
     torch.manual_seed(0)
-    backbone = load_backbone(get_spec("dinov2", tiny=True), tiny=True, resolution=resolution).eval()
+    backbone = load_backbone(get_spec("dinov2", "tiny"), weights="tiny", resolution=resolution).eval()
     return Subject("tiny-dinov2", backbone, StackedMLP(backbone.spec.config["hidden_size"], [8]).eval())
 
 

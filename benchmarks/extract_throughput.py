@@ -36,7 +36,28 @@ from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ExtractRequest, ImageRows, compute_dtype_for, default_batch_size, extract_dataset
 from iqa.heads.models.mlp import HEADS, StackedMLP
+from iqa.heads.saved.config import (BackboneConfig, HeadConfig, Metrics, ModelConfig, MosMap, Targets, TrainingConfig,
+                                    Tuning, WeightsFile)
 from iqa.heads.saved.model import IqaModel, score_files
+
+
+def untrained_scorer(model, device: str, dtype: str, width: int, folder: Path) -> IqaModel:
+    """`iqa score`'s model over `model` with an untrained sig head of input `width`: what scoring costs, not
+    what a trained model predicts. Its record says so (no run, no metrics, random weights)."""
+    spec = model.spec
+    config = ModelConfig(
+        run_key="untrained",
+        backbone=BackboneConfig(spec.key, None, "random-init", None, None, None, spec.pooling, spec.dim, spec.resolution,
+                                spec.preprocess, spec.resample, None, dtype, Tuning()),
+        head=HeadConfig("sig", *HEADS["sig"], mask_k=100.0, dropout=None, keep=1.0, l2norm=False),
+        training=TrainingConfig("bench", "bench", *[None] * 11),
+        targets=Targets(None, MosMap(1.0, 0.0)),
+        metrics=Metrics(*[None] * 5),
+        weights=WeightsFile("", ""),
+        packages={},
+    )
+    head = StackedMLP(width, [8], *HEADS["sig"]).eval().to(device)
+    return IqaModel(config, Embedder(spec, model, device, compute_dtype_for(device, dtype)), head, folder)
 
 
 def make_images(cache: Path, n: int) -> list[Path]:
@@ -130,8 +151,9 @@ def main() -> None:
     args = parser.parse_args()
     n = 4 if args.smoke else 16 if args.quick else args.images
     args.batch_size = args.batch_size or default_batch_size(args.device)
-    spec = get_spec(args.backbone, tiny=args.smoke)
-    model = load_backbone(spec, random_init=not args.smoke, tiny=args.smoke).to(args.device).eval()
+    weights = "tiny" if args.smoke else "random-init"
+    spec = get_spec(args.backbone, weights)
+    model = load_backbone(spec, weights=weights).to(args.device).eval()
     print(f"{spec.key} ({'tiny' if args.smoke else 'random init'}) at {spec.resolution}px on {args.device}, {n} images of 1024x768, "
           f"{torch.get_num_threads()} torch threads")
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,15 +166,13 @@ def main() -> None:
         # and batch, as the first minutes of a real extraction do) and after it; the faster of the two is the limit.
         reps = 10 if args.device.startswith("cuda") else max(2, n // (2 * args.batch_size))
         forward = [forward_limit(spec, model, args.device, args.dtype, args.batch_size, reps)]
-        request = ExtractRequest(cache, "bench", spec.key, random_init=not args.smoke, tiny=args.smoke, dtype=args.dtype,
+        request = ExtractRequest(cache, "bench", spec.key, weights=weights, dtype=args.dtype,
                                  batch_size=args.batch_size, chunk_rows=args.batch_size)
         in_model: list[float] = []
         with time_in_model(in_model):
             summary = extract_dataset(request, device=args.device, num_workers=args.workers)
-        stored = load_cached(cache, "bench", spec.key, "tiny" if args.smoke else "random-init").embeddings
-        scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
-                          Embedder(model.spec, model, args.device, compute_dtype_for(args.device, args.dtype)),
-                          StackedMLP(stored.shape[1], [8], *HEADS["sig"]).eval().to(args.device))
+        stored = load_cached(cache, "bench", spec.key, weights).embeddings
+        scorer = untrained_scorer(model, args.device, args.dtype, stored.shape[1], cache)
         start = time.perf_counter()
         score_files(scorer, files, args.batch_size, args.workers, progress=False)
         score_rate = n / (time.perf_counter() - start)

@@ -38,7 +38,7 @@ def random_batches(n: int, batch: int, resolution: int, device: str) -> list[tup
 
 def fresh_model(spec, mode: str, device: str):
     torch.manual_seed(member_seed(8, "torch"))
-    base = load_backbone(spec, random_init=True)
+    base = load_backbone(spec, weights="random-init")
     return build_model(base, spec, mode, "sig", seed=8, lora_rank=4, dim=embedding_dim(base, spec)).to(device)
 
 

@@ -26,16 +26,15 @@ from pathlib import Path
 
 import torch
 
-from extract_throughput import decode_capacity, forward_limit, make_images, sync
+from extract_throughput import decode_capacity, forward_limit, make_images, sync, untrained_scorer
 from finetune_step import TABLE_S5_MIB, fresh_model, iqa_loop, random_batches, timed
 from head_sweep import MASK_KS, SEEDS, synthetic_cache, tuned_run
 from iqa.extract.backbones import load_backbone
 from iqa.extract.registry import get_spec
-from iqa.extract.run import Embedder, ExtractRequest, compute_dtype_for, extract_dataset
+from iqa.extract.run import ExtractRequest, extract_dataset
 from iqa.heads.finetune.loop import MICRO_BATCH
 from iqa.heads.training.grid import STACK_SIZE, expand_grid, head_choices, head_dtype, run_grid
-from iqa.heads.models.mlp import HEADS, StackedMLP
-from iqa.heads.saved.model import IqaModel, score_files
+from iqa.heads.saved.model import score_files
 from iqa.cache.results import ResultsDB
 
 BACKBONE = "siglip2"
@@ -46,13 +45,14 @@ def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, i
     """Section `section`: extraction against its two bounds; with `score`, `iqa score` on the same images
     and model. Figures of another backbone than BACKBONE are named with its key in front."""
     images, batch, workers = (4, 2, 0) if smoke else (images, 32, 8)
-    spec = get_spec(backbone, tiny=smoke)
-    model = load_backbone(spec, random_init=not smoke, tiny=smoke)
+    weights = "tiny" if smoke else "random-init"
+    spec = get_spec(backbone, weights)
+    model = load_backbone(spec, weights=weights)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         files = make_images(cache, images)
         decode = decode_capacity(files, model.spec, batch, workers)
-        request = ExtractRequest(cache, "bench", backbone, tiny=smoke, random_init=not smoke, dtype=dtype,
+        request = ExtractRequest(cache, "bench", backbone, weights=weights, dtype=dtype,
                                  batch_size=batch, chunk_rows=batch, progress=False)
         extract = extract_dataset(request, device=device, num_workers=workers).images_per_s
         model = model.to(device).eval()
@@ -60,9 +60,7 @@ def extraction(device: str, smoke: bool, dtype: str, backbone: str = BACKBONE, i
         figures = {"extract_images_per_s": extract, "forward_images_per_s": forward, "decode_images_per_s": decode,
                    "extract_share_of_bound": extract / min(decode, forward), "extract_resolution": model.spec.resolution}
         if score:
-            scorer = IqaModel({"backbone": {}, "head": {}, "targets": {"mos": {"scale": 1.0, "offset": 0.0}}},
-                              Embedder(model.spec, model, device, compute_dtype_for(device, dtype)),
-                              StackedMLP(model.spec.dim, [8], *HEADS["sig"]).eval().to(device))
+            scorer = untrained_scorer(model, device, dtype, model.spec.dim, cache)
             start = time.perf_counter()
             score_files(scorer, files, batch, workers, progress=False)
             sync(device)
@@ -99,7 +97,7 @@ def head_grid(device: str, smoke: bool) -> dict:
 
 
 def finetuning(device: str, smoke: bool, dtype: str) -> dict:
-    spec = get_spec(BACKBONE, tiny=smoke)
+    spec = get_spec(BACKBONE, "tiny" if smoke else "pretrained")
     steps, accumulate = (1, 2) if smoke else (5, 6)
     figures = {}
     for mode in ("lora", "full"):

@@ -7,7 +7,7 @@ is read whole for all rows (`load_layer`), as a layer sweep reads it, and the st
 image are counted. The last line of output is one JSON object.
 
     python benchmarks/layers_extract.py --backbone swin-t --images 64
-    python benchmarks/layers_extract.py --backbone dinov2 --random-init --images 256 --device cuda
+    python benchmarks/layers_extract.py --backbone dinov2 --weights random-init --images 256 --device cuda
 """
 
 import argparse
@@ -32,14 +32,14 @@ def main() -> None:
     parser.add_argument("--backbone", default="swin-t")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--random-init", action="store_true", help="full-size architecture (default: the tiny config)")
+    parser.add_argument("--weights", choices=("tiny", "random-init"), default="tiny",
+                        help="random weights: the tiny config, or the full-size architecture")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         make_images(cache, args.images)
-        model = dict(random_init=True) if args.random_init else dict(tiny=True)
-        tag = "random-init" if args.random_init else "tiny"
+        model, tag = dict(weights=args.weights), args.weights
         seconds = {}
         for name, layers in (("default", None), ("all_layers", "all")):
             request = ExtractRequest(cache, "bench", args.backbone, tag=f"{tag}-{name}", layers=layers,

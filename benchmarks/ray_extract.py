@@ -29,16 +29,17 @@ from iqa.extract.run import ExtractRequest, extract_dataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="dinov3-s", help="registry key (random-init weights)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny random model instead of random-init")
+    parser.add_argument("--weights", choices=("random-init", "tiny"), default="random-init",
+                        help="random weights: the full-size architecture, or the tiny config")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="64 images, tiny model")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-rows", type=int, default=64)
     args = parser.parse_args()
-    n, tiny = (64, True) if args.quick else (args.images, args.tiny)
+    n, weights = (64, "tiny") if args.quick else (args.images, args.weights)
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus else "cpu"
-    model = dict(tiny=tiny, random_init=not tiny, batch_size=args.batch_size, chunk_rows=args.chunk_rows, progress=False)
+    model = dict(weights=weights, batch_size=args.batch_size, chunk_rows=args.chunk_rows, progress=False)
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
@@ -54,7 +55,7 @@ def main() -> None:
                               load_cached(cache, "bench", args.backbone, "ray").embeddings, equal_nan=True)
 
     result = {
-        "backbone": backbone_label(args.backbone, "tiny" if tiny else "random-init"),
+        "backbone": backbone_label(args.backbone, weights),
         "images": n,
         "device": torch.cuda.get_device_name() if gpus else f"cpu x{os.cpu_count()}",
         "local_images_per_s": round(n / local.seconds, 1),

@@ -75,8 +75,10 @@ def store_path(root: Path | str, dataset: str, backbone: str, tag: str | None = 
 
 def extract_command(backbone: str, dataset: str, tag: str | None) -> str:
     """The `iqa extract` command that makes (or resumes) a store: the untrained models' tags are
-    the flags that make them (`--tag tiny` would embed with the pretrained weights)."""
-    model = {"tiny": " --tiny", "random-init": " --random-init"}.get(tag, f" --tag {tag}" if tag else "")
+    the weights that make them (`--tag tiny` is refused: it would embed with the pretrained weights)."""
+    from iqa.extract.registry import WEIGHTS  # the backbone table (PIL, scipy): only when a command is named
+
+    model = f" --weights {tag}" if tag in WEIGHTS[1:] else f" --tag {tag}" if tag else ""
     return f"iqa extract --backbone {backbone} --dataset {dataset}{model}"
 
 

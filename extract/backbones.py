@@ -12,10 +12,10 @@ instead of branching on the entry's kind:
 | `WorkerFeatures` | worker | nothing (the identity) | computed from the decoded image in the decode workers |
 | `CleanDift` | cleandift | SD-2.1 through diffusers (extract/cleandift.py) | pooled UNet decoder taps |
 
-Weights come from the registry's Hugging Face id, from `source` (another id or a local
-directory, read offline), or nowhere: `random_init` builds the full-size architecture from the
-registry's config and `tiny` a tiny model of the same class (both seeded, so every process
-builds the same weights).
+`weights` (extract/registry.py's WEIGHTS) says where the weights come from: `pretrained`, from the
+registry's Hugging Face id or from `source` (another id or a local directory, read offline), or
+nowhere: `random-init` builds the full-size architecture from the registry's config and `tiny` a
+tiny model of the same class (both seeded, so every process builds the same weights).
 """
 
 import hashlib
@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 
 from iqa.extract.errors import BackboneLoadError
-from iqa.extract.registry import BackboneSpec
+from iqa.extract.registry import BackboneSpec, check_weights, random_source
 from iqa.extract.timm_tower import TimmTap
 from iqa.errors import IqaError, SettingError
 
@@ -99,7 +99,7 @@ class Family:
     layer_taps = False  # per-block outputs `--layers` can store
 
     @classmethod
-    def load(cls, spec: BackboneSpec, source: str | None, random_init: bool, tiny: bool,
+    def load(cls, spec: BackboneSpec, source: str | None, weights: str,
              resolution: int | None, preprocess: str) -> nn.Module:
         """The backbone with `.spec` at the loaded checkpoint's geometry, `.source` and `.revision`."""
         raise NotImplementedError
@@ -126,7 +126,7 @@ class PooledBackbone(Family, nn.Module):
         self.model = model
         self.checkpoint_side = None  # set by at_checkpoint where the checkpoint's own side is not the one run
         self.spec, self.interpolate = self.at_checkpoint(spec, resolution, check_preprocess(preprocess))
-        if str(source).startswith(("tiny:", "random-init:")):  # built from the registry's own config
+        if random_source(source):  # built from the registry's own config
             self.checkpoint_side = None
         self.source = source
         self.revision = revision
@@ -172,15 +172,15 @@ class VisionTower(PooledBackbone):
         self.layers: tuple[int, ...] = ()
 
     @classmethod
-    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "VisionTower":
+    def load(cls, spec, source, weights, resolution, preprocess) -> "VisionTower":
         geometry = dict(resolution=resolution, preprocess=preprocess)
         model_class = getattr(transformers, spec.model_class)
         sdpa = {"attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else {}
-        if tiny or random_init:
-            config = model_class.config_class(**(spec.tiny_config if tiny else spec.config))
+        if weights != "pretrained":
+            config = model_class.config_class(**(spec.tiny_config if weights == "tiny" else spec.config))
             with seeded_init():
                 model = model_class._from_config(config, **sdpa)
-            return cls(model.eval(), spec, f"{model_tag(tiny, random_init)}:{spec.model_class}", None, **geometry)
+            return cls(model.eval(), spec, f"{weights}:{spec.model_class}", None, **geometry)
         source = source or spec.hf_id
         offline = Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
         try:
@@ -197,7 +197,7 @@ class VisionTower(PooledBackbone):
 
             raise BackboneLoadError(
                 f"could not load {spec.key} weights from {source!r} ({str(err).splitlines()[0][:120]}); "
-                f"download them where you can and pass the folder with `model` /path/to/dir, or use `random_init`"
+                f"download them where you can and pass the folder with `model` /path/to/dir, or use `weights` random-init"
             ) from None
         return cls(model.eval(), spec, source, getattr(model.config, "_commit_hash", None), **geometry)
 
@@ -252,7 +252,7 @@ class TimmTapped(PooledBackbone):
         self.layers: tuple[int, ...] = ()
 
     @classmethod
-    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "TimmTapped":
+    def load(cls, spec, source, weights, resolution, preprocess) -> "TimmTapped":
         try:
             import timm
         except ImportError:
@@ -261,12 +261,13 @@ class TimmTapped(PooledBackbone):
                 f"(torchvision matching your torch build)"
             ) from None
         size = {"img_size": resolution} if resolution else {}  # timm resamples the position grid on load
-        source = None if tiny or random_init else source or spec.hf_id
+        source = (source or spec.hf_id) if weights == "pretrained" else None
         try:
             if source is None:  # by architecture name: no network
+                tiny = spec.tiny_config if weights == "tiny" else {}
                 with seeded_init():
-                    model = timm.create_model(spec.timm_name, pretrained=False, **{**(spec.tiny_config if tiny else {}), **size})
-                source = f"{model_tag(tiny, random_init)}:{spec.timm_name}"
+                    model = timm.create_model(spec.timm_name, pretrained=False, **{**tiny, **size})
+                source = f"{weights}:{spec.timm_name}"
             elif Path(source).is_file():  # a local weights file
                 model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": source}, **size)
             else:
@@ -309,7 +310,7 @@ class WorkerFeatures(PooledBackbone):
     in_worker, spatial, tunable = True, False, False
 
     @classmethod
-    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> "WorkerFeatures":
+    def load(cls, spec, source, weights, resolution, preprocess) -> "WorkerFeatures":
         fn = spec.features_in_worker
         return cls(nn.Identity(), spec, f"{fn.__module__}.{fn.__qualname__}", spec.revision,
                    resolution=resolution, preprocess=preprocess)
@@ -328,14 +329,14 @@ class CleanDift(Family):
     spatial = False  # its taps are pooled inside the module
 
     @classmethod
-    def load(cls, spec, source, random_init, tiny, resolution, preprocess) -> nn.Module:
+    def load(cls, spec, source, weights, resolution, preprocess) -> nn.Module:
         from iqa.extract import cleandift
 
         check_preprocess(preprocess)
-        if tiny or random_init:
+        if weights != "pretrained":
             with seeded_init():
-                model = cleandift.build_cleandift(spec.tiny_config if tiny else spec.config,
-                                                  f"{model_tag(tiny, random_init)}:{spec.model_class}")
+                model = cleandift.build_cleandift(spec.tiny_config if weights == "tiny" else spec.config,
+                                                  f"{weights}:{spec.model_class}")
         elif source is None or not Path(source).is_dir():
             raise BackboneLoadError("cleandift loads from a local SD-2.1 folder with the CleanDIFT UNet: pass `model` DIR")
         else:
@@ -364,19 +365,15 @@ def checkpoint_tag(source: str | None) -> str | None:
     return name or "local"
 
 
-def model_tag(tiny: bool, random_init: bool) -> str | None:
-    """The label of an untrained model, and its store's tag: a store's name must say that it holds
-    no pretrained features (dinov2@tiny.zarr, never dinov2.zarr)."""
-    return "tiny" if tiny else "random-init" if random_init else None
-
-
 def load_backbone(
-    spec: BackboneSpec, source: str | None = None, random_init: bool = False, tiny: bool = False,
+    spec: BackboneSpec, source: str | None = None, weights: str = "pretrained",
     resolution: int | None = None, preprocess: str = "square",
 ) -> nn.Module:
-    """The backbone of `spec`, built by its family; `resolution` overrides the checkpoint's input side,
-    `preprocess` is "square" (whole image) or "native" (shortest side, centre crop); both land in `.spec`."""
-    return family_of(spec).load(spec, source, random_init, tiny, resolution, preprocess)
+    """The backbone of `spec` with `weights` (pretrained from `source` or the registry's id, random-init,
+    or tiny: `spec` is then the tiny twin, `get_spec(key, "tiny")`), built by its family; `resolution`
+    overrides the checkpoint's input side, `preprocess` is "square" (whole image) or "native" (shortest
+    side, centre crop); both land in `.spec`."""
+    return family_of(spec).load(spec, source, check_weights(weights), resolution, preprocess)
 
 
 def weights_sha256(module: nn.Module) -> str:

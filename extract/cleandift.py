@@ -136,7 +136,7 @@ def load_cleandift(source: str) -> CleanDiftBackbone:
     except (OSError, ValueError) as err:
         raise BackboneLoadError(
             f"could not load cleandift weights from {source!r} ({str(err).splitlines()[0][:120]}); pass an SD-2.1 "
-            f"folder (unet/ with the CleanDIFT weights, vae/, text_encoder/, tokenizer/) with --model, or use --random-init"
+            f"folder (unet/ with the CleanDIFT weights, vae/, text_encoder/, tokenizer/) with --model, or use --weights random-init"
         ) from None
     ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length).input_ids
     return CleanDiftBackbone(unet.eval(), vae.eval(), empty_prompt_embedding(text, ids), source,

@@ -57,11 +57,11 @@ def decode_chunk(item: dict, spec: BackboneSpec, image_root: str) -> dict:
 class EmbedChunks:
     """An actor holding one copy of the backbone; refuses weights other than the driver's fingerprint."""
 
-    def __init__(self, backbone: str, source: str | None, random_init: bool, tiny: bool, resolution: int | None,
-                 preprocess: str, device: str, compute_dtype: str, weights: str, dim: int, batch_size: int):
-        model = load_backbone(get_spec(backbone, tiny), source=source, random_init=random_init, tiny=tiny,
+    def __init__(self, backbone: str, source: str | None, weights: str, resolution: int | None,
+                 preprocess: str, device: str, compute_dtype: str, checksum: str, dim: int, batch_size: int):
+        model = load_backbone(get_spec(backbone, weights), source=source, weights=weights,
                               resolution=resolution, preprocess=preprocess)
-        if weights_sha256(model) != weights:
+        if weights_sha256(model) != checksum:
             raise RuntimeError(f"this worker loaded other {backbone} weights than the driver fingerprinted")
         self.embedder = Embedder(model.spec, model, device, COMPUTE_DTYPES[compute_dtype])
         self.dim, self.batch_size = dim, batch_size
@@ -131,9 +131,9 @@ def extract_with_ray(
         data = data.map(
             EmbedChunks,
             fn_constructor_kwargs=dict(
-                backbone=r.backbone, source=r.source, random_init=r.random_init, tiny=r.tiny,
+                backbone=r.backbone, source=r.source, weights=r.weights,
                 resolution=r.resolution, preprocess=r.preprocess, device=device,
-                compute_dtype=str(compute_dtype).removeprefix("torch."), weights=job.fingerprint["weights_sha256"],
+                compute_dtype=str(compute_dtype).removeprefix("torch."), checksum=job.fingerprint["weights_sha256"],
                 dim=job.dim, batch_size=r.batch_size or default_batch_size(device),
             ),
             compute=ray.data.ActorPoolStrategy(size=actors or pool_size),

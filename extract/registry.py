@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from iqa.errors import SettingError
 from iqa.extract.nss import NSS_DIM, NSS_REVISION, nss_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,6 +36,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 TINY_RESOLUTION = 32
+# Where a backbone's weights come from: its checkpoint (the registry's id, or `source`), or nowhere:
+# the full-size architecture at random (`random-init`, the paper's untrained control) or the same class
+# at test size (`tiny`). Random weights are seeded, so every process builds the same ones.
+WEIGHTS = ("pretrained", "random-init", "tiny")
 
 # Attention query/key projections under both transformers namings (DINOv2 renamed them in 5.18).
 QK_PROJ = r"\.(q_proj|k_proj)$"
@@ -270,11 +275,35 @@ BACKBONES: dict[str, BackboneSpec] = {
     ]
 }
 
-def get_spec(key: str, tiny: bool = False) -> BackboneSpec:
-    """The registry entry of `key`; with `tiny`, its test-size twin (`BackboneSpec.as_tiny`)."""
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise SettingError(f"`weights` must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    return weights
+
+
+def weights_tag(weights: str) -> str | None:
+    """The store tag of untrained weights: a store's name must say that it holds no pretrained features
+    (dinov2@tiny.zarr, never dinov2.zarr); None for pretrained weights."""
+    return None if check_weights(weights) == "pretrained" else weights
+
+
+def tag_weights(tag: str | None) -> str:
+    """The weights a store tag stands for: `tiny` and `random-init` are only ever given by `weights_tag`
+    (`iqa extract --tag` refuses them), every other tag names pretrained or tuned weights."""
+    return tag if tag in WEIGHTS[1:] else "pretrained"
+
+
+def random_source(source: str | None) -> bool:
+    """Whether a backbone's `source` (its fingerprint's model_id) names random weights built from the
+    registry's config ("tiny:Dinov2Model"), not a checkpoint."""
+    return str(source).split(":")[0] in WEIGHTS[1:]
+
+
+def get_spec(key: str, weights: str = "pretrained") -> BackboneSpec:
+    """The registry entry of `key`; for `tiny` weights its test-size twin (`BackboneSpec.as_tiny`)."""
     if key not in BACKBONES:
         raise KeyError(f"unknown backbone {key!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[key].as_tiny() if tiny else BACKBONES[key]
+    return BACKBONES[key].as_tiny() if check_weights(weights) == "tiny" else BACKBONES[key]
 
 
 def lora_target_modules(spec: BackboneSpec, module_names: list[str]) -> list[str]:

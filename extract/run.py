@@ -24,9 +24,9 @@ from iqa.cache.create import open_for_writing
 from iqa.cache.integrity import repair_store
 from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
-from iqa.extract.backbones import PooledBackbone, checkpoint_tag, family_of, load_backbone, model_tag, weights_sha256
+from iqa.extract.backbones import PooledBackbone, checkpoint_tag, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
-from iqa.extract.registry import BackboneSpec, get_spec
+from iqa.extract.registry import WEIGHTS, BackboneSpec, check_weights, get_spec, weights_tag
 from iqa.errors import SettingError
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,8 +191,8 @@ class Embedder:
 class ExtractRequest:
     """One extraction job as either engine takes it: which store, filled by which model, and how.
 
-    `source` replaces the registry's weights (a Hugging Face id or a local folder); `random_init`
-    and `tiny` build the architecture with random weights; `adapter` is a fine-tuning run folder
+    `weights` is pretrained (the registry's checkpoint, or `source`: a Hugging Face id or a local
+    folder), random-init or tiny (random weights: extract/registry.py); `adapter` is a fine-tuning run folder
     whose tuned backbone is used (LoRA merged, or full weights). `tag` names the store
     `<backbone>@<tag>.zarr` (tiny, random-init and tuned models get one by default); `stores` puts
     stores under another path or an fsspec URL (manifests stay in `cache`). `dtype` is the compute
@@ -204,8 +204,7 @@ class ExtractRequest:
     dataset: str
     backbone: str
     source: str | None = None
-    random_init: bool = False
-    tiny: bool = False
+    weights: str = "pretrained"
     adapter: Path | None = None
     tag: str | None = None
     dtype: str = "auto"
@@ -228,10 +227,15 @@ class ExtractRequest:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
         if self.batch_size is not None and self.batch_size < 1:
             raise SettingError(f"`batch_size` must be at least 1, got {self.batch_size}")
+        if self.tag in WEIGHTS[1:] and self.tag != weights_tag(check_weights(self.weights)):
+            raise SettingError(f"`tag` {self.tag} is kept for {self.tag} weights (`weights` {self.tag}): a store "
+                               "of that name must hold random features; choose another tag")
+        if self.source is not None and self.weights != "pretrained":
+            raise SettingError(f"`model` gives pretrained weights; `weights` {self.weights} builds random ones: give one")
 
     @property
     def spec(self) -> BackboneSpec:
-        return get_spec(self.backbone, self.tiny)
+        return get_spec(self.backbone, self.weights)
 
 
 @dataclass
@@ -295,10 +299,9 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     keeps them: the model computes every layer the store holds, whichever the request names."""
     r = request
     manifest = read_manifest(r.cache, r.dataset)
-    model = load_backbone(r.spec, source=r.source, random_init=r.random_init, tiny=r.tiny,
-                          resolution=r.resolution, preprocess=r.preprocess)
+    model = load_backbone(r.spec, source=r.source, weights=r.weights, resolution=r.resolution, preprocess=r.preprocess)
     spec = model.spec
-    tag, tuned = r.tag or model_tag(r.tiny, r.random_init) or checkpoint_tag(r.source), None
+    tag, tuned = r.tag or weights_tag(r.weights) or checkpoint_tag(r.source), None
     if r.adapter is not None:
         from iqa.extract.tuning import apply_run, read_run, run_tag  # imports peft (~2 s): only with an adapter
 
@@ -309,7 +312,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     embedder = Embedder(spec, model, device, compute_dtype)
     probe = ImageRows(Path(manifest.image_root), manifest.paths, spec).blank.unsqueeze(0)
     dim = embedder(probe).shape[1]
-    if not r.tiny and dim != spec.dim:
+    if r.weights != "tiny" and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
     layer_dims = {}
     if r.layers is not None:

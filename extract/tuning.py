@@ -67,7 +67,7 @@ def apply_run(backbone: PooledBackbone, spec: BackboneSpec, run_dir: Path, state
     if weights_sha256(backbone) != base_sha:
         raise BackboneLoadError(
             f"{run_dir} started from other {spec.key} weights ({state['fingerprint']['model_id']}); "
-            f"pass the same `model` / `tiny` / `random_init` as the run"
+            f"pass the same `model` / `weights` as the run"
         )
     if config["regime"] == "lora":
         wrapped = add_lora(backbone, spec, config["lora_rank"], config.get("lora_alpha"))

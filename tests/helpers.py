@@ -194,7 +194,7 @@ def extract(cache, shard=(0, 1)):
     """The tiny dinov2 over dataset "toy" in chunks of 8 rows: the store `toy/dinov2@tiny.zarr`."""
     from iqa.extract.run import ExtractRequest, extract_dataset
 
-    request = ExtractRequest(cache, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
+    request = ExtractRequest(cache, "toy", "dinov2", weights="tiny", dtype="float32", chunk_rows=8, batch_size=8,
                              shard=shard, progress=False)
     return extract_dataset(request, num_workers=0)
 
@@ -228,7 +228,7 @@ def run(cache: Path, backbone: str = "dinov2", **options):
     from iqa.heads.finetune.loop import finetune, finetune_config
 
     # float32 unless a test asks: `auto` means bf16 on some CPUs, and tests must mean the same everywhere
-    options = {"tiny": True, "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
+    options = {"weights": "tiny", "epochs": 1, "num_workers": 0, "progress": False, "dtype": "float32", **options}
     config = finetune_config("bright", backbone, **{k: v for k, v in options.items() if k not in RUNTIME})
     return finetune(cache, config, **{k: v for k, v in options.items() if k in RUNTIME})
 

@@ -25,6 +25,7 @@ from iqa.cache.atomic import folder_state
 from iqa.cache.location import backbone_label
 from iqa.extract.preprocess import centre_crop, decode_image, resize_uint8
 from iqa.heads.explain.attribution import attribute, band_masks, band_target, explainable_blocks, normalised_input, score_target
+from iqa.heads.saved.config import ModelConfig
 
 MARK = ".iqa-explain"
 
@@ -36,7 +37,7 @@ class Subject:
     name: str
     backbone: nn.Module
     head: nn.Module | None = None
-    config: dict | None = None  # a model folder's config.json (what it was trained and tested on)
+    config: ModelConfig | None = None  # a model folder's (what it was trained and tested on)
 
 
 def prepare_out(out: Path) -> Path:
@@ -194,11 +195,10 @@ def model_subject(folder: Path, device: str = "cpu") -> Subject:
     return Subject(Path(folder).name, model.backbone.float(), ScoringHead(model), model.config)
 
 
-def backbone_subject(key: str, source: str | None = None, random_init: bool = False, tiny: bool = False,
-                     device: str = "cpu") -> Subject:
+def backbone_subject(key: str, source: str | None = None, weights: str = "pretrained", device: str = "cpu") -> Subject:
     """A bare registry backbone (weights as `iqa extract` resolves them) as a Subject: bands only."""
-    from iqa.extract.backbones import load_backbone, model_tag
-    from iqa.extract.registry import get_spec
+    from iqa.extract.backbones import load_backbone
+    from iqa.extract.registry import get_spec, weights_tag
 
-    backbone = load_backbone(get_spec(key, tiny), source=source, random_init=random_init, tiny=tiny)
-    return Subject(backbone_label(key, model_tag(tiny, random_init)), backbone.to(device).eval())
+    backbone = load_backbone(get_spec(key, weights), source=source, weights=weights)
+    return Subject(backbone_label(key, weights_tag(weights)), backbone.to(device).eval())

@@ -19,16 +19,15 @@ class ExplainRequest:
     bands: str | None = None  # feature bands "0-1,1-10" (percent from the top of |embedding|)
     backbone: str | None = None  # a bare backbone instead of a model folder
     model: str | None = None  # the backbone's weights: HF id or folder
-    random_init: bool = False
-    tiny: bool = False
+    weights: str = "pretrained"  # the backbone's: extract/registry.py's WEIGHTS
     evaluate: bool = False  # measure the model's maps on a grid set instead of explaining images
     deletion_fill: str = "zero"  # what a deleted pixel becomes in the deletion curve (evaluate.FILLS)
 
     def __post_init__(self):
         if self.method not in METHODS or self.target not in TARGETS:
             raise SettingError(f"`method` must be one of {', '.join(METHODS)} and `target` one of {', '.join(TARGETS)}")
-        if self.backbone is None and (self.model or self.random_init or self.tiny):
-            raise SettingError("`model`, `random_init` and `tiny` choose the weights of `backbone`; a model folder brings its own")
+        if self.backbone is None and (self.model or self.weights != "pretrained"):
+            raise SettingError("`model` and `weights` choose the weights of `backbone`; a model folder brings its own")
         if self.backbone is not None and (self.compare or not self.bands or self.evaluate):
             raise SettingError("`backbone` explains feature bands: give `bands` (e.g. 0-1,1-10,10-20), no `compare`, no `evaluate`")
         if self.evaluate and len(self.inputs) != 1:
@@ -45,7 +44,7 @@ def explain_images(request: ExplainRequest, out: Path, device: str = "cpu") -> l
 
     bands = parse_bands(request.bands) if request.bands else None
     if request.backbone is not None:
-        subject = backbone_subject(request.backbone, request.model, request.random_init, request.tiny, device)
+        subject = backbone_subject(request.backbone, request.model, request.weights, device)
         subjects, images = [subject], request.inputs
     else:
         folders = [request.inputs[0], *request.compare]

@@ -14,7 +14,7 @@ keeps the key it has without `--lora-alpha`; any other alpha is part of the key.
 from dataclasses import dataclass
 from itertools import product
 
-from iqa.extract.backbones import model_tag
+from iqa.extract.registry import weights_tag
 from iqa.heads.models.mlp import head_activations
 from iqa.heads.training.config import RunConfig
 from iqa.heads.training.selection import check_rule
@@ -42,8 +42,7 @@ def finetune_config(
     micro_batch: int = MICRO_BATCH,
     lora_rank: int = 4,
     lora_alpha: float | None = None,
-    tiny: bool = False,
-    random_init: bool = False,
+    weights: str = "pretrained",
     backbone_lr: float = 5e-6,
     **options,
 ) -> RunConfig:
@@ -67,7 +66,7 @@ def finetune_config(
     lora = mode == "lora"
     return RunConfig(
         dataset, dataset, backbone, head, act1, act2, seed, epochs=epochs, batch_size=batch_size * accumulate,
-        micro_batch=micro_batch, regime=mode, tag=model_tag(tiny, random_init), physical_batch=batch_size,
+        micro_batch=micro_batch, regime=mode, tag=weights_tag(weights), physical_batch=batch_size,
         accumulate=accumulate, lora_rank=lora_rank if lora else None, backbone_lr=backbone_lr if mode == "full" else None,
         lora_alpha=float(lora_alpha) if lora and lora_alpha not in (None, 2 * lora_rank) else None, **options,
     )
@@ -89,7 +88,7 @@ def expand_finetune_grid(
     **shared,
 ) -> list[TuneRun]:
     """Every combination, in a stable order, each run once; `shared` sets what all runs share (epochs,
-    batch_size, dropout, select, tiny, ...: `finetune_config`'s options)."""
+    batch_size, dropout, select, weights, ...: `finetune_config`'s options)."""
     runs = [
         TuneRun(finetune_config(dataset, backbone, head, mode, seed, lora_rank=rank, lora_alpha=alpha, mask_k=float(k),
                                 keep=float(p), lr=lr, loss=loss, **shared),

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from iqa.cache.manifest import read_manifest
 from iqa.cache.results import ResultsDB, default_db
 from iqa.extract.backbones import family_of
-from iqa.extract.registry import get_spec
+from iqa.extract.registry import get_spec, tag_weights
 from iqa.heads.finetune.config import TuneRun
 from iqa.heads.finetune.loop import Runtime, plan_run, split_rows, train_run
 from iqa.heads.saved.weights import run_weights_path
@@ -63,7 +63,7 @@ def check_grid(cache: Path, runs: list[TuneRun]) -> None:
     """What a run would fail on late, checked before the first one trains: unknown or untunable
     backbones, datasets without a manifest, training rows too few for a batch."""
     for backbone, tag in dict.fromkeys((r.config.backbone, r.config.tag) for r in runs):
-        if not family_of(get_spec(backbone, tag == "tiny")).tunable:
+        if not family_of(get_spec(backbone, tag_weights(tag))).tunable:
             raise ValueError(f"{backbone} computes fixed features: it has no backbone weights to fine-tune")
     datasets = dict.fromkeys(d for r in runs for d in (r.config.train_dataset, *r.tests))
     manifests = {d: read_manifest(cache, d) for d in datasets}

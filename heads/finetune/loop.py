@@ -53,13 +53,13 @@ from iqa.cache.manifest import Manifest, manifest_checksum, read_manifest
 from iqa.cache.results import ResultsDB, default_db
 from iqa.cache.store import fingerprint_id
 from iqa.data.splits import split_indices
-from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, model_tag, weights_sha256
+from iqa.extract.backbones import PooledBackbone, family_of, load_backbone, weights_sha256
 from iqa.extract.checkpoint import (
     load_checkpoint, load_scheduler_state, restore_rng_states, rng_states, run_name, save_checkpoint, scheduler_state,
 )
 from iqa.errors import SettingError
 from iqa.extract.preprocess import normalise
-from iqa.extract.registry import get_spec
+from iqa.extract.registry import get_spec, tag_weights
 from iqa.extract.run import ImageRows, compute_dtype_for, make_fingerprint
 from iqa.extract.tuning import add_lora
 from iqa.heads.finetune.explain_every import MapsOverTraining
@@ -251,7 +251,8 @@ def split_rows(manifest: Manifest, config: RunConfig) -> tuple[np.ndarray, np.nd
 def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: Path | None = None) -> TunePlan:
     """Load the base model, fingerprint it with the manifest(s) and key the run; nothing trains yet."""
     config = run.config
-    spec = get_spec(config.backbone, config.tag == model_tag(True, False))
+    weights = tag_weights(config.tag)
+    spec = get_spec(config.backbone, weights)
     if not family_of(spec).tunable:
         raise ValueError(f"{config.backbone} computes fixed features: it has no backbone weights to fine-tune")
     manifest = read_manifest(cache, config.train_dataset)
@@ -259,8 +260,7 @@ def plan_run(cache: Path, run: TuneRun, runtime: Runtime = Runtime(), run_dir: P
     train_rows, fit_rows, val_rows, test_rows = split_rows(manifest, config)
     compute_dtype = compute_dtype_for(runtime.device, runtime.dtype)
     config = replace(config, compute_dtype=str(compute_dtype).removeprefix("torch."))
-    base = load_backbone(spec, source=runtime.source, random_init=config.tag == model_tag(False, True),
-                         tiny=config.tag == model_tag(True, False))
+    base = load_backbone(spec, source=runtime.source, weights=weights)
     spec = base.spec  # at the loaded checkpoint's geometry: its own image_size, width and resample
     # What the run depends on besides its config: the base weights (hashed before LoRA wraps them), the manifest.
     dim = embedding_dim(base, spec)  # a whole forward pass (seconds at 512 px on a CPU): once

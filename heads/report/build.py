@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from iqa.cache.atomic import building_folder, folder_state
 from iqa.cache.location import backbone_label
-from iqa.extract.registry import BACKBONES
+from iqa.extract.registry import BACKBONES, tag_weights
 from iqa.data.distortion_types import distortion_types
 from iqa.heads.report import figures, stages
 from iqa.heads.report.explanations import ExplainedModels, write_explanations
@@ -437,7 +437,7 @@ def _profile(runs, backbones: list[str], folder: Path, device: str, summary: Rep
 
 def _checkpoint_of(runs: list[dict], load: Loader | None) -> str | None:
     """The weights a tagged store was embedded with (its fingerprint's model_id), where the store can be read."""
-    if not runs or load is None or runs[0]["tag"] in (None, "tiny", "random-init"):
+    if not runs or load is None or runs[0]["tag"] is None or tag_weights(runs[0]["tag"]) != "pretrained":
         return None
     try:
         return load(runs[0]["train_dataset"], runs[0]["backbone"], runs[0]["tag"]).fingerprint.get("model_id")

@@ -79,14 +79,14 @@ def shown_images(subject: Subject, cache: Path) -> tuple[str, list[tuple[Path, f
     """(dataset, [(image path, target)]): up to EXPLAINED_IMAGES of the model's test images present on disk, spread
     evenly over their targets; the test set is the seed's split within a dataset, all of it across
     datasets (as training evaluated). Raises FileNotFoundError when none is on disk."""
-    training = subject.config["training"]
-    dataset = training["test_dataset"]
+    training = subject.config.training
+    dataset = training.test_dataset
     try:
         manifest = read_manifest(cache, dataset)
     except (FileNotFoundError, ValueError) as error:
         raise FileNotFoundError(f"its test set {dataset} is not prepared in {cache} ({error})") from None
-    if dataset == training["train_dataset"]:
-        _, rows = split_indices(manifest.paths, training["seed"], by=training.get("split_by") or "random",
+    if dataset == training.train_dataset:
+        _, rows = split_indices(manifest.paths, training.seed, by=training.split_by or "random",
                                 groups=manifest.groups, sets=manifest.extras.get("set"))
     else:
         rows = np.arange(len(manifest))
@@ -139,10 +139,9 @@ def write_explanations(models: ExplainedModels, folder: Path, style: str = "", p
 
 def evaluation_row(folder: Path, subject: Subject, measured: dict) -> dict:
     config = subject.config
-    return {"model": subject.name, "folder": str(folder),
-            "backbone": backbone_label(config["backbone"]["key"], config["backbone"].get("tag")),
-            "head": config["head"]["head"], "trained on": config["training"]["train_dataset"],
-            "tested on": config["training"]["test_dataset"], **{k: measured[k] for k in COLUMNS[6:]}}
+    return {"model": subject.name, "folder": str(folder), "backbone": backbone_label(config.backbone.key, config.backbone.tag),
+            "head": config.head.head, "trained on": config.training.train_dataset,
+            "tested on": config.training.test_dataset, **{k: measured[k] for k in COLUMNS[6:]}}
 
 
 def evaluation_table(rows: list[dict], fmt: str) -> str:

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from iqa.cache.location import backbone_label
 from iqa.extract.backbones import BackboneLoadError, family_of, load_backbone
-from iqa.extract.registry import get_spec
+from iqa.extract.registry import get_spec, tag_weights
 from iqa.heads.models.hyper import HYPER
 from iqa.heads.models.mlp import HEADS
 from iqa.heads.report.page import text_table
@@ -73,7 +73,7 @@ def head_profile(dim: int, head: str) -> tuple[int, float]:
 def _peak_memory(spec, device: str) -> str:
     if not (device.startswith("cuda") and torch.cuda.is_available()):
         return "n/a (no GPU)"
-    model = load_backbone(spec, random_init=True).to(device)
+    model = load_backbone(spec, weights="random-init").to(device)
     x = torch.randn(1, 3, spec.resolution, spec.resolution, device=device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -91,14 +91,15 @@ def profile_backbone(key: str, heads: list[str], device: str = "cpu", tag: str |
     """One row per head on this backbone: the registry's full-size model, or the model the runs used where
     that was another (`tag` tiny: the tiny config; `source` a local checkpoint: that checkpoint, loaded, at
     the side it ran at), so the profile counts the model that ran."""
-    spec = get_spec(key, tiny=tag == "tiny")
+    weights = tag_weights(tag)
+    spec = get_spec(key, weights)
     checkpoint = source if source and Path(source).exists() else None
     if family_of(spec).in_worker:  # computed on the CPU in the decode workers, not a network
         counted = dict(resolution=None, backbone_params=0, backbone_macs=None, attention_macs=None,
                        peak_memory="n/a (CPU features)", weights="none (worker features)",
                        note="features computed in the decode workers: no network MACs")
-    elif checkpoint is not None or tag == "tiny":
-        model = load_backbone(spec, source=checkpoint, tiny=checkpoint is None)
+    elif checkpoint is not None or weights == "tiny":
+        model = load_backbone(spec, source=checkpoint, weights="pretrained" if checkpoint else "tiny")
         side = model.spec.resolution
         macs, attention = count_macs(model, torch.zeros(1, 3, side, side))
         counted = dict(resolution=side, backbone_params=family_of(spec).parameters_used(model), backbone_macs=macs,
@@ -107,7 +108,7 @@ def profile_backbone(key: str, heads: list[str], device: str = "cpu", tag: str |
     else:
         try:
             with torch.device("meta"):
-                model = load_backbone(spec, random_init=True)
+                model = load_backbone(spec, weights="random-init")
                 image = torch.empty(1, 3, spec.resolution, spec.resolution)
             macs, attention = count_macs(model, image)
             counted = dict(resolution=spec.resolution, backbone_params=family_of(spec).parameters_used(model),
@@ -116,7 +117,7 @@ def profile_backbone(key: str, heads: list[str], device: str = "cpu", tag: str |
         except BackboneLoadError as error:
             counted = dict(resolution=spec.resolution, backbone_params=None, backbone_macs=None, attention_macs=None,
                            peak_memory="n/a", weights="not built", note=str(error).split(":")[0])
-    width = model.spec.dim if checkpoint is not None or tag == "tiny" else spec.dim
+    width = model.spec.dim if checkpoint is not None or weights == "tiny" else spec.dim
     rows = []
     for head in heads:
         params, macs = head_profile(width, head)

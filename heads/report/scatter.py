@@ -57,7 +57,7 @@ def scatter_figure(title: str, panels: list[tuple[str, dict]], test: Cached):
     fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 5.0 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
-    drawn = [(label, p, manifest.scores[p["rows"]], to_mos["scale"] * p["pred"] + to_mos["offset"]) for label, p in panels]
+    drawn = [(label, p, manifest.scores[p["rows"]], to_mos.apply(p["pred"])) for label, p in panels]
     low = min(min(mos.min(), pred.min()) for _, _, mos, pred in drawn)
     high = max(max(mos.max(), pred.max()) for _, _, mos, pred in drawn)
     pad = 0.04 * (high - low or 1.0)

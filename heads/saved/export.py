@@ -7,7 +7,6 @@ fine-tuning run its tuning (adapter/ in PEFT's format, or backbone.safetensors),
 by sha256 on load, and README.md, a model card with the Hugging Face metadata header. `iqa.load_model` reads it back.
 """
 
-import hashlib
 import json
 import shutil
 from importlib.metadata import version
@@ -20,13 +19,13 @@ from iqa.cache.location import backbone_label
 from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.heads.training.config import complete_run
+from iqa.extract.registry import tag_weights
+from iqa.heads.saved.config import (BackboneConfig, Bundle, HeadConfig, Metrics, ModelConfig, MosMap, Targets,
+                                    TrainingConfig, Tuning, WeightsFile, write_config)
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
-CHECKSUM_FIELD = "config_sha256"
 CARD_FILE = "README.md"
-FORMAT = "iqa-model-1"
 PACKAGES = ("torch", "transformers", "numpy", "safetensors")
 
 
@@ -65,10 +64,10 @@ def best_run(runs: list[dict], dataset: str, backbone: str | None = None, head: 
                     "so its test numbers are optimistic (train with --select val for an honest choice)")
 
 
-def mos_map(scores: np.ndarray, targets: np.ndarray) -> dict:
+def mos_map(scores: np.ndarray, targets: np.ndarray) -> MosMap:
     """mos = scale * target + offset, fitted on the training set (exact for its linear normalisations)."""
     scale, offset = np.polyfit(targets, scores, 1)
-    return {"scale": float(scale), "offset": float(offset)}
+    return MosMap(float(scale), float(offset))
 
 
 def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = False) -> Path:
@@ -93,6 +92,9 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = 
         fingerprint = json.loads((kept / FINGERPRINT_FILE).read_text())
     else:
         fingerprint = EmbeddingStore(store_path(cache, run["train_dataset"], run["backbone"], run["tag"])).fingerprint
+        if "tuned" in fingerprint:  # the folder would rebuild the base backbone, not the tuned one the head read
+            raise ValueError(f"run {run['key'][:12]} is a head on {backbone_label(run['backbone'], run['tag'])}, a fine-tuned "
+                             "backbone's store: export the fine-tuning run itself, whose folder carries its tuning")
     with building_folder(out) as building:
         write_model_folder(building, run, weights, fingerprint, manifest, bundle)
     return out
@@ -107,8 +109,8 @@ def local_checkpoint(model_id: str | None) -> Path | None:
     return Path(model_id) if model_id and Path(model_id).is_absolute() else None
 
 
-def bundle_backbone(out: Path, fingerprint: dict) -> dict:
-    """Copy the base weights into out/backbone/ (safetensors and configs only); {"path", "files"} for config.json."""
+def bundle_backbone(out: Path, fingerprint: dict) -> Bundle:
+    """Copy the base weights into out/backbone/ (safetensors and configs only)."""
     model_id, local = fingerprint.get("model_id"), local_checkpoint(fingerprint.get("model_id"))
     if local is None:
         from huggingface_hub import snapshot_download
@@ -131,129 +133,108 @@ def bundle_backbone(out: Path, fingerprint: dict) -> dict:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / relative)  # the content behind a hub cache's symlinks
     files = {str(p.relative_to(out)): file_sha256(p) for p in sorted(target.rglob("*")) if p.is_file()}
-    path = BUNDLE_DIR if local.is_dir() else f"{BUNDLE_DIR}/{local.name}"
-    return {"path": path, "files": files}
+    return Bundle(BUNDLE_DIR if local.is_dir() else f"{BUNDLE_DIR}/{local.name}", files)
 
 
 def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, manifest, bundle: bool = False) -> None:
     kept = weights.parent
     shutil.copyfile(weights, out / WEIGHTS_FILE)
-    tuning = {"regime": run.get("regime", "frozen"), "lora_rank": run.get("lora_rank"), "files": {}}
     if (kept / ADAPTER_DIR).is_dir():
         shutil.copytree(kept / ADAPTER_DIR, out / ADAPTER_DIR)
     if (kept / BACKBONE_FILE).is_file():
         shutil.copyfile(kept / BACKBONE_FILE, out / BACKBONE_FILE)
-    for path in sorted([*(out / ADAPTER_DIR).rglob("*"), out / BACKBONE_FILE]):
-        if path.is_file():
-            tuning["files"][str(path.relative_to(out))] = file_sha256(path)
-    head_keys = ("head", "act1", "act2", "mask_k", "dropout", "keep", "l2norm")
-    config = {
-        "format": FORMAT,
-        "run_key": run["key"],
-        "backbone": {"key": run["backbone"], "tag": run["tag"], **{k: fingerprint.get(k) for k in (
-            "model_id", "revision", "weights_sha256", "pooling", "dim", "resolution", "preprocess", "resample",
-            "preprocessing", "compute_dtype")}, "tuning": tuning,
+    tuned = {str(path.relative_to(out)): file_sha256(path)
+             for path in sorted([*(out / ADAPTER_DIR).rglob("*"), out / BACKBONE_FILE]) if path.is_file()}
+    config = ModelConfig(
+        run_key=run["key"],
+        backbone=BackboneConfig(
+            key=run["backbone"], tag=run["tag"], weights=tag_weights(run["tag"]),
+            **{k: fingerprint.get(k) for k in ("revision", "weights_sha256", "pooling", "dim", "resolution",
+                                                "preprocess", "resample", "preprocessing", "compute_dtype")},
+            tuning=Tuning(run.get("regime", "frozen"), run.get("lora_rank"), tuned),
             **backbone_source(out, run, fingerprint, bundle),
-            **({"layers": list(run["layers"])} if run["layers"] else {})},  # the head reads these stored layers
-        "head": {k: run[k] for k in head_keys} | ({"probe": run["curves"]["probe"]} if "probe" in run["curves"] else {})
-                | ({"fuse": run["fuse"]} if run["fuse"] else {})  # the stages fused, not concatenated
-                | {k: run[k] for k in ("prompts", "prompt_pairs", "template", "context") if k in run},  # a text head's
-        "training": {k: run[k] for k in (
+            layers=list(run["layers"]) if run["layers"] else None),  # the head reads these stored layers
+        head=HeadConfig(**{k: run[k] for k in ("head", "act1", "act2", "mask_k", "dropout", "keep", "l2norm")},
+                        probe=run["curves"].get("probe"), fuse=run["fuse"] or None,
+                        **{k: run.get(k) for k in ("prompts", "prompt_pairs", "template", "context")}),  # a text head's
+        training=TrainingConfig(**{k: run[k] for k in (
             "train_dataset", "test_dataset", "split_by", "seed", "epochs", "lr", "batch_size", "select", "val_fraction",
-            "regime", "backbone_lr", "physical_batch", "accumulate")},
-        "targets": {"score_scale": manifest.score_scale, "mos": mos_map(manifest.scores, manifest.targets)},
-        "metrics": {k: run[k] for k in ("best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")},
-        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(out / WEIGHTS_FILE)},
-        "packages": {name: version(name) for name in PACKAGES},
-    }
-    write_config(out, config)
+            "regime", "backbone_lr", "physical_batch", "accumulate")}),
+        targets=Targets(manifest.score_scale, mos_map(manifest.scores, manifest.targets)),
+        metrics=Metrics(**{k: run[k] for k in ("best_epoch", "best_srcc", "best_plcc", "last_srcc", "last_plcc")}),
+        weights=WeightsFile(WEIGHTS_FILE, file_sha256(out / WEIGHTS_FILE)),
+        packages={name: version(name) for name in PACKAGES},
+    )
+    write_config(out, config.to_dict())
     (out / CARD_FILE).write_text(model_card(config))
 
 
 def backbone_source(out: Path, run: dict, fingerprint: dict, bundle: bool) -> dict:
     """Where a loader finds the base weights: the hub id (kept), a bundled copy, or, for a local checkpoint
     not bundled, only its name (a path of this machine would not exist on the next)."""
-    rebuilt = run["tag"] in ("tiny", "random-init")  # built from the registry's config: no weights to carry
     local = local_checkpoint(fingerprint.get("model_id"))
     fields = {"model_id": local.name if local else fingerprint.get("model_id"), "local_checkpoint": bool(local)}
-    if bundle and not rebuilt:
+    if bundle and tag_weights(run["tag"]) == "pretrained":  # random weights rebuild from the registry: none to carry
         fields["bundled"] = bundle_backbone(out, fingerprint)
     return fields
 
 
-def config_checksum(config: dict) -> str:
-    """sha256 of the config's canonical JSON, its own checksum field left out."""
-    return hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != CHECKSUM_FIELD}, sort_keys=True).encode()).hexdigest()
-
-
-def write_config(folder: Path, config: dict) -> None:
-    """config.json with its checksum inside: an edited recipe (preprocessing, l2norm, the MOS map) is
-    refused on load like an altered weights file, instead of silently changing every score."""
-    config = {**config, CHECKSUM_FIELD: config_checksum(config)}
-    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def card_header(config: dict) -> str:
+def card_header(config: ModelConfig) -> str:
     """The model card's YAML header as the Hugging Face Hub reads it: library, tags, datasets, and the
     test metrics with their values (model-index)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    b, t, m = config["backbone"], config["training"], config["metrics"]
-    name = f"{b['key']}{'@' + b['tag'] if b['tag'] else ''}-{config['head']['head']}-{t['train_dataset']}"
+    t, m = config.training, config.metrics
     results = [EvalResult(task_type="image-quality-assessment", task_name="No-reference image quality assessment",
-                          dataset_type=t["test_dataset"], dataset_name=t["test_dataset"], metric_type=metric,
-                          metric_name=metric.upper(), metric_value=round(float(m[f"best_{metric}"]), 4))
-               for metric in ("srcc", "plcc") if m.get(f"best_{metric}") is not None]
-    data = ModelCardData(library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa", b["key"]],
-                         datasets=sorted({t["train_dataset"], t["test_dataset"]}), metrics=["srcc", "plcc"],
-                         model_name=name, eval_results=results or None)
+                          dataset_type=t.test_dataset, dataset_name=t.test_dataset, metric_type=metric,
+                          metric_name=metric.upper(), metric_value=round(float(value), 4))
+               for metric, value in (("srcc", m.best_srcc), ("plcc", m.best_plcc)) if value is not None]
+    data = ModelCardData(library_name="iqa", tags=["image-quality-assessment", "no-reference-iqa", config.backbone.key],
+                         datasets=sorted({t.train_dataset, t.test_dataset}), metrics=["srcc", "plcc"],
+                         model_name=config.label, eval_results=results or None)
     return f"---\n{data.to_yaml()}\n---\n\n"
 
 
-def model_card(config: dict) -> str:
-    b, t, m = config["backbone"], config["training"], config["metrics"]
-    untrained = {"tiny": "a tiny random-init test model", "random-init": "a random-init model"}.get(b["tag"])
+def model_card(config: ModelConfig) -> str:
+    b, h, t, m = config.backbone, config.head, config.training, config.metrics
+    untrained = {"tiny": "a tiny random-init test model", "random-init": "a random-init model"}.get(b.weights)
     notes = [f"The backbone is {untrained}: it rebuilds deterministically from its config, not from pretrained weights."] if untrained else []
-    regime = b["tuning"]["regime"]
+    regime = b.tuning.regime
     if regime != "frozen":
         notes.append(f"The backbone was fine-tuned end to end ({regime}"
-                     f"{', rank ' + str(b['tuning']['lora_rank']) if regime == 'lora' else ''}); its tuning is in this "
+                     f"{', rank ' + str(b.tuning.lora_rank) if regime == 'lora' else ''}); its tuning is in this "
                      f"folder ({'adapter/, PEFT format' if regime == 'lora' else 'backbone.safetensors'}) and is applied on load.")
-    if config["head"].get("fuse"):
-        notes.append(f"The head weighs the stored stages {b['layers']} per image ({config['head']['fuse']} fusion) "
+    if h.fuse:
+        notes.append(f"The head weighs the stored stages {b.layers} per image ({h.fuse} fusion) "
                      "before the head reads them; the weights come from the deepest stage.")
-    probe = config["head"].get("probe")
-    if "prompt_pairs" in config["head"]:
-        h = config["head"]
-        learned = f", behind {h['context']} context vectors learned per prompt (CLIP-IQA+)" if h.get("context") else ""
+    if h.prompt_pairs is not None:
+        learned = f", behind {h.context} context vectors learned per prompt (CLIP-IQA+)" if h.context else ""
         notes.append(f"The head is the backbone's own text tower: the image's two-way softmax against each pair of the "
-                     f"`{h['prompts']}` prompts, averaged over pairs (CLIP-IQA){learned}; its text embeddings, logit "
+                     f"`{h.prompts}` prompts, averaged over pairs (CLIP-IQA){learned}; its text embeddings, logit "
                      "scale and bias are in head.safetensors.")
-    elif probe:
-        chosen = {k: v for k, v in probe.items() if k != "cv_srcc"}
-        notes.append(f"The head is a {config['head']['head']} probe fitted in closed form, {chosen} chosen by "
+    elif h.probe:
+        chosen = {k: v for k, v in h.probe.items() if k != "cv_srcc"}
+        notes.append(f"The head is a {h.head} probe fitted in closed form, {chosen} chosen by "
                      "cross-validation on the training rows; it has no epochs.")
-    elif t["select"] == "test":
+    elif t.select == "test":
         notes.append("The epoch was chosen by best test SRCC (the paper's protocol): the test metrics are optimistic.")
-    trained = config["head"]["head"] != "zeroshot"  # a zero-shot head learns nothing: no epoch, no training rows
-    rows = "every image" if t["seed"] is None else f"the test rows of seed {t['seed']} ({t['split_by']} split)"
+    trained = h.head != "zeroshot"  # a zero-shot head learns nothing: no epoch, no training rows
+    rows = "every image" if t.seed is None else f"the test rows of seed {t.seed} ({t.split_by} split)"
     return card_header(config) + "\n".join([
-        f"# {backbone_label(b['key'], b['tag'])} + {config['head']['head']} head, "
-        f"{'trained' if trained else 'evaluated'} on {t['train_dataset']}",
+        f"# {backbone_label(b.key, b.tag)} + {h.head} head, {'trained' if trained else 'evaluated'} on {t.train_dataset}",
         "",
-        f"Backbone: {b['key']} weights from {'the local checkpoint ' if b.get('local_checkpoint') else ''}"
-        f"`{b.get('model_id')}`{' (bundled in this folder)' if b.get('bundled') else ''}, a {b.get('dim')}-wide "
-        f"embedding at {b.get('resolution')} px.",
+        f"Backbone: {b.key} weights from {'the local checkpoint ' if b.local_checkpoint else ''}"
+        f"`{b.model_id}`{' (bundled in this folder)' if b.bundled else ''}, a {b.dim}-wide embedding at {b.resolution} px.",
         "",
-        f"Run `{config['run_key']}`; seed {t['seed']}, {t['split_by']} split, epoch {m['best_epoch']} of {t['epochs']} kept "
-        f"by the `{t['select']}` rule." if trained else f"Run `{config['run_key']}`: zero-shot, nothing trained; "
-        f"evaluated on {rows} of {t['test_dataset']}.",
+        f"Run `{config.run_key}`; seed {t.seed}, {t.split_by} split, epoch {m.best_epoch} of {t.epochs} kept "
+        f"by the `{t.select}` rule." if trained else f"Run `{config.run_key}`: zero-shot, nothing trained; "
+        f"evaluated on {rows} of {t.test_dataset}.",
         "",
-        f"| test set | SRCC | PLCC |\n|---|---|---|\n| {t['test_dataset']} | {m['best_srcc']:.4f} | {m['best_plcc']:.4f} |",
+        f"| test set | SRCC | PLCC |\n|---|---|---|\n| {t.test_dataset} | {m.best_srcc:.4f} | {m.best_plcc:.4f} |",
         "",
-        f"Scores are on the training targets' scale, [0, 1] for the images of {t['train_dataset']}; the head's last "
+        f"Scores are on the training targets' scale, [0, 1] for the images of {t.train_dataset}; the head's last "
         "layer is linear and unclipped, so an image unlike them can score below 0 or above 1. On the MOS scale of "
-        f"{t['train_dataset']} ({config['targets']['score_scale']}): mos = scale * score + offset with config.json's targets.mos.",
+        f"{t.train_dataset} ({config.targets.score_scale}): mos = scale * score + offset with config.json's targets.mos.",
         "",
         *notes,
         "",

@@ -27,7 +27,8 @@ from iqa.extract.preprocess import decode_image, resize_uint8, to_rgb
 from iqa.extract.registry import get_spec
 from iqa.extract.run import Embedder, ImageRows, default_batch_size, pooling_rule
 from iqa.cache.manifest import file_sha256
-from iqa.heads.saved.export import CARD_FILE, CHECKSUM_FIELD, CONFIG_FILE, FORMAT, config_checksum
+from iqa.heads.saved.config import CHECKSUM_FIELD, CONFIG_FILE, FORMAT, ModelConfig, Tuning, config_checksum
+from iqa.heads.saved.export import CARD_FILE
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, load_head
 from iqa.errors import IqaError
 
@@ -49,9 +50,10 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
     lower_better = False  # a higher score is better quality, on every dataset (targets are flipped where DMOS)
     score_range = (0.0, 1.0)  # the training targets' range; a head without a bounded output can leave it a little
 
-    def __init__(self, config: dict, embedder: Embedder, head: nn.Module):
+    def __init__(self, config: ModelConfig, embedder: Embedder, head: nn.Module, folder: Path):
         super().__init__()
         self.config, self.embedder, self.head = config, embedder, head
+        self.folder = Path(folder)  # the files `save_pretrained` copies
         self.backbone = embedder.model
         self.spec = embedder.spec
 
@@ -77,11 +79,11 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
     def head_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
         """The columns of the backbone's output the head reads: all of them, or, for a head trained on
         stored layers, the layers' vectors that follow the default embedding."""
-        return pooled[:, self.config["backbone"]["dim"]:] if self.config["backbone"].get("layers") else pooled
+        return pooled[:, self.config.backbone.dim:] if self.config.backbone.layers else pooled
 
     def unit_length(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input [B, D] from its columns: unit length for a model trained with --l2norm."""
-        return nn.functional.normalize(x, dim=-1) if self.config.get("head", {}).get("l2norm") else x
+        return nn.functional.normalize(x, dim=-1) if self.config.head.l2norm else x
 
     @torch.no_grad()
     def score_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -97,10 +99,8 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
     def to_mos(self, scores):
         """Scores on the training set's MOS scale, in the type given: a tensor for a tensor (as `score`
         returns), else a numpy array."""
-        m = self.config["targets"]["mos"]
-        if isinstance(scores, torch.Tensor):
-            return m["scale"] * scores.double() + m["offset"]
-        return m["scale"] * np.asarray(scores, dtype=np.float64) + m["offset"]
+        m = self.config.targets.mos
+        return m.apply(scores.double() if isinstance(scores, torch.Tensor) else np.asarray(scores, dtype=np.float64))
 
     def forward(self, images) -> torch.Tensor:
         return self.score(images)
@@ -126,6 +126,8 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
         at `revision`); `source` is where to find a frozen backbone's base weights if not where training did."""
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+        if Path(pretrained_model_name_or_path).is_dir():  # read and checked by load_model alone
+            return load_model(pretrained_model_name_or_path, device, source)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, revision=revision, device=device,
                                            source=source, **hub)
@@ -133,16 +135,20 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
             raise ModelFolderError(f"{pretrained_model_name_or_path} is not a model folder here, and the Hugging Face Hub "
                                    f"cannot give it ({type(error).__name__}: {message_line(error)}); give a local folder, "
                                    "or go online") from None
+        except ModelFolderError:
+            raise
+        except (TypeError, ValueError) as error:  # the mixin reads the hub's config.json into a ModelConfig first
+            raise unbuildable(pretrained_model_name_or_path, error) from None
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
-                         device: str = "cpu", source: str | None = None, **config_fields) -> "IqaModel":
-        folder = Path(model_id)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+                         device: str = "cpu", source: str | None = None, **decoded) -> "IqaModel":
+        """A hub repository's model; `decoded` (what the mixin read from its config.json) is left: load_model
+        reads the downloaded folder and checks every file itself."""
+        from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
-                                            force_download=force_download, local_files_only=local_files_only))
+        folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                        force_download=force_download, local_files_only=local_files_only))
         return load_model(folder, device, source)
 
 
@@ -197,37 +203,40 @@ def load_model(folder: str | Path, device: str = "cpu", source: str | None = Non
     folder = Path(folder)
     config = checked_config(folder)
     try:
-        model = build_model(folder, config, device, source)
-        model.folder = folder
-        return model
+        return build_model(folder, config, device, source)
     except (BackboneLoadError, ModelFolderError):
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError) as error:
-        # checksums that match contents iqa never wrote (a config without a backbone, unknown keys, other tensors)
-        raise ModelFolderError(f"{folder} does not hold a model iqa can rebuild ({type(error).__name__}: "
-                               f"{message_line(error)}); export the run again") from None
+        raise unbuildable(folder, error) from None
+
+
+def unbuildable(folder: Path | str, error: Exception) -> "ModelFolderError":
+    """Checksums that match contents iqa never wrote (a config without a backbone, unknown keys, other tensors)."""
+    return ModelFolderError(f"{folder} does not hold a model iqa can rebuild ({type(error).__name__}: "
+                            f"{message_line(error)}); export the run again")
 
 
 def message_line(error: Exception) -> str:
     return (str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)).splitlines()[0][:200]
 
 
-def checked_config(folder: Path) -> dict:
-    """config.json, refused unless its own checksum and the head's match and the head is a safetensors file."""
+def checked_config(folder: Path) -> ModelConfig:
+    """config.json as a ModelConfig, refused unless its own checksum and the head's match and the head is a
+    safetensors file."""
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ModelFolderError(f"{config_path} is missing: not an iqa model folder")
     try:
-        config = json.loads(config_path.read_text())
-        weights = folder / plain_name(config["weights"]["file"], "weights file")
-        expected = config["weights"]["sha256"]
+        raw = json.loads(config_path.read_text())
+        weights = folder / plain_name(raw["weights"]["file"], "weights file")
+        expected = raw["weights"]["sha256"]
     except (ValueError, KeyError, TypeError) as err:
         raise ModelFolderError(f"{config_path} is not a valid model config ({message_line(err)})") from None
-    if config.get(CHECKSUM_FIELD) != config_checksum(config):
+    if raw.get(CHECKSUM_FIELD) != config_checksum(raw):
         raise ModelFolderError(f"{config_path} does not match its checksum: edited or corrupt "
                                "(the recipe decides every score); export the run again instead of editing it")
-    lacking = [k for k in ("format", "backbone", "head", "targets", "weights") if not isinstance(config.get(k), (dict, str))]
-    if lacking or config["format"] != FORMAT:
+    lacking = [k for k in ("format", "backbone", "head", "targets", "weights") if not isinstance(raw.get(k), (dict, str))]
+    if lacking or raw["format"] != FORMAT:
         raise ModelFolderError(f"{config_path} is not an {FORMAT} config (lacking {', '.join(lacking) or 'its format'}); "
                                "export the run again")
     if weights.suffix != ".safetensors":
@@ -236,48 +245,49 @@ def checked_config(folder: Path) -> dict:
         raise ModelFolderError(f"{weights} is missing")
     if file_sha256(weights) != expected:
         raise ModelFolderError(f"{weights} does not match the checksum in {config_path}: altered or corrupt")
-    return config
-
-
-def build_model(folder: Path, config: dict, device: str, source: str | None) -> IqaModel:
-    b = config["backbone"]
-    tiny, random_init = b["tag"] == "tiny", b["tag"] == "random-init"
-    spec = get_spec(b["key"], tiny=tiny)
     try:
-        backbone = load_backbone(spec, source=source or base_weights(folder, config), random_init=random_init,
-                                 tiny=tiny, resolution=b.get("resolution"), preprocess=b.get("preprocess") or "square")
+        return ModelConfig.from_dict(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise unbuildable(folder, error) from None
+
+
+def build_model(folder: Path, config: ModelConfig, device: str, source: str | None) -> IqaModel:
+    b = config.backbone
+    try:
+        backbone = load_backbone(get_spec(b.key, b.weights), source=source or base_weights(folder, config),
+                                 weights=b.weights, resolution=b.resolution, preprocess=b.preprocess or "square")
     except BackboneLoadError as error:  # its fix names extraction's options; a model folder has its own
-        raise ModelFolderError(f"the base {b['key']} weights of {folder} cannot be loaded here "
+        raise ModelFolderError(f"the base {b.key} weights of {folder} cannot be loaded here "
                                f"({str(error).split(';')[0]}); give their folder or hub id as the model's source "
                                "(`iqa score --base`), or export the run with --bundle") from None
-    if b.get("weights_sha256") and weights_sha256(backbone) != b["weights_sha256"]:
-        raise ModelFolderError(f"the {b['key']} backbone loaded here differs from the one the model was trained on")
-    if b.get("pooling") and b["pooling"] != pooling_rule(backbone.spec):
-        raise ModelFolderError(f"the model was trained on {b['key']} features pooled as {b['pooling']}, "
+    if b.weights_sha256 and weights_sha256(backbone) != b.weights_sha256:
+        raise ModelFolderError(f"the {b.key} backbone loaded here differs from the one the model was trained on")
+    if b.pooling and b.pooling != pooling_rule(backbone.spec):
+        raise ModelFolderError(f"the model was trained on {b.key} features pooled as {b.pooling}, "
                                f"this iqa pools them as {pooling_rule(backbone.spec)}")
-    backbone = apply_tuning(backbone, folder, b.get("tuning") or {"regime": "frozen"})
-    if b.get("layers"):
+    backbone = apply_tuning(backbone, folder, b.tuning)
+    if b.layers:
         if family_of(backbone.spec).in_worker:
-            raise ModelFolderError(f"{folder / CONFIG_FILE} names stored layers, but {b['key']} computes fixed features with none")
-        backbone.use_layers(tuple(b["layers"]))
-    head, _ = load_head(folder / config["weights"]["file"])
-    dtype = getattr(torch, b.get("compute_dtype") or "float32")
-    return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device))
+            raise ModelFolderError(f"{folder / CONFIG_FILE} names stored layers, but {b.key} computes fixed features with none")
+        backbone.use_layers(tuple(b.layers))
+    head, _ = load_head(folder / config.weights.file)
+    dtype = getattr(torch, b.compute_dtype or "float32")
+    return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device), folder)
 
 
-def base_weights(folder: Path, config: dict) -> str | None:
+def base_weights(folder: Path, config: ModelConfig) -> str | None:
     """The base backbone's weights a model folder names: its bundled copy (checked file by file), its hub id,
     or none (a tiny or random-init backbone, rebuilt from the registry's config)."""
-    b = config["backbone"]
-    if b["tag"] in ("tiny", "random-init"):
+    b = config.backbone
+    if b.weights != "pretrained":
         return None
-    if b.get("bundled"):
-        check_files(folder, b["bundled"]["files"])
-        return str(folder / b["bundled"]["path"])
-    if b.get("local_checkpoint"):
-        raise ModelFolderError(f"{folder} was trained on a local checkpoint ({b['model_id']}) it does not carry: give "
+    if b.bundled:
+        check_files(folder, b.bundled.files)
+        return str(folder / b.bundled.path)
+    if b.local_checkpoint:
+        raise ModelFolderError(f"{folder} was trained on a local checkpoint ({b.model_id}) it does not carry: give "
                                "that checkpoint as the model's source (`iqa score --base`), or export the run with --bundle")
-    return b.get("model_id")
+    return b.model_id
 
 
 def check_files(folder: Path, files: dict[str, str]) -> None:
@@ -292,23 +302,23 @@ def check_files(folder: Path, files: dict[str, str]) -> None:
             raise ModelFolderError(f"{path} does not match the checksum in {folder / CONFIG_FILE}: altered or corrupt")
 
 
-def model_files(folder: Path, config: dict) -> list[str]:
+def model_files(folder: Path, config: ModelConfig) -> list[str]:
     """The files of a model folder, relative to it: config.json, the model card, the head's weights, the
     tuning files and a bundled backbone's files (every one but the card checksummed in config.json)."""
-    listed = [CONFIG_FILE, config["weights"]["file"], *(config["backbone"].get("tuning") or {}).get("files", {}),
-              *(config["backbone"].get("bundled") or {}).get("files", {})]
+    b = config.backbone
+    listed = [CONFIG_FILE, config.weights.file, *b.tuning.files, *(b.bundled.files if b.bundled else {})]
     return listed + ([CARD_FILE] if (folder / CARD_FILE).is_file() else [])
 
 
-def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> PooledBackbone:
+def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: Tuning) -> PooledBackbone:
     """The base backbone with a fine-tuning run's adapter merged in, or its full weights loaded;
     each file checked against config.json's checksum first, and only safetensors weights read."""
-    check_files(folder, tuning.get("files", {}))
+    check_files(folder, tuning.files)
     pickled = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     if pickled:
         raise ModelFolderError(f"{folder} holds pickled weights ({', '.join(sorted(pickled))}): iqa loads only "
                                "safetensors; remove them or export the run again")
-    if tuning["regime"] == "lora":
+    if tuning.regime == "lora":
         from peft import PeftModel  # imports in ~2 s: only for a LoRA model
 
         from iqa.extract.tuning import lora_layout
@@ -316,7 +326,7 @@ def apply_tuning(backbone: PooledBackbone, folder: Path, tuning: dict) -> Pooled
         if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
             raise ModelFolderError(f"{folder / ADAPTER_DIR / 'adapter_model.safetensors'} is missing")
         return PeftModel.from_pretrained(lora_layout(backbone), str(folder / ADAPTER_DIR)).merge_and_unload().eval()
-    if tuning["regime"] == "full":
+    if tuning.regime == "full":
         backbone.load_state_dict(load_file(str(folder / BACKBONE_FILE)))
     return backbone
 
@@ -395,16 +405,16 @@ def reusable_store(model: IqaModel, cache: Path, dataset: str):
     from iqa.cache.load import load_cached
     from iqa.cache.store import store_exists, store_path
 
-    b = model.config["backbone"]
-    if (b.get("tuning") or {}).get("regime", "frozen") != "frozen":
+    b = model.config.backbone
+    if b.tuning.regime != "frozen":
         return None
-    if not store_exists(store_path(cache, dataset, b["key"], b["tag"])):
+    if not store_exists(store_path(cache, dataset, b.key, b.tag)):
         return None
-    cached = load_cached(cache, dataset, b["key"], b["tag"])  # refuses a stale, damaged or unfinished store
-    mine = {"backbone": b["key"], **b}
-    if "tuned" in cached.fingerprint or any(cached.fingerprint.get(k) != mine.get(k) for k in EMBEDDING_FIELDS):
+    cached = load_cached(cache, dataset, b.key, b.tag)  # refuses a stale, damaged or unfinished store
+    mine = {"backbone": b.key, **{k: getattr(b, k) for k in EMBEDDING_FIELDS[1:]}}
+    if "tuned" in cached.fingerprint or any(cached.fingerprint.get(k) != mine[k] for k in EMBEDDING_FIELDS):
         return None
-    layers = tuple(b.get("layers") or ())
+    layers = tuple(b.layers or ())
     if not layers:
         return cached
     if not set(layers) <= set(cached.fingerprint.get("layers", [])):

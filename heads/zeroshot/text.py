@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from iqa.cache.atomic import atomic_path
-from iqa.extract.registry import BACKBONES, get_spec
+from iqa.extract.registry import BACKBONES, get_spec, random_source
 
 # model_type of the checkpoint's config -> (transformers class with both towers, the pooling its image embedding is)
 VISION_LANGUAGE = {"clip": ("CLIPModel", "image_embeds"), "siglip": ("SiglipModel", "pooler_output")}
@@ -57,7 +57,7 @@ def checkpoint_of(fingerprint: dict, store: str) -> str:
         raise NoTextTower(f"{store} holds {backbone} features, a backbone with no text tower; zero-shot scoring takes "
                           f"the vision-language backbones ({', '.join(k for k, v in BACKBONES.items() if v.model_class in VISION_TOWERS)})")
     source = fingerprint.get("model_id") or ""
-    if source.startswith(("tiny:", "random-init:")) or not source:
+    if random_source(source) or not source:
         raise NoTextTower(f"{store} was made from {source or 'no checkpoint'}, a random model with no text tower; "
                           f"zero-shot needs a store extracted from a CLIP or SigLIP checkpoint (its HF id or --model DIR)")
     if "tuned" in fingerprint:

@@ -64,7 +64,7 @@ def test_extract_with_a_tag_leaving_the_cache_deletes_nothing_outside_it(tmp_pat
     ["head", "--cached", "--backbone", "nss", "--dataset", "../toy"],
     ["cache", "export", "--backbone", "nss", "--dataset", "toy", "--tag", "../../x", "--out", "OUT"],
     ["cache", "export", "--backbone", "../../nss", "--dataset", "toy", "--out", "OUT"],
-    ["finetune", "--backbone", "dinov2", "--tiny", "--dataset", "../toy", "--device", "cpu"],
+    ["finetune", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "../toy", "--device", "cpu"],
     ["data", "show", "../toy"],
 ])
 def test_every_command_refuses_a_path_like_name_in_one_line(tmp_path, command):

@@ -27,7 +27,7 @@ def test_head_refuses_an_unfinished_store_in_one_line(half_store):
     result = head(half_store)
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "unfinished: 24 of 40 rows done" in result.stderr
-    assert "iqa extract --backbone dinov2 --dataset toy --tiny" in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --weights tiny" in result.stderr
     with pytest.raises(IncompleteStore):
         load_cached(half_store, "toy", "dinov2", "tiny")
 
@@ -82,7 +82,7 @@ def test_a_damaged_store_is_named_refused_and_repaired_by_the_next_extraction(tm
 @pytest.mark.parametrize("damage", ["delete", "garbage", "partial"])
 def test_a_damaged_layer_chunk_is_named_refused_by_a_layer_run_and_repaired(tmp_path, damage):
     toy_dataset(tmp_path, n=16)
-    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", chunk_rows=8, batch_size=8,
+    request = ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", dtype="float32", chunk_rows=8, batch_size=8,
                              layers="all", progress=False)
     extract_dataset(request, num_workers=0)
     store = store_path(tmp_path, "toy", "dinov2", "tiny")
@@ -100,7 +100,7 @@ def test_a_damaged_layer_chunk_is_named_refused_by_a_layer_run_and_repaired(tmp_
     result = head(tmp_path, "--layer", "2")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert result.stderr.startswith("error: ") and str(store) in result.stderr and "layer2: " in result.stderr
-    assert "iqa extract --backbone dinov2 --dataset toy --tiny` recomputes those chunks" in result.stderr
+    assert "iqa extract --backbone dinov2 --dataset toy --weights tiny` recomputes those chunks" in result.stderr
     assert load_cached(tmp_path, "toy", "dinov2", "tiny").valid.all(), "runs on the embeddings do not read layer2"
 
     summary = extract_dataset(request, num_workers=0)
@@ -115,7 +115,7 @@ def test_export_h5_carries_the_layer_arrays(tmp_path):
     from iqa.cache.export_h5 import export_h5
 
     toy_dataset(tmp_path, n=10)
-    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", store_dtype="float32",
+    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", dtype="float32", store_dtype="float32",
                                    chunk_rows=4, layers="2,1", progress=False), num_workers=0)
     out = export_h5(store_path(tmp_path, "toy", "dinov2", "tiny"), tmp_path / "toy.h5")
     with h5py.File(out) as f:

@@ -53,9 +53,9 @@ def test_head_refuses_bad_options(store, extra, needle):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("command", [
-    ["extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--overwrite"],
+    ["extract", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy", "--overwrite"],
     ["head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy"],
-    ["finetune", "--backbone", "dinov2", "--tiny", "--dataset", "toy"],
+    ["finetune", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy"],
 ])
 def test_cuda_on_a_machine_without_it_is_one_line_and_keeps_the_store(store, command):
     before = sorted(p.name for p in (store_path(store, "toy", "dinov2", "tiny") / "embeddings" / "c").iterdir())
@@ -65,8 +65,8 @@ def test_cuda_on_a_machine_without_it_is_one_line_and_keeps_the_store(store, com
 
 def test_extract_batch_size_below_one_is_refused(store):
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        ExtractRequest(store, "toy", "dinov2", tiny=True, batch_size=-2)
-    one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--batch-size", "-2",
+        ExtractRequest(store, "toy", "dinov2", weights="tiny", batch_size=-2)
+    one_error(iqa("extract", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy", "--batch-size", "-2",
                   "--device", "cpu", "--cache", store), "--batch-size must be at least 1")
 
 
@@ -174,7 +174,7 @@ def test_extract_on_a_full_disk_is_one_line_and_keeps_the_chunks_written(tmp_pat
         write_block(store, *args)
 
     monkeypatch.setattr(EmbeddingStore, "write_block", fills_up)
-    result = iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--device", "cpu", "--workers", "0",
+    result = iqa("extract", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy", "--device", "cpu", "--workers", "0",
                  "--dtype", "float32", "--batch-size", "8", "--cache", tmp_path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # the rest is the progress bar
@@ -198,7 +198,7 @@ def test_unwritable_db_and_a_cache_that_is_a_file_are_one_line(store, tmp_path):
     one_error(head(store, "--seeds", "8", "--db", "/proc/iqa/r.sqlite"), "cannot write a results database under /proc/iqa")
     (tmp_path / "afile").write_text("x")
     one_error(head(tmp_path / "afile", "--seeds", "8"), "is a file; give --cache a folder")
-    one_error(iqa("extract", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--cache", tmp_path / "afile"),
+    one_error(iqa("extract", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy", "--cache", tmp_path / "afile"),
               "is a file; give --cache a folder")
     assert (tmp_path / "afile").read_text() == "x"
 

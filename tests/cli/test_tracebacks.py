@@ -12,7 +12,7 @@ from helpers import toy_dataset
     ["head", "--cached", "--backbone", "nss", "--dataset", "toy"],
     ["score", "MODEL", "IMAGE"],
     ["explain", "MODEL", "IMAGE", "--out", "OUT"],
-    ["finetune", "--backbone", "dinov2", "--tiny", "--dataset", "toy"],
+    ["finetune", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy"],
     ["report"],
 ])
 def test_an_unknown_device_is_one_line(tmp_path, command):
@@ -26,7 +26,7 @@ def toy(tmp_path):
     return tmp_path
 
 
-FINETUNE = ["finetune", "--backbone", "dinov2", "--tiny", "--dataset", "toy", "--device", "cpu", "--epochs", "1", "--accumulate", "1",
+FINETUNE = ["finetune", "--backbone", "dinov2", "--weights", "tiny", "--dataset", "toy", "--device", "cpu", "--epochs", "1", "--accumulate", "1",
             "--workers", "0"]
 
 
@@ -71,7 +71,7 @@ def test_the_resume_hint_of_a_tiny_store_names_tiny(tmp_path):
     assert extract(tmp_path, shard=(0, 2)).chunks_missing == 1
     result = iqa("head", "--cached", "--backbone", "dinov2", "--tag", "tiny", "--dataset", "toy", "--seeds", "8",
                  "--epochs", "1", "--device", "cpu", "--cache", tmp_path)
-    one_error_line(result, "iqa extract --backbone dinov2 --dataset toy --tiny")
+    one_error_line(result, "iqa extract --backbone dinov2 --dataset toy --weights tiny")
     assert "--tag tiny" not in result.output
 
 

@@ -28,7 +28,7 @@ HAND_POOLING = {
 @pytest.mark.parametrize("key", TINY_CLASSES)
 def test_tiny_model_pools_by_the_registry_rule(key):
     spec = get_spec(key).as_tiny()
-    backbone = load_backbone(spec, tiny=True)
+    backbone = load_backbone(spec, weights="tiny")
     x = batch(spec.resolution)
     with torch.no_grad():
         pooled = backbone(x)
@@ -42,7 +42,7 @@ def test_tiny_model_pools_by_the_registry_rule(key):
 
 def test_dinov3_token_layout_is_cls_registers_then_patches():
     spec = get_spec("dinov3").as_tiny()
-    backbone = load_backbone(spec, tiny=True)
+    backbone = load_backbone(spec, weights="tiny")
     with torch.no_grad():
         hidden = backbone.model(pixel_values=batch(spec.resolution)).last_hidden_state
     patches = (spec.resolution // spec.tiny_config["patch_size"]) ** 2
@@ -51,9 +51,9 @@ def test_dinov3_token_layout_is_cls_registers_then_patches():
 
 def test_tiny_and_random_init_weights_are_reproducible():
     spec = get_spec("dinov2")
-    assert weights_sha256(load_backbone(spec, tiny=True)) == weights_sha256(load_backbone(spec, tiny=True))
+    assert weights_sha256(load_backbone(spec, weights="tiny")) == weights_sha256(load_backbone(spec, weights="tiny"))
     small = get_spec("dinov3-s")
-    model = load_backbone(small, random_init=True)  # full-size ViT-S/16, no download
+    model = load_backbone(small, weights="random-init")  # full-size ViT-S/16, no download
     assert sum(p.numel() for p in model.parameters()) > 20_000_000
     with torch.no_grad():
         assert model(batch(64, n=1)).shape == (1, small.dim)
@@ -64,7 +64,7 @@ def test_tiny_and_random_init_weights_are_reproducible():
     ("mobilenet-v2", 3.5 - 1.281, [24, 32, 96, 320]),
 ])
 def test_full_size_life_iqa_configs_match_the_published_models(key, millions, stages, one_thread):
-    model = load_backbone(get_spec(key), random_init=True)
+    model = load_backbone(get_spec(key), weights="random-init")
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.05
     with torch.no_grad():
         assert model.layer_widths(batch(224, n=1)) == stages  # the four stages' widths at strides 4-32
@@ -72,7 +72,7 @@ def test_full_size_life_iqa_configs_match_the_published_models(key, millions, st
 
 def test_local_directory_loads_offline(tmp_path):
     spec = get_spec("clip")
-    tiny = load_backbone(spec, tiny=True)
+    tiny = load_backbone(spec, weights="tiny")
     tiny.model.save_pretrained(tmp_path)
     loaded = load_backbone(spec, source=str(tmp_path))
     assert loaded.source == str(tmp_path)
@@ -87,7 +87,7 @@ def test_missing_weights_fail_in_one_line_naming_the_id(monkeypatch, tmp_path):
     assert "google/siglip2-so400m-patch16-512" in message and "with model /path/to/dir" in message and "\n" not in message
     from iqa.cli import message as cli_message
 
-    assert "with --model /path/to/dir, or use --random-init" in cli_message(err.value)  # the command line names flags
+    assert "with --model /path/to/dir, or use --weights random-init" in cli_message(err.value)  # the command line names flags
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("timm") is not None, reason="timm is installed here")
@@ -97,14 +97,14 @@ def test_perception_without_timm_says_what_to_install():
 
 
 def test_lora_targets_follow_either_naming():
-    names = [n for n, _ in load_backbone(get_spec("dinov2"), tiny=True).named_modules()]
+    names = [n for n, _ in load_backbone(get_spec("dinov2"), weights="tiny").named_modules()]
     found = lora_target_modules(get_spec("dinov2"), names)
     assert found and all(n.endswith(("q_proj", "k_proj")) for n in found) and len(found) == 2 * 2  # 2 layers
     legacy = ["encoder.layer.0.attention.attention.query", "encoder.layer.0.attention.attention.key",
               "encoder.layer.0.attention.attention.value", "encoder.layer.0.attention.output.dense"]
     assert lora_target_modules(get_spec("dinov2"), legacy) == legacy[:2]
     assert get_spec("dinov2").lora_targets == (QK_PROJ, QK_LEGACY)
-    resnet = [n for n, _ in load_backbone(get_spec("resnet152"), tiny=True).named_modules()]
+    resnet = [n for n, _ in load_backbone(get_spec("resnet152"), weights="tiny").named_modules()]
     convs = lora_target_modules(get_spec("resnet152"), resnet)
     assert len(convs) == 2 * 3 and not any("embedder" in n or "shortcut" in n for n in convs)
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_embedding_is_the_pooled_decoder_taps_computed_by_hand():
-    backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+    backbone = load_backbone(get_spec("cleandift", weights="tiny"), weights="tiny")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         got = backbone(x)
@@ -34,23 +34,23 @@ def test_embedding_is_the_pooled_decoder_taps_computed_by_hand():
     assert [t.shape[1] for t in seen] == [64, 64, 32, 32]
     assert not hasattr(backbone.vae, "decoder")  # never run, so not carried (nor counted in Table S5)
     torch.testing.assert_close(got, torch.cat([t.mean(dim=(2, 3)) for t in seen], dim=1))
-    again = load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+    again = load_backbone(get_spec("cleandift", weights="tiny"), weights="tiny")
     with torch.no_grad():
         assert torch.equal(again(x), got)  # same seeded weights, latent mean not a sample: deterministic
 
 
 def test_extraction_stores_the_recipe_and_matches_per_image(tmp_path):
     paths = make_dataset(tmp_path, n=3)
-    request = ExtractRequest(tmp_path, "toy", "cleandift", tiny=True, dtype="float32", store_dtype="float32",
+    request = ExtractRequest(tmp_path, "toy", "cleandift", weights="tiny", dtype="float32", store_dtype="float32",
                              batch_size=2, progress=False)
     assert extract_dataset(request, num_workers=0).ok
-    spec = get_spec("cleandift", tiny=True)
+    spec = get_spec("cleandift", weights="tiny")
     cached = load_cached(tmp_path, "toy", "cleandift", tag="tiny")
     assert cached.fingerprint["revision"] == RECIPE and cached.fingerprint["pooling"] == "cleandift"
-    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    expected = by_hand(spec, load_backbone(spec, weights="tiny"), tmp_path / "images", paths)
     np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="cleandift has no layer taps"):  # its taps are pooled inside the module
-        extract_dataset(ExtractRequest(tmp_path, "toy", "cleandift", tiny=True, layers="all", tag="layers",
+        extract_dataset(ExtractRequest(tmp_path, "toy", "cleandift", weights="tiny", layers="all", tag="layers",
                                        progress=False), num_workers=0)
 
 
@@ -69,7 +69,7 @@ def test_lora_trains_only_unet_query_key_adapters_and_the_head_and_resumes_exact
 
 
 def test_full_mode_leaves_the_vae_frozen():
-    backbone = load_backbone(get_spec("cleandift", tiny=True), tiny=True).requires_grad_(True)
+    backbone = load_backbone(get_spec("cleandift", weights="tiny"), weights="tiny").requires_grad_(True)
     assert all(p.requires_grad for p in backbone.unet.parameters())
     assert not any(p.requires_grad for p in backbone.vae.parameters())
 
@@ -83,7 +83,7 @@ def test_pretrained_needs_a_local_folder_and_missing_diffusers_says_how_to_insta
         load_backbone(get_spec("cleandift"), source=str(tmp_path))
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
     with pytest.raises(BackboneLoadError, match=r"pip install 'iqa\[diffusion\]'"):
-        load_backbone(get_spec("cleandift", tiny=True), tiny=True)
+        load_backbone(get_spec("cleandift", weights="tiny"), weights="tiny")
 
 
 def _saved_sd21_folder(folder):

@@ -68,7 +68,7 @@ def test_resolution_override_interpolates_fixed_positions(tmp_path):
 
 
 def test_dinov2_rounds_an_override_to_the_patch_size():
-    model = load_backbone(get_spec("dinov2", tiny=True), tiny=True, resolution=45)
+    model = load_backbone(get_spec("dinov2", weights="tiny"), weights="tiny", resolution=45)
     assert model.spec.resolution == 48
 
 
@@ -80,7 +80,7 @@ def test_siglip2_naflex_checkpoint_is_refused_in_one_line(tmp_path):
 
 def test_native_preprocess_is_shortest_side_then_centre_crop():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 70, 3), dtype=np.uint8))
-    spec = load_backbone(get_spec("dinov2", tiny=True), tiny=True, preprocess="native").spec
+    spec = load_backbone(get_spec("dinov2", weights="tiny"), weights="tiny", preprocess="native").spec
     side = spec.shortest_side()
     assert side == round(32 * 256 / 224)
     by_hand = image.resize((round(70 * side / 30), side), Image.Resampling.BICUBIC)
@@ -97,7 +97,7 @@ def test_perception_runs_offline_through_timm_with_its_cfg_normalisation():
     spec = get_spec("perception")
     cfg = timm.models.get_pretrained_cfg("vit_pe_core_large_patch14_336.fb")
     assert (spec.mean, spec.std, spec.crop_pct) == (tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct)
-    model = load_backbone(get_spec("perception", tiny=True), tiny=True)
+    model = load_backbone(get_spec("perception", weights="tiny"), weights="tiny")
     assert len(model.model.model.blocks) == 2 and model.spec.resolution == 32  # the whole tower: --layers reaches past the tap
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
 
@@ -113,8 +113,8 @@ def test_perception_fingerprint_names_the_tapped_block():
 
     torchvision_stub.install()
     pytest.importorskip("timm")
-    last = load_backbone(get_spec("perception", tiny=True), tiny=True)
-    first = load_backbone(replace(get_spec("perception", tiny=True), tap_block=0), tiny=True)
+    last = load_backbone(get_spec("perception", weights="tiny"), weights="tiny")
+    first = load_backbone(replace(get_spec("perception", weights="tiny"), tap_block=0), weights="tiny")
     assert weights_sha256(last) == weights_sha256(first)
     assert (pooling_rule(last.spec), pooling_rule(first.spec)) == ("timm_tap:block1", "timm_tap:block0")
     with torch.no_grad():

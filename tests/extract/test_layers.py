@@ -44,8 +44,8 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
     registers left out, the final norm applied where the default embedding applies it) followed by
     the class token where they have one, stage models average each stage map (Swin's before its
     patch merging)."""
-    spec = get_spec(key, tiny=True)
-    model = load_backbone(spec, tiny=True).model
+    spec = get_spec(key, weights="tiny")
+    model = load_backbone(spec, weights="tiny").model
     if key == "perception":  # each block's patch-token mean, then its class token, no norm
         return [mean_then_cls(s, 1) for s in timm_blocks_by_hand(model.model, x)]
     with torch.no_grad():
@@ -67,10 +67,10 @@ def layers_by_hand(key: str, x: torch.Tensor) -> list[np.ndarray]:
 @pytest.mark.parametrize("key", TOKEN_MODELS + STAGE_MODELS)
 def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, key, one_thread):
     paths = make_dataset(tmp_path, n=3)
-    request = ExtractRequest(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
+    request = ExtractRequest(tmp_path, "toy", key, weights="tiny", dtype="float32", store_dtype="float32", chunk_rows=2,
                              batch_size=2, layers="all", **QUIET)
     assert extract_dataset(request, num_workers=0).ok
-    x = model_inputs(get_spec(key, tiny=True), tmp_path / "images", paths)
+    x = model_inputs(get_spec(key, weights="tiny"), tmp_path / "images", paths)
     expected = layers_by_hand(key, x)
     store = EmbeddingStore(store_path(tmp_path, "toy", key, "tiny"))
     assert store.fingerprint["layers"] == list(range(1, len(expected) + 1)) and len(expected) >= 2
@@ -83,16 +83,16 @@ def test_stored_layers_equal_the_models_hidden_states_pooled_by_hand(tmp_path, k
         np.testing.assert_allclose(last[:, : default.shape[1]], default, rtol=1e-4, atol=1e-5)
     if key == "perception":  # the tiny tower's tap is its last block: the default embedding is timm's own forward
         with torch.no_grad():
-            np.testing.assert_allclose(default, load_backbone(get_spec(key, tiny=True), tiny=True).model.model(x).numpy(),
+            np.testing.assert_allclose(default, load_backbone(get_spec(key, weights="tiny"), weights="tiny").model.model(x).numpy(),
                                        rtol=1e-4, atol=1e-7)
 
 
 def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_on_the_tap(one_thread):
     """With the tap on block 1 of 3, `--layers 3,1` still gives the default embedding of a tower cut after
     the tap (norm, attention pooling, projection), then blocks 3 and 1 pooled (patch mean, class token)."""
-    tiny = get_spec("perception", tiny=True)
+    tiny = get_spec("perception", weights="tiny")
     spec = replace(tiny, tiny_config=dict(tiny.tiny_config, depth=3), tap_block=0)
-    backbone = load_backbone(spec, tiny=True)
+    backbone = load_backbone(spec, weights="tiny")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cut = copy.deepcopy(backbone.model.model)
     cut.prune_intermediate_layers(indices=[0], prune_norm=False, prune_head=False)
@@ -110,7 +110,7 @@ def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_o
 
 def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, one_thread):
     make_dataset(tmp_path, n=3)
-    common = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2, **QUIET)
+    common = dict(weights="tiny", dtype="float32", store_dtype="float32", chunk_rows=2, **QUIET)
     extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", tag="plain", **common), num_workers=0)
     extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", layers="2,1", **common), num_workers=0)
     plain, layered = load_cached(tmp_path, "toy", "swin-t", tag="plain"), load_cached(tmp_path, "toy", "swin-t", tag="tiny")
@@ -126,7 +126,7 @@ def store_bytes(store, arrays=("embeddings", "status", "reasons", "image_stamps"
 
 def test_a_store_gains_layers_in_place_resumes_after_a_kill_and_equals_a_fresh_one(tmp_path, monkeypatch, one_thread):
     make_dataset(tmp_path, n=6)
-    common = dict(tiny=True, dtype="float32", chunk_rows=2, batch_size=2, **QUIET)
+    common = dict(weights="tiny", dtype="float32", chunk_rows=2, batch_size=2, **QUIET)
     extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", **common), num_workers=0)
     path = store_path(tmp_path, "toy", "swin-t", "tiny")
     before, key_before = store_bytes(path), load_cached(tmp_path, "toy", "swin-t", tag="tiny").fingerprint_id
@@ -169,7 +169,7 @@ def test_a_store_gains_layers_in_place_resumes_after_a_kill_and_equals_a_fresh_o
 
 def test_layers_are_not_added_to_a_store_whose_embeddings_the_model_does_not_give(tmp_path, one_thread):
     paths = make_dataset(tmp_path, n=4)
-    common = dict(tiny=True, dtype="float32", chunk_rows=2, **QUIET)
+    common = dict(weights="tiny", dtype="float32", chunk_rows=2, **QUIET)
     extract_dataset(ExtractRequest(tmp_path, "toy", "resnet50", **common), num_workers=0)
     store = EmbeddingStore(store_path(tmp_path, "toy", "resnet50", "tiny"), mode="r+")
     store.embeddings[3] = store.embeddings[3][::-1]  # finite, so not damage: numbers some other model gave
@@ -190,7 +190,7 @@ def test_parse_layers_counts_from_one():
 def test_cli_bad_layers_and_layerless_backbones_fail_in_one_line(tmp_path):
     make_dataset(tmp_path, n=2)
     for backbone, layers, says in [("dinov2", "9", "layers 1..2"), ("nss", "all", "no layer taps")]:
-        result = CliRunner().invoke(app, ["extract", "--backbone", backbone, "--dataset", "toy", "--tiny", "--layers",
+        result = CliRunner().invoke(app, ["extract", "--backbone", backbone, "--dataset", "toy", "--weights", "tiny", "--layers",
                                           layers, "--cache", str(tmp_path), "--workers", "0"])
         assert result.exit_code != 0 and says in result.output and "Traceback" not in result.output, result.output
 
@@ -200,7 +200,7 @@ def test_layers_pooled_by_an_earlier_rule_are_refused_and_layer_runs_are_keyed_b
     from iqa.heads.training.config import RunConfig
 
     make_dataset(tmp_path, n=3)
-    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", layers="1", **QUIET)
+    request = ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", dtype="float32", layers="1", **QUIET)
     assert extract_dataset(request, num_workers=0).ok
     store = EmbeddingStore(store_path(tmp_path, "toy", "dinov2", "tiny"), mode="r+")
     assert store.group.attrs["layer_pooling"] == LAYER_POOLING
@@ -210,7 +210,7 @@ def test_layers_pooled_by_an_earlier_rule_are_refused_and_layer_runs_are_keyed_b
     with pytest.raises(StaleStore, match=r"pooled by an earlier rule \(patch-token mean alone\).*--overwrite"):
         load_layer(tmp_path, "toy", "dinov2", 1, tag="tiny")
     with pytest.raises(StaleStore, match="earlier rule"):  # nor are new layers added beside old-rule ones
-        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tiny=True, dtype="float32", layers="2", **QUIET),
+        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", dtype="float32", layers="2", **QUIET),
                         num_workers=0)
     assert load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings.shape[0] == 3  # the default embedding still reads
     plain = RunConfig("toy", "toy", "dinov2", "baseline", "lrelu", "lrelu", 8)

@@ -20,8 +20,8 @@ torchvision_stub.install()  # perception loads through timm, which imports torch
 def test_each_layer_goes_through_the_default_embeddings_head(one_thread):
     """Tap on block 2 of 3: with head pooling, layer 2 is the default embedding and layers 1 and 3 are
     final norm -> attention pooling -> projection of their own blocks, computed by hand."""
-    tiny = get_spec("perception", tiny=True)
-    backbone = load_backbone(replace(tiny, tiny_config=dict(tiny.tiny_config, depth=3), tap_block=1), tiny=True)
+    tiny = get_spec("perception", weights="tiny")
+    backbone = load_backbone(replace(tiny, tiny_config=dict(tiny.tiny_config, depth=3), tap_block=1), weights="tiny")
     tower = backbone.model.model
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     blocks = timm_blocks_by_hand(tower, x)
@@ -38,7 +38,7 @@ def test_each_layer_goes_through_the_default_embeddings_head(one_thread):
 
 def test_head_pooling_is_recorded_in_the_fingerprint_and_only_for_the_timm_tower(tmp_path, one_thread):
     make_dataset(tmp_path, n=3)
-    common = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2, **QUIET)
+    common = dict(weights="tiny", dtype="float32", store_dtype="float32", chunk_rows=2, **QUIET)
     extract_dataset(ExtractRequest(tmp_path, "toy", "perception", tag="tokens", layers="all", **common), num_workers=0)
     extract_dataset(ExtractRequest(tmp_path, "toy", "perception", tag="head", layers="all", layer_pool="head", **common),
                     num_workers=0)

@@ -30,7 +30,7 @@ from iqa.cache.results import ResultsDB  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster at a time
 
-SAME = dict(tiny=True, dtype="float32", store_dtype="float32", chunk_rows=3, batch_size=2, progress=False)
+SAME = dict(weights="tiny", dtype="float32", store_dtype="float32", chunk_rows=3, batch_size=2, progress=False)
 BACKBONE = "dinov2"
 
 
@@ -104,7 +104,7 @@ def test_killed_actor_is_retried_and_two_ray_shards_fill_one_store(cluster, toy,
     first = extract_with_ray(ExtractRequest(cache, "toy", BACKBONE, shard=(0, 2), **SAME), actors=1)
     assert not (cluster / "chunk-2").exists(), "the actor was never killed"
     assert (first.chunks_written, first.chunks_missing) == (2, 2)  # chunks 0 and 2 of 4
-    args = ["extract", "--engine", "ray", "--actors", "1", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--tiny",
+    args = ["extract", "--engine", "ray", "--actors", "1", "--shard", "1/2", "--backbone", BACKBONE, "--dataset", "toy", "--weights", "tiny",
             "--dtype", "float32", "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -148,7 +148,7 @@ def test_sigkilled_driver_process_resumes_reading_only_unfinished_chunks(cluster
     store = EmbeddingStore(path)
     done = np.flatnonzero(store.done_chunks())
     assert len(done) == 2, "the driver was not killed mid-run"
-    args = ["extract", "--engine", "ray", "--backbone", BACKBONE, "--dataset", "toy", "--tiny", "--dtype", "float32",
+    args = ["extract", "--engine", "ray", "--backbone", BACKBONE, "--dataset", "toy", "--weights", "tiny", "--dtype", "float32",
             "--store-dtype", "float32", "--batch-size", "2", "--skip-bad", "--cache", str(cache)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -23,12 +23,12 @@ from helpers import QUIET, by_hand, make_dataset
 @pytest.mark.parametrize("key", ["siglip2", "clip", "dinov2", "dinov3", "resnet152"])
 def test_extraction_matches_per_image_computation(tmp_path, key):
     paths = make_dataset(tmp_path, n=5)
-    request = ExtractRequest(tmp_path, "toy", key, tiny=True, dtype="float32", store_dtype="float32", chunk_rows=2,
+    request = ExtractRequest(tmp_path, "toy", key, weights="tiny", dtype="float32", store_dtype="float32", chunk_rows=2,
                              batch_size=2, **QUIET)
     summary = extract_dataset(request, num_workers=0)
     assert summary.ok and summary.rows_computed == 5 and summary.chunks_written == 3 and summary.chunks_missing == 0
     spec = get_spec(key).as_tiny()
-    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    expected = by_hand(spec, load_backbone(spec, weights="tiny"), tmp_path / "images", paths)
     cached = load_cached(tmp_path, "toy", key, tag="tiny")
     assert cached.valid.all() and cached.fingerprint["model_id"] == f"tiny:{spec.model_class}"
     np.testing.assert_allclose(cached.embeddings, expected, rtol=1e-4, atol=1e-5)
@@ -37,10 +37,10 @@ def test_extraction_matches_per_image_computation(tmp_path, key):
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_stays_close_to_float32(tmp_path, monkeypatch):
     paths = make_dataset(tmp_path, n=4)
     spec = get_spec("dinov3").as_tiny()
-    expected = by_hand(spec, load_backbone(spec, tiny=True), tmp_path / "images", paths)
+    expected = by_hand(spec, load_backbone(spec, weights="tiny"), tmp_path / "images", paths)
     for has_bf16, dtype in [(False, "float32"), (True, "bfloat16")]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": has_bf16, "amx_bf16": False})
-        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, store_dtype="float32", overwrite=True, **QUIET),
+        extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", weights="tiny", store_dtype="float32", overwrite=True, **QUIET),
                         num_workers=0)
         cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
         assert cached.fingerprint["compute_dtype"] == dtype
@@ -62,7 +62,7 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
 
     extra = {"gone.png": lambda p: None, "cut.jpg": truncated, "notes.png": lambda p: p.write_text("hi"), "bomb.png": bomb}
     paths = make_dataset(tmp_path, n=4, extra=extra)
-    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=3, **QUIET), num_workers=2)
+    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", weights="tiny", chunk_rows=3, **QUIET), num_workers=2)
     reasons = dict(summary.invalid)
     assert set(reasons) == set(extra) and not summary.ok
     assert reasons["gone.png"] == "missing file" and reasons["notes.png"] == "not an image"
@@ -70,19 +70,19 @@ def test_bad_images_are_recorded_and_never_stop_the_run(tmp_path):
     cached = load_cached(tmp_path, "toy", "dinov3", tag="tiny")
     assert cached.valid.tolist() == [p not in extra for p in paths]
     assert np.isfinite(cached.embeddings[cached.valid]).all() and verify_store(summary.store) == []
-    again = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, skip_bad=True, **QUIET), num_workers=0)
+    again = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", weights="tiny", skip_bad=True, **QUIET), num_workers=0)
     assert again.ok and again.rows_computed == 0 and len(again.invalid) == 4
 
-    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)])
+    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--weights", "tiny", "--cache", str(tmp_path)])
     assert result.exit_code == 1 and "4 images could not be read" in result.output
-    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--skip-bad",
+    result = CliRunner().invoke(app, ["extract", "--backbone", "dinov3", "--dataset", "toy", "--weights", "tiny", "--skip-bad",
                                       "--cache", str(tmp_path)])
     assert result.exit_code == 0
 
 
 def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     make_dataset(tmp_path, n=11)
-    common = dict(tiny=True, chunk_rows=2, batch_size=2, **QUIET)
+    common = dict(weights="tiny", chunk_rows=2, batch_size=2, **QUIET)
     reference = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", tag="one", **common), num_workers=0)
     first = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", shard=(0, 3), **common), num_workers=0)
     assert first.chunks_written == 2 and first.chunks_missing == 4
@@ -109,7 +109,7 @@ def slow_decode(path):  # slows the run down so the test can kill it mid-way
     time.sleep(0.08)
     return decode(path)
 run.decode_image = slow_decode
-request = run.ExtractRequest(Path(sys.argv[1]), "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, progress=False)
+request = run.ExtractRequest(Path(sys.argv[1]), "toy", "dinov3", weights="tiny", chunk_rows=2, batch_size=2, progress=False)
 run.extract_dataset(request, num_workers=1)
 """
 
@@ -127,10 +127,10 @@ def test_sigkill_then_rerun_finishes_without_recomputing_and_matches(tmp_path):
     process.wait()
     done_before = int(EmbeddingStore(tmp_path / "toy" / "dinov3@tiny.zarr").done_chunks().sum())
     assert 3 <= done_before < 12, "the run was not interrupted mid-way"
-    resumed = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, **QUIET),
+    resumed = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", weights="tiny", chunk_rows=2, batch_size=2, **QUIET),
                               num_workers=0)
     assert resumed.rows_computed == 24 - 2 * done_before and resumed.chunks_missing == 0
-    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", tiny=True, chunk_rows=2, batch_size=2, tag="whole", **QUIET),
+    extract_dataset(ExtractRequest(tmp_path, "toy", "dinov3", weights="tiny", chunk_rows=2, batch_size=2, tag="whole", **QUIET),
                     num_workers=0)
     np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov3", tag="tiny").embeddings,
                                   load_cached(tmp_path, "toy", "dinov3", tag="whole").embeddings)
@@ -176,7 +176,7 @@ PINNED_FINGERPRINTS = {
 @pytest.mark.parametrize("key, preprocess", list(PINNED_FINGERPRINTS))
 def test_store_fingerprints_stay_what_existing_stores_hold(tmp_path, key, preprocess, one_thread):
     make_dataset(tmp_path, n=2)
-    request = ExtractRequest(tmp_path, "toy", key, tiny=True, preprocess=preprocess, dtype="float32", **QUIET)
+    request = ExtractRequest(tmp_path, "toy", key, weights="tiny", preprocess=preprocess, dtype="float32", **QUIET)
     extract_dataset(request, num_workers=0)
     fingerprint = load_cached(tmp_path, "toy", key, tag="tiny").fingerprint
     for varying in ("weights_sha256", "manifest_sha256", "packages", "compute_dtype", "store_dtype"):
@@ -186,7 +186,7 @@ def test_store_fingerprints_stay_what_existing_stores_hold(tmp_path, key, prepro
 
 def test_extract_cli_refuses_bad_options_in_one_line(tmp_path):
     make_dataset(tmp_path, n=2)
-    base = ["extract", "--backbone", "dinov3", "--dataset", "toy", "--tiny", "--cache", str(tmp_path)]
+    base = ["extract", "--backbone", "dinov3", "--dataset", "toy", "--weights", "tiny", "--cache", str(tmp_path)]
     for extra, message in [
         (["--shard", "1-2"], "--shard must look like i/n"),
         (["--shard", "2/2"], "shard must be i/n with 0 <= i < n"),

@@ -17,7 +17,7 @@ from iqa.heads.models.mlp import StackedMLP
 def tiny_subject(key: str, resolution: int) -> Subject:
     """A tiny random backbone of the registry (a ViT or a CNN) and a one-member head, in eval mode."""
     torch.manual_seed(0)
-    backbone = load_backbone(get_spec(key, tiny=True), tiny=True, resolution=resolution).eval()
+    backbone = load_backbone(get_spec(key, weights="tiny"), weights="tiny", resolution=resolution).eval()
     with torch.no_grad():
         dim = backbone(torch.zeros(1, 3, resolution, resolution)).shape[-1]
     return Subject(key, backbone, StackedMLP(dim, [8]).eval())

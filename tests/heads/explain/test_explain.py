@@ -37,7 +37,7 @@ class QuadrantBackbone(nn.Module):
         self.model.stages = nn.ModuleList([nn.Sequential(
             nn.Conv2d(3, groups * width, patch, stride=patch), nn.ReLU(), Masked(quadrants.repeat_interleave(width, 0)))])
         self.width = width
-        self.spec = replace(get_spec("resnet152", tiny=True), resolution=side)
+        self.spec = replace(get_spec("resnet152", weights="tiny"), resolution=side)
 
     def forward(self, pixels):
         return self.model.stages[0](pixels)[:, : self.width].mean((2, 3))
@@ -66,7 +66,7 @@ def test_gradcam_and_ig_put_their_mass_in_the_only_quadrant_the_model_reads(one_
 
 def test_a_rerandomised_head_changes_the_map(one_thread):
     """Adebayo et al. (2018): a map that survives re-randomising the weights explains nothing."""
-    backbone = load_backbone(get_spec("dinov2", tiny=True), tiny=True, resolution=64)
+    backbone = load_backbone(get_spec("dinov2", weights="tiny"), weights="tiny", resolution=64)
     photo = torch.from_numpy(np.array(Image.open(_photo()).convert("RGB").resize((64, 64)))).permute(2, 0, 1)[None]
     dim = backbone(torch.zeros(1, 3, 64, 64)).shape[1]
     trained, again, rerandomised = StackedMLP(dim, [8]), StackedMLP(dim, [8]), StackedMLP(dim, [19])
@@ -90,7 +90,7 @@ def test_bands_partition_the_features_and_their_targets_sum_to_the_whole():
 
 
 def test_band_maps_of_a_bare_backbone_at_the_image_size(one_thread):
-    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", tiny=True), tiny=True))
+    subject = Subject("dinov2@tiny", load_backbone(get_spec("dinov2", weights="tiny"), weights="tiny"))
     image = Image.open(_photo()).convert("RGB").resize((48, 40))
     maps, labels = subject_maps(subject, image, bands=parse_bands("0-10,10-100"))
     assert maps.shape == (2, 40, 48) and labels == ["dinov2@tiny 0-10%", "dinov2@tiny 10-100%"]
@@ -151,7 +151,7 @@ def tiny_model(tmp_path_factory):
     make_demo(cache / DEMO_DIR, photos=["astronaut", "camera"], distortions=["blur", "noise"])
     prepare_dataset("csv", cache / DEMO_DIR, cache, labels=LABELS_FILE, image_col="image", score_col="score",
                     score_range="0,1", group_col="ref", name="demo")
-    assert extract_dataset(ExtractRequest(cache, "demo", "dinov2", tiny=True, progress=False), num_workers=0).ok
+    assert extract_dataset(ExtractRequest(cache, "demo", "dinov2", weights="tiny", progress=False), num_workers=0).ok
     return _exported_head(cache, "sig", cache / "model"), cache / DEMO_DIR / "images"
 
 
@@ -192,7 +192,7 @@ def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_
     assert refused.exit_code == 1 and refused.output.count("\n") == 1 and "iqa did not write" in refused.output
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
-    bands = CliRunner().invoke(app, ["explain", "--backbone", "dinov2", "--tiny", "--bands", "0-1,1-10,10-100",
+    bands = CliRunner().invoke(app, ["explain", "--backbone", "dinov2", "--weights", "tiny", "--bands", "0-1,1-10,10-100",
                                      str(photo), "--out", str(tmp_path / "bands")])
     assert bands.exit_code == 0, bands.output
     assert np.load(next((tmp_path / "bands").glob("*.npy"))).shape == (3, height, width)
@@ -200,8 +200,8 @@ def test_explain_command_writes_pages_and_maps_and_refuses_foreign_folders(tiny_
 
 @pytest.mark.parametrize("args, says", [
     (["--method", "lime"], "--method must be one of"),
-    (["--tiny"], "choose the weights of --backbone"),
-    (["--backbone", "dinov2", "--tiny"], "give --bands"),
+    (["--weights", "tiny"], "choose the weights of --backbone"),
+    (["--backbone", "dinov2", "--weights", "tiny"], "give --bands"),
     (["--backbone", "nss", "--bands", "0-10"], "no spatial features"),
 ])
 def test_explain_bad_input_is_one_line(args, says, tmp_path):
@@ -285,11 +285,11 @@ def test_a_tiny_cnn_fine_tuned_on_local_noise_points_at_the_noisy_cell(tmp_path,
     prepare_dataset("csv", train, cache, labels="labels.csv", image_col="image", score_col="score", score_range="0,1",
                     name="noisegrids")
     config = finetune_config("noisegrids", "resnet152", head="baseline", mode="full", epochs=30, batch_size=8,
-                             accumulate=1, lr=1e-3, backbone_lr=3e-3, tiny=True)
+                             accumulate=1, lr=1e-3, backbone_lr=3e-3, weights="tiny")
     run = finetune(cache, config, dtype="float32", num_workers=0, progress=False)
 
     def model(state=None, seed=8):
-        base = load_backbone(get_spec("resnet152", tiny=True), tiny=True)
+        base = load_backbone(get_spec("resnet152", weights="tiny"), weights="tiny")
         built = build_model(base, base.spec, "full", "baseline", seed, 4, base(torch.zeros(1, 3, 32, 32)).shape[1])
         if state is not None:
             load_trained_backbone_state(built, state["backbone"])

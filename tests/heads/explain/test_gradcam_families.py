@@ -31,7 +31,7 @@ def test_the_families_include_swin_and_the_other_hierarchical_models():
 @pytest.mark.parametrize("key", one_key_per_family())
 def test_gradcam_works_on_every_spatial_family(key, one_thread):
     # 128 px: the hierarchical models (stride 32) still end on a 4 x 4 grid, where a map can vary
-    backbone = load_backbone(get_spec(key, tiny=True), tiny=True, resolution=128)
+    backbone = load_backbone(get_spec(key, weights="tiny"), weights="tiny", resolution=128)
     # HF's random init (std 0.02) shrinks the signal through a deep CNN without residuals (EfficientNet) until
     # it underflows to zero; Kaiming-scaled convolutions keep it, as trained weights do
     for module in backbone.modules():

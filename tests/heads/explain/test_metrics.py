@@ -47,7 +47,7 @@ class MeanColour(nn.Module):
     def __init__(self, resolution: int, mean=(0.0, 0.0, 0.0)):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
-        self.spec = replace(get_spec("dinov2", tiny=True), resolution=resolution, mean=mean, std=(1.0, 1.0, 1.0))
+        self.spec = replace(get_spec("dinov2", weights="tiny"), resolution=resolution, mean=mean, std=(1.0, 1.0, 1.0))
 
     def forward(self, x):
         return x.mean((2, 3))

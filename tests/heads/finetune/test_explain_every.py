@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tune(cache, *extra):
     bright_dataset(cache, n=30)  # 24 training images: two optimiser steps of 12 an epoch
-    result = iqa("finetune", "--backbone", "dinov2", "--dataset", "bright", "--tiny", "--epochs", "2", "--workers", "0",
+    result = iqa("finetune", "--backbone", "dinov2", "--dataset", "bright", "--weights", "tiny", "--epochs", "2", "--workers", "0",
                  "--dtype", "float32", "--json", "--cache", cache, *extra)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout.splitlines()[-1])

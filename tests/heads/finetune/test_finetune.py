@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("key", CLASSES)
 def test_lora_trains_only_the_adapter_and_the_head(key):
     spec = get_spec(key).as_tiny()
-    base = load_backbone(spec, tiny=True)
+    base = load_backbone(spec, weights="tiny")
     targets = lora_target_modules(spec, [name for name, _ in lora_layout(base).named_modules()])
     expected = 0
     for name in targets:  # LoRA adds A [r x in] and B [out x r]; a conv's A is r filters of in x kh x kw
@@ -71,8 +71,8 @@ def test_loss_falls_when_brightness_is_the_score(tmp_path, key):
 
 def test_perception_lora_adapts_query_and_key_of_every_block_and_never_the_value():
     """timm fuses q, k, v into one Linear; iqa splits it (same outputs) so that LoRA reaches q and k alone."""
-    spec = get_spec("perception", tiny=True)
-    base = load_backbone(spec, tiny=True)
+    spec = get_spec("perception", weights="tiny")
+    base = load_backbone(spec, weights="tiny")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused = base(x)
@@ -90,7 +90,7 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
     bright_dataset(tmp_path)
     trained = run(tmp_path, key, mode="lora")
     spec = get_spec(key).as_tiny()
-    unmerged = add_lora(load_backbone(spec, tiny=True), spec, 4).eval()
+    unmerged = add_lora(load_backbone(spec, weights="tiny"), spec, 4).eval()
     state = dict(load_checkpoint(trained.run_dir))
     set_peft_model_state_dict(unmerged, state["backbone"])
     # One epoch moves B (zero at init) by ~1e-4; give the run an adapter far from zero so merging is tested hard.
@@ -100,24 +100,24 @@ def test_merged_adapter_equals_unmerged_and_extraction_uses_it(tmp_path, key):
             if "lora_B" in name:
                 p.normal_(0, 0.3, generator=g)
     save_checkpoint(trained.run_dir, dict(state, backbone=get_peft_model_state_dict(unmerged)))
-    merged, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir, read_run(trained.run_dir))
+    merged, info = apply_run(load_backbone(spec, weights="tiny"), spec, trained.run_dir, read_run(trained.run_dir))
     assert not any("lora" in name for name, _ in merged.named_modules())
     x = torch.randn(3, 3, 32, 32, generator=g)
     with torch.no_grad():
-        base_out, unmerged_out, merged_out = load_backbone(spec, tiny=True)(x), unmerged(x), merged(x)
+        base_out, unmerged_out, merged_out = load_backbone(spec, weights="tiny")(x), unmerged(x), merged(x)
     scale = base_out.abs().max()  # about 1 for the transformers models, 1e-3 for timm's (std 0.02 init, no final norm)
     assert (unmerged_out - base_out).abs().max() > 1e-3 * scale  # the adapter changes the features (100x the tolerance)
     torch.testing.assert_close(merged_out, unmerged_out, atol=1e-5 * scale, rtol=1e-4)
     assert info["regime"] == "lora" and info["epoch"] == 1
     if key != "siglip2":
         return
-    other = load_backbone(spec, tiny=True)
+    other = load_backbone(spec, weights="tiny")
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
     with pytest.raises(BackboneLoadError, match="started from other siglip2 weights"):
         apply_run(other, spec, trained.run_dir, read_run(trained.run_dir))
     # tuned embeddings back into the cache, tagged with the run
-    request = ExtractRequest(tmp_path, "bright", key, tiny=True, adapter=trained.run_dir, dtype="float32",
+    request = ExtractRequest(tmp_path, "bright", key, weights="tiny", adapter=trained.run_dir, dtype="float32",
                              store_dtype="float32", progress=False)
     summary = extract_dataset(request, num_workers=0)
     assert summary.store.name == "siglip2@tiny-lora-r4-sig-s8.zarr"
@@ -135,7 +135,7 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
     trained = run(tmp_path, key, mode=mode, lr=1e-4, backbone_lr=5e-6)
     state = load_checkpoint(trained.run_dir)
     spec = get_spec(key).as_tiny()
-    before = load_backbone(spec, tiny=True)
+    before = load_backbone(spec, weights="tiny")
     head = StackedMLP(state["head"]["layer1.weight"].shape[1], [8], *HEADS["sig"]).state_dict()
     head_moves = max((state["head"][k] - head[k]).abs().max().item() for k in head)
     assert 0.9e-4 < head_moves <= 1.0001e-4  # Adam's first step moves a weight by lr * |g| / (|g| + eps)
@@ -146,7 +146,7 @@ def test_one_adam_step_moves_each_group_by_its_learning_rate(tmp_path, key, mode
         assert 4.5e-6 < max(moves) < 5.3e-6  # float32 rounds a 5e-6 step on a weight near 1 by up to 2.4e-7
         running = {k: v for k, v in before.state_dict().items() if "running" in k}  # BatchNorm statistics
         assert all(torch.equal(state["backbone"][k], v) for k, v in running.items())
-        tuned, info = apply_run(load_backbone(spec, tiny=True), spec, trained.run_dir, read_run(trained.run_dir))  # as extract --adapter
+        tuned, info = apply_run(load_backbone(spec, weights="tiny"), spec, trained.run_dir, read_run(trained.run_dir))  # as extract --adapter
         assert info["regime"] == "full" and all(torch.equal(v, state["backbone"][k]) for k, v in tuned.state_dict().items())
     else:
         assert 0.9e-4 < max(t.abs().max().item() for k, t in state["backbone"].items() if "lora_B" in k) <= 1.0001e-4
@@ -174,7 +174,7 @@ def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path, key)
 
 def test_gated_parameters_stay_float32_under_bf16_autocast(tmp_path):
     spec = get_spec("siglip2").as_tiny()
-    base = load_backbone(spec, tiny=True)
+    base = load_backbone(spec, weights="tiny")
     model = build_model(base, spec, "lora", "gated", seed=8, lora_rank=4, dim=embedding_dim(base, spec))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pred = model(torch.randn(2, 3, 32, 32))
@@ -243,7 +243,7 @@ def test_frozen_finetuning_and_the_cached_head_train_the_same_run(tmp_path, l2no
     stored features of the same seed see the same batches, schedule and loss (and, with `l2norm`,
     the same unit-length inputs), so their curves agree."""
     bright_dataset(tmp_path, n=40)
-    request = ExtractRequest(tmp_path, "bright", "dinov2", tiny=True, dtype="float32", store_dtype="float32", progress=False)
+    request = ExtractRequest(tmp_path, "bright", "dinov2", weights="tiny", dtype="float32", store_dtype="float32", progress=False)
     extract_dataset(request, num_workers=0)
     cached = load_cached(tmp_path, "bright", "dinov2", tag="tiny")
     config = RunConfig("bright", "bright", "dinov2", "baseline", *HEADS["baseline"], 19, epochs=3, lr=1e-3, l2norm=l2norm)
@@ -262,8 +262,8 @@ def test_an_activation_pair_fine_tunes_as_the_cached_heads_pair_and_the_micro_ba
     config = finetune_config("bright", "dinov2", head="sigmoid+gelu", batch_size=4, accumulate=3, micro_batch=4)
     assert (config.act1, config.act2, config.micro_batch, config.batch_size) == ("sigmoid", "gelu", 4, 12)
     assert head_activations("sig") == ("sigmoid", "lrelu")
-    spec = get_spec("dinov2", tiny=True)
-    base = load_backbone(spec, tiny=True)
+    spec = get_spec("dinov2", weights="tiny")
+    base = load_backbone(spec, weights="tiny")
     model = build_model(base, spec, "frozen", "sigmoid+gelu", seed=8, lora_rank=4, dim=32)
     reference = StackedMLP(32, [8], "sigmoid", "gelu")
     x = torch.randn(1, 5, 32)

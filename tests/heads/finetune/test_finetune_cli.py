@@ -1,16 +1,18 @@
+import json
+
 import pytest
 import torchvision_stub
 
 from iqa.cache.load import load_cached
 from iqa.heads.saved.export import write_config
-from helpers import bright_dataset, iqa
+from helpers import bright_dataset, iqa, one_error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
     bright_dataset(tmp_path)
-    common = ["--dataset", "bright", "--tiny", "--workers", "0", "--cache", tmp_path]
+    common = ["--dataset", "bright", "--weights", "tiny", "--workers", "0", "--cache", tmp_path]
     tuned = iqa("finetune", "--backbone", "siglip2", "--epochs", "2", *common)
     assert tuned.exit_code == 0, tuned.output
     run_dir = tmp_path / "runs" / "bright" / "siglip2@tiny-lora-r4-sig-s8"
@@ -20,6 +22,14 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
     assert extracted.exit_code == 0, extracted.output
     cached = load_cached(tmp_path, "bright", "siglip2", tag="tiny-lora-r4-sig-s8")
     assert cached.valid.all() and cached.fingerprint["tuned"]["run"] == str(run_dir) and cached.fingerprint["tuned"]["epoch"] == 2
+
+    on_tuned = iqa("head", "--cached", "--backbone", "siglip2", "--tag", "tiny-lora-r4-sig-s8", "--dataset", "bright",
+                   "--seeds", "8", "--epochs", "1", "--device", "cpu", "--json", "--cache", tmp_path)
+    assert on_tuned.exit_code == 0, on_tuned.output
+    key = json.loads(on_tuned.stdout.splitlines()[0])["key"]  # a folder would rebuild the untuned base: refused
+    one_error_line(iqa("export", key, "--out", tmp_path / "model", "--cache", tmp_path),
+                   "siglip2@tiny-lora-r4-sig-s8, a fine-tuned backbone's store", "export the fine-tuning run itself")
+    assert not (tmp_path / "model").exists()
 
     wrong = iqa("extract", "--backbone", "clip", "--adapter", run_dir, *common)
     assert wrong.exit_code == 1 and "tuned siglip2, not clip" in wrong.stderr
@@ -41,7 +51,7 @@ def test_finetune_then_extract_with_the_adapter_then_results(tmp_path):
 ])
 def test_bad_input_fails_in_one_line(tmp_path, args, message):
     bright_dataset(tmp_path)
-    options = {"--backbone": "dinov2", "--dataset": "bright", "--tiny": None, "--workers": "0", "--cache": tmp_path}
+    options = {"--backbone": "dinov2", "--dataset": "bright", "--weights": "tiny", "--workers": "0", "--cache": tmp_path}
     for flag, value in zip(args[::2], args[1::2]):
         options[flag] = value
     result = iqa("finetune", *[a for flag, value in options.items() for a in ((flag,) if value is None else (flag, value))])
@@ -67,7 +77,7 @@ def test_a_finetuned_run_exports_and_scores_from_disk_as_it_was_tested(tmp_path,
 
     torchvision_stub.install()  # perception loads through timm, which imports torchvision
     bright_dataset(tmp_path, n=30)
-    common = ["--dataset", "bright", "--tiny", "--workers", "0", "--cache", tmp_path, "--dtype", "float32"]
+    common = ["--dataset", "bright", "--weights", "tiny", "--workers", "0", "--cache", tmp_path, "--dtype", "float32"]
     # timm's tiny PE gives features of about 1e-3, so its predictions would spread by 5e-5 around 1 and float32
     # rounding alone would move their PLCC by 1e-4; on unit-length features they spread by 1e-2.
     unit = ["--l2norm"] if backbone == "perception" else []

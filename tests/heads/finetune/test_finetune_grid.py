@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 DATASETS = ("koniq10k", "clive")  # named as the paper's, so Table 3's columns koniq10k->clive, clive->koniq10k fill
 GRID = ["--backbone", "dinov2,siglip2", "--dataset", ",".join(DATASETS), "--head", "baseline,gated", "--seeds", "8,19",
-        "--mode", "lora,frozen", "--test", ",".join(DATASETS), "--epochs", "2", "--accumulate", "2", "--lr", "1e-3", "--tiny",
+        "--mode", "lora,frozen", "--test", ",".join(DATASETS), "--epochs", "2", "--accumulate", "2", "--lr", "1e-3", "--weights", "tiny",
         "--workers", "0", "--dtype", "float32"]
 RUNS = 2 * 2 * 2 * 2 * 2  # each with its own record and one cross record
 
@@ -200,7 +200,7 @@ def test_a_sigkilled_grid_run_again_equals_an_uninterrupted_one(grid, images, tm
 
 def test_a_run_alone_equals_the_same_run_in_a_grid(grid, images, tmp_path):
     cache = new_cache(images, tmp_path / "cache")
-    config = finetune_config("clive", "siglip2", "gated", "lora", 19, epochs=2, accumulate=2, lr=1e-3, tiny=True)
+    config = finetune_config("clive", "siglip2", "gated", "lora", 19, epochs=2, accumulate=2, lr=1e-3, weights="tiny")
     alone = finetune(cache, config, dtype="float32", num_workers=0, progress=False, tests=("koniq10k",))
     in_grid = stored(grid[0])
     assert [key for key, *_ in alone.rows] == [alone.key, alone.rows[1][0]]
@@ -214,7 +214,7 @@ def test_select_val_never_looks_at_the_test_labels(tmp_path):
     """Two sets, the same images; one with its test rows' targets in reverse rank order: selection by a
     validation part of the training split keeps the same epoch and the same weights in both, where
     selection by test SRCC would not."""
-    options = dict(epochs=4, lr=1e-2, tiny=True, select="val", val_fraction=0.25)
+    options = dict(epochs=4, lr=1e-2, weights="tiny", select="val", val_fraction=0.25)
     kept = []
     for label, shuffled in (("plain", None), ("shuffled", 8)):
         cache = tmp_path / label
@@ -254,7 +254,7 @@ def test_lora_alpha_is_its_own_option_and_in_the_key_only_when_it_changes_the_ru
 ])
 def test_bad_grid_input_fails_in_one_line_before_any_run(images, tmp_path, args, message):
     cache = new_cache(images, tmp_path / "cache")
-    options = {"--backbone": "dinov2", "--dataset": "clive", "--tiny": None, "--workers": "0", "--cache": cache}
+    options = {"--backbone": "dinov2", "--dataset": "clive", "--weights": "tiny", "--workers": "0", "--cache": cache}
     for flag, value in zip(args[::2], args[1::2]):
         options[flag] = value
     result = iqa("finetune", *[a for flag, value in options.items() for a in ((flag,) if value is None else (flag, value))])
@@ -290,7 +290,7 @@ def test_the_ray_engine_equals_the_local_one_and_reports_a_failing_run(images, g
     (Path(broken.image_root) / broken.paths[3]).write_bytes(b"not a png")
     write_manifest(broken, cache)
     runs = expand_finetune_grid(["dinov2"], ["clive", "broken"], ["gated"], [8, 19], ["lora"], lrs=[1e-3], tests=["koniq10k"],
-                                epochs=2, accumulate=2, tiny=True)
+                                epochs=2, accumulate=2, weights="tiny")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
@@ -316,7 +316,7 @@ def test_tuned_runs_keep_their_test_features_and_the_report_draws_their_t_sne(tm
     bright_dataset(tmp_path, n=20)
     db = ResultsDB(tmp_path / "results.sqlite")
     for head in ("baseline", "gated"):
-        run = finetune(tmp_path, finetune_config("bright", "dinov2", head, "lora", 8, epochs=2, lr=1e-3, tiny=True),
+        run = finetune(tmp_path, finetune_config("bright", "dinov2", head, "lora", 8, epochs=2, lr=1e-3, weights="tiny"),
                        dtype="float32", num_workers=0, progress=False, db=db)
     kept = run_weights_path(db.path, run.key)
     features = tuned_features(kept.parent)

@@ -28,7 +28,7 @@ def local_checkpoint_runs(tmp_path_factory):
     """A tiny CLIP saved as a local checkpoint, a toy set extracted with it, two heads x two seeds trained."""
     root = tmp_path_factory.mktemp("bundle")
     checkpoint = root / "my-clip"
-    load_backbone(get_spec("clip"), tiny=True).model.save_pretrained(checkpoint)
+    load_backbone(get_spec("clip"), weights="tiny").model.save_pretrained(checkpoint)
     cache = root / "cache"
     paths = make_dataset(cache, n=24)
     scores = np.linspace(1, 5, len(paths))  # make_dataset's targets are all zero: no MOS map fits them

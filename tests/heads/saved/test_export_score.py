@@ -149,7 +149,7 @@ def test_a_run_on_an_untrained_transformer_store_exports_and_scores_from_disk(tm
         monkeypatch.setitem(registry.BACKBONES, "dinov2", registry.replace(
             spec, config=spec.tiny_config, dim=spec.tiny_config["hidden_size"], resolution=registry.TINY_RESOLUTION))
     paths = toy_dataset(tmp_path, n=24)
-    request = ExtractRequest(tmp_path, "toy", "dinov2", tiny=untrained == "tiny", random_init=untrained == "random-init",
+    request = ExtractRequest(tmp_path, "toy", "dinov2", weights=untrained,
                              dtype="float32", store_dtype="float32", progress=False)
     extract_dataset(request, num_workers=0)
     load = partial(load_cached, tmp_path, backbone="dinov2", tag=untrained)

@@ -35,7 +35,7 @@ def layered_cache(tmp_path, one_thread):
     paths = make_dataset(tmp_path, n=20)
     scores = np.random.default_rng(0).uniform(1, 5, len(paths))  # varied targets: SRCC is defined
     write_manifest(Manifest("toy", str(tmp_path / "images"), paths, scores, scores / 5, "MOS 1-5, target = y/5"), tmp_path)
-    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", tiny=True, dtype="float32", layers="all", **QUIET),
+    extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", weights="tiny", dtype="float32", layers="all", **QUIET),
                     num_workers=0)
     return tmp_path
 
@@ -176,7 +176,7 @@ def kadid_named_cache(tmp_path, one_thread):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(root / path)
     scores = np.random.default_rng(1).uniform(1, 5, len(paths))
     write_manifest(Manifest("kadid10k", str(root), paths, scores, (scores - 1) / 4, "DMOS 1-5"), tmp_path)
-    extract_dataset(ExtractRequest(tmp_path, "kadid10k", "swin-t", tiny=True, dtype="float32", layers="all", **QUIET),
+    extract_dataset(ExtractRequest(tmp_path, "kadid10k", "swin-t", weights="tiny", dtype="float32", layers="all", **QUIET),
                     num_workers=0)
     return tmp_path
 

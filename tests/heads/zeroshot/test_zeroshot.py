@@ -207,7 +207,7 @@ def test_store_without_text_tower_is_refused_in_one_line(setup, tmp_path):
     transformers.CLIPVisionModelWithProjection(config).save_pretrained(vision_only)
     assert extract_dataset(ExtractRequest(cache, "toy", "clip", source=str(vision_only), tag="vision", dtype="float32",
                                           progress=False), num_workers=0).ok
-    assert extract_dataset(ExtractRequest(cache, "toy", "clip", tiny=True, dtype="float32", progress=False), num_workers=0).ok
+    assert extract_dataset(ExtractRequest(cache, "toy", "clip", weights="tiny", dtype="float32", progress=False), num_workers=0).ok
     assert extract_dataset(ExtractRequest(cache, "toy", "nss", progress=False), num_workers=0).ok
     for backbone, tag in (("clip", "vision"), ("clip", "tiny"), ("nss", None)):
         chosen = ["--tag", tag] if tag else []

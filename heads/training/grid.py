@@ -152,6 +152,66 @@ def _stack_key(config: RunConfig) -> tuple:
     return tuple(str(v) for k, v in d.items() if k not in ("seed", "mask_k", "keep"))
 
 
+class GridInputs:
+    """What a grid's runs read, each loaded or computed once: the datasets' stores (the default embedding,
+    or stored layers concatenated), and per run its rows, fingerprint and key."""
+
+    def __init__(self, load: Callable[[str], Cached]):
+        self.load = load
+        self.loaded: dict[tuple, Cached] = {}
+        self.splits: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.validation: dict[RunConfig, np.ndarray] = {}
+
+    def cached(self, name: str, layers: tuple[int, ...] | None = None) -> Cached:
+        """The dataset's default embedding, or (`layers`) its stored layers concatenated: `select_layers`."""
+        if (name, layers) not in self.loaded:
+            self.loaded[name, layers] = self.load(name) if layers is None else self.cached(name).select_layers(layers)
+        return self.loaded[name, layers]
+
+    def fingerprint(self, c: RunConfig) -> str:
+        train, test = self.cached(c.train_dataset), self.cached(c.test_dataset)
+        return train.fingerprint_id if c.train_dataset == c.test_dataset else f"{train.fingerprint_id}+{test.fingerprint_id}"
+
+    def rows(self, c: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+        """A run's rows depend only on its datasets, seed and split rule: computed once per such group."""
+        group = (c.train_dataset, c.test_dataset, c.seed, c.split_by)
+        if group not in self.splits:
+            self.splits[group] = run_rows(c, self.cached(c.train_dataset), self.cached(c.test_dataset))
+        return self.splits[group]
+
+    def carved(self, c: RunConfig) -> tuple[np.ndarray, ...]:
+        """A run's validation rows where they are carved by content group: they enter its key (other runs'
+        keys stay as they were) and its stack's shape (their number varies with the groups drawn)."""
+        if c.select != "val" or c.split_by != "group":
+            return ()
+        if c not in self.validation:
+            self.validation[c] = validation_rows(c, self.rows(c)[0], self.cached(c.train_dataset))[1]
+        return (self.validation[c],)
+
+    def key(self, c: RunConfig) -> str:
+        return run_key(c, self.fingerprint(c), rows_digest(*self.rows(c), *self.carved(c)))
+
+    def job(self, stack: list[tuple[RunConfig, str]]) -> "StackJob":
+        first = stack[0][0]
+        train, test = self.cached(first.train_dataset, first.layers), self.cached(first.test_dataset, first.layers)
+        data, members = stack_inputs([c for c, _ in stack], [self.rows(c) for c, _ in stack], train, test)
+        return StackJob([(c, self.fingerprint(c), k) for c, k in stack], data, members)
+
+
+def stacks_of(pending: list[tuple[RunConfig, str]], inputs: GridInputs, size: int) -> list[list[tuple[RunConfig, str]]]:
+    """The pending runs grouped by architecture and row counts (runs that agree on them can share a stack: rows
+    must be rectangular), `size` to a stack."""
+    def shape(run: tuple[RunConfig, str]) -> tuple:
+        config = run[0]
+        return (_stack_key(config), *map(len, inputs.rows(config)), *map(len, inputs.carved(config)))
+
+    stacks = []
+    for _, group in groupby(sorted(pending, key=shape), key=shape):
+        group = list(group)
+        stacks += [group[i : i + size] for i in range(0, len(group), size)]
+    return stacks
+
+
 def run_grid(
     configs: list[RunConfig],
     load: Callable[[str], Cached],
@@ -166,71 +226,31 @@ def run_grid(
     `engine` trains the stacks (default `train_here`; `iqa.heads.training.ray_grid.train_on_ray` spreads them
     over a Ray cluster) and yields each finished one; its results are recorded here, by the caller.
     """
-    loaded: dict[tuple, Cached] = {}
-
-    def cached(name: str, layers: tuple[int, ...] | None = None) -> Cached:
-        """The dataset's default embedding, or (`layers`) its stored layers concatenated: `select_layers`."""
-        if (name, layers) not in loaded:
-            loaded[name, layers] = load(name) if layers is None else cached(name).select_layers(layers)
-        return loaded[name, layers]
-
-    def fingerprint(c: RunConfig) -> str:
-        train, test = cached(c.train_dataset), cached(c.test_dataset)
-        return train.fingerprint_id if c.train_dataset == c.test_dataset else f"{train.fingerprint_id}+{test.fingerprint_id}"
-
-    splits: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-    def rows_for(c: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-        """A run's rows depend only on its datasets, seed and split rule: computed once per such group."""
-        group = (c.train_dataset, c.test_dataset, c.seed, c.split_by)
-        if group not in splits:
-            splits[group] = run_rows(c, cached(c.train_dataset), cached(c.test_dataset))
-        return splits[group]
-
-    def validation_of(c: RunConfig, r: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-        """A run's validation rows where they are carved by content group: they enter its key (other runs'
-        keys stay as they were) and its stack's shape (their number varies with the groups drawn)."""
-        if c.select != "val" or c.split_by != "group":
-            return ()
-        return (validation_rows(c, r[0], cached(c.train_dataset))[1],)
-
-    rows_of = [rows_for(c) for c in configs]
-    carved = [validation_of(c, r) for c, r in zip(configs, rows_of)]
-    keys = [run_key(c, fingerprint(c), rows_digest(*r, *v)) for c, r, v in zip(configs, rows_of, carved)]
-    rows = dict(zip(keys, rows_of))
-    val_sizes = {k: tuple(map(len, v)) for k, v in zip(keys, carved)}
+    inputs = GridInputs(load)
+    keys = [inputs.key(c) for c in configs]
     finished = db.finished_keys()
     pending = list(dict.fromkeys((c, k) for c, k in zip(configs, keys) if k not in finished))
-    def shape(pending_run: tuple[RunConfig, str]) -> tuple:
-        """Architecture and row counts: runs that agree on them can share a stack (rows must be rectangular)."""
-        config, key = pending_run
-        return (_stack_key(config), *map(len, rows[key]), *val_sizes[key])
-
-    size = stack_size or STACK_SIZE.get(str(device).split(":")[0], 1)
-    stacks = []
-    for _, group in groupby(sorted(pending, key=shape), key=shape):
-        group = list(group)
-        stacks += [group[i : i + size] for i in range(0, len(group), size)]
-
-    jobs = []
-    for stack in stacks:
-        first = stack[0][0]
-        train, test = cached(first.train_dataset, first.layers), cached(first.test_dataset, first.layers)
-        data, members = stack_inputs([c for c, _ in stack], [rows[k] for _, k in stack], train, test)
-        jobs.append(StackJob([(c, fingerprint(c), k) for c, k in stack], data, members))
-    total = sum(c.epochs for c, _ in pending)
-    with tqdm(total=total, unit="model-epoch", disable=not progress, desc=f"runs 0/{len(pending)}") as bar:
+    stacks = stacks_of(pending, inputs, stack_size or STACK_SIZE.get(str(device).split(":")[0], 1))
+    jobs = [inputs.job(stack) for stack in stacks]
+    with tqdm(total=sum(c.epochs for c, _ in pending), unit="model-epoch", disable=not progress,
+              desc=f"runs 0/{len(pending)}") as bar:
         done = 0
         for job, results in (engine or train_here)(jobs, device, bar):
-            for (c, _, k), r in zip(job.runs, results):  # weights first: a recorded run has its weights
-                r.curves["test_images"] = len(rows[k][1])  # tables say how many images a correlation ranks
-                if r.weights is not None:
-                    save_head(run_weights_path(db.path, k), r.weights, c.to_dict())
-            db.record([(k, c.to_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])  # here only: one writer
+            record_stack(db, job, results)
             done += len(job.runs)
             bar.set_description(f"runs {done}/{len(pending)}")
     stored = {r["key"]: r for r in db.runs()}
     return [stored[k] for k in keys]
+
+
+def record_stack(db: ResultsDB, job: "StackJob", results: list[RunResult]) -> None:
+    """A finished stack into the results database (here only: one writer), each run's weights first: a
+    recorded run has its weights."""
+    for (c, _, k), r in zip(job.runs, results):
+        r.curves["test_images"] = job.data.test_rows.shape[1]  # tables say how many images a correlation ranks
+        if r.weights is not None:
+            save_head(run_weights_path(db.path, k), r.weights, c.to_dict())
+    db.record([(k, c.to_dict(), fp, r) for (c, fp, k), r in zip(job.runs, results)])
 
 
 def stack_inputs(

@@ -9,7 +9,7 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -100,7 +100,8 @@ OptimizerOption = Annotated[str, typer.Option(help="adam (the paper's) or adamw 
 WeightDecayOption = Annotated[float, typer.Option(help="Weight decay (decoupled with adamw).")]
 L2normOption = Annotated[bool, typer.Option(
     "--l2norm", help="Heads see unit-length embeddings (CLIP/SigLIP's normalised image_embeds); stores keep the raw vector.")]
-WeightsOption = Annotated[str, typer.Option(
+WEIGHTS = Literal["pretrained", "random-init", "tiny"]  # iqa.extract.registry.WEIGHTS, spelt here: --help imports no numpy
+WeightsOption = Annotated[WEIGHTS, typer.Option(
     "--weights", help="pretrained (the registry's checkpoint, or --model), random-init (full-size architecture, "
     "random weights) or tiny (a tiny random model of the same class).")]
 DeviceOption = Annotated[
@@ -326,16 +327,16 @@ def extract(
     cache: CacheOption = None,
 ) -> None:
     """Run a backbone over every image of a dataset once; resumable, shardable."""
-    from iqa.cache.location import store_root
-    from iqa.extract.run import ExtractRequest, extract_dataset
-
     index, _, count = shard.partition("/")
     if not (index.isdigit() and count.isdigit()):
         fail(f"--shard must look like i/n (e.g. 0/4), got {shard!r}")
     check_engine(engine)
-    check_device(device, engine)
     if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
         fail("--actors and --gpus-per-actor are for --engine ray")
+    check_device(device, engine)
+    from iqa.cache.location import store_root
+    from iqa.extract.run import ExtractRequest, extract_dataset
+
     try:
         request = ExtractRequest(
             cache_dir(cache), dataset, backbone, source=model, weights=weights, adapter=adapter,
@@ -909,7 +910,7 @@ def explain_command(
     bands: Annotated[Optional[str], typer.Option("--bands", help="Feature-band maps, percent from the top of |embedding|: 0-1,1-10,...")] = None,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="Explain a bare backbone's feature bands (no model).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="--backbone weights: HF id or local directory.")] = None,
-    weights: Annotated[str, typer.Option("--weights", help="--backbone: pretrained, random-init or tiny (as `iqa extract`).")] = "pretrained",
+    weights: Annotated[WEIGHTS, typer.Option("--weights", help="--backbone: pretrained, random-init or tiny (as `iqa extract`).")] = "pretrained",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Measure the maps: distortion pointing game and deletion AUC.")] = False,
     grid_set: Annotated[Optional[Path], typer.Option("--set", help="--evaluate: a grid set (default: <cache>/gridpg, built once).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image (with --evaluate: one for the set).")] = False,

@@ -227,7 +227,8 @@ class ExtractRequest:
             raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
         if self.batch_size is not None and self.batch_size < 1:
             raise SettingError(f"`batch_size` must be at least 1, got {self.batch_size}")
-        if self.tag in WEIGHTS[1:] and self.tag != weights_tag(check_weights(self.weights)):
+        check_weights(self.weights)
+        if self.tag in WEIGHTS[1:] and self.tag != weights_tag(self.weights):
             raise SettingError(f"`tag` {self.tag} is kept for {self.tag} weights (`weights` {self.tag}): a store "
                                "of that name must hold random features; choose another tag")
         if self.source is not None and self.weights != "pretrained":

@@ -29,6 +29,7 @@ def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     (["explain", "--help"], 0),
     (["--version"], 0),
     (["head", "--backbone", "nss", "--epochs", "x"], 2),  # an argument error
+    (["extract", "--backbone", "nss", "--dataset", "d", "--weights", "x"], 2),
 ])
 def test_help_version_and_argument_errors_import_no_heavy_library(args, code):
     done, imported = run_cli(*args)
@@ -55,11 +56,15 @@ def test_version_is_the_package_version():
     assert done.stdout.strip() == f"iqa {iqa.__version__}"
 
 
-def test_the_cli_spells_the_paper_seeds_as_the_library_holds_them():
-    from iqa.cli import PAPER_SEEDS
+def test_the_cli_spells_the_paper_seeds_and_the_weights_as_the_library_holds_them():
+    from typing import get_args
+
+    from iqa.cli import PAPER_SEEDS, WEIGHTS
     from iqa.data.splits import PAPER_SEEDS as seeds
+    from iqa.extract.registry import WEIGHTS as weights
 
     assert PAPER_SEEDS == ",".join(map(str, seeds))
+    assert get_args(WEIGHTS) == weights
 
 
 def test_public_names_list_the_registry_and_the_adapters():

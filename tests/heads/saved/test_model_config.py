@@ -89,7 +89,10 @@ def test_extraction_refuses_weights_that_its_store_name_would_misstate(tmp_path)
     assert ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", tag="tiny").spec.resolution == 32
     toy_dataset(tmp_path, n=4)
     cli = ("extract", "--backbone", "dinov2", "--dataset", "toy", "--cache", tmp_path)
-    one_error_line(run_iqa(*cli, "--weights", "small"), "--weights must be one of pretrained, random-init, tiny")
+    with pytest.raises(SettingError, match="weights must be one of pretrained, random-init, tiny, got 'small'"):
+        ExtractRequest(tmp_path, "toy", "dinov2", weights="small")  # before any manifest or model is read
+    refused = run_iqa(*cli, "--weights", "small")  # an argument error, as the command line's other choices
+    assert refused.exit_code == 2 and "'small' is not one of" in " ".join(refused.output.replace("│", " ").split())
     one_error_line(run_iqa(*cli, "--tag", "random-init"), "--tag random-init is kept for random-init weights (--weights random-init)")
     one_error_line(run_iqa(*cli, "--model", tmp_path, "--weights", "tiny"), "--model gives pretrained weights")
     assert not list(tmp_path.glob("toy/*.zarr"))  # refused before any store was made

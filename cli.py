@@ -320,6 +320,8 @@ def extract(
         "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
     layer_pool: Annotated[str, typer.Option(
         "--layer-pool", help="perception: tokens (each layer's patch mean and class token) or head (each layer through the default embedding's norm, attention pooling and projection, as Suppl. B.1).")] = "tokens",
+    spatial: Annotated[Optional[int], typer.Option(
+        "--spatial", help="With --layers: also store each layer's map average-pooled to N x N (SMART-IQA's 7), for `iqa head --spatial`.")] = None,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -339,7 +341,7 @@ def extract(
             cache_dir(cache), dataset, backbone, source=model, random_init=random_init, tiny=tiny, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool,
+            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool, spatial=spatial,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray

@@ -317,6 +317,8 @@ def create_row_arrays(group, widths: dict[str, int], n_rows: int, chunk_rows: in
 # attributes beside its layer arrays and in the recipe of runs on layers, so layers pooled by another rule
 # are refused, not read as these, and runs on them are keyed apart.
 LAYER_POOLING = "stage maps: global average; tokens: patch-token mean, then the class token where the model has one"
+# What a `map<n>` row holds (extract/backbones.layer_map): in the recipe of runs on maps.
+MAP_POOLING = "stage maps, or token models' patch grids after their final norm: adaptive average to S x S, positions row-major"
 
 
 def layer_pooling_problem(store: "EmbeddingStore", command: str) -> str | None:

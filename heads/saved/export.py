@@ -21,6 +21,7 @@ from iqa.cache.store import EmbeddingStore, store_path
 from iqa.cache.manifest import file_sha256, read_manifest
 from iqa.heads.training.config import complete_run
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
+from iqa.errors import SettingError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
@@ -80,6 +81,9 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = 
     machine; `bundle` copies the weights themselves into `backbone/` (a local checkpoint's folder or file,
     or a hub checkpoint from this machine's Hugging Face cache), so the folder loads anywhere, offline."""
     run = complete_run(run)
+    if run.get("spatial"):
+        raise SettingError("a run on stored maps (`spatial`) cannot be exported: a model folder scores images "
+                           "from pooled vectors, and computing the maps from images is not built")
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")

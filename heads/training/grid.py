@@ -168,11 +168,12 @@ def run_grid(
     """
     loaded: dict[tuple, Cached] = {}
 
-    def cached(name: str, layers: tuple[int, ...] | None = None) -> Cached:
-        """The dataset's default embedding, or (`layers`) its stored layers concatenated: `select_layers`."""
-        if (name, layers) not in loaded:
-            loaded[name, layers] = load(name) if layers is None else cached(name).select_layers(layers)
-        return loaded[name, layers]
+    def cached(name: str, layers: tuple[int, ...] | None = None, spatial: int | None = None) -> Cached:
+        """The dataset's default embedding, or (`layers`) its stored layers (their maps, with `spatial`) concatenated:
+        `select_layers`."""
+        if (name, layers, spatial) not in loaded:
+            loaded[name, layers, spatial] = load(name) if layers is None else cached(name).select_layers(layers, spatial)
+        return loaded[name, layers, spatial]
 
     def fingerprint(c: RunConfig) -> str:
         train, test = cached(c.train_dataset), cached(c.test_dataset)
@@ -215,7 +216,8 @@ def run_grid(
     jobs = []
     for stack in stacks:
         first = stack[0][0]
-        train, test = cached(first.train_dataset, first.layers), cached(first.test_dataset, first.layers)
+        train = cached(first.train_dataset, first.layers, first.spatial)
+        test = cached(first.test_dataset, first.layers, first.spatial)
         data, members = stack_inputs([c for c, _ in stack], [rows[k] for _, k in stack], train, test)
         jobs.append(StackJob([(c, fingerprint(c), k) for c, k in stack], data, members))
     total = sum(c.epochs for c, _ in pending)
@@ -264,16 +266,16 @@ def stack_inputs(
 
 
 def as_read(config: RunConfig, train: Cached, test: Cached) -> tuple[Cached, Cached]:
-    """The datasets as the run's head reads them: its stored layers concatenated where it names them."""
+    """The datasets as the run's head reads them: its stored layers (or their maps) concatenated where it names them."""
     if not config.layers:
         return train, test
-    chosen = train.select_layers(config.layers)
-    return chosen, chosen if test is train else test.select_layers(config.layers)
+    chosen = train.select_layers(config.layers, config.spatial)
+    return chosen, chosen if test is train else test.select_layers(config.layers, config.spatial)
 
 
 def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:
     """What a hyper head's hyper-network reads: on stored layers the deepest one (SMART-IQA's F^K), else everything."""
-    if config.head != HYPER or not config.layers or config.fuse is not None:  # behind a fusion it reads the fused vector
+    if config.head != HYPER or not config.layers or config.fuse is not None:  # behind a fusion the fusion gives it F^K
         return None
     start = 0
     for layer, width in train.stages:

@@ -301,7 +301,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     keeps them: the model computes every layer the store holds, whichever the request names."""
     r = request
     if r.spatial is not None and not family_of(r.spec).layer_maps:
-        raise SettingError(f"`spatial` keeps the layer maps of transformers towers; {r.spec.key} has none to keep")
+        raise SettingError(f"`spatial` stores the layer maps of transformers vision towers only; {r.spec.key} is not one")
     manifest = read_manifest(r.cache, r.dataset)
     model = load_backbone(r.spec, source=r.source, random_init=r.random_init, tiny=r.tiny,
                           resolution=r.resolution, preprocess=r.preprocess)

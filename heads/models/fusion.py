@@ -21,9 +21,9 @@ A hyper head's hyper-network reads the deepest stage x_K (F^K, its map or the GA
 v, as SMART-IQA's Fig. 1 draws it. The input is the stages' vectors (or maps, each S*S*C_s columns,
 positions first) concatenated in the order named (the pairing study's input), split here by their
 widths; the deepest stage is the one of highest number, and `smart` concatenates in the order named.
-Every tensor is [M, ...], member m's
-rows drawn from its own generator ("fusion", apart from the head's "init" stream), and no operation
-mixes rows: members train as if alone, as the MLP's do (heads/models/mlp.py).
+Every tensor is [M, ...], member m's rows drawn from its own generator ("fusion", apart from the head's
+"init" stream), and no operation mixes rows: members train as if alone, as the MLP's do
+(heads/models/mlp.py).
 """
 
 import torch

@@ -23,7 +23,7 @@ The paper variants take dropout on the code and the target input (Table IV: rate
 
 x_c is what the hyper-network reads (`content`): on stored layers the deepest one, as the paper's
 hyper-network reads Swin's deepest stage F^K while the target network maps all stages; behind a fusion
-(heads/models/fusion.py) F^K too, given beside the fused vector (`content_width`); on one pooled
+(heads/models/fusion.py) F^K too, given beside the fused vector (an int `content`); on one pooled
 embedding, that whole vector. Kept apart, the content sets the weights and the target network maps the
 features with them: a score that multiplies two feature groups is a simple function for this head and
 a hard one for an MLP (tests/heads/training/test_train.py). W_l v = sum_k c'_k (G_lk v) is computed as
@@ -58,8 +58,8 @@ TARGETS = {
     "table4": (112, "relu", TARGET_IN, (112, 56)),
 }
 HYPER_TARGETS = ("eq16", "table4")
-# generator weights per member: a larger eq16 head cannot be stacked. SMART-IQA's own (Swin-B, K = 4: 2048 x 1025
-# x 128 = 268.7 M, ~4.3 GB with Adam's moments) fits.
+# generator weights per member: a larger eq16 head cannot be stacked. SMART-IQA's own fits (Swin-B, K = 4, on 7 x 7
+# maps: 268.8 M; a training step at batch 32 peaked at 6.7 GB for one member on the CPU, Adam's moments included).
 MAX_GENERATOR = 300_000_000
 
 

@@ -92,7 +92,7 @@ def test_maps_are_added_in_place_resume_after_a_kill_and_keep_every_key(tmp_path
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--backbone", "nss", "--layers", "all", "--spatial", "7"], "nss has none to keep"),
+    (["--backbone", "nss", "--layers", "all", "--spatial", "7"], "nss is not one"),
     (["--backbone", "swin-t", "--layers", "all", "--spatial", "0"], "a positive whole number"),
     (["--backbone", "swin-t", "--spatial", "7"], "give --layers with it"),
 ])

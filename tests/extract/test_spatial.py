@@ -90,6 +90,11 @@ def test_maps_are_added_in_place_resume_after_a_kill_and_keep_every_key(tmp_path
     np.testing.assert_array_equal(load_cached(tmp_path, "toy", "swin-t", tag="tiny").select_layers((2, 1), 3).embeddings,
                                   load_cached(tmp_path, "toy", "swin-t", tag="fresh").select_layers((2, 1), 3).embeddings)
 
+    (path / "map1" / "c" / "1" / "0").unlink()  # a lost chunk file of one map: found, named, recomputed
+    assert any("map1: " in p and "chunk 1" in p for p in verify_store(path))
+    repaired = extract_dataset(ExtractRequest(tmp_path, "toy", "swin-t", **COMMON), num_workers=0)
+    assert repaired.rows_computed == 2 and verify_store(path) == []
+
 
 @pytest.mark.parametrize("args, says", [
     (["--backbone", "nss", "--layers", "all", "--spatial", "7"], "nss is not one"),

@@ -323,6 +323,8 @@ def extract(
         "--layers", help="Also store each block's/stage's pooled vector: all, or a list like 4,3 (from 1).")] = None,
     layer_pool: Annotated[str, typer.Option(
         "--layer-pool", help="perception: tokens (each layer's patch mean and class token) or head (each layer through the default embedding's norm, attention pooling and projection, as Suppl. B.1).")] = "tokens",
+    spatial: Annotated[Optional[int], typer.Option(
+        "--spatial", help="With --layers: also store each layer's map average-pooled to N x N (SMART-IQA's 7), for `iqa head --spatial`.")] = None,
     stores: StoresOption = None,
     cache: CacheOption = None,
 ) -> None:
@@ -342,7 +344,7 @@ def extract(
             cache_dir(cache), dataset, backbone, source=model, weights=weights, adapter=adapter,
             tag=tag, dtype=dtype, store_dtype=store_dtype, stores=store_root(stores) if stores else None,
             overwrite=overwrite, batch_size=batch_size, shard=(int(index), int(count)), skip_bad=skip_bad,
-            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool,
+            resolution=resolution, preprocess=preprocess, layers=layers, layer_pool=layer_pool, spatial=spatial,
         )
         if engine == "ray":
             from iqa.extract.ray_engine import extract_with_ray
@@ -495,6 +497,7 @@ def head_command(
     layer: Annotated[Optional[str], typer.Option(help="Train on one stored layer N (from 1), or all: a layer sweep.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Train on stored layers concatenated, e.g. 4,3 (the pairing study).")] = None,
     fuse: Annotated[Optional[str], typer.Option(help="With --layers: a learned per-image weight per stage instead of the concatenation: smart (SMART-IQA Eq. 4-10: ReLU projections, a sigmoid per stage, the weighted stages concatenated) or attention (a softmax over stages, summed).")] = None,
+    spatial: Annotated[Optional[int], typer.Option(help="With --layers and --fuse: fuse the stores' N x N stage maps (iqa extract --spatial N; SMART-IQA's 7) location by location; --act hyper --hyper-target eq16 then generates its weights per location (App. A), other heads read v's average over the locations.")] = None,
     knn_k: Annotated[Optional[int], typer.Option(help="The knn probe's k, fixed (ALOE: 20) (default: chosen by 5-fold CV on the training rows).")] = None,
     hyper_target: Annotated[Optional[str], typer.Option(help="--act hyper as SMART-IQA App. A sizes it: eq16 (weights generated from the content features, d -> 128 -> 1) or table4 (112-wide code, 224 -> 112 -> 56 -> 1); with --dropout input --keep 0.7 (Table IV) (default: iqa's 16-wide code).")] = None,
     mlflow: MlflowOption = None,
@@ -511,7 +514,7 @@ def head_command(
         keeps=parse_numbers(keep, "--keep"), epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, split_by=split_by,
         loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
         select=select, val_fraction=val_fraction, layer=layer, layers=layers, fuse=fuse, dtype=dtype, tag=tag,
-        stack_size=stack_size, knn_k=knn_k, hyper_target=hyper_target,
+        stack_size=stack_size, knn_k=knn_k, hyper_target=hyper_target, spatial=spatial,
     )
     check_device(device, engine)
     records = train_grid(request, cache_dir(cache), device, db, stores, allow_partial, engine, address)

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 
 from iqa.cache.atomic import atomic_path, replaceable_file
-from iqa.cache.store import DamagedStore, EmbeddingStore, fingerprint_id, layer_array
+from iqa.cache.store import DamagedStore, EmbeddingStore, fingerprint_id
 from iqa.cache.verify import verify_store
 
 
@@ -21,7 +21,7 @@ def is_h5_export(path: Path) -> bool:
 
 
 def export_h5(store_dir: Path, path: Path, allow_partial: bool = False) -> Path:
-    """The store as one HDF5 file (same arrays and names, the `layer<n>` arrays included, fingerprint as
+    """The store as one HDF5 file (same arrays and names, the `layer<n>` and `map<n>` arrays included, fingerprint as
     a JSON attribute), written atomically. Only a sound, finished store is exported (an unfinished one's
     missing rows are NaN: with `allow_partial`), and only a new file or an earlier export is replaced."""
     replaceable_file(path, is_h5_export, "--out")
@@ -33,8 +33,8 @@ def export_h5(store_dir: Path, path: Path, allow_partial: bool = False) -> Path:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         rows_per_chunk = max(1, min(store.chunk_rows, store.n_rows))
         f.create_dataset("embeddings", data=store.embeddings[:], chunks=(rows_per_chunk, store.dim))
-        for n, width in store.layer_dims.items():
-            f.create_dataset(layer_array(n), data=store.group[layer_array(n)][:], chunks=(rows_per_chunk, width))
+        for name, width in store.arrays.items():  # layer<n>, then map<n>
+            f.create_dataset(name, data=store.group[name][:], chunks=(rows_per_chunk, width))
         f.create_dataset("keys", data=np.array(store.keys(), dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("status", data=store.status())
         reasons = store.group["reasons"][:].astype(object)

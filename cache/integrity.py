@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from iqa.cache.store import DONE, PENDING, EmbeddingStore, layer_array
+from iqa.cache.store import DONE, PENDING, EmbeddingStore
 
 
 @dataclass
@@ -44,10 +44,10 @@ def _read(array, store: EmbeddingStore, fill) -> tuple[np.ndarray, set[int]]:
         return out, broken
 
 
-def read_checked(store: EmbeddingStore, manifest_paths: list[str] | None, layers: tuple[int, ...] = ()) -> CheckedRows:
+def read_checked(store: EmbeddingStore, manifest_paths: list[str] | None, arrays: tuple[str, ...] = ()) -> CheckedRows:
     """Read the arrays a run needs anyway and check each done chunk: every row has a status, done
     rows hold finite numbers, the keys are the manifest's. Costs one pass over data already in memory.
-    `layers` are checked too (`check_layer`), their damage named with the layer."""
+    `arrays` (of `store.arrays`: layers, maps) are checked too (`check_array`), their damage named with the array."""
     embeddings, broken_e = _read(store.embeddings, store, np.nan)
     status, broken_s = _read(store.group["status"], store, PENDING)
     try:
@@ -55,21 +55,21 @@ def read_checked(store: EmbeddingStore, manifest_paths: list[str] | None, layers
     except Exception:  # the keys chunk no longer decodes
         keys_wrong = manifest_paths is not None
     damaged = _damage(store, embeddings, broken_e | broken_s, status, store.done_chunks(), manifest_paths)
-    for layer in layers:
-        for chunk, why in check_layer(store, layer, status, manifest_paths)[1].items():
+    for name in arrays:
+        for chunk, why in check_array(store, name, status, manifest_paths)[1].items():
             damaged[chunk] = f"{damaged[chunk]}; {why}" if chunk in damaged else why
     if keys_wrong:
         damaged.setdefault(0, "keys do not match the manifest")
     return CheckedRows(embeddings, status, damaged, keys_wrong)
 
 
-def check_layer(store: EmbeddingStore, layer: int, status: np.ndarray,
+def check_array(store: EmbeddingStore, name: str, status: np.ndarray,
                 manifest_paths: list[str] | None) -> tuple[np.ndarray, dict[int, str]]:
-    """One layer's array as read, and its damage in the chunks it should be written in (a chunk file
-    missing or unreadable, done rows without numbers), each named `layer<n>: ...`."""
-    values, broken = _read(store.group[layer_array(layer)], store, np.nan)
-    damage = _damage(store, values, broken, status, store.layer_done_chunks(layer), manifest_paths)
-    return values, {chunk: f"{layer_array(layer)}: {why}" for chunk, why in damage.items()}
+    """One of the store's layer or map arrays as read, and its damage in the chunks it should be written in
+    (a chunk file missing or unreadable, done rows without numbers), each named `<array>: ...`."""
+    values, broken = _read(store.group[name], store, np.nan)
+    damage = _damage(store, values, broken, status, store.array_done_chunks(name), manifest_paths)
+    return values, {chunk: f"{name}: {why}" for chunk, why in damage.items()}
 
 
 def _damage(store: EmbeddingStore, values: np.ndarray, broken: set[int], status: np.ndarray, done: np.ndarray,
@@ -92,9 +92,9 @@ def _damage(store: EmbeddingStore, values: np.ndarray, broken: set[int], status:
 
 def repair_store(store: EmbeddingStore, manifest_paths: list[str]) -> dict[int, str]:
     """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
-    the keys from the manifest; returns what was damaged. Damage in a layer array recomputes its
+    the keys from the manifest; returns what was damaged. Damage in a layer or map array recomputes its
     chunk whole, as damaged embeddings do."""
-    rows = read_checked(store, manifest_paths, tuple(store.layer_dims))
+    rows = read_checked(store, manifest_paths, tuple(store.arrays))
     if rows.keys_wrong:
         store.group["keys"][:] = np.array(manifest_paths, dtype=str)
         if rows.damaged.get(0) == "keys do not match the manifest":

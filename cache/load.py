@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from iqa.cache.integrity import check_layer, describe_chunks, read_checked
+from iqa.cache.integrity import check_array, describe_chunks, read_checked
 from iqa.cache.manifest import Manifest, manifest_checksum, read_manifest
 from iqa.cache.stamps import content_digest, describe_changes
 from iqa.cache.store import (DONE, PENDING, DamagedStore, EmbeddingStore, IncompleteStore, StaleStore, check_layer_pooling,
-                             extract_command,
+                             extract_command, layer_array, map_array,
                              embedding_fingerprint_id, open_store, store_exists, store_path)
 
 
@@ -23,17 +23,20 @@ class CachedEmbeddings:
     fingerprint_id: str
     path: Path | str | None = None  # the store, for `select_layers`
     command: str = ""  # the `iqa extract` that makes or repairs the store, for messages
-    stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width) of each, in order
+    stages: tuple[tuple[int, int], ...] | None = None  # after `select_layers`: (layer, width or channels) of each, in order
 
     @property
     def targets(self) -> np.ndarray:
         return self.manifest.targets
 
-    def select_layers(self, layers: tuple[int, ...]) -> "CachedEmbeddings":
-        """The same rows with the named stored layers, concatenated in order, as the embeddings."""
-        arrays = read_layers(EmbeddingStore(self.path), layers, self.command)
+    def select_layers(self, layers: tuple[int, ...], spatial: int | None = None) -> "CachedEmbeddings":
+        """The same rows with the named stored layers, concatenated in order, as the embeddings; with `spatial`
+        S, their S x S maps (`read_maps`: each layer's S*S*C_n columns, positions first), the stages' widths
+        then their channels C_n."""
+        store = EmbeddingStore(self.path)
+        arrays = read_layers(store, layers, self.command) if spatial is None else read_maps(store, layers, spatial, self.command)
         return replace(self, embeddings=np.concatenate(arrays, axis=1),
-                       stages=tuple((n, a.shape[1]) for n, a in zip(layers, arrays)))
+                       stages=tuple((n, a.shape[1] // (spatial or 1) ** 2) for n, a in zip(layers, arrays)))
 
 
 def load_cached(
@@ -103,13 +106,30 @@ def read_layers(store: EmbeddingStore, layers: tuple[int, ...], command: str = "
     if missing:
         raise ValueError(f"{store.path} holds layers {list(store.layer_dims) or 'none'}, not {missing}; "
                          f"`{command} --layers all` adds every layer to it")
+    return _read_arrays(store, [(layer_array(n), f"layer {n}") for n in layers], command)
+
+
+def read_maps(store: EmbeddingStore, layers: tuple[int, ...], side: int, command: str = "iqa extract ...") -> list[np.ndarray]:
+    """The named layers' side x side maps (`iqa extract --spatial`), float32, each (N, side*side*C_n) and checked
+    as `read_layers` checks layers; a store without them is refused, naming the command that adds them."""
+    wanted = f"`{command} --layers {','.join(map(str, layers))} --spatial {side}`"
+    if store.map_side not in (None, side):
+        raise ValueError(f"{store.path} holds {store.map_side} x {store.map_side} maps, not {side} x {side}; "
+                         f"{wanted[:-1]} --overwrite` rebuilds it with them")
+    if missing := [n for n in layers if n not in store.map_dims]:
+        raise ValueError(f"{store.path} holds no {side} x {side} maps of layers {missing}; {wanted} adds them")
+    return _read_arrays(store, [(map_array(n), f"the map of layer {n}") for n in layers], command)
+
+
+def _read_arrays(store: EmbeddingStore, arrays: list[tuple[str, str]], command: str) -> list[np.ndarray]:
+    """The (array, what it is) arrays, each read whole and checked; unfinished or damaged ones are refused."""
     check_layer_pooling(store, command)
     status, done, out = store.status(), store.done_chunks(), []
-    for n in layers:
-        if (unfinished := done & ~store.layer_done_chunks(n)).any():
-            raise IncompleteStore(f"{store.path} is still adding layer {n} ({int(unfinished.sum())} of {store.n_chunks} "
+    for name, what in arrays:
+        if (unfinished := done & ~store.array_done_chunks(name)).any():
+            raise IncompleteStore(f"{store.path} is still adding {what} ({int(unfinished.sum())} of {store.n_chunks} "
                                   f"chunks to go); `{command}` finishes it")
-        values, damaged = check_layer(store, n, status, None)
+        values, damaged = check_array(store, name, status, None)
         if damaged:
             raise DamagedStore(f"{store.path} is damaged: {describe_chunks(store, damaged)}; `{command}` recomputes those chunks")
         out.append(values.astype(np.float32))

@@ -14,8 +14,14 @@ contract other tools read:
 - `layer<n>` (N, D_n), only for layers named at extraction (`iqa extract --layers`, counted from
   1; the fingerprint's `layers` lists them): block/stage n's pooled vector, one array per layer so
   reading one layer for every row touches only that layer's chunk files; written with the row block.
-- `extension_done` (N_chunks,) uint8, only while layers are being added to a finished store (the
-  attribute `extending` names them): set per chunk once those layers' rows are written (the other
+- `map<n>` (N, S*S*C_n), only in stores extracted with `iqa extract --layers ... --spatial S` (the
+  fingerprint's `spatial` is S): for every stored layer, its map [C_n, H, W] average-pooled to S x S
+  (adaptive, as torch's adaptive_avg_pool2d), the positions row-major and each position's C_n channels
+  together: row i reshapes to [S*S, C_n]. A token model's map is its patch grid (prefix tokens left
+  out). Float16 by default: Swin-B's four stages at S = 7 are 94,080 numbers a row, KonIQ-10k's
+  10,073 rows 1.9 GB.
+- `extension_done` (N_chunks,) uint8, only while layers (or maps) are being added to a finished store
+  (the attribute `extending` names them: a layer by its number, a map by its array's name): set per chunk once those layers' rows are written (the other
   arrays of a done chunk are left as they are). When every chunk has it, the attribute and the
   array go: the layers are then the store's like any other.
 - attributes: `fingerprint` (what produced the numbers), `fingerprint_id`, `chunk_rows`.
@@ -93,11 +99,15 @@ def fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Added to a store in place: which layers (and maps) a store holds changes no number a run reads
+GROWN_FIELDS = ("layers", "spatial")
+
+
 def embedding_fingerprint_id(fingerprint: dict) -> str:
-    """The id results are keyed on: the fingerprint without its `layers` list. Layers are added to a
-    store in place, and which layers a store holds changes no number a run reads (a run on stored
-    layers names its own in its config), so adding layers keeps every finished run's key."""
-    return fingerprint_id({k: v for k, v in fingerprint.items() if k != "layers"})
+    """The id results are keyed on: the fingerprint without the fields a store grows (`layers`, `spatial`).
+    Layers and maps are added to a store in place, and a run on them names its own in its config, so
+    adding them keeps every finished run's key."""
+    return fingerprint_id({k: v for k, v in fingerprint.items() if k not in GROWN_FIELDS})
 
 
 def fingerprint_difference(stored: dict, current: dict) -> list[str]:
@@ -117,7 +127,10 @@ class EmbeddingStore:
         self.chunk_rows: int = self.group.attrs["chunk_rows"]
         self.embeddings = self.group["embeddings"]
         self.layer_dims: dict[int, int] = {n: self.group[layer_array(n)].shape[1] for n in self.fingerprint.get("layers", [])}
-        self.extending: list[int] = list(self.group.attrs.get("extending", []))  # layers being added (add_layers)
+        self.map_side: int | None = self.fingerprint.get("spatial")  # every stored layer has its map where set
+        self.map_dims: dict[int, int] = {n: self.group[map_array(n)].shape[1] for n in self.layer_dims} if self.map_side else {}
+        # layers (by number) and maps (by array name) being added (add_layers)
+        self.extending: list[int | str] = list(self.group.attrs.get("extending", []))
         self.n_rows, self.dim = self.embeddings.shape
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
 
@@ -127,11 +140,20 @@ class EmbeddingStore:
     def done_chunks(self) -> np.ndarray:
         return self.group["chunk_done"][:].astype(bool)
 
-    def layer_done_chunks(self, layer: int) -> np.ndarray:
-        """The chunks whose rows of `layer` are written: the done chunks, and, while the layer is
+    @property
+    def arrays(self) -> dict[str, int]:
+        """The row-aligned arrays beside `embeddings` (name -> width) in the order a written row holds them:
+        each layer's vector, then each layer's map."""
+        return {layer_array(n): w for n, w in self.layer_dims.items()} | {map_array(n): w for n, w in self.map_dims.items()}
+
+    def _extending_arrays(self) -> set[str]:
+        return {layer_array(e) if isinstance(e, int) else e for e in self.extending}
+
+    def array_done_chunks(self, name: str) -> np.ndarray:
+        """The chunks whose rows of array `name` are written: the done chunks, and, while the array is
         being added, only those the extension has reached."""
         done = self.done_chunks()
-        return done & self.group["extension_done"][:].astype(bool) if layer in self.extending else done
+        return done & self.group["extension_done"][:].astype(bool) if name in self._extending_arrays() else done
 
     def extension_todo(self) -> list[int]:
         """Done chunks still without the layers being added: only those layers are computed for them."""
@@ -139,9 +161,10 @@ class EmbeddingStore:
             return []
         return np.flatnonzero(self.done_chunks() & ~self.group["extension_done"][:].astype(bool)).tolist()
 
-    def add_layers(self, layer_dims: dict[int, int]) -> None:
-        """Extend the store in place with new layer arrays (layer -> width); the fingerprint then lists
-        the union. Done chunks keep their rows, the new layers are filled by `write_layers`.
+    def add_layers(self, layer_dims: dict[int, int], map_dims: dict[int, int] | None = None, side: int | None = None) -> None:
+        """Extend the store in place with new layer arrays (layer -> width) and maps (layer -> S*S*C at
+        side S); the fingerprint then lists the union (and `spatial` S). Done chunks keep their rows, the
+        new arrays are filled by `write_layers`.
 
         Crash-safe in this order: arrays first (a leftover of a killed call is recreated here), then
         one metadata write that names them. One extension at a time."""
@@ -150,16 +173,19 @@ class EmbeddingStore:
                 f"{self.path} is still adding layers {self.extending}; run the same `iqa extract` without "
                 f"new layers to finish that, then add {list(layer_dims)}")
         check_layer_pooling(self, "iqa extract ...")  # new layers beside old-rule ones would mix two rules
-        for layer, width in layer_dims.items():
-            self.group.create_array(layer_array(layer), shape=(self.n_rows, width), dtype=self.embeddings.dtype,
-                                    chunks=(self.chunk_rows, width), fill_value=np.nan, overwrite=True)
+        map_dims = map_dims or {}
+        new = {layer_array(n): w for n, w in layer_dims.items()} | {map_array(n): w for n, w in map_dims.items()}
+        create_row_arrays(self.group, new, self.n_rows, self.chunk_rows, self.embeddings.dtype, overwrite=True)
         self.group.create_array("extension_done", shape=(self.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
                                 overwrite=True)
-        fingerprint = {**self.fingerprint, "layers": list(self.layer_dims) + list(layer_dims)}
+        fingerprint = {**self.fingerprint, "layers": list(self.layer_dims) + list(layer_dims),
+                       **({"spatial": side} if map_dims else {})}
+        extending = list(layer_dims) + [map_array(n) for n in map_dims]
         self.group.attrs.update({"fingerprint": fingerprint, "fingerprint_id": fingerprint_id(fingerprint),
-                                 "extending": list(layer_dims), "layer_pooling": LAYER_POOLING})
-        self.fingerprint, self.extending = fingerprint, list(layer_dims)
+                                 "extending": extending, "layer_pooling": LAYER_POOLING})
+        self.fingerprint, self.extending = fingerprint, extending
         self.layer_dims = {**self.layer_dims, **layer_dims}
+        self.map_side, self.map_dims = fingerprint.get("spatial"), {**self.map_dims, **map_dims}
 
     def finish_extension(self) -> bool:
         """Once every chunk holds the added layers, drop the extension's bookkeeping (attribute first:
@@ -215,15 +241,12 @@ class EmbeddingStore:
         `stamps` (rows, 3) are the image files as read (None: rows not read from the manifest's files)."""
         rows = self.rows_of_chunk(chunk)
         bad = np.array([bool(r) for r in reasons])
-        width = self.dim + sum(self.layer_dims.values())  # the default embedding, then each layer's vector
+        width = self.row_width  # the default embedding, then each layer's vector and map
         if embeddings.shape != (len(rows), width) or len(reasons) != len(rows):
             raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {width}, got {embeddings.shape}")
         block = np.where(bad[:, None], np.nan, embeddings)
         self.embeddings[rows.start : rows.stop] = block[:, : self.dim].astype(self.embeddings.dtype)
-        start = self.dim
-        for n, layer_dim in self.layer_dims.items():
-            self.group[layer_array(n)][rows.start : rows.stop] = block[:, start : start + layer_dim].astype(self.embeddings.dtype)
-            start += layer_dim
+        self._write_arrays(rows, block, self.arrays)
         self.group["status"][rows.start : rows.stop] = np.where(bad, INVALID, DONE).astype(np.uint8)
         self.group["reasons"][rows.start : rows.stop] = np.array(reasons, dtype=str)
         if stamps is not None:
@@ -233,12 +256,25 @@ class EmbeddingStore:
         if self.extending:
             self.group["extension_done"][chunk] = 1
 
+    @property
+    def row_width(self) -> int:
+        """A whole row as `write_block` takes it: the default embedding, then every array of `arrays`."""
+        return self.dim + sum(self.arrays.values())
+
+    def _write_arrays(self, rows: range, block: np.ndarray, names) -> None:
+        """The `names` among `arrays` from whole rows `block` (their columns in `arrays`' order)."""
+        start = self.dim
+        for name, width in self.arrays.items():
+            if name in names:
+                self.group[name][rows.start : rows.stop] = block[:, start : start + width].astype(self.embeddings.dtype)
+            start += width
+
     def write_layers(self, chunk: int, embeddings: np.ndarray) -> None:
         """The layers being added, for one done chunk; `embeddings` are whole rows as `write_block` takes
         them. Their default embedding is checked against the stored one first: layers computed by a
         model that does not give the stored numbers would not belong to them."""
         rows = self.rows_of_chunk(chunk)
-        width = self.dim + sum(self.layer_dims.values())
+        width = self.row_width
         if embeddings.shape != (len(rows), width):
             raise ValueError(f"chunk {chunk} needs {len(rows)} rows of {width}, got {embeddings.shape}")
         stored = self.embeddings[rows.start : rows.stop].astype(np.float32)
@@ -252,13 +288,7 @@ class EmbeddingStore:
                 f"{self.path}: the model gives {self.group['keys'][rows.start + worst]} a default embedding "
                 f"{float(error.max()):.2g} (relative) away from the stored one, so its layers would not belong to "
                 f"the store; pass --overwrite to rebuild the store with every layer")
-        bad = ~done[:, None]
-        start = self.dim
-        for n, layer_dim in self.layer_dims.items():
-            if n in self.extending:
-                block = np.where(bad, np.nan, embeddings[:, start : start + layer_dim])
-                self.group[layer_array(n)][rows.start : rows.stop] = block.astype(self.embeddings.dtype)
-            start += layer_dim
+        self._write_arrays(rows, np.where(~done[:, None], np.nan, embeddings), self._extending_arrays())
         try:
             self.group["extension_done"][chunk] = 1  # last, as chunk_done in write_block
         except (KeyError, FileNotFoundError):  # a concurrent extraction finished the extension: every chunk holds the layers
@@ -274,10 +304,23 @@ def layer_array(layer: int) -> str:
     return f"layer{layer}"
 
 
+def map_array(layer: int) -> str:
+    return f"map{layer}"
+
+
+def create_row_arrays(group, widths: dict[str, int], n_rows: int, chunk_rows: int, dtype, overwrite: bool = False) -> None:
+    """Row-aligned arrays (name -> width) of NaN, chunked as the embeddings are."""
+    for name, width in widths.items():
+        group.create_array(name, shape=(n_rows, width), dtype=dtype, chunks=(chunk_rows, width), fill_value=np.nan,
+                           overwrite=overwrite)
+
+
 # What a `layer<n>` row holds (extract/backbones.pool_layer, extract/timm_tower.TimmTap): kept in the store's
 # attributes beside its layer arrays and in the recipe of runs on layers, so layers pooled by another rule
 # are refused, not read as these, and runs on them are keyed apart.
 LAYER_POOLING = "stage maps: global average; tokens: patch-token mean, then the class token where the model has one"
+# What a `map<n>` row holds (extract/backbones.layer_map): in the recipe of runs on maps.
+MAP_POOLING = "stage maps, or token models' patch grids after their final norm: adaptive average to S x S, positions row-major"
 
 
 def layer_pooling_problem(store: "EmbeddingStore", command: str) -> str | None:

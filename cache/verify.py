@@ -34,7 +34,7 @@ def verify_store(path: Path, rehash: bool = False) -> list[str]:
         paths = read_manifest(path.parent.parent, path.parent.name).paths
     except (OSError, ValueError, KeyError):  # a missing or broken manifest: no keys to compare against
         paths = None
-    rows = read_checked(store, paths, tuple(store.layer_dims))
+    rows = read_checked(store, paths, tuple(store.arrays))
     if rows.damaged:
         problems.append(f"damaged: {rows.describe(store)}; `iqa extract` on this store recomputes those chunks")
     if stale_layers := layer_pooling_problem(store, "iqa extract"):

@@ -2,7 +2,7 @@
 
 A registry entry says what a backbone is (architecture, weights, input recipe); its family, named
 by the entry's pooling rule (`family_of`), says how that kind of backbone loads and how its
-features are taken. Callers ask the family (`in_worker`, `spatial`, `tunable`, `layer_taps`)
+features are taken. Callers ask the family (`in_worker`, `spatial`, `tunable`, `layer_taps`, `layer_maps`)
 instead of branching on the entry's kind:
 
 | family | pooling rule | loads | features |
@@ -19,6 +19,7 @@ tiny model of the same class (both seeded, so every process builds the same weig
 """
 
 import hashlib
+import math
 import os
 import re
 import threading
@@ -90,6 +91,22 @@ def pool_layer(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None, 
     return torch.cat([mean, state[:, 0]], dim=1) if class_token else mean
 
 
+def layer_map(state: torch.Tensor, prefix_tokens: int, norm: nn.Module | None, side: int) -> torch.Tensor:
+    """A stage map [B, C, H, W], or tokens [B, T, D] as their patch grid (prefix left out, after the final
+    norm, as `pool_layer` takes them), average-pooled to side x side (adaptive_avg_pool2d) -> [B, side*side*C],
+    the positions row-major, each position's channels together (the store's `map<n>` rows). Its average
+    over positions is `pool_layer`'s mean where side divides the grid."""
+    if state.dim() == 3:
+        if norm is not None:
+            state = norm(state)
+        patches = state[:, prefix_tokens:]
+        grid = math.isqrt(patches.shape[1])
+        if grid * grid != patches.shape[1]:
+            raise SettingError(f"`spatial` needs a square patch grid; this layer has {patches.shape[1]} patch tokens")
+        state = patches.transpose(1, 2).reshape(len(patches), -1, grid, grid)
+    return nn.functional.adaptive_avg_pool2d(state, side).flatten(2).transpose(1, 2).flatten(1)
+
+
 class Family:
     """What callers ask of a kind of backbone without loading one; `load` builds one."""
 
@@ -97,6 +114,7 @@ class Family:
     spatial = True  # a spatial feature map Grad-CAM can take
     tunable = True  # weights LoRA or full fine-tuning can train
     layer_taps = False  # per-block outputs `--layers` can store
+    layer_maps = False  # and their spatial maps `--spatial` can store
 
     @classmethod
     def load(cls, spec: BackboneSpec, source: str | None, weights: str,
@@ -159,9 +177,10 @@ class VisionTower(PooledBackbone):
     """A transformers vision tower plus its pooling rule (`pool`).
 
     With `layers` set (`use_layers`), forward returns the default embedding followed by each
-    named layer's pooled vector (layers counted from 1), concatenated: one pass gives them all."""
+    named layer's pooled vector (layers counted from 1) and, with a map side, each one's map
+    (`layer_map`), concatenated: one pass gives them all."""
 
-    layer_taps = True
+    layer_taps = layer_maps = True
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, source: str, revision: str | None,
                  resolution: int | None = None, preprocess: str = "square"):
@@ -170,6 +189,7 @@ class VisionTower(PooledBackbone):
         # DINOv2/v3: one CLS token, then the register tokens (DINOv3 has 4), then the patches.
         self.prefix_tokens = int(spec.class_token) + getattr(model.config, "num_register_tokens", 0)
         self.layers: tuple[int, ...] = ()
+        self.map_side: int | None = None
 
     @classmethod
     def load(cls, spec, source, weights, resolution, preprocess) -> "VisionTower":
@@ -226,18 +246,26 @@ class VisionTower(PooledBackbone):
             return [pool_layer(s, self.prefix_tokens, None, self.spec.class_token).shape[1]
                     for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
 
-    def use_layers(self, layers: tuple[int, ...]) -> None:
-        self.layers = tuple(layers)
+    def map_channels(self, pixel_values: torch.Tensor) -> list[int]:
+        """The channels of every layer's map (`layer_map`, one probe pass)."""
+        with torch.inference_mode():
+            return [layer_map(s, self.prefix_tokens, None, 1).shape[1]
+                    for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
+
+    def use_layers(self, layers: tuple[int, ...], map_side: int | None = None) -> None:
+        self.layers, self.map_side = tuple(layers), map_side
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         outputs = self._outputs(pixel_values, hidden=bool(self.layers))
         pooled = pool(outputs, self.pooling, self.prefix_tokens)
         if not self.layers:
             return pooled
-        states = self._layer_states(outputs, pixel_values)
+        every = self._layer_states(outputs, pixel_values)
+        states = [every[n - 1] for n in self.layers]
         norm = getattr(self.model, self.spec.layer_norm) if self.spec.layer_norm else None
-        return torch.cat([pooled, *(pool_layer(states[n - 1], self.prefix_tokens, norm, self.spec.class_token)
-                                    for n in self.layers)], dim=1)
+        maps = [layer_map(s, self.prefix_tokens, norm, self.map_side) for s in states] if self.map_side else []
+        return torch.cat([pooled, *(pool_layer(s, self.prefix_tokens, norm, self.spec.class_token) for s in states),
+                          *maps], dim=1)
 
 
 class TimmTapped(PooledBackbone):

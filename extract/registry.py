@@ -5,7 +5,7 @@ family (extract/backbones.py), the code that loads that kind of backbone and tak
 
 A neural entry names the Hugging Face checkpoint, the transformers class that loads only the
 vision tower, how its output is pooled to one vector, the input resolution and normalisation,
-the LoRA target modules, and two configs: the full-size architecture (so `--random-init` needs
+the LoRA target modules, and two configs: the full-size architecture (so `--weights random-init` needs
 no download) and a tiny one of the same class (tests, the demo's random control).
 
 A worker entry computes its features on the CPU in the decode workers from the decoded image
@@ -60,7 +60,7 @@ class BackboneSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     lora_targets: tuple[str, ...] = ()  # regex alternatives over module names, first that matches wins
-    config: dict = field(default_factory=dict)  # full-size architecture, for offline --random-init
+    config: dict = field(default_factory=dict)  # full-size architecture, for offline --weights random-init
     tiny_config: dict = field(default_factory=dict)  # same class, a few thousand parameters
     features_in_worker: Callable[[Image.Image], np.ndarray] | None = None
     revision: str | None = None  # version tag of a worker feature definition

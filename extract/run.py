@@ -220,6 +220,7 @@ class ExtractRequest:
     preprocess: str = "square"
     layers: str | None = None  # "all" or "4,3": also store these blocks'/stages' pooled vectors (from 1)
     layer_pool: str = "tokens"  # timm towers: "head" pools each layer like the default embedding (extract/timm_tower.py)
+    spatial: int | None = None  # with layers: also store each layer's map pooled to spatial x spatial (SMART-IQA's 7)
 
     def __post_init__(self):
         index, count = self.shard
@@ -233,6 +234,11 @@ class ExtractRequest:
                                "of that name must hold random features; choose another tag")
         if self.source is not None and self.weights != "pretrained":
             raise SettingError(f"`model` gives pretrained weights; `weights` {self.weights} builds random ones: give one")
+        if self.spatial is not None:
+            if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
+                raise SettingError(f"`spatial` is the maps' side, a positive whole number (SMART-IQA's 7); got {self.spatial!r}")
+            if self.layers is None:
+                raise SettingError("`spatial` keeps the map of each stored layer: give `layers` with it, e.g. `layers` 4,3,2,1")
 
     @property
     def spec(self) -> BackboneSpec:
@@ -299,6 +305,8 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     different fingerprint). A store that lacks asked-for layers gains them; one that holds layers
     keeps them: the model computes every layer the store holds, whichever the request names."""
     r = request
+    if r.spatial is not None and not family_of(r.spec).layer_maps:
+        raise SettingError(f"`spatial` stores the layer maps of transformers vision towers only; {r.spec.key} is not one")
     manifest = read_manifest(r.cache, r.dataset)
     model = load_backbone(r.spec, source=r.source, weights=r.weights, resolution=r.resolution, preprocess=r.preprocess)
     spec = model.spec
@@ -315,7 +323,7 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
     dim = embedder(probe).shape[1]
     if r.weights != "tiny" and dim != spec.dim:
         raise ValueError(f"{spec.key} gives {dim}-dimensional embeddings, the registry says {spec.dim}")
-    layer_dims = {}
+    layer_dims, map_channels = {}, {}
     if r.layers is not None:
         if r.adapter is not None:
             raise SettingError("`layers` is not available with `adapter` (a tuned backbone); extract its default embedding")
@@ -326,8 +334,11 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
                 raise SettingError(f"`layer_pool` {r.layer_pool} is for the timm tower (perception); {spec.key}'s "
                                    "layers are pooled by the store's rule")
             model.use_layer_pool(r.layer_pool)
-        widths = model.layer_widths(normalise(probe, spec.mean, spec.std).to(device))
+        pixels = normalise(probe, spec.mean, spec.std).to(device)
+        widths = model.layer_widths(pixels)
         layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
+        if family_of(spec).layer_maps:  # a store with maps gives new layers maps too, asked for or not
+            map_channels = dict(enumerate(model.map_channels(pixels), start=1))
     fingerprint = make_fingerprint(
         spec, model, weights, dim, compute_dtype, r.store_dtype, manifest_checksum(r.cache, r.dataset), tuned
     )
@@ -335,18 +346,21 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         fingerprint["layers"] = list(layer_dims)
         if r.layer_pool != "tokens":  # likewise: stores pooled by the default rule keep theirs
             fingerprint["layer_pool"] = r.layer_pool
+    if r.spatial is not None:  # likewise: stores without maps keep theirs
+        fingerprint["spatial"] = r.spatial
     store = open_for_writing(
         store_path(r.cache if r.stores is None else r.stores, r.dataset, r.backbone, tag), fingerprint, manifest.paths,
         dim, dtype=r.store_dtype, chunk_rows=r.chunk_rows, overwrite=r.overwrite, layer_dims=layer_dims,
+        map_side=r.spatial, map_channels=map_channels,
     )
     if getattr(model, "checkpoint_side", None):  # beside the fingerprint's side (the one run): the checkpoint's own
         store.group.attrs["checkpoint_resolution"] = model.checkpoint_side
-    if store.layer_dims:  # the store's layers (a resumed or extended store's, in its order)
-        model.use_layers(tuple(store.layer_dims))
+    if store.layer_dims:  # the store's layers (a resumed or extended store's, in its order), and their maps
+        model.use_layers(tuple(store.layer_dims), *([store.map_side] if store.map_side else []))
     repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
     changes = store.changed_images(manifest)
     store.undo_chunks_of(changes)  # and so do chunks whose images changed
-    row_width = dim + sum(store.layer_dims.values())
+    row_width = store.row_width
     return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, store.fingerprint, row_width, spec,
                       repaired, describe_changes(changes, manifest.paths) if changes else "")
 

@@ -19,7 +19,7 @@ OUTCOME = {"key", "fingerprint_id", "status", "best_epoch", "best_srcc", "best_p
 def run_summary(record: dict) -> dict:
     """A trained run as `iqa head --json` prints it: its key (what `iqa export` takes), the grid's fields, the metrics."""
     return {"key": record["key"], **{k: record[k] for k in GRID_FIELDS}, "layers": record.get("layers"),
-            "fuse": record.get("fuse")}
+            "fuse": record.get("fuse"), **({"spatial": record["spatial"]} if record.get("spatial") else {})}
 
 
 def differing_fields(runs: list[dict]) -> list[str]:

@@ -23,6 +23,7 @@ from iqa.extract.registry import tag_weights
 from iqa.heads.saved.config import (BackboneConfig, Bundle, HeadConfig, Metrics, ModelConfig, MosMap, Targets,
                                     TrainingConfig, Tuning, WeightsFile, write_config)
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
+from iqa.errors import SettingError
 
 WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
 CARD_FILE = "README.md"
@@ -79,6 +80,9 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = 
     machine; `bundle` copies the weights themselves into `backbone/` (a local checkpoint's folder or file,
     or a hub checkpoint from this machine's Hugging Face cache), so the folder loads anywhere, offline."""
     run = complete_run(run)
+    if run.get("spatial"):
+        raise SettingError("a run on stored maps (`spatial`) cannot be exported: a model folder scores images "
+                           "from pooled vectors, and computing the maps from images is not built")
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")

@@ -106,10 +106,11 @@ def load_head(path: Path) -> tuple[nn.Module, dict]:
     stages = None
     if fuse:  # (layer, width) of each stage, from its projection [1, width, FUSE_WIDTH]
         stages = tuple((n, state[f"project.{i}.weight"].shape[1]) for i, n in enumerate(config["layers"]))
-    in_dim = first.shape[1] if stages is None else sum(w for _, w in stages)
+    spatial = config.get("spatial")  # fused stages read as spatial x spatial maps
+    in_dim = first.shape[1] if stages is None else sum(w for _, w in stages) * (spatial or 1) ** 2
     head = make_stack(in_dim, [config["seed"]], config["act1"], config["act2"], [config["mask_k"]],
                       config["dropout"], [config["keep"]], *([hidden] if hidden else []), fuse=fuse, stages=stages,
-                      content=content, hyper_target=config.get("hyper_target"))
+                      content=content, hyper_target=config.get("hyper_target"), spatial=spatial)
     head.load_state_dict(state)
     if scaling[0] is not None:
         head = StandardizedHead(head, *scaling)

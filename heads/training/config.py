@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from iqa.heads.models.fusion import check_fusion, fusion_recipe
-from iqa.cache.store import LAYER_POOLING
+from iqa.cache.store import LAYER_POOLING, MAP_POOLING
 from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
 from iqa.heads.models.hyper import HYPER, check_hyper_target, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
@@ -41,7 +41,7 @@ def lr_milestones(train_dataset: str) -> tuple[int, ...]:
 
 
 # fields left out of a config's dict (and so its key) while None: added after runs were stored under keys without them
-OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target", "lora_alpha")
+OPTIONAL_FIELDS = ("layers", "fuse", "knn_k", "hyper_target", "lora_alpha", "spatial")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class RunConfig:
     compute_dtype: str | None = None  # cached heads: None (float32) or "bfloat16" (autocast); fine-tuning records its own
     knn_k: int | None = None  # the knn probe's k fixed (ALOE: 20); None: chosen by cross-validation
     hyper_target: str | None = None  # the hyper head as SMART-IQA's App. A sizes it: eq16 or table4; None: iqa's
+    spatial: int | None = None  # the fusion reads the stored layers' S x S maps (`iqa extract --spatial S`); None: their vectors
     # fine-tuning only
     physical_batch: int | None = None
     accumulate: int | None = None
@@ -103,6 +104,12 @@ class RunConfig:
             check_fusion(self.fuse, self.layers)
             if self.head in PROBES:
                 raise SettingError(f"`fuse` trains a fusion in front of an MLP or hyper head; the probes ({', '.join(PROBES)}) take none")
+        if self.spatial is not None:
+            if self.fuse is None:
+                raise SettingError("`spatial` feeds the stored layers' maps to a fusion (SMART-IQA Eq. 4-10): give `layers` "
+                                   "and `fuse` with it, e.g. `layers` 4,3,2,1 `fuse` smart")
+            if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
+                raise SettingError(f"`spatial` is the stored maps' side, a positive whole number (7); got {self.spatial!r}")
 
     def to_dict(self) -> dict:
         """What the results database stores and the key hashes: the fields, the optional ones (OPTIONAL_FIELDS)
@@ -127,7 +134,7 @@ class RunConfig:
     def trainer_options(self) -> dict:
         """The keyword options of train_stack_model (the fields of its TrainSettings) this config sets."""
         names = ("act1", "act2", "dropout", "epochs", "batch_size", "micro_batch", "loss", "optimizer", "weight_decay",
-                 "standardize", "select", "fuse", "compute_dtype", "hyper_target")
+                 "standardize", "select", "fuse", "compute_dtype", "hyper_target", "spatial")
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -138,9 +145,13 @@ class RunConfig:
         """What the code decides for this config; part of the key (a probe's adds its CV grid, the hyper head and
         the fusion their sizes, a run on stored layers how they were pooled)."""
         probe = {"probe": probe_recipe(self.head, self.knn_k)} if self.head in PROBES else {}
-        hyper = {"hyper": hyper_recipe(None if self.fuse else self.layers, self.hyper_target)} if self.head == HYPER else {}
-        fusion = {"fusion": fusion_recipe(self.fuse)} if self.fuse is not None else {}
+        positions = (self.spatial or 1) ** 2
+        hyper = ({"hyper": hyper_recipe(None if self.fuse else self.layers, self.hyper_target, self.fuse is not None, positions)}
+                 if self.head == HYPER else {})
+        fusion = {"fusion": fusion_recipe(self.fuse, self.spatial)} if self.fuse is not None else {}
         layered = {"layer_pooling": LAYER_POOLING} if self.layers else {}
+        if self.spatial:
+            layered["map_pooling"] = MAP_POOLING
         return probe | hyper | fusion | layered | loss_recipe(self.loss) | {
             "trainer_version": TRAINER_VERSION,
             "milestones": list(self.milestones),

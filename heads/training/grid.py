@@ -162,11 +162,13 @@ class GridInputs:
         self.splits: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.validation: dict[RunConfig, np.ndarray] = {}
 
-    def cached(self, name: str, layers: tuple[int, ...] | None = None) -> Cached:
-        """The dataset's default embedding, or (`layers`) its stored layers concatenated: `select_layers`."""
-        if (name, layers) not in self.loaded:
-            self.loaded[name, layers] = self.load(name) if layers is None else self.cached(name).select_layers(layers)
-        return self.loaded[name, layers]
+    def cached(self, name: str, layers: tuple[int, ...] | None = None, spatial: int | None = None) -> Cached:
+        """The dataset's default embedding, or (`layers`) its stored layers (their maps, with `spatial`)
+        concatenated: `select_layers`."""
+        if (name, layers, spatial) not in self.loaded:
+            self.loaded[name, layers, spatial] = (self.load(name) if layers is None
+                                                  else self.cached(name).select_layers(layers, spatial))
+        return self.loaded[name, layers, spatial]
 
     def fingerprint(self, c: RunConfig) -> str:
         train, test = self.cached(c.train_dataset), self.cached(c.test_dataset)
@@ -193,7 +195,8 @@ class GridInputs:
 
     def job(self, stack: list[tuple[RunConfig, str]]) -> "StackJob":
         first = stack[0][0]
-        train, test = self.cached(first.train_dataset, first.layers), self.cached(first.test_dataset, first.layers)
+        train = self.cached(first.train_dataset, first.layers, first.spatial)
+        test = self.cached(first.test_dataset, first.layers, first.spatial)
         data, members = stack_inputs([c for c, _ in stack], [self.rows(c) for c, _ in stack], train, test)
         return StackJob([(c, self.fingerprint(c), k) for c, k in stack], data, members)
 
@@ -284,16 +287,16 @@ def stack_inputs(
 
 
 def as_read(config: RunConfig, train: Cached, test: Cached) -> tuple[Cached, Cached]:
-    """The datasets as the run's head reads them: its stored layers concatenated where it names them."""
+    """The datasets as the run's head reads them: its stored layers (or their maps) concatenated where it names them."""
     if not config.layers:
         return train, test
-    chosen = train.select_layers(config.layers)
-    return chosen, chosen if test is train else test.select_layers(config.layers)
+    chosen = train.select_layers(config.layers, config.spatial)
+    return chosen, chosen if test is train else test.select_layers(config.layers, config.spatial)
 
 
 def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:
     """What a hyper head's hyper-network reads: on stored layers the deepest one (SMART-IQA's F^K), else everything."""
-    if config.head != HYPER or not config.layers or config.fuse is not None:  # behind a fusion it reads the fused vector
+    if config.head != HYPER or not config.layers or config.fuse is not None:  # behind a fusion the fusion gives it F^K
         return None
     start = 0
     for layer, width in train.stages:

@@ -39,6 +39,7 @@ class GridRequest:
     layer: str | None = None  # one stored layer "N", or "all": a sweep
     layers: str | None = None  # stored layers concatenated, "4,3"
     fuse: str | None = None
+    spatial: int | None = None  # the fusion reads the stores' S x S maps (`iqa extract --spatial S`)
     knn_k: int | None = None  # the knn probe's fixed k (None: chosen by cross-validation)
     hyper_target: str | None = None  # the hyper head as SMART-IQA sizes it (eq16, table4); None: iqa's own
     dtype: str = "auto"  # of the trained heads: grid.head_dtype
@@ -77,6 +78,7 @@ class GridRequest:
             weight_decay=self.weight_decay, standardize=self.standardize, l2norm=self.l2norm, select=self.select,
             val_fraction=self.val_fraction, layer_sets=layer_choices(self.layer, self.layers, list(held_layers)),
             compute_dtype=head_dtype(self.dtype, device), fuse=self.fuse, knn_k=self.knn_k, hyper_target=self.hyper_target,
+            spatial=self.spatial,
         )
 
 

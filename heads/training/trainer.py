@@ -56,23 +56,30 @@ class Member:
 def make_stack(in_dim: int, seeds: list[int], act1: str, act2: str, mask_k: list[float], dropout: str | None,
                keep: list[float], hidden: int = HIDDEN, fuse: str | None = None,
                stages: tuple[tuple[int, int], ...] | None = None,
-               content: tuple[int, int] | None = None, hyper_target: str | None = None) -> StackedMLP | StackedHyper | StackedFusion:
+               content: tuple[int, int] | int | None = None, hyper_target: str | None = None,
+               spatial: int | None = None) -> StackedMLP | StackedHyper | StackedFusion:
     """The stacked head a config names: the hyper-network head (act1 = act2 = "hyper"), its hyper-network
-    reading the `content` columns (all where None), or the MLP, which reads every column; with `fuse`,
-    that head behind the fusion of `stages` ((layer, width) of the concatenated input, in order)."""
+    reading the `content` columns (all where None; an int: a content this wide given beside the input), or
+    the MLP, which reads every column; with `fuse`, that head behind the fusion of `stages` ((layer, width)
+    of the concatenated input, in order), its hyper-network reading the deepest stage. With `spatial` S the
+    stages are S x S maps (each S*S*width columns) and the fusion works per location; the hyper head of
+    Eq. 14-17 (`hyper_target` eq16) reads every location, any other head the locations' average."""
+    positions = (spatial or 1) ** 2
     if fuse is not None:
         check_fusion(fuse, None if stages is None else tuple(n for n, _ in stages))
-        if sum(w for _, w in stages) != in_dim:
-            raise ValueError(f"the stages' widths {[w for _, w in stages]} do not add up to the input width {in_dim}")
+        if sum(w for _, w in stages) * positions != in_dim:
+            raise ValueError(f"the stages' widths {[w for _, w in stages]} (x {positions} locations) do not add up to "
+                             f"the input width {in_dim}")
         head = make_stack(fused_width(fuse, len(stages)), seeds, act1, act2, [100.0] * len(seeds), dropout, keep, hidden,
-                          hyper_target=hyper_target)
-        return StackedFusion(stages, seeds, mask_k, head, fuse)
+                          content=max(stages)[1], hyper_target=hyper_target, spatial=spatial)
+        return StackedFusion(stages, seeds, mask_k, head, fuse, positions)
     if HYPER in (act1, act2):
         if (act1, act2) != (HYPER, HYPER):
             raise ValueError(f"{HYPER} is a head of its own, not an activation to pair")
         if hyper_target is None and any(p != 1 for p in keep):
             raise ValueError("the hyper head takes no dropout keep below 1")
-        return StackedHyper(in_dim, seeds, mask_k, dropout, content, hyper_target, keep)
+        return StackedHyper(in_dim, seeds, mask_k, dropout, content, hyper_target, keep,
+                            positions if hyper_target == "eq16" and isinstance(content, int) else 1)
     return StackedMLP(in_dim, seeds, act1, act2, mask_k=mask_k, dropout=dropout, keep=keep, hidden=hidden)
 
 
@@ -293,6 +300,7 @@ class TrainSettings:
     fuse: str | None = None
     compute_dtype: str | None = None
     hyper_target: str | None = None  # SMART-IQA's hyper head (eq16 or table4); None: iqa's own
+    spatial: int | None = None  # the fused stages are S x S maps (`make_stack`)
 
     def check(self, data: StackData, n_members: int) -> None:
         """Refuse settings and data that cannot train together, before anything is built."""
@@ -374,6 +382,7 @@ def start_training(on: DeviceData, members: list[Member], settings: TrainSetting
     model = make_stack(
         on.x_train.shape[1], [m.seed for m in members], settings.act1, settings.act2, [m.mask_k for m in members],
         settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content, settings.hyper_target,
+        settings.spatial,
     ).to(device)
     optimizer = _stack_optimizer(model, members, settings.optimizer, settings.weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
@@ -487,6 +496,7 @@ def train_stack_model(
     compute_dtype: str | None = None,
     pools: PoolCache | None = None,
     hyper_target: str | None = None,
+    spatial: int | None = None,
 ) -> tuple[StackedMLP, list[RunResult]]:
     """Train len(members) heads at once: the trained stack and one RunResult per member, in order.
 
@@ -500,7 +510,7 @@ def train_stack_model(
     `PoolCache`).
     """
     settings = TrainSettings(act1, act2, dropout, epochs, batch_size, micro_batch, hidden, loss, optimizer,
-                             weight_decay, standardize, select, fuse, compute_dtype, hyper_target)
+                             weight_decay, standardize, select, fuse, compute_dtype, hyper_target, spatial)
     settings.check(data, len(members))
     on = stack_on_device(data, torch.device(device), pools)
     run = start_training(on, members, settings, data.stages, data.content_columns, pools)

@@ -79,6 +79,7 @@ class BackboneConfig:
     local_checkpoint: bool = False
     bundled: Bundle | None = field(default=None, metadata=OPTIONAL)
     layers: list[int] | None = field(default=None, metadata=OPTIONAL)  # the stored layers the head reads
+    spatial: int | None = field(default=None, metadata=OPTIONAL)  # their S x S maps (`iqa extract --spatial`), not vectors
 
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneConfig":

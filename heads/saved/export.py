@@ -23,7 +23,6 @@ from iqa.extract.registry import tag_weights
 from iqa.heads.saved.config import (BackboneConfig, Bundle, HeadConfig, Metrics, ModelConfig, MosMap, Targets,
                                     TrainingConfig, Tuning, WeightsFile, write_config)
 from iqa.heads.saved.weights import ADAPTER_DIR, BACKBONE_FILE, FINGERPRINT_FILE, load_head, run_weights_path
-from iqa.errors import SettingError
 
 WEIGHTS_FILE = "model.safetensors"  # the head, under the name the Hugging Face Hub shows as a model's weights
 CARD_FILE = "README.md"
@@ -80,9 +79,6 @@ def export_run(cache: Path, db_path: Path, run: dict, out: Path, bundle: bool = 
     machine; `bundle` copies the weights themselves into `backbone/` (a local checkpoint's folder or file,
     or a hub checkpoint from this machine's Hugging Face cache), so the folder loads anywhere, offline."""
     run = complete_run(run)
-    if run.get("spatial"):
-        raise SettingError("a run on stored maps (`spatial`) cannot be exported: a model folder scores images "
-                           "from pooled vectors, and computing the maps from images is not built")
     weights = run_weights_path(db_path, run["key"])
     if not weights.exists():
         raise FileNotFoundError(f"run {run['key'][:12]} kept no weights ({weights} is missing); train it again")
@@ -157,7 +153,8 @@ def write_model_folder(out: Path, run: dict, weights: Path, fingerprint: dict, m
                                                 "preprocess", "resample", "preprocessing", "compute_dtype")},
             tuning=Tuning(run.get("regime", "frozen"), run.get("lora_rank"), tuned),
             **backbone_source(out, run, fingerprint, bundle),
-            layers=list(run["layers"]) if run["layers"] else None),  # the head reads these stored layers
+            layers=list(run["layers"]) if run["layers"] else None,  # the head reads these stored layers
+            spatial=run.get("spatial")),
         head=HeadConfig(**{k: run[k] for k in ("head", "act1", "act2", "mask_k", "dropout", "keep", "l2norm")},
                         probe=run["curves"].get("probe"), fuse=run["fuse"] or None,
                         **{k: run.get(k) for k in ("prompts", "prompt_pairs", "template", "context")}),  # a text head's
@@ -209,7 +206,8 @@ def model_card(config: ModelConfig) -> str:
                      f"{', rank ' + str(b.tuning.lora_rank) if regime == 'lora' else ''}); its tuning is in this "
                      f"folder ({'adapter/, PEFT format' if regime == 'lora' else 'backbone.safetensors'}) and is applied on load.")
     if h.fuse:
-        notes.append(f"The head weighs the stored stages {b.layers} per image ({h.fuse} fusion) "
+        notes.append(f"The head weighs the stored stages {b.layers} per image ({h.fuse} fusion"
+                     f"{f', location by location on their {b.spatial} x {b.spatial} maps' if b.spatial else ''}) "
                      "before the head reads them; the weights come from the deepest stage.")
     if h.prompt_pairs is not None:
         learned = f", behind {h.context} context vectors learned per prompt (CLIP-IQA+)" if h.context else ""

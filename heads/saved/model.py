@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,21 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
         return self.head_inputs(self.embedder(self._inputs(images)).cpu())
 
     def head_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The columns of the backbone's output the head reads: all of them, or, for a head trained on
-        stored layers, the layers' vectors that follow the default embedding."""
-        return pooled[:, self.config.backbone.dim:] if self.config.backbone.layers else pooled
+        """The columns of the backbone's output the head reads: all of them; for a head trained on stored
+        layers, the layers' vectors that follow the default embedding; for one on their maps (`spatial`),
+        the maps, which follow the vectors (the layout `iqa extract` stores)."""
+        b = self.config.backbone
+        if b.spatial:
+            return pooled[:, -self.map_width:]
+        return pooled[:, b.dim:] if b.layers else pooled
+
+    @cached_property
+    def map_width(self) -> int:
+        """The columns of the layers' S x S maps: S * S * channels of each (one probe pass)."""
+        b, side = self.config.backbone, self.spec.resolution
+        probe = torch.zeros(1, 3, side, side, device=self.embedder.device)
+        channels = self.backbone.map_channels(probe)
+        return b.spatial ** 2 * sum(channels[n - 1] for n in b.layers)
 
     def unit_length(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input [B, D] from its columns: unit length for a model trained with --l2norm."""
@@ -269,7 +282,7 @@ def build_model(folder: Path, config: ModelConfig, device: str, source: str | No
     if b.layers:
         if family_of(backbone.spec).in_worker:
             raise ModelFolderError(f"{folder / CONFIG_FILE} names stored layers, but {b.key} computes fixed features with none")
-        backbone.use_layers(tuple(b.layers))
+        backbone.use_layers(tuple(b.layers), *([b.spatial] if b.spatial else []))  # maps: transformers towers only
     head, _ = load_head(folder / config.weights.file)
     dtype = getattr(torch, b.compute_dtype or "float32")
     return IqaModel(config, Embedder(backbone.spec, backbone, device, dtype), head.to(device), folder)
@@ -419,7 +432,9 @@ def reusable_store(model: IqaModel, cache: Path, dataset: str):
         return cached
     if not set(layers) <= set(cached.fingerprint.get("layers", [])):
         return None
-    return cached.select_layers(layers)  # what a head trained on stored layers reads
+    if b.spatial and cached.fingerprint.get("spatial") != b.spatial:
+        return None
+    return cached.select_layers(layers, b.spatial)  # what a head trained on stored layers (or their maps) reads
 
 
 def score_dataset(model: IqaModel, cache: Path, dataset: str, batch_size: int | None = None, workers: int = 2,

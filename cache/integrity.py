@@ -90,17 +90,22 @@ def _damage(store: EmbeddingStore, values: np.ndarray, broken: set[int], status:
     return damaged
 
 
-def repair_store(store: EmbeddingStore, manifest_paths: list[str]) -> dict[int, str]:
+def repair_store(store: EmbeddingStore, manifest_paths: list[str], chunks: set[int] | None = None) -> dict[int, str]:
     """Mark damaged done chunks undone (the next extraction recomputes exactly those) and rewrite
     the keys from the manifest; returns what was damaged. Damage in a layer or map array recomputes its
-    chunk whole, as damaged embeddings do."""
+    chunk whole, as damaged embeddings do. With `chunks` (a shard's own), only those are looked at: another
+    shard's chunk may be mid-write in another process (its rows written, its done mark not yet), which
+    reads as damage; its own shard repairs it."""
     rows = read_checked(store, manifest_paths, tuple(store.arrays))
+    damaged = dict(rows.damaged)
     if rows.keys_wrong:
         store.group["keys"][:] = np.array(manifest_paths, dtype=str)
-        if rows.damaged.get(0) == "keys do not match the manifest":
-            del rows.damaged[0]
-            rows.damaged[-1] = "keys rewritten from the manifest"
-    for chunk in rows.damaged:
+        if damaged.get(0) == "keys do not match the manifest":
+            del damaged[0]
+            damaged[-1] = "keys rewritten from the manifest"
+    if chunks is not None:
+        damaged = {chunk: why for chunk, why in damaged.items() if chunk < 0 or chunk in chunks}
+    for chunk in damaged:
         if chunk >= 0:
             store.group["chunk_done"][chunk] = 0
-    return rows.damaged
+    return damaged

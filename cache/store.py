@@ -224,9 +224,10 @@ class EmbeddingStore:
             return {}
         return changed_images(self.stamps(), root, manifest.paths, rehash)
 
-    def undo_chunks_of(self, rows) -> list[int]:
-        """Mark the chunks holding `rows` not done, so the next extraction recomputes them."""
-        chunks = sorted({int(row) // self.chunk_rows for row in rows})
+    def undo_chunks_of(self, rows, among: set[int] | None = None) -> list[int]:
+        """Mark the chunks holding `rows` not done (those `among` a shard's own, where given), so the next
+        extraction recomputes them."""
+        chunks = sorted({int(row) // self.chunk_rows for row in rows} & (among if among is not None else set(range(self.n_chunks))))
         for chunk in chunks:
             self.group["chunk_done"][chunk] = 0
         return chunks

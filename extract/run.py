@@ -357,9 +357,11 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
         store.group.attrs["checkpoint_resolution"] = model.checkpoint_side
     if store.layer_dims:  # the store's layers (a resumed or extended store's, in its order), and their maps
         model.use_layers(tuple(store.layer_dims), *([store.map_side] if store.map_side else []))
-    repaired = repair_store(store, manifest.paths)  # damaged done chunks become undone: this run recomputes them
-    changes = store.changed_images(manifest)
-    store.undo_chunks_of(changes)  # and so do chunks whose images changed
+    index, count = r.shard
+    own = set(range(index, store.n_chunks, count))  # the chunks this run computes: only these it repairs
+    repaired = repair_store(store, manifest.paths, own)  # damaged done chunks become undone: this run recomputes them
+    changes = {row: why for row, why in store.changed_images(manifest).items() if row // store.chunk_rows in own}
+    store.undo_chunks_of(changes, own)  # and so do chunks whose images changed
     row_width = store.row_width
     return Extraction(r, Path(manifest.image_root), manifest.paths, embedder, store, store.fingerprint, row_width, spec,
                       repaired, describe_changes(changes, manifest.paths) if changes else "")

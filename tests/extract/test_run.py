@@ -100,6 +100,25 @@ def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     assert reference.fingerprint_id == first.fingerprint_id
 
 
+def test_a_shard_repairs_only_its_own_chunks(tmp_path):
+    """Another shard's chunk can read as damaged while its process writes it (rows read before they are
+    written, its done mark after it is set); the shard that owns it repairs it, no other shard."""
+    from iqa.cache.store import PENDING
+
+    make_dataset(tmp_path, n=11)
+    common = dict(weights="tiny", chunk_rows=2, batch_size=2, **QUIET)
+    whole = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", **common), num_workers=0)
+    reference = load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings
+    store = EmbeddingStore(whole.store, mode="r+")
+    store.group["status"][0:4] = PENDING  # chunks 0 (shard 0 of 3's) and 1 (shard 1's): done, rows without a status
+    first = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", shard=(0, 3), **common), num_workers=0)
+    assert first.repaired.keys() == {0} and first.rows_computed == 2
+    assert [problem.split(":")[0] for problem in verify_store(whole.store)] == ["damaged"]  # chunk 1, left to its shard
+    second = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", shard=(1, 3), **common), num_workers=0)
+    assert second.repaired.keys() == {1} and verify_store(whole.store) == []
+    np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings, reference)
+
+
 KILLABLE = """
 import sys, time
 from pathlib import Path

@@ -6,11 +6,13 @@ together, `stack_size` at a time; each finished stack is committed to the result
 once, so a killed grid loses at most the stacks in flight and a re-run trains only what is missing.
 """
 
+import os
 from dataclasses import dataclass
 from itertools import groupby, product
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from iqa.cache.manifest import Manifest
@@ -22,11 +24,14 @@ from iqa.heads.models.probes import PROBES
 from iqa.cache.results import ResultsDB
 from iqa.heads.training.config import RunConfig, rows_digest, run_key
 from iqa.heads.training.selection import carve_validation
-from iqa.heads.training.trainer import Member, PoolCache, RunResult, StackData, train_stack
+from iqa.heads.training.trainer import Member, PoolCache, RunResult, StackData, TrainSettings, member_parameters, train_stack
 from iqa.heads.saved.weights import run_weights_path, save_head
 from iqa.errors import SettingError
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
+# What a member holds while it trains, per parameter: float32 weights, gradients and Adam's two moments (16 B), and
+# activations and temporaries (SMART-IQA's 270 M-parameter eq16 head on 7 x 7 maps peaked at 6.7 GB at batch 32).
+BYTES_PER_PARAMETER = 25
 
 
 class Cached(Protocol):
@@ -193,6 +198,13 @@ class GridInputs:
     def key(self, c: RunConfig) -> str:
         return run_key(c, self.fingerprint(c), rows_digest(*self.rows(c), *self.carved(c)))
 
+    def member_bytes(self, c: RunConfig) -> int:
+        """What one member of `c`'s stack holds while it trains (BYTES_PER_PARAMETER); probes fit in closed form: 0."""
+        if c.head in PROBES:
+            return 0
+        job = self.job([(c, "")])
+        return member_parameters(job.data, TrainSettings(**c.trainer_options())) * BYTES_PER_PARAMETER
+
     def job(self, stack: list[tuple[RunConfig, str]]) -> "StackJob":
         first = stack[0][0]
         train = self.cached(first.train_dataset, first.layers, first.spatial)
@@ -201,9 +213,10 @@ class GridInputs:
         return StackJob([(c, self.fingerprint(c), k) for c, k in stack], data, members)
 
 
-def stacks_of(pending: list[tuple[RunConfig, str]], inputs: GridInputs, size: int) -> list[list[tuple[RunConfig, str]]]:
+def stacks_of(pending: list[tuple[RunConfig, str]], inputs: GridInputs, size: int,
+              budget: int | None = None) -> list[list[tuple[RunConfig, str]]]:
     """The pending runs grouped by architecture and row counts (runs that agree on them can share a stack: rows
-    must be rectangular), `size` to a stack."""
+    must be rectangular), `size` to a stack, and no more than fit in `budget` bytes where given (one at least)."""
     def shape(run: tuple[RunConfig, str]) -> tuple:
         config = run[0]
         return (_stack_key(config), *map(len, inputs.rows(config)), *map(len, inputs.carved(config)))
@@ -211,8 +224,21 @@ def stacks_of(pending: list[tuple[RunConfig, str]], inputs: GridInputs, size: in
     stacks = []
     for _, group in groupby(sorted(pending, key=shape), key=shape):
         group = list(group)
-        stacks += [group[i : i + size] for i in range(0, len(group), size)]
+        member = inputs.member_bytes(group[0][0]) if budget is not None else 0
+        fits = min(size, max(1, budget // member)) if member else size
+        stacks += [group[i : i + fits] for i in range(0, len(group), fits)]
     return stacks
+
+
+def memory_budget(device: str) -> int | None:
+    """The bytes a stack may take: most of the GPU's free memory, half of this machine's for the CPU; None where
+    the device is not this machine's (a cuda device under Ray on a driver without one)."""
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.8)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def run_grid(
@@ -233,7 +259,8 @@ def run_grid(
     keys = [inputs.key(c) for c in configs]
     finished = db.finished_keys()
     pending = list(dict.fromkeys((c, k) for c, k in zip(configs, keys) if k not in finished))
-    stacks = stacks_of(pending, inputs, stack_size or STACK_SIZE.get(str(device).split(":")[0], 1))
+    default = STACK_SIZE.get(str(device).split(":")[0], 1)  # a --stack-size given is kept; the default fits the memory
+    stacks = stacks_of(pending, inputs, stack_size or default, None if stack_size else memory_budget(device))
     jobs = [inputs.job(stack) for stack in stacks]
     with tqdm(total=sum(c.epochs for c, _ in pending), unit="model-epoch", disable=not progress,
               desc=f"runs 0/{len(pending)}") as bar:

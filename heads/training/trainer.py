@@ -375,6 +375,15 @@ class StackTraining:
     diverged_epoch: list[int | None]
 
 
+def member_parameters(data: StackData, settings: TrainSettings) -> int:
+    """The parameters of one member of a stack over `data`, its head built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = make_stack(np.shape(data.x_train)[1], [0], settings.act1, settings.act2, [100.0], settings.dropout, [1.0],
+                           settings.hidden, settings.fuse, data.stages, data.content_columns, settings.hyper_target,
+                           settings.spatial)
+    return sum(p.numel() for p in model.parameters())
+
+
 def start_training(on: DeviceData, members: list[Member], settings: TrainSettings, stages, content,
                    pools: PoolCache | None) -> StackTraining:
     """The stack built, its optimiser and schedule set, its pools masked; nothing trained yet."""

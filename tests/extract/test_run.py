@@ -88,13 +88,22 @@ def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     assert first.chunks_written == 2 and first.chunks_missing == 4
     assert verify_store(first.store) == ["incomplete: 4 of 6 chunks not written"]
     assert CliRunner().invoke(app, ["cache", "verify", "--cache", str(tmp_path)]).exit_code == 1
-    threads = [threading.Thread(target=extract_dataset, args=(ExtractRequest(tmp_path, "toy", "dinov2", shard=(i, 3), **common),),
-                                kwargs=dict(num_workers=0)) for i in (1, 2)]
+    summaries = {}
+
+    def shard(i):
+        try:
+            summaries[i] = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", shard=(i, 3), **common), num_workers=0)
+        except Exception as error:  # a thread's exception would otherwise pass unseen
+            summaries[i] = error
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert verify_store(first.store) == []
+    done = EmbeddingStore(first.store).done_chunks()
+    described = {i: s if isinstance(s, Exception) else (s.chunks_written, s.repaired, s.changed) for i, s in summaries.items()}
+    assert verify_store(first.store) == [], (done, described)
     np.testing.assert_array_equal(load_cached(tmp_path, "toy", "dinov2", tag="tiny").embeddings,
                                   load_cached(tmp_path, "toy", "dinov2", tag="one").embeddings)
     assert reference.fingerprint_id == first.fingerprint_id

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import iqa.heads.training.grid as grid
 from iqa.data.splits import split_indices
@@ -203,3 +204,29 @@ def test_one_training_set_against_several_test_sets_in_one_call():
         dataset_pairs([], ["a", "b"], ["c", "d", "e"])
     with pytest.raises(ValueError, match="give dataset"):
         dataset_pairs([], [], [])
+
+
+def test_default_stacks_hold_no_more_members_than_fit_in_memory_and_train_the_same(tmp_path, monkeypatch):
+    """Without --stack-size, a stack holds as many members as the device's memory takes (its parameters built on
+    the meta device, BYTES_PER_PARAMETER each); members train as if alone, so the split changes no number."""
+    from iqa.heads.training.trainer import make_stack
+
+    caches = {"clive": fake_cache("clive")}
+    configs = [c for c in small_grid() if c.head == "sig"]  # 4 seeds of one head: one shape
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in make_stack(caches["clive"].embeddings.shape[1], [0], *grid.HEADS["sig"],
+                                                       [100.0], None, [1.0]).parameters())
+    budget = grid.memory_budget
+    assert budget("cpu") > 0 and budget("cuda") is None  # no GPU here (under Ray, the workers' devices decide)
+    calls = []
+    real_train = grid.train_stack
+    monkeypatch.setattr(grid, "train_stack", lambda data, members, *a, **k: calls.append(len(members)) or real_train(data, members, *a, **k))
+    monkeypatch.setattr(grid, "STACK_SIZE", {"cpu": 4})
+    monkeypatch.setattr(grid, "memory_budget", lambda device: int(2.5 * parameters * grid.BYTES_PER_PARAMETER))
+    fitted = run_grid(configs, caches.__getitem__, ResultsDB(tmp_path / "fitted.sqlite"), progress=False)
+    assert calls == [2, 2]  # two members fit, not the device's default four
+    calls.clear()
+    given = run_grid(configs, caches.__getitem__, ResultsDB(tmp_path / "given.sqlite"), stack_size=4, progress=False)
+    assert calls == [4]  # a --stack-size given is kept
+    assert [(r["key"], r["best_srcc"], r["curves"]["srcc"]) for r in fitted] == [
+        (r["key"], r["best_srcc"], r["curves"]["srcc"]) for r in given]

@@ -42,7 +42,9 @@ _INIT_LOCK = threading.Lock()  # seeded init uses the global RNG: one build at a
 
 @contextmanager
 def seeded_init():
-    """Random weights that are the same in every process: a fixed seed, the caller's RNG left as it was."""
+    """Random weights that are the same in every process: a fixed seed, the caller's RNG left as it was. The
+    seed is torch's global generator's, so nothing may draw from it in another thread meanwhile: iqa's own
+    loaders draw from generators of their own."""
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         yield

@@ -387,11 +387,14 @@ def extract_dataset(request: ExtractRequest, device: str = "cpu", num_workers: i
     store = job.store
     extending = set(store.extension_todo())
     batches = chunk_batches(store, job.todo(), request.batch_size or default_batch_size(device))
+    # The loader's base seed comes from a generator of its own: a draw from torch's global one would shift the
+    # random weights another thread may be building at that moment (`seeded_init`), and with them its fingerprint.
     loader = DataLoader(
         ImageRows(job.image_root, job.paths, job.spec),
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.startswith("cuda"),
+        generator=torch.Generator(),
     )
     start = time.perf_counter()
     rows_computed, chunks_written = 0, 0

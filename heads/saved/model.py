@@ -369,7 +369,8 @@ def score_files(model: IqaModel, paths: list[Path], batch_size: int | None = Non
     if not paths:
         raise ValueError("no images to score: the files and folders given hold none (.jpg, .png, ...)")
     rows = ImageRows(Path("/"), [str(Path(p).resolve()) for p in paths], model.spec)
-    loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers)
+    loader = DataLoader(rows, batch_size=batch_size or default_batch_size(model.embedder.device), num_workers=workers,
+                        generator=torch.Generator())  # not torch's global one: see extract_dataset
     out: list[Scored] = []
     width = model.embedder(rows.blank[None]).shape[1]  # the default embedding, then any stored layers
     for index, inputs, reasons, _ in tqdm(loader, total=len(loader), unit="batch", disable=not progress, desc="scoring"):

@@ -109,6 +109,17 @@ def test_shards_fill_one_store_concurrently_and_match_one_process(tmp_path):
     assert reference.fingerprint_id == first.fingerprint_id
 
 
+def test_extraction_draws_nothing_from_torch_s_global_generator(tmp_path):
+    """Random weights are built from torch's global generator under a fixed seed (`seeded_init`): a draw from it
+    in another thread meanwhile (a loader's base seed) gave a concurrent shard other weights, so its fingerprint
+    was refused."""
+    make_dataset(tmp_path, n=4)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    summary = extract_dataset(ExtractRequest(tmp_path, "toy", "dinov2", weights="tiny", **QUIET), num_workers=0)
+    assert summary.ok and torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_a_shard_repairs_only_its_own_chunks(tmp_path):
     """Another shard's chunk can read as damaged while its process writes it (rows read before they are
     written, its done mark after it is set); the shard that owns it repairs it, no other shard."""

@@ -374,7 +374,7 @@ def extract(
 
 @cache_app.command("ls")
 def cache_ls(cache: CacheOption = None, json_lines: JsonOption = False) -> None:
-    """Every store in the cache: rows, dimension, progress, unreadable images, fingerprint."""
+    """Every store in the cache: rows, dimension, stored layers and maps, progress, unreadable images, fingerprint."""
     from dataclasses import asdict
 
     from iqa.cache.listing import describe_store, store_dirs
@@ -390,8 +390,10 @@ def cache_ls(cache: CacheOption = None, json_lines: JsonOption = False) -> None:
         if json_lines:
             typer.echo(json.dumps({**asdict(info), "path": str(info.path), "invalid": [list(i) for i in info.invalid]}))
             continue
+        layers = f"  layers {','.join(map(str, info.layers))}" if info.layers else ""
+        maps = f" with {info.map_side} x {info.map_side} maps" if info.map_side else ""
         typer.echo(
-            f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}  "
+            f"{info.dataset}/{info.path.name}  {info.rows} x {info.dim} {info.dtype}{layers}{maps}  "
             f"chunks {info.chunks_done}/{info.chunks_total}  unreadable {len(info.invalid)}  {info.fingerprint_id}"
         )
     if damaged:

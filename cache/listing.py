@@ -19,6 +19,8 @@ class StoreInfo:
     chunks_total: int
     invalid: list[tuple[str, str]]  # (image key, reason)
     fingerprint_id: str
+    layers: list[int]  # stored layers (`iqa extract --layers`), in the store's order
+    map_side: int | None  # their S x S maps' side (`--spatial`), None without maps
 
 
 def describe_store(path: Path) -> StoreInfo:
@@ -34,6 +36,7 @@ def describe_store(path: Path) -> StoreInfo:
         rows=store.n_rows, dim=store.dim, dtype=str(store.embeddings.dtype),
         chunks_done=chunks_done, chunks_total=store.n_chunks,
         invalid=invalid, fingerprint_id=fingerprint_id(store.fingerprint),
+        layers=list(store.layer_dims), map_side=store.map_side,
     )
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET, make_dataset
+from helpers import QUIET, iqa, make_dataset
 from typer.testing import CliRunner
 
 from iqa.cache.load import load_cached, load_layer, read_maps
@@ -51,6 +51,10 @@ def test_stored_maps_equal_the_stage_outputs_pooled_by_hand(tmp_path, key, side,
         np.testing.assert_array_equal(load_layer(tmp_path, "toy", key, n, tag="tiny"),
                                       load_layer(tmp_path, "toy", key, n, tag="plain"))
     assert verify_store(store.path) == []
+    listed = {line.split()[0]: line for line in iqa("cache", "ls", "--cache", tmp_path).stdout.splitlines()}
+    all_layers = ",".join(map(str, layers))
+    assert f"layers {all_layers} with {side} x {side} maps" in listed[f"toy/{key}@tiny.zarr"]
+    assert f"layers {all_layers}  chunks" in listed[f"toy/{key}@plain.zarr"]
 
 
 def test_maps_are_added_in_place_resume_after_a_kill_and_keep_every_key(tmp_path, monkeypatch, one_thread):

@@ -68,16 +68,11 @@ StoresOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object per line.")]
 
 
-def resolve_device(device: str) -> str:
-    """`auto` is the GPU when torch sees one, else the CPU. Other device names pass as given: with
-    `--engine ray` the device is the workers', which the driver may not have."""
+def device_name(device: str) -> str:
+    """--device as parsed: a device's name, checked without torch (which `chosen_device` imports later)."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         fail(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 MlflowOption = Annotated[Optional[str], typer.Option(
@@ -105,7 +100,7 @@ WeightsOption = Annotated[WEIGHTS, typer.Option(
     "--weights", help="pretrained (the registry's checkpoint, or --model), random-init (full-size architecture, "
     "random weights) or tiny (a tiny random model of the same class).")]
 DeviceOption = Annotated[
-    str, typer.Option("--device", callback=resolve_device, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
+    str, typer.Option("--device", callback=device_name, help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N.")
 ]
 EngineHelp = "local, or ray ({}; pip install 'iqa\\[ray]')."  # \\[: a literal bracket in the help's markup
 
@@ -133,14 +128,18 @@ def parse_seeds(seeds: str) -> list[int]:
     return values
 
 
-def check_device(device: str, engine: str = "local") -> None:
-    """A CUDA device on a machine without one ends the command before anything is loaded or removed
-    (with --engine ray the device is the workers', which this machine may lack)."""
-    if engine == "local" and device.startswith("cuda"):
+def chosen_device(device: str, engine: str = "local") -> str:
+    """The device a command runs on, once its own arguments are checked (torch imports in seconds): `auto` is
+    the GPU when torch sees one, else the CPU. A CUDA device on a machine without one ends the command before
+    anything is loaded or removed; with --engine ray the device is the workers', which this machine may lack."""
+    if device == "auto" or (engine == "local" and device.startswith("cuda")):
         import torch
 
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
         if not torch.cuda.is_available():
             fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    return device
 
 
 def cannot_write(where, error: OSError) -> None:
@@ -335,7 +334,7 @@ def extract(
     check_engine(engine)
     if engine == "local" and (actors is not None or gpus_per_actor != 1.0):
         fail("--actors and --gpus-per-actor are for --engine ray")
-    check_device(device, engine)
+    device = chosen_device(device, engine)
     from iqa.cache.location import store_root
     from iqa.extract.run import ExtractRequest, extract_dataset
 
@@ -505,6 +504,7 @@ def head_command(
     mlflow: MlflowOption = None,
 ) -> None:
     """Train head grids on cached embeddings; finished runs in the results database are skipped."""
+    seed_list, mask_ks, keeps = tuple(parse_seeds(seeds)), parse_numbers(mask_k, "--mask-k"), parse_numbers(keep, "--keep")
     from iqa.heads.report.run_listing import run_summary
     from iqa.heads.report.tables import results_table, small_test_warning
     from iqa.heads.training.grid_request import GridRequest, train_grid
@@ -512,13 +512,12 @@ def head_command(
     request = GridRequest(
         backbone, datasets=tuple(_csv(dataset)), train=tuple(_csv(train)), test=tuple(_csv(test)),
         heads=tuple(_csv([act])), act_pairs=tuple(tuple(_csv([pair])) for pair in act_pair),
-        seeds=tuple(parse_seeds(seeds)), mask_ks=parse_numbers(mask_k, "--mask-k"), dropout=dropout,
-        keeps=parse_numbers(keep, "--keep"), epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, split_by=split_by,
+        seeds=seed_list, mask_ks=mask_ks, dropout=dropout, keeps=keeps, epochs=epochs, lr=lr, batch_size=batch, micro_batch=micro_batch, split_by=split_by,
         loss=loss, optimizer=optimizer, weight_decay=weight_decay, standardize=standardize, l2norm=l2norm,
         select=select, val_fraction=val_fraction, layer=layer, layers=layers, fuse=fuse, dtype=dtype, tag=tag,
         stack_size=stack_size, knn_k=knn_k, hyper_target=hyper_target, spatial=spatial,
     )
-    check_device(device, engine)
+    device = chosen_device(device, engine)
     records = train_grid(request, cache_dir(cache), device, db, stores, allow_partial, engine, address)
     if mlflow:
         log_to_mlflow(records, db, cache_dir(cache), mlflow)
@@ -645,7 +644,7 @@ def score_command(
         fail("give image files or folders, or --dataset D (one of the two)")
     if out is not None:  # refused before the model is loaded and the images scored
         replaceable_file(out, is_scores_file, "--out")
-    loaded = load_model(model, device, base)
+    loaded = load_model(model, chosen_device(device), base)
     if dataset:
         scored, source = score_dataset(loaded, cache_dir(cache), dataset, batch_size, workers, progress=out is not None)
         typer.echo(f"{dataset}: scored from its {'embedding store' if source == 'store' else 'images'}", err=True)
@@ -702,7 +701,7 @@ def zeroshot_command(
     from iqa.heads.zeroshot.runs import run_learned, run_zeroshot, sweep_table
 
     root = cache_dir(cache)
-    check_device(device)
+    device = chosen_device(device)
     given = {k: v for k, v in dict(context=context, epochs=epochs, lr=lr, batch_size=batch_size, loss=loss,
                                    select=select).items() if v is not None}
     if given and not learn_prompts:
@@ -737,7 +736,7 @@ def demo(
     root = cache_dir(cache)
     typer.echo(f"iqa demo: everything goes under {root}")
     try:
-        result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=device, tsne=not no_tsne)
+        result = run_demo(root, tuple(parse_seeds(seeds)), epochs=epochs, device=chosen_device(device), tsne=not no_tsne)
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # FingerprintMismatch: a store of other images
         fail(message(error))
     except OSError as error:
@@ -773,6 +772,7 @@ def report_command(
     results_db = existing_db(db, root)
     runs = existing_runs(results_db)
     backbones = _csv([profile]) if profile is not None else default_profile(runs)
+    device = chosen_device(device)
     explained = _explained_models(explain, explain_set, root, device) if explain else None
     pairs = [tuple(_csv([p])) for p in paired]
     if any(len(p) != 2 for p in pairs):
@@ -793,7 +793,6 @@ def _explained_models(explain: str, grid_set: Path | None, cache: Path, device: 
     """`--explain`'s model folders loaded (a bad one is one error line, before any report is built)."""
     from iqa.heads.report.explanations import load_explained
 
-    check_device(device)
     return load_explained([Path(f) for f in _csv([explain])], cache, grid_set, device)
 
 
@@ -849,7 +848,7 @@ def finetune_command(
     from iqa.cache.results import ResultsDB
 
     check_engine(engine)
-    check_device(device, engine)
+    device = chosen_device(device, engine)
     root = cache_dir(cache)
     pairs = [tuple(_csv([p])) for p in act_pair]
     if any(len(p) != 2 for p in pairs):
@@ -929,6 +928,7 @@ def explain_command(
     request = ExplainRequest(tuple(inputs), method=method, target=target, compare=tuple(map(Path, _csv([compare or ""]))),
                              bands=bands, backbone=backbone, model=model, weights=weights, evaluate=evaluate,
                              deletion_fill=deletion_fill)
+    device = chosen_device(device)
     if evaluate:
         try:
             result = evaluate_maps(request, cache_dir(cache), grid_set, device, out)

@@ -3,15 +3,19 @@
 import torch
 from typer.testing import CliRunner
 
-from iqa.cli import app, resolve_device
+from iqa.cli import app, chosen_device
+from helpers import one_error_line
 
 
 def test_auto_device_follows_what_torch_sees_and_named_devices_pass_through(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
+    assert chosen_device("auto") == "cpu"
+    assert chosen_device("cuda:1", engine="ray") == "cuda:1"  # the workers' device, not this machine's
+    one_error_line(CliRunner().invoke(app, ["score", "m", "x.png", "--device", "cuda"]), "--device cuda: torch sees no CUDA GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda"
-    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    assert chosen_device("auto") == "cuda"
+    assert chosen_device("cuda:1") == "cuda:1" and chosen_device("cpu") == "cpu"
+    one_error_line(CliRunner().invoke(app, ["score", "m", "x.png", "--device", "gpu"]), "--device 'gpu' is not a device")
 
 
 def test_bad_seeds_end_each_command_in_one_line_before_any_work(tmp_path):

@@ -30,6 +30,8 @@ def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     (["--version"], 0),
     (["head", "--backbone", "nss", "--epochs", "x"], 2),  # an argument error
     (["extract", "--backbone", "nss", "--dataset", "d", "--weights", "x"], 2),
+    (["extract", "--backbone", "nss", "--dataset", "d", "--shard", "1"], 1),  # checked by the command, before torch
+    (["head", "--backbone", "nss", "--seeds", "8,8"], 1),
 ])
 def test_help_version_and_argument_errors_import_no_heavy_library(args, code):
     done, imported = run_cli(*args)

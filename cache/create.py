@@ -14,7 +14,7 @@ from iqa.cache.atomic import remove_stale
 from iqa.cache.location import is_url
 from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.store import (DEFAULT_CHUNK_ROWS, LAYER_POOLING, PENDING, STORE_FORMAT, EmbeddingStore, FingerprintMismatch,
-                             create_row_arrays, fingerprint_difference, fingerprint_id, layer_array, map_array)
+                             GROWN_FIELDS, create_row_arrays, fingerprint_difference, fingerprint_id, row_arrays)
 
 
 def _create(path: Path | str, fingerprint: dict, keys: list[str], dim: int, dtype: str, chunk_rows: int,
@@ -58,14 +58,13 @@ def open_for_writing(
     layer_dims, map_channels = layer_dims or {}, map_channels or {}
     if dtype not in ("float16", "float32"):
         raise ValueError(f"store dtype must be float16 or float32, got {dtype!r}")
-    maps = {map_array(n): map_side**2 * map_channels[n] for n in layer_dims} if map_side else {}
-    arrays = {layer_array(n): width for n, width in layer_dims.items()} | maps
+    arrays = row_arrays(layer_dims, {n: map_side**2 * map_channels[n] for n in layer_dims} if map_side else {})
     if is_url(path):
         _create_remote(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, arrays)
     else:
         _create_local(path, fingerprint, keys, dim, dtype, chunk_rows, overwrite, arrays)
     store = EmbeddingStore(path, mode="r+")
-    grown = ("layers:", "spatial:")  # added in place below, or kept from the store
+    grown = tuple(f"{field}:" for field in GROWN_FIELDS)  # added in place below, or kept from the store
     different = [d for d in fingerprint_difference(store.fingerprint, fingerprint) if not d.startswith(grown)]
     if map_side and store.map_side not in (None, map_side):
         different.append(f"spatial: store has {store.map_side} x {store.map_side} maps, now {map_side} x {map_side}")

@@ -48,6 +48,7 @@ import numpy as np
 import zarr
 
 from iqa.cache.location import backbone_label, dataset_dir, is_url, plain_name
+from iqa.errors import SettingError
 from iqa.cache.manifest import Manifest
 from iqa.cache.stamps import WIDTH as STAMP_WIDTH
 from iqa.cache.stamps import changed_images
@@ -144,7 +145,7 @@ class EmbeddingStore:
     def arrays(self) -> dict[str, int]:
         """The row-aligned arrays beside `embeddings` (name -> width) in the order a written row holds them:
         each layer's vector, then each layer's map."""
-        return {layer_array(n): w for n, w in self.layer_dims.items()} | {map_array(n): w for n, w in self.map_dims.items()}
+        return row_arrays(self.layer_dims, self.map_dims)
 
     def _extending_arrays(self) -> set[str]:
         return {layer_array(e) if isinstance(e, int) else e for e in self.extending}
@@ -174,8 +175,7 @@ class EmbeddingStore:
                 f"new layers to finish that, then add {list(layer_dims)}")
         check_layer_pooling(self, "iqa extract ...")  # new layers beside old-rule ones would mix two rules
         map_dims = map_dims or {}
-        new = {layer_array(n): w for n, w in layer_dims.items()} | {map_array(n): w for n, w in map_dims.items()}
-        create_row_arrays(self.group, new, self.n_rows, self.chunk_rows, self.embeddings.dtype, overwrite=True)
+        create_row_arrays(self.group, row_arrays(layer_dims, map_dims), self.n_rows, self.chunk_rows, self.embeddings.dtype, overwrite=True)
         self.group.create_array("extension_done", shape=(self.n_chunks,), dtype="uint8", chunks=(1,), fill_value=0,
                                 overwrite=True)
         fingerprint = {**self.fingerprint, "layers": list(self.layer_dims) + list(layer_dims),
@@ -307,6 +307,18 @@ def layer_array(layer: int) -> str:
 
 def map_array(layer: int) -> str:
     return f"map{layer}"
+
+
+def row_arrays(layer_dims: dict[int, int], map_dims: dict[int, int]) -> dict[str, int]:
+    """Array name -> width for layers' vectors (layer -> width) then their maps (layer -> S*S*C), as rows hold them."""
+    return {layer_array(n): w for n, w in layer_dims.items()} | {map_array(n): w for n, w in map_dims.items()}
+
+
+def check_map_side(side) -> int:
+    """`spatial`, the side of the stored maps: a positive whole number (SMART-IQA's 7)."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+        raise SettingError(f"`spatial` is the maps' side, a positive whole number (SMART-IQA's 7); got {side!r}")
+    return side
 
 
 def create_row_arrays(group, widths: dict[str, int], n_rows: int, chunk_rows: int, dtype, overwrite: bool = False) -> None:

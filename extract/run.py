@@ -22,7 +22,7 @@ from tqdm import tqdm
 from iqa.cache.stamps import describe_changes
 from iqa.cache.create import open_for_writing
 from iqa.cache.integrity import repair_store
-from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, fingerprint_id, store_path
+from iqa.cache.store import DEFAULT_CHUNK_ROWS, EmbeddingStore, check_map_side, fingerprint_id, store_path
 from iqa.cache.manifest import manifest_checksum, read_manifest
 from iqa.extract.backbones import PooledBackbone, checkpoint_tag, family_of, load_backbone, weights_sha256
 from iqa.extract.preprocess import decode_image, normalise, recipe, resize_uint8
@@ -235,8 +235,7 @@ class ExtractRequest:
         if self.source is not None and self.weights != "pretrained":
             raise SettingError(f"`model` gives pretrained weights; `weights` {self.weights} builds random ones: give one")
         if self.spatial is not None:
-            if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
-                raise SettingError(f"`spatial` is the maps' side, a positive whole number (SMART-IQA's 7); got {self.spatial!r}")
+            check_map_side(self.spatial)
             if self.layers is None:
                 raise SettingError("`spatial` keeps the map of each stored layer: give `layers` with it, e.g. `layers` 4,3,2,1")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from iqa.heads.models.fusion import check_fusion, fusion_recipe
-from iqa.cache.store import LAYER_POOLING, MAP_POOLING
+from iqa.cache.store import LAYER_POOLING, MAP_POOLING, check_map_side
 from iqa.heads.training.loss import LOSSES, MARGIN_SCALE, loss_recipe
 from iqa.heads.models.hyper import HYPER, check_hyper_target, hyper_recipe
 from iqa.heads.models.mlp import HIDDEN
@@ -108,8 +108,7 @@ class RunConfig:
             if self.fuse is None:
                 raise SettingError("`spatial` feeds the stored layers' maps to a fusion (SMART-IQA Eq. 4-10): give `layers` "
                                    "and `fuse` with it, e.g. `layers` 4,3,2,1 `fuse` smart")
-            if isinstance(self.spatial, bool) or not isinstance(self.spatial, int) or self.spatial < 1:
-                raise SettingError(f"`spatial` is the stored maps' side, a positive whole number (7); got {self.spatial!r}")
+            check_map_side(self.spatial)
 
     def to_dict(self) -> dict:
         """What the results database stores and the key hashes: the fields, the optional ones (OPTIONAL_FIELDS)

@@ -202,8 +202,10 @@ class GridInputs:
         """What one member of `c`'s stack holds while it trains (BYTES_PER_PARAMETER); probes fit in closed form: 0."""
         if c.head in PROBES:
             return 0
-        job = self.job([(c, "")])
-        return member_parameters(job.data, TrainSettings(**c.trainer_options())) * BYTES_PER_PARAMETER
+        train = self.cached(c.train_dataset, c.layers, c.spatial)
+        stages, content = head_geometry(c, train)
+        return member_parameters(train.embeddings.shape[1], TrainSettings(**c.trainer_options()), stages,
+                                 content) * BYTES_PER_PARAMETER
 
     def job(self, stack: list[tuple[RunConfig, str]]) -> "StackJob":
         first = stack[0][0]
@@ -307,8 +309,7 @@ def stack_inputs(
         test.manifest.targets,
         np.stack([test_rows for _, test_rows in rows]),
         val_rows,
-        train.stages if configs[0].fuse is not None else None,
-        content_columns(configs[0], train),
+        *head_geometry(configs[0], train),
     )
     return data, [Member(c.seed, c.mask_k, c.keep, c.lr, c.milestones) for c in configs]
 
@@ -319,6 +320,12 @@ def as_read(config: RunConfig, train: Cached, test: Cached) -> tuple[Cached, Cac
         return train, test
     chosen = train.select_layers(config.layers, config.spatial)
     return chosen, chosen if test is train else test.select_layers(config.layers, config.spatial)
+
+
+def head_geometry(config: RunConfig, train: Cached) -> tuple[tuple[tuple[int, int], ...] | None, tuple[int, int] | None]:
+    """What the head of `config` is built over besides its width: the stages a fusion splits its input into, and
+    the columns a hyper-network reads (`content_columns`)."""
+    return (train.stages if config.fuse is not None else None), content_columns(config, train)
 
 
 def content_columns(config: RunConfig, train: Cached) -> tuple[int, int] | None:

@@ -375,12 +375,17 @@ class StackTraining:
     diverged_epoch: list[int | None]
 
 
-def member_parameters(data: StackData, settings: TrainSettings) -> int:
-    """The parameters of one member of a stack over `data`, its head built on the meta device (nothing allocated)."""
+def settings_stack(in_dim: int, members: list[Member], settings: TrainSettings, stages, content):
+    """The stacked head of `members` as `settings` build it over `in_dim` inputs (`make_stack`)."""
+    return make_stack(in_dim, [m.seed for m in members], settings.act1, settings.act2, [m.mask_k for m in members],
+                      settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content,
+                      settings.hyper_target, settings.spatial)
+
+
+def member_parameters(in_dim: int, settings: TrainSettings, stages, content) -> int:
+    """The parameters of one member of such a stack, its head built on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = make_stack(np.shape(data.x_train)[1], [0], settings.act1, settings.act2, [100.0], settings.dropout, [1.0],
-                           settings.hidden, settings.fuse, data.stages, data.content_columns, settings.hyper_target,
-                           settings.spatial)
+        model = settings_stack(in_dim, [Member(0)], settings, stages, content)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -388,11 +393,7 @@ def start_training(on: DeviceData, members: list[Member], settings: TrainSetting
                    pools: PoolCache | None) -> StackTraining:
     """The stack built, its optimiser and schedule set, its pools masked; nothing trained yet."""
     device = on.x_train.device
-    model = make_stack(
-        on.x_train.shape[1], [m.seed for m in members], settings.act1, settings.act2, [m.mask_k for m in members],
-        settings.dropout, [m.keep for m in members], settings.hidden, settings.fuse, stages, content, settings.hyper_target,
-        settings.spatial,
-    ).to(device)
+    model = settings_stack(on.x_train.shape[1], members, settings, stages, content).to(device)
     optimizer = _stack_optimizer(model, members, settings.optimizer, settings.weight_decay)
     scheduler = make_scheduler(optimizer, members[0].milestones)
     statistics = train_statistics(on.x_train, on.train_rows) if settings.standardize else None

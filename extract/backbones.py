@@ -242,16 +242,12 @@ class VisionTower(PooledBackbone):
     def _layer_states(self, outputs, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return layer_states(outputs, pixel_values.shape[-1] if self.spec.stride_stages else None)
 
-    def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
-        """The width of every layer's pooled vector (one probe pass); its length is the layer count."""
+    def layer_sizes(self, pixel_values: torch.Tensor) -> list[tuple[int, int]]:
+        """(the width of its pooled vector, the channels of its map) for every layer, from one probe pass;
+        the list's length is the layer count."""
         with torch.inference_mode():
-            return [pool_layer(s, self.prefix_tokens, None, self.spec.class_token).shape[1]
-                    for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
-
-    def map_channels(self, pixel_values: torch.Tensor) -> list[int]:
-        """The channels of every layer's map (`layer_map`, one probe pass)."""
-        with torch.inference_mode():
-            return [layer_map(s, self.prefix_tokens, None, 1).shape[1]
+            return [(pool_layer(s, self.prefix_tokens, None, self.spec.class_token).shape[1],
+                     layer_map(s, self.prefix_tokens, None, 1).shape[1])
                     for s in self._layer_states(self._outputs(pixel_values, hidden=True), pixel_values)]
 
     def use_layers(self, layers: tuple[int, ...], map_side: int | None = None) -> None:
@@ -319,8 +315,9 @@ class TimmTapped(PooledBackbone):
         unused = model.model.model.blocks[model.spec.tap_block + 1:]
         return super().parameters_used(model) - sum(p.numel() for p in unused.parameters())
 
-    def layer_widths(self, pixel_values: torch.Tensor) -> list[int]:
-        return self.model.layer_widths()
+    def layer_sizes(self, pixel_values: torch.Tensor) -> list[tuple[int, None]]:
+        """(the width of its pooled vector, None: no maps are stored of a timm tower's layers) for every layer."""
+        return [(width, None) for width in self.model.layer_widths()]
 
     def use_layers(self, layers: tuple[int, ...]) -> None:
         self.layers = tuple(layers)

@@ -333,11 +333,10 @@ def open_extraction(request: ExtractRequest, device: str, compute_dtype: torch.d
                 raise SettingError(f"`layer_pool` {r.layer_pool} is for the timm tower (perception); {spec.key}'s "
                                    "layers are pooled by the store's rule")
             model.use_layer_pool(r.layer_pool)
-        pixels = normalise(probe, spec.mean, spec.std).to(device)
-        widths = model.layer_widths(pixels)
-        layer_dims = {n: widths[n - 1] for n in parse_layers(r.layers, len(widths))}
-        if family_of(spec).layer_maps:  # a store with maps gives new layers maps too, asked for or not
-            map_channels = dict(enumerate(model.map_channels(pixels), start=1))
+        sizes = model.layer_sizes(normalise(probe, spec.mean, spec.std).to(device))
+        layer_dims = {n: sizes[n - 1][0] for n in parse_layers(r.layers, len(sizes))}
+        # every layer's map channels: a store with maps gives new layers maps too, asked for or not
+        map_channels = {n: channels for n, (_, channels) in enumerate(sizes, start=1) if channels is not None}
     fingerprint = make_fingerprint(
         spec, model, weights, dim, compute_dtype, r.store_dtype, manifest_checksum(r.cache, r.dataset), tuned
     )

@@ -91,8 +91,8 @@ class IqaModel(nn.Module, ModelHubMixin, library_name="iqa", tags=["image-qualit
         """The columns of the layers' S x S maps: S * S * channels of each (one probe pass)."""
         b, side = self.config.backbone, self.spec.resolution
         probe = torch.zeros(1, 3, side, side, device=self.embedder.device)
-        channels = self.backbone.map_channels(probe)
-        return b.spatial ** 2 * sum(channels[n - 1] for n in b.layers)
+        sizes = self.backbone.layer_sizes(probe)
+        return b.spatial ** 2 * sum(sizes[n - 1][1] for n in b.layers)
 
     def unit_length(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input [B, D] from its columns: unit length for a model trained with --l2norm."""

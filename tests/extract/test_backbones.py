@@ -67,7 +67,7 @@ def test_full_size_life_iqa_configs_match_the_published_models(key, millions, st
     model = load_backbone(get_spec(key), weights="random-init")
     assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - millions) < 0.05
     with torch.no_grad():
-        assert model.layer_widths(batch(224, n=1)) == stages  # the four stages' widths at strides 4-32
+        assert model.layer_sizes(batch(224, n=1)) == [(w, w) for w in stages]  # the four stages' widths at strides 4-32, maps as wide
 
 
 def test_local_directory_loads_offline(tmp_path):

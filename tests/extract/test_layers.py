@@ -105,7 +105,7 @@ def test_perception_layers_reach_past_the_tap_and_the_default_stays_timms_head_o
     assert torch.equal(default, tapped) and torch.equal(layered[:, :16], tapped)
     pooled = [torch.cat([b[:, 1:].mean(1), b[:, 0]], 1) for b in (blocks[2], blocks[0])]  # patch mean, then CLS
     torch.testing.assert_close(layered[:, 16:], torch.cat(pooled, 1))
-    assert backbone.layer_widths(x) == [64, 64, 64]  # width 32: the mean and the class token
+    assert backbone.layer_sizes(x) == [(64, None)] * 3  # width 32: the mean and the class token; no maps
 
 
 def test_layer_list_keeps_the_default_embedding_and_only_named_layers(tmp_path, one_thread):

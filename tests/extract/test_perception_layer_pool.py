@@ -31,7 +31,7 @@ def test_each_layer_goes_through_the_default_embeddings_head(one_thread):
         stored = backbone(x)
         by_hand = [tower.forward_head(tower.norm(blocks[n - 1])) for n in (3, 1, 2)]
     width = by_hand[0].shape[1]
-    assert backbone.layer_widths(x) == [width] * 3
+    assert backbone.layer_sizes(x) == [(width, None)] * 3
     torch.testing.assert_close(stored[:, width:], torch.cat(by_hand, 1))
     torch.testing.assert_close(stored[:, -width:], stored[:, :width])  # layer 2 = block 2 through the head = the default
 

@@ -132,13 +132,14 @@ def chosen_device(device: str, engine: str = "local") -> str:
     """The device a command runs on, once its own arguments are checked (torch imports in seconds): `auto` is
     the GPU when torch sees one, else the CPU. A CUDA device on a machine without one ends the command before
     anything is loaded or removed; with --engine ray the device is the workers', which this machine may lack."""
-    if device == "auto" or (engine == "local" and device.startswith("cuda")):
-        import torch
+    if device != "auto" and not (engine == "local" and device.startswith("cuda")):
+        return device  # named, and no GPU of this machine's to check
+    import torch
 
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if not torch.cuda.is_available():
-            fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        fail(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
     return device
 
 

@@ -59,7 +59,8 @@ TARGETS = {
 }
 HYPER_TARGETS = ("eq16", "table4")
 # generator weights per member: a larger eq16 head cannot be stacked. SMART-IQA's own fits (Swin-B, K = 4, on 7 x 7
-# maps: 268.8 M; a training step at batch 32 peaked at 6.7 GB for one member on the CPU, Adam's moments included).
+# maps: 268.8 M; a training step at batch 32 peaked at 6.7 GB for one member on the CPU, Adam's moments included:
+# benchmarks/smart_hyper_memory.py).
 MAX_GENERATOR = 300_000_000
 
 

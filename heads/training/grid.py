@@ -30,7 +30,8 @@ from iqa.errors import SettingError
 
 STACK_SIZE = {"cpu": 2, "cuda": 64}  # CPU: a stack's weights and Adam state stay in cache; GPU: fill the device
 # What a member holds while it trains, per parameter: float32 weights, gradients and Adam's two moments (16 B), and
-# activations and temporaries (SMART-IQA's 270 M-parameter eq16 head on 7 x 7 maps peaked at 6.7 GB at batch 32).
+# activations and temporaries (SMART-IQA's 270 M-parameter eq16 head on 7 x 7 maps peaked at 6.7 GB at batch 32:
+# benchmarks/smart_hyper_memory.py).
 BYTES_PER_PARAMETER = 25
 
 

@@ -30,6 +30,12 @@ def test_gpu_check_smoke_runs_every_section_and_prints_its_figures(tmp_path):
     assert figures["smoke"] is True and figures["grid_runs"] == 4
 
 
+def test_smart_hyper_memory_smoke_trains_one_member_and_measures_its_peak(tmp_path):
+    figures = smoke(tmp_path, "smart_hyper_memory.py")
+    assert figures["parameters"] > 0 and figures["step_seconds"] > 0 and figures["peak_bytes"] > 0
+    assert figures["bytes_per_parameter"] == figures["peak_bytes"] / figures["parameters"]
+
+
 def test_head_sweep_smoke_times_all_three_loops_and_the_bounds(tmp_path):
     figures = smoke(tmp_path, "head_sweep.py")
     for key in ("naive_model_epochs_per_s", "tuned_model_epochs_per_s", "ours_model_epochs_per_s", "speedup_vs_tuned",
